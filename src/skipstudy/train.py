@@ -1,0 +1,246 @@
+"""Hydra entry point: ``python -m skipstudy.train [overrides]``.
+
+The config builds the parts (data, network, optimizer, monitor), Lightning runs them.
+Every check that can refuse bad input runs before the Trainer is built, so a typo costs
+seconds: the data module validates its files, the model builder its options, and the
+monitor its layer names.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from skipstudy.errors import ConfigError
+from skipstudy.module import LitClassifier
+
+
+def _conf_dir() -> str:
+    """The config folder: packaged inside a wheel, at the repository top in a checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parents[1] / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return str(candidate)
+    raise RuntimeError(f"skipstudy's conf/ folder was not found next to {here}; reinstall the package")
+
+
+def run_name(override_dirname: str) -> str:
+    """A run directory name from the job's overrides, safe as one path component."""
+    name = override_dirname.replace("/", "_").replace(os.sep, "_")
+    return (name or "defaults")[:200]
+
+
+if not OmegaConf.has_resolver("skipstudy.run_name"):
+    OmegaConf.register_new_resolver("skipstudy.run_name", run_name)
+
+
+def _positive(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"{key}={value!r} must be a positive number; e.g. {key}=0.1" if "lr" in key
+                          else f"{key}={value!r} must be a positive integer; e.g. {key}=64")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Refuse values that would only fail (or silently mislead) after data has loaded."""
+    _positive("optimizer.lr", cfg.optimizer.get("lr"))
+    if "batch_size" in cfg.dataset:
+        _positive("dataset.batch_size", cfg.dataset.batch_size)
+
+
+def resolve_precision(precision: Any) -> str:
+    """``trainer.precision=null`` means bf16 autocast on a GPU that supports it, fp32 elsewhere."""
+    if precision is not None:
+        return str(precision)
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def _accepts(target: Any, name: str) -> bool:
+    try:
+        return name in inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
+    target = hydra.utils.get_class(cfg.dataset._target_)
+    kwargs = {"seed": cfg.seed} if _accepts(target, "seed") else {}
+    dm = instantiate(cfg.dataset, **kwargs)
+    # Data modules check their files here, so a missing data set fails before training.
+    dm.prepare_data()
+    return dm
+
+
+def build_network(cfg: DictConfig, dm: L.LightningDataModule) -> torch.nn.Module:
+    # The data set decides the class count and input channels; no user passes them.
+    net = instantiate(cfg.model, num_classes=dm.num_classes, in_channels=dm.channels)
+    from skipstudy import models
+
+    check = getattr(models, "check_input_size", None)
+    if check is not None:
+        check(net, dm.image_size)
+    return net
+
+
+def build_module(cfg: DictConfig, net: torch.nn.Module, num_classes: int) -> LitClassifier:
+    optimizer = instantiate(cfg.optimizer)
+    scheduler, interval = None, "epoch"
+    if cfg.scheduler and "_target_" in cfg.scheduler:
+        sched_cfg = OmegaConf.to_container(cfg.scheduler, resolve=True)
+        interval = sched_cfg.pop("interval", "epoch")
+        scheduler = instantiate(sched_cfg)
+    return LitClassifier(net, num_classes, optimizer, scheduler, scheduler_interval=interval,
+                         channels_last=bool(cfg.get("channels_last", False)))
+
+
+def build_monitor(cfg: DictConfig, net: torch.nn.Module):
+    """The gradient monitor, or None with ``monitor=off``; unknown layer names fail here."""
+    if not cfg.get("monitor") or "_target_" not in cfg.monitor:
+        return None
+    monitor = instantiate(cfg.monitor)
+    monitor.resolve(net)
+    return monitor
+
+
+def run_info() -> dict[str, Any]:
+    """What produced a run: git commit, package versions, machine."""
+    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform()}
+    try:
+        repo = Path(__file__).resolve().parents[2]
+        info["git_commit"] = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        info["git_commit"] = None
+    versions = {}
+    for pkg in ("skipstudy", "torch", "torchvision", "lightning", "torchmetrics", "hydra-core", "numpy"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    info["packages"] = versions
+    info["cuda"] = torch.version.cuda if torch.cuda.is_available() else None
+    info["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+    return info
+
+
+def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
+    """The config flattened to TensorBoard-friendly scalars and strings."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(node, (bool, int, float, str)):
+            out[prefix] = node
+        else:
+            out[prefix] = str(node)
+
+    walk("", OmegaConf.to_container(cfg, resolve=True))
+    return out
+
+
+def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
+    """Build everything from ``cfg`` and fit; returns the final logged metrics."""
+    run_dir = Path(run_dir)
+    validate(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    dm = build_datamodule(cfg)
+    net = build_network(cfg, dm)
+    monitor = build_monitor(cfg, net)
+    module = build_module(cfg, net, dm.num_classes)
+
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_kwargs["precision"] = resolve_precision(trainer_kwargs.get("precision"))
+
+    logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
+    ckpt = cfg.checkpoint
+    callbacks: list[L.Callback] = [
+        ModelCheckpoint(
+            dirpath=str(run_dir / "checkpoints"),
+            filename="best-{epoch}-{step}",
+            monitor=ckpt.monitor,
+            mode=ckpt.mode,
+            save_top_k=ckpt.save_top_k,
+            save_last=ckpt.save_last,
+            every_n_train_steps=ckpt.every_n_train_steps,
+            auto_insert_metric_name=False,
+        )
+    ]
+    if monitor is not None:
+        callbacks.append(monitor)
+
+    trainer = L.Trainer(**trainer_kwargs, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir))
+
+    if trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        info = run_info()
+        info["resolved"] = {"trainer.precision": trainer_kwargs["precision"]}
+        (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
+        hparams = flat_hparams(cfg)
+        hparams["trainer.precision"] = trainer_kwargs["precision"]
+        write_hparams(logger, hparams)
+
+    trainer.fit(module, datamodule=dm)
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+
+
+# Metrics the HParams dashboard shows beside each run's settings. Declaring them does not
+# write a value: the dashboard reads them from the run's own scalar series.
+HPARAM_METRICS = ("val/acc", "val/loss", "train/loss")
+
+
+def write_hparams(logger: TensorBoardLogger, hparams: dict[str, Any]) -> None:
+    """Declare the run's settings to TensorBoard's HParams plugin, without fake metric points.
+
+    Lightning's ``log_hyperparams(params, metrics)`` would log the metric values at step 0,
+    which puts an invented point into every curve, so the summary is written directly.
+    """
+    from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+    exp, ssi, sei = hparams_summary(hparams, {m: 0.0 for m in HPARAM_METRICS})
+    writer = logger.experiment.file_writer
+    for summary in (exp, ssi, sei):
+        writer.add_summary(summary)
+
+
+def _report(err: BaseException) -> None:
+    print(f"Error: {err}", file=sys.stderr)
+
+
+@hydra.main(config_path=_conf_dir(), config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    hc = HydraConfig.get()
+    try:
+        metrics = train(cfg, hc.runtime.output_dir)
+    except ConfigError as err:
+        # In a sweep the launcher records the failure and goes on; alone, one short line.
+        if hc.mode == RunMode.MULTIRUN or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        _report(err)
+        sys.exit(2)
+    return metrics.get("val/acc")
+
+
+if __name__ == "__main__":
+    main()
