@@ -1,0 +1,193 @@
+"""Random crop and flip: drawn once per epoch from a seeded generator, applied by either pipeline.
+
+Both input pipelines (``dataset.loader=torch``: DataLoader workers, one image at a time;
+``dataset.loader=device``: whole batches on the accelerator) take every random decision from
+:class:`EpochSampler`. It draws, for one epoch, the sample order, each sample's crop offset and
+its flip bit from a ``torch.Generator`` seeded with ``(seed, epoch)`` on the CPU. The workers
+and the device hold no random state, so the two pipelines produce the same images for the same
+seed (tested), and the result does not depend on the number of workers or on the accelerator.
+
+The augmentation is the one of He et al. 2016 (sec. 4.2) for CIFAR: pad 4 px on each side,
+take a random crop of the original size, flip horizontally with probability 1/2. Crops happen
+at the stored resolution, before any resize to ``dataset.image_size``, so a 4 px pad keeps
+meaning 1/8 of a CIFAR image in the 224 px studies too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch.utils.data.distributed import DistributedSampler
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+# dataset.pad_mode -> torchvision's padding_mode. "zero" is torchvision's RandomCrop default
+# and what He et al. 2016 describe; "reflect" is what airbench uses.
+PAD_MODES = {"zero": "constant", "reflect": "reflect"}
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """This rank's share of one epoch: sample indices in order, crop offsets, flip bits.
+
+    ``top``/``left`` are the crop window's corner in the padded image (``0 .. 2*padding``);
+    ``top == left == padding`` is the identity crop.
+    """
+
+    indices: torch.Tensor  # int64 (n,)
+    top: torch.Tensor  # int64 (n,)
+    left: torch.Tensor  # int64 (n,)
+    flip: torch.Tensor  # bool (n,)
+
+    def to(self, device: torch.device) -> "EpochPlan":
+        return EpochPlan(*(t.to(device, non_blocking=True) for t in (self.indices, self.top, self.left, self.flip)))
+
+    def __getitem__(self, part: slice) -> "EpochPlan":
+        return EpochPlan(self.indices[part], self.top[part], self.left[part], self.flip[part])
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """One generator seed per (run seed, epoch); distinct pairs do not collide in practice."""
+    return (int(seed) * 0x9E3779B97F4A7C15 + int(epoch) * 0xBF58476D1CE4E5B9 + 1) % (2**63)
+
+
+class EpochSampler(DistributedSampler):
+    """Yields ``(index, top, left, flip)`` for this rank's share of each epoch.
+
+    It subclasses ``DistributedSampler`` because it already shards by rank (every rank draws the
+    same permutation and takes every ``world_size``-th entry); Lightning then leaves it in place
+    instead of wrapping the loader in its own sampler, and calls :meth:`set_epoch` each epoch.
+
+    Args:
+        num_samples: size of the split.
+        shuffle: draw a new order every epoch (training) or keep the stored order (evaluation).
+        augment: draw crop offsets and flips; otherwise every sample gets the identity crop.
+        padding: crop padding in pixels (``dataset.crop_padding``).
+        seed: the run seed; with the epoch it fixes every draw.
+        rank, world_size: this process's shard (DDP); 0 and 1 otherwise.
+        drop_last: drop the tail so every rank gets the same number of samples (training);
+            otherwise pad by repeating samples from the start, as ``DistributedSampler`` does.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        *,
+        shuffle: bool,
+        augment: bool,
+        padding: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__(
+            range(num_samples), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+        )
+        self.size = num_samples
+        self.augment = bool(augment)
+        self.padding = int(padding)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def plan(self, epoch: int | None = None) -> EpochPlan:
+        """The draws of ``epoch`` (default: the current one) for this rank, on the CPU."""
+        epoch = self.epoch if epoch is None else epoch
+        n = self.size
+        gen = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
+        order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
+        if self.augment:
+            # Drawn per sample index (not per position), so a sample's crop in an epoch does not
+            # depend on the number of ranks.
+            offsets = torch.randint(0, 2 * self.padding + 1, (n, 2), generator=gen)
+            flip = torch.randint(0, 2, (n,), generator=gen).bool()
+        else:
+            offsets = torch.full((n, 2), self.padding, dtype=torch.int64)
+            flip = torch.zeros(n, dtype=torch.bool)
+        if self.total_size <= n:
+            order = order[: self.total_size]
+        else:  # pad to a multiple of the world size, repeating from the start
+            order = order.repeat(math.ceil(self.total_size / n))[: self.total_size]
+        mine = order[self.rank : self.total_size : self.num_replicas]
+        return EpochPlan(mine, offsets[mine, 0], offsets[mine, 1], flip[mine])
+
+    def take_plan(self) -> EpochPlan:
+        """The current epoch's plan; moves on one epoch so a loop without ``set_epoch`` still
+        sees new draws each pass (Lightning's explicit ``set_epoch`` overrides this)."""
+        plan = self.plan(self.epoch)
+        self.epoch += 1
+        return plan
+
+    def __iter__(self) -> Iterator[tuple[int, int, int, bool]]:
+        plan = self.take_plan()
+        return iter(zip(plan.indices.tolist(), plan.top.tolist(), plan.left.tolist(), plan.flip.tolist()))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def crop_flip_image(image: torch.Tensor, top: int, left: int, flip: bool, padding: int, pad_mode: str) -> torch.Tensor:
+    """One uint8 CHW image: pad, crop back to its size at (top, left), maybe flip (torchvision v2)."""
+    if padding and (top != padding or left != padding):
+        h, w = image.shape[-2:]
+        image = TF.pad(image, [padding] * 4, padding_mode=PAD_MODES[pad_mode])
+        image = TF.crop(image, top, left, h, w)
+    if flip:
+        image = TF.horizontal_flip(image)
+    return image
+
+
+def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
+    # torch's "reflect" mirrors about the edge pixel without repeating it: -1 -> 1, size -> size-2.
+    index = index.abs()
+    return torch.where(index > size - 1, 2 * (size - 1) - index, index)
+
+
+def crop_flip_batch(images: torch.Tensor, plan: EpochPlan, padding: int, pad_mode: str, augment: bool) -> torch.Tensor:
+    """Gather a batch from the whole uint8 NHWC set: crop + flip as one index computation.
+
+    Equivalent to :func:`crop_flip_image` on each sample, but no padded copy is made: the
+    window's row and column indices are computed in the unpadded image and then reflected, or
+    clamped and masked to zero, so one advanced-indexing gather does pad, crop and flip.
+    ``plan`` holds this batch's draws (on the images' device). Returns uint8 NCHW.
+    """
+    n_rows, n_cols = images.shape[1], images.shape[2]
+    idx = plan.indices
+    if not augment:
+        return images[idx].permute(0, 3, 1, 2)
+    ar_r = torch.arange(n_rows, device=images.device)
+    ar_c = torch.arange(n_cols, device=images.device)
+    rows = (plan.top - padding)[:, None] + ar_r  # (B, H) window rows in unpadded coordinates
+    cols = (plan.left - padding)[:, None] + ar_c  # (B, W)
+    cols = torch.where(plan.flip[:, None], cols.flip(1), cols)
+    mask = None
+    if pad_mode == "reflect":
+        rows, cols = _reflect(rows, n_rows), _reflect(cols, n_cols)
+    else:
+        valid_r = (rows >= 0) & (rows < n_rows)
+        valid_c = (cols >= 0) & (cols < n_cols)
+        rows, cols = rows.clamp(0, n_rows - 1), cols.clamp(0, n_cols - 1)
+        mask = valid_r[:, :, None] & valid_c[:, None, :]
+    out = images[idx[:, None, None], rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    if mask is not None:
+        out = out * mask[..., None].to(out.dtype)
+    return out.permute(0, 3, 1, 2)
+
+
+def finish(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (..., C, H, W) -> float32 in [0, 1] -> bilinear resize to ``size`` -> normalised.
+
+    The same torchvision v2 calls serve one image (torch path) and a batch (device path).
+    Antialiasing matters only when shrinking (e.g. Tiny ImageNet at 32 px).
+    """
+    x = TF.to_dtype(images, torch.float32, scale=True)
+    if tuple(x.shape[-2:]) != (size, size):
+        x = TF.resize(x, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    return TF.normalize(x, list(mean), list(std), inplace=True)

@@ -1,0 +1,156 @@
+"""CIFAR-10 and CIFAR-100 (``dataset=cifar10|cifar100``) through torchvision.
+
+torchvision reads the official "python version" pickles (``<root>/cifar-10-batches-py``) and
+checks their MD5 sums; the images are already uint8 NHWC, so no decoded cache is needed.
+Validation is the official test set, or with ``dataset.val_split`` a held-out part of the
+training set (He et al. 2016, sec. 4.2: 45k/5k), fixed across run seeds so that every run of a
+study validates on the same images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision import datasets
+
+from skipstudy.data.arrays import ImageArrayDataModule
+from skipstudy.errors import ConfigError
+
+# The held-out validation images are drawn with this seed, independent of the run seed.
+SPLIT_SEED = 0
+
+
+class CIFAR10DataModule(ImageArrayDataModule):
+    """CIFAR-10: 50k training and 10k test images, 32x32 RGB, 10 classes.
+
+    Args:
+        root: directory that holds (or will hold) ``cifar-10-batches-py/``; the folder itself
+            is accepted too.
+        download: fetch the archive when the folder is missing.
+        val_split: 0 validates on the official test set; an integer holds out that many
+            training images (5000 in He et al.), a float in (0, 1) that fraction.
+        Others: see :class:`~skipstudy.data.arrays.ImageArrayDataModule`.
+    """
+
+    name = "CIFAR-10"
+    key = "cifar10"
+    folder = "cifar-10-batches-py"
+    url = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+    torchvision_cls = datasets.CIFAR10
+    num_classes = 10
+    native_size = 32
+    # Per-channel mean and standard deviation of the 50k training images, on the [0, 1] scale.
+    mean = (0.4914, 0.4822, 0.4465)
+    std = (0.2470, 0.2435, 0.2616)
+
+    def __init__(
+        self,
+        root: str = "./data",
+        batch_size: int = 128,
+        image_size: int = 32,
+        num_workers: int = 4,
+        augment: bool = True,
+        loader: str = "auto",
+        val_split: int | float = 0,
+        download: bool = True,
+        seed: int = 0,
+        crop_padding: int = 4,
+        pad_mode: str = "zero",
+        device: str | torch.device | None = None,
+    ) -> None:
+        super().__init__(batch_size=batch_size, image_size=image_size, num_workers=num_workers, augment=augment,
+                         loader=loader, seed=seed, crop_padding=crop_padding, pad_mode=pad_mode, device=device)
+        root_path = Path(str(root)).expanduser()
+        # Accept the data folder itself as well as its parent.
+        self.root = root_path.parent if root_path.name == self.folder else root_path
+        self.root_arg = str(root)
+        self.download = bool(download)
+        self.val_split = self._check_val_split(val_split)
+        self._prepared = False
+
+    def _check_val_split(self, value) -> int | float:
+        ok = not isinstance(value, bool) and (
+            (isinstance(value, int) and value >= 0) or (isinstance(value, float) and 0.0 <= value < 1.0)
+        )
+        if not ok:
+            raise ConfigError(
+                f"dataset.val_split={value!r} must be 0 (validate on the test set), a number of training images "
+                f"(e.g. dataset.val_split=5000, He et al.'s 45k/5k) or a fraction in (0, 1)"
+            )
+        return value
+
+    def available_splits(self) -> tuple[str, ...]:
+        return ("train", "val", "test")
+
+    # -- finding the files ---------------------------------------------------------------
+    def _open(self, train: bool, download: bool) -> datasets.VisionDataset:
+        """The torchvision data set, or a ConfigError that says where we looked and the ways out."""
+        folder = self.root / self.folder
+        try:
+            return self.torchvision_cls(str(self.root), train=train, download=download)
+        except Exception as err:  # noqa: BLE001 - any failure to get the files ends the same way
+            if folder.is_dir() and not download:
+                problem = (f"{folder} exists but its files fail torchvision's MD5 check "
+                           f"(a damaged or partial download, or a subset)")
+            elif folder.is_dir():
+                problem = (f"{folder} exists but its files fail torchvision's MD5 check (a damaged or partial "
+                           f"download, or a subset), and downloading a fresh copy failed "
+                           f"({type(err).__name__}: {err})")
+            elif download:
+                problem = f"{folder} does not exist and the download failed ({type(err).__name__}: {err})"
+            else:
+                problem = f"{folder} does not exist (dataset.download=false)"
+            raise ConfigError(
+                f"dataset.root={self.root_arg}: no usable {self.name}: {problem}.\n"
+                f"Ways out:\n"
+                f"  - download {self.url} on a machine with network access, unpack it and copy the "
+                f"{self.folder}/ folder to {self.root}/\n"
+                f"  - or set dataset.root=<a directory containing {self.folder}/>\n"
+                f"  - or train without it: dataset=synthetic"
+            ) from err
+
+    def prepare_data(self) -> None:
+        """Download if needed and verify the files; a second call does nothing."""
+        if self._prepared:
+            return
+        self._open(train=True, download=self.download)
+        self._open(train=False, download=False)
+        self._prepared = True
+
+    # -- the splits ----------------------------------------------------------------------
+    def _arrays(self, train: bool) -> tuple[np.ndarray, np.ndarray]:
+        data = self._open(train=train, download=False)
+        return np.ascontiguousarray(data.data), np.asarray(data.targets, dtype=np.int64)
+
+    def _split_indices(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        n_val = self.val_split if isinstance(self.val_split, int) else round(self.val_split * n)
+        if not 0 < n_val < n:
+            raise ConfigError(f"dataset.val_split={self.val_split!r} leaves no training or no validation images "
+                              f"out of {n}; use a value in (0, {n}), e.g. dataset.val_split={n // 10}")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED)).numpy()
+        return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+    def load_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        if split == "test" or (split == "val" and not self.val_split):
+            return self._arrays(train=False)
+        images, labels = self._arrays(train=True)
+        if not self.val_split:
+            return images, labels
+        train_idx, val_idx = self._split_indices(len(labels))
+        keep = train_idx if split == "train" else val_idx
+        return images[keep], labels[keep]
+
+
+class CIFAR100DataModule(CIFAR10DataModule):
+    """CIFAR-100: as CIFAR-10 with 100 fine classes (``cifar-100-python/``)."""
+
+    name = "CIFAR-100"
+    key = "cifar100"
+    folder = "cifar-100-python"
+    url = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+    torchvision_cls = datasets.CIFAR100
+    num_classes = 100
+    mean = (0.5071, 0.4865, 0.4409)
+    std = (0.2673, 0.2564, 0.2762)

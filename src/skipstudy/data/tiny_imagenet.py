@@ -1,0 +1,217 @@
+"""Tiny ImageNet (``dataset=tiny_imagenet``) read from the official ``tiny-imagenet-200/`` layout.
+
+- classes: ``wnids.txt``, one WordNet id per line; label = line index; ``num_classes`` follows
+  the file (200 in the official release, fewer in a subset);
+- class names: ``words.txt`` (``wnid<TAB>names``);
+- training images: ``train/<wnid>/images/*.JPEG``;
+- validation labels: only ``val/val_annotations.txt`` (``file<TAB>wnid<TAB>box``), images in
+  ``val/images/``; the unlabelled ``test/`` is not used;
+- images are 64x64 JPEGs, about 1.8% of them greyscale: they are converted to RGB.
+
+The JPEGs are decoded once into a memory-mapped cache (``cache.py``) under
+``dataset.cache_dir``; epochs read the arrays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from skipstudy.data.arrays import ImageArrayDataModule
+from skipstudy.data.cache import DecodedCache, SplitSource, fingerprint
+from skipstudy.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+FOLDER = "tiny-imagenet-200"
+IMAGE_SUFFIXES = (".jpeg", ".jpg")
+LAYOUT = f"""\
+  {FOLDER}/
+    wnids.txt                    class ids, one per line (num_classes follows it)
+    words.txt                    class names: <wnid><TAB><names>
+    train/<wnid>/images/*.JPEG   training images, one folder per class
+    val/val_annotations.txt      validation labels: <file><TAB><wnid><TAB><box>
+    val/images/*.JPEG            validation images"""
+
+
+def layout_error(root: str, missing: Path | str, detail: str = "") -> ConfigError:
+    return ConfigError(
+        f"dataset.root={root}: Tiny ImageNet not usable: {detail or 'missing'} {missing}\n"
+        f"Expected the official layout of tiny-imagenet-200.zip under dataset.root:\n{LAYOUT}\n"
+        f"Fix: set dataset.root=<directory containing {FOLDER}/> (or the {FOLDER} directory itself); "
+        f"`python scripts/tiny_imagenet.py --root <directory>` downloads and unpacks it, or verifies a copy."
+    )
+
+
+def locate(root: str | Path) -> Path:
+    """The ``tiny-imagenet-200`` directory under (or at) ``root``; ConfigError otherwise."""
+    root_path = Path(str(root)).expanduser()
+    candidates = [root_path / FOLDER, root_path]
+    for candidate in candidates:
+        if (candidate / "wnids.txt").is_file():
+            return candidate
+    expected = candidates[1] if root_path.name == FOLDER else candidates[0]
+    # Name the first thing that is missing: the root, the folder, or the class list.
+    missing = next(p for p in (root_path, expected, expected / "wnids.txt") if not p.exists())
+    raise layout_error(str(root), missing)
+
+
+def read_wnids(data_dir: Path, root: str) -> list[str]:
+    path = data_dir / "wnids.txt"
+    wnids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not wnids:
+        raise layout_error(root, path, "no class ids in")
+    duplicates = sorted({w for w in wnids if wnids.count(w) > 1})
+    if duplicates:
+        raise layout_error(root, path, f"duplicate class ids {duplicates[:5]} in")
+    return wnids
+
+
+def read_class_names(data_dir: Path, wnids: list[str]) -> list[str]:
+    """Names from ``words.txt`` (it lists all of WordNet in the official zip); wnid if absent."""
+    path = data_dir / "words.txt"
+    names: dict[str, str] = {}
+    if path.is_file():
+        wanted = set(wnids)
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                wnid, _, words = line.rstrip("\n").partition("\t")
+                if wnid in wanted:
+                    names[wnid] = words.strip()
+    else:
+        log.warning("Tiny ImageNet: %s is missing; class names are the WordNet ids", path)
+    return [names.get(w, w) for w in wnids]
+
+
+class TinyImageNetDataModule(ImageArrayDataModule):
+    """Tiny ImageNet: 64x64 RGB, 500 training and 50 validation images per class.
+
+    Args:
+        root: directory holding ``tiny-imagenet-200/`` (or that directory itself).
+        skip_corrupt: leave out images that cannot be decoded (counted in the log) instead of
+            stopping with an error that names them.
+        cache_dir: where the decoded arrays go; default beside ``tiny-imagenet-200/``.
+        Others: see :class:`~skipstudy.data.arrays.ImageArrayDataModule`.
+    """
+
+    name = "Tiny ImageNet"
+    native_size = 64
+    # Per-channel statistics of the 100k training images, on the [0, 1] scale.
+    mean = (0.4802, 0.4481, 0.3975)
+    std = (0.2770, 0.2691, 0.2821)
+
+    def __init__(
+        self,
+        root: str = "./data",
+        batch_size: int = 128,
+        image_size: int = 64,
+        num_workers: int = 4,
+        augment: bool = True,
+        loader: str = "auto",
+        skip_corrupt: bool = False,
+        cache_dir: str | None = None,
+        seed: int = 0,
+        crop_padding: int = 4,
+        pad_mode: str = "zero",
+        device: str | torch.device | None = None,
+    ) -> None:
+        super().__init__(batch_size=batch_size, image_size=image_size, num_workers=num_workers, augment=augment,
+                         loader=loader, seed=seed, crop_padding=crop_padding, pad_mode=pad_mode, device=device)
+        self.root = str(root)
+        self.data_dir = locate(root)
+        self.wnids = read_wnids(self.data_dir, self.root)
+        self.num_classes = len(self.wnids)
+        self.class_names = read_class_names(self.data_dir, self.wnids)
+        self._check_layout()
+        self.skip_corrupt = bool(skip_corrupt)
+        base = Path(str(cache_dir)).expanduser() if cache_dir else self.data_dir.parent
+        # One cache folder per source directory, so two copies never overwrite each other's.
+        source_id = hashlib.sha1(str(self.data_dir.resolve()).encode()).hexdigest()[:10]
+        self.cache = DecodedCache(base / f"{FOLDER}-decoded-{source_id}", self.native_size)
+        self.cache_dir_arg = cache_dir
+        self.meta: dict | None = None
+        self.skipped: list[dict] = []
+
+    def _check_layout(self) -> None:
+        required = [self.data_dir / "train" / w / "images" for w in self.wnids]
+        required += [self.data_dir / "val" / "val_annotations.txt", self.data_dir / "val" / "images"]
+        for path in required:
+            if not path.exists():
+                raise layout_error(self.root, path)
+
+    # -- listing the source --------------------------------------------------------------
+    def _train_source(self) -> SplitSource:
+        files: list[Path] = []
+        labels: list[int] = []
+        for label, wnid in enumerate(self.wnids):
+            folder = self.data_dir / "train" / wnid / "images"
+            names = sorted(e.name for e in os.scandir(folder) if e.name.lower().endswith(IMAGE_SUFFIXES))
+            if not names:
+                raise layout_error(self.root, folder, "no JPEG images in")
+            files += [folder / n for n in names]
+            labels += [label] * len(names)
+        return SplitSource(files, np.asarray(labels, dtype=np.int64))
+
+    def _val_source(self) -> SplitSource:
+        path = self.data_dir / "val" / "val_annotations.txt"
+        index = {w: i for i, w in enumerate(self.wnids)}
+        files: list[Path] = []
+        labels: list[int] = []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            fields = line.split("\t") if "\t" in line else line.split()
+            if len(fields) < 2:
+                raise layout_error(self.root, f"{path}, line {number}: {line!r}",
+                                   "expected <file><TAB><wnid><TAB><box> in")
+            name, wnid = fields[0].strip(), fields[1].strip()
+            if wnid not in index:
+                raise ConfigError(f"dataset.root={self.root}: {path}, line {number}: class {wnid!r} of {name} is not "
+                                  f"in {self.data_dir / 'wnids.txt'}; the annotations and the class list must come "
+                                  f"from the same copy of {FOLDER}")
+            image = self.data_dir / "val" / "images" / name
+            if not image.is_file():
+                raise layout_error(self.root, image, f"listed in {path} (line {number}) but missing:")
+            files.append(image)
+            labels.append(index[wnid])
+        if not files:
+            raise layout_error(self.root, path, "no labelled images in")
+        return SplitSource(files, np.asarray(labels, dtype=np.int64))
+
+    # -- the decoded cache ---------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Decode the JPEGs into the cache unless a cache of this exact source exists.
+
+        Idempotent: later calls only re-check the source fingerprint (a stat per file).
+        """
+        sources = {"train": self._train_source(), "val": self._val_source()}
+        label_files = [self.data_dir / "wnids.txt", self.data_dir / "val" / "val_annotations.txt"]
+        files = label_files + [f for s in sources.values() for f in s.files]
+        salt = "".join(hashlib.sha256(p.read_bytes()).hexdigest() for p in label_files)
+        try:
+            self.meta = self.cache.ensure(fingerprint(files, self.data_dir, salt), sources)
+        except PermissionError as err:
+            raise ConfigError(f"dataset.cache_dir={self.cache_dir_arg}: cannot write the decoded Tiny ImageNet cache "
+                              f"({err}); set dataset.cache_dir=<a writable directory>") from err
+        self.skipped = self.meta["skipped"]
+        if self.skipped:
+            listed = "\n".join(f"  {s['path']} ({s['reason']})" for s in self.skipped[:10])
+            more = f"\n  ... and {len(self.skipped) - 10} more" if len(self.skipped) > 10 else ""
+            if not self.skip_corrupt:
+                raise ConfigError(
+                    f"dataset.root={self.root}: {len(self.skipped)} corrupt or unusable image(s):\n{listed}{more}\n"
+                    f"Fix: replace them from the official tiny-imagenet-200.zip, or set dataset.skip_corrupt=true "
+                    f"to leave them out (they are counted in the log)"
+                )
+            log.warning("dataset.skip_corrupt=true: left out %d corrupt image(s) of Tiny ImageNet:\n%s%s",
+                        len(self.skipped), listed, more)
+
+    def load_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        if self.meta is None:
+            self.prepare_data()
+        return self.cache.arrays(split)
