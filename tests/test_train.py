@@ -153,7 +153,7 @@ def test_multirun_makes_one_directory_per_job(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted(p.parent.name for p in (tmp_path / "logs").rglob("events.out.tfevents.*"))
     assert len(runs) == 2
-    assert "model.skip=false" in runs[0] and "model.skip=true" in runs[1]
+    assert "model.skip=false" in runs[0].lower() and "model.skip=true" in runs[1].lower()
 
 
 def test_unknown_model_lists_choices(tmp_path):

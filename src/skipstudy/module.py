@@ -61,11 +61,14 @@ class LitClassifier(L.LightningModule):
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)
-        self.train_acc(logits.detach(), y)
-        # Tensors passed to self.log stay on the device; Lightning reduces them lazily,
-        # so logging every step costs no host synchronisation here.
-        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=True, on_epoch=True)
+        batch_acc = self.train_acc(logits.detach(), y)  # also accumulates the epoch's state
+        # Tensors passed to self.log stay on the device until Lightning writes them.
+        # Per-step series carry the plain tag (the per-batch curves of the studies); epoch
+        # means get an `_epoch` suffix.
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train/loss_epoch", loss.detach(), on_step=False, on_epoch=True)
+        self.log("train/acc", batch_acc, on_step=True, on_epoch=False)
+        self.log("train/acc_epoch", self.train_acc, on_step=False, on_epoch=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
