@@ -1,9 +1,41 @@
 """Skip-configurable networks: builders ``fn(num_classes, in_channels=3, **options) -> nn.Module``.
 
 Each ``conf/model/<name>.yaml`` targets one builder here; ``num_classes`` and
-``in_channels`` come from the dataset at instantiation time.
+``in_channels`` come from the dataset at instantiation time. Every built network has
+``arch`` (its name) and ``downsample_factor`` (total stride) attributes.
 """
 
-from skipstudy.models.mini import mini
+from __future__ import annotations
 
-__all__ = ["mini"]
+from torch import nn
+
+from skipstudy.errors import ConfigError
+from skipstudy.models.cifar import cifar_resnet
+from skipstudy.models.mini import mini
+from skipstudy.models.resnet import resnet18, resnet34, resnet50, resnet101, resnet152
+
+
+def check_input_size(model: nn.Module, image_size: int | tuple[int, int]) -> None:
+    """Refuse images smaller than the network's total downsampling (its last map would be < 1 px
+    of real content). ``image_size`` is the side length, or ``(height, width)``."""
+    factor = getattr(model, "downsample_factor", 1)
+    side = min(image_size) if isinstance(image_size, (tuple, list)) else image_size
+    if side < factor:
+        hint = " or model.stem=cifar" if getattr(model, "stem", None) == "imagenet" else ""
+        name = getattr(model, "arch", type(model).__name__)
+        raise ConfigError(
+            f"dataset.image_size={image_size} is too small for {name} (downsamples by {factor}); "
+            f"use >= {factor}{hint}"
+        )
+
+
+__all__ = [
+    "check_input_size",
+    "cifar_resnet",
+    "mini",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+]

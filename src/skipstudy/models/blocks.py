@@ -11,9 +11,10 @@ Follows torchvision's ``models/resnet.py`` (He et al. 2016, "Deep Residual Learn
 * module names are torchvision's (``conv1``, ``bn1``, ``downsample.0``...) so torchvision
   state dicts load with ``strict=True`` and every log speaks the same layer vocabulary.
 
-The shortcut module is registered under torchvision's name ``downsample`` (``None`` = no
-shortcut, ``nn.Identity`` = identity, ``Sequential(conv1x1, norm)`` = projection,
-:class:`ZeroPadShortcut` = option A) and read through the ``shortcut`` property.
+The shortcut is stored under torchvision's name ``downsample`` and read through the
+``shortcut`` property: ``None`` = no shortcut (plain twin), :func:`identity_shortcut` = identity
+(a plain function, not a module, so ``named_modules()`` equals torchvision's exactly),
+``Sequential(conv1x1, norm)`` = projection, :class:`ZeroPadShortcut` = option A.
 
 Modules are defined in forward order, so ``named_modules()`` lists them in the order data
 flows through them (the monitor and the report rely on that).
@@ -30,6 +31,7 @@ from torch.nn import functional as F
 from skipstudy.errors import ConfigError
 
 NormLayer = Callable[[int], nn.Module]
+Shortcut = Callable[[torch.Tensor], torch.Tensor]
 
 NORMS = ("batch", "none")
 SHORTCUTS = ("A", "B")
@@ -75,6 +77,12 @@ def _scale(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     return x if scale is None else x * scale
 
 
+def identity_shortcut(x: torch.Tensor) -> torch.Tensor:
+    """The identity shortcut. A function rather than ``nn.Identity`` so that no extra
+    ``downsample`` module appears where torchvision has none."""
+    return x
+
+
 class ZeroPadShortcut(nn.Module):
     """He et al. 2016 option A: identity with stride-``s`` subsampling and zero-padded new channels.
 
@@ -98,7 +106,7 @@ class ZeroPadShortcut(nn.Module):
 
 def make_shortcut(
     in_planes: int, out_planes: int, stride: int, skip: bool, kind: str, norm_layer: NormLayer
-) -> nn.Module | None:
+) -> Shortcut | None:
     """Decide a block's shortcut: ``None`` without skip, identity where shapes match, else A or B.
 
     ``kind='B'`` is the 1x1 projection (+ norm) torchvision uses; ``kind='A'`` zero-pads
@@ -107,7 +115,7 @@ def make_shortcut(
     if not skip:
         return None
     if stride == 1 and in_planes == out_planes:
-        return nn.Identity()
+        return identity_shortcut
     if kind == "A":
         return ZeroPadShortcut(in_planes, out_planes, stride)
     if kind == "B":
@@ -137,9 +145,17 @@ class Block(nn.Module):
             self.register_parameter(name, None)
 
     @property
-    def shortcut(self) -> nn.Module | None:
-        """The shortcut module (stored as ``downsample`` for torchvision's names); None = plain."""
+    def shortcut(self) -> Shortcut | None:
+        """The shortcut (stored as ``downsample`` for torchvision's names); None = plain twin."""
         return self.downsample
+
+    def extra_repr(self) -> str:
+        # Make the identity/none decision visible in print(net); modules print themselves.
+        if self.downsample is None:
+            return "shortcut=None"
+        if self.downsample is identity_shortcut:
+            return "shortcut=identity"
+        return ""
 
     def branch_convs(self) -> list[nn.Conv2d]:
         raise NotImplementedError
@@ -197,7 +213,7 @@ class BasicBlock(Block):
         in_planes: int,
         planes: int,
         stride: int = 1,
-        shortcut: nn.Module | None = None,
+        shortcut: Shortcut | None = None,
         norm_layer: NormLayer = nn.BatchNorm2d,
     ) -> None:
         super().__init__()
@@ -244,7 +260,7 @@ class Bottleneck(Block):
         in_planes: int,
         planes: int,
         stride: int = 1,
-        shortcut: nn.Module | None = None,
+        shortcut: Shortcut | None = None,
         norm_layer: NormLayer = nn.BatchNorm2d,
     ) -> None:
         super().__init__()

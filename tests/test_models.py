@@ -1,0 +1,363 @@
+"""The networks are the experimental variable: check they are exactly what they claim to be."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra.utils
+import pytest
+import torch
+import torchvision
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import InstantiationException
+from omegaconf import OmegaConf
+from torch import nn
+
+from skipstudy import models
+from skipstudy.errors import ConfigError
+from skipstudy.models.blocks import Block, identity_shortcut
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+MODEL_YAMLS = sorted((CONF / "model").glob("*.yaml"))
+IMAGENET_BUILDERS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+
+
+def _dataset_shapes() -> list[tuple[int, int, int]]:
+    """(channels, image_size, num_classes) of every dataset config, plus CIFAR and Tiny ImageNet."""
+    shapes = {(3, 32, 10), (3, 64, 200)}
+    for path in sorted((CONF / "dataset").glob("*.yaml")):
+        cfg = OmegaConf.load(path)
+        size, classes = cfg.get("image_size"), cfg.get("num_classes", 10)
+        channels = cfg.get("channels", 3)
+        if all(isinstance(v, int) for v in (size, classes, channels)):
+            shapes.add((channels, size, classes))
+    return sorted(shapes)
+
+
+def _build(name: str, **options) -> nn.Module:
+    return getattr(models, name)(num_classes=10, **options)
+
+
+# (label, builder, options) of one instance of every builder; all take 32 px inputs.
+NETS = [("mini", "mini", {}), ("cifar_resnet20", "cifar_resnet", {"depth": 20})] + [
+    (name, name, {}) for name in IMAGENET_BUILDERS
+]
+
+
+# --- every config builds, at every dataset's shape ------------------------------------------
+
+
+@pytest.mark.parametrize("channels,size,classes", _dataset_shapes())
+@pytest.mark.parametrize("yaml", MODEL_YAMLS, ids=lambda p: p.stem)
+def test_every_model_config_gives_logits_at_dataset_shape(yaml, channels, size, classes):
+    cfg = OmegaConf.load(yaml)
+    assert "num_classes" not in cfg and "in_channels" not in cfg, "these come from the dataset"
+    net = hydra.utils.instantiate(cfg, num_classes=classes, in_channels=channels).eval()
+    models.check_input_size(net, size)
+    with torch.no_grad():
+        out = net(torch.randn(2, channels, size, size))
+    assert out.shape == (2, classes)
+    assert torch.isfinite(out).all()
+
+
+def test_cli_overrides_compose_and_build():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(overrides=["+model=resnet50", "model.skip=false", "model.norm=none", "model.stem=cifar"])
+        bad = compose(overrides=["+model=resnet50", "model.skip=maybe"])
+        deep = compose(overrides=["+model=cifar_resnet", "model.depth=56", "model.shortcut=B"])
+    GlobalHydra.instance().clear()
+    net = hydra.utils.instantiate(cfg.model, num_classes=10)
+    assert all(b.shortcut is None for b in net.modules() if isinstance(b, Block))
+    assert net.downsample_factor == 8
+    assert sum(isinstance(b, Block) for b in hydra.utils.instantiate(deep.model, num_classes=10).modules()) == 27
+    # Hydra wraps builder errors; the ConfigError (with the key to change) is the cause.
+    with pytest.raises(InstantiationException) as info:
+        hydra.utils.instantiate(bad.model, num_classes=10)
+    assert isinstance(info.value.__cause__, ConfigError)
+    assert str(info.value.__cause__) == "model.skip='maybe' must be true or false"
+
+
+# --- He et al. 2016, Table 6 --------------------------------------------------------------
+
+# Parameter counts as the paper prints them, in millions.
+TABLE6 = {20: "0.27", 32: "0.46", 44: "0.66", 56: "0.85", 110: "1.7", 1202: "19.4"}
+
+
+@pytest.mark.parametrize("depth", sorted(TABLE6))
+def test_cifar_resnet_parameter_counts_match_table6(depth):
+    net = models.cifar_resnet(num_classes=10, depth=depth)
+    count = sum(p.numel() for p in net.parameters())
+    printed = TABLE6[depth]
+    decimals = len(printed.split(".")[1])
+    assert f"{count / 1e6:.{decimals}f}" == printed
+    assert sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in net.modules()) == depth  # 6n+2 layers
+    # Option A shortcuts are parameter-free: the plain twin has exactly as many parameters.
+    plain = models.cifar_resnet(num_classes=10, depth=depth, skip=False)
+    assert sum(p.numel() for p in plain.parameters()) == count
+
+
+def test_cifar_option_b_adds_exactly_the_two_projections():
+    a = models.cifar_resnet(num_classes=10, depth=20, shortcut="A")
+    b = models.cifar_resnet(num_classes=10, depth=20, shortcut="B")
+    extra = {k for k, _ in b.named_parameters()} - {k for k, _ in a.named_parameters()}
+    assert extra == {
+        "layer2.0.downsample.0.weight", "layer2.0.downsample.1.weight", "layer2.0.downsample.1.bias",
+        "layer3.0.downsample.0.weight", "layer3.0.downsample.1.weight", "layer3.0.downsample.1.bias",
+    }
+    assert b.layer2[0].downsample[0].weight.shape == (32, 16, 1, 1)
+    assert a.layer1[0].shortcut is identity_shortcut
+    x = torch.randn(2, 16, 8, 8)
+    padded = a.layer2[0].shortcut(x)  # option A: subsample, then zero channels
+    assert padded.shape == (2, 32, 4, 4)
+    assert torch.equal(padded[:, :16], x[:, :, ::2, ::2]) and not padded[:, 16:].any()
+
+
+# --- torchvision parity ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_torchvision_state_dict_loads_strictly_and_gives_identical_logits(name):
+    torch.manual_seed(0)
+    theirs = getattr(torchvision.models, name)(weights=None).eval()
+    ours = getattr(models, name)(num_classes=1000).eval()
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert {n for n, _ in ours.named_modules()} == {n for n, _ in theirs.named_modules()}
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
+    # The init schemes that add no parameters keep the torchvision layout too.
+    for init in ("kaiming", "zero_residual"):
+        getattr(models, name)(num_classes=1000, init=init).load_state_dict(theirs.state_dict(), strict=True)
+
+
+def test_zero_residual_matches_torchvision_zero_init_residual():
+    theirs = torchvision.models.resnet18(weights=None, zero_init_residual=True)
+    ours = models.resnet18(num_classes=1000, init="zero_residual")
+    theirs_modules = dict(theirs.named_modules())
+    norms = [(n, m) for n, m in ours.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 20
+    for name, norm in norms:  # norm weights and biases are set exactly, not sampled
+        assert torch.equal(norm.weight, theirs_modules[name].weight), name
+        assert torch.equal(norm.bias, theirs_modules[name].bias), name
+    assert not ours.layer3[1].bn2.weight.any() and ours.layer3[1].bn1.weight.all()
+
+
+# --- plain twins ------------------------------------------------------------------------------
+
+
+def _assert_every_parameter_gets_a_gradient(net: nn.Module, size: int) -> None:
+    net.train()
+    torch.manual_seed(0)
+    loss = nn.functional.cross_entropy(net(torch.randn(2, 3, size, size)), torch.tensor([0, 1]))
+    loss.backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        assert p.grad.abs().sum() > 0, f"{name} got an all-zero gradient"
+
+
+@pytest.mark.parametrize("label,builder,options", NETS, ids=[n[0] for n in NETS])
+def test_plain_twin_has_no_shortcut_and_every_parameter_learns(label, builder, options):
+    net = _build(builder, skip=False, **options)
+    blocks = [m for m in net.modules() if isinstance(m, Block)]
+    assert blocks and all(b.shortcut is None for b in blocks)
+    assert not any("downsample" in n for n, _ in net.named_parameters())
+    _assert_every_parameter_gets_a_gradient(net, 32)
+
+
+@pytest.mark.parametrize("builder,options", [
+    ("mini", {}), ("cifar_resnet", {"depth": 20}), ("cifar_resnet", {"depth": 20, "shortcut": "B"}),
+    ("resnet18", {"stem": "cifar"}),
+])
+def test_plain_twin_without_norm_every_parameter_learns(builder, options):
+    torch.manual_seed(0)
+    net = _build(builder, skip=False, norm="none", init="kaiming", **options)
+    _assert_every_parameter_gets_a_gradient(net, 32)
+
+
+@pytest.mark.parametrize("name", ["mini", "resnet18", "resnet50"])
+def test_plain_twin_is_the_residual_net_minus_projections(name):
+    residual = dict(_build(name).named_parameters())
+    plain = dict(_build(name, skip=False).named_parameters())
+    assert set(plain) == {k for k in residual if ".downsample." not in k}
+    for k, p in plain.items():
+        assert p.shape == residual[k].shape
+
+
+# --- norm=none -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_norm_none_has_no_norm_layers(skip):
+    norm_types = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+    for label, builder, options in NETS:
+        net = _build(builder, skip=skip, norm="none", **options)
+        assert not any(isinstance(m, norm_types) for m in net.modules()), label
+        # Only conv weights and the classifier remain.
+        for name, module in net.named_modules():
+            if any(True for _ in module.parameters(recurse=False)):
+                assert isinstance(module, (nn.Conv2d, nn.Linear)), f"{label}: {name}"
+
+
+# --- init schemes --------------------------------------------------------------------------
+
+
+def _block_io(net: nn.Module, size: int):
+    """Run one forward pass and return (block, input, output) for every residual block."""
+    records, handles = [], []
+    for m in net.modules():
+        if isinstance(m, Block):
+            handles.append(m.register_forward_hook(lambda mod, i, o: records.append((mod, i[0].clone(), o.clone()))))
+    with torch.no_grad():
+        net(torch.randn(2, 3, size, size))
+    for h in handles:
+        h.remove()
+    return records
+
+
+@pytest.mark.parametrize("init,norm", [
+    ("zero_residual", "batch"), ("zero_residual", "none"), ("skipinit", "batch"), ("skipinit", "none"),
+    ("fixup", "none"),
+])
+def test_initially_each_residual_block_computes_relu_of_its_shortcut(init, norm):
+    torch.manual_seed(0)
+    builds = [
+        ("mini", _build("mini", init=init, norm=norm)),
+        ("cifar_resnet20", _build("cifar_resnet", depth=20, init=init, norm=norm)),
+        ("cifar_resnet20_B", _build("cifar_resnet", depth=20, shortcut="B", init=init, norm=norm)),
+        ("resnet18", _build("resnet18", init=init, norm=norm)),
+        ("resnet50", _build("resnet50", init=init, norm=norm)),
+    ]
+    identity_blocks = 0
+    for label, net in builds:
+        for block, x, y in _block_io(net, 32):
+            if block.shortcut is identity_shortcut:
+                identity_blocks += 1
+                assert torch.equal(y, torch.relu(x)), label
+            else:
+                with torch.no_grad():
+                    assert torch.equal(y, torch.relu(block.shortcut(x))), label
+        assert y.abs().sum() > 0, label  # not a dead network
+    assert identity_blocks == 2 * (9 - 2) + 8 - 3 + 16 - 4  # those with shortcut = relu(x)
+
+
+def test_skipinit_adds_one_learnable_zero_scalar_per_block():
+    net = models.resnet18(num_classes=10, init="skipinit")
+    scales = {n: p for n, p in net.named_parameters() if n.endswith(".scale")}
+    assert len(scales) == 8
+    assert all(p.shape == () and p.item() == 0.0 and p.requires_grad for p in scales.values())
+    nn.functional.cross_entropy(net(torch.randn(2, 3, 32, 32)), torch.tensor([0, 1])).backward()
+    # alpha = 0 blocks the branch's own gradient at step 0; alpha itself learns.
+    assert all(p.grad.abs() > 0 for p in scales.values())
+    assert not net.layer2[1].conv1.weight.grad.any()
+
+
+@pytest.mark.parametrize("builder,options,branches,layers_per_branch", [
+    ("cifar_resnet", {"depth": 20}, 9, 2),
+    ("resnet50", {}, 16, 3),
+])
+def test_fixup_scales_branches_and_zeroes_last_layers(builder, options, branches, layers_per_branch):
+    torch.manual_seed(0)
+    he = _build(builder, norm="none", init="kaiming", **options)
+    torch.manual_seed(0)
+    fixup = _build(builder, norm="none", init="fixup", **options)
+    factor = branches ** (-1.0 / (2 * layers_per_branch - 2))
+    blocks = [(a, b) for a, b in zip(he.modules(), fixup.modules()) if isinstance(b, Block)]
+    assert len(blocks) == branches
+    for a, b in blocks:
+        convs_a, convs_b = a.branch_convs(), b.branch_convs()
+        for ca, cb in zip(convs_a[:-1], convs_b[:-1]):
+            torch.testing.assert_close(cb.weight, ca.weight * factor)
+        assert not convs_b[-1].weight.any()
+        assert b.scale.item() == 1.0
+        assert all(getattr(b, n).item() == 0.0 for n in b.fixup_bias_names)
+    assert not fixup.fc.weight.any() and not fixup.fc.bias.any()
+    assert fixup.bias1.item() == 0.0 and fixup.bias2.item() == 0.0
+    extra = sum(p.numel() for p in fixup.parameters()) - sum(p.numel() for p in he.parameters())
+    assert extra == branches * (2 * layers_per_branch + 1) + 2
+
+
+def test_default_and_kaiming_inits():
+    default = models.resnet18(num_classes=10)
+    kaiming = models.resnet18(num_classes=10, init="kaiming")
+    for (name, d), (_, k) in zip(default.named_modules(), kaiming.named_modules()):
+        if isinstance(d, nn.Conv2d):
+            fan_in, fan_out = d.weight[0].numel(), d.weight[:, 0].numel()
+            # PyTorch's own: kaiming_uniform_(a=sqrt(5)), bounded by 1/sqrt(fan_in).
+            assert d.weight.abs().max() <= fan_in**-0.5, name
+            # torchvision's: He-normal with fan_out.
+            if k.weight.numel() > 10_000:
+                assert abs(k.weight.std().item() / (2 / fan_out) ** 0.5 - 1) < 0.05, name
+
+
+# --- module order ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["mini", "cifar_resnet", "resnet18", "resnet50"])
+def test_named_modules_are_in_forward_order(name):
+    net = _build(name).eval()
+    leaves = [n for n, m in net.named_modules() if not any(True for _ in m.children())]
+    called, handles = [], []
+    for n, m in net.named_modules():
+        if n in leaves:
+            handles.append(m.register_forward_hook(lambda mod, i, o, n=n: called.append(n) if n not in called else None))
+    with torch.no_grad():
+        net(torch.randn(1, 3, 32, 32))
+    assert called == leaves
+
+
+# --- refusals, with the message a user sees --------------------------------------------------
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: models.cifar_resnet(10, depth=21), "model.depth=21 is not 6n+2; valid: 20, 32, 44, 56, 110, 1202"),
+    (lambda: models.cifar_resnet(10, depth=2), "model.depth=2 is not 6n+2; valid: 20, 32, 44, 56, 110, 1202"),
+    (lambda: models.cifar_resnet(10, depth="20"),
+     "model.depth='20' is not an integer; valid: 20, 32, 44, 56, 110, 1202"),
+    (lambda: models.resnet50(10, skip="maybe"), "model.skip='maybe' must be true or false"),
+    (lambda: models.mini(10, skip=1), "model.skip=1 must be true or false"),
+    (lambda: models.resnet18(10, norm="layer"), "model.norm='layer' is not a known normalisation; valid: batch, none"),
+    (lambda: models.resnet18(10, init="xavier"),
+     "model.init='xavier' is not an init scheme; valid: default, kaiming, zero_residual, fixup, skipinit"),
+    (lambda: models.resnet18(10, stem="tiny"), "model.stem='tiny' is not a stem; valid: imagenet, cifar"),
+    (lambda: models.cifar_resnet(10, shortcut="C"), "model.shortcut='C' is not a shortcut option; valid: A, B"),
+    (lambda: models.resnet18(10, depth=20), "model.depth=20 is not an option of resnet18; valid options: "
+                                            "skip, norm, init, stem"),
+    (lambda: models.mini(0), "num_classes=0 must be a positive integer (it comes from the dataset)"),
+    (lambda: models.resnet50(10, skip=False, init="zero_residual"),
+     "model.init=zero_residual needs model.skip=true: without a shortcut a zeroed branch makes every block "
+     "output a constant; use model.init=default or model.init=kaiming"),
+    (lambda: models.cifar_resnet(10, skip=False, init="skipinit"), "model.init=skipinit needs model.skip=true"),
+    (lambda: models.mini(10, skip=False, norm="none", init="fixup"), "model.init=fixup needs model.skip=true"),
+    (lambda: models.resnet18(10, init="fixup"),
+     "model.init=fixup needs model.norm=none (got model.norm=batch): Fixup replaces normalisation layers; "
+     "with batch norm use model.init=zero_residual"),
+])
+def test_refusals_name_the_key_the_value_and_the_fix(call, message):
+    with pytest.raises(ConfigError) as info:
+        call()
+    assert str(info.value).startswith(message)
+
+
+@pytest.mark.parametrize("name,options,size,factor", [
+    ("resnet50", {}, 8, 32), ("resnet18", {"stem": "cifar"}, 4, 8), ("cifar_resnet", {}, 2, 4), ("mini", {}, 1, 2),
+])
+def test_check_input_size_refuses_images_smaller_than_the_downsampling(name, options, size, factor):
+    net = _build(name, **options)
+    assert net.downsample_factor == factor
+    models.check_input_size(net, factor)
+    with pytest.raises(ConfigError) as info:
+        models.check_input_size(net, size)
+    assert str(info.value).startswith(
+        f"dataset.image_size={size} is too small for {net.arch} (downsamples by {factor}); use >= {factor}"
+    )
+
+
+def test_check_input_size_message_for_resnet50():
+    with pytest.raises(ConfigError) as info:
+        models.check_input_size(models.resnet50(10), 8)
+    assert str(info.value) == (
+        "dataset.image_size=8 is too small for resnet50 (downsamples by 32); use >= 32 or model.stem=cifar"
+    )
