@@ -13,11 +13,17 @@ Follows torchvision's ``models/resnet.py`` (He et al. 2016, "Deep Residual Learn
 
 The shortcut is stored under torchvision's name ``downsample`` and read through the
 ``shortcut`` property: ``None`` = no shortcut (plain twin), :func:`identity_shortcut` = identity
-(a plain function, not a module, so ``named_modules()`` equals torchvision's exactly),
+(a plain function, not a module, so no ``downsample`` module appears where torchvision has none),
 ``Sequential(conv1x1, norm)`` = projection, :class:`ZeroPadShortcut` = option A.
 
 Modules are defined in forward order, so ``named_modules()`` lists them in the order data
-flows through them (the monitor and the report rely on that).
+flows through them (the monitor and the report rely on that). The one difference from
+torchvision's listing: Bottleneck's shared ``relu`` is defined after ``bn1`` (its first use),
+not after ``bn3``; names, parameters and state-dict order are unchanged.
+
+With ``norm=none`` the norm slots (``bn1``...) hold a parameter-free ``nn.Identity`` and
+projection shortcuts are ``Sequential(conv1x1)``; convs keep ``bias=False``, so the plain and
+residual nets without norm differ from the batch-norm nets only by the missing norm layers.
 """
 
 from __future__ import annotations
@@ -49,12 +55,6 @@ def norm_layer_for(norm: str) -> NormLayer:
     if norm == "none":
         return no_norm
     raise ConfigError(f"model.norm={norm!r} is not a known normalisation; valid: {', '.join(NORMS)}")
-
-
-def check_skip(skip: object) -> None:
-    """Refuse anything but a real bool: OmegaConf turns ``model.skip=maybe`` into a string."""
-    if not isinstance(skip, bool):
-        raise ConfigError(f"model.skip={skip!r} must be true or false")
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from skipstudy.models.blocks import BasicBlock, _shift, check_skip, make_shortcut, norm_layer_for
+from skipstudy.models.blocks import BasicBlock, _shift, make_shortcut, norm_layer_for
 from skipstudy.models.init import apply_init, check_init
-from skipstudy.models.options import check_builder_args
+from skipstudy.models.options import check_builder_args, check_skip
 
 
 class MiniNet(nn.Module):

@@ -19,3 +19,9 @@ def check_builder_args(
     for name, value in (("num_classes", num_classes), ("in_channels", in_channels)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name}={value!r} must be a positive integer (it comes from the dataset)")
+
+
+def check_skip(skip: object) -> None:
+    """Refuse anything but a real bool: OmegaConf turns ``model.skip=maybe`` into a string."""
+    if not isinstance(skip, bool):
+        raise ConfigError(f"model.skip={skip!r} must be true or false")

@@ -20,12 +20,11 @@ from skipstudy.models.blocks import (
     Block,
     Bottleneck,
     _shift,
-    check_skip,
     make_stage,
     norm_layer_for,
 )
 from skipstudy.models.init import apply_init, check_init
-from skipstudy.models.options import check_builder_args
+from skipstudy.models.options import check_builder_args, check_skip
 
 STEMS = ("imagenet", "cifar")
 
