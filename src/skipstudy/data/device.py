@@ -67,6 +67,8 @@ class DeviceBatches:
         self.images = images
         self.labels = labels
         self.sampler = sampler
+        # Lightning inspects this like a DataLoader's: batches come from ``sampler`` directly.
+        self.batch_sampler = None
         self.batch_size = batch_size
         self.drop_last = drop_last
         self.image_size = image_size
