@@ -1,0 +1,605 @@
+"""GradientFlowMonitor: when the per-layer gradient quantities are taken and written.
+
+How it works, per recorded optimizer step:
+
+* Forward: a forward hook on each tracked layer (active only while training with grad
+  enabled, so never in validation or sanity checks) adds the output's activation sums and
+  registers a tensor hook on the output (``output.register_hook``). It returns nothing, so
+  the layer's output is left as it is.
+* Backward: the tensor hook adds the output gradient's sums (and, once per epoch, a device
+  histogram of log10|g|). If the output is later changed in place (``ReLU(inplace=True)``
+  right after a conv), autograd still hands this hook the gradient w.r.t. the output *as
+  the layer produced it*, i.e. before the in-place op (PyTorch autograd notes, "Behavior of
+  Tensor hooks when Tensor is modified in-place"); tests/test_monitor.py checks this
+  against ``torch.autograd.grad``. ``register_full_backward_hook`` is not used: it wraps
+  outputs in an extra autograd node and breaks on in-place ops.
+* ``on_before_optimizer_step`` (once per optimizer step, after DDP's all-reduce, after AMP
+  unscaling, before gradient clipping): weight-gradient norms of the accumulated gradients
+  with one fused ``torch._foreach_norm``, then every quantity is stacked into one tensor
+  and moved to the host with a single ``_to_host`` call: one host-device sync per recorded
+  step for all layers and quantities together, none on other steps.
+
+Definitions:
+
+* Gradient accumulation: output gradients of the step's micro-batches are combined as
+  ``sqrt(sum_k ||dL/dy_k||^2)``: the norm of the gradient of the loss the optimizer
+  minimises (Lightning divides each micro-batch loss by the number of micro-batches)
+  w.r.t. the layer's output over the whole effective batch. Activation statistics are over
+  all micro-batches' outputs. Weight gradients are the accumulated ``.grad``, read once.
+* DDP: output-gradient and activation sums are all-reduced, and the output gradient is
+  divided by the world size (DDP averages gradients), so values are those of the global
+  batch; weight gradients are read after DDP's all-reduce. Every rank computes the same
+  numbers (and so takes the same stop decision); only rank 0 writes.
+* AMP: bf16 needs no loss scaling; with fp16 and a GradScaler the output gradients are
+  divided by the step's loss scale (weight gradients are already unscaled by Lightning),
+  and a step whose gradients overflowed is skipped by the scaler and not recorded.
+* Non-finite: decided on the gradients (output, weight, total) of a recorded step. The
+  layer named is where non-finiteness first appears in computation order: the first
+  layer in forward order whose *output* is non-finite if there is one, otherwise the first
+  layer in backward order (nearest the loss) whose output gradient is non-finite,
+  otherwise the first in backward order whose weight gradient is non-finite. With
+  ``every_n_steps > 1`` detection happens on recorded steps only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+
+from skipstudy.errors import ConfigError
+from skipstudy.monitor import writers
+from skipstudy.monitor.layers import select_layers
+from skipstudy.monitor.quantities import (
+    QUANTITIES,
+    SUM_DTYPE,
+    HistogramBins,
+    Quantity,
+    StepTensors,
+    activation_sums,
+    log_abs_histogram,
+    output_grad_sums,
+)
+
+log = logging.getLogger(__name__)
+
+SCHEDULES = ("every", "log")
+ON_NONFINITE = ("warn", "stop")
+EXPORTS = ("json", "csv", "none")
+
+COMPILE_MESSAGE = (
+    "monitor: the network is compiled with torch.compile, but GradientFlowMonitor reads output "
+    "gradients with eager-mode tensor hooks that compiled graphs do not run; train without "
+    "torch.compile, or set monitor=off"
+)
+
+
+def _to_host(t: Tensor) -> np.ndarray:
+    """The monitor's only device-to-host transfer (and so its only sync): once per recorded step."""
+    return t.detach().to("cpu").numpy()
+
+
+def on_log_schedule(step: int, points_per_decade: int) -> bool:
+    """Steps ``floor(10**(k / points_per_decade))`` for k = 0, 1, ... plus step 0:
+    0, 1, 2, 3, 5, 6, 7, 10, 12, 15, 19, 25, ... for 10 points per decade."""
+    if step <= 1:
+        return True
+    k = math.ceil(points_per_decade * math.log10(step))
+    return any(math.floor(10 ** (j / points_per_decade) + 1e-9) == step for j in (k - 1, k, k + 1))
+
+
+class _Layer:
+    """One tracked layer and the current step's device accumulators."""
+
+    __slots__ = ("index", "name", "module", "call_rank", "handle", "out", "act", "hist")
+
+    def __init__(self, index: int, name: str, module: nn.Module) -> None:
+        self.index = index
+        self.name = name
+        self.module = module
+        self.call_rank: int | None = None  # position in the first recorded forward pass
+        self.handle = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.out: Tensor | None = None
+        self.act: Tensor | None = None
+        self.hist: Tensor | None = None
+
+    @property
+    def weight(self) -> nn.Parameter | None:
+        w = getattr(self.module, "weight", None)
+        return w if isinstance(w, nn.Parameter) and w.requires_grad else None
+
+
+def _add(acc: Tensor | None, value: Tensor) -> Tensor:
+    return value if acc is None else acc + value
+
+
+def _first_tensor(output: Any) -> Tensor | None:
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return next((o for o in output if isinstance(o, Tensor)), None)
+    return None
+
+
+def _is_compiled(module: nn.Module) -> bool:
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+    except ImportError:  # pragma: no cover - torch without dynamo
+        return False
+    return isinstance(module, OptimizedModule)
+
+
+class GradientFlowMonitor(Callback):
+    """Per-layer gradient norms, activation statistics and gradient-flow figures.
+
+    Args:
+        layers: ``None`` for every Conv2d and Linear (in forward order), or a list of module
+            names relative to ``pl_module.net`` and glob patterns (``layer3.*.conv*``).
+        every_n_steps: record every n-th optimizer step (``schedule=every``).
+        schedule: ``every`` (every_n_steps) or ``log`` (log-spaced steps, dense early on:
+            ``points_per_decade`` per factor of ten; every_n_steps is then not used).
+        points_per_decade: density of the log schedule.
+        hist_every_n_epochs: every n-th epoch write the per-epoch outputs: output-gradient
+            histograms (``grad_hist/output/<layer>``, the epoch's first step), the
+            distribution of the epoch's per-step norms (``grad_norm_dist/...``) and the
+            gradient-flow figure; 0 turns them off.
+        activations: also record ``act/mean``, ``act/std``, ``act/zero_frac`` of each
+            tracked layer's output.
+        on_nonfinite: ``warn`` (log and go on) or ``stop`` (log, write ``train/diverged``,
+            skip the poisoned update, end training cleanly; see ``diverged_at``).
+        export: ``json`` (``<run>/grad_stats.json``), ``csv`` (``<run>/grad_stats.csv``) or
+            ``none``; written at each epoch end and at the end of fit.
+        figure: write the gradient-flow figure (PNG in ``<run>/figures`` and TensorBoard
+            image ``figures/gradient_flow``).
+
+    Attributes:
+        layer_names: tracked layer names; forward order once the first step is recorded.
+        diverged_at: ``(step, layer)`` of the non-finite step that stopped training, or None.
+        nonfinite_steps: recorded steps whose gradients were non-finite.
+    """
+
+    def __init__(
+        self,
+        layers: str | list[str] | None = None,
+        every_n_steps: int = 1,
+        schedule: str = "every",
+        points_per_decade: int = 10,
+        hist_every_n_epochs: int = 1,
+        activations: bool = True,
+        on_nonfinite: str = "stop",
+        export: str = "json",
+        figure: bool = True,
+    ) -> None:
+        super().__init__()
+        _check_int("monitor.every_n_steps", every_n_steps, minimum=1, example=10)
+        _check_int("monitor.points_per_decade", points_per_decade, minimum=1, example=10)
+        _check_int("monitor.hist_every_n_epochs", hist_every_n_epochs, minimum=0, example=1)
+        _check_choice("monitor.schedule", schedule, SCHEDULES)
+        _check_choice("monitor.on_nonfinite", on_nonfinite, ON_NONFINITE)
+        _check_choice("monitor.export", export, EXPORTS)
+        for key, value in (("monitor.activations", activations), ("monitor.figure", figure)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{key}={value!r} must be true or false")
+        if layers is not None and not isinstance(layers, str):
+            layers = [str(x) if not isinstance(x, str) else x for x in layers]  # ListConfig -> list
+        self.layers = layers
+        self.every_n_steps = every_n_steps
+        self.schedule = schedule
+        self.points_per_decade = points_per_decade
+        self.hist_every_n_epochs = hist_every_n_epochs
+        self.activations = activations
+        self.on_nonfinite = on_nonfinite
+        self.export = export
+        self.figure = figure
+
+        self.layer_names: list[str] | None = None
+        self.diverged_at: tuple[int, str] | None = None
+        self.nonfinite_steps: list[int] = []
+        self.bins = HistogramBins()
+        self._layers: list[_Layer] = []
+        self._quantities: list[Quantity] = [
+            q for q in QUANTITIES.values() if activations or q.needs != "activation"
+        ]
+        self._recording = False
+        self._hist_now = False
+        self._hist_pending = False
+        self._open_step: int | None = None
+        self._ordered = False
+        self._call_counter = itertools.count()
+        self._rank_zero = True
+        self._tb: writers.TensorBoardWriter | None = None
+        self._run_dir = None
+        self.series: writers.SeriesExport | None = None  # rank 0: the recorded rows
+        self._epoch_first_row = 0
+        self._epoch_nonfinite = 0
+        self._overflow_steps = 0
+        self._weight_numel: Tensor | None = None
+
+    # ------------------------------------------------------------------ configuration
+
+    def resolve(self, net: nn.Module) -> list[str]:
+        """Check ``monitor.layers`` against the bare network; returns the tracked names.
+
+        Raises:
+            ConfigError: a name that matches nothing (with the closest real names), or a
+                network compiled with torch.compile.
+        """
+        if _is_compiled(net):
+            raise ConfigError(COMPILE_MESSAGE)
+        self.layer_names = select_layers(net, self.layers)
+        return list(self.layer_names)
+
+    def _scheduled(self, step: int) -> bool:
+        if self.schedule == "log":
+            return on_log_schedule(step, self.points_per_decade)
+        return step % self.every_n_steps == 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._remove_hooks()
+        net = getattr(pl_module, "net", pl_module)
+        if _is_compiled(pl_module) or getattr(pl_module, "_compiler_ctx", None):
+            raise ConfigError(COMPILE_MESSAGE)
+        names = self.resolve(net)
+        modules = dict(net.named_modules())
+        self._layers = [_Layer(i, name, modules[name]) for i, name in enumerate(names)]
+        for layer in self._layers:
+            layer.handle = layer.module.register_forward_hook(partial(self._forward_hook, layer))
+        self._ordered = False
+        self._call_counter = itertools.count()
+        self._open_step = None
+        self._recording = False
+        self._weight_numel = None
+        self._rank_zero = trainer.is_global_zero
+        if self._rank_zero:
+            self._run_dir = writers.run_dir(trainer)
+            summary_writer = writers.find_summary_writer(trainer)
+            self._tb = writers.TensorBoardWriter(summary_writer) if summary_writer is not None else None
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._remove_hooks()
+        self._flush()
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._flush()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._flush()
+
+    def _remove_hooks(self) -> None:
+        for layer in self._layers:
+            if layer.handle is not None:
+                layer.handle.remove()
+                layer.handle = None
+            layer.reset()
+        self._recording = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"diverged_at": self.diverged_at, "nonfinite_steps": list(self.nonfinite_steps)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.diverged_at = state_dict.get("diverged_at")
+        self.nonfinite_steps = list(state_dict.get("nonfinite_steps", []))
+
+    # ------------------------------------------------------------------ when
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        n = self.hist_every_n_epochs
+        self._hist_pending = n > 0 and trainer.current_epoch % n == 0
+        self._epoch_first_row = len(self.series.rows) if self.series is not None else 0
+        self._epoch_nonfinite = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self._open_step:
+            return  # another micro-batch of the same optimizer step: keep accumulating
+        self._open_step = step
+        for layer in self._layers:
+            layer.reset()
+        self._hist_now, self._hist_pending = self._hist_pending, False
+        self._recording = self._hist_now or self._scheduled(step)
+
+    # ------------------------------------------------------------------ hot path (hooks)
+
+    def _forward_hook(self, layer: _Layer, module: nn.Module, args, output) -> None:
+        if not (self._recording and module.training and torch.is_grad_enabled()):
+            return None
+        if torch.compiler.is_compiling():
+            raise RuntimeError(COMPILE_MESSAGE)
+        y = _first_tensor(output)
+        if y is None:
+            return None
+        if layer.call_rank is None:
+            layer.call_rank = next(self._call_counter)
+        if self.activations:
+            layer.act = _add(layer.act, activation_sums(y.detach()))
+        if y.requires_grad:
+            y.register_hook(partial(self._grad_hook, layer))
+        return None  # a forward hook that returns a value would replace the layer's output
+
+    def _grad_hook(self, layer: _Layer, grad: Tensor) -> None:
+        layer.out = _add(layer.out, output_grad_sums(grad))
+        if self._hist_now:
+            layer.hist = _add(layer.hist, log_abs_histogram(grad, self.bins))
+        return None  # the gradient flows on unchanged
+
+    # ------------------------------------------------------------------ one recorded step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if not self._recording:
+            return
+        self._recording = False
+        if not self._ordered:
+            self._order_layers()
+        step = trainer.global_step
+        host, weight_present = self._gather(trainer, pl_module)
+        self._handle_step(trainer, pl_module, step, host, weight_present)
+        for layer in self._layers:
+            layer.reset()
+
+    def _order_layers(self) -> None:
+        """Put the layers in the order of the first recorded forward pass (modules that did
+        not run keep their registration order, after the others)."""
+        self._layers.sort(key=lambda l: (l.call_rank is None, l.call_rank or 0, l.index))
+        self.layer_names = [l.name for l in self._layers]
+        self._ordered = True
+
+    def _gather(self, trainer, pl_module) -> tuple[np.ndarray, np.ndarray]:
+        """Everything for this step as one device tensor, moved to the host in one transfer."""
+        layers = self._layers
+        param = next(pl_module.parameters())
+        dev = param.device
+        world = trainer.world_size
+        hist_len = self.bins.bins + 2
+
+        def stacked(accs: list[Tensor | None], width: int) -> Tensor:
+            zero = torch.zeros(width, dtype=SUM_DTYPE, device=dev)
+            return torch.stack([a if a is not None else zero for a in accs])
+
+        out = stacked([l.out for l in layers], 2)
+        act = stacked([l.act for l in layers], 4) if self.activations else out.new_zeros(len(layers), 4)
+        parts = [out.flatten(), act.flatten()]
+        if self._hist_now:
+            parts.append(stacked([l.hist for l in layers], hist_len).flatten())
+        local = torch.cat(parts)
+        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(local)  # sums over processes; same step on every rank
+        out = local[: out.numel()].view_as(out)
+        act = local[out.numel() : out.numel() + act.numel()].view_as(act)
+        hist = local[out.numel() + act.numel() :]
+
+        weights = [l.weight for l in layers]
+        weight_grads = [w.grad if w is not None else None for w in weights]
+        if self._weight_numel is None or self._weight_numel.device != dev:
+            self._weight_numel = torch.tensor(
+                [w.numel() if w is not None else 0 for w in weights], dtype=SUM_DTYPE, device=dev
+            )
+        scale = torch.full((), 1.0 / world, dtype=SUM_DTYPE, device=dev)
+        loss_scale = self._loss_scale(trainer)
+        if loss_scale is not None:
+            scale = scale / loss_scale.to(SUM_DTYPE)
+        s = StepTensors(
+            out=out,
+            act=act,
+            weight_grads=weight_grads,
+            weight_numel=self._weight_numel,
+            all_grads=[p.grad for p in pl_module.parameters() if p.grad is not None],
+            out_grad_scale=scale,
+        )
+        values = [q.fn(s).to(SUM_DTYPE).reshape(-1) for q in self._quantities]
+        flat = torch.cat([*values, out[:, 0], act[:, 0], scale.reshape(1), hist])
+        weight_present = np.array([g is not None for g in weight_grads], dtype=bool)
+        return _to_host(flat), weight_present
+
+    @staticmethod
+    def _loss_scale(trainer) -> Tensor | None:
+        """The GradScaler's current scale as a device tensor (``get_scale()`` would sync)."""
+        scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+        if scaler is None or not scaler.is_enabled():
+            return None
+        return getattr(scaler, "_scale", None)
+
+    def _handle_step(self, trainer, pl_module, step: int, host: np.ndarray, weight_present: np.ndarray) -> None:
+        L = len(self._layers)
+        values: dict[str, np.ndarray] = {}
+        i = 0
+        for q in self._quantities:
+            n = L if q.per_layer else 1
+            values[q.name] = host[i : i + n]
+            i += n
+        out_n, act_n, scale = host[i : i + L], host[i + L : i + 2 * L], host[i + 2 * L]
+        hist = host[i + 2 * L + 1 :]
+        present = {
+            "output": out_n > 0,
+            "activation": act_n > 0,
+            "weight": weight_present,
+            "params": np.ones(1, dtype=bool),
+        }
+
+        grads_finite = all(
+            np.isfinite(values[q.name][present[q.needs]]).all()
+            for q in self._quantities
+            if q.needs in ("output", "weight", "params")
+        )
+        if not grads_finite and self._loss_scale(trainer) is not None:
+            # fp16 overflow: the GradScaler skips this update and lowers its scale.
+            self._overflow_steps += 1
+            return
+
+        row = np.concatenate([
+            np.where(present[q.needs], values[q.name], np.nan) if q.per_layer else values[q.name]
+            for q in self._quantities
+        ])
+        if self._rank_zero:
+            self._write_step(trainer, step, values, present, row, hist, scale)
+        if not grads_finite:
+            self._nonfinite(trainer, pl_module, step, values, present)
+
+    # ------------------------------------------------------------------ where (rank 0)
+
+    def _tags(self) -> list[str]:
+        tags = []
+        for q in self._quantities:
+            tags += [f"{q.name}/{l.name}" for l in self._layers] if q.per_layer else [q.name]
+        return tags
+
+    def _write_step(self, trainer, step, values, present, row, hist, scale) -> None:
+        if self.series is None:
+            fmt = self.export if self.export != "none" else "json"
+            path = self._run_dir / f"grad_stats.{fmt}"
+            self.series = writers.SeriesExport(path, fmt, list(self.layer_names), self._tags())
+            self._epoch_first_row = 0
+        self.series.append(step, trainer.current_epoch, row)
+        if self._tb is None:
+            return
+        scalars: dict[str, float] = {}
+        for q in self._quantities:
+            v = values[q.name]
+            if not q.per_layer:
+                scalars[q.name] = float(v[0])
+                continue
+            mask = present[q.needs]
+            for j, layer in enumerate(self._layers):
+                if mask[j]:
+                    scalars[f"{q.name}/{layer.name}"] = float(v[j])
+        self._tb.scalars(scalars, step)
+        if hist.size:
+            self._write_histograms(step, hist, scale)
+
+    def _write_histograms(self, step: int, hist: np.ndarray, scale: float) -> None:
+        """Device-binned log10|g| histograms. The bins were filled with the raw (micro-batch,
+        per-process, loss-scaled) gradient elements; shifting the edges by log10(scale)
+        makes them elements of the gradient of the optimised loss."""
+        width = self.bins.bins + 2
+        shift = math.log10(scale)
+        edges = np.asarray(self.bins.edges()) + shift
+        for j, layer in enumerate(self._layers):
+            h = hist[j * width : (j + 1) * width]
+            counts, s1, s2 = h[:-2], h[-2], h[-1]
+            n = counts.sum()
+            s1_true = s1 + n * shift
+            s2_true = s2 + 2 * shift * s1 + n * shift * shift
+            self._tb.histogram_raw(f"grad_hist/output/{layer.name}", edges, counts, s1_true, s2_true, step)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.on_nonfinite == "warn" and self._epoch_nonfinite > 1 and self._rank_zero:
+            log.warning("%d recorded steps of epoch %d had non-finite gradients", self._epoch_nonfinite, trainer.current_epoch)
+        if not self._rank_zero or self.series is None:
+            return
+        n = self.hist_every_n_epochs
+        epoch = trainer.current_epoch
+        rows = self.series.rows[self._epoch_first_row :]
+        if n > 0 and epoch % n == 0 and rows:
+            self._write_epoch_summaries(trainer, epoch, np.stack(rows))
+        self._flush()
+
+    def _columns(self, table: np.ndarray, name: str) -> np.ndarray:
+        """``[steps, layers]`` slice of the rows for per-layer quantity ``name``."""
+        L = len(self._layers)
+        start = 0
+        for q in self._quantities:
+            if q.name == name:
+                return table[:, start : start + L]
+            start += L if q.per_layer else 1
+        raise KeyError(name)
+
+    def _write_epoch_summaries(self, trainer, epoch: int, table: np.ndarray) -> None:
+        step = trainer.global_step
+        out = self._columns(table, "grad_norm/output").astype(np.float64)
+        weight = self._columns(table, "grad_norm/weight").astype(np.float64)
+        if self._tb is not None:
+            # What the Tiny ImageNet study animated: how the epoch's per-step norms spread.
+            for kind, data in (("output", out), ("weight", weight)):
+                for j, layer in enumerate(self._layers):
+                    v = data[:, j]
+                    v = v[np.isfinite(v) & (v > 0)]
+                    self._tb.histogram(f"grad_norm_dist/{kind}/{layer.name}", np.log10(v), step)
+        if self.figure:
+            fig = writers.gradient_flow_figure(
+                self.layer_names, out, weight, f"Gradient flow, epoch {epoch} ({table.shape[0]} recorded steps)"
+            )
+            path = self._run_dir / "figures" / f"gradient_flow_epoch{epoch}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(path)
+            if self._tb is not None:
+                self._tb.image("figures/gradient_flow", writers.figure_rgb(fig), step)
+
+    def _flush(self) -> None:
+        if not self._rank_zero:
+            return
+        if self.series is not None and self.export != "none":
+            self.series.nonfinite_steps = list(self.nonfinite_steps)
+            self.series.diverged_at = self.diverged_at
+            self.series.flush()
+        if self._tb is not None:
+            self._tb.flush()
+
+    # ------------------------------------------------------------------ non-finite
+
+    def _origin(self, values: dict[str, np.ndarray], present: dict[str, np.ndarray]) -> tuple[str, str]:
+        """The layer where non-finiteness first appears in computation order, and where."""
+        names = [l.name for l in self._layers]
+
+        def bad(name: str, needs: str) -> np.ndarray:
+            if name not in values:
+                return np.zeros(len(names), dtype=bool)
+            return present[needs] & ~np.isfinite(values[name])
+
+        act_bad = bad("act/mean", "activation") | bad("act/std", "activation")
+        if act_bad.any():
+            return names[int(np.flatnonzero(act_bad)[0])], "first non-finite output in forward order"
+        out_bad = bad("grad_norm/output", "output")
+        if out_bad.any():
+            return names[int(np.flatnonzero(out_bad)[-1])], "first non-finite output gradient in backward order"
+        w_bad = bad("grad_norm/weight", "weight")
+        if w_bad.any():
+            return names[int(np.flatnonzero(w_bad)[-1])], "first non-finite weight gradient in backward order"
+        return "(untracked parameters)", "only the total norm over all parameters is non-finite"
+
+    def _nonfinite(self, trainer, pl_module, step: int, values, present) -> None:
+        layer, where = self._origin(values, present)
+        self.nonfinite_steps.append(step)
+        self._epoch_nonfinite += 1
+        message = f"non-finite gradient at step {step}, first layer {layer}"
+        if self.on_nonfinite == "warn":
+            if self._rank_zero and len(self.nonfinite_steps) == 1:
+                log.warning("%s (%s); monitor.on_nonfinite=warn: training goes on", message, where)
+            return
+        self.diverged_at = (step, layer)
+        if self._rank_zero:
+            log.error("%s (%s)", message, where)
+            if self._tb is not None:
+                self._tb.scalars({"train/diverged": 1.0}, step)
+        # Skip the poisoned update: with no .grad the optimizer leaves every parameter (and its
+        # state) as it was, so the weights, and any checkpoint saved on the way out, stay those
+        # of the last good step. Every rank sees the same all-reduced values and does the same.
+        for p in pl_module.parameters():
+            p.grad = None
+        trainer.should_stop = True
+        self._flush()
+
+
+def _check_int(key: str, value: Any, minimum: int, example: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(f"{key}={value!r} must be {what}; e.g. {key}={example}")
+
+
+def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not one of: {', '.join(choices)}")

@@ -1,0 +1,198 @@
+"""Where the monitor's host-side numbers go: TensorBoard, a JSON/CSV export, a figure.
+
+Everything here receives numpy arrays that are already on the host; nothing touches the
+device. Only rank 0 constructs writers (the callback checks ``trainer.is_global_zero``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def run_dir(trainer: Any) -> Path:
+    """The run directory: ``trainer.log_dir`` (== the Hydra output dir in skipstudy), else
+    ``trainer.default_root_dir``."""
+    return Path(getattr(trainer, "log_dir", None) or trainer.default_root_dir)
+
+
+def find_summary_writer(trainer: Any):
+    """The ``SummaryWriter`` of the trainer's TensorBoardLogger, or None without one."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    for logger in getattr(trainer, "loggers", []) or []:
+        if isinstance(logger, TensorBoardLogger):
+            return logger.experiment
+    return None
+
+
+class TensorBoardWriter:
+    """Scalars, histograms and images into the run's TensorBoard event file."""
+
+    def __init__(self, writer: Any) -> None:
+        self.writer = writer
+        try:
+            from tensorboard.compat.proto.summary_pb2 import Summary
+
+            self._summary_cls = Summary
+            self._file_writer = writer._get_file_writer()
+        except (ImportError, AttributeError):  # tensorboardX or another writer: one call per tag
+            self._summary_cls = None
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        """All of a step's scalars as one event (one protobuf, not one ``add_scalar`` per tag:
+        hundreds of tags per step would otherwise cost milliseconds of Python per step)."""
+        if self._summary_cls is None:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
+            return
+        Summary = self._summary_cls
+        summary = Summary(value=[Summary.Value(tag=tag, simple_value=value) for tag, value in values.items()])
+        self._file_writer.add_summary(summary, step)
+
+    def histogram_raw(self, tag: str, edges: np.ndarray, counts: np.ndarray, s1: float, s2: float, step: int) -> None:
+        """A histogram from device-binned counts; ``edges`` has one more entry than ``counts``."""
+        nonzero = np.flatnonzero(counts)
+        if nonzero.size == 0:
+            return
+        first, last = nonzero[0], nonzero[-1]
+        self.writer.add_histogram_raw(
+            tag,
+            min=float(edges[first]),
+            max=float(edges[last + 1]),
+            num=float(counts.sum()),
+            sum=float(s1),
+            sum_squares=float(s2),
+            bucket_limits=[float(e) for e in edges[first + 1 : last + 2]],
+            bucket_counts=[float(c) for c in counts[first : last + 1]],
+            global_step=step,
+        )
+
+    def histogram(self, tag: str, values: np.ndarray, step: int) -> None:
+        if values.size:
+            self.writer.add_histogram(tag, values, step)
+
+    def image(self, tag: str, rgb: np.ndarray, step: int) -> None:
+        self.writer.add_image(tag, rgb, step, dataformats="HWC")
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+
+class SeriesExport:
+    """The recorded series as ``<run>/grad_stats.json`` or ``<run>/grad_stats.csv``.
+
+    JSON: ``{"layers": [...forward order], "step": [...], "epoch": [...], "series": {tag:
+    [value per recorded step]}, "nonfinite_steps": [...], "diverged_at": {"step", "layer"} or
+    null}``; missing and non-finite values are ``null``. CSV: one row per recorded step,
+    columns ``step, epoch`` and one per tag (empty cell: missing or non-finite); rows are
+    appended, so a long run's CSV costs nothing to flush.
+    """
+
+    def __init__(self, path: Path, fmt: str, layers: list[str], tags: list[str]) -> None:
+        self.path = path
+        self.fmt = fmt
+        self.layers = layers
+        self.tags = tags
+        self.steps: list[int] = []
+        self.epochs: list[int] = []
+        self.rows: list[np.ndarray] = []
+        self.nonfinite_steps: list[int] = []
+        self.diverged_at: tuple[int, str] | None = None
+        self._csv_written = 0
+
+    def append(self, step: int, epoch: int, row: np.ndarray) -> None:
+        self.steps.append(step)
+        self.epochs.append(epoch)
+        self.rows.append(row.astype(np.float32))
+
+    def flush(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.fmt == "csv":
+            self._flush_csv()
+        else:
+            self._flush_json()
+
+    def _flush_json(self) -> None:
+        table = np.stack(self.rows) if self.rows else np.zeros((0, len(self.tags)), np.float32)
+        series = {tag: [_finite_or_none(v) for v in table[:, j].tolist()] for j, tag in enumerate(self.tags)}
+        doc = {
+            "layers": self.layers,
+            "step": self.steps,
+            "epoch": self.epochs,
+            "series": series,
+            "nonfinite_steps": self.nonfinite_steps,
+            "diverged_at": None if self.diverged_at is None
+            else {"step": self.diverged_at[0], "layer": self.diverged_at[1]},
+        }
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(doc, allow_nan=False))
+        os.replace(tmp, self.path)  # a reader never sees half a file
+
+    def _flush_csv(self) -> None:
+        new = self.rows[self._csv_written :]
+        mode = "a" if self._csv_written else "w"
+        with self.path.open(mode, newline="") as f:
+            out = csv.writer(f)
+            if not self._csv_written:
+                out.writerow(["step", "epoch", *self.tags])
+            for i, row in enumerate(new, start=self._csv_written):
+                out.writerow([self.steps[i], self.epochs[i], *(("" if not math.isfinite(v) else repr(v)) for v in row.tolist())])
+        self._csv_written = len(self.rows)
+
+
+def _finite_or_none(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
+def gradient_flow_figure(layers: list[str], out_norms: np.ndarray, weight_norms: np.ndarray, title: str):
+    """Gradient norm against layer depth (forward order), output and weight gradients, log y.
+
+    ``out_norms`` and ``weight_norms`` are ``[steps, layers]``; the line is the median over
+    the steps, the band spans the 10th to 90th percentile. Returns a matplotlib Figure drawn
+    on an Agg canvas (no pyplot, no global state).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    depth = np.arange(1, len(layers) + 1)
+    fig = Figure(figsize=(max(6.0, 0.18 * len(layers) + 3), 4.0), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for data, label, color in ((out_norms, "output gradient", "tab:blue"), (weight_norms, "weight gradient", "tab:orange")):
+        data = np.where(np.isfinite(data) & (data > 0), data, np.nan)
+        if data.size == 0 or np.all(np.isnan(data)):
+            continue
+        with np.errstate(all="ignore"):
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns (untracked weights)
+                med = np.nanmedian(data, axis=0)
+                lo, hi = np.nanpercentile(data, [10, 90], axis=0)
+        ax.plot(depth, med, marker="o", ms=3, color=color, label=f"{label} norm (median)")
+        if data.shape[0] > 1:
+            ax.fill_between(depth, lo, hi, color=color, alpha=0.2, lw=0)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer (forward order)")
+    ax.set_ylabel("L2 norm")
+    step = max(1, math.ceil(len(layers) / 40))
+    ax.set_xticks(depth[::step], [layers[i] for i in range(0, len(layers), step)], rotation=90, fontsize=7)
+    ax.set_title(title)
+    ax.grid(True, which="major", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def figure_rgb(fig) -> np.ndarray:
+    """The figure rendered to an ``[H, W, 3]`` uint8 array (for ``add_image``)."""
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
