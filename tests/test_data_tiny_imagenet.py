@@ -294,3 +294,44 @@ def test_short_training_run_on_the_mini_copy(make_cfg, shared_data, loader, tmp_
     assert not torch.equal(model.seen[0][2], model.seen[3][2])
     assert len(model.val_losses) == 4 and all(np.isfinite(model.val_losses))
     assert np.isfinite(trainer.callback_metrics["train/loss"].item())
+
+
+# -- scripts/tiny_imagenet.py ------------------------------------------------------------------
+
+def load_script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "tiny_imagenet.py"
+    spec = importlib.util.spec_from_file_location("tiny_imagenet_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_script_downloads_unpacks_and_verifies(tiny_src, tmp_path, capsys):
+    import zipfile
+
+    script = load_script()
+    data_dir = small_copy(tiny_src, tmp_path / "src", classes=2, per_class=3, val=4)
+    archive = tmp_path / "tiny-imagenet-200.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(data_dir.rglob("*")):
+            zf.write(path, path.relative_to(data_dir.parent))
+    root = tmp_path / "data"
+    # A file:// URL stands in for the official server.
+    assert script.main(["--root", str(root), "--url", archive.as_uri(), "--decode"]) == 0
+    out = capsys.readouterr().out
+    assert "2 classes, 6 training images (3-3 per class), 4 labelled validation images" in out
+    assert "decoded 10 images: 0 unusable" in out and f"dataset.root={root}" in out
+    assert (root / "tiny-imagenet-200" / "wnids.txt").is_file()
+    assert make(root, tmp_path).num_classes == 2
+
+    bad = sorted((root / "tiny-imagenet-200" / "train").glob("*/images/*.JPEG"))[0]
+    bad.write_bytes(b"\xff\xd8 broken")
+    assert script.main(["--root", str(root), "--no-download", "--decode"]) == 1
+    assert str(bad) in capsys.readouterr().err
+    (root / "tiny-imagenet-200" / "val" / "val_annotations.txt").unlink()
+    assert script.main(["--root", str(root), "--no-download"]) == 1
+    assert "missing" in capsys.readouterr().err
+    assert script.main(["--root", str(tmp_path / "none"), "--url", (tmp_path / "absent.zip").as_uri()]) == 2
+    assert "Could not get Tiny ImageNet" in capsys.readouterr().err
