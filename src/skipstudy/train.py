@@ -22,6 +22,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -80,10 +81,27 @@ def _accepts(target: Any, name: str) -> bool:
         return False
 
 
+def build(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, but a builder's ConfigError reaches the user unwrapped.
+
+    Hydra wraps every exception raised inside a ``_target_`` in InstantiationException,
+    which would turn a one-line refusal into Hydra's "Error in call to target" text.
+    """
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     target = hydra.utils.get_class(cfg.dataset._target_)
     kwargs = {"seed": cfg.seed} if _accepts(target, "seed") else {}
-    dm = instantiate(cfg.dataset, **kwargs)
+    dm = build(cfg.dataset, **kwargs)
     # Data modules check their files here, so a missing data set fails before training.
     dm.prepare_data()
     return dm
@@ -91,7 +109,7 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
 
 def build_network(cfg: DictConfig, dm: L.LightningDataModule) -> torch.nn.Module:
     # The data set decides the class count and input channels; no user passes them.
-    net = instantiate(cfg.model, num_classes=dm.num_classes, in_channels=dm.channels)
+    net = build(cfg.model, num_classes=dm.num_classes, in_channels=dm.channels)
     from skipstudy import models
 
     check = getattr(models, "check_input_size", None)
@@ -115,7 +133,7 @@ def build_monitor(cfg: DictConfig, net: torch.nn.Module):
     """The gradient monitor, or None with ``monitor=off``; unknown layer names fail here."""
     if not cfg.get("monitor") or "_target_" not in cfg.monitor:
         return None
-    monitor = instantiate(cfg.monitor)
+    monitor = build(cfg.monitor)
     monitor.resolve(net)
     return monitor
 
