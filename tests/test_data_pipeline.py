@@ -62,7 +62,6 @@ def test_device_path_equals_torch_path_for_one_seed(cifar_root, pad_mode, image_
                 batches(dm.make_loader("val", train=False, kind="device")))
 
 
-@pytest.mark.slow
 def test_torch_path_with_worker_processes_gives_the_same_batches(cifar_root):
     # Workers hold no random state: the draws come from the sampler in the main process.
     dm = make_dm(cifar_root, num_workers=2)

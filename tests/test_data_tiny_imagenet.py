@@ -269,7 +269,6 @@ class TinyNet(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["torch", "device"])
 def test_short_training_run_on_the_mini_copy(make_cfg, shared_data, loader, tmp_path):
     cfg = make_cfg(["dataset=tiny_imagenet", f"dataset.root={shared_data / 'tiny-imagenet-mini'}",

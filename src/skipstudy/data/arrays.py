@@ -142,7 +142,7 @@ class ImageArrayDataModule(L.LightningDataModule):
                 "e.g. dataset.crop_padding=4 (He et al. 2016), or dataset.augment=false for no crop"
             )
         self.crop_padding = crop_padding
-        self.seed = int(seed)
+        self.seed = 0 if seed is None else int(seed)
         self.device = torch.device(device) if device is not None else None
         self.splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._device_sets: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
