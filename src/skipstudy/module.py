@@ -30,6 +30,9 @@ class LitClassifier(L.LightningModule):
             epoch unless ``scheduler_interval="step"``.
         scheduler_interval: "epoch" or "step", passed to Lightning.
         channels_last: train in the channels_last memory format (faster convs on GPUs).
+        compile: compile the network's forward (and so its backward) with ``torch.compile``.
+            ``nn.Module.compile`` compiles in place, so parameter names, checkpoints and
+            ``self.net``'s module names stay those of the eager network.
     """
 
     def __init__(
@@ -40,6 +43,7 @@ class LitClassifier(L.LightningModule):
         scheduler: SchedulerFactory | None = None,
         scheduler_interval: str = "epoch",
         channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.net = net
@@ -49,6 +53,9 @@ class LitClassifier(L.LightningModule):
         self.channels_last = channels_last
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
+        self.compiled = compile
+        if compile:
+            self.net.compile()
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
 

@@ -29,7 +29,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
+from skipstudy import fast
 from skipstudy.errors import ConfigError
+from skipstudy.fast import resolve_precision  # noqa: F401 - kept importable from here
 from skipstudy.module import LitClassifier
 
 
@@ -63,15 +65,6 @@ def validate(cfg: DictConfig) -> None:
     _positive("optimizer.lr", cfg.optimizer.get("lr"))
     if "batch_size" in cfg.dataset:
         _positive("dataset.batch_size", cfg.dataset.batch_size)
-
-
-def resolve_precision(precision: Any) -> str:
-    """``trainer.precision=null`` means bf16 autocast on a GPU that supports it, fp32 elsewhere."""
-    if precision is not None:
-        return str(precision)
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
-    return "32-true"
 
 
 def _accepts(target: Any, name: str) -> bool:
@@ -118,7 +111,9 @@ def build_network(cfg: DictConfig, dm: L.LightningDataModule) -> torch.nn.Module
     return net
 
 
-def build_module(cfg: DictConfig, net: torch.nn.Module, num_classes: int) -> LitClassifier:
+def build_module(cfg: DictConfig, net: torch.nn.Module, num_classes: int,
+                 speed: fast.FastSettings | None = None) -> LitClassifier:
+    speed = speed or fast.resolve(cfg)
     optimizer = instantiate(cfg.optimizer)
     scheduler, interval = None, "epoch"
     if cfg.scheduler and "_target_" in cfg.scheduler:
@@ -126,7 +121,7 @@ def build_module(cfg: DictConfig, net: torch.nn.Module, num_classes: int) -> Lit
         interval = sched_cfg.pop("interval", "epoch")
         scheduler = instantiate(sched_cfg)
     return LitClassifier(net, num_classes, optimizer, scheduler, scheduler_interval=interval,
-                         channels_last=bool(cfg.get("channels_last", False)))
+                         channels_last=speed.channels_last, compile=speed.compile)
 
 
 def build_monitor(cfg: DictConfig, net: torch.nn.Module):
@@ -181,15 +176,17 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
     """Build everything from ``cfg`` and fit; returns the final logged metrics."""
     run_dir = Path(run_dir)
     validate(cfg)
+    speed = fast.resolve(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     dm = build_datamodule(cfg)
     net = build_network(cfg, dm)
     monitor = build_monitor(cfg, net)
-    module = build_module(cfg, net, dm.num_classes)
+    module = build_module(cfg, net, dm.num_classes, speed)
 
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer_kwargs["precision"] = resolve_precision(trainer_kwargs.get("precision"))
+    trainer_kwargs["precision"] = speed.precision
+    trainer_kwargs["benchmark"] = speed.cudnn_benchmark
 
     logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
     ckpt = cfg.checkpoint
@@ -213,10 +210,12 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         info = run_info()
-        info["resolved"] = {"trainer.precision": trainer_kwargs["precision"]}
+        # The values that ran (no auto/null left), incl. those that change the numbers.
+        resolved = fast.record(speed, cfg)
+        info["resolved"] = resolved
         (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
         hparams = flat_hparams(cfg)
-        hparams["trainer.precision"] = trainer_kwargs["precision"]
+        hparams.update({k: v for k, v in resolved.items() if v is not None})
         write_hparams(logger, hparams)
 
     trainer.fit(module, datamodule=dm)
