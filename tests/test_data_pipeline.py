@@ -177,3 +177,20 @@ def test_device_path_on_cuda_equals_cpu(cifar_root):
     for (xg, yg), (xc, yc) in zip(gpu, cpu):
         assert torch.equal(yg, yc)
         torch.testing.assert_close(xg, xc, rtol=0, atol=1e-4)  # bilinear kernels differ in rounding
+
+
+def test_loaders_shard_by_the_trainers_rank(cifar_root):
+    from types import SimpleNamespace
+
+    seen = {}
+    for kind in ("torch", "device"):
+        for rank in (0, 1):
+            dm = make_dm(cifar_root, batch_size=64)
+            dm.trainer = SimpleNamespace(global_rank=rank, world_size=2,
+                                         strategy=SimpleNamespace(root_device=torch.device("cpu")))
+            loader = dm.make_loader("train", train=True, kind=kind)
+            assert len(loader) == 500 // 64
+            seen[kind, rank] = set(loader.sampler.plan(0).indices.tolist())
+            assert len(seen[kind, rank]) == 500
+        assert not seen[kind, 0] & seen[kind, 1]
+    assert seen["torch", 0] == seen["device", 0]
