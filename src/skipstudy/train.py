@@ -33,6 +33,9 @@ from skipstudy import fast
 from skipstudy.errors import ConfigError
 from skipstudy.fast import resolve_precision  # noqa: F401 - kept importable from here
 from skipstudy.module import LitClassifier
+from skipstudy.sweep.ddp import needs_own_process, run_in_own_process
+from skipstudy.sweep.final_metrics import TAGS as FINAL_METRIC_TAGS
+from skipstudy.sweep.final_metrics import FinalMetrics
 
 
 def _conf_dir() -> str:
@@ -133,6 +136,20 @@ def build_monitor(cfg: DictConfig, net: torch.nn.Module):
     return monitor
 
 
+def build_probes(cfg: DictConfig, net: torch.nn.Module):
+    """The probe callback (``probes.names`` at ``probes.at_epochs``), or None while it is off.
+
+    Unknown probes or options, and probes that cannot work on ``net`` (a lesion study of a
+    plain twin), fail here, before training.
+    """
+    probes = cfg.get("probes")
+    if not probes or not (probes.get("names") or probes.get("at_epochs")):
+        return None
+    from skipstudy.probes.callback import build_probe_callback
+
+    return build_probe_callback(cfg.probes, net, seed=cfg.seed, model=cfg.model)
+
+
 def run_info() -> dict[str, Any]:
     """What produced a run: git commit, package versions, machine."""
     info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform()}
@@ -182,6 +199,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
     dm = build_datamodule(cfg)
     net = build_network(cfg, dm)
     monitor = build_monitor(cfg, net)
+    probes = build_probes(cfg, net)
     module = build_module(cfg, net, dm.num_classes, speed)
 
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -204,8 +222,16 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
     ]
     if monitor is not None:
         callbacks.append(monitor)
+    if probes is not None:
+        callbacks.append(probes)
+
+    callbacks.append(FinalMetrics(monitor))  # HParams summary scalars at the end of fit
 
     trainer = L.Trainer(**trainer_kwargs, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir))
+    if needs_own_process(trainer):
+        # DDP would re-execute this multirun's command line (the whole sweep) in ranks > 0;
+        # the job runs as a single run in a fresh process instead (skipstudy/sweep/ddp.py).
+        return run_in_own_process(run_dir)
 
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -216,6 +242,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
         (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
         hparams = flat_hparams(cfg)
         hparams.update({k: v for k, v in resolved.items() if v is not None})
+        # The job's overrides in one column: what tells the runs of a sweep apart.
+        hparams["overrides"] = run_name(HydraConfig.get().job.override_dirname) if HydraConfig.initialized() else ""
         write_hparams(logger, hparams)
 
     trainer.fit(module, datamodule=dm)
@@ -224,7 +252,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
 
 # Metrics the HParams dashboard shows beside each run's settings. Declaring them does not
 # write a value: the dashboard reads them from the run's own scalar series.
-HPARAM_METRICS = ("val/acc", "val/loss", "train/loss")
+HPARAM_METRICS = ("val/acc", "val/loss", "train/loss", *FINAL_METRIC_TAGS)
 
 
 def write_hparams(logger: TensorBoardLogger, hparams: dict[str, Any]) -> None:
