@@ -15,7 +15,7 @@ linearly interpolated between lags (``P`` if it never does).
 
 Batch norm: every point's gradient must be its own, so BN runs in eval mode. A trained
 network uses its running statistics. At initialisation these are still 0/1 (BN would be an
-identity), so the probe first calibrates them on a copy of the network with one pass over the
+identity), so the probe first calibrates them (then restores them) with one pass over the
 line's inputs in train mode (``probe.bn=auto``; ``eval``/``calibrate`` force either).
 
 ``python -m skipstudy.probe -m probe=shattering model=cifar_resnet model.depth=20,56,110
@@ -26,12 +26,12 @@ sweep :class:`SweepComparison` draws all of them in one figure
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import json
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import matplotlib
 import numpy as np
@@ -101,19 +101,30 @@ def _has_batch_norm(net: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
 
 
-@torch.no_grad()
-def calibrated_copy(net: nn.Module, inputs: torch.Tensor, chunk: int = 64) -> nn.Module:
-    """A copy of ``net`` whose BN running statistics are the averages over ``inputs`` (the original
-    is untouched: during training it is the network being trained)."""
-    net = copy.deepcopy(net)
-    for m in net.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the chunks
-    net.train()
-    for part in inputs.split(chunk):
-        net(part)
-    return net.eval()
+@contextlib.contextmanager
+def calibrated_bn(net: nn.Module, inputs: torch.Tensor, chunk: int = 64) -> Iterator[nn.Module]:
+    """Inside the ``with``, ``net`` is in eval mode with BN running statistics averaged over
+    ``inputs``; afterwards its statistics, momenta and modes are restored (during training the
+    network is the one being trained; a copy is not an option, since callbacks' hooks hang on it)."""
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m, m.momentum, {k: v.detach().clone() for k, v in m.named_buffers(recurse=False)}) for m in norms]
+    with eval_mode(net):
+        try:
+            for m in norms:
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average over the chunks
+            net.train()
+            with torch.no_grad():
+                for part in inputs.split(chunk):
+                    net(part)
+            net.eval()
+            yield net
+        finally:
+            with torch.no_grad():
+                for m, momentum, buffers in saved:
+                    m.momentum = momentum
+                    for k, v in buffers.items():
+                        getattr(m, k).copy_(v)
 
 
 def check(net: nn.Module, options: Any) -> None:
@@ -152,11 +163,8 @@ def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
     bn = options.get("bn", "auto")
     if bn == "auto":
         bn = "calibrate" if not ctx.trained and _has_batch_norm(ctx.net) else "eval"
-    if bn == "calibrate":
-        grads = input_gradients(calibrated_copy(ctx.net, inputs, chunk), inputs, logit, chunk)
-    else:
-        with eval_mode(ctx.net):
-            grads = input_gradients(ctx.net, inputs, logit, chunk)
+    with calibrated_bn(ctx.net, inputs, chunk) if bn == "calibrate" else eval_mode(ctx.net):
+        grads = input_gradients(ctx.net, inputs, logit, chunk)
 
     acf = autocorrelation(grads)
     length = correlation_length(acf)
