@@ -30,6 +30,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from skipstudy import fast
+from skipstudy.analysis.callback import build_report_callback
 from skipstudy.errors import ConfigError
 from skipstudy.fast import resolve_precision  # noqa: F401 - kept importable from here
 from skipstudy.module import LitClassifier
@@ -221,6 +222,10 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
         callbacks.append(monitor)
     if probes is not None:
         callbacks.append(probes)
+    # Custom-scalars layout at fit start; the report's figures as TB images at fit end (opt-in).
+    report = build_report_callback(cfg.get("report"))
+    if report is not None:
+        callbacks.append(report)
 
     trainer = L.Trainer(**trainer_kwargs, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir))
 

@@ -1,0 +1,238 @@
+"""``python -m skipstudy.report RUN_OR_SWEEP_DIR... [--out DIR]``: logs in, comparison out.
+
+Reads the TensorBoard event files of one run or many (every run directory at or below the
+given paths), and writes into ``--out``:
+
+* ``gradient_flow.png``     output-gradient RMS and norm per layer vs depth (first/middle/last epoch)
+* ``grad_norm_steps.png``   per-layer output-gradient norm over training steps
+* ``grad_hist_<run>.gif``   log10|gradient| histogram per layer, one frame per epoch, per run
+* ``grad_hist_epochs.png``  the same histograms as small multiples (runs x epochs)
+* ``training_curves.png``   train/val loss and accuracy
+* ``depth_sweep.png``       final train loss and val error vs depth, skip vs plain
+* ``activation_std.png``    forward activation std per layer vs depth
+* ``summary.csv``, ``summary.md``  one row per run
+* ``index.html``            all of the above; works offline (local, relative files only)
+
+A figure whose data no run has (no gradient monitor, no depth) is left out, and
+``index.html`` says why. Missing or empty input directories end with ``Error: ...`` on
+stderr and exit status 2, like ``skipstudy.train``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import logging
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from skipstudy.analysis import figures as F
+from skipstudy.analysis.logs import Run, load_runs
+from skipstudy.analysis.summary import COLUMN_NOTES, COLUMNS, formatted_rows, summary_rows, write_csv, write_markdown
+from skipstudy.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Figure stem -> (section title, what it shows, why it may be missing).
+SECTIONS = {
+    "gradient_flow": (
+        "1. Gradient flow",
+        "RMS and L2 norm of the gradient w.r.t. each tracked layer's output, against layer depth "
+        "(forward order), at the first, middle and last epoch; median over each epoch's recorded steps.",
+        "no run has grad_rms/output or grad_norm/output scalars (trained with monitor=off?)",
+    ),
+    "grad_norm_steps": (
+        "2. Per-layer gradient norm over training",
+        "grad_norm/output of every tracked layer at every recorded step; dark lines are early layers.",
+        "no run has grad_norm/output scalars (trained with monitor=off?)",
+    ),
+    "grad_hist_epochs": (
+        "3. Gradient magnitude histograms",
+        "Histogram of log10|gradient w.r.t. the layer output| per layer (rows, forward order), per epoch; "
+        "colour: fraction of the layer's non-zero gradient elements. Animated per run below.",
+        "no run has grad_hist/output histograms (monitor.hist_every_n_epochs=0 or monitor=off?)",
+    ),
+    "training_curves": (
+        "4. Loss and accuracy",
+        "Per-step training loss and accuracy, per-epoch validation loss and accuracy.",
+        "no run has train/* or val/* scalars yet",
+    ),
+    "depth_sweep": (
+        "5. Depth sweep",
+        "Final training loss and validation error against depth, skip (solid) vs plain (dashed), "
+        "after He et al. 2016, Fig. 6.",
+        "no run has a known depth (model.depth, or a resnetNN model); the mini net has none",
+    ),
+    "activation_std": (
+        "6. Forward activation std",
+        "Standard deviation of each tracked layer's output against depth, first/middle/last epoch.",
+        "no run has act/std scalars (monitor.activations=false or monitor=off?)",
+    ),
+}
+
+
+@dataclass
+class Report:
+    """What :func:`build_report` wrote: the output folder, the loaded runs, every file
+    written (relative to ``out``), the GIF frame counts per run name, and notes."""
+
+    out: Path
+    runs: list[Run]
+    files: list[str] = field(default_factory=list)
+    gif_frames: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _slug(text: str, n: int = 50) -> str:
+    slug = re.sub(r"[^A-Za-z0-9._=-]+", "_", text).strip("_.")
+    return (slug[:n] or "run").replace("=", "-")
+
+
+def default_out(paths: list[str]) -> Path:
+    """``<DIR>/report`` for one input directory, ``./report`` for several."""
+    if len(paths) == 1:
+        p = Path(paths[0])
+        return (p.parent if p.is_file() else p) / "report"
+    return Path("report")
+
+
+def build_report(paths: list[str | os.PathLike], out: str | os.PathLike | None = None) -> Report:
+    """Read the runs at or below ``paths`` and write the figures, GIFs, tables and
+    ``index.html`` into ``out`` (default: :func:`default_out`).
+
+    Raises:
+        ConfigError: a path does not exist or holds no run.
+    """
+    paths = [str(p) for p in paths]
+    runs, notes = load_runs(paths)
+    out = Path(out) if out is not None else default_out(paths)
+    out.mkdir(parents=True, exist_ok=True)
+    report = Report(out=out, runs=runs, notes=list(notes))
+
+    for stem, fig in F.run_figures(runs).items():
+        fig.savefig(out / f"{stem}.png")
+        report.files.append(f"{stem}.png")
+
+    grid = F.HistogramGrid(runs)
+    used: set[str] = set()
+    for i, run in enumerate(runs, start=1):
+        name = f"grad_hist_{i:02d}_{_slug(run.label)}.gif"
+        while name in used:
+            name = name.replace(".gif", "_.gif")
+        used.add(name)
+        frames = F.write_histogram_gif(grid, run, out / name)
+        if frames:
+            report.files.append(name)
+            report.gif_frames[run.name] = frames
+            run_gif = name
+            setattr(run, "_gif", run_gif)
+
+    rows = summary_rows(runs)
+    write_csv(rows, out / "summary.csv")
+    write_markdown(rows, out / "summary.md")
+    report.files += ["summary.csv", "summary.md"]
+
+    for run in runs:
+        if run.nonfinite_steps:
+            report.notes.append(
+                f"{run.name}: {len(run.nonfinite_steps)} step(s) with non-finite gradients, first at step "
+                f"{run.nonfinite_steps[0]}; figures leave non-finite values out"
+            )
+    write_index(report, rows, paths)
+    report.files.append("index.html")
+    return report
+
+
+def _table_html(rows) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+    body = []
+    for row in formatted_rows(rows):
+        cells = []
+        for c in COLUMNS:
+            text = html.escape(row[c])
+            cls = ' class="bad"' if c == "status" and row[c].startswith("diverged") else ""
+            cells.append(f"<td{cls}><code>{text}</code></td>" if c in ("overrides", "run") and text else f"<td{cls}>{text}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    notes = "".join(f"<li><b>{html.escape(c)}</b>: {html.escape(n)}</li>" for c, n in COLUMN_NOTES.items())
+    return f"<table><tr>{head}</tr>{''.join(body)}</table><ul class='small'>{notes}</ul>"
+
+
+STYLE = """
+body { font-family: sans-serif; margin: 1.5em; max-width: 1400px; color: #222; }
+table { border-collapse: collapse; font-size: 0.85em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: left; vertical-align: top; }
+td code { font-size: 0.9em; word-break: break-all; }
+img { max-width: 100%; border: 1px solid #eee; }
+figure { display: inline-block; margin: 0.5em; vertical-align: top; max-width: 48%; }
+figcaption, .small { font-size: 0.85em; color: #555; }
+.bad { color: #b00; font-weight: bold; }
+"""
+
+
+def write_index(report: Report, rows, paths: list[str]) -> None:
+    """``index.html``: the table and every figure, referenced by relative file names only."""
+    out = report.out
+    esc = html.escape
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8"><title>skipstudy report</title>',
+        f"<style>{STYLE}</style></head><body>",
+        "<h1>skipstudy report</h1>",
+        f"<p class='small'>{len(report.runs)} run(s) from {esc(', '.join(paths))}; "
+        f"written {esc(time.strftime('%Y-%m-%d %H:%M:%S'))}. Line style: solid = skip connections, "
+        "dashed = plain twin (model.skip=false); colour = setting.</p>",
+        "<h2>Summary</h2>",
+        _table_html(rows),
+        "<p class='small'>Also as <a href='summary.csv'>summary.csv</a> and <a href='summary.md'>summary.md</a>.</p>",
+    ]
+    for stem, (title, what, missing) in SECTIONS.items():
+        parts.append(f"<h2>{esc(title)}</h2>")
+        if (out / f"{stem}.png").is_file() and f"{stem}.png" in report.files:
+            parts.append(f"<p class='small'>{esc(what)}</p>")
+            parts.append(f'<img src="{esc(stem)}.png" alt="{esc(title)}">')
+        else:
+            parts.append(f"<p class='small'>Not drawn: {esc(missing)}.</p>")
+        if stem == "grad_hist_epochs":
+            for run in report.runs:
+                gif = getattr(run, "_gif", None)
+                if gif:
+                    parts.append(
+                        f'<figure><img src="{esc(gif)}" alt="histogram animation of {esc(run.label)}">'
+                        f"<figcaption>{esc(run.label)} ({report.gif_frames[run.name]} epochs)</figcaption></figure>"
+                    )
+    if report.notes:
+        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in report.notes) + "</ul>")
+    parts.append("</body></html>")
+    (out / "index.html").write_text("\n".join(parts), encoding="utf-8")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m skipstudy.report",
+        description="Turn the TensorBoard logs of skipstudy runs into comparison figures, "
+        "a GIF per run, a summary table and an offline index.html.",
+    )
+    parser.add_argument("dirs", nargs="+", metavar="RUN_OR_SWEEP_DIR",
+                        help="run directories, or directories with runs below them (sweeps)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: DIR/report for one DIR, ./report for several)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (0 ok, 2 bad input)."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        report = build_report(args.dirs, args.out)
+    except ConfigError as err:
+        print(f"Error: {err}", file=sys.stderr)
+        return 2
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"{len(report.runs)} run(s) -> {report.out / 'index.html'} ({len(report.files)} files)")
+    return 0

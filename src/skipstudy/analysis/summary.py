@@ -1,0 +1,147 @@
+"""The report's summary table: one row per run, written as ``summary.csv`` and ``summary.md``."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from skipstudy.analysis.figures import final_train_loss, final_val_acc
+from skipstudy.analysis.logs import Run
+
+COLUMNS = (
+    "run",
+    "overrides",
+    "skip",
+    "depth",
+    "epochs",
+    "steps",
+    "final_train_loss",
+    "final_val_acc",
+    "grad_attenuation",
+    "nonfinite_steps",
+    "wall_time_s",
+    "status",
+)
+
+# What each column means, shown under the Markdown table and in index.html.
+COLUMN_NOTES = {
+    "epochs": "completed epochs",
+    "final_train_loss": "last epoch-mean training loss",
+    "final_val_acc": "last validation accuracy",
+    "grad_attenuation": (
+        "median over the last recorded epoch of RMS(dL/d output) of the first tracked layer "
+        "divided by that of the last; << 1 means gradients shrink on their way to the input"
+    ),
+    "nonfinite_steps": "recorded steps with non-finite gradients (empty: no gradient monitor)",
+    "wall_time_s": "seconds from the run's first to its last logged event",
+    "status": "ok, diverged (non-finite gradients or loss), partial (fewer epochs than trainer.max_epochs: running or stopped), no data",
+}
+
+
+def gradient_attenuation(run: Run, quantity: str = "grad_rms/output") -> float:
+    """Median, over the last epoch with values, of ``quantity`` at the first tracked layer
+    divided by ``quantity`` at the last tracked layer (same steps, finite values only)."""
+    series = run.layer_series(quantity)
+    if len(series) < 2:
+        return math.nan
+    names = list(series)  # forward order
+    first, last = series[names[0]], series[names[-1]]
+    steps, i, j = np.intersect1d(first.steps, last.steps, return_indices=True)
+    a, b = first.values[i], last.values[j]
+    ok = np.isfinite(a) & np.isfinite(b) & (b > 0)
+    if not ok.any():
+        return math.nan
+    epochs = run.epoch_at(steps)
+    last_epoch = epochs[ok].max()
+    sel = ok & (epochs == last_epoch)
+    return float(np.median(a[sel] / b[sel]))
+
+
+def run_status(run: Run) -> str:
+    """``no data``, ``diverged``, ``partial`` or ``ok`` (see :data:`COLUMN_NOTES`)."""
+    if not run.has_data:
+        return "no data"
+    if run.diverged:
+        step = run.diverged_at.get("step") if run.diverged_at else (run.nonfinite_steps[0] if run.nonfinite_steps else None)
+        return "diverged" + (f" at step {step}" if step is not None else "")
+    max_epochs = run.option("trainer.max_epochs")
+    bounded_otherwise = run.option("trainer.max_steps", -1) not in (-1, None) or run.option("trainer.max_time") or run.option(
+        "trainer.fast_dev_run"
+    )
+    if isinstance(max_epochs, int) and max_epochs > 0 and not bounded_otherwise and run.epochs_done < max_epochs:
+        return f"partial ({run.epochs_done}/{max_epochs} epochs)"
+    return "ok"
+
+
+def summary_rows(runs: list[Run]) -> list[dict[str, Any]]:
+    """One dict per run with the keys of :data:`COLUMNS` (numbers stay numbers; NaN and
+    None mean "not available")."""
+    rows = []
+    for run in runs:
+        has_monitor = bool(run.layers) or bool(run.nonfinite_steps)
+        wall = run.wall_time
+        rows.append({
+            "run": run.name,
+            "overrides": " ".join(run.overrides),
+            "skip": run.skip,
+            "depth": run.depth,
+            "epochs": run.epochs_done,
+            "steps": run.num_steps,
+            "final_train_loss": final_train_loss(run),
+            "final_val_acc": final_val_acc(run),
+            "grad_attenuation": gradient_attenuation(run),
+            "nonfinite_steps": len(run.nonfinite_steps) if has_monitor else None,
+            "wall_time_s": None if wall is None else round(wall, 2),
+            "status": run_status(run),
+        })
+    return rows
+
+
+def _fmt(value: Any, column: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan" if column in ("final_train_loss",) else ""
+        if not math.isfinite(value):
+            return str(value)
+        if column == "final_val_acc":
+            return f"{value:.4f}"
+        if column == "wall_time_s":
+            return f"{value:.1f}"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def formatted_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The rows as display strings (used by the Markdown and HTML tables)."""
+    return [{c: _fmt(row[c], c) for c in COLUMNS} for row in rows]
+
+
+def write_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
+    """``summary.csv``: full-precision numbers; empty cells mean "not available"."""
+    with open(path, "w", newline="") as f:
+        out = csv.DictWriter(f, fieldnames=COLUMNS)
+        out.writeheader()
+        for row in rows:
+            out.writerow({c: ("" if row[c] is None else row[c]) for c in COLUMNS})
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def write_markdown(rows: list[dict[str, Any]], path: str | Path) -> None:
+    """``summary.md``: the table as GitHub-flavoured Markdown, with the column notes."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    for row in formatted_rows(rows):
+        lines.append("| " + " | ".join(_md_cell(row[c] if c != "overrides" else f"`{row[c]}`" if row[c] else "") for c in COLUMNS) + " |")
+    lines.append("")
+    lines += [f"- `{c}`: {note}" for c, note in COLUMN_NOTES.items()]
+    Path(path).write_text("\n".join(lines) + "\n")
