@@ -264,8 +264,9 @@ class GradientFlowMonitor(Callback):
         self._recording = False
         self._weight_numel = None
         self._rank_zero = trainer.is_global_zero
+        # trainer.log_dir broadcasts from rank 0 under DDP: every rank must ask, or rank 0 waits.
+        self._run_dir = writers.run_dir(trainer)
         if self._rank_zero:
-            self._run_dir = writers.run_dir(trainer)
             summary_writer = writers.find_summary_writer(trainer)
             self._tb = writers.TensorBoardWriter(summary_writer) if summary_writer is not None else None
 

@@ -18,7 +18,7 @@ import numpy as np
 
 def run_dir(trainer: Any) -> Path:
     """The run directory: ``trainer.log_dir`` (== the Hydra output dir in skipstudy), else
-    ``trainer.default_root_dir``."""
+    ``trainer.default_root_dir``. A collective under DDP: call it on every rank."""
     return Path(getattr(trainer, "log_dir", None) or trainer.default_root_dir)
 
 
