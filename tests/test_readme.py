@@ -34,6 +34,8 @@ EXERCISED = {
         "test_readme.py::test_cookbook_composition_line",
     "python -m skipstudy.train -m model.skip=true,false": "test_train.py::test_multirun_makes_one_directory_per_job",
     "tensorboard --logdir logs": "test_readme.py::test_tensorboard_lists_every_run",
+    "python -m skipstudy.report logs/default --out report":
+        "test_report.py::test_cli_with_a_diverged_run_and_different_tracked_layers",
 }
 
 

@@ -349,15 +349,33 @@ def _draw_histogram_panel(ax, grid: HistogramGrid, run: Run, epoch: int, title: 
     return mesh
 
 
-def histogram_frame(grid: HistogramGrid, run: Run, epoch: int) -> Figure:
-    """One GIF frame: per-layer histogram of log10|output gradient| of ``run`` at ``epoch``
-    as a heat map (rows: layers in forward order; colour: fraction of the layer's elements)."""
+def histogram_frames(grid: HistogramGrid, run: Run):
+    """Yield ``(epoch, rgb)`` GIF frames of ``run``: per-layer histogram of log10|output
+    gradient| at each epoch as a heat map (rows: layers in forward order; colour: fraction
+    of the layer's elements).
+
+    One figure is drawn per run and only its data and title change between frames: the
+    frames line up exactly, and a long run's GIF costs one layout, not one per epoch.
+    """
+    epochs = grid.epochs(run)
+    if not epochs:
+        return
     layers = grid.layers(run)
-    fig = new_figure(7.0, max(3.0, 0.22 * len(layers) + 1.8), dpi=80)
+    height = max(3.0, 0.22 * len(layers) + 1.8)
+    fig = Figure(figsize=(7.0, height), dpi=80)
+    FigureCanvasAgg(fig)
+    label_room = min(0.45, 0.02 + 0.0125 * max((len(name) for name in layers), default=4))
+    fig.subplots_adjust(left=label_room, right=0.83, bottom=0.9 / height, top=1 - 0.75 / height)
     ax = fig.add_subplot()
-    mesh = _draw_histogram_panel(ax, grid, run, epoch, f"{_panel_title(run, 70)}\nepoch {epoch}")
-    fig.colorbar(mesh, ax=ax, label="fraction of elements")
-    return fig
+    mesh = _draw_histogram_panel(ax, grid, run, epochs[0], "")
+    cax = fig.add_axes((0.86, 0.9 / height, 0.025, 1 - 1.65 / height))
+    fig.colorbar(mesh, cax=cax, label="fraction of elements")
+    title = _panel_title(run, 70)
+    for epoch in epochs:
+        frac = grid.fractions(run, epoch, layers)
+        mesh.set_array(np.ma.masked_where(~np.isfinite(frac) | (frac <= 0), frac))
+        ax.set_title(f"{title}\nepoch {epoch}", fontsize=9)
+        yield epoch, figure_rgb(fig)
 
 
 def write_histogram_gif(grid: HistogramGrid, run: Run, path: str | Path, frame_ms: int = 700) -> int:
@@ -365,14 +383,9 @@ def write_histogram_gif(grid: HistogramGrid, run: Run, path: str | Path, frame_m
     histograms; returns the number of frames (0: nothing written)."""
     from PIL import Image
 
-    frames = []
-    for epoch in grid.epochs(run):
-        fig = histogram_frame(grid, run, epoch)
-        frames.append(Image.fromarray(figure_rgb(fig)))
+    frames = [Image.fromarray(rgb) for _, rgb in histogram_frames(grid, run)]
     if not frames:
         return 0
-    size = frames[0].size
-    frames = [f if f.size == size else f.resize(size) for f in frames]
     # One shared palette keeps colours steady from frame to frame. Each frame's title names
     # its epoch, so Pillow never merges two frames as duplicates: frames == epochs.
     palette = frames[0].quantize(colors=255)
@@ -544,7 +557,7 @@ __all__ = [
     "final_val_acc",
     "gradient_flow",
     "gradient_norm_over_steps",
-    "histogram_frame",
+    "histogram_frames",
     "histogram_small_multiples",
     "layer_profiles",
     "merged_layer_order",

@@ -124,13 +124,21 @@ def formatted_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
     return [{c: _fmt(row[c], c) for c in COLUMNS} for row in rows]
 
 
+def _csv_cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"  # as in the overrides and the Markdown table
+    return value
+
+
 def write_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
     """``summary.csv``: full-precision numbers; empty cells mean "not available"."""
     with open(path, "w", newline="") as f:
         out = csv.DictWriter(f, fieldnames=COLUMNS)
         out.writeheader()
         for row in rows:
-            out.writerow({c: ("" if row[c] is None else row[c]) for c in COLUMNS})
+            out.writerow({c: _csv_cell(row[c]) for c in COLUMNS})
 
 
 def _md_cell(text: str) -> str:
