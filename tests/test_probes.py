@@ -28,7 +28,7 @@ from skipstudy.probes.checkpoint import load_run, locate
 from skipstudy.probes.context import ProbeContext, depth_of
 from skipstudy.train import train
 
-TRAIN = [*FAST, "model=mini", "trainer.enable_progress_bar=false"]
+TRAIN = [*FAST, "model=mini", "dataset.image_size=16", "trainer.enable_progress_bar=false"]
 
 
 def save_run_config(cfg, run_dir: Path) -> None:
@@ -140,7 +140,7 @@ def test_feature_maps_from_a_checkpoint_write_png_arrays_and_tensorboard(trained
     assert (out / "feature_maps_step3.png").stat().st_size > 1000
     arrays = np.load(out / "feature_maps_step3.npz")
     assert sorted(arrays.files) == ["block1", "block2", "input"]
-    assert arrays["block1"].shape == (2, 32, 32) and arrays["block2"].shape == (2, 16, 16)
+    assert arrays["block1"].shape == (2, 16, 16) and arrays["block2"].shape == (2, 8, 8)
     assert set(result) == {"spatial_contrast/block1", "spatial_contrast/block2"}
     from tbparse import SummaryReader
 
@@ -273,22 +273,22 @@ def test_lesion_refuses_a_plain_twin_and_a_missing_checkpoint(tmp_path):
 
 def test_landscape_centre_equals_the_checkpoints_loss(trained, tmp_path):
     run_dir, _, _ = trained
-    result = run_probe(probe_cfg(["probe=landscape", f"ckpt={run_dir}", "probe.batches=2", "probe.grid=5",
-                                  "probe.steps=5"], tmp_path), tmp_path / "unused")
+    result = run_probe(probe_cfg(["probe=landscape", f"ckpt={run_dir}", "probe.batches=2", "probe.grid=3",
+                                  "probe.steps=3"], tmp_path), tmp_path / "unused")
     out = run_dir / "probes" / "landscape"
     grid = np.load(out / "landscape_step3_2d.npy")
-    assert grid.shape == (5, 5) and np.isfinite(grid).all()
+    assert grid.shape == (3, 3) and np.isfinite(grid).all()
     # The checkpoint's own loss on the same two training batches, computed independently.
     ctx, run = context(run_dir, batches=2)
     net = run.net.eval()
     with torch.no_grad():
         losses = [(F.cross_entropy(net(x), y, reduction="sum"), len(y)) for x, y in ctx.fixed_batches("train")]
     expected = float(sum(l for l, _ in losses) / sum(n for _, n in losses))
-    assert grid[2, 2] == pytest.approx(expected, rel=1e-6)
+    assert grid[1, 1] == pytest.approx(expected, rel=1e-6)
     assert result["center_loss"] == pytest.approx(expected, rel=1e-6)
     arrays = np.load(out / "landscape_step3.npz")
-    assert arrays["loss_1d"][2] == pytest.approx(expected, rel=1e-6)
-    assert grid.max() > grid[2, 2]  # a trained point sits in a basin of the slice
+    assert arrays["loss_1d"][1] == pytest.approx(expected, rel=1e-6)
+    assert grid.max() > grid[1, 1]  # a trained point sits in a basin of the slice
     for name in ("landscape_step3_1d.png", "landscape_step3_2d.png"):
         assert (out / name).stat().st_size > 1000
 
@@ -350,13 +350,21 @@ def test_probe_callback_refuses_bad_settings_before_training():
 
 # -- command line --------------------------------------------------------------------------
 
-def test_cli_prints_one_line_errors_and_writes_into_the_run(trained, tmp_path):
+def test_cli_prints_one_line_errors_and_writes_into_the_run(trained, tmp_path, monkeypatch, capsys):
     run_dir, _, _ = trained
-    missing = subprocess.run([PYTHON, "-m", "skipstudy.probe", "probe=lesion", f"ckpt={tmp_path / 'nope'}"],
-                             cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=120)
-    assert missing.returncode == 2
-    assert missing.stderr.strip().startswith("Error: ckpt=") and "Traceback" not in missing.stderr
-    assert len(missing.stderr.strip().splitlines()) == 1
+    # The entry point in-process (a subprocess costs seconds of imports): exit 2, one line.
+    from skipstudy.probe import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.setattr("sys.argv", ["probe", "probe=lesion", f"ckpt={tmp_path / 'nope'}", "device=cpu"])
+    GlobalHydra.instance().clear()
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    GlobalHydra.instance().clear()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("Error: ckpt=") and "no such file or directory" in err and len(err.splitlines()) == 1
     ok = subprocess.run([PYTHON, "-m", "skipstudy.probe", "probe=shattering", f"ckpt={run_dir}", "probe.points=16"],
                         cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr[-3000:]
