@@ -7,6 +7,7 @@ need depth build small CIFAR ResNets at initialisation.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def context(run_dir: Path, batches=1) -> tuple[ProbeContext, object]:
 def test_load_run_restores_the_trained_weights(trained):
     run_dir, _, _ = trained
     run = load_run(run_dir)
-    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert run.step == state["global_step"] == 3
     for name, tensor in run.net.state_dict().items():
         assert torch.equal(tensor, state["state_dict"][f"net.{name}"]), name
@@ -379,3 +380,33 @@ def test_cli_prints_one_line_errors_and_writes_into_the_run(trained, tmp_path, m
 def test_depth_counts_main_path_layers():
     assert depth_of(cifar_resnet(10, depth=20)) == depth_of(cifar_resnet(10, depth=20, skip=False)) == 20
     assert depth_of(resnet18(10)) == 18
+
+
+def test_readme_probe_commands(trained, tmp_path):
+    """The README's probe lines compose as written and point where they say."""
+    import shlex
+
+    from conftest import REPO
+
+    run_dir, _, _ = trained
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    lines = [ln.strip() for b in blocks for ln in b.splitlines() if "skipstudy.probe" in ln or "probes." in ln]
+    lines = [ln for ln in lines if not ln.startswith("#")]
+    assert len(lines) == 4, lines
+    for line in lines:
+        args = shlex.split(line.replace("$RUN", str(run_dir)))[3:]
+        if line.startswith("python -m skipstudy.train"):
+            cfg = compose_cfg([*TRAIN, *args], tmp_path)
+            GlobalHydra.instance().clear()
+            assert build_probe_callback(cfg.probes, mini(10)).at_epochs == [0, 5, 10]
+        elif args[0] == "-m":  # the sweep: every job composes (the sweep itself runs in the test above)
+            sweep = {a.split("=")[0]: a.split("=")[1].split(",") for a in args[1:]}
+            for depth in sweep["model.depth"]:
+                for skip in sweep["model.skip"]:
+                    cfg = probe_cfg(["probe=shattering", "model=cifar_resnet", f"model.depth={depth}",
+                                     f"model.skip={skip}"], tmp_path)
+                    assert cfg.probe.name == "shattering" and cfg.model.depth == int(depth)
+        else:  # composes, and its ckpt resolves to the run (both probes run on it in tests above)
+            cfg = probe_cfg(args, tmp_path)
+            assert cfg.probe.name in ("feature_maps", "landscape")
+            assert locate(cfg.ckpt)[0] == run_dir

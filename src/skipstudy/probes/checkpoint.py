@@ -79,12 +79,23 @@ class LoadedRun:
 
 
 def read_checkpoint(ckpt_file: Path) -> dict:
-    """The checkpoint dict, loaded on the CPU (tensors and plain values only)."""
+    """The checkpoint dict, loaded on the CPU.
+
+    Tensors-only loading is tried first; callbacks may store numpy arrays or other objects in
+    their state, and then the file is loaded in full, as Lightning does when it resumes a run
+    (the user points at their own run's checkpoint).
+    """
+    import pickle
+
     try:
-        return torch.load(ckpt_file, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(ckpt_file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            return torch.load(ckpt_file, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - any unreadable file ends the same way
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ConfigError(f"ckpt={ckpt_file}: not a readable PyTorch checkpoint ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0] if str(err) else ''}); {HINT}") from err
+                          f"{first[:200]}); {HINT}") from err
 
 
 def network_state(state: dict, ckpt_file: Path) -> dict[str, torch.Tensor]:
