@@ -36,6 +36,13 @@ EXERCISED = {
     "tensorboard --logdir logs": "test_readme.py::test_tensorboard_lists_every_run",
     "python -m skipstudy.report logs/default --out report":
         "test_report.py::test_cli_with_a_diverged_run_and_different_tracked_layers",
+    "python -m skipstudy.probe probe=feature_maps ckpt=$RUN": "test_probes.py::test_readme_probe_commands",
+    "python -m skipstudy.probe probe=landscape ckpt=$RUN/checkpoints/last.ckpt probe.grid=31 probe.batches=8":
+        "test_probes.py::test_readme_probe_commands",
+    "python -m skipstudy.probe -m probe=shattering model=cifar_resnet model.depth=20,56,110 model.skip=true,false":
+        "test_probes.py::test_readme_probe_commands",
+    "python -m skipstudy.train 'probes.names=[feature_maps,lesion]' 'probes.at_epochs=[0,5,10]' probes.batches=2":
+        "test_probes.py::test_readme_probe_commands",
 }
 
 
