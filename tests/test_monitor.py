@@ -265,6 +265,29 @@ def test_csv_export(tmp_path):
     assert not (tmp_path / "figures").exists() and not (tmp_path / "grad_stats.json").exists()
 
 
+@pytest.mark.parametrize("export", ["json", "csv"])
+def test_resumed_run_continues_the_export(tmp_path, export):
+    """Resuming from a checkpoint into the same run directory keeps the earlier rows."""
+    torch.manual_seed(0)
+    data = make_data(16)
+    kw = dict(accelerator="cpu", enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+              logger=False, default_root_dir=str(tmp_path))
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True, every_n_train_steps=1)
+    net = TinyNet()
+    first = GradientFlowMonitor(export=export, figure=False)
+    L.Trainer(max_steps=2, callbacks=[first, ckpt], **kw).fit(Lit(net), DataLoader(data, batch_size=4))
+    second = GradientFlowMonitor(export=export, figure=False)
+    L.Trainer(max_steps=4, callbacks=[second], **kw).fit(
+        Lit(TinyNet()), DataLoader(data, batch_size=4), ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"))
+    assert second.series.steps == [0, 1, 2, 3]
+    assert np.allclose(second.series.rows[1], first.series.rows[1], equal_nan=True)
+    if export == "json":
+        assert json.loads((tmp_path / "grad_stats.json").read_text())["step"] == [0, 1, 2, 3]
+    else:
+        lines = (tmp_path / "grad_stats.csv").read_text().splitlines()
+        assert [line.split(",")[0] for line in lines[1:]] == ["0", "1", "2", "3"]
+
+
 # ----------------------------------------------------------------------------- selection and config
 
 

@@ -220,7 +220,6 @@ class GradientFlowMonitor(Callback):
         self._tb: writers.TensorBoardWriter | None = None
         self._run_dir = None
         self.series: writers.SeriesExport | None = None  # rank 0: the recorded rows
-        self._epoch_first_row = 0
         self._epoch_nonfinite = 0
         self._overflow_steps = 0
         self._weight_numel: Tensor | None = None
@@ -290,19 +289,11 @@ class GradientFlowMonitor(Callback):
             layer.reset()
         self._recording = False
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"diverged_at": self.diverged_at, "nonfinite_steps": list(self.nonfinite_steps)}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.diverged_at = state_dict.get("diverged_at")
-        self.nonfinite_steps = list(state_dict.get("nonfinite_steps", []))
-
     # ------------------------------------------------------------------ when
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         n = self.hist_every_n_epochs
         self._hist_pending = n > 0 and trainer.current_epoch % n == 0
-        self._epoch_first_row = len(self.series.rows) if self.series is not None else 0
         self._epoch_nonfinite = 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
@@ -387,8 +378,9 @@ class GradientFlowMonitor(Callback):
         weights = [l.weight for l in layers]
         weight_grads = [w.grad if w is not None else None for w in weights]
         if self._weight_numel is None or self._weight_numel.device != dev:
-            self._weight_numel = torch.tensor(
-                [w.numel() if w is not None else 0 for w in weights], dtype=SUM_DTYPE, device=dev
+            # Filled on the device: torch.tensor(list, device=cuda) would be a blocking copy.
+            self._weight_numel = torch.stack(
+                [torch.full((), w.numel() if w is not None else 0, dtype=SUM_DTYPE, device=dev) for w in weights]
             )
         scale = torch.full((), 1.0 / world, dtype=SUM_DTYPE, device=dev)
         loss_scale = self._loss_scale(trainer)
@@ -402,7 +394,7 @@ class GradientFlowMonitor(Callback):
             all_grads=[p.grad for p in pl_module.parameters() if p.grad is not None],
             out_grad_scale=scale,
         )
-        values = [q.fn(s).to(SUM_DTYPE).reshape(-1) for q in self._quantities]
+        values = [s.once(q.fn).to(SUM_DTYPE).reshape(-1) for q in self._quantities]
         flat = torch.cat([*values, out[:, 0], act[:, 0], scale.reshape(1), hist])
         weight_present = np.array([g is not None for g in weight_grads], dtype=bool)
         return _to_host(flat), weight_present
@@ -464,7 +456,8 @@ class GradientFlowMonitor(Callback):
             fmt = self.export if self.export != "none" else "json"
             path = self._run_dir / f"grad_stats.{fmt}"
             self.series = writers.SeriesExport(path, fmt, list(self.layer_names), self._tags())
-            self._epoch_first_row = 0
+            if step > 0 and self.export != "none":
+                self.series.keep_earlier(before=step)  # resumed run: continue the export
         self.series.append(step, trainer.current_epoch, row)
         if self._tb is None:
             return
@@ -504,7 +497,7 @@ class GradientFlowMonitor(Callback):
             return
         n = self.hist_every_n_epochs
         epoch = trainer.current_epoch
-        rows = self.series.rows[self._epoch_first_row :]
+        rows = [r for r, e in zip(self.series.rows, self.series.epochs) if e == epoch]
         if n > 0 and epoch % n == 0 and rows:
             self._write_epoch_summaries(trainer, epoch, np.stack(rows))
         self._flush()

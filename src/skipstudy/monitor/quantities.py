@@ -14,7 +14,7 @@ Adding a quantity means one function and one ``@quantity`` line::
 
     @quantity("grad_rms/output", needs="output")
     def grad_rms_output(s: StepTensors) -> Tensor:
-        return grad_norm_output(s) / s.out[:, 0].sqrt()
+        return s.once(grad_norm_output) / s.out[:, 0].sqrt()
 
 Its tag is ``<name>/<layer>``. All of a step's quantities are stacked into one tensor and
 moved to the host once (``callback._to_host``); nothing here may call ``.item()``,
@@ -24,7 +24,7 @@ moved to the host once (``callback._to_host``); nothing here may call ``.item()`
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -121,6 +121,13 @@ class StepTensors:
     weight_numel: Tensor
     all_grads: list[Tensor]
     out_grad_scale: Tensor
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def once(self, fn: Callable[[StepTensors], Tensor]) -> Tensor:
+        """``fn(self)``, computed once per step (a quantity used by others, e.g. a norm by its rms)."""
+        if fn not in self._cache:
+            self._cache[fn] = fn(self)
+        return self._cache[fn]
 
 
 @dataclass(frozen=True)
@@ -164,7 +171,7 @@ def grad_norm_output(s: StepTensors) -> Tensor:
 
 @quantity("grad_rms/output", needs="output")
 def grad_rms_output(s: StepTensors) -> Tensor:
-    return grad_norm_output(s) / s.out[:, 0].sqrt()
+    return s.once(grad_norm_output) / s.out[:, 0].sqrt()
 
 
 @quantity("grad_norm/weight", needs="weight")
@@ -174,7 +181,7 @@ def grad_norm_weight(s: StepTensors) -> Tensor:
 
 @quantity("grad_rms/weight", needs="weight")
 def grad_rms_weight(s: StepTensors) -> Tensor:
-    return grad_norm_weight(s) / s.weight_numel.sqrt()
+    return s.once(grad_norm_weight) / s.weight_numel.sqrt()
 
 
 @quantity("grad_norm/total", needs="params", per_layer=False)
@@ -190,7 +197,7 @@ def act_mean(s: StepTensors) -> Tensor:
 @quantity("act/std", needs="activation")
 def act_std(s: StepTensors) -> Tensor:
     # Population std over all elements of the output (batch, channels, positions).
-    mean = act_mean(s)
+    mean = s.once(act_mean)
     return (s.act[:, 2] / s.act[:, 0] - mean.square()).clamp(min=0).sqrt()
 
 

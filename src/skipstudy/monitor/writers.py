@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,33 @@ class SeriesExport:
         self.diverged_at: tuple[int, str] | None = None
         self._csv_written = 0
 
+    def keep_earlier(self, before: int) -> None:
+        """On resume into the same run directory: take over the existing file's rows for steps
+        before ``before`` (if it tracked the same layers and tags), so the export stays whole."""
+        if not self.path.is_file():
+            return
+        try:
+            if self.fmt == "json":
+                doc = json.loads(self.path.read_text())
+                if doc.get("layers") != self.layers or set(doc.get("series", {})) != set(self.tags):
+                    return
+                for i, (step, epoch) in enumerate(zip(doc["step"], doc["epoch"])):
+                    if step < before:
+                        row = [doc["series"][tag][i] for tag in self.tags]
+                        self.append(step, epoch, np.array([np.nan if v is None else v for v in row], np.float64))
+                self.nonfinite_steps = [s for s in doc.get("nonfinite_steps", []) if s < before]
+            else:
+                with self.path.open(newline="") as f:
+                    rows = list(csv.reader(f))
+                if not rows or rows[0] != ["step", "epoch", *self.tags]:
+                    return
+                for r in rows[1:]:
+                    if int(r[0]) < before:
+                        self.append(int(r[0]), int(r[1]), np.array([float(v) if v else np.nan for v in r[2:]]))
+                self._csv_written = 0  # the next flush rewrites the file: earlier rows, then new ones
+        except (OSError, ValueError, KeyError, IndexError):
+            return  # an unreadable old export is replaced, not merged
+
     def append(self, step: int, epoch: int, row: np.ndarray) -> None:
         self.steps.append(step)
         self.epochs.append(epoch)
@@ -169,13 +197,10 @@ def gradient_flow_figure(layers: list[str], out_norms: np.ndarray, weight_norms:
         data = np.where(np.isfinite(data) & (data > 0), data, np.nan)
         if data.size == 0 or np.all(np.isnan(data)):
             continue
-        with np.errstate(all="ignore"):
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns (untracked weights)
-                med = np.nanmedian(data, axis=0)
-                lo, hi = np.nanpercentile(data, [10, 90], axis=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: layers without weights
+            med = np.nanmedian(data, axis=0)
+            lo, hi = np.nanpercentile(data, [10, 90], axis=0)
         ax.plot(depth, med, marker="o", ms=3, color=color, label=f"{label} norm (median)")
         if data.shape[0] > 1:
             ax.fill_between(depth, lo, hi, color=color, alpha=0.2, lw=0)

@@ -1,0 +1,259 @@
+"""Training steps/s with and without the gradient monitor, side by side in one process.
+
+Rows:
+  none      no monitor (the baseline)
+  monitor   GradientFlowMonitor on every Conv2d and Linear, every step, activations on,
+            TensorBoard scalars + JSON export (conf/monitor/default.yaml)
+  notebook  what the studies' notebooks did: register_full_backward_hook on every Conv2d and
+            Linear and ``grad_output[0].norm().item()`` per layer per step
+
+Each repeat runs the three in turn (order rotated per repeat) with a fresh Lightning Trainer
+and a fresh copy of the same initial network, on the same in-memory synthetic batches, so
+load from other processes on the machine hits all rows alike. steps/s is timed from the
+start of the first step after the warm-up to the end of the last step; the table shows the
+median over repeats. Without --no-write the table is put into the "Gradient monitor" section
+of docs/benchmarks.md (other sections are left as they are).
+
+    python scripts/bench_monitor.py                      # CPU: CIFAR ResNet-20, batch 128
+    python scripts/bench_monitor.py --device cuda --model resnet50 --batch-size 256 --precision bf16-mixed
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
+from torch.utils.data import DataLoader
+
+from skipstudy.monitor import GradientFlowMonitor
+
+REPO = Path(__file__).resolve().parents[1]
+DOC = REPO / "docs" / "benchmarks.md"
+SECTION = "## Gradient monitor"
+
+
+class Lit(L.LightningModule):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        self.log("train/loss", loss.detach())
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+class NotebookMonitor(Callback):
+    """The notebooks' monitor: a full backward hook and one ``.item()`` per layer per step."""
+
+    def __init__(self) -> None:
+        self.history: dict[str, list[float]] = defaultdict(list)
+        self.handles = []
+
+    def setup(self, trainer, pl_module, stage):
+        for name, module in pl_module.net.named_modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                self.handles.append(module.register_full_backward_hook(partial(self._hook, name)))
+
+    def _hook(self, name, module, grad_input, grad_output):
+        self.history[name].append(grad_output[0].norm().item())
+
+    def teardown(self, trainer, pl_module, stage):
+        for h in self.handles:
+            h.remove()
+
+
+class Timer(Callback):
+    """Wall time of each training step after the warm-up (batch start to batch end)."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.times: list[float] = []
+        self._t = 0.0
+
+    def _sync(self, pl_module):
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx >= self.warmup:
+            self._sync(pl_module)
+            self._t = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx >= self.warmup:
+            self._sync(pl_module)
+            self.times.append(time.perf_counter() - self._t)
+
+
+def build_net(model: str) -> nn.Module:
+    from skipstudy import models
+
+    if model == "cifar_resnet20":
+        return models.cifar_resnet(10, depth=20)
+    return getattr(models, model)(1000 if model.startswith("resnet") else 10)
+
+
+def run_once(kind: str, net0: nn.Module, batches, args, tmp: Path) -> list[float]:
+    net = copy.deepcopy(net0)
+    timer = Timer(args.warmup)
+    callbacks: list[Callback] = [timer]
+    if kind == "monitor":
+        monitor = GradientFlowMonitor()
+        monitor.resolve(net)
+        callbacks.append(monitor)
+    elif kind == "notebook":
+        callbacks.append(NotebookMonitor())
+    run_dir = tmp / f"{kind}_{time.monotonic_ns()}"
+    trainer = L.Trainer(
+        accelerator=args.device, devices=1, precision=args.precision, max_steps=args.warmup + args.steps,
+        logger=TensorBoardLogger(str(run_dir), name="", version=""), callbacks=callbacks,
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        log_every_n_steps=1, limit_val_batches=0, num_sanity_val_steps=0,
+    )
+    trainer.fit(Lit(net), batches)
+    return timer.times
+
+
+def environment(args) -> dict[str, str]:
+    import numpy
+    from importlib import metadata
+
+    if args.device == "cuda":
+        device = torch.cuda.get_device_name(0)
+    else:
+        cpu = platform.processor() or "cpu"
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        device = f"CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    return {
+        "device": device,
+        "versions": f"python {platform.python_version()}, torch {torch.__version__}, "
+        f"lightning {metadata.version('lightning')}, numpy {numpy.__version__}",
+    }
+
+
+def update_doc(text: str) -> None:
+    """Replace (or append) this script's section of docs/benchmarks.md, nothing else."""
+    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(doc):
+        doc = pattern.sub(lambda _: text.rstrip() + "\n\n", doc, count=1)
+    else:
+        doc = doc.rstrip() + "\n\n" + text.rstrip() + "\n"
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text(doc.rstrip() + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="cifar_resnet20", help="cifar_resnet20 or a skipstudy.models builder (resnet50)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--image-size", type=int, default=None, help="default: 32 for CIFAR nets, 224 otherwise")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--precision", default="32-true")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per run")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--no-write", action="store_true", help="print only, leave docs/benchmarks.md alone")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    image = args.image_size or (32 if args.model.startswith("cifar") else 224)
+    num_classes = 10 if args.model.startswith("cifar") else 1000
+
+    torch.manual_seed(0)
+    net0 = build_net(args.model)
+    n = args.warmup + args.steps
+    g = torch.Generator().manual_seed(0)
+    made = [(torch.randn(args.batch_size, 3, image, image, generator=g),
+             torch.randint(0, num_classes, (args.batch_size,), generator=g)) for _ in range(n)]
+    batches = DataLoader(made, batch_size=None)  # whole pre-made batches, no collation
+    load_before = os.getloadavg()[0]
+    kinds = ["none", "monitor", "notebook"]
+    step_times: dict[str, list[float]] = defaultdict(list)
+    t0 = time.perf_counter()
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.repeats):
+            order = kinds[r % 3 :] + kinds[: r % 3]
+            for kind in order:
+                times = run_once(kind, net0, batches, args, Path(tmp))
+                step_times[kind] += times
+                print(f"repeat {r + 1}/{args.repeats} {kind:9s} {len(times) / sum(times):7.3f} steps/s", flush=True)
+    wall = time.perf_counter() - t0
+    load_after = os.getloadavg()[0]
+
+    # Per-step times pooled over repeats; the median step resists bursts of load from other
+    # processes better than a mean over a run. steps/s = 1 / median step time.
+    base = statistics.median(step_times["none"])
+    env = environment(args)
+    table = ["| row | steps/s (1 / median step) | median step (ms) | fastest step (ms) | steps timed | time per step vs none |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for kind in kinds:
+        t = step_times[kind]
+        med = statistics.median(t)
+        over = "-" if kind == "none" else f"{(med / base - 1) * 100:+.1f}%"
+        table.append(f"| {kind} | {1 / med:.3f} | {med * 1e3:.0f} | {min(t) * 1e3:.0f} | {len(t)} | {over} |")
+    command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
+    label = "CIFAR ResNet-20" if args.model == "cifar_resnet20" else args.model
+    print("\n".join(table))
+    if args.no_write:
+        return
+    other_device = "GPU (ResNet-50, batch 256, bf16; target <= 3%)" if args.device == "cpu" else "CPU"
+    text = f"""{SECTION}
+
+Training steps/s of {label} (batch {args.batch_size}, {image} px, {args.precision}, SGD with momentum) through a
+Lightning Trainer, `scripts/bench_monitor.py`. `none`: no monitor. `monitor`: GradientFlowMonitor on every Conv2d
+and Linear every step with activation statistics, TensorBoard scalars and JSON export (`conf/monitor/default.yaml`).
+`notebook`: the notebooks' monitor, `register_full_backward_hook` + `grad_output[0].norm().item()` per layer per step.
+The three alternate within each repeat (order rotated) on the same batches: {args.repeats} repeats of
+{args.steps} timed steps after {args.warmup} warm-up steps; steps/s is 1 / the median step time over all timed
+steps of a row. Overhead = median step time relative to `none`.
+Target: <= 10% on the CPU (CIFAR ResNet-20, batch 128), <= 3% on a GPU (ResNet-50, batch 256, bf16).
+
+### {dt.date.today().isoformat()}: {env['device']}
+
+Command: `{command}` ({wall:.0f} s)  
+Versions: {env['versions']}  
+Load average (1 min) before/after: {load_before:.2f}/{load_after:.2f} (other work shares this machine)
+
+{chr(10).join(table)}
+
+{other_device}: not measured (no GPU in this session).
+"""
+    update_doc(text)
+    print(f"wrote the '{SECTION}' section of {DOC}")
+
+
+if __name__ == "__main__":
+    main()
