@@ -87,8 +87,8 @@ class ReportCallback(Callback):
         self.figures_to_tensorboard = figures_to_tensorboard
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        if not (self.custom_scalars and trainer.is_global_zero):
-            return
+        if not (self.custom_scalars and trainer.is_global_zero) or trainer.ckpt_path is not None:
+            return  # a resumed run keeps the layout it wrote when it started
         writer = _summary_writer(trainer)
         if writer is None:
             return

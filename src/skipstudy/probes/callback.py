@@ -70,10 +70,11 @@ class ProbeCallback(L.Callback):
             self.run_probes(trainer, pl_module, epoch=epoch)
 
     def run_probes(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
-        if not trainer.is_global_zero:
-            return
         from skipstudy.monitor.writers import find_summary_writer, run_dir
 
+        directory = run_dir(trainer)  # trainer.log_dir is a collective under DDP: every rank asks
+        if not trainer.is_global_zero:
+            return
         dm = trainer.datamodule
         if dm is None:
             raise ConfigError("probes.names needs training with a data module (skipstudy.train provides one)")
@@ -82,7 +83,7 @@ class ProbeCallback(L.Callback):
         for name in self.names:
             options = self.options[name]
             ctx = ProbeContext(
-                net=pl_module.net, datamodule=dm, run_dir=run_dir(trainer), step=int(trainer.global_step),
+                net=pl_module.net, datamodule=dm, run_dir=directory, step=int(trainer.global_step),
                 device=device, writer=find_summary_writer(trainer), trained=trainer.global_step > 0,
                 model=self.model, seed=self.seed, batches=options.get("batches"),
             )

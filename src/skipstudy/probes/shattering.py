@@ -101,6 +101,13 @@ def _has_batch_norm(net: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
 
 
+def _syncs_across_ranks(net: nn.Module) -> bool:
+    import torch.distributed as dist
+
+    return (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+            and any(isinstance(m, nn.SyncBatchNorm) for m in net.modules()))
+
+
 @contextlib.contextmanager
 def calibrated_bn(net: nn.Module, inputs: torch.Tensor, chunk: int = 64) -> Iterator[nn.Module]:
     """Inside the ``with``, ``net`` is in eval mode with BN running statistics averaged over
@@ -163,6 +170,9 @@ def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
     bn = options.get("bn", "auto")
     if bn == "auto":
         bn = "calibrate" if not ctx.trained and _has_batch_norm(ctx.net) else "eval"
+    if bn == "calibrate" and _syncs_across_ranks(ctx.net):
+        # A train-mode SyncBatchNorm pass on rank 0 alone would wait for the other ranks forever.
+        bn = "eval"
     with calibrated_bn(ctx.net, inputs, chunk) if bn == "calibrate" else eval_mode(ctx.net):
         grads = input_gradients(ctx.net, inputs, logit, chunk)
 
