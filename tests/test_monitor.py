@@ -177,6 +177,23 @@ def test_every_quantity_matches_autograd(tmp_path, layers):
         assert "grad_norm/weight/relu" not in want and math.isnan(got["grad_norm/weight/relu"])
 
 
+def test_a_new_quantity_is_one_function_and_one_line(tmp_path, monkeypatch):
+    from skipstudy.monitor import quantities
+
+    monkeypatch.setattr(quantities, "QUANTITIES", dict(quantities.QUANTITIES))
+
+    @quantities.quantity("grad_sq/output", needs="output")
+    def grad_sq_output(s):
+        return s.out[:, 1] * s.out_grad_scale.square()
+
+    torch.manual_seed(0)
+    monitor = GradientFlowMonitor(layers=["fc"])
+    fit(tmp_path, TinyNet(), monitor)
+    got = recorded(monitor, 0)
+    assert math.isclose(got["grad_sq/output/fc"], got["grad_norm/output/fc"] ** 2, rel_tol=1e-6)
+    assert "grad_sq/output/fc" in events(tmp_path).Tags()["scalars"]
+
+
 def test_inplace_relu_gives_gradient_wrt_layer_output_before_the_inplace_op(tmp_path):
     """conv2's output is overwritten by ReLU(inplace=True): the recorded gradient is the one
     w.r.t. the pre-ReLU output (what autograd.grad gives on an out-of-place twin), not the

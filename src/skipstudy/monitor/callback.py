@@ -55,10 +55,9 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 from skipstudy.errors import ConfigError
-from skipstudy.monitor import writers
+from skipstudy.monitor import quantities, writers
 from skipstudy.monitor.layers import select_layers
 from skipstudy.monitor.quantities import (
-    QUANTITIES,
     SUM_DTYPE,
     HistogramBins,
     Quantity,
@@ -208,7 +207,7 @@ class GradientFlowMonitor(Callback):
         self.bins = HistogramBins()
         self._layers: list[_Layer] = []
         self._quantities: list[Quantity] = [
-            q for q in QUANTITIES.values() if activations or q.needs != "activation"
+            q for q in quantities.QUANTITIES.values() if activations or q.needs != "activation"
         ]
         self._recording = False
         self._hist_now = False
