@@ -547,6 +547,29 @@ def test_fp16_gradscaler_output_gradients_are_unscaled(tmp_path):
             assert math.isclose(got[tag], want[tag], rel_tol=3e-2), (tag, got[tag], want[tag])
 
 
+def test_fp16_overflow_is_the_gradscalers_business_not_a_divergence(tmp_path):
+    """A step whose fp16 gradients overflow is skipped by the GradScaler (which lowers its
+    scale); the monitor does not record it and does not stop training."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    torch.manual_seed(0)
+    poison = PoisonGrad()
+    net = TinyNet(poison=poison)
+
+    class ArmOnce(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            poison.armed = batch_idx == 1
+
+    monitor = GradientFlowMonitor()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    trainer = fit(tmp_path, net, monitor, max_steps=3, callbacks=[ArmOnce()],
+                  plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    assert trainer.global_step == 3 and monitor.diverged_at is None and monitor.nonfinite_steps == []
+    assert monitor.overflow_steps == 1 and monitor.series.steps == [0, 2]
+    assert scaler.get_scale() < 1024.0
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
 def test_gradient_accumulation_records_the_accumulated_gradient_once_per_optimizer_step(tmp_path):
     """Two micro-batches of 4 per optimizer step equal one batch of 8 (no BN, so the two are the
     same loss): weight gradients are the accumulated ones, output gradients those of the

@@ -165,6 +165,8 @@ class GradientFlowMonitor(Callback):
         layer_names: tracked layer names; forward order once the first step is recorded.
         diverged_at: ``(step, layer)`` of the non-finite step that stopped training, or None.
         nonfinite_steps: recorded steps whose gradients were non-finite.
+        overflow_steps: with an fp16 GradScaler, recorded steps the scaler skipped for
+            overflowing gradients (not recorded, not counted as non-finite).
     """
 
     def __init__(
@@ -220,7 +222,7 @@ class GradientFlowMonitor(Callback):
         self._run_dir = None
         self.series: writers.SeriesExport | None = None  # rank 0: the recorded rows
         self._epoch_nonfinite = 0
-        self._overflow_steps = 0
+        self.overflow_steps = 0
         self._weight_numel: Tensor | None = None
 
     # ------------------------------------------------------------------ configuration
@@ -435,7 +437,7 @@ class GradientFlowMonitor(Callback):
         )
         if not grads_finite and self._loss_scale(trainer) is not None:
             # fp16 overflow: the GradScaler skips this update and lowers its scale.
-            self._overflow_steps += 1
+            self.overflow_steps += 1
             return
 
         row = np.concatenate([
