@@ -61,7 +61,9 @@ def diverged(tmp_path_factory) -> Path:
     out = root / "run"
     proc = _cli(["-m", "skipstudy.train", "model=mini", "model.skip=false", "model.norm=none", "optimizer.lr=1e6",
                  *TINY, f"hydra.run.dir={out}"], root)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Training may report the divergence by its exit status (3); the logs are what matter here.
+    assert proc.returncode in (0, 3), proc.stderr[-3000:]
+    assert glob.glob(str(out / "events.out.tfevents.*")), proc.stderr[-3000:]
     return out
 
 

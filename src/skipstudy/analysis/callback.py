@@ -101,23 +101,26 @@ class ReportCallback(Callback):
         writer.add_custom_scalars(custom_scalars_layout(layers, quantities))
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        if not (self.figures_to_tensorboard and trainer.is_global_zero):
+        if not self.figures_to_tensorboard:
+            return
+        run_dir = trainer.log_dir  # broadcasts under DDP, so every rank must ask, not rank 0 alone
+        if not trainer.is_global_zero or run_dir is None:
             return
         writer = _summary_writer(trainer)
         if writer is None:
             return
         writer.flush()  # the figures are drawn from what is on disk
         try:
-            self._write_figures(trainer, writer)
+            self._write_figures(trainer, writer, run_dir)
         except Exception:  # noqa: BLE001 - the run is finished and saved; a figure must not fail it
             log.exception("report.figures_to_tensorboard: drawing the run's figures failed")
 
     @staticmethod
-    def _write_figures(trainer, writer) -> None:
+    def _write_figures(trainer, writer, run_dir: str) -> None:
         from skipstudy.analysis.figures import figure_rgb, run_figures
         from skipstudy.analysis.logs import assign_labels, load_run
 
-        run = load_run(trainer.log_dir)
+        run = load_run(run_dir)
         assign_labels([run])
         for name, fig in run_figures([run]).items():
             if name == "depth_sweep":

@@ -280,8 +280,12 @@ def find_run_dirs(path: str | os.PathLike) -> tuple[list[Path], list[Path]]:
 # ---------------------------------------------------------------------- loading
 
 
+def _event_files(run_dir: Path) -> list[Path]:
+    return sorted(p for p in run_dir.iterdir() if p.name.startswith(EVENT_PREFIX) and p.is_file())
+
+
 def _read_events(run_dir: Path):
-    """Scalars, histograms and HParams of every event file directly in ``run_dir``.
+    """Scalars and histograms of every event file directly in ``run_dir``.
 
     Each file is read on its own (tbparse on a directory would also try to parse
     checkpoints and YAML files as event files). A truncated last record (a run still
@@ -290,18 +294,14 @@ def _read_events(run_dir: Path):
     import pandas as pd
     from tbparse import SummaryReader
 
-    scalars, hists, hparams = [], [], []
-    files = sorted(p for p in run_dir.iterdir() if p.name.startswith(EVENT_PREFIX) and p.is_file())
-    for path in files:
+    scalars, hists = [], []
+    for path in _event_files(run_dir):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                reader = SummaryReader(
-                    str(path),
-                    extra_columns={"wall_time", "min", "max"},
-                    event_types={"scalars", "histograms", "hparams"},
-                )
-                s, h, p = reader.scalars, reader.histograms, reader.hparams
+                reader = SummaryReader(str(path), extra_columns={"wall_time", "min", "max"},
+                                       event_types={"scalars", "histograms"})
+                s, h = reader.scalars, reader.histograms
             except Exception as err:  # noqa: BLE001 - one unreadable file must not sink the report
                 log.warning("skipping unreadable event file %s: %s", path, err)
                 continue
@@ -313,10 +313,26 @@ def _read_events(run_dir: Path):
             scalars.append(s)
         if not h.empty:
             hists.append(h)
-        if not p.empty:
-            hparams.append(p)
     cat = lambda frames: pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()  # noqa: E731
-    return cat(scalars), cat(hists), cat(hparams)
+    return cat(scalars), cat(hists)
+
+
+def _read_hparams(run_dir: Path) -> dict[str, Any]:
+    """The flattened config train.py wrote as HParams (``{"model.skip": 1.0, ...}``), or {}."""
+    from tbparse import SummaryReader
+
+    flat: dict[str, Any] = {}
+    for path in _event_files(run_dir):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                df = SummaryReader(str(path), event_types={"hparams"}).hparams
+            except Exception as err:  # noqa: BLE001 - the config is optional for the report
+                log.warning("could not read the HParams of %s: %s", path, err)
+                continue
+        if not df.empty:
+            flat.update(zip(df["tag"], df["value"]))
+    return flat
 
 
 def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
@@ -374,19 +390,22 @@ def load_run(run_dir: str | os.PathLike) -> Run:
     """Read one run directory (events, ``.hydra/``, ``grad_stats.json``) into a :class:`Run`."""
     run_dir = Path(run_dir)
     run = Run(path=run_dir, name=run_dir.name)
-    scalars, hists, hparams = _read_events(run_dir)
+    scalars, hists = _read_events(run_dir)
 
     config = _read_yaml(run_dir / ".hydra" / "config.yaml")
-    if not isinstance(config, dict) and not hparams.empty:
+    if not isinstance(config, dict):
         # In-process runs (tests, notebooks) have no .hydra/; train.py wrote the flattened
         # config as HParams, which is enough for model.skip and model.depth.
-        config = _unflatten(dict(zip(hparams["tag"], hparams["value"])))
+        config = _unflatten(_read_hparams(run_dir))
     run.config = config if isinstance(config, dict) else {}
     overrides = _read_yaml(run_dir / ".hydra" / "overrides.yaml")
     run.overrides = [str(o) for o in overrides] if isinstance(overrides, list) else []
 
     if not scalars.empty:
+        # A resumed run repeats the steps between its last checkpoint and the kill in a new
+        # event file; the later write of a (tag, step) is the one that counts.
         scalars = scalars.sort_values(["tag", "step", "wall_time"], kind="stable")
+        scalars = scalars.drop_duplicates(["tag", "step"], keep="last")
         for tag, g in scalars.groupby("tag", sort=False):
             run.scalars[str(tag)] = Series(
                 steps=g["step"].to_numpy(np.int64),

@@ -78,11 +78,13 @@ SECTIONS = {
 @dataclass
 class Report:
     """What :func:`build_report` wrote: the output folder, the loaded runs, every file
-    written (relative to ``out``), the GIF frame counts per run name, and notes."""
+    written (relative to ``out``), each run's GIF and its frame count (by run name), and
+    notes for the reader."""
 
     out: Path
     runs: list[Run]
     files: list[str] = field(default_factory=list)
+    gifs: dict[str, str] = field(default_factory=dict)
     gif_frames: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -127,9 +129,8 @@ def build_report(paths: list[str | os.PathLike], out: str | os.PathLike | None =
         frames = F.write_histogram_gif(grid, run, out / name)
         if frames:
             report.files.append(name)
+            report.gifs[run.name] = name
             report.gif_frames[run.name] = frames
-            run_gif = name
-            setattr(run, "_gif", run_gif)
 
     rows = summary_rows(runs)
     write_csv(rows, out / "summary.csv")
@@ -198,7 +199,7 @@ def write_index(report: Report, rows, paths: list[str]) -> None:
             parts.append(f"<p class='small'>Not drawn: {esc(missing)}.</p>")
         if stem == "grad_hist_epochs":
             for run in report.runs:
-                gif = getattr(run, "_gif", None)
+                gif = report.gifs.get(run.name)
                 if gif:
                     parts.append(
                         f'<figure><img src="{esc(gif)}" alt="histogram animation of {esc(run.label)}">'

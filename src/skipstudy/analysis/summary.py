@@ -91,7 +91,8 @@ def summary_rows(runs: list[Run]) -> list[dict[str, Any]]:
             "depth": run.depth,
             "epochs": run.epochs_done,
             "steps": run.num_steps,
-            "final_train_loss": final_train_loss(run),
+            # None (blank) when nothing was logged; NaN (shown) when the loss itself is NaN.
+            "final_train_loss": final_train_loss(run) if run.series("train/loss") or run.series("train/loss_epoch") else None,
             "final_val_acc": final_val_acc(run),
             "grad_attenuation": gradient_attenuation(run),
             "nonfinite_steps": len(run.nonfinite_steps) if has_monitor else None,
