@@ -34,6 +34,9 @@ from skipstudy.analysis.callback import build_report_callback
 from skipstudy.errors import ConfigError
 from skipstudy.fast import resolve_precision  # noqa: F401 - kept importable from here
 from skipstudy.module import LitClassifier
+from skipstudy.sweep.ddp import needs_own_process, run_in_own_process
+from skipstudy.sweep.final_metrics import TAGS as FINAL_METRIC_TAGS
+from skipstudy.sweep.final_metrics import FinalMetrics
 
 
 def _conf_dir() -> str:
@@ -227,7 +230,13 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
     if report is not None:
         callbacks.append(report)
 
+    callbacks.append(FinalMetrics(monitor))  # HParams summary scalars at the end of fit
+
     trainer = L.Trainer(**trainer_kwargs, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir))
+    if needs_own_process(trainer):
+        # DDP would re-execute this multirun's command line (the whole sweep) in ranks > 0;
+        # the job runs as a single run in a fresh process instead (skipstudy/sweep/ddp.py).
+        return run_in_own_process(run_dir)
 
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -238,6 +247,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
         (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
         hparams = flat_hparams(cfg)
         hparams.update({k: v for k, v in resolved.items() if v is not None})
+        # The job's overrides in one column: what tells the runs of a sweep apart.
+        hparams["overrides"] = run_name(HydraConfig.get().job.override_dirname) if HydraConfig.initialized() else ""
         write_hparams(logger, hparams)
 
     trainer.fit(module, datamodule=dm)
@@ -246,7 +257,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
 
 # Metrics the HParams dashboard shows beside each run's settings. Declaring them does not
 # write a value: the dashboard reads them from the run's own scalar series.
-HPARAM_METRICS = ("val/acc", "val/loss", "train/loss")
+HPARAM_METRICS = ("val/acc", "val/loss", "train/loss", *FINAL_METRIC_TAGS)
 
 
 def write_hparams(logger: TensorBoardLogger, hparams: dict[str, Any]) -> None:
