@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import json
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -245,8 +247,6 @@ def test_callback_writes_figures_and_custom_scalars_layout(make_cfg):
     acc.Reload()
     for stem in ("gradient_flow", "grad_norm_steps", "grad_hist_epochs", "training_curves", "activation_std"):
         (img,) = acc.Images(f"report/{stem}")
-        import io
-
         with Image.open(io.BytesIO(img.encoded_image_string)) as im:
             im.load()
             assert im.width > 200
@@ -258,8 +258,6 @@ def test_callback_writes_figures_and_custom_scalars_layout(make_cfg):
     layers = load_run(run_dir).layers
     assert layers[0] == "block1.conv1" and layers[-1] == "fc"
     # One chart per quantity, every tracked layer in it, and each entry matches its one tag.
-    import re
-
     scalar_tags = set(acc.Tags()["scalars"])
     for quantity in ("grad_rms/output", "grad_norm/output", "act/std"):
         entries = charts[quantity]

@@ -24,7 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from skipstudy.analysis.logs import HIST_QUANTITY, Run
+from skipstudy.analysis.logs import Run
 
 SKIP_STYLE = {True: "-", False: "--", None: ":"}
 MAX_LABEL = 60
@@ -139,13 +139,22 @@ def _focus_log_ylim(ax, healthy: list[np.ndarray]) -> None:
         ax.set_ylim(lo / 2.0, hi * 2.0)
 
 
-def _tidy_log_axis(ax) -> None:
-    """A log y axis that spans less than ~1.5 decades reads better as a linear one (tick
-    labels like 2x10^0 say little); wide ranges, e.g. a loss falling from 2.3 to 0.01, stay log."""
-    lo, hi = ax.get_ylim()
-    if lo > 0 and hi / lo < 30:
+def _fit_y(ax, healthy: list[np.ndarray]) -> None:
+    """Log y when the runs that did not diverge span more than ~1.5 decades (a loss falling
+    from 2.3 to 0.01), linear otherwise (log tick labels like 2x10^0 say little over a
+    narrow range); limits fitted to those runs, so a diverged run leaves the panel."""
+    values = np.concatenate([v[np.isfinite(v) & (v > 0)] for v in healthy]) if healthy else np.zeros(0)
+    if not values.size:
+        ax.set_yscale("log")
+        return
+    lo, hi = float(values.min()), float(values.max())
+    if hi / lo >= 30:
+        ax.set_yscale("log")
+        ax.set_ylim(lo / 1.5, hi * 1.5)
+    else:
+        pad = 0.08 * (hi - lo) or 0.1 * hi
         ax.set_yscale("linear")
-        ax.set_ylim(lo, hi)
+        ax.set_ylim(lo - pad, hi + pad)
 
 
 def layer_profiles(runs: list[Run], quantities: tuple[str, ...], title: str, ylabels: dict[str, str] | None = None) -> Figure | None:
@@ -459,9 +468,7 @@ def training_curves(runs: list[Run]) -> Figure | None:
             if not run.diverged:
                 healthy.append(y)
         if log_y:
-            ax.set_yscale("log")
-            _focus_log_ylim(ax, healthy)
-            _tidy_log_axis(ax)
+            _fit_y(ax, healthy)
         else:
             ax.set_ylim(-0.02, 1.02)
         ax.set_title(name, fontsize=10)
@@ -505,6 +512,7 @@ def depth_sweep(runs: list[Run]) -> Figure | None:
         line["points"].setdefault(run.depth, []).append((final_train_loss(run), 1.0 - final_val_acc(run)))
     fig = new_figure(10.0, 4.2 + 0.18 * math.ceil(len(lines) / 2))
     axes = fig.subplots(1, 2)
+    healthy: list[np.ndarray] = []
     for line in lines.values():
         depths = sorted(line["points"])
         with warnings.catch_warnings():
@@ -517,9 +525,9 @@ def depth_sweep(runs: list[Run]) -> Figure | None:
         kind = {True: "skip", False: "plain", None: "?"}[run.skip]
         style["label"] = _short(kind + (" | " + ", ".join(group) if len(lines) > 2 and group else ""))
         axes[0].plot(depths, _positive(loss), marker="o", **style)
+        healthy.append(_positive(loss))
         axes[1].plot(depths, 100 * np.asarray(err, dtype=float), marker="o", **style)
-    axes[0].set_yscale("log")
-    _tidy_log_axis(axes[0])
+    _fit_y(axes[0], healthy)
     axes[0].set_ylabel("final train loss")
     axes[1].set_ylabel("final val error (%)")
     all_depths = sorted({r.depth for r in runs})
@@ -548,7 +556,6 @@ def run_figures(runs: list[Run]) -> dict[str, Figure]:
 
 
 __all__ = [
-    "HIST_QUANTITY",
     "HistogramGrid",
     "activation_std",
     "depth_sweep",
