@@ -366,7 +366,12 @@ def test_cli_prints_one_line_errors_and_writes_into_the_run(trained, tmp_path, m
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("Error: ckpt=") and "no such file or directory" in err and len(err.splitlines()) == 1
-    ok = subprocess.run([PYTHON, "-m", "skipstudy.probe", "probe=shattering", f"ckpt={run_dir}", "probe.points=16"],
+    # Run directories are named after their overrides; '=' and ',' in ckpt need no quoting.
+    named = tmp_path / "logs" / "default" / "model.depth=8,model.skip=true"
+    named.mkdir(parents=True)
+    (named / "2026-01-01_00-00-00_000000").symlink_to(run_dir, target_is_directory=True)
+    ckpt = named / "2026-01-01_00-00-00_000000"
+    ok = subprocess.run([PYTHON, "-m", "skipstudy.probe", "probe=shattering", f"ckpt={ckpt}", "probe.points=16"],
                         cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr[-3000:]
     # Everything lands in the run: outputs, Hydra's log; no .hydra/ (probes/ is not a run of its own).
@@ -410,3 +415,12 @@ def test_readme_probe_commands(trained, tmp_path):
             cfg = probe_cfg(args, tmp_path)
             assert cfg.probe.name in ("feature_maps", "landscape")
             assert locate(cfg.ckpt)[0] == run_dir
+
+
+def test_ckpt_paths_are_quoted_for_hydra_only_when_they_exist(tmp_path):
+    from skipstudy.probe import quote_paths
+
+    run = tmp_path / "model.depth=20,model.skip=false"
+    run.mkdir()
+    assert quote_paths([f"ckpt={run}", "probe=lesion"]) == [f"ckpt='{run}'", "probe=lesion"]
+    assert quote_paths(["ckpt=a,b", f"ckpt='{run}'"]) == ["ckpt=a,b", f"ckpt='{run}'"]

@@ -133,5 +133,27 @@ def main(cfg: DictConfig) -> float | None:
     return next(iter(result.values()), None)
 
 
-if __name__ == "__main__":
+def quote_paths(argv: list[str]) -> list[str]:
+    """Quote a ``ckpt=`` value that names an existing path, for Hydra's override parser.
+
+    Run directories are named after their overrides (``logs/default/model.depth=20,model.skip=false/...``),
+    and Hydra's grammar would read that ``=`` and ``,`` as syntax. Values that are already quoted
+    or name no path (a sweep ``ckpt=a,b``) are passed on unchanged.
+    """
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+") == "ckpt" and value and value[0] not in "'\"" and Path(value).expanduser().exists():
+            arg = f"{key}='" + value.replace("'", "\\'") + "'"
+        out.append(arg)
+    return out
+
+
+def cli() -> None:
+    """``python -m skipstudy.probe``: :func:`main` with run-directory paths quoted for Hydra."""
+    sys.argv[1:] = quote_paths(sys.argv[1:])
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -27,7 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
+from matplotlib.ticker import FormatStrFormatter, NullFormatter
 from torch import nn
 from torch.func import functional_call
 
@@ -154,11 +156,16 @@ def plot_2d(coords: np.ndarray, loss: np.ndarray, title: str = "") -> Figure:
     ax = fig.subplots()
     finite = loss[np.isfinite(loss)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    levels = np.linspace(lo, hi if hi > lo else lo + 1e-6, 24)
+    hi = hi if hi > lo else lo + 1e-6
+    # Losses far from the minimum can be 1000x the centre's: log-spaced levels keep the basin visible.
+    log = lo > 0 and hi / lo > 10
+    levels = np.geomspace(lo, hi, 24) if log else np.linspace(lo, hi, 24)
     cs = ax.contour(coords, coords, np.where(np.isfinite(loss), loss, hi), levels=levels, cmap="viridis",
-                    linewidths=0.8)
-    ax.clabel(cs, cs.levels[::4], fontsize=6, fmt="%.2f")
-    fig.colorbar(cs, ax=ax, label="loss")
+                    linewidths=0.8, norm=LogNorm(lo, hi) if log else None)
+    ax.clabel(cs, cs.levels[::4], fontsize=6, fmt="%.3g")
+    bar = fig.colorbar(cs, ax=ax, label="loss", ticks=levels[::4])
+    bar.ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+    bar.ax.yaxis.set_minor_formatter(NullFormatter())
     ax.plot([0], [0], "k+", ms=8)
     ax.set_xlabel("d1")
     ax.set_ylabel("d2")
