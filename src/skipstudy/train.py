@@ -25,15 +25,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from skipstudy import fast
+from skipstudy import fast, runs, stopping
 from skipstudy.analysis.callback import build_report_callback
 from skipstudy.errors import ConfigError
 from skipstudy.fast import resolve_precision  # noqa: F401 - kept importable from here
 from skipstudy.module import LitClassifier
+from skipstudy.resume import RunState, checkpoint_callbacks, cut_logs
 from skipstudy.sweep.ddp import needs_own_process, run_in_own_process
 from skipstudy.sweep.final_metrics import TAGS as FINAL_METRIC_TAGS
 from skipstudy.sweep.final_metrics import FinalMetrics
@@ -194,6 +194,10 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
     """Build everything from ``cfg`` and fit; returns the final logged metrics."""
     run_dir = Path(run_dir)
     validate(cfg)
+    # resume=<run dir> (see skipstudy/runs.py): continue from its last checkpoint, or start
+    # over in place when it was killed before writing one.
+    resuming = bool(cfg.get("resume"))
+    ckpt_path = runs.last_checkpoint(run_dir) if resuming else None
     speed = fast.resolve(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
@@ -208,21 +212,14 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
     trainer_kwargs["benchmark"] = speed.cudnn_benchmark
 
     logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
-    ckpt = cfg.checkpoint
-    callbacks: list[L.Callback] = [
-        ModelCheckpoint(
-            dirpath=str(run_dir / "checkpoints"),
-            filename="best-{epoch}-{step}",
-            monitor=ckpt.monitor,
-            mode=ckpt.mode,
-            save_top_k=ckpt.save_top_k,
-            save_last=ckpt.save_last,
-            every_n_train_steps=ckpt.every_n_train_steps,
-            auto_insert_metric_name=False,
-        )
-    ]
+    # RunState first: it sees each hook before the checkpoint callbacks (Lightning runs those
+    # last) and adds RNG, data position and log sizes to every checkpoint (skipstudy/resume.py).
+    callbacks: list[L.Callback] = [RunState(), *checkpoint_callbacks(cfg.checkpoint, run_dir)]
     if monitor is not None:
         callbacks.append(monitor)
+    # Non-finite loss/gradients (monitor.on_nonfinite, also with monitor=off) and SIGTERM/SIGINT.
+    guard = stopping.DivergenceGuard((cfg.get("monitor") or {}).get("on_nonfinite", "stop"), monitor)
+    callbacks += [guard, stopping.GracefulStop(run_dir / "checkpoints" / "last.ckpt")]
     if probes is not None:
         callbacks.append(probes)
     # Custom-scalars layout at fit start; the report's figures as TB images at fit end (opt-in).
@@ -239,20 +236,32 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
         return run_in_own_process(run_dir)
 
     if trainer.is_global_zero:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        runs.claim(run_dir, resuming)  # a new run never writes into another run's directory
+        if resuming:
+            # Events and exports written after the checkpoint go; the resumed run rewrites them.
+            cut_logs(run_dir, ckpt_path)
         info = run_info()
         # The values that ran (no auto/null left), incl. those that change the numbers.
         resolved = fast.record(speed, cfg)
         info["resolved"] = resolved
+        info = runs.with_resumes(run_dir, info, ckpt_path) if resuming else info
         (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
         hparams = flat_hparams(cfg)
         hparams.update({k: v for k, v in resolved.items() if v is not None})
         # The job's overrides in one column: what tells the runs of a sweep apart.
         hparams["overrides"] = run_name(HydraConfig.get().job.override_dirname) if HydraConfig.initialized() else ""
-        write_hparams(logger, hparams)
+        if ckpt_path is None:  # a resumed run keeps the HParams it wrote when it started
+            write_hparams(logger, hparams)
 
-    trainer.fit(module, datamodule=dm)
-    return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    except torch.cuda.OutOfMemoryError as err:
+        raise ConfigError(stopping.oom_message(cfg.dataset.get("batch_size"), speed.precision,
+                                               cfg.dataset.get("image_size"))) from err
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    if guard.verdict is not None:
+        raise stopping.Diverged(*guard.verdict, metrics)
+    return metrics
 
 
 # Metrics the HParams dashboard shows beside each run's settings. Declaring them does not
@@ -278,17 +287,29 @@ def _report(err: BaseException) -> None:
     print(f"Error: {err}", file=sys.stderr)
 
 
+@runs.resume_argument_quoted  # resume=<run dir> pasted as it is, though dir names hold '=' and ','
 @hydra.main(config_path=_conf_dir(), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     try:
+        if cfg.get("resume"):
+            cfg = runs.resume_config(cfg, list(hc.overrides.task))
         metrics = train(cfg, hc.runtime.output_dir)
     except ConfigError as err:
         # In a sweep the launcher records the failure and goes on; alone, one short line.
         if hc.mode == RunMode.MULTIRUN or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         _report(err)
-        sys.exit(2)
+        runs.remove_if_unused(Path(hc.runtime.output_dir), cfg.get("resume"))
+        sys.exit(stopping.EXIT_CONFIG)
+    except stopping.Diverged as err:
+        print(f"Diverged: {err}", file=sys.stderr)
+        if hc.mode == RunMode.MULTIRUN:
+            return err.metrics.get("val/acc")  # the sweep goes on; the run is marked diverged
+        sys.exit(stopping.EXIT_DIVERGED)
+    except stopping.Interrupted as err:
+        print(f"Interrupted: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
     return metrics.get("val/acc")
 
 
