@@ -287,11 +287,6 @@ class GradientFlowMonitor(Callback):
         # after it resumes with the export whole (skipstudy/resume.py cuts later rows).
         self._flush()
 
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        # The export on disk then holds every step the checkpoint has trained: a run killed
-        # after it resumes with the export whole (skipstudy/resume.py cuts later rows).
-        self._flush()
-
     def _remove_hooks(self) -> None:
         for layer in self._layers:
             if layer.handle is not None:
