@@ -223,6 +223,20 @@ def test_shattering_sweep_at_init_is_one_command_with_a_comparison(tmp_path):
         assert list(job.glob("events.out.tfevents.*"))
         assert (job / "probes" / "shattering" / "shattering_step0.png").is_file()
 
+    # The report on the sweep shows the probes' figures, copied beside its index.html.
+    from PIL import Image
+
+    from skipstudy.analysis.report import build_report
+
+    report = build_report([sweep], tmp_path / "report")
+    captions = [caption for _, caption in report.probe_images]
+    assert "probes/shattering/shattering_comparison.png" in captions
+    assert sum(c.endswith("shattering_step0.png") for c in captions) == 4
+    index = (tmp_path / "report" / "index.html").read_text()
+    for name, _ in report.probe_images:
+        assert f'src="{name}"' in index
+        Image.open(tmp_path / "report" / name).verify()
+
 
 # -- lesion study --------------------------------------------------------------------------
 

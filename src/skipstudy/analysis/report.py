@@ -25,6 +25,7 @@ import html
 import logging
 import os
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -87,6 +88,8 @@ class Report:
     gifs: dict[str, str] = field(default_factory=dict)
     gif_frames: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # (file in out/, caption): the probes' own PNGs, copied in (see copy_probe_images)
+    probe_images: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _slug(text: str, n: int = 50) -> str:
@@ -143,9 +146,34 @@ def build_report(paths: list[str | os.PathLike], out: str | os.PathLike | None =
                 f"{run.name}: {len(run.nonfinite_steps)} step(s) with non-finite gradients, first at step "
                 f"{run.nonfinite_steps[0]}; figures leave non-finite values out"
             )
+    report.probe_images = copy_probe_images(paths, out)
+    report.files += [name for name, _ in report.probe_images]
     write_index(report, rows, paths)
     report.files.append("index.html")
     return report
+
+
+def copy_probe_images(paths: list[str], out: Path) -> list[tuple[str, str]]:
+    """Copy the probes' PNGs into ``out/probes/`` so that index.html stays self-contained.
+
+    ``python -m skipstudy.probe`` writes ``<run>/probes/<name>/*.png`` and, after a probe
+    sweep, ``<sweep>/probes/<name>/*_comparison.png``. Returns ``(file, caption)`` pairs,
+    the caption being the image's path relative to the input directory.
+    """
+    out = out.resolve()
+    found: list[tuple[str, str]] = []
+    for path in paths:
+        root = Path(path).resolve()
+        if not root.is_dir():
+            continue
+        for png in sorted(root.rglob("probes/**/*.png")):
+            if out in png.parents:  # an earlier report's copies, not a probe's output
+                continue
+            name = f"probes/{len(found) + 1:03d}_{_slug(png.stem, 80)}.png"
+            (out / "probes").mkdir(exist_ok=True)
+            shutil.copyfile(png, out / name)
+            found.append((name, str(png.relative_to(root))))
+    return found
 
 
 def _table_html(rows) -> str:
@@ -205,6 +233,12 @@ def write_index(report: Report, rows, paths: list[str]) -> None:
                         f'<figure><img src="{esc(gif)}" alt="histogram animation of {esc(run.label)}">'
                         f"<figcaption>{esc(run.label)} ({report.gif_frames[run.name]} epochs)</figcaption></figure>"
                     )
+    if report.probe_images:
+        parts.append("<h2>Probes</h2><p class='small'>Written by <code>python -m skipstudy.probe</code> "
+                     "or by probes during training (feature maps, shattered gradients, lesions, loss landscape).</p>")
+        for name, caption in report.probe_images:
+            parts.append(f'<figure><img src="{esc(name)}" alt="{esc(caption)}">'
+                         f"<figcaption>{esc(caption)}</figcaption></figure>")
     if report.notes:
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in report.notes) + "</ul>")
     parts.append("</body></html>")
