@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 # The child writes its task function's return value here (see ReturnValueWriter).
 RETURN_ENV = "SKIPSTUDY_POOL_RETURN"
 JOB_LOG = "job.log"
+# Job statuses that count as done (a diverged run is a result, not a failure).
+DONE = ("completed", "diverged")
 
 
 @dataclass
@@ -168,6 +170,8 @@ class _Job:
     reason: Optional[str] = None
     gpus: Optional[List[str]] = None
     seconds: Optional[float] = None
+    started: Optional[float] = None
+    ended: Optional[float] = None
     return_value: Any = None
     label: str = ""
 
@@ -180,6 +184,15 @@ def swept_labels(job_overrides: Sequence[Sequence[str]]) -> list[str]:
         common = set(lists[0]).intersection(*map(set, lists[1:]))
         lists = [[o for o in lst if o not in common] for lst in lists]
     return [" ".join(lst) or "(no overrides)" for lst in lists]
+
+
+def _diverged_exit() -> Optional[int]:
+    """skipstudy.train's exit status for a run that diverged (None if it has none)."""
+    try:
+        from skipstudy.stopping import EXIT_DIVERGED
+    except ImportError:
+        return None
+    return EXIT_DIVERGED
 
 
 class PoolLauncher(Launcher):
@@ -269,6 +282,7 @@ class PoolLauncher(Launcher):
             job.return_file.unlink(missing_ok=True)
             log_path = job.run_dir / JOB_LOG
             start = time.perf_counter()
+            job.started = time.time()
             with open(log_path, "ab") as out:
                 out.write(("$ " + " ".join(job.command) + "\n").encode())
                 out.flush()
@@ -282,6 +296,7 @@ class PoolLauncher(Launcher):
                     with self._lock:
                         self._procs.pop(job.idx, None)
             job.seconds = time.perf_counter() - start
+            job.ended = time.time()
         self._finish(job, log_path)
         return job
 
@@ -299,9 +314,15 @@ class PoolLauncher(Launcher):
             job.return_value = result.get("return_value")
             log.info(f"\t#{job.idx} : {job.label} : done in {job.seconds:.1f} s")
             return
-        job.status = "failed"
         text = log_path.read_text(errors="replace") if log_path.is_file() else ""
         reason = failure_reason(text, job.returncode)
+        if job.returncode == _diverged_exit():
+            # A run that diverged is a result of the study (a deep plain net), not a failed job:
+            # as under the basic launcher, the sweep counts it as done and marks it diverged.
+            job.status, job.reason = "diverged", reason
+            log.warning(f"\t#{job.idx} : {job.label} : diverged after {job.seconds:.1f} s: {reason}")
+            return
+        job.status = "failed"
         if not reason.startswith("Error: ") and result.get("error"):
             reason = result["error"]  # the exception itself, as the job's Hydra reported it
         job.reason = reason
@@ -352,11 +373,11 @@ class PoolLauncher(Launcher):
 
         self._write_status(sweep_dir, jobs)
         returns = [self._job_return(job) for job in jobs]
-        failed = [job for job in jobs if job.status != "completed"]
+        failed = [job for job in jobs if job.status not in DONE]
         if failed:
             summary = self._summary(jobs, failed, sweep_dir)
             for job, ret in zip(jobs, returns):
-                if job.status != "completed":
+                if job.status not in DONE:
                     ret.return_value = SweepFailed(summary)
         else:
             log.info(f"All {len(jobs)} jobs completed; sweep dir {sweep_dir}")
@@ -370,7 +391,7 @@ class PoolLauncher(Launcher):
         ret.cfg = task_cfg
         ret.working_dir = os.getcwd()
         ret.task_name = JobRuntime.instance().get("name")
-        if job.status == "completed":
+        if job.status in DONE:
             ret.status = JobStatus.COMPLETED
             ret.return_value = job.return_value
         else:
@@ -407,6 +428,8 @@ class PoolLauncher(Launcher):
                 "returncode": job.returncode,
                 "gpus": job.gpus,
                 "seconds": None if job.seconds is None else round(job.seconds, 3),
+                "started": job.started,
+                "ended": job.ended,
             }
         ordered = [entries[k] for k in sorted(entries, key=int)]
         path.write_text(json.dumps(ordered, indent=2, default=repr))

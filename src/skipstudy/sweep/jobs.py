@@ -120,6 +120,9 @@ def single_run_command(
 
 # ------------------------------------------------------------------ why a job failed
 
+# skipstudy.train's own one-line reports on stderr (a ConfigError, a divergence, a stop).
+OWN_PREFIXES = ("Error: ", "Diverged: ", "Interrupted: ")
+
 # "RuntimeError: ...", "torch.OutOfMemoryError: ...", "KeyboardInterrupt" - the last line of
 # a Python traceback.
 _EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*[A-Za-z_]\w*(?:Error|Exception|Interrupt|Exit|Warning)\b(?::.*)?$")
@@ -129,14 +132,15 @@ _NOISE = ("Set the environment variable HYDRA_FULL_ERROR", "Error executing job 
 def failure_reason(output: str, returncode: int | None = None) -> str:
     """One line that says why a job failed, from its captured stdout/stderr.
 
-    Prefers skipstudy's own ``Error: ...`` line (a ConfigError: names the key and the fix),
+    Prefers skipstudy's own ``Error: ...`` line (a ConfigError: names the key and the fix;
+    or ``Diverged: ...``, ``Interrupted: ...``),
     then the last exception line of a traceback, then the last line of output; a job killed
     by a signal says so.
     """
     lines = [line.rstrip() for line in output.replace("\r", "\n").splitlines()]
     lines = [line for line in lines if line.strip()]
     for line in reversed(lines):
-        if line.startswith("Error: "):
+        if line.startswith(OWN_PREFIXES):
             return line
     for line in reversed(lines):
         if _EXCEPTION_LINE.match(line.strip()) and not line.startswith(_NOISE):

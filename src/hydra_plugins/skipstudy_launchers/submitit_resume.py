@@ -1,0 +1,88 @@
+"""``hydra/launcher=slurm`` and ``slurm_local``: submitit's launchers, plus resume on requeue.
+
+hydra-submitit-launcher already runs each sweep job as a SLURM array task and, when SLURM
+preempts the job or its time limit nears, calls the task's ``checkpoint`` method and
+requeues it. Its own ``checkpoint`` resubmits the job with the same overrides, so a requeued
+job would train again from step 0. Here ``checkpoint`` adds ``resume=<job dir>`` when the
+job has written ``<job dir>/checkpoints/last.ckpt``: the requeued job continues from the last
+checkpoint, in the same directory (``resume`` is left out of directory names, so the job
+dir does not change), with its TensorBoard series cut back to that checkpoint by
+``skipstudy.train``. How much work a preemption costs is set by how often ``last.ckpt`` is
+written: every epoch, or every ``checkpoint.every_n_train_steps`` steps.
+
+No `from __future__ import annotations`: Hydra's plugin scan executes this module without
+registering it in sys.modules.
+"""
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.singleton import Singleton
+from omegaconf import OmegaConf, open_dict
+
+LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
+
+
+def job_dir(launcher: Any, sweep_overrides: List[str], job_num: int,
+            singleton_state: Optional[Dict[type, Singleton]] = None) -> Path:
+    """The directory a job of this sweep writes to: ``hydra.sweep.dir/hydra.sweep.subdir``."""
+    assert launcher.hydra_context is not None and launcher.config is not None
+    if singleton_state is not None:
+        Singleton.set_state(singleton_state)
+    config = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, list(sweep_overrides))
+    with open_dict(config):
+        config.hydra.job.num = job_num
+        if config.hydra.job.get("id") is None:
+            config.hydra.job.id = f"job_id_for_{job_num}"
+    previous = HydraConfig.instance().cfg
+    HydraConfig.instance().set_config(config)
+    try:
+        subdir = str(OmegaConf.select(config, "hydra.sweep.subdir"))
+        return Path(str(config.hydra.sweep.dir), subdir).absolute()
+    finally:
+        HydraConfig.instance().cfg = previous
+
+
+def with_resume(sweep_overrides: List[str], run_dir: Path) -> List[str]:
+    """The job's overrides with ``resume=<run dir>`` when it has a last checkpoint."""
+    from skipstudy.sweep.jobs import override_key, quote
+
+    kept = [o for o in sweep_overrides if override_key(o) != "resume"]
+    if not (run_dir / LAST_CHECKPOINT).is_file():
+        return kept  # killed before its first checkpoint: start over (same directory)
+    return [*kept, f"resume={quote(str(run_dir))}"]
+
+
+class _ResumeOnRequeue:
+    """Mixin for submitit's Hydra launchers: requeued jobs resume from ``last.ckpt``."""
+
+    def checkpoint(self, sweep_overrides: List[str], job_dir_key: str, job_num: int, job_id: str,
+                   singleton_state: Dict[type, Singleton], *args: Any, **kwargs: Any) -> Any:
+        """Called by submitit in the job's process on preemption or timeout; returns the
+        submission SLURM requeues (same job, ``resume=<job dir>`` added)."""
+        import submitit
+
+        run_dir = job_dir(self, sweep_overrides, job_num, singleton_state)
+        overrides = with_resume(list(sweep_overrides), run_dir)
+        resumed = any(o.startswith("resume=") for o in overrides)
+        how = "from its last checkpoint" if resumed else "from the start (no checkpoint yet)"
+        print(f"[skipstudy] requeued: job #{job_num} continues {how} in {run_dir}", flush=True)
+        return submitit.helpers.DelayedSubmission(
+            self, overrides, job_dir_key, job_num, job_id, singleton_state, *args, **kwargs
+        )
+
+
+try:
+    from hydra_plugins.hydra_submitit_launcher import submitit_launcher
+except ImportError:  # hydra-submitit-launcher missing: no slurm launchers (and no broken plugin scan)
+    submitit_launcher = None
+
+if submitit_launcher is not None:
+
+    class SlurmLauncher(_ResumeOnRequeue, submitit_launcher.SlurmLauncher):
+        pass
+
+    class LocalLauncher(_ResumeOnRequeue, submitit_launcher.LocalLauncher):
+        pass
+

@@ -1,0 +1,437 @@
+"""Sweeps: experiment presets, the pool launcher, DDP inside a multirun, submitit, HParams.
+
+The launcher tests are real ``-m`` sweeps in subprocesses. The GPU-queue test drives the pool
+launcher with a tiny Hydra app (no torch import, so it takes seconds) and fake GPU ids; the
+others run ``skipstudy.train`` itself on the CPU with a few steps.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra.utils import get_object, instantiate
+
+from conftest import CONF_DIR, FAST, PYTHON, cli_env, compose_cfg
+from skipstudy.sweep import final_metrics as fm
+from skipstudy.sweep.ddp import last_scalars
+from skipstudy.sweep.jobs import (
+    failure_reason,
+    forwarded_flags,
+    job_hydra_overrides,
+    program_prefix,
+    single_run_command,
+)
+
+PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+# Subprocess sweeps get this long before the test calls them hung (a DDP rank waiting forever).
+TIMEOUT = 400
+
+
+def run(cmd: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def sweep_dirs(log_dir: Path, name: str) -> list[Path]:
+    return sorted((log_dir / name).glob("multirun_*"))
+
+
+def job_dirs(sweep: Path) -> list[Path]:
+    return sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def events(run_dir: Path) -> list[Path]:
+    return sorted(run_dir.glob("events.out.tfevents.*"))
+
+
+# ---------------------------------------------------------------- presets
+
+
+def test_the_six_studies_have_presets():
+    assert set(PRESETS) >= {
+        "resnet50_noBN_skip_cifar10", "resnet50_plain_tinyimagenet", "resnet18_cifar",
+        "mini_plain_vs_res", "he2016_depth", "quickstart",
+    }
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_composes_and_its_parts_build(preset, tmp_path):
+    """The composed preset builds its network, and its monitor layers exist in that network."""
+    cfg = compose_cfg([f"experiment={preset}"], tmp_path)
+    assert cfg.name == preset
+    for node in (cfg.dataset, cfg.model, cfg.optimizer):
+        assert get_object(node._target_) is not None
+    net = instantiate(cfg.model, num_classes=10, in_channels=3)
+    from skipstudy.models import check_input_size
+
+    check_input_size(net, cfg.dataset.image_size)
+    if "_target_" in cfg.monitor:
+        instantiate(cfg.monitor).resolve(net)  # a layer name the network lacks raises ConfigError
+
+
+def test_presets_reproduce_the_studies_settings(tmp_path):
+    c = compose_cfg(["experiment=resnet50_noBN_skip_cifar10"], tmp_path)
+    assert (c.model._target_, c.model.skip, c.model.norm, c.model.init) == ("skipstudy.models.resnet50", True, "none", "default")
+    assert (c.dataset.image_size, c.dataset.batch_size, c.trainer.max_epochs) == (224, 16, 10)
+    assert c.optimizer._target_ == "torch.optim.Adam" and c.optimizer.lr == 1e-3
+    layers = ["conv1", "layer1.0.conv1", "layer2.0.conv2", "layer3.5.conv3", "fc"]
+    assert list(c.monitor.layers) == layers
+
+    c = compose_cfg(["experiment=resnet50_plain_tinyimagenet"], tmp_path)
+    assert (c.model.skip, c.model.norm) == (False, "batch")
+    assert c.dataset._target_.endswith("TinyImageNetDataModule") and c.dataset.image_size == 224
+    assert (c.optimizer._target_, c.optimizer.lr, c.optimizer.momentum, c.dataset.batch_size) == ("torch.optim.SGD", 0.1, 0.9, 16)
+    assert list(c.monitor.layers) == layers[:4] + ["layer4.2.conv1", "fc"]
+
+    c = compose_cfg(["experiment=resnet18_cifar"], tmp_path)
+    assert (c.model.stem, c.dataset.augment, c.optimizer.lr, c.optimizer.weight_decay) == ("cifar", True, 0.1, 5e-4)
+    assert c.scheduler._target_ == "torch.optim.lr_scheduler.MultiStepLR"
+
+    c = compose_cfg(["experiment=mini_plain_vs_res"], tmp_path)
+    assert (c.model._target_, c.dataset.batch_size, c.trainer.max_epochs, c.optimizer.lr) == ("skipstudy.models.mini", 128, 10, 1e-3)
+    assert c.hydra.mode.name == "MULTIRUN" and dict(c.hydra.sweeper.params) == {"model.skip": "true,false"}
+
+    c = compose_cfg(["experiment=he2016_depth"], tmp_path)
+    assert c.hydra.mode.name == "MULTIRUN"
+    assert dict(c.hydra.sweeper.params) == {"model.depth": "20,32,44,56,110", "model.skip": "true,false"}
+    assert (c.optimizer.lr, c.optimizer.momentum, c.optimizer.weight_decay, c.dataset.batch_size) == (0.1, 0.9, 1e-4, 128)
+    assert (list(c.scheduler.milestones), c.scheduler.interval, c.scheduler.gamma) == ([32000, 48000], "step", 0.1)
+    assert c.trainer.max_steps == 64000 and c.trainer.max_epochs == -1
+
+    c = compose_cfg(["experiment=quickstart"], tmp_path)
+    assert c.dataset._target_.endswith("SyntheticDataModule") and c.trainer.accelerator == "cpu"
+
+
+# ---------------------------------------------------------------- job commands (unit)
+
+
+def test_a_job_becomes_the_single_run_a_user_would_type():
+    argv = ["/x/skipstudy/train.py", "-m", "--config-dir", "/my/conf", "model.skip=true,false", "hydra/launcher=pool"]
+    orig = ["python3", "-m", "skipstudy.train", *argv[1:]]
+    assert program_prefix(argv, orig) == [sys.executable, "-m", "skipstudy.train"]
+    assert program_prefix(["-c", "a=1"], ["python", "-c", "CODE", "a=1"]) == [sys.executable, "-c", "CODE"]
+    assert forwarded_flags(argv) == ["--config-dir", "/my/conf"]
+    assert job_hydra_overrides(["hydra/launcher=pool", "hydra.launcher.workers=2", "hydra.mode=MULTIRUN",
+                                "hydra.sweep.dir=/s", "hydra.verbose=true", "hydra.job.chdir=false"]) == [
+        "hydra.verbose=true", "hydra.job.chdir=false"]
+    cmd = single_run_command(["model.skip=true", "seed=1"], ["hydra.launcher.workers=2"], "/s/model.skip=true,seed=1",
+                             job_num=3, argv=argv, orig_argv=orig)
+    assert cmd == [sys.executable, "-m", "skipstudy.train", "--config-dir", "/my/conf", "model.skip=true", "seed=1",
+                   "hydra.mode=RUN", "hydra.run.dir='/s/model.skip=true,seed=1'", "hydra.job.num=3"]
+
+
+@pytest.mark.parametrize("output,code,reason", [
+    ("lots\nError: optimizer.lr=-1 must be a positive number\nmore\n", 2, "Error: optimizer.lr=-1 must be a positive number"),
+    ("Traceback (most recent call last):\n  File x\nRuntimeError: boom\n\nSet the environment variable HYDRA_FULL_ERROR=1 "
+     "for a complete stack trace.\n", 1, "RuntimeError: boom"),
+    ("epoch 0 ...\r step 3\r", -9, "killed by SIGKILL (out of memory?)"),
+    ("Diverged: non-finite loss at step 12\n", 3, "Diverged: non-finite loss at step 12"),
+])
+def test_failure_reason_is_one_line(output, code, reason):
+    assert failure_reason(output, code) == reason
+
+
+# ---------------------------------------------------------------- pool launcher mechanics
+
+TOY_APP = textwrap.dedent('''
+    import json, os, sys, time
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    @hydra.main(config_path=".", config_name="toy", version_base="1.3")
+    def main(cfg):
+        out = HydraConfig.get().runtime.output_dir
+        start = time.time()
+        time.sleep(cfg.sleep)
+        record = {"cuda": os.environ.get("CUDA_VISIBLE_DEVICES"), "start": start, "end": time.time(),
+                  "mode": str(HydraConfig.get().mode), "argv": sys.argv}
+        with open(os.path.join(out, "record.json"), "w") as f:
+            json.dump(record, f)
+        if cfg.fail:
+            print(f"Error: fail={cfg.fail} was asked for; use fail=false", file=sys.stderr)
+            sys.exit(2)
+        return cfg.sleep
+
+    if __name__ == "__main__":
+        main()
+''')
+TOY_CONF = textwrap.dedent('''
+    sleep: 0.1
+    fail: false
+    hydra:
+      sweep:
+        dir: sweep
+        subdir: ${hydra.job.override_dirname}
+''')
+
+
+@pytest.fixture
+def toy_app(tmp_path):
+    (tmp_path / "app.py").write_text(TOY_APP)
+    (tmp_path / "toy.yaml").write_text(TOY_CONF)
+    return tmp_path
+
+
+def test_pool_gives_each_job_a_free_gpu_of_its_own(toy_app):
+    """5 jobs of different lengths, 3 workers, 2 (fake) GPUs: a job waits for a free GPU, and
+    no two jobs ever hold the same GPU at the same time."""
+    sleeps = [1.5, 0.2, 0.8, 0.3, 0.1]
+    proc = run([PYTHON, "app.py", "-m", "hydra/launcher=pool", "hydra.launcher.workers=3", "hydra.launcher.gpus=[0,1]",
+                f"sleep={','.join(map(str, sleeps))}"], toy_app)
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(p.read_text()) for p in sorted((toy_app / "sweep").glob("*/record.json"))]
+    assert len(records) == 5
+    for r in records:
+        assert r["cuda"] in ("0", "1")
+        assert r["mode"] == "RunMode.RUN"  # each job is a single run of its own
+        assert "-m" not in r["argv"]
+    for i, a in enumerate(records):
+        for b in records[i + 1:]:
+            if a["cuda"] == b["cuda"]:
+                assert a["end"] <= b["start"] or b["end"] <= a["start"], (a, b)
+    status = json.loads((toy_app / "sweep" / "jobs.json").read_text())
+    assert [s["status"] for s in status] == ["completed"] * 5
+    assert all(s["gpus"] in (["0"], ["1"]) for s in status)
+    # The task function's return value came back to the sweep.
+    assert sorted(json.loads(p.read_text())["return_value"] for p in (toy_app / "sweep" / ".pool").glob("*.json")) == sorted(sleeps)
+
+
+def test_gpu_queue_hands_out_whole_sets_under_contention():
+    from hydra_plugins.skipstudy_launchers.pool_launcher import GpuQueue
+
+    pool = GpuQueue(["0", "1", "2", "3", "4"], per_job=2)
+    holders: dict[str, int] = {}
+    lock = threading.Lock()
+    seen_max = []
+
+    def job(k: int) -> None:
+        with pool.take() as gpus:
+            assert len(gpus) == 2
+            with lock:
+                for g in gpus:
+                    assert g not in holders, f"GPU {g} handed out twice"
+                    holders[g] = k
+                seen_max.append(len(holders))
+            time.sleep(0.01 * (k % 3))
+            with lock:
+                for g in gpus:
+                    del holders[g]
+
+    threads = [threading.Thread(target=job, args=(k,)) for k in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in threads)
+    assert max(seen_max) <= 4
+
+
+def test_pool_runs_n_cpu_jobs_without_a_gpu_and_reports_failures(toy_app):
+    env = cli_env()
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = run([PYTHON, "app.py", "-m", "hydra/launcher=pool", "hydra.launcher.workers=2", "fail=false,true", "sleep=0.5"],
+               toy_app, env)
+    assert proc.returncode == 1
+    assert "1 of 2 jobs completed, 1 failed" in proc.stderr
+    assert "fail=True: Error: fail=True was asked for; use fail=false" in proc.stderr
+    records = [json.loads(p.read_text()) for p in sorted((toy_app / "sweep").glob("*/record.json"))]
+    assert [r["cuda"] for r in records] == ["", ""]
+    # Two workers: the two jobs overlapped in time.
+    a, b = records
+    assert a["start"] < b["end"] and b["start"] < a["end"]
+
+
+# ---------------------------------------------------------------- skipstudy.train sweeps
+
+
+@pytest.mark.slow
+def test_pool_sweep_goes_on_past_a_failing_job(tmp_path):
+    """2x2 sweep, 2 workers; norm=batch with init=fixup is refused: 3 runs complete, the
+    failure is listed with its reason, and the sweep exits non-zero."""
+    cmd = [PYTHON, "-m", "skipstudy.train", "-m", "hydra/launcher=pool", "hydra.launcher.workers=2",
+           "model.norm=batch,none", "model.init=default,fixup", *FAST, "trainer.limit_train_batches=2", "monitor=off",
+           "trainer.enable_progress_bar=false", "name=pool", f"paths.log_dir={tmp_path / 'logs'}"]
+    proc = run(cmd, tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "3 of 4 jobs completed, 1 failed" in proc.stderr
+    failed_line = next(line for line in proc.stderr.splitlines() if line.startswith("  #"))
+    assert "model.norm=batch model.init=fixup: Error: model.init=fixup needs model.norm=none" in failed_line
+    (sweep,) = sweep_dirs(tmp_path / "logs", "pool")
+    runs = {p.name: p for p in job_dirs(sweep)}
+    assert len(runs) == 4
+    done = [p for name, p in runs.items() if "model.init=fixup" not in name or "model.norm=none" in name]
+    assert len(done) == 3
+    for run_dir in done:
+        assert len(events(run_dir)) == 1 and (run_dir / "checkpoints" / "last.ckpt").is_file()
+    bad = next(p for name, p in runs.items() if "model.init=fixup" in name and "model.norm=batch" in name)
+    assert not events(bad) and "Error: model.init=fixup" in (bad / "job.log").read_text()
+    status = json.loads((sweep / "jobs.json").read_text())
+    assert sorted(s["status"] for s in status) == ["completed", "completed", "completed", "failed"]
+
+
+@pytest.mark.slow
+def test_ddp_inside_a_multirun_runs_each_job_once(tmp_path):
+    """Two jobs, each DDP on the CPU with 2 processes (gloo). Rank 1 must not restart the
+    sweep: one sweep directory, exactly two run directories, one event file and one training
+    (2 steps) in each, and rank 1 ran in its job's directory."""
+    cmd = [PYTHON, "-m", "skipstudy.train", "-m", "model.skip=true,false", "trainer=ddp", "trainer.accelerator=cpu",
+           "trainer.devices=2", *FAST, "trainer.limit_train_batches=2", "monitor=off", "trainer.enable_progress_bar=false",
+           "name=ddp", f"paths.log_dir={tmp_path / 'logs'}"]
+    proc = run(cmd, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep,) = sweep_dirs(tmp_path / "logs", "ddp")  # a relaunched sweep would make a second one
+    runs = job_dirs(sweep)
+    assert len(runs) == 2
+    assert list((tmp_path / "logs" / "ddp").iterdir()) == [sweep]
+    for run_dir in runs:
+        (ev,) = events(run_dir)
+        from tbparse import SummaryReader
+
+        loss = SummaryReader(str(ev)).scalars.query("tag == 'train/loss'")
+        assert sorted(loss["step"]) == [0, 1]  # trained once, two steps
+        assert (run_dir / "train_ddp_process_1.log").is_file()  # Lightning's rank 1 of this job
+        assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert proc.stderr.count("Initializing distributed: GLOBAL_RANK: 1") == 2
+
+
+@pytest.mark.slow
+def test_submitit_local_launcher_runs_a_two_job_sweep_and_requeues_with_resume(tmp_path):
+    cmd = [PYTHON, "-m", "skipstudy.train", "-m", "hydra/launcher=slurm_local", "model.skip=true,false", *FAST,
+           "trainer.limit_train_batches=2", "monitor=off", "trainer.enable_progress_bar=false", "name=sub",
+           f"paths.log_dir={tmp_path / 'logs'}"]
+    proc = run(cmd, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep,) = sweep_dirs(tmp_path / "logs", "sub")
+    runs = job_dirs(sweep)
+    assert [p.name.split("model.skip=")[1].split(",")[0] for p in runs] == ["False", "True"]
+    for run_dir in runs:
+        assert len(events(run_dir)) == 1 and (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+    # Requeue: submitit calls the launcher's checkpoint() in the preempted job; the
+    # resubmitted job gets resume=<its own dir>, which holds last.ckpt.
+    from hydra.core.singleton import Singleton
+    from submitit.core.utils import DelayedSubmission
+
+    pickles = sorted((sweep / ".submitit").glob("*/*_submitted.pkl"))
+    assert len(pickles) == 2
+    state = Singleton.get_state()  # the job's pickled Hydra state replaces this process's
+    try:
+        delayed = DelayedSubmission.load(pickles[0])
+        requeued = delayed.function.checkpoint(*delayed.args, **delayed.kwargs)
+    finally:
+        Singleton.set_state(state)
+    overrides = requeued.args[0]
+    assert overrides[:-1] == list(delayed.args[0])
+    resume = overrides[-1]
+    assert resume.startswith("resume='") and resume.endswith("'")
+    assert Path(resume[len("resume='"):-1]) in runs
+
+
+@pytest.mark.slow
+def test_quickstart_runs_and_fills_the_hparams_dashboard(tmp_path):
+    cmd = [PYTHON, "-m", "skipstudy.train", "experiment=quickstart", "trainer.max_epochs=1", "trainer.limit_train_batches=4",
+           "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", f"paths.log_dir={tmp_path / 'logs'}"]
+    proc = run(cmd, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = (tmp_path / "logs" / "quickstart").glob("*/*")
+    last = last_scalars(run_dir)
+    # The smallest output-gradient RMS of the first tracked layer over the recorded steps.
+    stats = json.loads((run_dir / "grad_stats.json").read_text())
+    first = stats["layers"][0]
+    series = [v for v in stats["series"][f"grad_rms/output/{first}"] if v is not None]
+    assert len(series) == 4
+    assert last[fm.MIN_FIRST_LAYER_GRAD_RMS] == pytest.approx(min(series), rel=1e-5)
+    assert last[fm.DIVERGED] == 0.0
+    assert 0.0 <= last["val/acc"] <= 1.0
+    # The HParams plugin declares the four final metrics and records the overrides column.
+    declared, overrides = hparams_declaration(run_dir)
+    assert {"val/acc", "val/loss", fm.MIN_FIRST_LAYER_GRAD_RMS, fm.DIVERGED} <= declared
+    assert "trainer.max_epochs=1" in overrides
+
+
+def hparams_declaration(run_dir: Path) -> tuple[set[str], str]:
+    """(metric tags the HParams plugin declares, the run's 'overrides' hparam)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")
+    exp = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    return {m.name.tag for m in exp.metric_infos}, start.hparams["overrides"].string_value
+
+
+PATCH_CIFAR = (
+    "import runpy, sys; from torchvision import datasets; "
+    # The shared mini copy is a real subset: its MD5 sums differ from the official release.
+    "datasets.CIFAR10._check_integrity = lambda self: True; "
+    "sys.argv[0] = 'skipstudy.train'; runpy.run_module('skipstudy.train', run_name='__main__', alter_sys=True)"
+)
+
+
+@pytest.mark.slow
+def test_mini_plain_vs_res_sweeps_skip_on_real_cifar10(tmp_path, shared_data):
+    """The preset is a sweep by itself (no -m): one run per model.skip value."""
+    cmd = [PYTHON, "-c", PATCH_CIFAR, "experiment=mini_plain_vs_res", f"dataset.root={shared_data / 'cifar10-mini'}",
+           "dataset.loader=device", "dataset.batch_size=32", "trainer.max_epochs=1", "trainer.limit_train_batches=3",
+           "trainer.limit_val_batches=2", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+           f"paths.log_dir={tmp_path / 'logs'}"]
+    proc = run(cmd, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep,) = sweep_dirs(tmp_path / "logs", "mini_plain_vs_res")
+    runs = job_dirs(sweep)
+    assert len(runs) == 2
+    assert sorted("model.skip=true" in p.name.lower() for p in runs) == [False, True]
+    for run_dir in runs:
+        last = last_scalars(run_dir)
+        assert 0.0 <= last["val/acc"] <= 1.0 and np.isfinite(last["val/loss"])
+        assert fm.MIN_FIRST_LAYER_GRAD_RMS in last and last[fm.DIVERGED] == 0.0
+
+
+# ---------------------------------------------------------------- final metrics (unit)
+
+
+class _Series:
+    def __init__(self, tags, rows):
+        self.tags, self.rows = tags, [np.asarray(r, dtype=np.float32) for r in rows]
+
+
+class _Monitor:
+    def __init__(self, rows, diverged_at=None, nonfinite=()):
+        self.layer_names = ["conv1", "fc"]
+        self.series = _Series(["grad_rms/output/conv1", "grad_rms/output/fc"], rows)
+        self.diverged_at = diverged_at
+        self.nonfinite_steps = list(nonfinite)
+
+
+class _Trainer:
+    def __init__(self, **metrics):
+        import torch
+
+        self.callback_metrics = {k: torch.tensor(v) for k, v in metrics.items()}
+
+
+def test_final_metrics_summarise_the_run_from_real_values_only():
+    mon = _Monitor([[0.5, 9.0], [np.nan, 1.0], [0.25, 3.0], [0.75, 0.1]])
+    assert fm.final_metrics(_Trainer(**{"train/loss": 1.0, "val/loss": 2.0}), mon) == {
+        fm.MIN_FIRST_LAYER_GRAD_RMS: 0.25, fm.DIVERGED: 0.0}
+    assert fm.final_metrics(_Trainer(**{"train/loss": float("nan")}), None) == {fm.DIVERGED: 1.0}
+    assert fm.final_metrics(_Trainer(), _Monitor([[0.5, 1.0]], diverged_at=(3, "fc")))[fm.DIVERGED] == 1.0
+    assert fm.final_metrics(_Trainer(), None) == {}  # nothing measured, nothing logged
+
+
+def test_every_launcher_config_composes(tmp_path):
+    for launcher in ("pool", "slurm", "slurm_local"):
+        cfg = compose_cfg([f"hydra/launcher={launcher}"], tmp_path)
+        assert get_object(cfg.hydra.launcher._target_) is not None
+    cfg = compose_cfg(["hydra/launcher=slurm"], tmp_path)
+    for key in ("gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min", "partition", "max_num_timeout"):
+        assert key in cfg.hydra.launcher
