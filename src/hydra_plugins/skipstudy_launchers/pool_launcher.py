@@ -17,7 +17,8 @@ job at once, and Ray needs a cluster runtime for what is a queue and a few proce
   all GPUs are busy;
 - a failed job does not stop the others. At the end the launcher lists every failed job's
   overrides with a one-line reason (its ``Error: ...`` line or exception) and the sweep exits
-  with status 1. ``<sweep dir>/jobs.json`` records every job's status, reason, GPUs and time.
+  with status 1. ``<sweep dir>/jobs.json`` records every job's status, reason, GPUs and time;
+  ``<sweep dir>/.pool/job<#>.log`` holds each job's stdout and stderr.
 
 With no GPU (or ``hydra.launcher.gpus=[]``) it runs ``workers`` CPU jobs at once, each with
 ``OMP_NUM_THREADS`` = cores / workers unless set, so parallel jobs do not oversubscribe the CPU.
@@ -51,7 +52,10 @@ log = logging.getLogger(__name__)
 
 # The child writes its task function's return value here (see ReturnValueWriter).
 RETURN_ENV = "SKIPSTUDY_POOL_RETURN"
-JOB_LOG = "job.log"
+# Per-job files of the launcher live in <sweep dir>/.pool/, not in the job's run directory:
+# skipstudy.train removes the run directory of a job it refuses (bad input leaves no run
+# behind), and the job's output must survive to say why.
+POOL_DIR = ".pool"
 # Job statuses that count as done (a diverged run is a result, not a failure).
 DONE = ("completed", "diverged")
 
@@ -165,6 +169,7 @@ class _Job:
     run_dir: Path
     command: List[str]
     return_file: Path
+    log_file: Path
     status: str = "pending"
     returncode: Optional[int] = None
     reason: Optional[str] = None
@@ -250,12 +255,13 @@ class PoolLauncher(Launcher):
         with read_write(sweep_config.hydra.runtime), open_dict(sweep_config.hydra.runtime):
             sweep_config.hydra.runtime.output_dir = str(run_dir)
         hydra_overrides = OmegaConf.to_container(self.config.hydra.overrides.hydra)
-        return_file = sweep_dir / ".pool" / f"job{idx}.json"
+        return_file = sweep_dir / POOL_DIR / f"job{idx}.json"
+        log_file = sweep_dir / POOL_DIR / f"job{idx}.log"
         command = single_run_command(
             list(overrides), hydra_overrides, str(run_dir), job_num=idx,
             extra=[f"++hydra.callbacks.skipstudy_pool_return._target_={__name__}.ReturnValueWriter"],
         )
-        return _Job(idx, list(overrides), sweep_config, run_dir, command, return_file)
+        return _Job(idx, list(overrides), sweep_config, run_dir, command, return_file, log_file)
 
     # ------------------------------------------------------------------ running
 
@@ -278,9 +284,9 @@ class PoolLauncher(Launcher):
             job.gpus = gpus
             where = f"GPU {','.join(gpus)}" if gpus else "CPU"
             log.info(f"\t#{job.idx} : {job.label} : started on {where}")
-            job.run_dir.mkdir(parents=True, exist_ok=True)
+            job.log_file.parent.mkdir(parents=True, exist_ok=True)
             job.return_file.unlink(missing_ok=True)
-            log_path = job.run_dir / JOB_LOG
+            log_path = job.log_file
             start = time.perf_counter()
             job.started = time.time()
             with open(log_path, "ab") as out:
@@ -405,7 +411,7 @@ class PoolLauncher(Launcher):
                  f"{len(failed)} failed:"]
         for job in failed:
             lines.append(f"  #{job.idx} {job.label}: {job.reason}")
-        lines.append(f"Each job's output is in <job dir>/{JOB_LOG}; all jobs: {sweep_dir / 'jobs.json'}")
+        lines.append(f"Each job's output: {sweep_dir / POOL_DIR}/job<#>.log; all jobs: {sweep_dir / 'jobs.json'}")
         return "\n".join(lines)
 
     @staticmethod
@@ -423,6 +429,7 @@ class PoolLauncher(Launcher):
                 "num": job.idx,
                 "overrides": job.overrides,
                 "dir": str(job.run_dir),
+                "log": str(job.log_file),
                 "status": job.status,
                 "reason": job.reason,
                 "returncode": job.returncode,
