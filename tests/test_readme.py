@@ -43,6 +43,13 @@ EXERCISED = {
         "test_probes.py::test_readme_probe_commands",
     "python -m skipstudy.train 'probes.names=[feature_maps,lesion]' 'probes.at_epochs=[0,5,10]' probes.batches=2":
         "test_probes.py::test_readme_probe_commands",
+    "python -m skipstudy.train experiment=mini_plain_vs_res": "test_sweeps.py::test_mini_plain_vs_res_sweeps_skip_on_real_cifar10",
+    "python -m skipstudy.train experiment=he2016_depth hydra/launcher=pool": "test_sweeps.py::test_readme_sweep_commands",
+    "python -m skipstudy.train -m hydra/launcher=pool hydra.launcher.workers=4 model=cifar_resnet model.depth=20,56 "
+    "model.skip=true,false seed=0,1": "test_sweeps.py::test_readme_sweep_commands",
+    "python -m skipstudy.train experiment=he2016_depth hydra/launcher=slurm hydra.launcher.partition=gpu":
+        "test_sweeps.py::test_readme_sweep_commands",
+    "python -m skipstudy.train -m model.skip=true,false trainer=ddp": "test_sweeps.py::test_ddp_inside_a_multirun_runs_each_job_once",
 }
 
 

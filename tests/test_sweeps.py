@@ -433,3 +433,23 @@ def test_every_launcher_config_composes(tmp_path):
     cfg = compose_cfg(["hydra/launcher=slurm"], tmp_path)
     for key in ("gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min", "partition", "max_num_timeout"):
         assert key in cfg.hydra.launcher
+
+
+def test_readme_sweep_commands(tmp_path):
+    """Each command of the README's Sweeps section composes (with a sweep's first value per
+    key) and names a launcher that imports; the launchers themselves run in the tests above."""
+    import re
+    import shlex
+
+    from conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Sweeps", 1)[1].split("\n## ", 1)[0]
+    commands = [line.strip() for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+                for line in block.splitlines() if line.strip().startswith("python -m skipstudy.train")]
+    assert len(commands) >= 5
+    for command in commands:
+        args = [a for a in shlex.split(command)[3:] if a != "-m"]
+        args = [a.split(",")[0] if "=" in a and "[" not in a else a for a in args]
+        cfg = compose_cfg(args, tmp_path)
+        assert get_object(cfg.hydra.launcher._target_) is not None, command
