@@ -203,6 +203,21 @@ def test_pool_gives_each_job_a_free_gpu_of_its_own(toy_app):
     assert sorted(json.loads(p.read_text())["return_value"] for p in (toy_app / "sweep" / ".pool").glob("*.json")) == sorted(sleeps)
 
 
+@pytest.mark.gpu
+def test_pool_finds_the_machines_gpus(toy_app):
+    """Without hydra.launcher.gpus/workers: one worker per visible GPU, each job on one of them."""
+    import torch
+
+    env = cli_env()
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    proc = run([PYTHON, "app.py", "-m", "hydra/launcher=pool", "sleep=0.3,0.2,0.1"], toy_app, env)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{min(torch.cuda.device_count(), 3)} at a time" in proc.stdout + proc.stderr
+    ids = {str(i) for i in range(torch.cuda.device_count())}
+    records = [json.loads(p.read_text()) for p in (toy_app / "sweep").glob("*/record.json")]
+    assert len(records) == 3 and all(r["cuda"] in ids for r in records)
+
+
 def test_gpu_queue_hands_out_whole_sets_under_contention():
     from hydra_plugins.skipstudy_launchers.pool_launcher import GpuQueue
 
