@@ -327,24 +327,34 @@ def test_submitit_local_launcher_runs_a_two_job_sweep_and_requeues_with_resume(t
     for run_dir in runs:
         assert len(events(run_dir)) == 1 and (run_dir / "checkpoints" / "last.ckpt").is_file()
 
-    # Requeue: submitit calls the launcher's checkpoint() in the preempted job; the
-    # resubmitted job gets resume=<its own dir>, which holds last.ckpt.
-    from hydra.core.singleton import Singleton
-    from submitit.core.utils import DelayedSubmission
-
+    # Requeue: submitit calls the launcher's checkpoint() in the preempted job's process and
+    # resubmits what it returns. Here, in a fresh process: checkpoint() of job 0, plus
+    # trainer.max_epochs=2 to leave it work to do, then the resubmitted job itself.
     pickles = sorted((sweep / ".submitit").glob("*/*_submitted.pkl"))
     assert len(pickles) == 2
-    state = Singleton.get_state()  # the job's pickled Hydra state replaces this process's
-    try:
-        delayed = DelayedSubmission.load(pickles[0])
+    requeue = textwrap.dedent(f"""
+        import json
+        from submitit.core.utils import DelayedSubmission
+        delayed = DelayedSubmission.load({str(pickles[0])!r})
         requeued = delayed.function.checkpoint(*delayed.args, **delayed.kwargs)
-    finally:
-        Singleton.set_state(state)
-    overrides = requeued.args[0]
-    assert overrides[:-1] == list(delayed.args[0])
-    resume = overrides[-1]
-    assert resume.startswith("resume='") and resume.endswith("'")
-    assert Path(resume[len("resume='"):-1]) in runs
+        print("OVERRIDES", json.dumps(requeued.args[0]))
+        requeued.args = (requeued.args[0] + ["trainer.max_epochs=2"], *requeued.args[1:])
+        print("STATUS", requeued.result().status.name)
+    """)
+    env = cli_env()
+    env["SUBMITIT_DEBUG_JOB_ID"] = "requeued"  # submitit's environment for a job run in-process
+    proc = run([PYTHON, "-c", requeue], tmp_path, env)
+    assert "STATUS COMPLETED" in proc.stdout, proc.stderr[-3000:]
+    overrides = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("OVERRIDES"))[9:])
+    resumed = Path(overrides[0][len("resume='"):-1])
+    assert resumed in runs and overrides[1:] == [f"hydra.sweep.dir='{sweep}'", f"hydra.sweep.subdir='{resumed.name}'"]
+    assert job_dirs(sweep) == runs  # same directory, no new one
+    from tbparse import SummaryReader
+
+    steps = SummaryReader(str(resumed)).scalars.query("tag == 'train/loss'")["step"]
+    assert sorted(steps) == [0, 1, 2, 3]  # epoch 1 continued from the checkpoint at step 2
+    info = json.loads((resumed / "run_info.json").read_text())
+    assert [r["from_step"] for r in info["resumes"]] == [2]
 
 
 @pytest.mark.slow
