@@ -386,7 +386,9 @@ class PoolLauncher(Launcher):
                 if job.status not in DONE:
                     ret.return_value = SweepFailed(summary)
         else:
-            log.info(f"All {len(jobs)} jobs completed; sweep dir {sweep_dir}")
+            diverged = sum(job.status == "diverged" for job in jobs)
+            note = f" ({diverged} diverged)" if diverged else ""
+            log.info(f"All {len(jobs)} jobs completed{note}; sweep dir {sweep_dir}")
         return returns
 
     def _job_return(self, job: _Job) -> JobReturn:
