@@ -157,6 +157,9 @@ TOY_APP = textwrap.dedent('''
         if cfg.fail:
             print(f"Error: fail={cfg.fail} was asked for; use fail=false", file=sys.stderr)
             sys.exit(2)
+        if cfg.diverge:  # as skipstudy.train reports a run that diverged
+            print("Diverged: non-finite loss at step 3", file=sys.stderr)
+            sys.exit(3)
         return cfg.sleep
 
     if __name__ == "__main__":
@@ -165,6 +168,7 @@ TOY_APP = textwrap.dedent('''
 TOY_CONF = textwrap.dedent('''
     sleep: 0.1
     fail: false
+    diverge: false
     hydra:
       sweep:
         dir: sweep
@@ -261,6 +265,14 @@ def test_pool_runs_n_cpu_jobs_without_a_gpu_and_reports_failures(toy_app):
     # Two workers: the two jobs overlapped in time.
     a, b = records
     assert a["start"] < b["end"] and b["start"] < a["end"]
+
+
+def test_pool_counts_a_diverged_run_as_done(toy_app):
+    proc = run([PYTHON, "app.py", "-m", "hydra/launcher=pool", "diverge=false,true"], toy_app)
+    assert proc.returncode == 0, proc.stderr
+    status = json.loads((toy_app / "sweep" / "jobs.json").read_text())
+    assert [s["status"] for s in status] == ["completed", "diverged"]
+    assert status[1]["reason"] == "Diverged: non-finite loss at step 3"
 
 
 # ---------------------------------------------------------------- skipstudy.train sweeps
