@@ -62,6 +62,14 @@ SECTION = "## End-to-end throughput"
 RESULT_MARK = "BENCH_RESULT "
 
 SETUPS = ("notebook", "skipstudy", "skipstudy, monitor off", "raw loop", "model-only")
+# skipstudy set-ups and the config overrides that make them (on top of the workload's).
+SKIPSTUDY_OVERRIDES = {
+    "skipstudy": [],
+    "skipstudy, monitor off": ["monitor=off"],
+    # Not a default on the CPU (fast.channels_last=auto is on for CUDA only): shows what it gives there.
+    "skipstudy, channels_last": ["fast.channels_last=true"],
+    "skipstudy, compile, monitor off": ["fast.compile=true", "monitor=off"],
+}
 COMPILE_SETUP = "skipstudy, compile, monitor off"
 
 
@@ -92,7 +100,7 @@ WORKLOADS = {
     for w in (
         Workload("cifar-resnet20-32px", "cifar10", ("model=cifar_resnet", "model.depth=20"), 32, 128,
                  ("conv1", "layer1.0.conv1", "layer2.0.conv1", "layer3.2.conv2", "fc"), gpu=False,
-                 note="CPU targets"),
+                 setups=(*SETUPS, "skipstudy, channels_last"), note="CPU targets"),
         Workload("resnet50-224px-tiny-imagenet", "tiny_imagenet", ("model=resnet50",), 224, 128,
                  ("conv1", "layer1.0.conv1", "layer3.0.conv1", "layer4.2.conv3", "fc"), gpu=True,
                  note="GPU targets"),
@@ -278,6 +286,8 @@ def worker(spec: dict) -> dict:
     """Run one set-up of one workload; returns the measurement."""
     import torch
 
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     base_mib = rss_mib("VmRSS")
     workload = Workload(**{**spec["workload"], "model": tuple(spec["workload"]["model"]),
                            "studied": tuple(spec["workload"]["studied"]), "setups": tuple(spec["workload"]["setups"])})
@@ -458,11 +468,7 @@ def overrides(workload: Workload, setup: str, args, device: str, n_train: int, t
         ov += ["trainer.max_epochs=2"]
     else:
         ov += ["trainer.max_epochs=1", f"trainer.max_steps={total_steps}"]
-    if "monitor off" in setup:
-        ov.append("monitor=off")
-    if "compile" in setup:
-        ov.append("fast.compile=true")
-    return ov
+    return ov + SKIPSTUDY_OVERRIDES.get(setup, [])
 
 
 def user_command(workload: Workload, setup: str, args, device: str, n_train: int, total: int) -> str:
@@ -480,7 +486,7 @@ def run_one(workload: Workload, setup: str, args, device: str) -> dict:
     spec = {
         "workload": {**asdict(workload), "batch_size": batch, "image_size": args.image_size or workload.image_size},
         "setup": setup, "device": device, "steps": args.steps, "warmup": args.warmup, "count": args.count,
-        "workers": args.workers, "n_train": n_train, "run_dir": run_dir,
+        "workers": args.workers, "threads": args.threads, "n_train": n_train, "run_dir": run_dir,
         "overrides": overrides(workload, setup, args, device, n_train, total),
     }
     env = dict(os.environ, PYTHONWARNINGS="ignore")
@@ -537,12 +543,12 @@ def fmt_ratio(x: float | None) -> str:
 
 
 def table(rows: dict) -> str:
-    lines = ["| workload | set-up | device | precision | batch | px | data | images/s (median) | min-max | "
+    lines = ["| workload | set-up | device | precision | layout | batch | px | data | images/s (median) | min-max | "
              "vs notebook | vs model-only | peak memory MiB | scalar reads/step |",
-             "|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for (wname, setup), row in rows.items():
         if row.skipped:
-            lines.append(f"| {wname} | {setup} | {row.device} | - | {row.batch} | {row.image_size} | - | "
+            lines.append(f"| {wname} | {setup} | {row.device} | - | - | {row.batch} | {row.image_size} | - | "
                          f"{row.skipped} | - | - | - | - | - |")
             continue
         rates = [r["images_per_s"] for r in row.runs]
@@ -552,7 +558,8 @@ def table(rows: dict) -> str:
         peak = f"{row.peak:,.0f}" + (f" (RSS; {row.first('base_mib', 0):,.0f} after imports)"
                                      if row.first("peak_kind") == "VmHWM" else "")
         lines.append(
-            f"| {wname} | {setup} | {row.device} | {row.first('precision')} | {row.batch} | {row.image_size} | "
+            f"| {wname} | {setup} | {row.device} | {row.first('precision')} | "
+            f"{'channels_last' if row.first('channels_last') else 'contiguous'} | {row.batch} | {row.image_size} | "
             f"{row.first('data')} | {rate} | {min(rates):,.1f}-{max(rates):,.1f} (n={len(rates)}) | "
             f"{fmt_ratio(ratio(rows, wname, setup, 'notebook'))} | {fmt_ratio(ratio(rows, wname, setup, 'model-only'))} | "
             f"{peak} | {'-' if reads is None else f'{reads:g}'} |")
@@ -651,9 +658,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the table shows medians")
     parser.add_argument("--workers", type=int, default=4, help="DataLoader workers, notebook and skipstudy alike "
                         "(4 = dataset.num_workers default)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads in every set-up (0: torch's default, one per core)")
     parser.add_argument("--batch-size", type=int, default=None, help="override every workload's batch size")
     parser.add_argument("--image-size", type=int, default=None, help="override every workload's image size")
-    parser.add_argument("--setups", nargs="+", choices=[*SETUPS, COMPILE_SETUP], default=None,
+    parser.add_argument("--setups", nargs="+", choices=[*SETUPS, *SKIPSTUDY_OVERRIDES], default=None,
                         help="run only these set-ups (default: all of each workload)")
     parser.add_argument("--compile", action="store_true", help=f"add a '{COMPILE_SETUP}' row (slow to compile)")
     parser.add_argument("--quick", action="store_true",
@@ -677,6 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     args.tmp = tmp.name
     args.cache_dir = str(Path(tmp.name) / "cache")
 
+    load_before = os.getloadavg()[0]
     rows: dict[tuple[str, str], Row] = {}
     plan = []
     for name in args.workloads:
@@ -704,12 +714,15 @@ def main(argv: list[str] | None = None) -> int:
     verdicts = targets(rows, device == "cuda")
     command = "python scripts/benchmark.py" + (" " + shlex.join(argv) if argv else "")
     elapsed = time.perf_counter() - started
+    load_after = os.getloadavg()[0]
     entry = "\n".join([
         f"### {datetime.date.today().isoformat()}: {device_text(device)}",
         "",
         f"Command: `{command}` ({elapsed:.0f} s; {args.repeats} interleaved rounds x {args.steps} timed steps "
         f"after {args.warmup} warm-up)  ",
         f"Versions: {versions()}  ",
+        f"torch threads per set-up: {args.threads or 'default'}; DataLoader workers: {args.workers}; "
+        f"load average (1 min) before/after: {load_before:.2f}/{load_after:.2f} (other work shares this machine)  ",
         "Equivalent training command of the skipstudy rows (the benchmark adds a timing callback and tiles "
         "the mini data set):  ",
         *[f"`{user_command(WORKLOADS[n], 'skipstudy', args, device, 0, args.warmup + args.steps + args.count)}`  "

@@ -258,11 +258,14 @@ def test_benchmark_runs_end_to_end_and_writes_the_table(shared_data, tmp_path):
     assert "torch " in text and "no GPU" in text
     rows = [line for line in text.splitlines() if line.startswith("| cifar-resnet20-32px |")]
     setups = [line.split(" | ")[1] for line in rows]
-    assert setups == ["notebook", "skipstudy", "skipstudy, monitor off", "raw loop", "model-only"]
+    assert setups == ["notebook", "skipstudy", "skipstudy, monitor off", "raw loop", "model-only",
+                      "skipstudy, channels_last"]
     for line in rows:
         cells = [c.strip() for c in line.strip("|").split("|")]
-        assert float(cells[7].replace(",", "")) > 0  # images/s
-        assert float(cells[11].split()[0].replace(",", "")) > 100  # peak RSS MiB of a torch process
+        assert float(cells[8].replace(",", "")) > 0  # images/s
+        assert float(cells[12].split()[0].replace(",", "")) > 100  # peak RSS MiB of a torch process
+    layouts = dict(zip(setups, [line.split(" | ")[4] for line in rows]))
+    assert layouts["skipstudy"] == "contiguous" and layouts["skipstudy, channels_last"] == "channels_last"
     # GPU workloads are never estimated on a CPU-only machine.
     for name in ("resnet50-224px-tiny-imagenet", "cifar-resnet56-epoch"):
         gpu_rows = [line for line in text.splitlines() if line.startswith(f"| {name} |")]
