@@ -85,12 +85,14 @@ class NotebookMonitor(Callback):
 
 
 class Timer(Callback):
-    """Wall time of each training step after the warm-up (batch start to batch end)."""
+    """Wall time and process CPU time of each training step after the warm-up (batch start to
+    batch end). CPU time counts the work done whatever else runs on the machine; with one
+    torch thread no thread spins in a barrier, so it is the steadier measure on a shared CPU."""
 
     def __init__(self, warmup: int) -> None:
         self.warmup = warmup
-        self.times: list[float] = []
-        self._t = 0.0
+        self.times: list[tuple[float, float]] = []
+        self._t = (0.0, 0.0)
 
     def _sync(self, pl_module):
         if pl_module.device.type == "cuda":
@@ -99,12 +101,12 @@ class Timer(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx >= self.warmup:
             self._sync(pl_module)
-            self._t = time.perf_counter()
+            self._t = (time.perf_counter(), time.process_time())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if batch_idx >= self.warmup:
             self._sync(pl_module)
-            self.times.append(time.perf_counter() - self._t)
+            self.times.append((time.perf_counter() - self._t[0], time.process_time() - self._t[1]))
 
 
 def build_net(model: str) -> nn.Module:
@@ -115,7 +117,7 @@ def build_net(model: str) -> nn.Module:
     return getattr(models, model)(1000 if model.startswith("resnet") else 10)
 
 
-def run_once(kind: str, net0: nn.Module, batches, args, tmp: Path) -> list[float]:
+def run_once(kind: str, net0: nn.Module, batches, args, tmp: Path) -> list[tuple[float, float]]:
     net = copy.deepcopy(net0)
     timer = Timer(args.warmup)
     callbacks: list[Callback] = [timer]
@@ -198,7 +200,7 @@ def main() -> None:
     batches = DataLoader(made, batch_size=None)  # whole pre-made batches, no collation
     load_before = os.getloadavg()[0]
     kinds = ["none", "monitor", "notebook"]
-    step_times: dict[str, list[float]] = defaultdict(list)
+    step_times: dict[str, list[tuple[float, float]]] = defaultdict(list)
     t0 = time.perf_counter()
     import logging
 
@@ -209,21 +211,25 @@ def main() -> None:
             for kind in order:
                 times = run_once(kind, net0, batches, args, Path(tmp))
                 step_times[kind] += times
-                print(f"repeat {r + 1}/{args.repeats} {kind:9s} {len(times) / sum(times):7.3f} steps/s", flush=True)
+                wall = sum(t for t, _ in times)
+                print(f"repeat {r + 1}/{args.repeats} {kind:9s} {len(times) / wall:7.3f} steps/s", flush=True)
     wall = time.perf_counter() - t0
     load_after = os.getloadavg()[0]
 
     # Per-step times pooled over repeats; the median step resists bursts of load from other
-    # processes better than a mean over a run. steps/s = 1 / median step time.
-    base = statistics.median(step_times["none"])
+    # processes better than a mean over a run. steps/s = 1 / median wall time of a step.
+    def median(kind: str, i: int) -> float:
+        return statistics.median(t[i] for t in step_times[kind])
+
     env = environment(args)
-    table = ["| row | steps/s (1 / median step) | median step (ms) | fastest step (ms) | steps timed | time per step vs none |",
-             "|---|---:|---:|---:|---:|---:|"]
+    table = ["| row | steps/s (1 / median step) | median step wall (ms) | median step CPU (ms) | steps timed "
+             "| overhead, wall | overhead, CPU time |", "|---|---:|---:|---:|---:|---:|---:|"]
     for kind in kinds:
-        t = step_times[kind]
-        med = statistics.median(t)
-        over = "-" if kind == "none" else f"{(med / base - 1) * 100:+.1f}%"
-        table.append(f"| {kind} | {1 / med:.3f} | {med * 1e3:.0f} | {min(t) * 1e3:.0f} | {len(t)} | {over} |")
+        wall, cpu = median(kind, 0), median(kind, 1)
+        over = ["-", "-"] if kind == "none" else [
+            f"{(wall / median('none', 0) - 1) * 100:+.1f}%", f"{(cpu / median('none', 1) - 1) * 100:+.1f}%"]
+        table.append(f"| {kind} | {1 / wall:.3f} | {wall * 1e3:.0f} | {cpu * 1e3:.0f} | {len(step_times[kind])} "
+                     f"| {over[0]} | {over[1]} |")
     command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
     label = "CIFAR ResNet-20" if args.model == "cifar_resnet20" else args.model
     print("\n".join(table))
@@ -237,8 +243,9 @@ Lightning Trainer, `scripts/bench_monitor.py`. `none`: no monitor. `monitor`: Gr
 and Linear every step with activation statistics, TensorBoard scalars and JSON export (`conf/monitor/default.yaml`).
 `notebook`: the notebooks' monitor, `register_full_backward_hook` + `grad_output[0].norm().item()` per layer per step.
 The three alternate within each repeat (order rotated) on the same batches: {args.repeats} repeats of
-{args.steps} timed steps after {args.warmup} warm-up steps; steps/s is 1 / the median step time over all timed
-steps of a row. Overhead = median step time relative to `none`.
+{args.steps} timed steps after {args.warmup} warm-up steps; steps/s is 1 / the median wall time of a step over
+all timed steps of a row. Overhead = median step time relative to `none`, in wall time and in process CPU
+time (the work done; steadier than wall time when other jobs share the CPU, exact with one torch thread).
 Target: <= 10% on the CPU (CIFAR ResNet-20, batch 128), <= 3% on a GPU (ResNet-50, batch 256, bf16).
 
 ### {dt.date.today().isoformat()}: {env['device']}

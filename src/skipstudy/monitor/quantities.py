@@ -56,8 +56,24 @@ def activation_sums(y: Tensor) -> Tensor:
     dt = _acc_dtype(y)
     s1 = y.sum(dtype=dt).to(SUM_DTYPE)
     s2 = torch.linalg.vector_norm(y, dtype=dt).to(SUM_DTYPE).square()
-    nonzero = torch.count_nonzero(y).to(SUM_DTYPE)
-    return torch.stack((s1.new_full((), y.numel()), s1, s2, nonzero))
+    return torch.stack((s1.new_full((), y.numel()), s1, s2, _nonzeros(y)))
+
+
+# float32 sums of ones are exact below 2**24.
+_COUNT_CHUNK = 1 << 23
+
+
+def _nonzeros(y: Tensor) -> Tensor:
+    """Number of nonzero elements, as a float64 0-d tensor."""
+    if y.device.type != "cpu":
+        return torch.count_nonzero(y).to(SUM_DTYPE)  # one pass on an accelerator
+    # On the CPU count_nonzero branches per element: on post-ReLU data (half zeros) it took
+    # 8.7 ms for a 128x16x32x32 tensor against 0.35 ms for |sign(y)| summed (1 thread).
+    ones = torch.sign(y).abs_()
+    if ones.numel() <= _COUNT_CHUNK:
+        return ones.sum(dtype=torch.float32).to(SUM_DTYPE)
+    parts = [c.sum(dtype=torch.float32) for c in ones.reshape(-1).split(_COUNT_CHUNK)]
+    return torch.stack(parts).to(SUM_DTYPE).sum()
 
 
 @dataclass(frozen=True)
