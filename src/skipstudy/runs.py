@@ -234,3 +234,57 @@ def remove_if_unused(run_dir: Path, resume: Any = None) -> None:
     import shutil
 
     shutil.rmtree(run_dir, ignore_errors=True)
+    for parent in (run_dir.parent, run_dir.parent.parent):  # <overrides>/ and <name>/ if now empty
+        try:
+            parent.rmdir()
+        except OSError:
+            break
+
+
+def check_trainer_args(trainer_cfg: Any) -> None:
+    """Refuse ``trainer.<key>`` values of a type ``lightning.Trainer`` cannot take (a string
+    where it expects a number), with the key, before anything is built; Lightning itself
+    would fail later with a bare assertion."""
+    import typing
+
+    import lightning as L
+
+    try:
+        hints = typing.get_type_hints(L.Trainer.__init__)
+    except Exception:  # noqa: BLE001 - unresolvable annotations: leave the check to Lightning
+        return
+    for key, value in dict(trainer_cfg).items():
+        hint = hints.get(key)
+        if hint is None or not isinstance(value, str) or _admits_str(hint):
+            continue
+        raise ConfigError(f"trainer.{key}={value!r} has the wrong type: lightning.Trainer expects {_describe(hint)}")
+
+
+def _admits_str(hint: Any) -> bool:
+    import typing
+
+    if hint is str or hint is typing.Any:
+        return True
+    if hint is type(None):
+        return False
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return any(isinstance(a, str) for a in typing.get_args(hint))
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_admits_str(a) for a in typing.get_args(hint))
+    return not isinstance(hint, type) or hint not in (int, float, bool)  # unknown kinds: let Lightning decide
+
+
+def _describe(hint: Any) -> str:
+    import typing
+
+    args = typing.get_args(hint) or (hint,)
+    names = []
+    for a in args:
+        if a is type(None):
+            names.append("null")
+        elif typing.get_origin(a) is typing.Literal:
+            names += [repr(v) for v in typing.get_args(a)]
+        else:
+            names.append({int: "an integer", float: "a number", bool: "true or false"}.get(a, getattr(a, "__name__", str(a))))
+    return " or ".join(dict.fromkeys(names))

@@ -26,6 +26,7 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from skipstudy import fast, runs, stopping
@@ -69,6 +70,7 @@ def validate(cfg: DictConfig) -> None:
     _positive("optimizer.lr", cfg.optimizer.get("lr"))
     if "batch_size" in cfg.dataset:
         _positive("dataset.batch_size", cfg.dataset.batch_size)
+    runs.check_trainer_args(cfg.trainer)
 
 
 def _accepts(target: Any, name: str) -> bool:
@@ -229,7 +231,10 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
 
     callbacks.append(FinalMetrics(monitor))  # HParams summary scalars at the end of fit
 
-    trainer = L.Trainer(**trainer_kwargs, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir))
+    try:
+        trainer = L.Trainer(**trainer_kwargs, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir))
+    except (TypeError, ValueError, MisconfigurationException) as err:  # a trainer.<key> Lightning refuses
+        raise ConfigError(f"trainer: {err} (conf/trainer/default.yaml lists the keys)") from err
     if needs_own_process(trainer):
         # DDP would re-execute this multirun's command line (the whole sweep) in ranks > 0;
         # the job runs as a single run in a fresh process instead (skipstudy/sweep/ddp.py).
