@@ -102,12 +102,28 @@ class HistogramBins:
 _HIST_CHUNK = 1 << 23
 
 
+def _histc(x: Tensor, spec: HistogramBins) -> Tensor:
+    return torch.histc(x, bins=spec.bins, min=spec.lo, max=spec.hi)
+
+
+def _bincount_histogram(x: Tensor, spec: HistogramBins) -> Tensor:
+    """``torch.histc``'s counts with ``torch.bincount`` (deterministic on CUDA, no host sync):
+    elements outside ``[lo, hi]`` (and NaN) go to an extra bin that is dropped."""
+    index = ((x - spec.lo) * spec.bins / (spec.hi - spec.lo)).floor_().clamp_(max=spec.bins - 1)
+    inside = (x >= spec.lo) & (x <= spec.hi)
+    index = torch.where(inside, index, spec.bins).long()
+    return torch.bincount(index, minlength=spec.bins + 1)[: spec.bins]
+
+
 def log_abs_histogram(grad: Tensor, spec: HistogramBins) -> Tensor:
     """``[count per bin..., sum x, sum x^2]`` for x = log10|g| over the binned elements."""
     x = grad.detach().abs().to(torch.float32).log10_().clamp_(max=spec.hi).flatten()
     counts = torch.zeros(spec.bins, dtype=SUM_DTYPE, device=grad.device)
+    # torch.histc on CUDA refuses to run under trainer.deterministic=true (torch's
+    # deterministic mode); bincount is allowed there and gives the same counts.
+    count = _bincount_histogram if x.is_cuda and torch.are_deterministic_algorithms_enabled() else _histc
     for chunk in x.split(_HIST_CHUNK):
-        counts += torch.histc(chunk, bins=spec.bins, min=spec.lo, max=spec.hi).to(SUM_DTYPE)
+        counts += count(chunk, spec).to(SUM_DTYPE)
     # Elements histc counted: finite and >= lo (comparisons with NaN and -inf are False).
     inside = torch.where(x >= spec.lo, x, 0.0).to(SUM_DTYPE)
     return torch.cat((counts, inside.sum().unsqueeze(0), inside.square().sum().unsqueeze(0)))
