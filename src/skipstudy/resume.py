@@ -295,7 +295,7 @@ class RunState(Callback):
         if mid_epoch:
             state["epoch_results"] = _epoch_results(trainer)
             state["metric_states"] = _metric_states(trainer.lightning_module)
-        state["pending"] = _pending_metrics(trainer, self._where)
+        state["pending"] = pending_metrics(trainer, self._where)
         if trainer.is_global_zero:
             state["event_files"] = _flush_and_measure(trainer)
         return state
@@ -410,7 +410,7 @@ def _to(v: Any, device) -> Any:
     return v
 
 
-def _pending_metrics(trainer, where: str | None) -> dict[str, Any] | None:
+def pending_metrics(trainer, where: str | None) -> dict[str, Any] | None:
     """The scalars Lightning has computed for this step (or epoch) but writes only after the
     checkpoint hooks; the resumed run does not recompute them, so the checkpoint carries them.
 

@@ -129,15 +129,22 @@ class GracefulStop(Checkpoint):
         if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or trainer.fit_loop._should_accumulate():
             return
         if self._requested(trainer):
-            self._stop(trainer)
+            self._stop(trainer, "batch")
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self._requested(trainer):
-            self._stop(trainer)
+            self._stop(trainer, "epoch")
 
-    def _stop(self, trainer) -> None:
+    def _stop(self, trainer, where: str) -> None:
+        from skipstudy.resume import pending_metrics
+
         trainer.save_checkpoint(str(self.checkpoint_path))
+        # What Lightning would write right after this hook (the step's train/loss, or the
+        # epoch means): the logs end at the step the run stopped. A resume cuts and rewrites them.
+        pending = pending_metrics(trainer, where) if trainer.is_global_zero else None
         for logger in trainer.loggers:
+            if pending:
+                logger.log_metrics(pending["metrics"], step=pending["step"])
             logger.save()
             experiment = getattr(logger, "_experiment", None)
             if experiment is not None and hasattr(experiment, "flush"):

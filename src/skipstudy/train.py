@@ -229,7 +229,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
     if report is not None:
         callbacks.append(report)
 
-    callbacks.append(FinalMetrics(monitor))  # HParams summary scalars at the end of fit
+    # HParams summary scalars at the end of fit; with monitor=off the guard has the divergence verdict.
+    callbacks.append(FinalMetrics(monitor if monitor is not None else guard))
 
     try:
         trainer = L.Trainer(**trainer_kwargs, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir))
