@@ -1,0 +1,132 @@
+"""Bad input is refused before training: one short message naming the key, the value and the
+fix, no traceback (unless HYDRA_FULL_ERROR=1), a non-zero exit, and nothing trained.
+
+Each case runs ``python -m skipstudy.train`` as a user would, in a fresh directory.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST, PYTHON, SHARED_DATA, cli_env
+
+TINY = SHARED_DATA / "tiny-imagenet-mini" / "tiny-imagenet-200"
+CIFAR = SHARED_DATA / "cifar10-mini" / "cifar-10-batches-py"
+# Hydra's own "Could not find" error lists the group's options and its search path.
+MAX_LINES = 20
+
+
+def run_cli(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "skipstudy.train", *args], cwd=cwd, env={**cli_env(), **(env or {})},
+                          capture_output=True, text=True, timeout=300)
+
+
+def assert_refused(proc: subprocess.CompletedProcess, cwd: Path, *expected: str) -> None:
+    err = proc.stderr
+    assert proc.returncode != 0, err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) <= MAX_LINES, err
+    for text in expected:
+        assert text in err, f"{text!r} not in stderr:\n{err}"
+    # Nothing trained, and a refused start leaves no run directory behind.
+    assert not list(cwd.rglob("events.out.tfevents.*")), sorted(cwd.rglob("*"))
+    assert not list(cwd.rglob("*.ckpt"))
+    assert not list(cwd.rglob("run_info.json"))
+
+
+def small_tiny_imagenet(dest: Path) -> Path:
+    """Two classes of the shared Tiny ImageNet subset, 4 training and 2 val images each."""
+    if not TINY.is_dir():
+        pytest.skip(f"real data subsets not found at {SHARED_DATA}")
+    root = dest / "tiny-imagenet-200"
+    wnids = TINY.joinpath("wnids.txt").read_text().split()[:2]
+    (root / "val" / "images").mkdir(parents=True)
+    (root / "test" / "images").mkdir(parents=True)
+    root.joinpath("wnids.txt").write_text("\n".join(wnids) + "\n")
+    shutil.copy(TINY / "words.txt", root / "words.txt")
+    for wnid in wnids:
+        images = sorted((TINY / "train" / wnid / "images").glob("*.JPEG"))[:4]
+        (root / "train" / wnid / "images").mkdir(parents=True)
+        for p in images:
+            shutil.copy(p, root / "train" / wnid / "images" / p.name)
+        (root / "train" / wnid / f"{wnid}_boxes.txt").write_text("".join(f"{p.name}\t0\t0\t63\t63\n" for p in images))
+    val = [line for line in (TINY / "val" / "val_annotations.txt").read_text().splitlines()
+           if line.split("\t")[1] in wnids][:4]
+    for line in val:
+        shutil.copy(TINY / "val" / "images" / line.split("\t")[0], root / "val" / "images")
+    (root / "val" / "val_annotations.txt").write_text("\n".join(val) + "\n")
+    return dest
+
+
+# (overrides, texts stderr must hold): the key, the value, and the choices or the fix.
+CASES = {
+    "unknown model": (["model=resnet51"], ["model/resnet51", "resnet50", "resnet18"]),
+    "unknown dataset": (["dataset=imagenet"], ["dataset/imagenet", "cifar10", "tiny_imagenet"]),
+    "unknown optimizer": (["optimizer=adamw"], ["optimizer/adamw", "adam", "sgd"]),
+    "wrong type": (["model.skip=maybe"], ["model.skip='maybe'", "true or false"]),
+    "wrong trainer type": (["trainer.max_epochs=ten"], ["trainer.max_epochs='ten'", "integer"]),
+    "invalid depth": (["model=cifar_resnet", "model.depth=21"], ["model.depth=21", "6n+2", "20, 32, 44"]),
+    "unknown monitor layer": (["monitor.layers=[block1.conv9]"], ["monitor.layers", "block1.conv9", "block1.conv1"]),
+    "zero lr": (["optimizer.lr=0"], ["optimizer.lr=0", "positive", "optimizer.lr=0.1"]),
+    "negative lr": (["optimizer.lr=-1"], ["optimizer.lr=-1", "positive"]),
+    "zero batch size": (["dataset.batch_size=0"], ["dataset.batch_size=0", "positive", "dataset.batch_size=64"]),
+    "image too small": (["model=resnet50", "dataset.image_size=16", "monitor=off"],
+                        ["dataset.image_size=16", "too small", ">= 32"]),
+    "bad on_nonfinite": (["monitor=off", "monitor.on_nonfinite=maybe"], ["monitor.on_nonfinite='maybe'", "warn, stop"]),
+    "resume missing": (["resume=/nonexistent/run"], ["resume=/nonexistent/run", "does not exist", ".hydra/"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_refused_before_training(case, tmp_path):
+    overrides, expected = CASES[case]
+    # FAST first, so the case's own overrides win over its defaults.
+    assert_refused(run_cli([*FAST, *overrides], tmp_path), tmp_path, *expected)
+
+
+def test_resume_of_something_that_is_not_a_run_directory(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a run")
+    assert_refused(run_cli([f"resume={tmp_path / 'notes.txt'}"], tmp_path), tmp_path, "resume=", "is a file")
+    (tmp_path / "empty").mkdir()
+    assert_refused(run_cli([f"resume={tmp_path / 'empty'}"], tmp_path), tmp_path, "resume=", "not a run directory")
+
+
+def test_missing_data_directory(tmp_path):
+    proc = run_cli([*FAST[:4], "dataset=cifar10", f"dataset.root={tmp_path / 'nowhere'}", "dataset.download=false"],
+                   tmp_path)
+    assert_refused(proc, tmp_path, "dataset.root=", "does not exist", "dataset=synthetic")
+
+
+@pytest.mark.slow
+def test_incomplete_data_directory(tmp_path, shared_data):
+    partial = tmp_path / "data" / "cifar-10-batches-py"
+    partial.mkdir(parents=True)
+    shutil.copy(CIFAR / "data_batch_1", partial)
+    proc = run_cli([*FAST[:4], "dataset=cifar10", f"dataset.root={partial.parent}", "dataset.download=false"], tmp_path)
+    assert_refused(proc, tmp_path, "dataset.root=", "MD5")
+
+    root = small_tiny_imagenet(tmp_path / "tin")
+    shutil.rmtree(root / "tiny-imagenet-200" / "val")
+    proc = run_cli([*FAST[:4], "dataset=tiny_imagenet", f"dataset.root={root}"], tmp_path)
+    assert_refused(proc, tmp_path, "dataset.root=", "val", "Fix:")
+
+
+@pytest.mark.slow
+def test_corrupt_image(tmp_path, shared_data):
+    root = small_tiny_imagenet(tmp_path / "tin")
+    bad = sorted((root / "tiny-imagenet-200" / "train").rglob("*.JPEG"))[0]
+    bad.write_bytes(b"\xff\xd8 this is no JPEG" * 20)
+    proc = run_cli([*FAST[:4], "dataset=tiny_imagenet", f"dataset.root={root}", f"dataset.cache_dir={tmp_path / 'cache'}"],
+                   tmp_path)
+    assert_refused(proc, tmp_path, "corrupt", bad.name, "dataset.skip_corrupt=true")
+
+
+def test_full_error_shows_the_traceback(tmp_path):
+    proc = run_cli([*FAST, "model.skip=maybe"], tmp_path, {"HYDRA_FULL_ERROR": "1"})
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr and "model.skip='maybe'" in proc.stderr
