@@ -50,6 +50,8 @@ EXERCISED = {
     "python -m skipstudy.train experiment=he2016_depth hydra/launcher=slurm hydra.launcher.partition=gpu":
         "test_sweeps.py::test_readme_sweep_commands",
     "python -m skipstudy.train -m model.skip=true,false trainer=ddp": "test_sweeps.py::test_ddp_inside_a_multirun_runs_each_job_once",
+    "python -m skipstudy.train resume=$RUN": "test_reliability.py::test_readme_resume_commands",
+    "python -m skipstudy.train resume=$RUN trainer.max_epochs=20": "test_reliability.py::test_readme_resume_commands",
 }
 
 

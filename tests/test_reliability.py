@@ -168,6 +168,27 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly_then_resumes_exactly(refe
     assert_same_run(run_dir, reference)
 
 
+@pytest.mark.slow
+def test_readme_resume_commands(reference, tmp_path):
+    """README: `resume=$RUN` of a finished run changes nothing; `resume=$RUN trainer.max_epochs=N`
+    trains it on, in the same run, each step once."""
+    import shutil
+
+    run_dir = tmp_path / "logs" / "default" / "dataset.batch_size=16,trainer.max_epochs=2" / "2025-01-01_00-00-00_000001"
+    shutil.copytree(reference, run_dir)
+    proc = cli([f"resume={run_dir}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert scalar_series(run_dir) == scalar_series(reference)
+
+    proc = cli([f"resume={run_dir}", "trainer.max_epochs=3"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got, want = scalar_series(run_dir), scalar_series(reference)
+    assert {t: s for t, s in duplicated_steps(got).items() if s} == {}
+    assert [s for s, _ in got["train/loss"]] == list(range(18))
+    assert got["train/loss"][:12] == want["train/loss"]
+    assert [s for s, _ in got["val/acc"]] == [5, 11, 17]
+
+
 class SignalAt(Callback):
     def __init__(self, step: int, sig: int) -> None:
         self.step, self.sig, self.sent = step, sig, False

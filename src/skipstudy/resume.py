@@ -18,8 +18,8 @@ counters from a checkpoint. For a resumed run to log the same numbers as an unin
   (they are not persistent buffers), so a mid-epoch resume would average only the batches
   after the restart. Both are saved and merged back in.
 * **What the event files held.** At every checkpoint the TensorBoard writer is flushed and
-  the size of each ``events.out.tfevents.*`` file is recorded. On resume, :func:`cut_logs`
-  truncates each file to that size and deletes event files written after the checkpoint, so
+  the size of each ``events.out.tfevents.*`` file is recorded. When a resumed run starts
+  training, :func:`cut_logs` truncates each file to that size and deletes event files written after the checkpoint, so
   every tag keeps each step exactly once. The metrics Lightning computes for the checkpoint's
   own step but writes only after the checkpoint hook (the step's ``train/loss`` is logged
   after ``on_train_batch_end``, the epoch means after ``on_train_epoch_end``) are stored in
@@ -311,14 +311,19 @@ class RunState(Callback):
         loaded, self._loaded = self._loaded, None
         if not loaded:
             return
+        if trainer.is_global_zero and trainer.ckpt_path is not None:
+            # Only now, when training really goes on (a run resumed after its last epoch
+            # skips it and keeps its logs as they are): cut the logs back to the checkpoint,
+            # then write what Lightning logged after the checkpoint hook.
+            cut_logs(Path(trainer.log_dir or trainer.default_root_dir), trainer.ckpt_path, keep=_live_event_files(trainer))
+            pending = loaded.get("pending")
+            if pending:
+                for logger in trainer.loggers:
+                    logger.log_metrics(pending["metrics"], step=pending["step"])
         if "metric_states" in loaded:
             _set_metric_states(pl_module, loaded["metric_states"])
         if loaded.get("epoch_results"):
             self._merge_results = loaded["epoch_results"]
-        pending = loaded.get("pending")
-        if pending and trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(pending["metrics"], step=pending["step"])
         if "rng" in loaded:
             set_rng_states(loaded["rng"])  # last: nothing above may draw after it
 
@@ -438,6 +443,20 @@ def pending_metrics(trainer, where: str | None) -> dict[str, Any] | None:
     return {"step": int(step), "metrics": scalars}
 
 
+def _live_event_files(trainer) -> set[str]:
+    """Names of the event files this process's TensorBoard writers already opened."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    names = set()
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger) and logger._experiment is not None:
+            writer = getattr(logger.experiment, "file_writer", None)
+            name = getattr(getattr(writer, "event_writer", None), "_file_name", None)
+            if name:
+                names.add(Path(name).name)
+    return names
+
+
 def _flush_and_measure(trainer) -> dict[str, int]:
     """Flush the TensorBoard writers; the byte size of each event file in the run directory."""
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -466,7 +485,7 @@ def checkpoint_record(ckpt_path: str | os.PathLike) -> tuple[int, dict[str, int]
     return int(ckpt.get("global_step", 0)), state.get("event_files")
 
 
-def cut_logs(run_dir: str | os.PathLike, ckpt_path: str | os.PathLike | None) -> int:
+def cut_logs(run_dir: str | os.PathLike, ckpt_path: str | os.PathLike | None, keep: set[str] = frozenset()) -> int:
     """Cut ``run_dir``'s logs back to what they held when ``ckpt_path`` was written.
 
     Event files are truncated to their recorded sizes; event files the checkpoint does not
@@ -474,12 +493,13 @@ def cut_logs(run_dir: str | os.PathLike, ckpt_path: str | os.PathLike | None) ->
     by another tool) every event with a step at or after the checkpoint's global step is
     dropped instead. The monitor's ``grad_stats`` exports keep the rows of earlier steps.
     Without a checkpoint (killed before the first one) the run starts over: all event files
-    and exports are removed. Idempotent, so a resume that is killed while cutting can be rerun.
+    and exports are removed. Files named in ``keep`` (the resumed run's own, already open)
+    are left alone. Idempotent, so a resume that is killed while cutting can be rerun.
 
     Returns the checkpoint's global step (0 without one).
     """
     run_dir = Path(run_dir)
-    events = sorted(p for p in run_dir.glob(EVENT_PREFIX + "*") if p.is_file())
+    events = sorted(p for p in run_dir.glob(EVENT_PREFIX + "*") if p.is_file() and p.name not in keep)
     for tmp in run_dir.glob(".cut-*"):
         tmp.unlink()
     if ckpt_path is None:

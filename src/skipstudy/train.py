@@ -243,9 +243,10 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
 
     if trainer.is_global_zero:
         runs.claim(run_dir, resuming)  # a new run never writes into another run's directory
-        if resuming:
-            # Events and exports written after the checkpoint go; the resumed run rewrites them.
-            cut_logs(run_dir, ckpt_path)
+        if resuming and ckpt_path is None:
+            # Killed before its first checkpoint: it starts over, its logs with it. (With a
+            # checkpoint, RunState cuts the logs back to it when training resumes.)
+            cut_logs(run_dir, None)
         info = run_info()
         # The values that ran (no auto/null left), incl. those that change the numbers.
         resolved = fast.record(speed, cfg)
