@@ -418,3 +418,22 @@ def test_epoch_loader_replays_the_epoch_and_skips_done_batches():
     assert [b[0].tolist() for b in resumed] == full[3:]
     assert torch.equal(torch.get_rng_state(), checkpoint_rng["torch"])
     assert not torch.equal(after_epoch, checkpoint_rng["torch"])
+
+
+def test_only_the_training_loader_is_wrapped(tmp_path, monkeypatch):
+    """A probe asking the data module for training batches mid-run gets the plain loader, whole."""
+    import skipstudy.train as T
+
+    seen = []
+
+    class AskForBatches(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            loader = trainer.datamodule.train_dataloader()
+            seen.append((type(loader).__name__, len(list(loader))))
+            assert isinstance(trainer.train_dataloader, EpochLoader)
+
+    build = T.checkpoint_callbacks
+    monkeypatch.setattr(T, "checkpoint_callbacks", lambda *a, **k: [AskForBatches(), *build(*a, **k)])
+    cfg = compose_cfg([*FAST, "monitor=off"], tmp_path)
+    train(cfg, cfg.hydra.runtime.output_dir)
+    assert seen == [("DataLoader", 6)]  # 96 samples / 16, not limited and not skipped

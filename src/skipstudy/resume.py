@@ -39,6 +39,7 @@ import logging
 import math
 import os
 import random
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -94,10 +95,10 @@ class LastCheckpoint(Checkpoint):
         n = self.every_n_train_steps
         if (n and trainer.global_step % n == 0 and not trainer.fit_loop._should_accumulate()
                 and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch):
-            trainer.save_checkpoint(str(self.path))  # written to a temporary file, then renamed
+            trainer.save_checkpoint(str(self.path), weights_only=False)  # written to a temporary file, then renamed
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        trainer.save_checkpoint(str(self.path))
+        trainer.save_checkpoint(str(self.path), weights_only=False)
 
 
 # ---------------------------------------------------------------------------- RNG
@@ -256,9 +257,16 @@ class RunState(Callback):
 
         def train_dataloader():
             loader = make()
-            if needs_lightning_sampler(loader, trainer.world_size):
+            # Only the loader Lightning trains from is wrapped; others (a probe reading a few
+            # training batches mid-run) get the data module's own.
+            fit_loop = trainer.fit_loop
+            for_training = fit_loop._combined_loader is None or fit_loop._should_reload_train_dl
+            if not for_training or needs_lightning_sampler(loader, trainer.world_size):
                 return loader
             state.loader = EpochLoader(loader, lambda: trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+            # Lightning warns that a mid-epoch resume of a loader without state_dict() is
+            # unreliable; EpochLoader makes it exact (its state travels in RunState's).
+            warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch")
             if state._loaded is not None:
                 state.loader.resume_rng = state._loaded.get("epoch_rng")
             _seed_workers(loader, trainer.global_rank)

@@ -138,7 +138,7 @@ class GracefulStop(Checkpoint):
     def _stop(self, trainer, where: str) -> None:
         from skipstudy.resume import pending_metrics
 
-        trainer.save_checkpoint(str(self.checkpoint_path))
+        trainer.save_checkpoint(str(self.checkpoint_path), weights_only=False)
         # What Lightning would write right after this hook (the step's train/loss, or the
         # epoch means): the logs end at the step the run stopped. A resume cuts and rewrites them.
         pending = pending_metrics(trainer, where) if trainer.is_global_zero else None
