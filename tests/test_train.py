@@ -37,8 +37,10 @@ def group_options() -> list[tuple[str, str]]:
 @pytest.mark.parametrize("group,option", group_options())
 def test_every_group_option_composes(group, option, tmp_path):
     GlobalHydra.instance().clear()
+    # The probe group belongs to the probe app (conf/probe.yaml), every other to train.yaml.
+    app = "probe" if group == "probe" else "train"
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"{group}={option}", f"paths.log_dir={tmp_path}"])
+        cfg = compose(config_name=app, overrides=[f"{group}={option}", f"paths.log_dir={tmp_path}"])
     GlobalHydra.instance().clear()
     node = cfg
     for part in group.split("/"):
