@@ -139,3 +139,45 @@ def test_cifar100_properties_and_yamls(make_cfg, cifar_root):
     assert str(dm.root) == str(cifar_root)
     cfg = make_cfg(["dataset=cifar100"])
     assert str(hydra.utils.instantiate(cfg.dataset).root) == cfg.paths.data_dir
+
+
+def test_verify_false_accepts_a_copy_whose_sums_differ_and_still_needs_every_file(shared_data, tmp_path):
+    """dataset.verify=false reads the mini copy (sums differ from the release) without any patch."""
+    mini = shared_data / "cifar10-mini"
+    with pytest.raises(ConfigError, match="dataset.verify=false"):
+        make(mini).prepare_data()  # verified: refused, and the message names the switch
+    dm = make(mini, verify=False)
+    dm.prepare_data()
+    dm.setup("fit")
+    images, labels = dm.splits["train"]
+    with open(mini / "cifar-10-batches-py" / "data_batch_1", "rb") as f:
+        batch = pickle.load(f, encoding="latin1")
+    first = np.asarray(batch["data"][0]).reshape(3, 32, 32).transpose(1, 2, 0)
+    assert np.array_equal(images[0], first) and labels[0] == batch["labels"][0]
+
+    # A missing batch file is still an error, with or without the MD5 check.
+    broken = tmp_path / "cifar-10-batches-py"
+    shutil.copytree(mini / "cifar-10-batches-py", broken)
+    (broken / "data_batch_3").unlink()
+    with pytest.raises(ConfigError, match="dataset.root="):
+        make(tmp_path, verify=False).prepare_data()
+    with pytest.raises(ConfigError, match="dataset.verify='no' must be true or false"):
+        make(mini, verify="no")
+
+
+@pytest.mark.slow
+def test_cli_trains_on_the_mini_copy_with_verify_false(shared_data, tmp_path):
+    import subprocess
+
+    from conftest import PYTHON, cli_env
+    from tbparse import SummaryReader
+
+    cmd = [PYTHON, "-m", "skipstudy.train", "dataset=cifar10", f"dataset.root={shared_data / 'cifar10-mini'}",
+           "dataset.verify=false", "dataset.download=false", "dataset.batch_size=32", "dataset.num_workers=0",
+           "model=mini", "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1",
+           "trainer.accelerator=cpu", "trainer.enable_progress_bar=false"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (events,) = (tmp_path / "logs").rglob("events.out.tfevents.*")
+    tags = set(SummaryReader(str(events.parent)).scalars.tag)
+    assert {"train/loss", "val/acc", "grad_norm/output/block1.conv1"} <= tags

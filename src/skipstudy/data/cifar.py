@@ -22,6 +22,21 @@ from skipstudy.errors import ConfigError
 SPLIT_SEED = 0
 
 
+def _without_md5_check(cls: type[datasets.CIFAR10]) -> type[datasets.CIFAR10]:
+    """torchvision's CIFAR class with its MD5 check replaced by a presence check.
+
+    torchvision offers no switch for this; a subclass keeps its loading code unchanged.
+    ``dataset.verify=false`` uses it for copies whose checksums differ from the official
+    archive's (subsets such as the test copies, re-packed archives).
+    """
+
+    def files_present(self) -> bool:
+        folder = Path(self.root) / self.base_folder
+        return all((folder / name).is_file() for name, _ in self.train_list + self.test_list)
+
+    return type(f"Unverified{cls.__name__}", (cls,), {"_check_integrity": files_present})
+
+
 class CIFAR10DataModule(ImageArrayDataModule):
     """CIFAR-10: 50k training and 10k test images, 32x32 RGB, 10 classes.
 
@@ -29,6 +44,8 @@ class CIFAR10DataModule(ImageArrayDataModule):
         root: directory that holds (or will hold) ``cifar-10-batches-py/``; the folder itself
             is accepted too.
         download: fetch the archive when the folder is missing.
+        verify: check the files against torchvision's MD5 sums. ``false`` accepts a copy whose
+            sums differ (a subset, a re-packed archive) as long as every batch file is there.
         val_split: 0 validates on the official test set; an integer holds out that many
             training images (5000 in He et al.), a float in (0, 1) that fraction.
         Others: see :class:`~skipstudy.data.arrays.ImageArrayDataModule`.
@@ -55,6 +72,7 @@ class CIFAR10DataModule(ImageArrayDataModule):
         loader: str = "auto",
         val_split: int | float = 0,
         download: bool = True,
+        verify: bool = True,
         seed: int = 0,
         crop_padding: int = 4,
         pad_mode: str = "zero",
@@ -67,6 +85,9 @@ class CIFAR10DataModule(ImageArrayDataModule):
         self.root = root_path.parent if root_path.name == self.folder else root_path
         self.root_arg = str(root)
         self.download = bool(download)
+        if not isinstance(verify, bool):
+            raise ConfigError(f"dataset.verify={verify!r} must be true or false")
+        self.verify = verify
         self.val_split = self._check_val_split(val_split)
         self._prepared = False
 
@@ -89,7 +110,8 @@ class CIFAR10DataModule(ImageArrayDataModule):
         """The torchvision data set, or a ConfigError that says where we looked and the ways out."""
         folder = self.root / self.folder
         try:
-            return self.torchvision_cls(str(self.root), train=train, download=download)
+            cls = self.torchvision_cls if self.verify else _without_md5_check(self.torchvision_cls)
+            return cls(str(self.root), train=train, download=download)
         except Exception as err:  # noqa: BLE001 - any failure to get the files ends the same way
             if folder.is_dir() and not download:
                 problem = (f"{folder} exists but its files fail torchvision's MD5 check "
@@ -109,6 +131,8 @@ class CIFAR10DataModule(ImageArrayDataModule):
                 f"{self.folder}/ folder to {self.root}/\n"
                 f"  - or set dataset.root=<a directory containing {self.folder}/>\n"
                 f"  - or train without it: dataset=synthetic"
+                + ("\n  - or, for a subset or re-packed copy you trust: dataset.verify=false"
+                   if folder.is_dir() and self.verify else "")
             ) from err
 
     def prepare_data(self) -> None:
