@@ -170,3 +170,28 @@ def test_unknown_model_lists_choices(tmp_path):
 def test_repository_layout():
     for path in ("pyproject.toml", "conf", "src/skipstudy", "scripts", "tests", "logs/.gitkeep", "README.md"):
         assert (REPO / path).exists(), path
+
+
+def test_sweep_subdir_is_led_by_the_naming_keys_a_job_sets():
+    from skipstudy.train import sweep_subdir
+
+    assert sweep_subdir("model.skip=true", ["model.skip=true"]) == "model.skip=true"
+    assert sweep_subdir("model.skip=true", ["name=b", "model.skip=true", "experiment=quickstart"]) == \
+        "experiment=quickstart,name=b,model.skip=true"
+    assert sweep_subdir("", ["name=a"]) == "name=a"
+    assert sweep_subdir("", []) == "defaults"
+
+
+@pytest.mark.slow
+def test_pool_jobs_that_differ_only_in_name_get_their_own_directories(tmp_path):
+    """`name` stays out of override_dirname, yet two sweep jobs never share a directory."""
+    cmd = [PYTHON, "-m", "skipstudy.train", "-m", "hydra/launcher=pool", "hydra.launcher.workers=2",
+           "name=a,b", *FAST, "monitor=off", "trainer.enable_progress_bar=false"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(p.parent for p in (tmp_path / "logs").rglob("events.out.tfevents.*"))
+    assert len(runs) == 2 and runs[0] != runs[1]
+    assert runs[0].name.startswith("name=a,") and runs[1].name.startswith("name=b,")
+    # Each job's own Hydra record is intact (nothing written over by the other job).
+    assert [(r / ".hydra" / "overrides.yaml").read_text().count("name=") for r in runs] == [1, 1]
+    assert "name=a" in (runs[0] / ".hydra" / "overrides.yaml").read_text()

@@ -55,8 +55,26 @@ def run_name(override_dirname: str) -> str:
     return (name or "defaults")[:200]
 
 
+# Keys left out of override_dirname that still tell sweep jobs apart (see sweep_subdir).
+NAMING_KEYS = ("experiment", "name")
+
+
+def sweep_subdir(override_dirname: str, task_overrides: Any) -> str:
+    """A sweep job's subdirectory: its overrides, led by any ``experiment=``/``name=`` it sets.
+
+    Those keys stay out of override_dirname because they already name a single run's parent
+    folder; in a sweep every job shares one parent, so jobs that differed only in them would
+    share a directory and Hydra would write the second job's ``.hydra/`` over the first's.
+    """
+    lead = [str(o).lstrip("+~") for o in (task_overrides or [])
+            if str(o).lstrip("+~").split("=", 1)[0] in NAMING_KEYS]
+    return run_name(",".join([*sorted(lead), override_dirname] if override_dirname else sorted(lead)))
+
+
 if not OmegaConf.has_resolver("skipstudy.run_name"):
     OmegaConf.register_new_resolver("skipstudy.run_name", run_name)
+if not OmegaConf.has_resolver("skipstudy.sweep_subdir"):
+    OmegaConf.register_new_resolver("skipstudy.sweep_subdir", sweep_subdir)
 
 
 def _positive(key: str, value: Any) -> None:
