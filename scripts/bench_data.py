@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets
 from torchvision import transforms as T
 
+from skipstudy.benchmarks_doc import append_entry
 from skipstudy.data.cifar import CIFAR10DataModule
 from skipstudy.data.tiny_imagenet import TinyImageNetDataModule
 
@@ -162,21 +163,15 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
+INTRO = ("Input pipeline alone (no model), `scripts/bench_data.py`. `torch`: DataLoader "
+         "workers, per-image torchvision v2 ops on uint8 tensors from the decoded cache. `device`: "
+         "whole uint8 set on the device, batched gather crop/flip + resize + normalise there. "
+         "`pil`: the replaced pipeline, PIL decode + resize per JPEG per epoch.")
+
+
 def append(doc: Path, entry: str) -> None:
     """Append ``entry`` at the end of the Data pipeline section, creating it if needed."""
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    if SECTION not in text:
-        intro = (f"\n{SECTION}\n\nInput pipeline alone (no model), `scripts/bench_data.py`. `torch`: DataLoader "
-                 "workers, per-image torchvision v2 ops on uint8 tensors from the decoded cache. `device`: "
-                 "whole uint8 set on the device, batched gather crop/flip + resize + normalise there. "
-                 "`pil`: the replaced pipeline, PIL decode + resize per JPEG per epoch.\n")
-        text = text.rstrip("\n") + "\n" + intro
-    start = text.index(SECTION)
-    nxt = text.find("\n## ", start + len(SECTION))
-    end = len(text) if nxt == -1 else nxt + 1
-    section = text[start:end].rstrip("\n") + "\n\n" + entry.strip("\n") + "\n"
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(text[:start] + section + ("\n" + text[end:] if end < len(text) else ""))
+    append_entry(doc, SECTION, entry, INTRO)
 
 
 def main(argv=None) -> int:

@@ -57,6 +57,8 @@ from importlib import metadata
 from pathlib import Path
 from unittest import mock
 
+from skipstudy.benchmarks_doc import append_entry
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 SECTION = "## End-to-end throughput"
@@ -651,15 +653,7 @@ def versions() -> str:
 
 def append(doc: Path, entry: str) -> None:
     """Append ``entry`` at the end of the End-to-end throughput section, creating it if needed."""
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    if SECTION not in text:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n\nMeasured by `scripts/benchmark.py` (its docstring defines the set-ups).\n"
-    start = text.index(SECTION)
-    nxt = text.find("\n## ", start + len(SECTION))
-    end = len(text) if nxt == -1 else nxt + 1
-    section = text[start:end].rstrip("\n") + "\n\n" + entry.strip("\n") + "\n"
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(text[:start] + section + ("\n" + text[end:] if end < len(text) else ""))
+    append_entry(doc, SECTION, entry, "Measured by `scripts/benchmark.py` (its docstring defines the set-ups).")
 
 
 def main(argv: list[str] | None = None) -> int:
