@@ -35,11 +35,16 @@ def fake_cuda(monkeypatch, bf16: bool = True):
 # ------------------------------------------------------------------ resolution
 
 
-def test_auto_is_off_on_the_cpu(make_cfg, monkeypatch):
+def test_auto_on_the_cpu_is_fp32_with_the_oneDNN_layout(make_cfg, monkeypatch):
     no_cuda(monkeypatch)
+    monkeypatch.setattr(fast.platform, "machine", lambda: "x86_64")
     speed = fast.resolve(make_cfg())
-    assert speed == fast.FastSettings(precision="32-true", cudnn_benchmark=False, channels_last=False,
+    assert speed == fast.FastSettings(precision="32-true", cudnn_benchmark=False,
+                                      channels_last=torch.backends.mkldnn.is_available(),
                                       compile=False, on_cuda=False)
+    # Without oneDNN's NHWC kernels (an ARM CPU) the layout gain is unmeasured: auto stays off.
+    monkeypatch.setattr(fast.platform, "machine", lambda: "aarch64")
+    assert fast.resolve(make_cfg()).channels_last is False
 
 
 def test_auto_is_on_for_a_cuda_gpu(make_cfg, monkeypatch):
@@ -53,10 +58,11 @@ def test_auto_is_on_for_a_cuda_gpu(make_cfg, monkeypatch):
 
 
 def test_auto_follows_the_accelerator_not_the_machine(make_cfg, monkeypatch):
-    """trainer.accelerator=cpu on a GPU machine trains on the CPU: auto must say off there."""
+    """trainer.accelerator=cpu on a GPU machine trains on the CPU: auto must resolve as on the CPU."""
     fake_cuda(monkeypatch)
     speed = fast.resolve(make_cfg(["trainer.accelerator=cpu"]))
-    assert (speed.precision, speed.cudnn_benchmark, speed.channels_last) == ("32-true", False, False)
+    assert (speed.precision, speed.cudnn_benchmark, speed.channels_last) == (
+        "32-true", False, fast.channels_last_helps(on_cuda=False))
     # A deterministic run keeps cudnn.benchmark off (its algorithm choice may vary).
     assert fast.resolve(make_cfg(["trainer.deterministic=true"])).cudnn_benchmark is False
 
@@ -259,13 +265,16 @@ def test_benchmark_runs_end_to_end_and_writes_the_table(shared_data, tmp_path):
     rows = [line for line in text.splitlines() if line.startswith("| cifar-resnet20-32px |")]
     setups = [line.split(" | ")[1] for line in rows]
     assert setups == ["notebook", "skipstudy", "skipstudy, monitor off", "raw loop", "model-only",
-                      "skipstudy, channels_last"]
+                      "skipstudy, contiguous"]
     for line in rows:
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert float(cells[8].replace(",", "")) > 0  # images/s
         assert float(cells[12].split()[0].replace(",", "")) > 100  # peak RSS MiB of a torch process
     layouts = dict(zip(setups, [line.split(" | ")[4] for line in rows]))
-    assert layouts["skipstudy"] == "contiguous" and layouts["skipstudy, channels_last"] == "channels_last"
+    default = "channels_last" if fast.channels_last_helps(on_cuda=False) else "contiguous"
+    # raw loop and model-only use skipstudy's resolved layout ("identical settings"); the notebook its own.
+    assert layouts["skipstudy"] == layouts["raw loop"] == layouts["model-only"] == default
+    assert layouts["notebook"] == layouts["skipstudy, contiguous"] == "contiguous"
     # GPU workloads are never estimated on a CPU-only machine.
     for name in ("resnet50-224px-tiny-imagenet", "cifar-resnet56-epoch"):
         gpu_rows = [line for line in text.splitlines() if line.startswith(f"| {name} |")]
