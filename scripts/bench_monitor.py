@@ -7,6 +7,9 @@ Rows:
   monitor_noact  the same with monitor.activations=false (gradients only)
   notebook  what the studies' notebooks did: register_full_backward_hook on every Conv2d and
             Linear and ``grad_output[0].norm().item()`` per layer per step
+  none_compiled, monitor_compiled   with --compile: ``none`` and ``monitor`` on the network
+            compiled in place with torch.compile (``fast.compile=true``); the monitor's hooks
+            are graph breaks there (skipstudy.monitor.callback)
 
 Each repeat runs the rows in turn (order rotated per repeat) with a fresh Lightning Trainer
 and a fresh copy of the same initial network, on the same in-memory synthetic batches, so
@@ -51,12 +54,15 @@ SECTION = "## Gradient monitor"
 
 
 class Lit(L.LightningModule):
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, channels_last: bool = False) -> None:
         super().__init__()
         self.net = net
+        self.channels_last = channels_last
 
     def training_step(self, batch, batch_idx):
         x, y = batch
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         loss = F.cross_entropy(self.net(x), y)
         self.log("train/loss", loss.detach())
         return loss
@@ -120,10 +126,14 @@ def build_net(model: str) -> nn.Module:
 
 def run_once(kind: str, net0: nn.Module, batches, args, tmp: Path) -> list[tuple[float, float]]:
     net = copy.deepcopy(net0)
+    if args.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    if kind.endswith("_compiled"):
+        net.compile()  # in place, as LitClassifier does for fast.compile=true
     timer = Timer(args.warmup)
     callbacks: list[Callback] = [timer]
     if kind.startswith("monitor"):
-        monitor = GradientFlowMonitor(activations=kind == "monitor")
+        monitor = GradientFlowMonitor(activations=kind != "monitor_noact")
         monitor.resolve(net)
         callbacks.append(monitor)
     elif kind == "notebook":
@@ -135,7 +145,7 @@ def run_once(kind: str, net0: nn.Module, batches, args, tmp: Path) -> list[tuple
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
         log_every_n_steps=1, limit_val_batches=0, num_sanity_val_steps=0,
     )
-    trainer.fit(Lit(net), batches)
+    trainer.fit(Lit(net, args.channels_last), batches)
     return timer.times
 
 
@@ -186,6 +196,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per run")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--channels-last", action="store_true", help="network and inputs in channels_last")
+    p.add_argument("--compile", action="store_true",
+                   help="add none_compiled and monitor_compiled rows (torch.compile; raise --warmup to cover compiling)")
     p.add_argument("--no-write", action="store_true", help="print only, leave docs/benchmarks.md alone")
     args = p.parse_args()
     if args.threads:
@@ -201,7 +214,7 @@ def main() -> None:
              torch.randint(0, num_classes, (args.batch_size,), generator=g)) for _ in range(n)]
     batches = DataLoader(made, batch_size=None)  # whole pre-made batches, no collation
     load_before = os.getloadavg()[0]
-    kinds = ["none", "monitor", "monitor_noact", "notebook"]
+    kinds = ["none", "monitor", "monitor_noact", "notebook"] + (["none_compiled", "monitor_compiled"] if args.compile else [])
     step_times: dict[str, list[tuple[float, float]]] = defaultdict(list)
     t0 = time.perf_counter()
     import logging
@@ -228,8 +241,9 @@ def main() -> None:
              "| overhead, wall | overhead, CPU time |", "|---|---:|---:|---:|---:|---:|---:|"]
     for kind in kinds:
         wall, cpu = median(kind, 0), median(kind, 1)
-        over = ["-", "-"] if kind == "none" else [
-            f"{(wall / median('none', 0) - 1) * 100:+.1f}%", f"{(cpu / median('none', 1) - 1) * 100:+.1f}%"]
+        base = "none_compiled" if kind == "monitor_compiled" else "none"
+        over = ["-", "-"] if kind in ("none", "none_compiled") else [
+            f"{(wall / median(base, 0) - 1) * 100:+.1f}%", f"{(cpu / median(base, 1) - 1) * 100:+.1f}%"]
         table.append(f"| {kind} | {1 / wall:.3f} | {wall * 1e3:.0f} | {cpu * 1e3:.0f} | {len(step_times[kind])} "
                      f"| {over[0]} | {over[1]} |")
     command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
@@ -237,13 +251,17 @@ def main() -> None:
     print("\n".join(table))
     if args.no_write:
         return
+    layout = "channels_last" if args.channels_last else "contiguous"
     other_device = "GPU (ResNet-50, batch 256, bf16; target <= 3%)" if args.device == "cpu" else "CPU"
     text = f"""{SECTION}
 
-Training steps/s of {label} (batch {args.batch_size}, {image} px, {args.precision}, SGD with momentum) through a
+Training steps/s of {label} (batch {args.batch_size}, {image} px, {args.precision}, {layout}, SGD with momentum) through a
 Lightning Trainer, `scripts/bench_monitor.py`. `none`: no monitor. `monitor`: GradientFlowMonitor on every Conv2d
 and Linear every step with activation statistics, TensorBoard scalars and JSON export (`conf/monitor/default.yaml`).
 `monitor_noact`: the same with `monitor.activations=false`. `notebook`: the notebooks' monitor, `register_full_backward_hook` + `grad_output[0].norm().item()` per layer per step.
+`none_compiled` / `monitor_compiled` (with `--compile`): `none` / `monitor` on the network compiled in place with
+`torch.compile` (Inductor), the monitor's hooks running at graph breaks; `monitor_compiled`'s overhead is relative
+to `none_compiled`.
 The rows alternate within each repeat (order rotated) on the same batches: {args.repeats} repeats of
 {args.steps} timed steps after {args.warmup} warm-up step(s); steps/s is 1 / the median wall time of a step over
 all timed steps of a row. Overhead = median step time relative to `none`, in wall time and in process CPU

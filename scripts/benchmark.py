@@ -71,9 +71,10 @@ SKIPSTUDY_OVERRIDES = {
     "skipstudy, monitor off": ["monitor=off"],
     # The layout auto picks on CUDA and x86 CPUs, turned off: shows what channels_last gives.
     "skipstudy, contiguous": ["fast.channels_last=false"],
+    "skipstudy, compile": ["fast.compile=true"],
     "skipstudy, compile, monitor off": ["fast.compile=true", "monitor=off"],
 }
-COMPILE_SETUP = "skipstudy, compile, monitor off"
+COMPILE_SETUPS = ("skipstudy, compile", "skipstudy, compile, monitor off")
 MODEL_ONLY_BATCHES = 4
 
 
@@ -673,9 +674,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch intra-op threads in every set-up (0: torch's default, one per core)")
     parser.add_argument("--batch-size", type=int, default=None, help="override every workload's batch size")
     parser.add_argument("--image-size", type=int, default=None, help="override every workload's image size")
-    parser.add_argument("--setups", nargs="+", choices=[*SETUPS, *SKIPSTUDY_OVERRIDES], default=None,
+    parser.add_argument("--setups", nargs="+", choices=list(dict.fromkeys([*SETUPS, *SKIPSTUDY_OVERRIDES])), default=None,
                         help="run only these set-ups (default: all of each workload)")
-    parser.add_argument("--compile", action="store_true", help=f"add a '{COMPILE_SETUP}' row (slow to compile)")
+    parser.add_argument("--compile", action="store_true", help="add 'skipstudy, compile' rows, monitor on and off (slow to compile)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 1 round, 1 warm-up step, batch 16, 0 workers, 10-step epochs")
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "benchmarks.md")
@@ -702,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = []
     for name in args.workloads:
         w = WORKLOADS[name]
-        setups = list(w.setups) + ([COMPILE_SETUP] if args.compile and not w.epoch else [])
+        setups = list(w.setups) + (list(COMPILE_SETUPS) if args.compile and not w.epoch else [])
         setups = [s for s in setups if args.setups is None or s in args.setups]
         for setup in setups:
             row = Row(name, setup, device, args.batch_size or w.batch_size, args.image_size or w.image_size)

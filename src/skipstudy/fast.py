@@ -12,7 +12,8 @@ key                         ``auto`` / ``null`` means                           
 ``fast.channels_last``      ``auto``: on when training on CUDA or on an x86        last bits only
                             CPU with oneDNN
 ``fast.compile``            ``false`` by default; ``true`` compiles the network     last bits only
-                            with ``torch.compile`` (not with the gradient monitor)
+                            with ``torch.compile`` (the gradient monitor's hooks
+                            become graph breaks: skipstudy.monitor.callback)
 ``dataset.loader``          ``auto``: device-resident batches on CUDA when the      no (same
                             data fit (``skipstudy.data.arrays``)                     images)
 ==========================  =====================================================  ==============
@@ -38,16 +39,6 @@ from omegaconf import DictConfig, ListConfig
 from skipstudy.errors import ConfigError
 
 AUTO_BOOL = ("auto", "true", "false")
-
-# The gradient monitor reads output gradients with eager tensor hooks registered in forward
-# hooks; a compiled graph would trace those hooks once and not run them as written
-# (skipstudy.monitor.callback refuses compiled networks for the same reason).
-COMPILE_WITH_MONITOR = (
-    "fast.compile=true cannot be combined with the gradient monitor: it reads each layer's output "
-    "gradient with eager-mode tensor hooks that a torch.compile graph does not run. "
-    "Set fast.compile=false (the default) to monitor, or monitor=off to compile"
-)
-
 
 def uses_cuda(accelerator: Any) -> bool:
     """Whether a Trainer built with ``trainer.accelerator=accelerator`` trains on a CUDA GPU."""
@@ -111,8 +102,7 @@ def resolve(cfg: DictConfig) -> FastSettings:
     """Decide every ``auto``/``null`` speed setting of ``cfg`` for the device it trains on.
 
     Raises:
-        ConfigError: a value outside ``auto|true|false``, or ``fast.compile=true`` together
-            with the gradient monitor.
+        ConfigError: a value outside ``auto|true|false``.
     """
     trainer = cfg.trainer
     fast = cfg.get("fast") or {}
@@ -127,8 +117,6 @@ def resolve(cfg: DictConfig) -> FastSettings:
     compile_ = fast.get("compile", False)
     if not isinstance(compile_, bool):
         raise ConfigError(f"fast.compile={compile_!r} is not one of: true, false")
-    if compile_ and cfg.get("monitor") and "_target_" in cfg.monitor:
-        raise ConfigError(COMPILE_WITH_MONITOR)
     return FastSettings(
         precision=resolve_precision(trainer.get("precision"), trainer.get("accelerator", "auto")),
         cudnn_benchmark=bool(benchmark),

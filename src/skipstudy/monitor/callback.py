@@ -33,6 +33,12 @@ Definitions:
 * AMP: bf16 needs no loss scaling; with fp16 and a GradScaler the output gradients are
   divided by the step's loss scale (weight gradients are already unscaled by Lightning),
   and a step whose gradients overflowed is skipped by the scaler and not recorded.
+* torch.compile: the forward hook is wrapped in ``torch.compiler.disable``, so Dynamo
+  breaks the graph at each tracked layer and runs the hook eagerly on the real output
+  tensor; the compiled segments between tracked layers (norms, activations, additions,
+  where most fusion happens) stay compiled, and autograd hands the tensor hook the same
+  gradient as in eager mode (tests/test_monitor.py compares both with autograd). Fewer
+  tracked layers (``monitor.layers``) leave longer compiled segments.
 * Non-finite: decided on the gradients (output, weight, total) of a recorded step. The
   layer named is where non-finiteness first appears in computation order: the first
   layer in forward order whose *output* is non-finite if there is one, otherwise the first
@@ -73,11 +79,13 @@ SCHEDULES = ("every", "log")
 ON_NONFINITE = ("warn", "stop")
 EXPORTS = ("json", "csv", "none")
 
-COMPILE_MESSAGE = (
-    "monitor: the network is compiled with torch.compile, but GradientFlowMonitor reads output "
-    "gradients with eager-mode tensor hooks that compiled graphs do not run; train without "
-    "torch.compile, or set monitor=off"
-)
+# Each tracked layer's call becomes a graph break, and Dynamo compiles the code after it
+# (a block's "resume" function, a layer's forward) once per distinct shape it sees there:
+# a ResNet-50 has more than Dynamo's default limit of 8 per code object, beyond which it
+# silently falls back to eager. A monitor set up on a compiled network raises the limit to
+# this many for the process (Dynamo's config is global; lowering it back later would not
+# undo compiles already made).
+COMPILED_RECOMPILE_LIMIT = 256
 
 
 def _to_host(t: Tensor) -> np.ndarray:
@@ -130,12 +138,21 @@ def _first_tensor(output: Any) -> Tensor | None:
     return None
 
 
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The eager module behind ``torch.compile(module)`` (whose names gain ``_orig_mod.``)."""
+    return getattr(module, "_orig_mod", module)
+
+
 def _is_compiled(module: nn.Module) -> bool:
-    try:
-        from torch._dynamo.eval_frame import OptimizedModule
-    except ImportError:  # pragma: no cover - torch without dynamo
-        return False
-    return isinstance(module, OptimizedModule)
+    """Compiled by ``torch.compile(module)`` (a wrapper) or ``module.compile()`` (in place)."""
+    return module is not _unwrap(module) or getattr(module, "_compiled_call_impl", None) is not None
+
+
+def _raise_recompile_limit() -> None:
+    config = torch._dynamo.config
+    key = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    if getattr(config, key) < COMPILED_RECOMPILE_LIMIT:
+        setattr(config, key, COMPILED_RECOMPILE_LIMIT)
 
 
 class GradientFlowMonitor(Callback):
@@ -231,12 +248,9 @@ class GradientFlowMonitor(Callback):
         """Check ``monitor.layers`` against the bare network; returns the tracked names.
 
         Raises:
-            ConfigError: a name that matches nothing (with the closest real names), or a
-                network compiled with torch.compile.
+            ConfigError: a name that matches nothing (with the closest real names).
         """
-        if _is_compiled(net):
-            raise ConfigError(COMPILE_MESSAGE)
-        self.layer_names = select_layers(net, self.layers)
+        self.layer_names = select_layers(_unwrap(net), self.layers)
         return list(self.layer_names)
 
     def _scheduled(self, step: int) -> bool:
@@ -250,14 +264,18 @@ class GradientFlowMonitor(Callback):
         if stage != "fit":
             return
         self._remove_hooks()
-        net = getattr(pl_module, "net", pl_module)
-        if _is_compiled(pl_module) or getattr(pl_module, "_compiler_ctx", None):
-            raise ConfigError(COMPILE_MESSAGE)
+        net = _unwrap(getattr(pl_module, "net", pl_module))
+        if _is_compiled(pl_module) or _is_compiled(getattr(pl_module, "net", pl_module)):
+            _raise_recompile_limit()
         names = self.resolve(net)
         modules = dict(net.named_modules())
         self._layers = [_Layer(i, name, modules[name]) for i, name in enumerate(names)]
+        # Disabled for Dynamo: under torch.compile the hook runs eagerly at a graph break
+        # instead of being traced, so its Python state (step flags, accumulators) and the
+        # tensor hook it registers behave exactly as in eager mode.
+        hook = torch.compiler.disable(self._forward_hook)
         for layer in self._layers:
-            layer.handle = layer.module.register_forward_hook(partial(self._forward_hook, layer))
+            layer.handle = layer.module.register_forward_hook(partial(hook, layer))
         self._ordered = False
         self._call_counter = itertools.count()
         self._open_step = None
@@ -317,8 +335,6 @@ class GradientFlowMonitor(Callback):
     def _forward_hook(self, layer: _Layer, module: nn.Module, args, output) -> None:
         if not (self._recording and module.training and torch.is_grad_enabled()):
             return None
-        if torch.compiler.is_compiling():
-            raise RuntimeError(COMPILE_MESSAGE)
         y = _first_tensor(output)
         if y is None:
             return None
