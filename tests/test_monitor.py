@@ -511,6 +511,51 @@ def test_nan_in_backward_stops_names_the_layer_and_keeps_the_last_good_state(tmp
     assert doc["series"]["grad_norm/output/conv3"][2] is not None  # conv3's is still finite
 
 
+@pytest.mark.parametrize("schedule", [dict(every_n_steps=5), dict(schedule="log", points_per_decade=1)])
+def test_sparse_schedule_still_never_applies_a_non_finite_update(tmp_path, caplog, schedule):
+    """The NaN step (2) is not a recorded one (every 5th step: 0, 5; log schedule: 0, 1, 10):
+    the divergence guard checks it, stops there with the last good weights, and the verdict
+    lands in the monitor's export and the event file as with a recorded step."""
+    from skipstudy.stopping import DivergenceGuard
+
+    torch.manual_seed(0)
+    poison = PoisonGrad()
+    net = TinyNet(poison=poison)
+    arm = ArmAt(2, lambda net: setattr(poison, "armed", True))
+    monitor = GradientFlowMonitor(hist_every_n_epochs=0, **schedule)
+    guard = DivergenceGuard("stop", monitor)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True, every_n_train_steps=1)
+    with caplog.at_level(logging.ERROR, logger="skipstudy.stopping"):
+        trainer = fit(tmp_path, net, monitor, data=make_data(32), max_steps=6, callbacks=[arm, guard, ckpt],
+                      enable_checkpointing=True)
+    assert 2 not in monitor.series.steps
+    assert guard.verdict == monitor.diverged_at == (2, "conv2")
+    assert trainer.global_step == 3
+    assert any(r.getMessage().startswith("non-finite gradient at step 2, first layer conv2") for r in caplog.records)
+    for before, after in zip(arm.params_before, trainer.lightning_module.parameters()):
+        assert torch.equal(before, after)
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in last.values())
+    assert [(e.step, e.value) for e in events(tmp_path).Scalars("train/diverged")] == [(2, 1.0)]
+    doc = json.loads((tmp_path / "grad_stats.json").read_text())
+    assert doc["diverged_at"] == {"step": 2, "layer": "conv2"} and doc["nonfinite_steps"] == [2]
+
+
+def test_warn_with_a_sparse_schedule_adds_no_per_step_check(tmp_path):
+    """warn keeps a sparse schedule sync-free: the guard leaves unrecorded steps alone."""
+    from skipstudy.stopping import DivergenceGuard
+
+    torch.manual_seed(0)
+    poison = PoisonGrad()
+    net = TinyNet(poison=poison)
+    arm = ArmAt(2, lambda net: setattr(poison, "armed", True))
+    monitor = GradientFlowMonitor(every_n_steps=5, hist_every_n_epochs=0, on_nonfinite="warn")
+    guard = DivergenceGuard("warn", monitor)
+    trainer = fit(tmp_path, net, monitor, data=make_data(32), max_steps=6, callbacks=[arm, guard])
+    assert trainer.global_step == 6 and guard.nonfinite_steps == [] and guard.verdict is None
+    assert monitor.nonfinite_steps == [5]  # found at the next recorded step
+
+
 def test_nan_in_forward_names_the_first_layer_with_a_non_finite_output(tmp_path):
     """An inf weight in conv2 makes its output non-finite; every gradient is NaN then, but the
     forward pass shows where it began."""

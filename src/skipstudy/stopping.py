@@ -7,10 +7,11 @@ non-finite loss or gradient.
   by a signal", so a scheduler sees the job as not finished). A second Ctrl-C aborts at once.
   Lightning handles SIGTERM itself only to requeue under SLURM and then without a checkpoint.
 * :class:`DivergenceGuard`: the reaction to non-finite values, ``monitor.on_nonfinite`` (``stop``
-  or ``warn``), the same switch as the gradient monitor's. With the monitor on, the monitor
-  detects (it already moves each recorded step's gradient norms to the host, so detection
-  costs nothing more); with ``monitor=off`` the guard checks the gradients itself before each
-  optimizer step: one fused ``torch._foreach_norm`` over all gradients and one device-to-host
+  or ``warn``), the same switch as the gradient monitor's. On the steps the monitor records, the
+  monitor detects (it already moves each recorded step's gradient norms to the host, so
+  detection costs nothing more); with ``monitor=off``, and with ``stop`` on the steps a sparse
+  schedule (``monitor.every_n_steps > 1``, ``monitor.schedule=log``) leaves out, the guard
+  checks the gradients itself before the optimizer step: one fused ``torch._foreach_norm`` over all gradients and one device-to-host
   sync per step. That sync is the price of never applying a non-finite update; it is small
   next to a step, and training logs ``train/loss`` every step anyway (``log_every_n_steps=1``),
   which syncs too. Either way ``stop`` skips the poisoned update (the weights and any
@@ -194,7 +195,11 @@ class DivergenceGuard(Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self.monitor is not None:
-            return
+            # The monitor checks the steps it records. The others are checked here only for
+            # ``stop``, whose promise is that no non-finite update is ever applied; ``warn``
+            # keeps a sparse schedule free of per-step syncs and reports at recorded steps.
+            if self.on_nonfinite != "stop" or getattr(self.monitor, "recording_step", None) == trainer.global_step:
+                return
         scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
         if scaler is not None and scaler.is_enabled():
             return  # fp16: the GradScaler skips overflowing steps itself
@@ -214,6 +219,9 @@ class DivergenceGuard(Callback):
                 log.warning("%s; monitor.on_nonfinite=warn: training goes on", message)
             return
         self.diverged_at = (step, layer)
+        if self.monitor is not None:
+            message += " (a step the gradient monitor does not record)"
+            self.monitor.mark_diverged(step, layer)
         if trainer.is_global_zero:
             log.error(message)
             _log_scalar(trainer, DIVERGED_TAG, 1.0, step)

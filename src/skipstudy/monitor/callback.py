@@ -44,7 +44,9 @@ Definitions:
   layer in forward order whose *output* is non-finite if there is one, otherwise the first
   layer in backward order (nearest the loss) whose output gradient is non-finite,
   otherwise the first in backward order whose weight gradient is non-finite. With
-  ``every_n_steps > 1`` detection happens on recorded steps only.
+  ``every_n_steps > 1`` (or the log schedule) and ``on_nonfinite=stop``,
+  ``skipstudy.stopping.DivergenceGuard`` checks the steps the monitor does not record
+  (``recording_step``) and reports through :meth:`GradientFlowMonitor.mark_diverged`.
 """
 
 from __future__ import annotations
@@ -184,6 +186,7 @@ class GradientFlowMonitor(Callback):
         nonfinite_steps: recorded steps whose gradients were non-finite.
         overflow_steps: with an fp16 GradScaler, recorded steps the scaler skipped for
             overflowing gradients (not recorded, not counted as non-finite).
+        recording_step: the optimizer step now running if the monitor records it, else None.
     """
 
     def __init__(
@@ -229,6 +232,7 @@ class GradientFlowMonitor(Callback):
             q for q in quantities.QUANTITIES.values() if activations or q.needs != "activation"
         ]
         self._recording = False
+        self.recording_step: int | None = None
         self._hist_now = False
         self._hist_pending = False
         self._open_step: int | None = None
@@ -329,6 +333,7 @@ class GradientFlowMonitor(Callback):
             layer.reset()
         self._hist_now, self._hist_pending = self._hist_pending, False
         self._recording = self._hist_now or self._scheduled(step)
+        self.recording_step = step if self._recording else None
 
     # ------------------------------------------------------------------ hot path (hooks)
 
@@ -586,6 +591,14 @@ class GradientFlowMonitor(Callback):
         if w_bad.any():
             return names[int(np.flatnonzero(w_bad)[-1])], "first non-finite weight gradient in backward order"
         return "(untracked parameters)", "only the total norm over all parameters is non-finite"
+
+    def mark_diverged(self, step: int, layer: str) -> None:
+        """Training stopped at a non-finite step this monitor did not record (found by
+        ``skipstudy.stopping.DivergenceGuard``): keep the verdict with the recorded series,
+        so the export, the HParams and the exit status tell one story."""
+        self.nonfinite_steps.append(step)
+        self.diverged_at = (step, layer)
+        self._flush()
 
     def _nonfinite(self, trainer, pl_module, step: int, values, present) -> None:
         layer, where = self._origin(values, present)
