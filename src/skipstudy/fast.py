@@ -19,8 +19,8 @@ key                         ``auto`` / ``null`` means                           
 ==========================  =====================================================  ==============
 
 ``auto`` turns a setting on only where it is known to be safe and faster: on a CUDA GPU, and
-for the memory layout also on x86 CPUs, where oneDNN's NHWC convolutions measured 1.1-1.5x
-faster end to end (``docs/benchmarks.md``). Precision stays fp32 on the CPU. The resolved values (not
+for the memory layout also on x86 CPUs, where oneDNN's NHWC convolutions made a training
+step 1.07-1.48x faster on our networks (0.98x on one small ResNet-50 case; ``docs/benchmarks.md``). Precision stays fp32 on the CPU. The resolved values (not
 ``auto``) go into ``run_info.json`` (``"resolved"``) and the TensorBoard HParams, together
 with the settings that change what a run computes (precision, effective batch size), so a
 comparison of runs never mixes them silently.
