@@ -10,8 +10,9 @@ counters from a checkpoint. For a resumed run to log the same numbers as an unin
   epoch from its first batch (it only warns). :class:`EpochLoader` wraps the training loader:
   a resumed epoch is replayed from the RNG states of the epoch's start (so a shuffle drawn
   from the global RNG, as ``DataLoader(shuffle=True)`` does, gives the same order; samplers
-  seeded per epoch, like :class:`~skipstudy.data.augment.EpochSampler`, give it anyway) and the
-  batches already trained on are skipped. Skipping iterates them: it costs the loading of
+  seeded per epoch, like :class:`~skipstudy.data.augment.EpochSampler` or the DistributedSampler
+  Lightning puts in under DDP, give it anyway) and the batches already trained on are skipped
+  (under DDP each rank skips its own). Skipping iterates them: it costs the loading of
   those batches, no forward or backward pass.
 * **Half-finished epoch means.** ``train/loss_epoch`` and ``train/acc_epoch`` accumulate over
   the epoch; Lightning 2.x does not checkpoint its result collection nor torchmetrics' states
@@ -212,7 +213,7 @@ def _advance(it: Iterator[Any], n: int) -> bool:
 
 def needs_lightning_sampler(loader: Any, world_size: int) -> bool:
     """True when Lightning must still put a DistributedSampler into ``loader`` (DDP), which it
-    does only for a bare ``DataLoader``; such a loader is left unwrapped."""
+    does only for a bare ``DataLoader``: it is asked to do so before the loader is wrapped."""
     from torch.utils.data import DataLoader
     from torch.utils.data.distributed import DistributedSampler
 
@@ -261,8 +262,17 @@ class RunState(Callback):
             # training batches mid-run) get the data module's own.
             fit_loop = trainer.fit_loop
             for_training = fit_loop._combined_loader is None or fit_loop._should_reload_train_dl
-            if not for_training or needs_lightning_sampler(loader, trainer.world_size):
+            if not for_training:
                 return loader
+            if needs_lightning_sampler(loader, trainer.world_size):
+                # DDP with a bare DataLoader: Lightning puts a DistributedSampler in only while
+                # the loader is still a DataLoader, i.e. not once it is wrapped. Let Lightning do
+                # it here, with its own code and arguments (seed, shuffle, drop_last), so the
+                # wrapped loader shards exactly as Lightning would and a mid-epoch resume can skip
+                # this rank's done batches (the sampler's order depends only on seed and epoch).
+                from lightning.pytorch.trainer.states import RunningStage
+
+                loader = trainer._data_connector._prepare_dataloader(loader, shuffle=True, mode=RunningStage.TRAINING)
             state.loader = EpochLoader(loader, lambda: trainer.fit_loop.epoch_loop.batch_progress.current.ready)
             # Lightning warns that a mid-epoch resume of a loader without state_dict() is
             # unreliable; EpochLoader makes it exact (its state travels in RunState's).
@@ -304,6 +314,7 @@ class RunState(Callback):
             state["epoch_results"] = _epoch_results(trainer)
             state["metric_states"] = _metric_states(trainer.lightning_module)
         state["pending"] = pending_metrics(trainer, self._where)
+        state[RANKS_KEY] = _gather_per_rank(trainer, {k: state[k] for k in PER_RANK if k in state})
         if trainer.is_global_zero:
             state["event_files"] = _flush_and_measure(trainer)
         return state
@@ -311,19 +322,22 @@ class RunState(Callback):
     # -- restoring ---------------------------------------------------------------------------
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._loaded = dict(state_dict)
+        self._loaded = _for_this_rank(dict(state_dict), self._trainer)
         if self.loader is not None:
-            self.loader.resume_rng = state_dict.get("epoch_rng")
+            self.loader.resume_rng = self._loaded.get("epoch_rng")
 
     def on_train_start(self, trainer, pl_module) -> None:
         loaded, self._loaded = self._loaded, None
         if not loaded:
             return
+        # trainer.log_dir is a broadcast from rank 0 under DDP: every rank must ask, or rank 0
+        # waits in it while the others start training (a hang).
+        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
         if trainer.is_global_zero and trainer.ckpt_path is not None:
             # Only now, when training really goes on (a run resumed after its last epoch
             # skips it and keeps its logs as they are): cut the logs back to the checkpoint,
             # then write what Lightning logged after the checkpoint hook.
-            cut_logs(Path(trainer.log_dir or trainer.default_root_dir), trainer.ckpt_path, keep=_live_event_files(trainer))
+            cut_logs(run_dir, trainer.ckpt_path, keep=_live_event_files(trainer))
             pending = loaded.get("pending")
             if pending:
                 for logger in trainer.loggers:
@@ -334,6 +348,39 @@ class RunState(Callback):
             self._merge_results = loaded["epoch_results"]
         if "rng" in loaded:
             set_rng_states(loaded["rng"])  # last: nothing above may draw after it
+
+
+# What each DDP rank has of its own: its RNG streams, the RNG states its epoch started from,
+# and its share of the epoch's metric states (torchmetrics syncs them across ranks only at
+# compute()). The checkpoint is written by rank 0 alone, so the ranks' copies are gathered
+# into it and each rank takes back its own.
+PER_RANK = ("rng", "epoch_rng", "metric_states")
+RANKS_KEY = "per_rank"
+
+
+def _gather_per_rank(trainer, local: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every rank's ``local``, in rank order (a collective: Lightning builds the checkpoint's
+    state on every rank, so every rank is here)."""
+    dist = torch.distributed
+    if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+        gathered: list[Any] = [None] * trainer.world_size
+        dist.all_gather_object(gathered, local)
+        return gathered
+    return [local]
+
+
+def _for_this_rank(state: dict[str, Any], trainer) -> dict[str, Any]:
+    ranks = state.pop(RANKS_KEY, None)
+    if not ranks or trainer is None:
+        return state
+    if len(ranks) != trainer.world_size:
+        # Resumed on another number of processes: the shards differ, so no rank's own
+        # state fits; rank 0's (the top-level copy) keeps the run going.
+        log.warning("resuming a %d-process checkpoint on %d processes: rank 0's RNG and metric states are used",
+                    len(ranks), trainer.world_size)
+        return state
+    state.update(ranks[trainer.global_rank])
+    return state
 
 
 def _seed_workers(loader: Any, rank: int) -> None:
