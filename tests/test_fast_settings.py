@@ -232,6 +232,26 @@ def load_benchmark():
     return module
 
 
+def test_layout_benchmark_measures_both_layouts_and_appends_its_entry(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_layout", REPO / "scripts" / "bench_layout.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n## Data pipeline\n\nentry\n")
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--threads", "1", "--cases", "mini plain net", "--doc", str(doc)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    text = doc.read_text()
+    assert text.index("## Data pipeline") < text.index(bench.SECTION)
+    assert "Command: `python scripts/bench_layout.py --threads 1 --cases 'mini plain net' --doc " in text
+    (row,) = [line for line in text.splitlines() if line.startswith("| mini plain net |")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    contiguous, last, speedup = float(cells[4]), float(cells[5]), float(cells[6].rstrip("x"))
+    assert contiguous > 0 and last > 0 and speedup == pytest.approx(contiguous / last, rel=0.02)
+
+
 def test_benchmark_appends_to_its_own_section(tmp_path):
     bench = load_benchmark()
     doc = tmp_path / "benchmarks.md"

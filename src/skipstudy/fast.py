@@ -19,8 +19,9 @@ key                         ``auto`` / ``null`` means                           
 ==========================  =====================================================  ==============
 
 ``auto`` turns a setting on only where it is known to be safe and faster: on a CUDA GPU, and
-for the memory layout also on x86 CPUs, where oneDNN's NHWC convolutions made a training
-step 1.07-1.48x faster on our networks (0.98x on one small ResNet-50 case; ``docs/benchmarks.md``). Precision stays fp32 on the CPU. The resolved values (not
+for the memory layout also on x86 CPUs, where oneDNN's NHWC convolutions make a training step
+faster on our networks (``scripts/bench_layout.py``, "Memory layout" in ``docs/benchmarks.md``).
+Precision stays fp32 on the CPU. The resolved values (not
 ``auto``) go into ``run_info.json`` (``"resolved"``) and the TensorBoard HParams, together
 with the settings that change what a run computes (precision, effective batch size), so a
 comparison of runs never mixes them silently.
@@ -28,10 +29,9 @@ comparison of runs never mixes them silently.
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass
 from typing import Any
-
-import platform
 
 import torch
 from omegaconf import DictConfig, ListConfig
@@ -69,9 +69,9 @@ def channels_last_helps(on_cuda: bool) -> bool:
 
     On CUDA, cuDNN's NHWC kernels (tensor cores) are the fast path. On x86 CPUs oneDNN runs
     convolutions in a blocked/NHWC layout internally, so contiguous (NCHW) tensors pay a
-    reorder on every conv, forward and backward; feeding NHWC skips it. Measured here:
-    CIFAR ResNet-20 1.23-1.28x, the mini net 1.21x, ResNet-50 at 224 px 1.38-1.48x per
-    training step (``docs/benchmarks.md``). Elsewhere (ARM, no oneDNN) it stays off: unmeasured.
+    reorder on every conv, forward and backward; feeding NHWC skips it. Measured per training
+    step by ``scripts/bench_layout.py`` ("Memory layout" in ``docs/benchmarks.md``). Elsewhere
+    (ARM, no oneDNN) it stays off: unmeasured.
     """
     if on_cuda:
         return True

@@ -48,9 +48,10 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 
+from skipstudy.runs import EVENT_PREFIX
+
 log = logging.getLogger(__name__)
 
-EVENT_PREFIX = "events.out.tfevents."
 # The gradient monitor's exports (skipstudy.monitor.writers.SeriesExport): one row per recorded step.
 EXPORTS = ("grad_stats.json", "grad_stats.csv")
 STATE_KEY = "RunState"

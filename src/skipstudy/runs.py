@@ -20,8 +20,13 @@ Resume semantics (``python -m skipstudy.train resume=<run dir> [overrides]``):
 from __future__ import annotations
 
 import functools
+import json
 import os
+import shutil
 import sys
+import time
+import types
+import typing
 from pathlib import Path
 from typing import Any, Callable
 
@@ -199,9 +204,6 @@ def claim(run_dir: Path, resuming: bool) -> None:
 def with_resumes(run_dir: Path, info: dict[str, Any], ckpt_path: Path | None) -> dict[str, Any]:
     """``run_info.json`` of a resumed run: what the run started with, plus one entry per
     resume (time, checkpoint step, and the commit and versions it continued with)."""
-    import json
-    import time
-
     path = run_dir / "run_info.json"
     try:
         old = json.loads(path.read_text())
@@ -231,8 +233,6 @@ def remove_if_unused(run_dir: Path, resume: Any = None) -> None:
         return
     if not entries or any(not (e.name == ".hydra" or (e.is_file() and e.suffix == ".log")) for e in entries):
         return
-    import shutil
-
     shutil.rmtree(run_dir, ignore_errors=True)
     for parent in (run_dir.parent, run_dir.parent.parent):  # <overrides>/ and <name>/ if now empty
         try:
@@ -245,9 +245,7 @@ def check_trainer_args(trainer_cfg: Any) -> None:
     """Refuse ``trainer.<key>`` values of a type ``lightning.Trainer`` cannot take (a string
     where it expects a number), with the key, before anything is built; Lightning itself
     would fail later with a bare assertion."""
-    import typing
-
-    import lightning as L
+    import lightning as L  # heavy: only when a config is checked
 
     try:
         hints = typing.get_type_hints(L.Trainer.__init__)
@@ -261,8 +259,6 @@ def check_trainer_args(trainer_cfg: Any) -> None:
 
 
 def _admits_str(hint: Any) -> bool:
-    import typing
-
     if hint is str or hint is typing.Any:
         return True
     if hint is type(None):
@@ -270,14 +266,12 @@ def _admits_str(hint: Any) -> bool:
     origin = typing.get_origin(hint)
     if origin is typing.Literal:
         return any(isinstance(a, str) for a in typing.get_args(hint))
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return any(_admits_str(a) for a in typing.get_args(hint))
     return not isinstance(hint, type) or hint not in (int, float, bool)  # unknown kinds: let Lightning decide
 
 
 def _describe(hint: Any) -> str:
-    import typing
-
     args = typing.get_args(hint) or (hint,)
     names = []
     for a in args:

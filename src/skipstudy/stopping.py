@@ -11,8 +11,8 @@ non-finite loss or gradient.
   monitor detects (it already moves each recorded step's gradient norms to the host, so
   detection costs nothing more); with ``monitor=off``, and with ``stop`` on the steps a sparse
   schedule (``monitor.every_n_steps > 1``, ``monitor.schedule=log``) leaves out, the guard
-  checks the gradients itself before the optimizer step: one fused ``torch._foreach_norm`` over all gradients and one device-to-host
-  sync per step. That sync is the price of never applying a non-finite update; it is small
+  checks the gradients itself before the optimizer step: one fused ``torch._foreach_norm``
+  over all gradients and one device-to-host sync per step. That sync is the price of never applying a non-finite update; it is small
   next to a step, and training logs ``train/loss`` every step anyway (``log_every_n_steps=1``),
   which syncs too. Either way ``stop`` skips the poisoned update (the weights and any
   checkpoint stay those of the last good step), writes ``train/diverged = 1`` at that step and
@@ -142,7 +142,9 @@ class GracefulStop(Checkpoint):
         trainer.save_checkpoint(str(self.checkpoint_path), weights_only=False)
         # What Lightning would write right after this hook (the step's train/loss, or the
         # epoch means): the logs end at the step the run stopped. A resume cuts and rewrites them.
-        pending = pending_metrics(trainer, where) if trainer.is_global_zero else None
+        # Every rank computes them (an epoch's torchmetrics compute() syncs across ranks);
+        # Lightning's loggers write on rank 0 only.
+        pending = pending_metrics(trainer, where)
         for logger in trainer.loggers:
             if pending:
                 logger.log_metrics(pending["metrics"], step=pending["step"])
@@ -164,12 +166,13 @@ class GracefulStop(Checkpoint):
 
 
 class DivergenceGuard(Callback):
-    """Non-finite gradients with ``monitor=off``; the run's divergence verdict either way.
+    """Non-finite gradients on the steps the monitor does not check; the run's verdict.
 
     Args:
         on_nonfinite: ``stop`` or ``warn`` (``monitor.on_nonfinite``).
-        monitor: the GradientFlowMonitor when it is on; it then does the detection and this
-            guard only reads its verdict (``diverged_at``, ``nonfinite_steps``).
+        monitor: the GradientFlowMonitor when it is on. It checks the steps it records; this
+            guard checks the others only for ``stop`` (reporting through its
+            ``mark_diverged``) and reads the verdict from it (``diverged_at``).
     """
 
     def __init__(self, on_nonfinite: str = "stop", monitor: Any = None) -> None:

@@ -239,7 +239,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
         callbacks.append(monitor)
     # Non-finite loss/gradients (monitor.on_nonfinite, also with monitor=off) and SIGTERM/SIGINT.
     guard = stopping.DivergenceGuard((cfg.get("monitor") or {}).get("on_nonfinite", "stop"), monitor)
-    callbacks += [guard, stopping.GracefulStop(run_dir / "checkpoints" / "last.ckpt")]
+    callbacks += [guard, stopping.GracefulStop(run_dir / runs.LAST)]
     if probes is not None:
         callbacks.append(probes)
     # Custom-scalars layout at fit start; the report's figures as TB images at fit end (opt-in).
