@@ -10,11 +10,12 @@ during-training callback (from the Trainer), so a probe does not know which one 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -112,8 +113,12 @@ class ProbeContext:
             self.writer.add_image(tag, rgb, self.step, dataformats="HWC")
         return path
 
-    def write_json(self, path: Path, data: dict) -> Path:
+    def write_json(self, path: Path, data: dict, summary: dict[str, float] | None = None) -> Path:
+        """Write ``data`` with the step, the trained flag and the model config; ``summary`` (the
+        probe's returned numbers) goes under ``"summary"``, where the report's probe table reads it."""
         record = {"step": self.step, "trained": self.trained, "model": self.model, **data}
+        if summary is not None:
+            record["summary"] = {k: float(v) for k, v in summary.items()}
         path.write_text(json.dumps(record, indent=2))
         return path
 
@@ -145,3 +150,94 @@ class eval_mode:
     def __exit__(self, *exc) -> None:
         for m, training in self.modes:
             m.training = training
+
+
+BN_MODES = ("auto", "eval", "calibrate")
+
+
+def has_batch_norm(net: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+
+def syncs_across_ranks(net: nn.Module) -> bool:
+    import torch.distributed as dist
+
+    return (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+            and any(isinstance(m, nn.SyncBatchNorm) for m in net.modules()))
+
+
+@contextlib.contextmanager
+def kept_state(net: nn.Module) -> Iterator[nn.Module]:
+    """Inside the ``with`` a probe may switch modes and run train-mode BN; afterwards every
+    module's train/eval flag, every BN buffer (running statistics, batch counter) and momentum
+    are as before. During training the network is the one being trained, and a copy is not an
+    option (callbacks' hooks hang on it)."""
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m, m.momentum, {k: v.detach().clone() for k, v in m.named_buffers(recurse=False)}) for m in norms]
+    with eval_mode(net):
+        try:
+            yield net
+        finally:
+            with torch.no_grad():
+                for m, momentum, buffers in saved:
+                    m.momentum = momentum
+                    for k, v in buffers.items():
+                        getattr(m, k).copy_(v)
+
+
+@contextlib.contextmanager
+def calibrated_bn(net: nn.Module, inputs: torch.Tensor, chunk: int = 64) -> Iterator[nn.Module]:
+    """Inside the ``with``, ``net`` is in eval mode with BN running statistics averaged over
+    ``inputs``; afterwards its statistics, momenta and modes are restored (:func:`kept_state`)."""
+    with kept_state(net):
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average over the chunks
+        net.train()
+        with torch.no_grad():
+            for part in inputs.split(chunk):
+                net(part)
+        net.eval()
+        yield net
+
+
+def check_bn_mode(options: Any) -> None:
+    bn = options.get("bn", "auto")
+    if bn not in BN_MODES:
+        raise ConfigError(f"probe.bn={bn!r} is not a BN mode; valid: {', '.join(BN_MODES)}")
+
+
+def eval_bn(ctx: ProbeContext, options: Any, inputs: torch.Tensor, chunk: int = 64
+            ) -> tuple[str, contextlib.AbstractContextManager]:
+    """``(mode, context manager)`` for probes that need every sample's own gradient (BN in eval mode).
+
+    ``probe.bn=auto``: a trained network uses its running statistics (``eval``); at
+    initialisation these are still 0/1 (BN would be an identity), so they are first
+    calibrated on ``inputs`` (``calibrate``), then restored.
+    """
+    bn = options.get("bn", "auto")
+    if bn == "auto":
+        bn = "calibrate" if not ctx.trained and has_batch_norm(ctx.net) else "eval"
+    if bn == "calibrate" and syncs_across_ranks(ctx.net):
+        # A train-mode SyncBatchNorm pass on rank 0 alone would wait for the other ranks forever.
+        bn = "eval"
+    return bn, (calibrated_bn(ctx.net, inputs, chunk) if bn == "calibrate" else eval_mode(ctx.net))
+
+
+LOSS_BN_MODES = ("train", "eval")
+
+
+def check_loss_bn(options: Any) -> None:
+    bn = options.get("bn", "train")
+    if bn not in LOSS_BN_MODES:
+        raise ConfigError(f"probe.bn={bn!r} is not a BN mode for the training loss; valid: {', '.join(LOSS_BN_MODES)}")
+
+
+@contextlib.contextmanager
+def loss_mode(net: nn.Module, bn: str) -> Iterator[nn.Module]:
+    """The network as the training loss sees it: ``bn=train`` (batch statistics, the optimiser's
+    view) or ``eval`` (running statistics); modes and BN buffers are restored afterwards."""
+    with kept_state(net):
+        net.train(bn == "train")
+        yield net

@@ -131,7 +131,7 @@ def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
         **result, "split": split, "span": span, "steps": steps, "grid": size,
         "images": sum(int(y.numel()) for _, y in batches), "seed": int(options.get("seed", ctx.seed)),
         "loss_1d": loss_1d.tolist(),
-    })
+    }, summary=result)
     ctx.scalars({f"probe/{NAME}/{k}": v for k, v in result.items()})
     return result
 

@@ -56,19 +56,22 @@ def is_downsampling(block: Block) -> bool:
     return block.shortcut is not identity_shortcut
 
 
-def check(net: nn.Module, options: Any = None) -> None:
-    """Refuse networks without residual blocks, saying why."""
-    all_blocks = blocks(net)
+def require_skips(net: nn.Module, probe: str, why: str) -> None:
+    """Refuse a network without residual blocks, or a plain twin, for ``probe=<probe>``; ``why``
+    says what the probe would lack without shortcuts."""
     arch = getattr(net, "arch", type(net).__name__)
-    if not all_blocks:
-        raise ConfigError(f"probe=lesion needs a network of residual blocks; {arch} has none "
+    if not blocks(net):
+        raise ConfigError(f"probe={probe} needs a network of residual blocks; {arch} has none "
                           "(use a model from skipstudy.models)")
     if not residual_blocks(net):
-        raise ConfigError(
-            f"probe=lesion needs skip connections, but this {arch} is a plain twin (model.skip=false): "
-            "deleting a block of a plain net cuts the only path through it, so there is nothing to "
-            "measure; lesion a model.skip=true run"
-        )
+        raise ConfigError(f"probe={probe} needs skip connections, but this {arch} is a plain twin "
+                          f"(model.skip=false): {why}; probe a model.skip=true run")
+
+
+def check(net: nn.Module, options: Any = None) -> None:
+    """Refuse networks without residual blocks, saying why."""
+    require_skips(net, NAME, "deleting a block of a plain net cuts the only path through it, so there is "
+                  "nothing to measure")
     if options is not None:
         samples = options.get("samples", 10)
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
@@ -153,7 +156,7 @@ def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
         "images": sum(int(y.numel()) for _, y in batches),
         "blocks": [{"name": nm, "downsampling": down[nm], "acc": a} for nm, a in zip(names, single)],
         "deleted_k": by_k,
-    })
+    }, summary=result)
     arch = getattr(net, "arch", type(net).__name__)
     ctx.figure(plot(names, single, [down[nm] for nm in names], intact, by_k, f"{arch}, step {ctx.step}"),
                stem.with_suffix(".png"), f"probe/{NAME}")

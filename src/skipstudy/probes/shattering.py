@@ -20,18 +20,14 @@ line's inputs in train mode (``probe.bn=auto``; ``eval``/``calibrate`` force eit
 
 ``python -m skipstudy.probe -m probe=shattering model=cifar_resnet model.depth=20,56,110
 model.skip=true,false`` probes freshly initialised networks, one job each; at the end of the
-sweep :class:`SweepComparison` draws all of them in one figure
-(``<sweep>/probes/shattering/shattering_comparison.png``).
+sweep :func:`comparison_figure` draws all of them in one figure
+(``<sweep>/probes/shattering/shattering_comparison.png``, see :mod:`skipstudy.probes.comparison`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import re
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -41,11 +37,11 @@ from matplotlib.ticker import ScalarFormatter
 from torch import nn
 
 from skipstudy.errors import ConfigError
-from skipstudy.probes.context import ProbeContext, depth_of, eval_mode
+from skipstudy.probes.comparison import label as _label
+from skipstudy.probes.context import ProbeContext, check_bn_mode, depth_of, eval_bn
 
 NAME = "shattering"
 THRESHOLD = math.exp(-1.0)
-BN_MODES = ("auto", "eval", "calibrate")
 
 
 def line_inputs(x0: torch.Tensor, x1: torch.Tensor, points: int) -> torch.Tensor:
@@ -97,50 +93,11 @@ def correlation_length(acf: torch.Tensor | np.ndarray, threshold: float = THRESH
     return float(k - 1 + (r[k - 1] - threshold) / (r[k - 1] - r[k]))
 
 
-def _has_batch_norm(net: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
-
-
-def _syncs_across_ranks(net: nn.Module) -> bool:
-    import torch.distributed as dist
-
-    return (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-            and any(isinstance(m, nn.SyncBatchNorm) for m in net.modules()))
-
-
-@contextlib.contextmanager
-def calibrated_bn(net: nn.Module, inputs: torch.Tensor, chunk: int = 64) -> Iterator[nn.Module]:
-    """Inside the ``with``, ``net`` is in eval mode with BN running statistics averaged over
-    ``inputs``; afterwards its statistics, momenta and modes are restored (during training the
-    network is the one being trained; a copy is not an option, since callbacks' hooks hang on it)."""
-    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m, m.momentum, {k: v.detach().clone() for k, v in m.named_buffers(recurse=False)}) for m in norms]
-    with eval_mode(net):
-        try:
-            for m in norms:
-                m.reset_running_stats()
-                m.momentum = None  # cumulative average over the chunks
-            net.train()
-            with torch.no_grad():
-                for part in inputs.split(chunk):
-                    net(part)
-            net.eval()
-            yield net
-        finally:
-            with torch.no_grad():
-                for m, momentum, buffers in saved:
-                    m.momentum = momentum
-                    for k, v in buffers.items():
-                        getattr(m, k).copy_(v)
-
-
 def check(net: nn.Module, options: Any) -> None:
     points = options.get("points", 256)
     if isinstance(points, bool) or not isinstance(points, int) or points < 4:
         raise ConfigError(f"probe.points={points!r} must be an integer >= 4; e.g. probe.points=256")
-    bn = options.get("bn", "auto")
-    if bn not in BN_MODES:
-        raise ConfigError(f"probe.bn={bn!r} is not a BN mode; valid: {', '.join(BN_MODES)}")
+    check_bn_mode(options)
     pair = list(options.get("pair", [0, 1]))
     if len(pair) != 2 or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in pair) or pair[0] == pair[1]:
         raise ConfigError(f"probe.pair={pair} must be two different validation image indices; e.g. probe.pair=[0,1]")
@@ -167,13 +124,8 @@ def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
     x0, x1 = _images(ctx, pair)
     inputs = line_inputs(x0, x1, points)
 
-    bn = options.get("bn", "auto")
-    if bn == "auto":
-        bn = "calibrate" if not ctx.trained and _has_batch_norm(ctx.net) else "eval"
-    if bn == "calibrate" and _syncs_across_ranks(ctx.net):
-        # A train-mode SyncBatchNorm pass on rank 0 alone would wait for the other ranks forever.
-        bn = "eval"
-    with calibrated_bn(ctx.net, inputs, chunk) if bn == "calibrate" else eval_mode(ctx.net):
+    bn, bn_context = eval_bn(ctx, options, inputs, chunk)
+    with bn_context:
         grads = input_gradients(ctx.net, inputs, logit, chunk)
 
     acf = autocorrelation(grads)
@@ -192,7 +144,7 @@ def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
         "acf": [float(v) for v in acf],
     }
     stem = ctx.stem(NAME)
-    ctx.write_json(stem.with_suffix(".json"), record)
+    ctx.write_json(stem.with_suffix(".json"), record, summary=result)
     np.save(stem.with_suffix(".npy"), acf.numpy())
     ctx.figure(plot_run(grads, acf, length, title=f"{_label(record | {'model': ctx.model}, with_depth=True)}, step {ctx.step}"),
                stem.with_suffix(".png"), f"probe/{NAME}")
@@ -227,41 +179,6 @@ def plot_run(grads: torch.Tensor, acf: torch.Tensor, length: float, title: str =
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
-
-
-def _family(arch: str) -> str:
-    return re.sub(r"\d+$", "", str(arch))
-
-
-def _label(record: dict, with_depth: bool = False) -> str:
-    model = record.get("model") or {}
-    skip = model.get("skip")
-    parts = [_family(record.get("arch", "?"))]
-    if with_depth:
-        parts[0] = f"{record.get('arch', '?')}"
-    parts.append("skip" if skip else "plain" if skip is not None else "")
-    norm = model.get("norm")
-    if norm and norm != "batch":
-        parts.append(f"norm={norm}")
-    init = model.get("init")
-    if init and init != "default":
-        parts.append(f"init={init}")
-    return " ".join(p for p in parts if p)
-
-
-def collect(root: str | Path) -> list[dict]:
-    """Every run's shattering record under ``root`` (the latest step of each run directory)."""
-    latest: dict[Path, dict] = {}
-    for path in sorted(Path(root).glob(f"**/probes/{NAME}/{NAME}_step*.json")):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        run = path.parents[2]
-        record["run_dir"] = str(run)
-        if run not in latest or record.get("step", 0) >= latest[run].get("step", 0):
-            latest[run] = record
-    return list(latest.values())
 
 
 def comparison_figure(records: list[dict]) -> Figure:
@@ -309,33 +226,5 @@ def comparison_figure(records: list[dict]) -> Figure:
     return fig
 
 
-def write_comparison(root: str | Path) -> Path | None:
-    """Draw every shattering record under ``root`` into ``root/probes/shattering/`` (PNG + JSON
-    table); returns the PNG's path, or None when there is nothing to compare."""
-    records = collect(root)
-    if not records:
-        return None
-    out = Path(root) / "probes" / NAME
-    out.mkdir(parents=True, exist_ok=True)
-    png = out / f"{NAME}_comparison.png"
-    comparison_figure(records).savefig(png)
-    table = [{k: r.get(k) for k in ("run_dir", "arch", "depth", "corr_length", "corr_length_frac", "acf_lag1", "step")}
-             | {"skip": (r.get("model") or {}).get("skip"), "norm": (r.get("model") or {}).get("norm")}
-             for r in sorted(records, key=lambda r: (_label(r), r["depth"]))]
-    (out / f"{NAME}_comparison.json").write_text(json.dumps(table, indent=2))
-    return png
-
-
-try:
-    from hydra.experimental.callback import Callback as _HydraCallback
-except ImportError:  # pragma: no cover - Hydra < 1.1
-    _HydraCallback = object
-
-
-class SweepComparison(_HydraCallback):
-    """Hydra callback of the probe app: after a multirun, compare its shattering jobs in one figure."""
-
-    def on_multirun_end(self, config, **kwargs: Any) -> None:
-        png = write_comparison(config.hydra.sweep.dir)
-        if png is not None:
-            print(f"shattering comparison: {png}")
+# Summary keys of the sweep's comparison table (skipstudy.probes.comparison).
+COMPARISON_COLUMNS = ("corr_length", "corr_length_frac", "acf_lag1")
