@@ -26,7 +26,7 @@ from skipstudy.probe import run_probe
 from skipstudy.probes import feature_maps, landscape, lesion, shattering
 from skipstudy.probes.callback import build_probe_callback
 from skipstudy.probes.checkpoint import load_run, locate
-from skipstudy.probes.context import ProbeContext, depth_of
+from skipstudy.probes.context import ProbeContext, calibrated_bn, depth_of
 from skipstudy.train import train
 
 TRAIN = [*FAST, "model=mini", "dataset.image_size=16", "trainer.enable_progress_bar=false"]
@@ -195,7 +195,7 @@ def test_bn_calibration_is_undone_afterwards():
     net.train()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     inputs = torch.randn(8, 3, 8, 8)
-    with shattering.calibrated_bn(net, inputs, chunk=4):
+    with calibrated_bn(net, inputs, chunk=4):
         assert not net.training
         assert not torch.equal(net.bn1.running_mean, before["bn1.running_mean"])
     assert net.training and net.bn1.momentum == 0.1

@@ -21,14 +21,16 @@ from torch import nn
 from skipstudy.errors import ConfigError
 
 CONFIG = Path(".hydra") / "config.yaml"
-HINT = "pass a run directory (it has .hydra/config.yaml and checkpoints/last.ckpt) or a .ckpt file inside one"
+HINT = ("pass a run directory (it has .hydra/config.yaml and checkpoints/last.ckpt), its checkpoints/ folder "
+        "or a .ckpt file inside one")
 
 
 def locate(ckpt: str | Path) -> tuple[Path, Path]:
-    """``(run_dir, checkpoint_file)`` for ``ckpt=`` a run directory or a checkpoint file in one.
+    """``(run_dir, checkpoint_file)`` for ``ckpt=`` a run directory, its ``checkpoints/`` folder,
+    or a checkpoint file in one.
 
-    A run directory means its ``checkpoints/last.ckpt``; a file means that file, and its run
-    directory is the folder above ``checkpoints/``.
+    A run directory or its ``checkpoints/`` folder means ``checkpoints/last.ckpt``; a file means
+    that file, and its run directory is the folder above ``checkpoints/``.
 
     Raises:
         ConfigError: the path does not exist, is not inside a run directory, or the run has
@@ -39,6 +41,8 @@ def locate(ckpt: str | Path) -> tuple[Path, Path]:
         raise ConfigError(f"ckpt={ckpt}: no such file or directory; {HINT}")
     if path.is_dir():
         run_dir = path
+        if path.name == "checkpoints" and not (path / CONFIG).is_file() and (path.parent / CONFIG).is_file():
+            run_dir = path.parent
         if not (run_dir / CONFIG).is_file():
             raise ConfigError(f"ckpt={ckpt} is not a run directory: {run_dir / CONFIG} is missing; {HINT}")
         ckpt_file = run_dir / "checkpoints" / "last.ckpt"

@@ -136,6 +136,15 @@ def depth_of(net: nn.Module) -> int:
     )
 
 
+def cross_entropy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """The training loss of ``net`` on ``(x, y)``, in float32 at least (half-precision logits are
+    upcast; float64 stays float64, so the float64 references of the tests compare exactly)."""
+    logits = net(x)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return torch.nn.functional.cross_entropy(logits, y, reduction=reduction)
+
+
 class eval_mode:
     """Context manager: ``net.eval()`` inside, the previous train/eval flags restored after."""
 

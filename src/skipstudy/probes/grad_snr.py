@@ -29,14 +29,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import nn
 
 from skipstudy.errors import ConfigError
 from skipstudy.monitor.layers import select_layers
 from skipstudy.probes.comparison import label
-from skipstudy.probes.context import ProbeContext, check_loss_bn, depth_of, loss_mode
+from skipstudy.probes.context import ProbeContext, check_loss_bn, cross_entropy, depth_of, loss_mode
 
 NAME = "grad_snr"
 
@@ -72,7 +71,7 @@ def split_statistics(net: nn.Module, parts: list[tuple[torch.Tensor, torch.Tenso
     m2 = torch.zeros(len(params), dtype=torch.float64, device=params[0].device)
     with torch.inference_mode(False), torch.enable_grad():
         for count, (x, y) in enumerate(parts, start=1):
-            loss = F.cross_entropy(net(x).float(), y)
+            loss = cross_entropy(net, x, y)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             for i, g in enumerate(grads):
                 g = torch.zeros_like(mean[i]) if g is None else g.double()

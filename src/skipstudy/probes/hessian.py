@@ -19,13 +19,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import nn
 
 from skipstudy.errors import ConfigError
 from skipstudy.probes.comparison import label
-from skipstudy.probes.context import ProbeContext, check_loss_bn, depth_of, loss_mode
+from skipstudy.probes.context import ProbeContext, check_loss_bn, cross_entropy, depth_of, loss_mode
 from skipstudy.probes.spectra import top_eigenpairs
 
 NAME = "hessian"
@@ -37,7 +36,7 @@ def hvp_operator(net: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]
     params = [p for p in net.parameters() if p.requires_grad]
     graphs = []
     for x, y in batches:
-        loss = F.cross_entropy(net(x).float(), y) / len(batches)
+        loss = cross_entropy(net, x, y) / len(batches)
         graphs.append(torch.autograd.grad(loss, params, create_graph=True))
 
     def matvec(rows: torch.Tensor) -> torch.Tensor:

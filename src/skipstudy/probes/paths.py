@@ -37,13 +37,12 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import nn
 
 from skipstudy.errors import ConfigError
 from skipstudy.probes.comparison import label
-from skipstudy.probes.context import SPLITS, ProbeContext, check_bn_mode, depth_of, eval_bn
+from skipstudy.probes.context import SPLITS, ProbeContext, check_bn_mode, cross_entropy, depth_of, eval_bn
 from skipstudy.probes.lesion import require_skips, residual_blocks
 
 NAME = "paths"
@@ -99,7 +98,7 @@ def path_gradient_norms(net: nn.Module, batches: list[tuple[torch.Tensor, torch.
         with routed(net, branches) if branches is not None else contextlib.nullcontext(), \
                 torch.inference_mode(False), torch.enable_grad():
             for x, y in batches:
-                loss = F.cross_entropy(net(x).float(), y, reduction="sum")
+                loss = cross_entropy(net, x, y, reduction="sum")
                 (g,) = torch.autograd.grad(loss, leaves[-1])
                 norms.append(g.flatten(1).double().norm(dim=1).cpu())
     finally:
