@@ -411,7 +411,7 @@ def test_readme_probe_commands(trained, tmp_path):
     blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
     lines = [ln.strip() for b in blocks for ln in b.splitlines() if "skipstudy.probe" in ln or "probes." in ln]
     lines = [ln for ln in lines if not ln.startswith("#")]
-    assert len(lines) == 4, lines
+    assert len(lines) == 5, lines
     for line in lines:
         args = shlex.split(line.replace("$RUN", str(run_dir)))[3:]
         if line.startswith("python -m skipstudy.train"):
@@ -420,11 +420,13 @@ def test_readme_probe_commands(trained, tmp_path):
             assert build_probe_callback(cfg.probes, mini(10)).at_epochs == [0, 5, 10]
         elif args[0] == "-m":  # the sweep: every job composes (the sweep itself runs in the test above)
             sweep = {a.split("=")[0]: a.split("=")[1].split(",") for a in args[1:]}
+            (probe,) = sweep["probe"]
+            assert probe in ("shattering", "jacobian")
             for depth in sweep["model.depth"]:
                 for skip in sweep["model.skip"]:
-                    cfg = probe_cfg(["probe=shattering", "model=cifar_resnet", f"model.depth={depth}",
+                    cfg = probe_cfg([f"probe={probe}", "model=cifar_resnet", f"model.depth={depth}",
                                      f"model.skip={skip}"], tmp_path)
-                    assert cfg.probe.name == "shattering" and cfg.model.depth == int(depth)
+                    assert cfg.probe.name == probe and cfg.model.depth == int(depth)
         else:  # composes, and its ckpt resolves to the run (both probes run on it in tests above)
             cfg = probe_cfg(args, tmp_path)
             assert cfg.probe.name in ("feature_maps", "landscape")

@@ -366,3 +366,22 @@ def test_new_probes_during_training_leave_training_unchanged(trained, tmp_path):
     probes = OmegaConf.create({"names": ["paths"], "at_epochs": [1], "batches": None, "options": {}})
     with pytest.raises(ConfigError, match="probe=paths needs skip connections"):
         build_probe_callback(probes, mini(10, skip=False))
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+def test_report_tables_the_probes_headline_numbers(trained, tmp_path):
+    import csv
+
+    from skipstudy.analysis.report import build_report
+
+    run_dir, _, _ = trained
+    result = run_probe(probe_cfg(["probe=hessian", f"ckpt={run_dir}", "probe.batches=1", "probe.iters=2"], tmp_path),
+                       tmp_path / "unused")
+    report = build_report([run_dir], tmp_path / "report")
+    rows = list(csv.DictReader((tmp_path / "report" / "probes.csv").open()))
+    hess = [r for r in rows if r["probe"] == "hessian" and r["key"] == "top_eig"]
+    assert hess and float(hess[-1]["value"]) == pytest.approx(result["top_eig"]) and hess[-1]["step"] == "3"
+    assert not any("/" in r["key"] for r in rows)  # per-layer values stay in the JSON
+    index = (tmp_path / "report" / "index.html").read_text()
+    assert "<h3>hessian</h3>" in index and "<th>top_eig</th>" in index and "probes.csv" in report.files

@@ -41,6 +41,8 @@ EXERCISED = {
         "test_probes.py::test_readme_probe_commands",
     "python -m skipstudy.probe -m probe=shattering model=cifar_resnet model.depth=20,56,110 model.skip=true,false":
         "test_probes.py::test_readme_probe_commands",
+    "python -m skipstudy.probe -m probe=jacobian model=cifar_resnet model.depth=20,56 model.skip=true,false":
+        "test_probes.py::test_readme_probe_commands",
     "python -m skipstudy.train 'probes.names=[feature_maps,lesion]' 'probes.at_epochs=[0,5,10]' probes.batches=2":
         "test_probes.py::test_readme_probe_commands",
     "python -m skipstudy.train experiment=mini_plain_vs_res": "test_sweeps.py::test_mini_plain_vs_res_sweeps_skip_on_real_cifar10",

@@ -11,6 +11,7 @@ given paths), and writes into ``--out``:
 * ``depth_sweep.png``       final train loss and val error vs depth, skip vs plain
 * ``activation_std.png``    forward activation std per layer vs depth
 * ``summary.csv``, ``summary.md``  one row per run
+* ``probes.csv``            the probes' headline numbers (when runs have probe outputs)
 * ``index.html``            all of the above; works offline (local, relative files only)
 
 A figure whose data no run has (no gradient monitor, no depth) is left out, and
@@ -33,7 +34,8 @@ from pathlib import Path
 
 from skipstudy.analysis import figures as F
 from skipstudy.analysis.logs import Run, load_runs
-from skipstudy.analysis.summary import COLUMN_NOTES, COLUMNS, formatted_rows, summary_rows, write_csv, write_markdown
+from skipstudy.analysis.summary import (COLUMN_NOTES, COLUMNS, formatted_rows, probe_rows, probe_tables, summary_rows,
+                                        write_csv, write_markdown, write_probe_csv)
 from skipstudy.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -90,6 +92,8 @@ class Report:
     notes: list[str] = field(default_factory=list)
     # (file in out/, caption): the probes' own PNGs, copied in (see copy_probe_images)
     probe_images: list[tuple[str, str]] = field(default_factory=list)
+    # the probes' headline numbers (skipstudy.analysis.summary.probe_rows)
+    probe_rows: list[dict] = field(default_factory=list)
 
 
 def _slug(text: str, n: int = 50) -> str:
@@ -147,6 +151,10 @@ def build_report(paths: list[str | os.PathLike], out: str | os.PathLike | None =
                 f"{run.nonfinite_steps[0]}; figures leave non-finite values out"
             )
     report.probe_images = copy_probe_images(paths, out)
+    report.probe_rows = probe_rows(paths)
+    if report.probe_rows:
+        write_probe_csv(report.probe_rows, out / "probes.csv")
+        report.files.append("probes.csv")
     report.files += [name for name, _ in report.probe_images]
     write_index(report, rows, paths)
     report.files.append("index.html")
@@ -233,9 +241,16 @@ def write_index(report: Report, rows, paths: list[str]) -> None:
                         f'<figure><img src="{esc(gif)}" alt="histogram animation of {esc(run.label)}">'
                         f"<figcaption>{esc(run.label)} ({report.gif_frames[run.name]} epochs)</figcaption></figure>"
                     )
-    if report.probe_images:
+    if report.probe_images or report.probe_rows:
         parts.append("<h2>Probes</h2><p class='small'>Written by <code>python -m skipstudy.probe</code> "
-                     "or by probes during training (feature maps, shattered gradients, lesions, loss landscape).</p>")
+                     "or by probes during training (see the README's probe table for each number).</p>")
+    for probe, (header, cells) in probe_tables(report.probe_rows).items():
+        parts.append(f"<h3>{esc(probe)}</h3><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"
+                     + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in line) + "</tr>" for line in cells)
+                     + "</table>")
+    if report.probe_rows:
+        parts.append("<p class='small'>Also as <a href='probes.csv'>probes.csv</a>.</p>")
+    if report.probe_images:
         for name, caption in report.probe_images:
             parts.append(f'<figure><img src="{esc(name)}" alt="{esc(caption)}">'
                          f"<figcaption>{esc(caption)}</figcaption></figure>")

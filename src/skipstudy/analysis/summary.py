@@ -154,3 +154,66 @@ def write_markdown(rows: list[dict[str, Any]], path: str | Path) -> None:
     lines.append("")
     lines += [f"- `{c}`: {note}" for c, note in COLUMN_NOTES.items()]
     Path(path).write_text("\n".join(lines) + "\n")
+
+
+# -- probe results -------------------------------------------------------------------------
+
+PROBE_COLUMNS = ("run", "probe", "step", "skip", "depth", "key", "value")
+
+
+def probe_rows(paths: list[str | Path]) -> list[dict[str, Any]]:
+    """One row per headline number of every probe record at or below ``paths``.
+
+    Probes write ``<run>/probes/<name>/<name>_step<N>.json`` with their returned numbers
+    under ``"summary"``; the headline numbers are those without a ``/`` in their key
+    (per-layer and per-stage values stay in the JSON and TensorBoard).
+    """
+    import json
+
+    rows = []
+    for path in paths:
+        root = Path(path)
+        if not root.is_dir():
+            continue
+        for record_path in sorted(root.rglob("probes/*/*_step*.json")):
+            try:
+                record = json.loads(record_path.read_text())
+            except (OSError, ValueError):
+                continue
+            summary = record.get("summary") if isinstance(record, dict) else None
+            if not isinstance(summary, dict):
+                continue
+            run = record_path.parents[2]
+            model = record.get("model") or {}
+            for key, value in summary.items():
+                if "/" not in key:
+                    rows.append({"run": str(run.relative_to(root)) if run != root else run.name,
+                                 "probe": record_path.parent.name, "step": record.get("step"),
+                                 "skip": model.get("skip"), "depth": record.get("depth"), "key": key, "value": value})
+    return rows
+
+
+def write_probe_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
+    """``probes.csv``: the rows of :func:`probe_rows`, full precision (long format)."""
+    with open(path, "w", newline="") as f:
+        out = csv.DictWriter(f, fieldnames=PROBE_COLUMNS)
+        out.writeheader()
+        for row in rows:
+            out.writerow({c: _csv_cell(row[c]) for c in PROBE_COLUMNS})
+
+
+def probe_tables(rows: list[dict[str, Any]]) -> dict[str, tuple[list[str], list[list[str]]]]:
+    """Per probe: ``(header, cells)``, one line per run and step, one column per headline key."""
+    tables: dict[str, tuple[list[str], dict[tuple, dict[str, Any]]]] = {}
+    for row in rows:
+        keys, lines = tables.setdefault(row["probe"], ([], {}))
+        if row["key"] not in keys:
+            keys.append(row["key"])
+        lines.setdefault((row["run"], row["step"], row["skip"], row["depth"]), {})[row["key"]] = row["value"]
+    out = {}
+    for probe, (keys, lines) in tables.items():
+        header = ["run", "step", "skip", "depth", *keys]
+        cells = [[run, _fmt(step, "step"), _fmt(skip, "skip"), _fmt(depth, "depth"),
+                  *(_fmt(values.get(k), k) for k in keys)] for (run, step, skip, depth), values in lines.items()]
+        out[probe] = (header, cells)
+    return out
