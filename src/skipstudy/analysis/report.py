@@ -34,8 +34,8 @@ from pathlib import Path
 
 from skipstudy.analysis import figures as F
 from skipstudy.analysis.logs import Run, load_runs
-from skipstudy.analysis.summary import (COLUMN_NOTES, COLUMNS, formatted_rows, probe_rows, probe_tables, summary_rows,
-                                        write_csv, write_markdown, write_probe_csv)
+from skipstudy.analysis.summary import (COLUMN_NOTES, COLUMNS, PROBE_COLUMNS, formatted_rows, probe_rows, probe_tables,
+                                        summary_rows, write_csv, write_markdown)
 from skipstudy.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ def build_report(paths: list[str | os.PathLike], out: str | os.PathLike | None =
     report.probe_images = copy_probe_images(paths, out)
     report.probe_rows = probe_rows(paths)
     if report.probe_rows:
-        write_probe_csv(report.probe_rows, out / "probes.csv")
+        write_csv(report.probe_rows, out / "probes.csv", PROBE_COLUMNS)
         report.files.append("probes.csv")
     report.files += [name for name, _ in report.probe_images]
     write_index(report, rows, paths)

@@ -133,13 +133,14 @@ def _csv_cell(value: Any) -> Any:
     return value
 
 
-def write_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
-    """``summary.csv``: full-precision numbers; empty cells mean "not available"."""
+def write_csv(rows: list[dict[str, Any]], path: str | Path, columns: tuple[str, ...] = COLUMNS) -> None:
+    """``summary.csv`` (or ``probes.csv`` with :data:`PROBE_COLUMNS`): full-precision numbers;
+    empty cells mean "not available"."""
     with open(path, "w", newline="") as f:
-        out = csv.DictWriter(f, fieldnames=COLUMNS)
+        out = csv.DictWriter(f, fieldnames=columns)
         out.writeheader()
         for row in rows:
-            out.writerow({c: _csv_cell(row[c]) for c in COLUMNS})
+            out.writerow({c: _csv_cell(row[c]) for c in columns})
 
 
 def _md_cell(text: str) -> str:
@@ -191,15 +192,6 @@ def probe_rows(paths: list[str | Path]) -> list[dict[str, Any]]:
                                  "probe": record_path.parent.name, "step": record.get("step"),
                                  "skip": model.get("skip"), "depth": record.get("depth"), "key": key, "value": value})
     return rows
-
-
-def write_probe_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
-    """``probes.csv``: the rows of :func:`probe_rows`, full precision (long format)."""
-    with open(path, "w", newline="") as f:
-        out = csv.DictWriter(f, fieldnames=PROBE_COLUMNS)
-        out.writeheader()
-        for row in rows:
-            out.writerow({c: _csv_cell(row[c]) for c in PROBE_COLUMNS})
 
 
 def probe_tables(rows: list[dict[str, Any]]) -> dict[str, tuple[list[str], list[list[str]]]]:

@@ -136,6 +136,22 @@ def depth_of(net: nn.Module) -> int:
     )
 
 
+def int_option(options: Any, key: str, default: int, low: int = 1) -> int:
+    """``options[key]`` (``default`` if unset), refused unless an integer >= ``low``."""
+    value = options.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"probe.{key}={value!r} must be an integer >= {low}; e.g. probe.{key}={default}")
+    return value
+
+
+def number_option(options: Any, key: str, default: float, low: float = 0.0) -> float:
+    """``options[key]`` (``default`` if unset), refused unless a number >= ``low``."""
+    value = options.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
+        raise ConfigError(f"probe.{key}={value!r} must be a number >= {low:g}; e.g. probe.{key}={default:g}")
+    return float(value)
+
+
 def cross_entropy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """The training loss of ``net`` on ``(x, y)``, in float32 at least (half-precision logits are
     upcast; float64 stays float64, so the float64 references of the tests compare exactly)."""
@@ -241,6 +257,14 @@ def check_loss_bn(options: Any) -> None:
     bn = options.get("bn", "train")
     if bn not in LOSS_BN_MODES:
         raise ConfigError(f"probe.bn={bn!r} is not a BN mode for the training loss; valid: {', '.join(LOSS_BN_MODES)}")
+
+
+def resolve_loss_bn(net: nn.Module, options: Any) -> str:
+    """``probe.bn`` for a probe of the training loss; ``train`` becomes ``eval`` where BN syncs
+    across ranks (probes run on rank 0 alone, and a train-mode SyncBatchNorm pass there would
+    wait for the other ranks forever)."""
+    bn = options.get("bn", "train")
+    return "eval" if bn == "train" and syncs_across_ranks(net) else bn
 
 
 @contextlib.contextmanager

@@ -35,7 +35,8 @@ from torch import nn
 from skipstudy.errors import ConfigError
 from skipstudy.monitor.layers import select_layers
 from skipstudy.probes.comparison import label
-from skipstudy.probes.context import ProbeContext, check_loss_bn, cross_entropy, depth_of, loss_mode
+from skipstudy.probes.context import (ProbeContext, check_loss_bn, cross_entropy, depth_of, int_option, loss_mode,
+                                      resolve_loss_bn)
 
 NAME = "grad_snr"
 
@@ -91,16 +92,13 @@ def split_statistics(net: nn.Module, parts: list[tuple[torch.Tensor, torch.Tenso
 
 
 def check(net: nn.Module, options: Any) -> None:
-    splits = options.get("splits", 4)
-    if isinstance(splits, bool) or not isinstance(splits, int) or splits < 2:
-        raise ConfigError(f"probe.splits={splits!r} must be an integer >= 2 (the noise is the spread between "
-                          "micro-batches); e.g. probe.splits=4")
+    int_option(options, "splits", 4, low=2)  # the noise is the spread between micro-batches
     check_loss_bn(options)
 
 
 def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
     check(ctx.net, options)
-    splits, bn = int(options.get("splits", 4)), options.get("bn", "train")
+    splits, bn = int(options.get("splits", 4)), resolve_loss_bn(ctx.net, options)
     batches = ctx.fixed_batches("train")
     parts = micro_batches(batches, splits)
     with loss_mode(ctx.net, bn):

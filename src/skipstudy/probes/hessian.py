@@ -22,9 +22,9 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from skipstudy.errors import ConfigError
 from skipstudy.probes.comparison import label
-from skipstudy.probes.context import ProbeContext, check_loss_bn, cross_entropy, depth_of, loss_mode
+from skipstudy.probes.context import (ProbeContext, check_loss_bn, cross_entropy, depth_of, int_option, loss_mode,
+                                      number_option, resolve_loss_bn)
 from skipstudy.probes.spectra import top_eigenpairs
 
 NAME = "hessian"
@@ -67,20 +67,16 @@ def top_hessian_eigenvalues(net: nn.Module, batches: list[tuple[torch.Tensor, to
 
 
 def check(net: nn.Module, options: Any) -> None:
-    for key, default in (("k", 1), ("iters", 20)):
-        value = options.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"probe.{key}={value!r} must be an integer >= 1; e.g. probe.{key}={default}")
-    tol = options.get("tol", 1e-3)
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
-        raise ConfigError(f"probe.tol={tol!r} must be a number >= 0; e.g. probe.tol=1e-3")
+    int_option(options, "k", 1)
+    int_option(options, "iters", 20)
+    number_option(options, "tol", 1e-3)
     check_loss_bn(options)
 
 
 def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
     check(ctx.net, options)
     k, iters, tol = int(options.get("k", 1)), int(options.get("iters", 20)), float(options.get("tol", 1e-3))
-    bn = options.get("bn", "train")
+    bn = resolve_loss_bn(ctx.net, options)
     batches = ctx.fixed_batches("train")
     generator = torch.Generator().manual_seed(int(options.get("seed", ctx.seed)))
     with loss_mode(ctx.net, bn):

@@ -41,7 +41,7 @@ from torch.func import jvp, vjp, vmap
 
 from skipstudy.errors import ConfigError
 from skipstudy.probes.comparison import is_plain, label
-from skipstudy.probes.context import ProbeContext, check_bn_mode, depth_of, eval_bn
+from skipstudy.probes.context import ProbeContext, check_bn_mode, depth_of, eval_bn, int_option, number_option
 from skipstudy.probes.feature_maps import stages
 from skipstudy.probes.spectra import rademacher, top_eigenpairs, trace_moments
 
@@ -119,13 +119,9 @@ def check(net: nn.Module, options: Any) -> None:
     if not stage_modules(net):
         raise ConfigError(f"probe=jacobian finds no stages in {getattr(net, 'arch', type(net).__name__)}: it "
                           "looks for children named layer1.. or block1..; use a model from skipstudy.models")
-    for key, default, low in (("samples", 2, 1), ("k", 4, 1), ("iters", 50, 1), ("probes", 8, 1)):
-        value = options.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"probe.{key}={value!r} must be an integer >= {low}; e.g. probe.{key}={default}")
-    tol = options.get("tol", 1e-4)
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
-        raise ConfigError(f"probe.tol={tol!r} must be a number >= 0; e.g. probe.tol=1e-4")
+    for key, default in (("samples", 2), ("k", 4), ("iters", 50), ("probes", 8)):
+        int_option(options, key, default)
+    number_option(options, "tol", 1e-4)
     check_bn_mode(options)
 
 

@@ -38,11 +38,12 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from torch import nn
 
 from skipstudy.errors import ConfigError
 from skipstudy.probes.comparison import label
-from skipstudy.probes.context import SPLITS, ProbeContext, check_bn_mode, cross_entropy, depth_of, eval_bn
+from skipstudy.probes.context import SPLITS, ProbeContext, check_bn_mode, cross_entropy, depth_of, eval_bn, int_option
 from skipstudy.probes.lesion import require_skips, residual_blocks
 
 NAME = "paths"
@@ -152,9 +153,7 @@ def profile(magnitude: np.ndarray, mass: float) -> dict[str, Any]:
 def check(net: nn.Module, options: Any) -> None:
     require_skips(net, NAME, "a plain net has a single path through its blocks, so there is no distribution "
                   "of path lengths")
-    samples = options.get("samples", 10)
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise ConfigError(f"probe.samples={samples!r} must be a positive integer; e.g. probe.samples=10")
+    int_option(options, "samples", 10)
     mass = options.get("mass", 0.9)
     if isinstance(mass, bool) or not isinstance(mass, (int, float)) or not 0 < mass <= 1:
         raise ConfigError(f"probe.mass={mass!r} must be a fraction in (0, 1]; e.g. probe.mass=0.9")
@@ -222,6 +221,7 @@ def plot(by_k: list[dict], stats: dict, mass: float, title: str = "") -> Figure:
     ax_t.legend(fontsize=7)
     for ax in (ax_d, ax_m, ax_t):
         ax.set_xlabel("path length k (branches taken)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
