@@ -15,7 +15,7 @@ import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -112,6 +112,21 @@ class ProbeContext:
             rgb = np.asarray(canvas.buffer_rgba())[..., :3].copy()
             self.writer.add_image(tag, rgb, self.step, dataformats="HWC")
         return path
+
+    def publish(self, name: str, record: dict, summary: dict[str, float], plot: Callable[[str], Figure],
+                scalars: dict[str, float] | None = None) -> Path:
+        """Write a probe's outputs: ``<stem>.json`` (``record`` with the network's arch and depth,
+        and ``summary``), ``<stem>.png`` (``plot(title)``), and the ``summary`` (plus ``scalars``)
+        as TensorBoard scalars ``probe/<name>/<key>``. Returns the stem."""
+        from skipstudy.probes.comparison import label
+
+        stem = self.stem(name)
+        record = {"arch": getattr(self.net, "arch", type(self.net).__name__), "depth": depth_of(self.net), **record}
+        self.write_json(stem.with_suffix(".json"), record, summary=summary)
+        title = f"{label(record | {'model': self.model}, with_depth=True)}, step {self.step}"
+        self.figure(plot(title), stem.with_suffix(".png"), f"probe/{name}")
+        self.scalars({f"probe/{name}/{key}": v for key, v in (summary | (scalars or {})).items()})
+        return stem
 
     def write_json(self, path: Path, data: dict, summary: dict[str, float] | None = None) -> Path:
         """Write ``data`` with the step, the trained flag and the model config; ``summary`` (the

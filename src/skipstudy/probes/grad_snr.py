@@ -34,8 +34,7 @@ from torch import nn
 
 from skipstudy.errors import ConfigError
 from skipstudy.monitor.layers import select_layers
-from skipstudy.probes.comparison import label
-from skipstudy.probes.context import (ProbeContext, check_loss_bn, cross_entropy, depth_of, int_option, loss_mode,
+from skipstudy.probes.context import (ProbeContext, check_loss_bn, cross_entropy, int_option, loss_mode,
                                       resolve_loss_bn)
 
 NAME = "grad_snr"
@@ -111,16 +110,11 @@ def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
         "snr_last": stats[layers[-1]]["snr"],
         "snr_median": float(np.median(snrs)),
     }
-    record = {"arch": getattr(ctx.net, "arch", type(ctx.net).__name__), "depth": depth_of(ctx.net),
-              "splits": splits, "micro_batch": len(parts[0][1]), "micro_batches": len(parts), "bn": bn,
+    record = {"splits": splits, "micro_batch": len(parts[0][1]), "micro_batches": len(parts), "bn": bn,
               "layers": [{"name": name, **stats[name]} for name in layers], "all": stats["all"]}
-    stem = ctx.stem(NAME)
-    ctx.write_json(stem.with_suffix(".json"), record, summary=result)
-    title = (f"{label(record | {'model': ctx.model}, with_depth=True)}, step {ctx.step}, "
-             f"{len(parts)} micro-batches of {record['micro_batch']}")
-    ctx.figure(plot(record["layers"], title), stem.with_suffix(".png"), f"probe/{NAME}")
-    ctx.scalars({f"probe/{NAME}/{key}": v for key, v in result.items()}
-                | {f"probe/{NAME}/snr/{name}": stats[name]["snr"] for name in layers})
+    ctx.publish(NAME, record, result,
+                lambda title: plot(record["layers"], f"{title}, {len(parts)} micro-batches of {record['micro_batch']}"),
+                scalars={f"snr/{name}": stats[name]["snr"] for name in layers})
     return result
 
 

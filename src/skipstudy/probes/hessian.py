@@ -22,8 +22,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from skipstudy.probes.comparison import label
-from skipstudy.probes.context import (ProbeContext, check_loss_bn, cross_entropy, depth_of, int_option, loss_mode,
+from skipstudy.probes.context import (ProbeContext, check_loss_bn, cross_entropy, int_option, loss_mode,
                                       number_option, resolve_loss_bn)
 from skipstudy.probes.spectra import top_eigenpairs
 
@@ -82,14 +81,9 @@ def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
     with loss_mode(ctx.net, bn):
         values, history, done = top_hessian_eigenvalues(ctx.net, batches, k, iters, tol, generator)
     result = {"top_eig": values[0], "iterations": float(done)}
-    record = {"arch": getattr(ctx.net, "arch", type(ctx.net).__name__), "depth": depth_of(ctx.net), "k": k,
-              "iters": iters, "tol": tol, "bn": bn, "images": sum(int(y.numel()) for _, y in batches),
+    record = {"k": k, "iters": iters, "tol": tol, "bn": bn, "images": sum(int(y.numel()) for _, y in batches),
               "eigenvalues": values, "history": history}
-    stem = ctx.stem(NAME)
-    ctx.write_json(stem.with_suffix(".json"), record, summary=result)
-    title = f"{label(record | {'model': ctx.model}, with_depth=True)}, step {ctx.step}"
-    ctx.figure(plot(history, title), stem.with_suffix(".png"), f"probe/{NAME}")
-    ctx.scalars({f"probe/{NAME}/{key}": v for key, v in result.items()})
+    ctx.publish(NAME, record, result, lambda title: plot(history, title))
     return result
 
 

@@ -41,7 +41,7 @@ from torch.func import jvp, vjp, vmap
 
 from skipstudy.errors import ConfigError
 from skipstudy.probes.comparison import is_plain, label
-from skipstudy.probes.context import ProbeContext, check_bn_mode, depth_of, eval_bn, int_option, number_option
+from skipstudy.probes.context import ProbeContext, check_bn_mode, eval_bn, int_option, number_option
 from skipstudy.probes.feature_maps import stages
 from skipstudy.probes.spectra import rademacher, top_eigenpairs, trace_moments
 
@@ -164,13 +164,8 @@ def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
     result = {"sigma_max": last["sigma_max"], "sv_rms": last["sv_rms"], "isometry": last["isometry"]}
     for row in table:
         result |= {f"{key}/{row['stage']}": row[key] for key in ("sigma_max", "sv_rms", "isometry")}
-    record = {"arch": getattr(net, "arch", type(net).__name__), "depth": depth_of(net), "samples": samples,
-              "k": k, "iters": iters, "tol": tol, "probes": probes, "bn": bn, "stages": table}
-    stem = ctx.stem(NAME)
-    ctx.write_json(stem.with_suffix(".json"), record, summary=result)
-    title = f"{label(record | {'model': ctx.model}, with_depth=True)}, step {ctx.step}"
-    ctx.figure(plot_run(table, title), stem.with_suffix(".png"), f"probe/{NAME}")
-    ctx.scalars({f"probe/{NAME}/{key}": v for key, v in result.items()})
+    record = {"samples": samples, "k": k, "iters": iters, "tol": tol, "probes": probes, "bn": bn, "stages": table}
+    ctx.publish(NAME, record, result, lambda title: plot_run(table, title))
     return result
 
 

@@ -42,8 +42,7 @@ from matplotlib.ticker import MaxNLocator
 from torch import nn
 
 from skipstudy.errors import ConfigError
-from skipstudy.probes.comparison import label
-from skipstudy.probes.context import SPLITS, ProbeContext, check_bn_mode, cross_entropy, depth_of, eval_bn, int_option
+from skipstudy.probes.context import SPLITS, ProbeContext, check_bn_mode, cross_entropy, eval_bn, int_option
 from skipstudy.probes.lesion import require_skips, residual_blocks
 
 NAME = "paths"
@@ -188,14 +187,9 @@ def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
         "blocks": float(n),
         "grad_full": full,
     }
-    record = {"arch": getattr(net, "arch", type(net).__name__), "depth": depth_of(net), "blocks": names,
-              "samples": samples, "mass": mass, "bn": bn, "images": sum(int(y.numel()) for _, y in batches),
-              "magnitude": by_k, **stats}
-    stem = ctx.stem(NAME)
-    ctx.write_json(stem.with_suffix(".json"), record, summary=result)
-    title = f"{label(record | {'model': ctx.model}, with_depth=True)}, step {ctx.step}"
-    ctx.figure(plot(by_k, stats, mass, title), stem.with_suffix(".png"), f"probe/{NAME}")
-    ctx.scalars({f"probe/{NAME}/{key}": v for key, v in result.items()})
+    record = {"blocks": names, "samples": samples, "mass": mass, "bn": bn,
+              "images": sum(int(y.numel()) for _, y in batches), "magnitude": by_k, **stats}
+    ctx.publish(NAME, record, result, lambda title: plot(by_k, stats, mass, title))
     return result
 
 
