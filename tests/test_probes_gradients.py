@@ -153,8 +153,10 @@ def test_paths_probe_writes_json_figure_and_tensorboard_and_refuses_plain_twins(
     assert record["summary"] == pytest.approx(result)
     assert 0 <= result["effective_lo"] <= result["effective_hi"] <= 2 and result["blocks"] == 2
     assert tb_scalars(run_dir, "probe/paths/")["probe/paths/mean_length"] == [3]
+    # A fresh plain twin from the app: refused before anything is written.
     with pytest.raises(ConfigError, match=r"probe=paths needs skip connections, .*plain twin \(model.skip=false\)"):
-        paths.check(mini(10, skip=False), OmegaConf.create({}))
+        run_probe(probe_cfg(["probe=paths", "model=mini", "model.skip=false"], tmp_path), tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()
     with pytest.raises(ConfigError, match=r"probe.mass=1.5 must be a fraction in \(0, 1\]"):
         paths.check(mini(10), OmegaConf.create({"mass": 1.5}))
 
