@@ -13,10 +13,20 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 from torch import nn
+from torch.nn import functional as F
 
 from skipstudy import models
 from skipstudy.errors import ConfigError
-from skipstudy.models.blocks import Block, identity_shortcut
+from skipstudy.models.blocks import (
+    BasicBlock,
+    Block,
+    Bottleneck,
+    ZeroPadShortcut,
+    identity_shortcut,
+    make_stage,
+    no_norm,
+)
+from skipstudy.probes import lesion
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 MODEL_YAMLS = sorted((CONF / "model").glob("*.yaml"))
@@ -277,6 +287,67 @@ def test_fixup_scales_branches_and_zeroes_last_layers(builder, options, branches
     assert fixup.bias1.item() == 0.0 and fixup.bias2.item() == 0.0
     extra = sum(p.numel() for p in fixup.parameters()) - sum(p.numel() for p in he.parameters())
     assert extra == branches * (2 * layers_per_branch + 1) + 2
+
+
+def _fixup_reference(block: Block, x: torch.Tensor) -> torch.Tensor:
+    """A Fixup block written from Zhang et al. 2019 (Fig. 1 and the authors' reference code),
+    with the block's own parameters but none of its code: every conv gets a scalar bias in
+    front, every activation a scalar bias in front, the branch ends in ``scale * out + bias``;
+    the identity shortcut adds the raw ``x``, a downsampling shortcut sees ``x + bias1a``."""
+    convs = block.branch_convs()
+    n = len(convs)
+    out = x
+    for i, conv in enumerate(convs, start=1):
+        out = F.conv2d(out + getattr(block, f"bias{i}a"), conv.weight, stride=conv.stride, padding=conv.padding)
+        if i < n:
+            out = F.relu(out + getattr(block, f"bias{i}b"))
+    out = out * block.scale + getattr(block, f"bias{n}b")
+    if block.shortcut is identity_shortcut:
+        identity = x
+    elif isinstance(block.shortcut, ZeroPadShortcut):
+        sub = (x + block.bias1a)[:, :, :: block.shortcut.stride, :: block.shortcut.stride]
+        identity = torch.cat([sub, torch.zeros_like(sub[:, : block.shortcut.extra_channels])], dim=1)
+    else:
+        proj = block.shortcut[0]
+        identity = F.conv2d(x + block.bias1a, proj.weight, stride=proj.stride)
+    return F.relu(out + identity)
+
+
+@pytest.mark.parametrize("block_cls,shortcut", [
+    (BasicBlock, "A"),   # identity and zero-pad (the CIFAR ResNets)
+    (BasicBlock, "B"),   # identity and projection
+    (Bottleneck, "B"),   # identity and projection (ResNet-50)
+])
+def test_trained_fixup_blocks_match_the_papers_equations(block_cls, shortcut):
+    """At init every Fixup scalar bias is 0 and the scale 1, so a wrong placement of a bias is
+    invisible; give them all distinct non-zero values (as training does) and compare every
+    block with the reference written from the paper's equations."""
+    torch.manual_seed(0)
+    # A downsampling block (stride 2, wider) followed by an identity block, as in a stage.
+    stage = make_stage(block_cls, 16, 16, 2, stride=2, skip=True, shortcut=shortcut, norm_layer=no_norm)
+    g = torch.Generator().manual_seed(1)
+    for block in stage:
+        block.fixup_init(num_branches=len(stage))
+        with torch.no_grad():
+            for p in block.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() == 0 else 0.1))
+    kinds = set()
+    x = torch.randn(2, 16, 8, 8, generator=g)
+    for block in stage:
+        kinds.add("identity" if block.shortcut is identity_shortcut else type(block.shortcut).__name__)
+        with torch.no_grad():
+            y = block(x.clone())
+            torch.testing.assert_close(y, _fixup_reference(block, x), rtol=1e-5, atol=1e-5)
+            # With the branch deleted (scale 0, last bias 0) the block is relu(shortcut path),
+            # what the lesion probe's stand-in computes; for the identity that is relu(x).
+            last_bias = getattr(block, block.fixup_bias_names[-1])
+            block.scale.zero_()
+            last_bias.zero_()
+            torch.testing.assert_close(block(x.clone()), lesion.DeletedBranch(block)(x.clone()))
+            if block.shortcut is identity_shortcut:
+                torch.testing.assert_close(block(x.clone()), torch.relu(x))
+        x = y
+    assert kinds == {"identity", "ZeroPadShortcut" if shortcut == "A" else "Sequential"}, kinds
 
 
 def test_default_and_kaiming_inits():

@@ -157,6 +157,18 @@ class Block(nn.Module):
             return "shortcut=identity"
         return ""
 
+    def shortcut_term(self, x: torch.Tensor) -> torch.Tensor:
+        """What the shortcut adds to the branch output, for the block input ``x``.
+
+        The identity carries the raw ``x``; a projection or zero-pad shortcut sees the input
+        the first conv sees, ``x + bias1a`` under Fixup, as in Zhang et al. 2019's reference
+        code (``identity = self.downsample(x + self.bias1a)``). The lesion probe calls this
+        too, so a deleted branch leaves exactly the block's own shortcut path.
+        """
+        if self.downsample is identity_shortcut:
+            return x
+        return self.downsample(_shift(x, self.bias1a))
+
     def branch_convs(self) -> list[nn.Conv2d]:
         raise NotImplementedError
 
@@ -233,8 +245,9 @@ class BasicBlock(Block):
         return [self.bn1, self.bn2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _shift(x, self.bias1a)  # Fixup scalar biases and scale: no-ops unless init=fixup/skipinit
-        out = self.conv1(x)
+        # Fixup scalar biases and scale: no-ops unless init=fixup/skipinit. The raw x is kept
+        # for the shortcut (see shortcut_term).
+        out = self.conv1(_shift(x, self.bias1a))
         out = self.bn1(out)
         out = _shift(out, self.bias1b)
         out = self.relu(out)
@@ -244,7 +257,7 @@ class BasicBlock(Block):
         out = _scale(out, self.scale)
         out = _shift(out, self.bias2b)
         if self.shortcut is not None:  # None in the plain twin
-            out = out + self.shortcut(x)
+            out = out + self.shortcut_term(x)
         out = self.relu(out)
         return out
 
@@ -283,8 +296,9 @@ class Bottleneck(Block):
         return [self.bn1, self.bn2, self.bn3]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _shift(x, self.bias1a)  # Fixup scalar biases and scale: no-ops unless init=fixup/skipinit
-        out = self.conv1(x)
+        # Fixup scalar biases and scale: no-ops unless init=fixup/skipinit. The raw x is kept
+        # for the shortcut (see shortcut_term).
+        out = self.conv1(_shift(x, self.bias1a))
         out = self.bn1(out)
         out = _shift(out, self.bias1b)
         out = self.relu(out)
@@ -299,7 +313,7 @@ class Bottleneck(Block):
         out = _scale(out, self.scale)
         out = _shift(out, self.bias3b)
         if self.shortcut is not None:  # None in the plain twin
-            out = out + self.shortcut(x)
+            out = out + self.shortcut_term(x)
         out = self.relu(out)
         return out
 

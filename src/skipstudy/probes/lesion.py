@@ -15,7 +15,9 @@ Choices:
   lesioned like the others and flagged ``downsampling`` in the outputs, since their shortcut is
   itself a learned or lossy layer (Veit et al. report the larger drops there).
 * A plain twin (``model.skip=false``) has no shortcut to fall back on; the probe refuses it.
-* Fixup/SkipInit scalars of a deleted block go with its branch.
+* Fixup/SkipInit scalars of a deleted block go with its branch, except Fixup's ``bias1a`` in
+  front of a projection or zero-pad shortcut, which that shortcut sees as well
+  (``Block.shortcut_term``, Zhang et al. 2019).
 
 Outputs: the accuracy with each block deleted in turn, and for k = 1..n the mean (and std)
 accuracy over ``probe.samples`` random sets of k deleted blocks, all on the first
@@ -88,7 +90,7 @@ class DeletedBranch(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Not in place: with an identity shortcut the output would otherwise overwrite x.
-        return torch.relu(self.block.shortcut(x))
+        return torch.relu(self.block.shortcut_term(x))
 
 
 @contextlib.contextmanager
