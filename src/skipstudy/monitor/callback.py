@@ -66,6 +66,7 @@ from skipstudy.errors import ConfigError
 from skipstudy.monitor import quantities, writers
 from skipstudy.monitor.layers import select_layers
 from skipstudy.monitor.quantities import (
+    ACT_WIDTH,
     SUM_DTYPE,
     HistogramBins,
     Quantity,
@@ -391,7 +392,8 @@ class GradientFlowMonitor(Callback):
             return torch.stack([a if a is not None else zero for a in accs])
 
         out = stacked([l.out for l in layers], 2)
-        act = stacked([l.act for l in layers], 4) if self.activations else out.new_zeros(len(layers), 4)
+        act = (stacked([l.act for l in layers], ACT_WIDTH) if self.activations
+               else out.new_zeros(len(layers), ACT_WIDTH))
         parts = [out.flatten(), act.flatten()]
         if self._hist_now:
             parts.append(stacked([l.hist for l in layers], hist_len).flatten())

@@ -23,6 +23,7 @@ moved to the host once (``callback._to_host``); nothing here may call ``.item()`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,9 +32,91 @@ from torch import Tensor
 
 # ---------------------------------------------------------------- sums taken in the hooks
 
-# Sums are accumulated in float64: per-step sums of squares over ~10^8 elements, added over
-# micro-batches and processes, must not lose digits (they are 0-d tensors, the cost is nil).
+# Sums are kept in float64: a sum of squares of float32 elements (1e-45 .. 3e38) always fits
+# (1e-90 .. 1e77 times the element count), added over micro-batches and processes without
+# losing digits (they are 0-d tensors, the cost is nil).
 SUM_DTYPE = torch.float64
+
+# Rows of this many elements are reduced first, then the row results in float64: a single
+# float32 reduction over 10^6 elements drifts by ~3e-5 relative (measured on the CPU), rows
+# of 1024 keep the sum within ~1e-9 of a float64 reference.
+_ROW = 1024
+
+
+def _flat(t: Tensor) -> Tensor:
+    """``t`` as a 1-D tensor in memory order: a view for contiguous and channels_last tensors
+    (the layouts convs produce), a copy otherwise."""
+    if t.is_contiguous():
+        return t.view(-1)
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).reshape(-1)
+    return t.reshape(-1)
+
+
+def _scaled_rows(flat: Tensor, shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(rows, exponent)``: ``(flat - shift) * 2**-exponent`` laid out as ``[R, _ROW]`` rows
+    (zero-padded), with the power of two chosen so the largest element's magnitude lies in
+    [0.5, 1).
+
+    The scaling is why a sum of squares survives float32: squares of elements below 1e-19
+    underflow and above 1e19 overflow in a float32 (or bf16) accumulator, while the scaled
+    elements' squares stay near 1; only elements 2**-63 times smaller than the largest can
+    underflow, and their squares are below 1e-38 of the sum. A power of two multiplies
+    exactly. One pass writes the scaled copy (``addcmul`` fuses the shift), in float32 for
+    bf16/fp16 input (float64 for float64).
+    """
+    hi, lo = flat.amax(), flat.amin()
+    if shift is None:
+        big = torch.maximum(hi, lo.neg())
+    else:
+        big = torch.maximum(hi - shift, shift - lo)
+    wide = torch.float64 if flat.dtype == torch.float64 else torch.float32
+    _, exponent = torch.frexp(big.to(wide))
+    if wide == torch.float32:
+        # 2**-e must itself be a normal float32: largest elements below 2**-126 (subnormal)
+        # are scaled by 2**126 only, which still lifts them above 2**-24.
+        exponent = exponent.clamp(-126, 126)
+    scale = torch.ldexp(torch.ones((), dtype=wide, device=flat.device), exponent.neg())
+    n = flat.numel()
+    rows = -(-n // _ROW)
+    # float32 rows for bf16/fp16 input: the shifted difference y - mean is rounded once, in float32.
+    z = torch.empty(rows * _ROW, dtype=wide, device=flat.device)
+    if n < z.numel():
+        z[n:].zero_()
+    if shift is None:
+        torch.mul(flat, scale, out=z[:n])  # exact: a power of two
+    else:
+        # addcmul computes in its input's dtype: bf16/fp16 input is widened first, or y - mean
+        # would be rounded to 8 (bf16) or 11 (fp16) bits.
+        torch.addcmul((shift * scale).neg(), flat.to(wide), scale, out=z[:n])
+    return z.view(rows, _ROW), exponent
+
+
+def sum_of_squares(t: Tensor) -> Tensor:
+    """``sum(t**2)`` as a float64 0-d tensor, right to ~1e-7 relative for every finite float32,
+    bf16 or fp16 tensor (elements from 1e-45 to 3e38), without a host sync.
+
+    A plain ``vector_norm`` of float32 elements near 1e-25 returns exactly 0 (their squares
+    underflow), and of elements near 1e25 returns inf. Here the elements are scaled by a
+    power of two first (:func:`_scaled_rows`), reduced per row in float32 (float64 for a
+    float64 tensor) and the rows summed in float64. Non-finite elements give a non-finite sum.
+    """
+    flat = _flat(t)
+    if flat.numel() == 0:
+        return torch.zeros((), dtype=SUM_DTYPE, device=t.device)
+    rows, exponent = _scaled_rows(flat)
+    per_row = torch.linalg.vector_norm(rows, dim=1).to(SUM_DTYPE)
+    return torch.ldexp(per_row.square().sum(), 2 * exponent.to(SUM_DTYPE))
+
+
+def _centred_moments(flat: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sum(d), sum(d**2))`` of ``d = flat - shift`` in float64, with the same scaling and
+    row reduction as :func:`sum_of_squares` (one more reduction for the plain sum)."""
+    rows, exponent = _scaled_rows(flat, shift)
+    per_row = torch.linalg.vector_norm(rows, dim=1).to(SUM_DTYPE)
+    e = exponent.to(SUM_DTYPE)
+    return torch.ldexp(rows.sum(dtype=SUM_DTYPE if rows.dtype == SUM_DTYPE else torch.float32).to(SUM_DTYPE), e), \
+        torch.ldexp(per_row.square().sum(), 2 * e)
 
 
 def _acc_dtype(t: Tensor) -> torch.dtype:
@@ -43,20 +126,39 @@ def _acc_dtype(t: Tensor) -> torch.dtype:
 
 def output_grad_sums(grad: Tensor) -> Tensor:
     """``[numel, sum of squares]`` of the gradient w.r.t. a layer's output (one backward call)."""
-    sq = torch.linalg.vector_norm(grad, dtype=_acc_dtype(grad)).to(SUM_DTYPE).square()
+    sq = sum_of_squares(grad)
     return torch.stack((sq.new_full((), grad.numel()), sq))
 
 
-def activation_sums(y: Tensor) -> Tensor:
-    """``[numel, sum, sum of squares, nonzeros]`` of a layer's output (one forward call).
+# Width of activation_sums' vector.
+ACT_WIDTH = 5
 
-    The sum of squares is a norm squared, not ``var_mean``: on the CPU ``var_mean`` is ~50x
-    slower than ``vector_norm`` and this runs every recorded step for every layer.
+
+def activation_sums(y: Tensor) -> Tensor:
+    """``[numel, sum, M2, sum * mean, nonzeros]`` of a layer's output (one forward call).
+
+    ``M2 = sum((y - mean)**2)`` is taken about this call's own mean (two passes), not as
+    ``sum(y**2) - numel * mean**2``: that one-pass form loses every digit of the variance
+    when |mean| >> std (a block output, a layer with a large bias). The fields add up over
+    micro-batches and processes k: the variance of all of them is
+    ``(sum_k M2_k + sum_k sum_k * mean_k - (sum_k sum_k)**2 / numel) / numel`` (Chan et al.
+    1979); the cancellation left there is between group means, in float64.
+    ``torch.var_mean`` would do the two passes in one call, but on the CPU it is ~50x slower
+    than these reductions, and this runs every recorded step for every layer.
     """
-    dt = _acc_dtype(y)
-    s1 = y.sum(dtype=dt).to(SUM_DTYPE)
-    s2 = torch.linalg.vector_norm(y, dtype=dt).to(SUM_DTYPE).square()
-    return torch.stack((s1.new_full((), y.numel()), s1, s2, _nonzeros(y)))
+    flat = _flat(y)
+    n = flat.numel()
+    if n == 0:
+        return torch.zeros(ACT_WIDTH, dtype=SUM_DTYPE, device=y.device)
+    # Pass 1: a float32 mean (bf16/fp16 summed in float32). Pass 2 (one scaled copy): the sum
+    # and the sum of squares of y - mean, from which the corrected two-pass formulas give the
+    # float64 sum and M2 (Chan, Golub & LeVeque 1983): the float32 mean's own rounding
+    # (1e-7 of |mean|, which can exceed the std) cancels out.
+    shift = flat.sum(dtype=_acc_dtype(y)) / n
+    d1, d2 = _centred_moments(flat, shift)
+    s1 = shift.to(SUM_DTYPE) * n + d1
+    m2 = d2 - d1 * d1 / n
+    return torch.stack((s1.new_full((), n), s1, m2, s1 * s1 / n, _nonzeros(flat)))
 
 
 # float32 sums of ones are exact below 2**24.
@@ -81,12 +183,14 @@ class HistogramBins:
     """Fixed bins over log10|g| so that counts from micro-batches, processes and steps add up.
 
     Gradient elements equal to zero (inactive ReLUs) are left out: their log is -inf and they
-    would otherwise be one tall spike; elements below ``10**lo`` are left out too, elements
-    above ``10**hi`` (and +inf) go into the last bin.
+    would otherwise be one tall spike. The default range holds every nonzero float32 (from
+    1.4e-45, log10 = -44.9, to 3.4e38), bf16 and fp16 element, so a vanishing gradient of
+    1e-35 is binned, not lost; float64 elements below ``10**lo`` go into the first bin,
+    elements above ``10**hi`` (and +inf) into the last.
     """
 
-    lo: float = -30.0
-    hi: float = 6.0
+    lo: float = -46.0
+    hi: float = 39.0
     per_decade: int = 10
 
     @property
@@ -117,7 +221,15 @@ def _bincount_histogram(x: Tensor, spec: HistogramBins) -> Tensor:
 
 def log_abs_histogram(grad: Tensor, spec: HistogramBins) -> Tensor:
     """``[count per bin..., sum x, sum x^2]`` for x = log10|g| over the binned elements."""
-    x = grad.detach().abs().to(torch.float32).log10_().clamp_(max=spec.hi).flatten()
+    g = grad.detach().abs()
+    if g.dtype == torch.float64:
+        # float64 elements can lie below float32's range: take the log first, count those
+        # below 10**lo in the first bin rather than dropping them (zeros stay out: log = -inf).
+        x = g.log10()
+        x = torch.where(x > -math.inf, x.clamp(min=spec.lo), x).to(torch.float32)
+    else:  # float32 (1e-45 .. 3e38), bf16 and fp16 all lie inside [lo, hi)
+        x = g.to(torch.float32).log10_()
+    x = x.clamp_(max=spec.hi).flatten()
     counts = torch.zeros(spec.bins, dtype=SUM_DTYPE, device=grad.device)
     # torch.histc on CUDA refuses to run under trainer.deterministic=true (torch's
     # deterministic mode); bincount is allowed there and gives the same counts.
@@ -139,7 +251,8 @@ class StepTensors:
     Attributes:
         out: ``[L, 2]`` output-gradient sums (numel, sum of squares), summed over the step's
             micro-batches and over processes; zeros for a layer that got no output gradient.
-        act: ``[L, 4]`` activation sums (numel, sum, sum of squares, nonzeros), same summing.
+        act: ``[L, 5]`` activation sums (numel, sum, centred sum of squares, sum * mean,
+            nonzeros; see :func:`activation_sums`), same summing.
         weight_grads: each layer's accumulated ``weight.grad`` (None: no weight or no grad).
         weight_numel: ``[L]`` number of weight elements (0: no weight).
         all_grads: every parameter gradient of the LightningModule, for the total norm.
@@ -184,11 +297,17 @@ def quantity(name: str, needs: str, per_layer: bool = True):
 
 
 def _norms(tensors: list[Tensor | None], like: Tensor) -> Tensor:
-    """L2 norm of each tensor (0 for None) as one float64 vector, via one fused foreach call."""
+    """L2 norm of each tensor (0 for None) as one float64 vector, via one fused foreach call.
+
+    Accumulated in float64: the square of any float32, bf16 or fp16 element (1e-90 .. 1e77)
+    is a normal float64, so weight gradients near 1e-25 (a plain net's first layers) do not
+    underflow to 0 as they do in a float32 accumulator. Weight gradients are read once per
+    recorded step and are small next to the activations, so the float64 copy costs little.
+    """
     present = [t for t in tensors if t is not None]
     if not present:
         return like.new_zeros(len(tensors), dtype=SUM_DTYPE)
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in present) else torch.float32
+    dtype = SUM_DTYPE
     it = iter(torch._foreach_norm(present, 2, dtype=dtype))
     zero = like.new_zeros((), dtype=dtype)
     return torch.stack([next(it) if t is not None else zero for t in tensors]).to(SUM_DTYPE)
@@ -228,11 +347,12 @@ def act_mean(s: StepTensors) -> Tensor:
 
 @quantity("act/std", needs="activation")
 def act_std(s: StepTensors) -> Tensor:
-    # Population std over all elements of the output (batch, channels, positions).
-    mean = s.once(act_mean)
-    return (s.act[:, 2] / s.act[:, 0] - mean.square()).clamp(min=0).sqrt()
+    # Population std over all elements of the output (batch, channels, positions), combined
+    # over micro-batches and processes from their own centred sums (see activation_sums).
+    n, s1, m2, q = s.act[:, 0], s.act[:, 1], s.act[:, 2], s.act[:, 3]
+    return ((m2 + (q - s1 * s1 / n)) / n).clamp(min=0).sqrt()
 
 
 @quantity("act/zero_frac", needs="activation")
 def act_zero_frac(s: StepTensors) -> Tensor:
-    return 1.0 - s.act[:, 3] / s.act[:, 0]
+    return 1.0 - s.act[:, 4] / s.act[:, 0]

@@ -138,7 +138,9 @@ class SeriesExport:
     def append(self, step: int, epoch: int, row: np.ndarray) -> None:
         self.steps.append(step)
         self.epochs.append(epoch)
-        self.rows.append(row.astype(np.float32))
+        # float64: a norm of 1e-40 (float32 subnormal) or a relative difference of 1e-9
+        # survives into the export; TensorBoard's scalars are float32 regardless.
+        self.rows.append(row.astype(np.float64))
 
     def flush(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -148,7 +150,7 @@ class SeriesExport:
             self._flush_json()
 
     def _flush_json(self) -> None:
-        table = np.stack(self.rows) if self.rows else np.zeros((0, len(self.tags)), np.float32)
+        table = np.stack(self.rows) if self.rows else np.zeros((0, len(self.tags)), np.float64)
         series = {tag: [_finite_or_none(v) for v in table[:, j].tolist()] for j, tag in enumerate(self.tags)}
         doc = {
             "layers": self.layers,
