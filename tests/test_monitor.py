@@ -712,7 +712,9 @@ SYNCING = ("item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool__",
 def test_one_host_transfer_per_recorded_step(tmp_path, monkeypatch):
     """The monitor's code reads device values on the host only inside ``_to_host``, and calls it
     once per recorded step (histogram and epoch-end steps included). Every Tensor method that
-    waits for the device is wrapped; calls from monitor code outside ``_to_host`` are counted."""
+    waits for the device is wrapped; calls from monitor code outside ``_to_host`` are counted.
+    ``quantities.cpu_value`` is exempt: it reads CPU tensors only (it raises on any other
+    device, checked here too), where nothing waits."""
     monitor_dir = str(Path(monitor_callback.__file__).parent)
     stray: list[str] = []
     transfers: list[int] = []
@@ -722,6 +724,9 @@ def test_one_host_transfer_per_recorded_step(tmp_path, monkeypatch):
         where = None
         while frame is not None:
             if frame.f_code.co_name == "_to_host":
+                return None
+            if frame.f_code.co_name == "cpu_value":
+                assert frame.f_locals["t"].device.type == "cpu"
                 return None
             if where is None and frame.f_code.co_filename.startswith(monitor_dir):
                 where = f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno}"

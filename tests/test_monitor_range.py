@@ -169,3 +169,29 @@ def test_monitor_logs_vanishing_exploding_and_zero_gradients_exactly(tmp_path, c
     assert exported == got["grad_norm/output/conv1"]  # float64 in the export, not rounded
     scalars = {e.value for e in events(tmp_path).Scalars("grad_norm/output/net.conv1")}
     assert scalars == {np.float32(got["grad_norm/output/conv1"]).item()}  # TensorBoard keeps float32
+
+
+def test_an_exactly_zero_gradient_is_drawn_on_the_axis_floor_not_as_a_gap():
+    from skipstudy.monitor.writers import figure_rgb, gradient_flow_figure
+
+    out = np.array([[2e-21, 0.0, 1.0], [3e-21, 0.0, 2.0]])
+    fig = gradient_flow_figure(["conv1", "conv2", "fc"], out, np.full_like(out, np.nan), "t")
+    figure_rgb(fig)  # renders
+    ax = fig.axes[0]
+    floor = [line for line in ax.get_lines() if line.get_marker() == "v"]
+    assert len(floor) == 1
+    assert floor[0].get_xdata().tolist() == [2] and floor[0].get_ydata().tolist() == [0.0]
+    _, y_display = floor[0].get_transform().transform((2, 0.0))
+    assert y_display == pytest.approx(ax.get_window_extent().y0)  # on the axis floor
+    (median,) = [line for line in ax.get_lines() if line.get_marker() == "o"]
+    assert median.get_ydata()[0] == pytest.approx(2.5e-21)  # the tiny value is drawn
+    assert ax.get_ylim()[0] <= 2e-21
+
+
+def test_the_cpu_shortcut_never_reads_an_accelerator_tensor():
+    """The CPU paths decide on the host (cpu_value); on any other device that would be a sync."""
+    from skipstudy.monitor.quantities import cpu_value
+
+    assert cpu_value(torch.tensor(2.5)) == 2.5
+    with pytest.raises(RuntimeError, match="host sync"):
+        cpu_value(torch.zeros((), device="meta"))

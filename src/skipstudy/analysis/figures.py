@@ -25,6 +25,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from skipstudy.analysis.logs import Run
+from skipstudy.monitor.writers import mark_zeros
 
 SKIP_STYLE = {True: "-", False: "--", None: ":"}
 MAX_LABEL = 60
@@ -115,7 +116,8 @@ def _epoch_picks(epochs: list[int], n: int) -> list[int]:
 
 
 def _positive(values: np.ndarray) -> np.ndarray:
-    """Values usable on a log axis; non-finite and non-positive become NaN (gaps)."""
+    """Values usable on a log axis; non-finite and non-positive become NaN (gaps). Exact
+    zeros are drawn apart, on the axis floor (``mark_zeros``)."""
     values = np.asarray(values, dtype=np.float64)
     return np.where(np.isfinite(values) & (values > 0), values, np.nan)
 
@@ -192,8 +194,10 @@ def layer_profiles(runs: list[Run], quantities: tuple[str, ...], title: str, yla
                 if not profile:
                     continue
                 x = np.array([pos[name] for name in profile])
-                y = _positive(np.array(list(profile.values())))
-                ax.plot(x, y, marker="o", ms=3, lw=1.3, **styles[id(run)])
+                raw = np.array(list(profile.values()), dtype=np.float64)
+                y = _positive(raw)
+                (line,) = ax.plot(x, y, marker="o", ms=3, lw=1.3, **styles[id(run)])
+                mark_zeros(ax, x, raw, line.get_color())
                 if not run.diverged:
                     healthy.append(y)
             ax.set_yscale("log")
@@ -262,6 +266,7 @@ def gradient_norm_over_steps(runs: list[Run], quantity: str = "grad_norm/output"
         for j, (layer, s) in enumerate(series.items()):
             y = _positive(s.values)
             ax.plot(s.steps, y, lw=0.9, color=cmap(0.9 * j / n), label=layer)
+            mark_zeros(ax, s.steps, s.values, cmap(0.9 * j / n), label=None)
             if not run.diverged:
                 healthy_values.append(y)
         if not run.diverged:

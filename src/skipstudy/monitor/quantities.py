@@ -18,7 +18,8 @@ Adding a quantity means one function and one ``@quantity`` line::
 
 Its tag is ``<name>/<layer>``. All of a step's quantities are stacked into one tensor and
 moved to the host once (``callback._to_host``); nothing here may call ``.item()``,
-``.cpu()``, ``float()`` or use a boolean mask (all of which wait for the device).
+``.cpu()``, ``float()`` or use a boolean mask (all of which wait for the device), except
+:func:`cpu_value` on a CPU tensor, where there is no device to wait for.
 """
 
 from __future__ import annotations
@@ -53,24 +54,76 @@ def _flat(t: Tensor) -> Tensor:
     return t.reshape(-1)
 
 
-def _scaled_rows(flat: Tensor, shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """``(rows, exponent)``: ``(flat - shift) * 2**-exponent`` laid out as ``[R, _ROW]`` rows
-    (zero-padded), with the power of two chosen so the largest element's magnitude lies in
-    [0.5, 1).
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """Where a copy of the elements is worked on: float32, or float64 for float64 input."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
-    The scaling is why a sum of squares survives float32: squares of elements below 1e-19
-    underflow and above 1e19 overflow in a float32 (or bf16) accumulator, while the scaled
-    elements' squares stay near 1; only elements 2**-63 times smaller than the largest can
-    underflow, and their squares are below 1e-38 of the sum. A power of two multiplies
-    exactly. One pass writes the scaled copy (``addcmul`` fuses the shift), in float32 for
-    bf16/fp16 input (float64 for float64).
+
+# One reusable buffer per (device, dtype) on the CPU: a fresh multi-megabyte tensor there is a
+# fresh mmap whose pages fault in on first write, which cost as much as the arithmetic.
+# Accelerators allocate from their caching allocator, which is cheap. Hooks run one at a time.
+_SCRATCH: dict[tuple[str, torch.dtype], Tensor] = {}
+
+
+def _buffer(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A 1-D tensor of ``ceil(n / _ROW) * _ROW`` elements whose tail after ``n`` is zero."""
+    size = -(-n // _ROW) * _ROW
+    if device.type != "cpu":
+        z = torch.empty(size, dtype=dtype, device=device)
+    else:
+        key = (str(device), dtype)
+        held = _SCRATCH.get(key)
+        if held is None or held.numel() < size:
+            held = _SCRATCH[key] = torch.empty(size, dtype=dtype, device=device)
+        z = held[:size]
+    if n < size:
+        z[n:].zero_()
+    return z
+
+
+def _moments(rows: Tensor, exponent: Tensor | int, plain_sum: bool) -> tuple[Tensor, Tensor | None]:
+    """``(sum of squares, sum)`` in float64 of ``rows * 2**exponent``: per-row norms, then the
+    rows in float64."""
+    per_row = torch.linalg.vector_norm(rows, dim=1).to(SUM_DTYPE)
+    sq = torch.ldexp(per_row.square().sum(), torch.as_tensor(2 * exponent, dtype=SUM_DTYPE, device=rows.device))
+    if not plain_sum:
+        return sq, None
+    total = rows.sum(dtype=_wide(rows.dtype)).to(SUM_DTYPE)
+    return sq, torch.ldexp(total, torch.as_tensor(exponent, dtype=SUM_DTYPE, device=rows.device))
+
+
+def cpu_value(t: Tensor) -> float:
+    """A 0-d CPU tensor's value. Only for decisions on the CPU, where reading a number waits
+    for nothing; an accelerator's tensors must never come here (that would be a sync)."""
+    if t.device.type != "cpu":
+        raise RuntimeError(f"cpu_value called on a {t.device} tensor: a host sync in the monitor's hot path")
+    return float(t)
+
+
+def _in_float32_range(sq: Tensor, n: int) -> bool:
+    """Whether an unscaled float32 sum of squares is exact to ~1e-7: finite (no square
+    overflowed) and so large that squares flushed below 2**-126 (at most n of them) do not
+    matter. Reads one number, so it is used on the CPU only, where nothing waits for it."""
+    v = cpu_value(sq)
+    return math.isfinite(v) and v >= n * 2.0**-126 * 1e7
+
+
+def _shifted_rows(flat: Tensor, shift: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(rows, exponent)``: ``(flat - shift) * 2**-exponent`` as ``[R, _ROW]`` zero-padded rows,
+    with the power of two chosen so the largest magnitude lies in [0.5, 1).
+
+    The scaling is why a sum of squares survives: squares of float32 (or bf16) elements below
+    1e-19 underflow and above 1e19 overflow a float32 accumulator, while the scaled ones stay
+    near 1; only elements 2**-63 times smaller than the largest can underflow, and their
+    squares are below 1e-38 of the sum. A power of two multiplies exactly. The copy is float32
+    for bf16/fp16 input (so y - mean is rounded once, in float32), float64 for float64.
     """
     hi, lo = flat.amax(), flat.amin()
     if shift is None:
         big = torch.maximum(hi, lo.neg())
     else:
         big = torch.maximum(hi - shift, shift - lo)
-    wide = torch.float64 if flat.dtype == torch.float64 else torch.float32
+    wide = _wide(flat.dtype)
     _, exponent = torch.frexp(big.to(wide))
     if wide == torch.float32:
         # 2**-e must itself be a normal float32: largest elements below 2**-126 (subnormal)
@@ -78,45 +131,50 @@ def _scaled_rows(flat: Tensor, shift: Tensor | None = None) -> tuple[Tensor, Ten
         exponent = exponent.clamp(-126, 126)
     scale = torch.ldexp(torch.ones((), dtype=wide, device=flat.device), exponent.neg())
     n = flat.numel()
-    rows = -(-n // _ROW)
-    # float32 rows for bf16/fp16 input: the shifted difference y - mean is rounded once, in float32.
-    z = torch.empty(rows * _ROW, dtype=wide, device=flat.device)
-    if n < z.numel():
-        z[n:].zero_()
+    z = _buffer(n, wide, flat.device)
     if shift is None:
-        torch.mul(flat, scale, out=z[:n])  # exact: a power of two
+        torch.mul(flat, scale, out=z[:n])
     else:
-        # addcmul computes in its input's dtype: bf16/fp16 input is widened first, or y - mean
-        # would be rounded to 8 (bf16) or 11 (fp16) bits.
-        torch.addcmul((shift * scale).neg(), flat.to(wide), scale, out=z[:n])
-    return z.view(rows, _ROW), exponent
+        torch.sub(flat.to(wide), shift, out=z[:n]).mul_(scale)  # widened: sub computes in its input's dtype
+    return z.view(-1, _ROW), exponent
+
+
+def _sums(flat: Tensor, shift: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """``(sum(d**2), sum(d))`` of ``d = flat - shift`` (``sum(d)`` only with a shift), float64
+    0-d tensors, right to ~1e-7 relative for every finite float32, bf16 or fp16 input
+    (elements from 1e-45 to 3e38), without a host sync on an accelerator.
+
+    A plain ``vector_norm`` of float32 elements near 1e-25 returns exactly 0 (their squares
+    underflow) and near 1e25 inf; one float32 accumulator over 2M elements drifts by ~3e-5.
+    So: rows of ``_ROW`` elements reduced in float32, the rows in float64, and elements scaled
+    by a power of two first (:func:`_shifted_rows`). On the CPU the unscaled rows are tried
+    first and kept when :func:`_in_float32_range` says nothing was lost (saving two passes).
+    Non-finite elements give a non-finite sum.
+    """
+    n = flat.numel()
+    if flat.device.type == "cpu" and flat.dtype == torch.float32:
+        if shift is None and n % _ROW == 0:
+            rows = flat.view(-1, _ROW)  # no copy at all
+        else:
+            z = _buffer(n, torch.float32, flat.device)
+            if shift is None:
+                z[:n].copy_(flat)
+            else:
+                torch.sub(flat, shift, out=z[:n])
+            rows = z.view(-1, _ROW)
+        sq, total = _moments(rows, 0, shift is not None)
+        if _in_float32_range(sq, n):
+            return sq, total
+    rows, exponent = _shifted_rows(flat, shift)
+    return _moments(rows, exponent, shift is not None)
 
 
 def sum_of_squares(t: Tensor) -> Tensor:
-    """``sum(t**2)`` as a float64 0-d tensor, right to ~1e-7 relative for every finite float32,
-    bf16 or fp16 tensor (elements from 1e-45 to 3e38), without a host sync.
-
-    A plain ``vector_norm`` of float32 elements near 1e-25 returns exactly 0 (their squares
-    underflow), and of elements near 1e25 returns inf. Here the elements are scaled by a
-    power of two first (:func:`_scaled_rows`), reduced per row in float32 (float64 for a
-    float64 tensor) and the rows summed in float64. Non-finite elements give a non-finite sum.
-    """
+    """``sum(t**2)`` as a float64 0-d tensor; see :func:`_sums`."""
     flat = _flat(t)
     if flat.numel() == 0:
         return torch.zeros((), dtype=SUM_DTYPE, device=t.device)
-    rows, exponent = _scaled_rows(flat)
-    per_row = torch.linalg.vector_norm(rows, dim=1).to(SUM_DTYPE)
-    return torch.ldexp(per_row.square().sum(), 2 * exponent.to(SUM_DTYPE))
-
-
-def _centred_moments(flat: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
-    """``(sum(d), sum(d**2))`` of ``d = flat - shift`` in float64, with the same scaling and
-    row reduction as :func:`sum_of_squares` (one more reduction for the plain sum)."""
-    rows, exponent = _scaled_rows(flat, shift)
-    per_row = torch.linalg.vector_norm(rows, dim=1).to(SUM_DTYPE)
-    e = exponent.to(SUM_DTYPE)
-    return torch.ldexp(rows.sum(dtype=SUM_DTYPE if rows.dtype == SUM_DTYPE else torch.float32).to(SUM_DTYPE), e), \
-        torch.ldexp(per_row.square().sum(), 2 * e)
+    return _sums(flat)[0]
 
 
 def _acc_dtype(t: Tensor) -> torch.dtype:
@@ -154,8 +212,20 @@ def activation_sums(y: Tensor) -> Tensor:
     # and the sum of squares of y - mean, from which the corrected two-pass formulas give the
     # float64 sum and M2 (Chan, Golub & LeVeque 1983): the float32 mean's own rounding
     # (1e-7 of |mean|, which can exceed the std) cancels out.
-    shift = flat.sum(dtype=_acc_dtype(y)) / n
-    d1, d2 = _centred_moments(flat, shift)
+    total = flat.sum(dtype=_acc_dtype(y))
+    if flat.device.type == "cpu" and flat.dtype == torch.float32:
+        # On the CPU, where reading a number waits for nothing, try the one-pass form first
+        # and keep it where it is safe: with sum(y**2) right to ~2e-7 (row-wise, as in
+        # _sums), M2 = sum(y**2) - sum**2 / numel is right to ~1e-6 while mean**2 <= 9 var,
+        # i.e. sum(y**2) <= 10 * M2 (post-ReLU outputs, conv outputs); other layers take the
+        # centred pass below. This saves writing a copy of every output.
+        sq = _sums(flat)[0]
+        s1 = total.to(SUM_DTYPE)
+        m2 = sq - s1 * s1 / n
+        if 10 * cpu_value(m2) >= cpu_value(sq):
+            return torch.stack((s1.new_full((), n), s1, m2, s1 * s1 / n, _nonzeros(flat)))
+    shift = total / n
+    d2, d1 = _sums(flat, shift)
     s1 = shift.to(SUM_DTYPE) * n + d1
     m2 = d2 - d1 * d1 / n
     return torch.stack((s1.new_full((), n), s1, m2, s1 * s1 / n, _nonzeros(flat)))

@@ -181,12 +181,27 @@ def _finite_or_none(v: float) -> float | None:
     return v if math.isfinite(v) else None
 
 
+def mark_zeros(ax, x, values, color, label: str | None = "exactly 0 (at the axis floor)") -> None:
+    """Draw the points where ``values`` is exactly 0 as down-triangles on the bottom edge of a
+    log-y ``ax`` (a log axis has no 0, and a gap would read as "not recorded"). The markers
+    sit at the axis floor whatever limits the axis gets later (y in axes coordinates)."""
+    from matplotlib.transforms import blended_transform_factory
+
+    values = np.asarray(values, dtype=np.float64)
+    zero = values == 0
+    if not zero.any():
+        return
+    ax.plot(np.asarray(x)[zero], np.zeros(int(zero.sum())), ls="none", marker="v", ms=6, color=color,
+            transform=blended_transform_factory(ax.transData, ax.transAxes), clip_on=False, label=label)
+
+
 def gradient_flow_figure(layers: list[str], out_norms: np.ndarray, weight_norms: np.ndarray, title: str):
     """Gradient norm against layer depth (forward order), output and weight gradients, log y.
 
     ``out_norms`` and ``weight_norms`` are ``[steps, layers]``; the line is the median over
-    the steps, the band spans the 10th to 90th percentile. Returns a matplotlib Figure drawn
-    on an Agg canvas (no pyplot, no global state).
+    the steps, the band spans the 10th to 90th percentile. A median of exactly 0 is drawn as
+    a marker on the axis floor (:func:`mark_zeros`). Returns a matplotlib Figure drawn on an
+    Agg canvas (no pyplot, no global state).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -196,16 +211,17 @@ def gradient_flow_figure(layers: list[str], out_norms: np.ndarray, weight_norms:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for data, label, color in ((out_norms, "output gradient", "tab:blue"), (weight_norms, "weight gradient", "tab:orange")):
-        data = np.where(np.isfinite(data) & (data > 0), data, np.nan)
+        data = np.where(np.isfinite(data), data, np.nan)  # zeros stay: a median can be 0
         if data.size == 0 or np.all(np.isnan(data)):
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: layers without weights
             med = np.nanmedian(data, axis=0)
             lo, hi = np.nanpercentile(data, [10, 90], axis=0)
-        ax.plot(depth, med, marker="o", ms=3, color=color, label=f"{label} norm (median)")
+        ax.plot(depth, np.where(med > 0, med, np.nan), marker="o", ms=3, color=color, label=f"{label} norm (median)")
+        mark_zeros(ax, depth, med, color, label=f"{label} norm exactly 0 (axis floor)")
         if data.shape[0] > 1:
-            ax.fill_between(depth, lo, hi, color=color, alpha=0.2, lw=0)
+            ax.fill_between(depth, np.where(lo > 0, lo, np.nan), np.where(hi > 0, hi, np.nan), color=color, alpha=0.2, lw=0)
     ax.set_yscale("log")
     ax.set_xlabel("layer (forward order)")
     ax.set_ylabel("L2 norm")
