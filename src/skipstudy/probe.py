@@ -28,10 +28,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from skipstudy.errors import ConfigError
+from skipstudy.layout import conf_dir as _conf_dir
 from skipstudy.probes import NEEDS_CHECKPOINT, get_probe
 from skipstudy.probes.checkpoint import load_run, run_dir_or_none
 from skipstudy.probes.context import ProbeContext
-from skipstudy.train import _conf_dir, build_datamodule, build_network  # also registers skipstudy.run_name
+from skipstudy.train import build_datamodule, build_network  # also registers skipstudy.run_name
 
 
 def _probe_dir(ckpt: Any, default: str) -> str:

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 
-from skipstudy.runs import EVENT_PREFIX
+from skipstudy.layout import EVENT_PREFIX
 
 log = logging.getLogger(__name__)
 

@@ -33,10 +33,8 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from skipstudy.errors import ConfigError
+from skipstudy.layout import CONFIG, EVENT_PREFIX, LAST  # noqa: F401 - runs.LAST etc. stay importable
 
-CONFIG = Path(".hydra") / "config.yaml"
-LAST = Path("checkpoints") / "last.ckpt"
-EVENT_PREFIX = "events.out.tfevents."
 # Keys an override beside resume= may change: how the run is carried out, not what it computes.
 RESUMABLE_KEYS = ("trainer.", "checkpoint.", "paths.", "dataset.root", "dataset.num_workers", "dataset.loader",
                   "dataset.device", "dataset.download", "monitor.on_nonfinite", "resume")

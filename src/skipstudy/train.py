@@ -32,21 +32,13 @@ from omegaconf import DictConfig, OmegaConf
 from skipstudy import fast, runs, stopping
 from skipstudy.analysis.callback import build_report_callback
 from skipstudy.errors import ConfigError
+from skipstudy.layout import conf_dir as _conf_dir
 from skipstudy.fast import resolve_precision  # noqa: F401 - kept importable from here
 from skipstudy.module import LitClassifier
 from skipstudy.resume import RunState, checkpoint_callbacks, cut_logs
 from skipstudy.sweep.ddp import needs_own_process, run_in_own_process
 from skipstudy.sweep.final_metrics import TAGS as FINAL_METRIC_TAGS
 from skipstudy.sweep.final_metrics import FinalMetrics
-
-
-def _conf_dir() -> str:
-    """The config folder: packaged inside a wheel, at the repository top in a checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "conf", here.parents[1] / "conf"):
-        if (candidate / "train.yaml").is_file():
-            return str(candidate)
-    raise RuntimeError(f"skipstudy's conf/ folder was not found next to {here}; reinstall the package")
 
 
 def run_name(override_dirname: str) -> str:

@@ -18,15 +18,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from skipstudy.errors import ConfigError
+from skipstudy.layout import conf_dir
 from skipstudy.probes import PROBES, get_probe
 from skipstudy.probes.context import ProbeContext
 
 
 def probe_options(name: str, overrides: Any = None, batches: int | None = None) -> DictConfig:
     """``conf/probe/<name>.yaml`` with ``overrides`` (a dict) merged in; unknown keys are refused."""
-    from skipstudy.train import _conf_dir
-
-    options = OmegaConf.load(Path(_conf_dir()) / "probe" / f"{name}.yaml")
+    options = OmegaConf.load(Path(conf_dir()) / "probe" / f"{name}.yaml")
     overrides = OmegaConf.to_container(overrides, resolve=True) if isinstance(overrides, DictConfig) else (overrides or {})
     unknown = sorted(set(overrides) - set(options))
     if unknown:
