@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets
 from torchvision import transforms as T
 
-from skipstudy.benchmarks_doc import append_entry
+from benchmarks_doc import append_entry  # scripts/benchmarks_doc.py, beside this script
 from skipstudy.data.cifar import CIFAR10DataModule
 from skipstudy.data.tiny_imagenet import TinyImageNetDataModule
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from skipstudy.benchmarks_doc import append_entry
+from benchmarks_doc import append_entry  # scripts/benchmarks_doc.py, beside this script
 from skipstudy.models.cifar import cifar_resnet
 from skipstudy.models.mini import mini
 from skipstudy.models.resnet import resnet50

@@ -57,7 +57,7 @@ from importlib import metadata
 from pathlib import Path
 from unittest import mock
 
-from skipstudy.benchmarks_doc import append_entry
+from benchmarks_doc import append_entry  # scripts/benchmarks_doc.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"

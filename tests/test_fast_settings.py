@@ -224,7 +224,15 @@ def test_gpu_compile_with_the_monitor(make_cfg):
 # ------------------------------------------------------------------ the benchmark script
 
 
+def scripts_importable() -> None:
+    """The scripts import their docs writer (scripts/benchmarks_doc.py) from their own folder,
+    which Python puts on the path when a script is run; loading one here needs it too."""
+    if str(REPO / "scripts") not in sys.path:
+        sys.path.insert(0, str(REPO / "scripts"))
+
+
 def load_benchmark():
+    scripts_importable()
     spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up there
@@ -233,6 +241,7 @@ def load_benchmark():
 
 
 def test_layout_benchmark_measures_both_layouts_and_appends_its_entry(tmp_path):
+    scripts_importable()
     spec = importlib.util.spec_from_file_location("bench_layout", REPO / "scripts" / "bench_layout.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
