@@ -15,8 +15,8 @@ Each repeat runs the rows in turn (order rotated per repeat) with a fresh Lightn
 and a fresh copy of the same initial network, on the same in-memory synthetic batches, so
 load from other processes on the machine hits all rows alike. steps/s is timed from the
 start of the first step after the warm-up to the end of the last step; the table shows the
-median over repeats. Without --no-write the table is put into the "Gradient monitor" section
-of docs/benchmarks.md (other sections are left as they are).
+median over repeats. Without --no-write the table is appended as a dated entry to the "Gradient
+monitor" section of docs/benchmarks.md (earlier entries and other sections are left as they are).
 
     python scripts/bench_monitor.py                      # CPU: CIFAR ResNet-20, batch 128
     python scripts/bench_monitor.py --device cuda --model resnet50 --batch-size 256 --precision bf16-mixed
@@ -29,7 +29,6 @@ import copy
 import datetime as dt
 import os
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -46,6 +45,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader
 
+from benchmarks_doc import append_entry  # scripts/benchmarks_doc.py, beside this script
 from skipstudy.monitor import GradientFlowMonitor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,18 +173,6 @@ def environment(args) -> dict[str, str]:
     }
 
 
-def update_doc(text: str) -> None:
-    """Replace (or append) this script's section of docs/benchmarks.md, nothing else."""
-    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(doc):
-        doc = pattern.sub(lambda _: text.rstrip() + "\n\n", doc, count=1)
-    else:
-        doc = doc.rstrip() + "\n\n" + text.rstrip() + "\n"
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(doc.rstrip() + "\n")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="cifar_resnet20", help="cifar_resnet20 or a skipstudy.models builder (resnet50)")
@@ -253,9 +241,7 @@ def main() -> None:
         return
     layout = "channels_last" if args.channels_last else "contiguous"
     other_device = "GPU (ResNet-50, batch 256, bf16; target <= 3%)" if args.device == "cpu" else "CPU"
-    text = f"""{SECTION}
-
-Training steps/s of {label} (batch {args.batch_size}, {image} px, {args.precision}, {layout}, SGD with momentum) through a
+    intro = f"""Training steps/s of {label} (batch {args.batch_size}, {image} px, {args.precision}, {layout}, SGD with momentum) through a
 Lightning Trainer, `scripts/bench_monitor.py`. `none`: no monitor. `monitor`: GradientFlowMonitor on every Conv2d
 and Linear every step with activation statistics, TensorBoard scalars and JSON export (`conf/monitor/default.yaml`).
 `monitor_noact`: the same with `monitor.activations=false`. `notebook`: the notebooks' monitor, `register_full_backward_hook` + `grad_output[0].norm().item()` per layer per step.
@@ -269,7 +255,8 @@ time (the work done; steadier than wall time when other jobs share the CPU, exac
 Differences within a few percent are noise on a shared machine; a negative overhead shows its size.
 Target: <= 10% on the CPU (CIFAR ResNet-20, batch 128), <= 3% on a GPU (ResNet-50, batch 256, bf16).
 
-### {dt.date.today().isoformat()}: {env['device']}
+"""
+    entry = f"""### {dt.date.today().isoformat()}: {env['device']}
 
 Command: `{command}` ({elapsed:.0f} s)  
 Versions: {env['versions']}  
@@ -280,12 +267,14 @@ Load average (1 min) before/after: {load_before:.2f}/{load_after:.2f} (other wor
 {other_device}: not measured (no GPU in this session).
 
 Where the monitor's time goes: per layer per step, the activation statistics read the layer's output three times
-(sum, sum of squares, nonzero count) and the output gradient once (its norm); these memory passes dominate on the
-CPU. `monitor.activations=false` drops the forward passes. At a tiny batch (`--batch-size 2`) the memory passes
+(sum, row-wise sum of squares, nonzero count; a layer with mean^2 > 9 var, or on an accelerator every layer, takes a
+centred pass that writes one scaled copy) and the output gradient once (row-wise sum of squares; a scaled copy when
+its squares would leave float32's range, and always on an accelerator); these memory passes dominate on the CPU.
+`monitor.activations=false` drops the forward passes. At a tiny batch (`--batch-size 2`) the memory passes
 vanish and the rows show the fixed cost per step: hooks, stacking, the one host transfer, the TensorBoard event.
 """
-    update_doc(text)
-    print(f"wrote the '{SECTION}' section of {DOC}")
+    append_entry(DOC, SECTION, entry, intro)
+    print(f"appended an entry to the '{SECTION}' section of {DOC}")
 
 
 if __name__ == "__main__":
