@@ -29,7 +29,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from skipstudy.benchmarks_doc import append_entry
+from benchmarks_doc import append_entry  # scripts/benchmarks_doc.py, beside this script
 from skipstudy.probes import get_probe
 from skipstudy.probes.context import ProbeContext
 from skipstudy.train import build_datamodule, build_network

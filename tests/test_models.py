@@ -26,7 +26,7 @@ from skipstudy.models.blocks import (
     make_stage,
     no_norm,
 )
-from skipstudy.probes import lesion
+from skipstudy.probes import lesion, paths
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 MODEL_YAMLS = sorted((CONF / "model").glob("*.yaml"))
@@ -333,6 +333,12 @@ def test_trained_fixup_blocks_match_the_papers_equations(block_cls, shortcut):
                 p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() == 0 else 0.1))
     kinds = set()
     x = torch.randn(2, 16, 8, 8, generator=g)
+    with torch.no_grad():
+        plain_run = stage(x.clone())
+        # The paths probe reroutes gradients through Block.shortcut_term; values must not move.
+        for chosen in (["0"], ["1"], ["0", "1"]):
+            with paths.routed(stage, chosen):
+                torch.testing.assert_close(stage(x.clone()), plain_run)
     for block in stage:
         kinds.add("identity" if block.shortcut is identity_shortcut else type(block.shortcut).__name__)
         with torch.no_grad():

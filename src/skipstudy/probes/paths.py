@@ -61,24 +61,21 @@ def routed(net: nn.Module, branches: Iterable[str]) -> Iterator[nn.Module]:
     try:
         for name, block in residual_blocks(net):
             if name in chosen:
-                # Shadow the shortcut with one that detaches its input (the instance attribute
-                # wins over the registered module, so the state dict is untouched).
-                had = "downsample" in vars(block)
-                original = vars(block).get("downsample")
-                shortcut = block.shortcut
-                vars(block)["downsample"] = lambda x, shortcut=shortcut: shortcut(x.detach())
-                shadowed.append((block, had, original))
+                # Shadow the block's shortcut path with one that detaches its input (an
+                # instance attribute wins over the method; the module tree is untouched).
+                # Block.shortcut_term, not the shortcut module, so a Fixup block's own
+                # input shift stays exactly where the block puts it.
+                term = block.shortcut_term
+                vars(block)["shortcut_term"] = lambda x, term=term: term(x.detach())
+                shadowed.append(block)
             else:
                 handles.append(block.branch_convs()[0].register_forward_pre_hook(_detach_first))
         yield net
     finally:
         for h in handles:
             h.remove()
-        for block, had, original in shadowed:
-            if had:
-                vars(block)["downsample"] = original
-            else:
-                del vars(block)["downsample"]
+        for block in shadowed:
+            del vars(block)["shortcut_term"]
 
 
 def path_gradient_norms(net: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
