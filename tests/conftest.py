@@ -13,6 +13,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict, read_write
 
+import skipstudy.config  # noqa: F401 - registers the trainer node the configs start from
+
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
 # Small real subsets of CIFAR-10 and Tiny ImageNet live beside the repository (never in it).

@@ -27,6 +27,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from skipstudy import config
 from skipstudy.errors import ConfigError
 from skipstudy.layout import conf_dir as _conf_dir
 from skipstudy.probes import NEEDS_CHECKPOINT, get_probe
@@ -75,6 +76,7 @@ def run_probe(cfg: DictConfig, output_dir: str | os.PathLike, overrides: list[st
         overrides: the command-line overrides; with ``ckpt`` the network and the data are the
             run's, so ``model``/``dataset`` overrides are refused and ``paths.data_dir`` is passed on.
     """
+    config.check(cfg)
     options = cfg.probe
     module = get_probe(options.get("name"), key="probe")
     name = options.name

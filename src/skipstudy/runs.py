@@ -25,13 +25,12 @@ import os
 import shutil
 import sys
 import time
-import types
-import typing
 from pathlib import Path
 from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from skipstudy import config
 from skipstudy.errors import ConfigError
 from skipstudy.layout import CONFIG, EVENT_PREFIX, LAST  # noqa: F401 - runs.LAST etc. stay importable
 
@@ -145,12 +144,15 @@ def resume_config(cfg: DictConfig, overrides: list[str] | None = None) -> DictCo
         if override.is_delete():
             raise ConfigError(f"{override.input_line}: deleting keys is not possible with resume=")
         try:
-            OmegaConf.update(saved, key, override.value(), merge=True, force_add=override.is_force_add() or override.is_add())
+            # Any lightning.Trainer argument may be added (checked by skipstudy/config.py).
+            add = override.is_force_add() or override.is_add() or key.startswith("trainer.")
+            OmegaConf.update(saved, key, override.value(), merge=True, force_add=add)
         except Exception as err:  # noqa: BLE001 - OmegaConf raises several types for a bad key
             raise ConfigError(f"{override.input_line}: {key} is not a key of the run's config ({err.__class__.__name__}); "
-                              f"use +{key}=... to add a new trainer argument") from None
+                              f"the run's keys are in {run_dir / CONFIG}") from None
     with _writable(saved):
         saved.resume = str(run_dir)
+    config.check(saved)
     return saved
 
 
@@ -237,46 +239,3 @@ def remove_if_unused(run_dir: Path, resume: Any = None) -> None:
             parent.rmdir()
         except OSError:
             break
-
-
-def check_trainer_args(trainer_cfg: Any) -> None:
-    """Refuse ``trainer.<key>`` values of a type ``lightning.Trainer`` cannot take (a string
-    where it expects a number), with the key, before anything is built; Lightning itself
-    would fail later with a bare assertion."""
-    import lightning as L  # heavy: only when a config is checked
-
-    try:
-        hints = typing.get_type_hints(L.Trainer.__init__)
-    except Exception:  # noqa: BLE001 - unresolvable annotations: leave the check to Lightning
-        return
-    for key, value in dict(trainer_cfg).items():
-        hint = hints.get(key)
-        if hint is None or not isinstance(value, str) or _admits_str(hint):
-            continue
-        raise ConfigError(f"trainer.{key}={value!r} has the wrong type: lightning.Trainer expects {_describe(hint)}")
-
-
-def _admits_str(hint: Any) -> bool:
-    if hint is str or hint is typing.Any:
-        return True
-    if hint is type(None):
-        return False
-    origin = typing.get_origin(hint)
-    if origin is typing.Literal:
-        return any(isinstance(a, str) for a in typing.get_args(hint))
-    if origin in (typing.Union, types.UnionType):
-        return any(_admits_str(a) for a in typing.get_args(hint))
-    return not isinstance(hint, type) or hint not in (int, float, bool)  # unknown kinds: let Lightning decide
-
-
-def _describe(hint: Any) -> str:
-    args = typing.get_args(hint) or (hint,)
-    names = []
-    for a in args:
-        if a is type(None):
-            names.append("null")
-        elif typing.get_origin(a) is typing.Literal:
-            names += [repr(v) for v in typing.get_args(a)]
-        else:
-            names.append({int: "an integer", float: "a number", bool: "true or false"}.get(a, getattr(a, "__name__", str(a))))
-    return " or ".join(dict.fromkeys(names))

@@ -29,7 +29,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-from skipstudy import fast, runs, stopping
+from skipstudy import config, fast, runs, stopping
 from skipstudy.analysis.callback import build_report_callback
 from skipstudy.errors import ConfigError
 from skipstudy.layout import conf_dir as _conf_dir
@@ -69,18 +69,9 @@ if not OmegaConf.has_resolver("skipstudy.sweep_subdir"):
     OmegaConf.register_new_resolver("skipstudy.sweep_subdir", sweep_subdir)
 
 
-def _positive(key: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(f"{key}={value!r} must be a positive number; e.g. {key}=0.1" if "lr" in key
-                          else f"{key}={value!r} must be a positive integer; e.g. {key}=64")
-
-
 def validate(cfg: DictConfig) -> None:
-    """Refuse values that would only fail (or silently mislead) after data has loaded."""
-    _positive("optimizer.lr", cfg.optimizer.get("lr"))
-    if "batch_size" in cfg.dataset:
-        _positive("dataset.batch_size", cfg.dataset.batch_size)
-    runs.check_trainer_args(cfg.trainer)
+    """Refuse any key outside its declared type or range (skipstudy/config.py), before anything is built."""
+    config.check(cfg)
 
 
 def _accepts(target: Any, name: str) -> bool:

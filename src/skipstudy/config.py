@@ -1,0 +1,430 @@
+"""Every config key's type and valid range, declared once and checked once at entry.
+
+``skipstudy.train``, ``skipstudy.probe``, ``resume=`` and every job of a sweep call
+:func:`check` on the composed config before anything is built, so a bad value costs a
+second and one line: ``optimizer.momentum=1.5 must be a number in [0, 1); e.g.
+optimizer.momentum=0.9``. Checks that need the built network or the files on disk (a
+monitor layer name, an image size too small for the stem, a damaged data batch) stay
+with the code that has them.
+
+A new key is one line in the table of its group: ``GROUPS`` for nodes chosen by their
+``_target_`` (dataset, model, optimizer, scheduler, monitor), ``PROBES`` for the probe
+options, ``TOP`` for the rest of ``train.yaml`` and ``probe.yaml``. ``trainer.<name>``
+takes any argument of ``lightning.Trainer``: names and types come from its signature,
+ranges from ``TRAINER``. This module is a leaf: it imports nothing from the package but
+the error type, and Lightning only when a trainer node is checked.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+import re
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from skipstudy.errors import ConfigError
+
+MISSING = object()
+
+
+def show(value: Any) -> str:
+    """A value as an override would write it: ``true``, ``null``, ``[100,150]``, ``adam``."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(show(v) for v in value) + "]"
+    return str(value)
+
+
+class Key:
+    """One key: ``accepts(value)``, words for the valid range, and an example value.
+
+    ``bad_type`` and ``bad_range`` are values the key refuses (a wrong type, a value of
+    the right type outside the range; None where every value of the type is valid): the
+    test that walks every key uses them.
+    """
+
+    def __init__(self, accepts: Callable[[Any], bool], valid: str, eg: Any, bad_type: Any = "abc",
+                 bad_range: Any = None, null: bool = False, choices: tuple = ()) -> None:
+        self._accepts, self.valid, self.eg, self.null, self.choices = accepts, valid, eg, null, choices
+        self.bad_type, self.bad_range = bad_type, bad_range
+
+    def accepts(self, value: Any) -> bool:
+        return (self.null and value is None) or (value is not None and self._accepts(value))
+
+    def check(self, key: str, value: Any) -> None:
+        if self.accepts(value):
+            return
+        if self.choices and not self.null:
+            raise ConfigError(f"{key}={value!r} is not one of: {self.valid}; e.g. {key}={show(self.eg)}")
+        raise ConfigError(f"{key}={value!r} must be {self.valid}{' or null' if self.null else ''}; "
+                          f"e.g. {key}={show(self.eg)}")
+
+    def __or__(self, other: Key) -> Key:
+        bad = [v for v in (self.bad_type, other.bad_type, "abc", [[]]) if not (self.accepts(v) or other.accepts(v))]
+        oob = [v for v in (self.bad_range, other.bad_range) if v is not None and not (self.accepts(v) or other.accepts(v))]
+        return Key(lambda v: self.accepts(v) or other.accepts(v), f"{self.valid} or {other.valid}", self.eg,
+                   bad[0], oob[0] if oob else None, self.null or other.null)
+
+    def nullable(self) -> Key:
+        return Key(self._accepts, self.valid, self.eg, self.bad_type, self.bad_range, True, self.choices)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _interval(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool, noun: str) -> str:
+    if lo == 0 and lo_open and hi is None:
+        return f"a positive {noun}"
+    if hi is None:
+        return f"{'an' if noun == 'integer' else 'a'} {noun} {'>' if lo_open else '>='} {lo}" if lo is not None \
+            else f"{'an' if noun == 'integer' else 'a'} {noun}"
+    return f"{'an' if noun == 'integer' else 'a'} {noun} in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+
+def Num(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
+        eg: Any, null: bool = False) -> Key:
+    """A finite number (integers too) in the interval ``lo..hi``."""
+    def ok(v: Any) -> bool:
+        return _is_num(v) and (lo is None or (v > lo if lo_open else v >= lo)) and \
+            (hi is None or (v < hi if hi_open else v <= hi))
+    bad = (lo if lo_open else lo - 1) if lo is not None else (hi if hi_open else hi + 1) if hi is not None else None
+    return Key(ok, _interval(lo, hi, lo_open, hi_open, "number"), eg, "abc", bad, null)
+
+
+def Int(lo: int | None = None, hi: int | None = None, *, eg: Any, null: bool = False,
+        rule: tuple[Callable[[int], bool], str, int] | None = None) -> Key:
+    """An integer in ``[lo, hi]``; ``rule`` = (predicate, its words, a value it refuses)."""
+    def ok(v: Any) -> bool:
+        return _is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi) and (rule is None or rule[0](v))
+    valid = _interval(lo, hi, False, False, "integer") if lo not in (1,) or hi is not None else "a positive integer"
+    if rule is not None:
+        valid = f"{valid} of the form {rule[1]}"
+    bad = rule[2] if rule is not None else (lo - 1 if lo is not None else hi + 1 if hi is not None else None)
+    return Key(ok, valid, eg, "abc", bad, null)
+
+
+def Bool(*, eg: bool = True, null: bool = False) -> Key:
+    return Key(lambda v: isinstance(v, bool), "true or false", eg, "maybe", None, null)
+
+
+def Choice(*choices: Any, null: bool = False) -> Key:
+    return Key(lambda v: any(v == c and type(v) is type(c) for c in choices), ", ".join(show(c) for c in choices),
+               choices[0], [[]], "nosuch", null, choices)
+
+
+def Str(*, eg: str, null: bool = False, pattern: str | None = None, form: str = "a string") -> Key:
+    """A string (a path, a name; numbers pass as their text), or one of the form ``pattern``."""
+    def ok(v: Any) -> bool:
+        if pattern is not None:
+            return isinstance(v, str) and re.fullmatch(pattern, v) is not None
+        return isinstance(v, (str, int, float)) and not isinstance(v, bool)
+    return Key(ok, form, eg, [[]], "abc!" if pattern else None, null)
+
+
+def List(item: Key, *, eg: list, size: int | None = None, distinct: bool = False, null: bool = False) -> Key:
+    """A list of ``item`` values (``size`` of them if given)."""
+    def ok(v: Any) -> bool:
+        return isinstance(v, (list, tuple)) and all(item.accepts(x) for x in v) and \
+            (size is None or len(v) == size) and (not distinct or len(set(map(str, v))) == len(v))
+    words = f"a list of {size} " if size else "a list of "
+    valid = f"{words}{'different ' if distinct else ''}values, each {item.valid}"
+    return Key(ok, valid, eg, "abc", [item.bad_range if item.bad_range is not None else item.bad_type], null)
+
+
+# -- the declaration --------------------------------------------------------------------
+
+BATCH = Int(1, eg=64)
+IMAGE = Int(1, eg=32)
+WORKERS = Int(0, eg=4)
+LOADER = Choice("auto", "torch", "device")
+PAD = Choice("zero", "reflect")
+PATH = Str(eg="/data")
+SEED = Int(0, 2**32 - 1, eg=0)
+BATCHES = Int(1, eg=4, null=True)
+ODD = (lambda n: n % 2 == 1, "odd", 4)
+
+_CIFAR = {"root": PATH, "download": Bool(), "verify": Bool(), "batch_size": BATCH, "image_size": IMAGE,
+          "augment": Bool(), "crop_padding": Int(0, 31, eg=4), "pad_mode": PAD, "loader": LOADER,
+          "num_workers": WORKERS, "val_split": Int(0, eg=5000) | Num(0, 1, lo_open=True, hi_open=True, eg=0.1)}
+_MODEL = {"skip": Bool(), "norm": Choice("batch", "none"),
+          "init": Choice("default", "kaiming", "zero_residual", "fixup", "skipinit")}
+_RESNET = {**_MODEL, "stem": Choice("imagenet", "cifar")}
+_INTERVAL = Choice("epoch", "step")
+_NONFINITE = Choice("warn", "stop")
+
+# Config groups whose option is told apart by its _target_ (None: an option without one).
+GROUPS: dict[str, dict[str | None, dict[str, Key]]] = {
+    "dataset": {
+        "skipstudy.data.cifar.CIFAR10DataModule": _CIFAR,
+        "skipstudy.data.cifar.CIFAR100DataModule": _CIFAR,
+        "skipstudy.data.synthetic.SyntheticDataModule": {
+            "num_classes": Int(2, eg=10), "channels": Int(1, eg=3), "image_size": IMAGE, "num_train": Int(1, eg=2048),
+            "num_val": Int(1, eg=512), "batch_size": BATCH, "noise": Num(0, eg=0.5)},
+        "skipstudy.data.tiny_imagenet.TinyImageNetDataModule": {
+            "root": PATH, "cache_dir": PATH, "batch_size": BATCH, "image_size": Int(1, eg=64), "augment": Bool(),
+            "crop_padding": Int(0, 63, eg=4), "pad_mode": PAD, "loader": LOADER, "num_workers": WORKERS,
+            "skip_corrupt": Bool()},
+    },
+    "model": {
+        "skipstudy.models.cifar_resnet": {
+            **_MODEL, "shortcut": Choice("A", "B"),
+            "depth": Int(8, eg=20, rule=(lambda d: (d - 2) % 6 == 0, "6n+2 (the paper's: 20, 32, 44, 56, 110, 1202)", 21))},
+        "skipstudy.models.mini": _MODEL,
+        **{f"skipstudy.models.resnet{d}": _RESNET for d in (18, 34, 50, 101, 152)},
+    },
+    "optimizer": {
+        "torch.optim.SGD": {"lr": Num(0, lo_open=True, eg=0.1), "momentum": Num(0, 1, hi_open=True, eg=0.9),
+                            "weight_decay": Num(0, eg=5e-4), "nesterov": Bool(eg=False)},
+        "torch.optim.Adam": {"lr": Num(0, lo_open=True, eg=1e-3), "weight_decay": Num(0, eg=0.0),
+                             "betas": List(Num(0, 1, hi_open=True, eg=0.9), size=2, eg=[0.9, 0.999])},
+    },
+    "scheduler": {
+        None: {},
+        "torch.optim.lr_scheduler.MultiStepLR": {
+            "milestones": List(Int(1, eg=100), eg=[100, 150]), "gamma": Num(0, lo_open=True, eg=0.1),
+            "interval": _INTERVAL},
+        "torch.optim.lr_scheduler.CosineAnnealingLR": {
+            "T_max": Int(1, eg=200), "eta_min": Num(0, eg=0.0), "interval": _INTERVAL},
+    },
+    "monitor": {
+        None: {"on_nonfinite": _NONFINITE},
+        "skipstudy.monitor.GradientFlowMonitor": {
+            "layers": (Str(eg="conv1") | List(Str(eg="conv1"), eg=["conv1", "fc"])).nullable(),
+            "schedule": Choice("every", "log"), "every_n_steps": Int(1, eg=10), "points_per_decade": Int(1, eg=10),
+            "hist_every_n_epochs": Int(0, eg=1), "activations": Bool(), "on_nonfinite": _NONFINITE,
+            "export": Choice("json", "csv", "none"), "figure": Bool()},
+    },
+}
+
+# Probe options by probe name: conf/probe/<name>.yaml, probes.options.<name>.* in training.
+PROBES: dict[str, dict[str, Key]] = {
+    "feature_maps": {"batches": BATCHES, "images": Int(1, eg=4)},
+    "landscape": {"batches": BATCHES, "split": Choice("train", "val"), "steps": Int(3, eg=51, rule=ODD),
+                  "grid": Int(3, eg=21, rule=ODD), "span": Num(0, lo_open=True, eg=1.0), "seed": SEED},
+    "lesion": {"batches": BATCHES, "samples": Int(1, eg=10), "max_k": Int(1, eg=3, null=True), "seed": SEED},
+    "shattering": {"batches": BATCHES, "points": Int(4, eg=256), "logit": Int(0, eg=0), "chunk": Int(1, eg=64),
+                   "pair": List(Int(0, eg=0), size=2, distinct=True, eg=[0, 1]), "bn": Choice("auto", "eval", "calibrate")},
+}
+_PROBE_NAMES = Choice(*PROBES)
+
+# Everything outside the groups: train.yaml (and the probe app's name/ckpt/device/probe).
+TOP: dict[str, Any] = {
+    "name": Str(eg="my_study"),
+    "seed": SEED,
+    "resume": Str(eg="logs/default/defaults/2025-01-31_12-00-00_123456", null=True),
+    "paths": {"log_dir": PATH, "data_dir": PATH},
+    "fast": {"channels_last": Choice("auto", True, False), "compile": Bool(eg=False)},
+    "probes": {"names": List(_PROBE_NAMES, eg=["feature_maps"], distinct=True),
+               "at_epochs": List(Int(0, eg=0), eg=[0, 10]), "batches": BATCHES, "options": "probe options"},
+    "report": {"custom_scalars": Bool(), "figures_to_tensorboard": Bool(eg=False)},
+    "checkpoint": {"save_last": Bool(), "save_top_k": Int(-1, eg=1), "monitor": Str(eg="val/acc"),
+                   "mode": Choice("max", "min"), "every_n_train_steps": Int(1, eg=500, null=True)},
+    # python -m skipstudy.probe
+    "ckpt": Str(eg="logs/default/defaults/<time>", null=True),
+    "device": Str(eg="cpu", pattern=r"auto|cpu|cuda(:\d+)?|mps", form="auto, cpu, cuda, cuda:<index> or mps"),
+    "probe": "probe",
+}
+
+_TIME = r"\d+:\d\d:\d\d:\d\d"
+# Ranges of lightning.Trainer arguments (their names and types come from its signature).
+TRAINER: dict[str, Key] = {
+    "max_epochs": Int(-1, eg=10, null=True), "min_epochs": Int(0, eg=1, null=True), "max_steps": Int(-1, eg=1000),
+    "min_steps": Int(0, eg=100, null=True),
+    "max_time": Str(eg="00:12:00:00", pattern=_TIME, form="a time DD:HH:MM:SS", null=True),
+    **{f"limit_{s}_batches": (Int(0, eg=10) | Num(0, 1, eg=0.25)).nullable() for s in ("train", "val", "test", "predict")},
+    "val_check_interval": (Int(1, eg=100) | Num(0, 1, lo_open=True, eg=0.5)
+                           | Str(eg="00:00:10:00", pattern=_TIME, form="a time DD:HH:MM:SS")).nullable(),
+    "check_val_every_n_epoch": Int(1, eg=1, null=True), "overfit_batches": Int(0, eg=10) | Num(0, 1, eg=0.1),
+    "fast_dev_run": Bool(eg=False) | Int(0, eg=5), "accumulate_grad_batches": Int(1, eg=1),
+    "gradient_clip_val": Num(0, eg=1.0, null=True), "gradient_clip_algorithm": Choice("norm", "value", null=True),
+    "devices": Int(1, eg=1) | Choice(-1, "auto") | List(Int(0, eg=0), eg=[0, 1])
+    | Str(eg="0,1", pattern=r"\d+(,\d+)*,?", form="a device list like '0,1'"),
+    "num_nodes": Int(1, eg=1), "log_every_n_steps": Int(0, eg=50, null=True),
+    "num_sanity_val_steps": Int(-1, eg=2, null=True), "reload_dataloaders_every_n_epochs": Int(0, eg=1),
+}
+# Arguments train.py passes itself.
+TRAINER_OWN = {"logger": "the run's TensorBoard logger", "callbacks": "the monitor, checkpoints and guards",
+               "default_root_dir": "the run directory"}
+
+
+# -- the check ----------------------------------------------------------------------------
+
+def _unknown(key: str, known: Any, where: str) -> ConfigError:
+    name = key.rsplit(".", 1)[-1]
+    prefix = key[: -len(name)]
+    close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(prefix + c for c in close)}? " if close else ""
+    valid = ", ".join(sorted(known)) if len(known) <= 15 else f"the arguments of {where}"
+    return ConfigError(f"{key} is not a key of {where}; {hint}valid: {valid}")
+
+
+def _table(key: str, keys: Mapping[str, Any], node: Any, where: str) -> None:
+    if not isinstance(node, Mapping):
+        raise ConfigError(f"{key}={node!r} must be a group of keys; valid keys: {', '.join(keys)}")
+    for name, value in node.items():
+        full = f"{key}.{name}" if key else str(name)
+        if key == "" and name == "hydra":
+            continue
+        if name in ("_target_", "_partial_", "_recursive_", "_convert_") and key:
+            continue
+        if name not in keys:
+            raise _unknown(full, keys, where)
+        spec = keys[name]
+        if spec == "probe options":
+            _probe_options(full, value)
+        elif spec == "probe":
+            _probe(full, value)
+        elif isinstance(spec, dict):
+            _table(full, spec, value, full)
+        else:
+            spec.check(full, value)
+
+
+def _group(group: str, node: Any) -> None:
+    options = GROUPS[group]
+    target = node.get("_target_") if isinstance(node, Mapping) else None
+    if target not in options:
+        return  # a user's own _target_: its signature is the check
+    _table(group, options[target], node, f"{group} {target or '(no _target_)'}")
+    if group == "optimizer" and node.get("nesterov") and not node.get("momentum", 0) > 0:
+        raise ConfigError(f"optimizer.nesterov=true needs optimizer.momentum > 0 (got {node.get('momentum')!r}); "
+                          "e.g. optimizer.momentum=0.9, or optimizer.nesterov=false")
+
+
+def _probe(key: str, node: Any) -> None:
+    name = node.get("name") if isinstance(node, Mapping) else node
+    _PROBE_NAMES.check(f"{key}.name", name)
+    _table(key, {"name": _PROBE_NAMES, **PROBES[name]}, node, f"probe {name}")
+
+
+def _probe_options(key: str, node: Any) -> None:
+    if not isinstance(node, Mapping):
+        raise ConfigError(f"{key}={node!r} must map probe names to options; e.g. +{key}.landscape.grid=11")
+    for name, options in node.items():
+        _PROBE_NAMES.check(f"{key}.{name}", name)
+        _table(f"{key}.{name}", PROBES[name], options, f"probe {name}")
+
+
+def _from_hint(hint: Any, default: Any) -> Key | None:
+    """A Key from a type annotation of lightning.Trainer (None: no value from a config fits it)."""
+    eg = default if default is not None and default is not inspect.Parameter.empty else None
+    if hint is type(None):
+        return None
+    if hint is bool:
+        return Bool(eg=True if eg is None else eg)
+    if hint is int:
+        return Int(eg=1 if eg is None else eg)
+    if hint is float:
+        return Num(eg=1.0 if eg is None else eg)
+    if hint is str:
+        return Str(eg="auto" if eg is None else eg)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return Choice(*args)
+    if origin is list and args:
+        item = _from_hint(args[0], None)
+        return List(item, eg=[item.eg]) if item is not None else None
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        literals = [v for a in args if typing.get_origin(a) is typing.Literal for v in typing.get_args(a)]
+        parts = [Choice(*literals)] if literals else []
+        parts += [k for k in (_from_hint(a, default) for a in args if typing.get_origin(a) is not typing.Literal)
+                  if k is not None]
+        if not parts:
+            return None
+        key = parts[0]
+        for part in parts[1:]:
+            key = key | part
+        return key.nullable() if type(None) in args else key
+    return None
+
+
+def _trainer(node: Any) -> None:
+    import lightning as L
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    hints = typing.get_type_hints(L.Trainer.__init__)
+    params = inspect.signature(L.Trainer.__init__).parameters
+    known = {k for k in params if k != "self"}
+    ranges = {**TRAINER, "accelerator": Choice("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators())),
+              "strategy": Choice("auto", *StrategyRegistry.available_strategies())}
+    for name, value in node.items():
+        key = f"trainer.{name}"
+        if name in TRAINER_OWN:
+            raise ConfigError(f"{key}: skipstudy sets {name} itself ({TRAINER_OWN[name]}); drop trainer.{name}")
+        if name not in known:
+            raise _unknown(key, known - set(TRAINER_OWN), "lightning.Trainer")
+        spec = ranges.get(name) or _from_hint(hints.get(name), params[name].default)
+        if spec is not None:
+            spec.check(key, value)
+
+
+def check(cfg: DictConfig | Mapping) -> None:
+    """Refuse the first key of ``cfg`` whose value is outside its declared type or range."""
+    node = cfg
+    if isinstance(cfg, DictConfig):
+        node = {}
+        for key in cfg:
+            if key == "hydra":
+                continue
+            try:
+                value = cfg._get_node(key)
+                node[key] = OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) \
+                    else cfg[key]
+            except Exception as err:  # noqa: BLE001 - an interpolation that cannot resolve
+                raise ConfigError(f"{key}: {str(err).splitlines()[0]}") from None
+    groups = {g: node.get(g) for g in GROUPS if g in node}
+    top = {k: v for k, v in node.items() if k not in GROUPS and k != "trainer"}
+    _table("", TOP, top, "the config")
+    for group, value in groups.items():
+        _group(group, value if value is not None else {})
+    if node.get("trainer") is not None:
+        _trainer(node["trainer"])
+
+
+class SweepCheck:
+    """Hydra callback: before a ``-m`` sweep starts, every job's config is composed and checked,
+    so a bad value in job 7 is refused before job 1 trains (basic sweeper only; others'
+    parameter syntax is their own)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        import sys
+
+        from hydra import compose
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        sweeper = config.hydra.sweeper
+        if sweeper.get("_target_") != "hydra._internal.core_plugins.basic_sweeper.BasicSweeper":
+            return
+        params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
+        overrides = OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
+        for batch in BasicSweeper.split_arguments(overrides, None):
+            for job in batch:
+                try:
+                    check(compose(config.hydra.job.config_name, overrides=list(job)))
+                except ConfigError as err:
+                    print(f"Error: {err} (sweep job {' '.join(job)})", file=sys.stderr)
+                    sys.exit(2)
+
+
+# trainer.<name>=... for any lightning.Trainer argument, without `+`: conf/trainer/default.yaml
+# starts from this node, whose struct flag is off, so Hydra lets an override add keys to it
+# (they are then checked by _trainer against Lightning's signature).
+_open = OmegaConf.create({})
+OmegaConf.set_struct(_open, False)
+ConfigStore.instance().store(group="trainer", name="lightning", node=_open)
