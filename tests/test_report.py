@@ -271,5 +271,5 @@ def test_report_option_typos_fail_before_training(make_cfg):
     from skipstudy.errors import ConfigError
 
     cfg = make_cfg([*FAST, "+report.figures=true"])
-    with pytest.raises(ConfigError, match=r"report\.figures is not an option"):
+    with pytest.raises(ConfigError, match=r"report\.figures is not a key of report; did you mean report\.figures_to_tensorboard"):
         train(cfg, cfg.hydra.runtime.output_dir)

@@ -36,9 +36,6 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig
 
-from skipstudy.errors import ConfigError
-
-AUTO_BOOL = ("auto", "true", "false")
 
 def uses_cuda(accelerator: Any) -> bool:
     """Whether a Trainer built with ``trainer.accelerator=accelerator`` trains on a CUDA GPU."""
@@ -56,12 +53,8 @@ def resolve_precision(precision: Any, accelerator: Any = "auto") -> str:
     return "32-true"
 
 
-def _auto_bool(key: str, value: Any, auto: bool) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in AUTO_BOOL:
-        return auto if value.lower() == "auto" else value.lower() == "true"
-    raise ConfigError(f"{key}={value!r} is not one of: {', '.join(AUTO_BOOL)}")
+def _auto_bool(value: Any, auto: bool) -> bool:
+    return auto if value == "auto" else bool(value)
 
 
 def channels_last_helps(on_cuda: bool) -> bool:
@@ -99,11 +92,8 @@ class FastSettings:
 
 
 def resolve(cfg: DictConfig) -> FastSettings:
-    """Decide every ``auto``/``null`` speed setting of ``cfg`` for the device it trains on.
-
-    Raises:
-        ConfigError: a value outside ``auto|true|false``.
-    """
+    """Decide every ``auto``/``null`` speed setting of ``cfg`` (checked by skipstudy/config.py)
+    for the device it trains on."""
     trainer = cfg.trainer
     fast = cfg.get("fast") or {}
     on_cuda = uses_cuda(trainer.get("accelerator", "auto"))
@@ -112,16 +102,11 @@ def resolve(cfg: DictConfig) -> FastSettings:
         # cudnn.benchmark picks the fastest conv algorithm per shape (timed once per shape);
         # its choice may differ between runs, so a deterministic run keeps it off.
         benchmark = on_cuda and not trainer.get("deterministic", False)
-    elif not isinstance(benchmark, bool):
-        raise ConfigError(f"trainer.benchmark={benchmark!r} is not one of: null (auto), true, false")
     compile_ = fast.get("compile", False)
-    if not isinstance(compile_, bool):
-        raise ConfigError(f"fast.compile={compile_!r} is not one of: true, false")
     return FastSettings(
         precision=resolve_precision(trainer.get("precision"), trainer.get("accelerator", "auto")),
         cudnn_benchmark=bool(benchmark),
-        channels_last=_auto_bool("fast.channels_last", fast.get("channels_last", "auto"),
-                                 channels_last_helps(on_cuda)),
+        channels_last=_auto_bool(fast.get("channels_last", "auto"), channels_last_helps(on_cuda)),
         compile=compile_,
         on_cuda=on_cuda,
     )

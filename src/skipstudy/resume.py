@@ -84,12 +84,6 @@ class LastCheckpoint(Checkpoint):
     """
 
     def __init__(self, path: str | os.PathLike, every_n_train_steps: int | None = None) -> None:
-        if every_n_train_steps is not None and (isinstance(every_n_train_steps, bool)
-                                                or not isinstance(every_n_train_steps, int) or every_n_train_steps < 1):
-            from skipstudy.errors import ConfigError
-
-            raise ConfigError(f"checkpoint.every_n_train_steps={every_n_train_steps!r} must be a positive integer "
-                              "or null (epoch ends only); e.g. checkpoint.every_n_train_steps=500")
         self.path = Path(path)
         self.every_n_train_steps = every_n_train_steps
 

@@ -25,6 +25,7 @@ import os
 import shutil
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -115,8 +116,24 @@ def check_run_dir(resume: Any) -> Path:
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
+    """``<run>/checkpoints/last.ckpt``, None when the run wrote none, or a ConfigError naming it
+    when it is damaged (a copy cut short, a full disk): PyTorch checkpoints are zip archives,
+    so a CRC pass over the members finds a cut or flipped byte before Lightning would."""
     path = run_dir / LAST
-    return path if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+        problem = f"member {bad} fails its CRC check" if bad else None
+    except (OSError, zipfile.BadZipFile, EOFError) as err:
+        problem = f"{type(err).__name__}: {err}"
+    if problem:
+        others = sorted(p.name for p in path.parent.glob("*.ckpt") if p != path)
+        way = f"copy another checkpoint over it ({', '.join(others)}) to continue from there, or " if others else ""
+        raise ConfigError(f"resume={run_dir}: {path} is damaged ({path.stat().st_size} bytes; {problem}); "
+                          f"{way}move it away to start the run over")
+    return path
 
 
 def resume_config(cfg: DictConfig, overrides: list[str] | None = None) -> DictConfig:

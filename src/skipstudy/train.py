@@ -217,7 +217,9 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
     logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
     # RunState first: it sees each hook before the checkpoint callbacks (Lightning runs those
     # last) and adds RNG, data position and log sizes to every checkpoint (skipstudy/resume.py).
-    callbacks: list[L.Callback] = [RunState(), *checkpoint_callbacks(cfg.checkpoint, run_dir)]
+    # trainer.enable_checkpointing=false: no checkpoints at all (Lightning refuses any beside it).
+    saving = cfg.trainer.get("enable_checkpointing") is not False
+    callbacks: list[L.Callback] = [RunState(), *(checkpoint_callbacks(cfg.checkpoint, run_dir) if saving else [])]
     if monitor is not None:
         callbacks.append(monitor)
     # Non-finite loss/gradients (monitor.on_nonfinite, also with monitor=off) and SIGTERM/SIGINT.

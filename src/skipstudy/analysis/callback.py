@@ -20,7 +20,6 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
-from skipstudy.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +79,6 @@ class ReportCallback(Callback):
 
     def __init__(self, custom_scalars: bool = True, figures_to_tensorboard: bool = False) -> None:
         super().__init__()
-        for key, value in (("report.custom_scalars", custom_scalars), ("report.figures_to_tensorboard", figures_to_tensorboard)):
-            if not isinstance(value, bool):
-                raise ConfigError(f"{key}={value!r} must be true or false")
         self.custom_scalars = custom_scalars
         self.figures_to_tensorboard = figures_to_tensorboard
 
@@ -130,16 +126,11 @@ class ReportCallback(Callback):
 
 
 def build_report_callback(node: Any) -> ReportCallback | None:
-    """The callback from the ``report:`` config node, or None when the node is missing or
-    turns everything off. Unknown keys are refused before training starts."""
+    """The callback from the ``report:`` config node (checked by skipstudy/config.py), or None
+    when the node is missing or turns everything off."""
     if not node:
         return None
-    options = dict(node)
-    known = ("custom_scalars", "figures_to_tensorboard")
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise ConfigError(f"report.{unknown[0]} is not an option; valid: {', '.join('report.' + k for k in known)}")
-    callback = ReportCallback(**options)
+    callback = ReportCallback(**dict(node))
     if not (callback.custom_scalars or callback.figures_to_tensorboard):
         return None
     return callback

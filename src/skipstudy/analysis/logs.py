@@ -86,6 +86,7 @@ class Run:
         scalars: tag -> :class:`Series`.
         histograms: tag -> histograms in step order.
         layers: tracked layer names in forward order (empty without the monitor).
+        damaged: its event files that fail a CRC check or cannot be read ("<path>: <what>").
         nonfinite_steps: steps whose gradients were non-finite (monitor export and events).
         label: short name that tells this run from the others loaded with it.
     """
@@ -97,6 +98,7 @@ class Run:
     scalars: dict[str, Series] = field(default_factory=dict)
     histograms: dict[str, list[Histogram]] = field(default_factory=dict)
     layers: list[str] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)
     nonfinite_steps: list[int] = field(default_factory=list)
     diverged_at: dict[str, Any] | None = None
     label: str = ""
@@ -284,18 +286,39 @@ def _event_files(run_dir: Path) -> list[Path]:
     return sorted(p for p in run_dir.iterdir() if p.name.startswith(EVENT_PREFIX) and p.is_file())
 
 
+class _DataLoss(logging.Handler):
+    """Collects TensorBoard's record-level read errors, which its loader logs at debug level
+    and treats as the end of the file. A cut last record is normal (a run still writing, or
+    killed); a failed CRC check is a damaged file, and the report names it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.errors: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg.startswith("Truncated record") and "crc32 check" in str(record.args[-1]):
+            self.errors.append(str(record.args[-1]).rsplit(" ", 3)[-3])  # "header"/"event"
+
+
 def _read_events(run_dir: Path):
-    """Scalars and histograms of every event file directly in ``run_dir``.
+    """Scalars and histograms of every event file directly in ``run_dir``, and the files
+    found damaged (``"<path>: <what>"``).
 
     Each file is read on its own (tbparse on a directory would also try to parse
     checkpoints and YAML files as event files). A truncated last record (a run still
-    writing, or killed) ends that file's data without an error.
+    writing, or killed) ends that file's data without an error; a record that fails its
+    CRC check ends it too, and the file is reported as damaged.
     """
     import pandas as pd
     from tbparse import SummaryReader
 
-    scalars, hists = [], []
+    scalars, hists, damaged = [], [], []
+    tb_log = logging.getLogger("tensorboard")
     for path in _event_files(run_dir):
+        handler, level, propagate = _DataLoss(), tb_log.level, tb_log.propagate
+        tb_log.addHandler(handler)
+        tb_log.setLevel(logging.DEBUG)
+        tb_log.propagate = False
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
@@ -303,8 +326,16 @@ def _read_events(run_dir: Path):
                                        event_types={"scalars", "histograms"})
                 s, h = reader.scalars, reader.histograms
             except Exception as err:  # noqa: BLE001 - one unreadable file must not sink the report
-                log.warning("skipping unreadable event file %s: %s", path, err)
+                damaged.append(f"{path}: unreadable ({type(err).__name__}: {err})")
                 continue
+            finally:
+                tb_log.removeHandler(handler)
+                tb_log.setLevel(level)
+                tb_log.propagate = propagate
+        if handler.errors:
+            n = len(s) + len(h)
+            damaged.append(f"{path}: damaged ({path.stat().st_size} bytes; a record fails its {handler.errors[0]} "
+                           f"CRC check; {f'the {n} values before it are used' if n else 'nothing before it'})")
         # Tags in the order the file first wrote them: the monitor writes a step's layers in
         # forward order, so this is the layer order when no export says otherwise.
         order = reader.get_tags("scalars")
@@ -314,7 +345,7 @@ def _read_events(run_dir: Path):
         if not h.empty:
             hists.append(h)
     cat = lambda frames: pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()  # noqa: E731
-    return cat(scalars), cat(hists)
+    return cat(scalars), cat(hists), damaged
 
 
 def _read_hparams(run_dir: Path) -> dict[str, Any]:
@@ -390,7 +421,7 @@ def load_run(run_dir: str | os.PathLike) -> Run:
     """Read one run directory (events, ``.hydra/``, ``grad_stats.json``) into a :class:`Run`."""
     run_dir = Path(run_dir)
     run = Run(path=run_dir, name=run_dir.name)
-    scalars, hists = _read_events(run_dir)
+    scalars, hists, run.damaged = _read_events(run_dir)
 
     config = _read_yaml(run_dir / ".hydra" / "config.yaml")
     if not isinstance(config, dict):
@@ -517,7 +548,14 @@ def load_runs(paths: list[str | os.PathLike]) -> tuple[list[Run], list[str]]:
         for d in pending:
             notes.append(f"{d}: no event files yet (not started, or failed before logging); left out")
     runs = [load_run(d) for d in found]
+    damaged = [d for run in runs for d in run.damaged]
+    if damaged and not any(run.has_data for run in runs):
+        raise ConfigError(f"{damaged[0]}{f' (and {len(damaged) - 1} more)' if len(damaged) > 1 else ''}; "
+                          "replace it from a backup, or pass runs whose event files are intact")
+    notes += damaged
     for run in runs:
+        if run.damaged and not run.has_data:
+            continue
         if not run.has_data:
             notes.append(f"{run.path}: event files hold no scalars yet; listed without numbers")
     assign_labels(runs)

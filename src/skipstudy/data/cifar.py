@@ -9,11 +9,13 @@ study validates on the same images.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import numpy as np
 import torch
 from torchvision import datasets
+from torchvision.datasets.utils import check_integrity
 
 from skipstudy.data.arrays import ImageArrayDataModule
 from skipstudy.errors import ConfigError
@@ -113,12 +115,13 @@ class CIFAR10DataModule(ImageArrayDataModule):
             cls = self.torchvision_cls if self.verify else _without_md5_check(self.torchvision_cls)
             return cls(str(self.root), train=train, download=download)
         except Exception as err:  # noqa: BLE001 - any failure to get the files ends the same way
+            check = "fail torchvision's MD5 check" if self.verify else "cannot all be read"
             if folder.is_dir() and not download:
-                problem = (f"{folder} exists but its files fail torchvision's MD5 check "
+                problem = (f"{folder} exists but its files {check}: {self._bad_file(folder)} "
                            f"(a damaged or partial download, or a subset)")
             elif folder.is_dir():
-                problem = (f"{folder} exists but its files fail torchvision's MD5 check (a damaged or partial "
-                           f"download, or a subset), and downloading a fresh copy failed "
+                problem = (f"{folder} exists but its files {check}: {self._bad_file(folder)} "
+                           f"(a damaged or partial download, or a subset), and downloading a fresh copy failed "
                            f"({type(err).__name__}: {err})")
             elif download:
                 problem = f"{folder} does not exist and the download failed ({type(err).__name__}: {err})"
@@ -134,6 +137,25 @@ class CIFAR10DataModule(ImageArrayDataModule):
                 + ("\n  - or, for a subset or re-packed copy you trust: dataset.verify=false"
                    if folder.is_dir() and self.verify else "")
             ) from err
+
+    def _bad_file(self, folder: Path) -> str:
+        """The first file of ``folder`` that is missing, fails its MD5 sum (with verify) or cannot
+        be unpickled, so a damaged copy names the file to replace."""
+        cls = self.torchvision_cls
+        names = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+        sums = dict(cls.train_list + cls.test_list, **{cls.meta["filename"]: cls.meta["md5"]})
+        for name in names:
+            path = folder / name
+            if not path.is_file():
+                return f"{path} is missing"
+            if self.verify and not check_integrity(str(path), sums[name]):
+                return f"{path} ({path.stat().st_size} bytes) differs from the release's MD5 sum"
+            try:
+                with open(path, "rb") as f:
+                    pickle.load(f, encoding="latin1")
+            except Exception as err:  # noqa: BLE001 - a truncated pickle raises several types
+                return f"{path} ({path.stat().st_size} bytes) cannot be read ({type(err).__name__}: {err})"
+        return "no single file to blame"
 
     def prepare_data(self) -> None:
         """Download if needed and verify the files; a second call does nothing."""
