@@ -124,7 +124,7 @@ def test_offline_download_failure_says_where_it_looked_and_the_ways_out(tmp_path
 def test_damaged_copy_and_offline(shared_data, tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.CIFAR10, "download", offline)
     shutil.copytree(shared_data / "cifar10-mini" / "cifar-10-batches-py", tmp_path / "cifar-10-batches-py")
-    with pytest.raises(ConfigError, match=r"fail torchvision's MD5 check .* and downloading a fresh copy failed"):
+    with pytest.raises(ConfigError, match=r"fail torchvision's MD5 check: \S+data_batch_1 \(\d+ bytes\) differs from the release's MD5 sum .* and downloading a fresh copy failed"):
         make(tmp_path, download=True).prepare_data()
 
 

@@ -107,12 +107,12 @@ def Num(lo: float | None = None, hi: float | None = None, *, lo_open: bool = Fal
 
 def Int(lo: int | None = None, hi: int | None = None, *, eg: Any, null: bool = False,
         rule: tuple[Callable[[int], bool], str, int] | None = None) -> Key:
-    """An integer in ``[lo, hi]``; ``rule`` = (predicate, its words, a value it refuses)."""
+    """An integer in ``[lo, hi]``; ``rule`` = (predicate, words for all valid values, a value it refuses)."""
     def ok(v: Any) -> bool:
         return _is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi) and (rule is None or rule[0](v))
     valid = _interval(lo, hi, False, False, "integer") if lo not in (1,) or hi is not None else "a positive integer"
     if rule is not None:
-        valid = f"{valid} of the form {rule[1]}"
+        valid = rule[1]
     bad = rule[2] if rule is not None else (lo - 1 if lo is not None else hi + 1 if hi is not None else None)
     return Key(ok, valid, eg, "abc", bad, null)
 
@@ -155,7 +155,7 @@ PAD = Choice("zero", "reflect")
 PATH = Str(eg="/data")
 SEED = Int(0, 2**32 - 1, eg=0)
 BATCHES = Int(1, eg=4, null=True)
-ODD = (lambda n: n % 2 == 1, "odd", 4)
+ODD = (lambda n: n % 2 == 1, "an odd integer >= 3 (the centre is the checkpoint)", 4)
 
 _CIFAR = {"root": PATH, "download": Bool(), "verify": Bool(), "batch_size": BATCH, "image_size": IMAGE,
           "augment": Bool(), "crop_padding": Int(0, 31, eg=4), "pad_mode": PAD, "loader": LOADER,
@@ -182,7 +182,7 @@ GROUPS: dict[str, dict[str | None, dict[str, Key]]] = {
     "model": {
         "skipstudy.models.cifar_resnet": {
             **_MODEL, "shortcut": Choice("A", "B"),
-            "depth": Int(8, eg=20, rule=(lambda d: (d - 2) % 6 == 0, "6n+2 (the paper's: 20, 32, 44, 56, 110, 1202)", 21))},
+            "depth": Int(8, eg=20, rule=(lambda d: (d - 2) % 6 == 0, "6n+2 >= 8; the paper's: 20, 32, 44, 56, 110, 1202", 21))},
         "skipstudy.models.mini": _MODEL,
         **{f"skipstudy.models.resnet{d}": _RESNET for d in (18, 34, 50, 101, 152)},
     },
@@ -266,7 +266,8 @@ TRAINER_OWN = {"logger": "the run's TensorBoard logger", "callbacks": "the monit
 def _unknown(key: str, known: Any, where: str) -> ConfigError:
     name = key.rsplit(".", 1)[-1]
     prefix = key[: -len(name)]
-    close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
+    close = [k for k in sorted(known) if k.startswith(name) and name][:3] or \
+        difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
     hint = f"did you mean {', '.join(prefix + c for c in close)}? " if close else ""
     valid = ", ".join(sorted(known)) if len(known) <= 15 else f"the arguments of {where}"
     return ConfigError(f"{key} is not a key of {where}; {hint}valid: {valid}")

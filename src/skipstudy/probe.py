@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from skipstudy import config
 from skipstudy.errors import ConfigError
 from skipstudy.layout import conf_dir as _conf_dir
+from skipstudy.runs import remove_if_unused
 from skipstudy.probes import NEEDS_CHECKPOINT, get_probe
 from skipstudy.probes.checkpoint import load_run, run_dir_or_none
 from skipstudy.probes.context import ProbeContext
@@ -132,6 +133,7 @@ def main(cfg: DictConfig) -> float | None:
         if hc.mode == RunMode.MULTIRUN or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"Error: {err}", file=sys.stderr)
+        remove_if_unused(Path(hc.runtime.output_dir))  # a refused start leaves no directory behind
         sys.exit(2)
     return next(iter(result.values()), None)
 

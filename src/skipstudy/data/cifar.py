@@ -144,10 +144,11 @@ class CIFAR10DataModule(ImageArrayDataModule):
         cls = self.torchvision_cls
         names = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
         sums = dict(cls.train_list + cls.test_list, **{cls.meta["filename"]: cls.meta["md5"]})
+        missing = [folder / name for name in names if not (folder / name).is_file()]
+        if missing:
+            return f"{missing[0]} is missing"
         for name in names:
             path = folder / name
-            if not path.is_file():
-                return f"{path} is missing"
             if self.verify and not check_integrity(str(path), sums[name]):
                 return f"{path} ({path.stat().st_size} bytes) differs from the release's MD5 sum"
             try:

@@ -1,0 +1,331 @@
+"""The declared schema (skipstudy/config.py): every key of every config group refuses a wrong
+type and an out-of-range value in one line that names the key, the value, the valid range and
+an example whose value the schema accepts; damaged inputs name the file.
+
+Most cases call ``config.check`` on configs composed with Hydra's compose API (milliseconds
+each); a few run the real command lines for the exit status, stderr and the run directory.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf, open_dict
+
+from conftest import CONF_DIR, FAST, PYTHON, SHARED_DATA, cli_env, compose_cfg
+from skipstudy import config, runs
+from skipstudy.errors import ConfigError
+
+GROUPS = ("dataset", "model", "optimizer", "scheduler", "monitor", "trainer")
+
+
+def leaves(node, prefix=""):
+    """Dotted keys of every leaf of ``node`` (lists and nulls are leaves too)."""
+    for key, value in node.items():
+        full = f"{prefix}{key}"
+        if key.startswith("_") and key.endswith("_"):
+            continue
+        if isinstance(value, dict) and value:
+            yield from leaves(value, full + ".")
+        else:
+            yield full
+
+
+def spec_of(cfg, key: str) -> config.Key | None:
+    """The declared Key of ``key`` in ``cfg``, found as config.check finds it."""
+    group, _, rest = key.partition(".")
+    if group == "trainer":
+        return config.TRAINER.get(rest)
+    if group in config.GROUPS:
+        return config.GROUPS[group][cfg[group].get("_target_")][rest]
+    if group == "probe":
+        return config.PROBES[cfg.probe.name].get(rest) if rest != "name" else None
+    table = config.TOP
+    for part in key.split("."):
+        table = table[part]
+    return table
+
+
+def wrong_type(value):
+    """A value of another type than the yaml's, as a CLI override could give it."""
+    if isinstance(value, bool):
+        return "maybe"
+    if isinstance(value, (int, float)):
+        return "abc"
+    if isinstance(value, str):
+        return [["x"]]
+    if isinstance(value, list):
+        return "abc"
+    return {"a": [1]}  # a null default: no scalar or list takes a mapping
+
+
+def assert_one_line_refusal(cfg, key: str, value) -> None:
+    bad = cfg.copy()
+    with open_dict(bad):
+        OmegaConf.update(bad, key, value, merge=False, force_add=True)
+    with pytest.raises(ConfigError) as err:
+        config.check(bad)
+    msg = str(err.value)
+    assert "\n" not in msg, msg
+    assert msg.startswith(f"{key}="), (key, value, msg)
+    assert "; e.g. " in msg, msg
+    # The example fix is itself accepted.
+    fix = msg.rsplit("; e.g. ", 1)[1]
+    assert fix.startswith(f"{key}="), msg
+    good = cfg.copy()
+    with open_dict(good):
+        OmegaConf.update(good, key, _parse(fix.split("=", 1)[1]), merge=False, force_add=True)
+    config.check(good)
+
+
+def _parse(text: str):
+    """An override value as Hydra parses it (``0.9`` -> float, ``[0,1]`` -> list, ``true`` -> bool)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_override(f"k={text}").value()
+
+
+def option_configs(tmp_path):
+    """One composed config per option of each group (and per probe), with the keys it sets."""
+    for group in GROUPS:
+        for yaml in sorted((CONF_DIR / group).glob("*.yaml")):
+            cfg = compose_cfg([f"{group}={yaml.stem}"], tmp_path)
+            node = OmegaConf.to_container(cfg[group], resolve=True)
+            yield f"{group}={yaml.stem}", cfg, [f"{group}.{k}" for k in leaves(node)]
+
+
+def test_every_key_of_every_group_refuses_a_wrong_type_and_an_out_of_range_value(tmp_path):
+    checked = 0
+    for option, cfg, keys in option_configs(tmp_path):
+        config.check(cfg)  # every shipped option is valid as it stands
+        for key in keys:
+            value = OmegaConf.select(cfg, key)
+            assert_one_line_refusal(cfg, key, wrong_type(value))
+            spec = spec_of(cfg, key)
+            if spec is not None and spec.bad_range is not None:
+                assert_one_line_refusal(cfg, key, spec.bad_range)
+            checked += 1
+    cfg = compose_cfg([], tmp_path)
+    top = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k not in (*GROUPS, "hydra")}
+    for key in leaves(top):
+        if key.startswith("probes.options"):
+            continue
+        value = OmegaConf.select(cfg, key)
+        assert_one_line_refusal(cfg, key, wrong_type(value))
+        spec = spec_of(cfg, key)
+        if spec.bad_range is not None:
+            assert_one_line_refusal(cfg, key, spec.bad_range)
+        checked += 1
+    assert checked > 100
+
+
+def test_every_probe_option_is_declared_and_checked(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    for yaml in sorted((CONF_DIR / "probe").glob("*.yaml")):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("probe", overrides=[f"probe={yaml.stem}", f"paths.log_dir={tmp_path}"])
+        config.check(cfg)
+        for key in leaves(OmegaConf.to_container(cfg.probe), "probe."):
+            if key == "probe.name":
+                continue
+            assert_one_line_refusal(cfg, key, wrong_type(OmegaConf.select(cfg, key)))
+            spec = spec_of(cfg, key)
+            if spec.bad_range is not None:
+                assert_one_line_refusal(cfg, key, spec.bad_range)
+        # In training the same options live under probes.options.<name>.
+        train_cfg = compose_cfg([f"+probes.options.{yaml.stem}.batches=0"], tmp_path)
+        with pytest.raises(ConfigError, match=rf"probes.options.{yaml.stem}.batches=0 must be a positive integer"):
+            config.check(train_cfg)
+    GlobalHydra.instance().clear()
+
+
+# (overrides, the one line). The issue's cases first.
+CASES = {
+    "momentum above 1": (["optimizer.momentum=1.5"],
+                         "optimizer.momentum=1.5 must be a number in [0, 1); e.g. optimizer.momentum=0.9"),
+    "milestones not numbers": (["scheduler=multistep", "scheduler.milestones=[a,b]"],
+                               "scheduler.milestones=['a', 'b'] must be a list of values, each a positive integer; "
+                               "e.g. scheduler.milestones=[100,150]"),
+    "negative weight decay": (["optimizer.weight_decay=-1"],
+                              "optimizer.weight_decay=-1 must be a number >= 0; e.g. optimizer.weight_decay=0.0005"),
+    "seed not a number": (["seed=abc"], "seed='abc' must be an integer in [0, 4294967295]; e.g. seed=0"),
+    "typo in a group key": (["+optimizer.momentun=0.9"],
+                            "optimizer.momentun is not a key of optimizer torch.optim.SGD; did you mean "
+                            "optimizer.momentum? valid: lr, momentum, nesterov, weight_decay"),
+    "typo in a trainer key": (["trainer.max_epoch=3"],
+                              "trainer.max_epoch is not a key of lightning.Trainer; did you mean trainer.max_epochs"),
+    "trainer type from Lightning's signature": (["trainer.enable_checkpointing=maybe"],
+                                               "trainer.enable_checkpointing='maybe' must be true or false or null"),
+    "trainer range": (["trainer.accumulate_grad_batches=0"],
+                      "trainer.accumulate_grad_batches=0 must be a positive integer; e.g. trainer.accumulate_grad_batches=1"),
+    "trainer choice from Lightning's registry": (["trainer.accelerator=gpus"], "trainer.accelerator='gpus' is not one of: auto, gpu, cpu, cuda"),
+    "trainer argument skipstudy sets": (["trainer.logger=false"], "trainer.logger: skipstudy sets logger itself"),
+    "nesterov without momentum": (["optimizer.momentum=0", "optimizer.nesterov=true"],
+                                  "optimizer.nesterov=true needs optimizer.momentum > 0"),
+    "top-level typo": (["+sed=1"], "sed is not a key of the config; did you mean seed?"),
+    "depth not 6n+2": (["model=cifar_resnet", "model.depth=21"], "model.depth=21 must be 6n+2 >= 8; the paper's: 20, 32, 44, 56, 110, 1202; e.g. model.depth=20"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_values_are_refused_in_one_line(case, tmp_path):
+    overrides, expected = CASES[case]
+    with pytest.raises(ConfigError) as err:
+        config.check(compose_cfg(overrides, tmp_path))
+    assert str(err.value).startswith(expected), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_any_lightning_trainer_argument_without_plus(tmp_path):
+    cfg = compose_cfg(["trainer.enable_checkpointing=false", "trainer.inference_mode=false",
+                       "trainer=ddp", "trainer.min_steps=3"], tmp_path)
+    assert cfg.trainer.enable_checkpointing is False and cfg.trainer.min_steps == 3 and cfg.trainer.strategy == "ddp"
+    config.check(cfg)
+    # Everywhere else a typo still needs no `+` to be caught: Hydra refuses unknown keys.
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg(["optimizer.momentun=0.9"], tmp_path)
+
+
+def test_resume_takes_a_new_trainer_argument_and_checks_it(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    cfg = compose_cfg([], tmp_path)
+    saved = OmegaConf.to_container(cfg, resolve=False)
+    saved.pop("hydra")
+    OmegaConf.save(saved, run_dir / ".hydra" / "config.yaml")
+    fresh = compose_cfg([f"resume='{run_dir}'"], tmp_path / "fresh")
+    resumed = runs.resume_config(fresh, [f"resume='{run_dir}'", "trainer.enable_checkpointing=false"])
+    assert resumed.trainer.enable_checkpointing is False
+    with pytest.raises(ConfigError, match=r"^trainer.max_epochs=-5 must be an integer >= -1 or null"):
+        runs.resume_config(fresh, [f"resume='{run_dir}'", "trainer.max_epochs=-5"])
+
+
+def test_a_damaged_last_checkpoint_is_named(tmp_path):
+    ckpt_dir = tmp_path / "checkpoints"
+    ckpt_dir.mkdir()
+    import torch
+
+    torch.save({"state_dict": {"net.w": torch.ones(1000)}, "global_step": 3}, ckpt_dir / "last.ckpt")
+    assert runs.last_checkpoint(tmp_path) == ckpt_dir / "last.ckpt"
+    data = (ckpt_dir / "last.ckpt").read_bytes()
+    (ckpt_dir / "last.ckpt").write_bytes(data[: len(data) // 2])  # a copy cut short
+    with pytest.raises(ConfigError, match=rf"resume={tmp_path}: {ckpt_dir / 'last.ckpt'} is damaged "
+                                          rf"\({len(data) // 2} bytes; BadZipFile"):
+        runs.last_checkpoint(tmp_path)
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF  # one byte of a tensor changed in place
+    (ckpt_dir / "last.ckpt").write_bytes(bytes(flipped))
+    shutil.copy(ckpt_dir / "last.ckpt", ckpt_dir / "best-0-3.ckpt")
+    with pytest.raises(ConfigError, match=r"fails its CRC check\); copy another checkpoint over it \(best-0-3.ckpt\)"):
+        runs.last_checkpoint(tmp_path)
+
+
+CIFAR = SHARED_DATA / "cifar10-mini" / "cifar-10-batches-py"
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_truncated_cifar_batch_is_named(shared_data, tmp_path, verify):
+    from skipstudy.data.cifar import CIFAR10DataModule
+
+    folder = tmp_path / "cifar-10-batches-py"
+    shutil.copytree(CIFAR, folder)
+    bad = folder / "data_batch_3"
+    bad.chmod(0o644)
+    bad.write_bytes(bad.read_bytes()[:5000])
+    with pytest.raises(ConfigError) as err:
+        CIFAR10DataModule(root=str(tmp_path), download=False, verify=verify, num_workers=0).prepare_data()
+    first = str(err.value).splitlines()[0]
+    if verify:  # the mini copy's sums all differ from the release: the first file is named
+        assert f"{folder / 'data_batch_1'} (881250 bytes) differs from the release's MD5 sum" in first
+    else:
+        assert f"{bad} (5000 bytes) cannot be read (UnpicklingError: pickle data was truncated)" in first
+    bad.unlink()
+    with pytest.raises(ConfigError, match=f"{bad} is missing"):
+        CIFAR10DataModule(root=str(tmp_path), download=False, verify=verify, num_workers=0).prepare_data()
+
+
+def event_run(path: Path, steps: int = 40) -> Path:
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(path)) as writer:
+        for i in range(steps):
+            writer.add_scalar("train/loss", 1.0 / (i + 1), i)
+    return next(path.glob("events.out.tfevents.*"))
+
+
+def test_report_names_damaged_event_files(tmp_path, capsys):
+    from skipstudy.analysis.report import main
+
+    good, cut, flipped = (event_run(tmp_path / name) for name in ("good", "cut", "flipped"))
+    data = cut.read_bytes()
+    cut.write_bytes(data[: len(data) - 7])  # a run killed mid-write: no complaint
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    assert main([str(tmp_path / "good"), str(tmp_path / "cut"), str(tmp_path / "flipped"), "--out", str(tmp_path / "r")]) == 0
+    err = capsys.readouterr().err
+    assert re.search(rf"note: {re.escape(str(flipped))}: damaged \({len(data)} bytes; a record fails its "
+                     r"(header|event) CRC check; the \d+ values before it are used\)", err), err
+    assert str(cut) not in err and str(good) not in err
+    garbage = event_run(tmp_path / "garbage")
+    garbage.write_bytes(b"not an event file" * 20)
+    assert main([str(tmp_path / "garbage"), "--out", str(tmp_path / "r2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"Error: {garbage}: damaged (340 bytes; a record fails its header CRC check; nothing before it); "
+                   "replace it from a backup, or pass runs whose event files are intact")
+    assert not (tmp_path / "r2").exists()
+
+
+# -- a few real command lines: exit status 2, one line on stderr, nothing left behind -----
+
+def run_cli(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", module, *args], cwd=cwd, env=cli_env(), capture_output=True, text=True,
+                          timeout=300)
+
+
+def assert_cli_refused(proc, cwd: Path, expected: str) -> None:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == [lines[0]] and lines[0].startswith(f"Error: {expected}"), proc.stderr
+    assert not any(cwd.rglob("*.yaml")) and not any(cwd.rglob("events.out.tfevents.*")), sorted(cwd.rglob("*"))
+
+
+def test_cli_train_refuses_a_bad_value(tmp_path):
+    assert_cli_refused(run_cli("skipstudy.train", [*FAST, "seed=abc"], tmp_path), tmp_path, "seed='abc' must be")
+
+
+def test_cli_sweep_refuses_a_bad_job_before_the_first_job(tmp_path):
+    proc = run_cli("skipstudy.train", ["-m", *FAST, "optimizer.momentum=0.9,1.5"], tmp_path)
+    assert_cli_refused(proc, tmp_path, "optimizer.momentum=1.5 must be a number in [0, 1)")
+    assert "(sweep job " in proc.stderr and not (tmp_path / "logs").exists()
+
+
+def test_cli_probe_refuses_a_bad_value(tmp_path):
+    proc = run_cli("skipstudy.probe", ["probe=landscape", "probe.grid=4", "paths.log_dir=logs"], tmp_path)
+    assert_cli_refused(proc, tmp_path, "probe.grid=4 must be an odd integer >= 3 (the centre is the checkpoint); e.g. probe.grid=21")
+
+
+def test_cli_resume_names_a_damaged_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    cfg = compose_cfg([*FAST], tmp_path / "compose")
+    saved = OmegaConf.to_container(cfg, resolve=False)
+    saved.pop("hydra")
+    OmegaConf.save(saved, run_dir / ".hydra" / "config.yaml")
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"PK\x03\x04 cut short")
+    proc = run_cli("skipstudy.train", [f"resume={run_dir}"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"Error: resume={run_dir}: {run_dir / 'checkpoints' / 'last.ckpt'} is damaged (14 bytes; BadZipFile: "
+        "File is not a zip file); move it away to start the run over"]
+    assert not list(run_dir.rglob("events.out.tfevents.*")) and not (run_dir / "run_info.json").exists()
