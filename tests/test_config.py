@@ -195,6 +195,21 @@ def test_any_lightning_trainer_argument_without_plus(tmp_path):
         compose_cfg(["optimizer.momentun=0.9"], tmp_path)
 
 
+def test_readme_trainer_argument_line(tmp_path):
+    """The README's ``trainer.enable_checkpointing=false`` line trains and writes no checkpoint."""
+    from test_readme import readme_commands
+
+    from skipstudy.train import train
+
+    line = next(c for c in readme_commands() if "trainer.enable_checkpointing=false" in c)
+    cfg = compose_cfg([*line.split()[3:], *FAST, "monitor=off"], tmp_path)
+    assert cfg.trainer.enable_checkpointing is False
+    metrics = train(cfg, cfg.hydra.runtime.output_dir)
+    run_dir = Path(cfg.hydra.runtime.output_dir)
+    assert "val/acc" in metrics and list(run_dir.glob("events.out.tfevents.*"))
+    assert not (run_dir / "checkpoints").exists()
+
+
 def test_resume_takes_a_new_trainer_argument_and_checks_it(tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / ".hydra").mkdir(parents=True)

@@ -69,7 +69,7 @@ def test_val_split_holds_out_training_images_fixed_across_seeds(cifar_root):
 
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "5000"])
 def test_bad_val_split(cifar_root, bad):
-    with pytest.raises(ConfigError, match=r"dataset.val_split=.* must be 0 .*dataset.val_split=5000"):
+    with pytest.raises(ConfigError, match=r"dataset.val_split=.* must be an integer >= 0 or a number in \(0, 1\); e.g. dataset.val_split=5000"):
         make(cifar_root, val_split=bad)
 
 

@@ -32,6 +32,8 @@ EXERCISED = {
     "python -m skipstudy.train model=resnet50 model.skip=false": "test_train.py::test_used_by_line_runs_from_another_directory",
     "python -m skipstudy.train model=mini optimizer=adam optimizer.lr=3e-4 scheduler=cosine trainer.max_epochs=5":
         "test_readme.py::test_cookbook_composition_line",
+    "python -m skipstudy.train trainer.enable_checkpointing=false trainer.max_epochs=1":
+        "test_config.py::test_readme_trainer_argument_line",
     "python -m skipstudy.train -m model.skip=true,false": "test_train.py::test_multirun_makes_one_directory_per_job",
     "tensorboard --logdir logs": "test_readme.py::test_tensorboard_lists_every_run",
     "python -m skipstudy.report logs/default --out report":

@@ -87,12 +87,14 @@ def _is_num(v: Any) -> bool:
 
 
 def _interval(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool, noun: str) -> str:
-    if lo == 0 and lo_open and hi is None:
+    a = f"{'an' if noun == 'integer' else 'a'} {noun}"
+    if hi is None and lo is not None and ((lo == 0 and lo_open) or (noun == "integer" and lo == 1)):
         return f"a positive {noun}"
     if hi is None:
-        return f"{'an' if noun == 'integer' else 'a'} {noun} {'>' if lo_open else '>='} {lo}" if lo is not None \
-            else f"{'an' if noun == 'integer' else 'a'} {noun}"
-    return f"{'an' if noun == 'integer' else 'a'} {noun} in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        return a if lo is None else f"{a} {'>' if lo_open else '>='} {lo}"
+    if lo is None:
+        return f"{a} {'<' if hi_open else '<='} {hi}"
+    return f"{a} in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
 
 
 def Num(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
@@ -110,9 +112,7 @@ def Int(lo: int | None = None, hi: int | None = None, *, eg: Any, null: bool = F
     """An integer in ``[lo, hi]``; ``rule`` = (predicate, words for all valid values, a value it refuses)."""
     def ok(v: Any) -> bool:
         return _is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi) and (rule is None or rule[0](v))
-    valid = _interval(lo, hi, False, False, "integer") if lo not in (1,) or hi is not None else "a positive integer"
-    if rule is not None:
-        valid = rule[1]
+    valid = rule[1] if rule is not None else _interval(lo, hi, False, False, "integer")
     bad = rule[2] if rule is not None else (lo - 1 if lo is not None else hi + 1 if hi is not None else None)
     return Key(ok, valid, eg, "abc", bad, null)
 
@@ -141,7 +141,7 @@ def List(item: Key, *, eg: list, size: int | None = None, distinct: bool = False
         return isinstance(v, (list, tuple)) and all(item.accepts(x) for x in v) and \
             (size is None or len(v) == size) and (not distinct or len(set(map(str, v))) == len(v))
     words = f"a list of {size} " if size else "a list of "
-    valid = f"{words}{'different ' if distinct else ''}values, each {item.valid}"
+    valid = f"{words}{'different ' if distinct else ''}values, each {'one of: ' if item.choices else ''}{item.valid}"
     return Key(ok, valid, eg, "abc", [item.bad_range if item.bad_range is not None else item.bad_type], null)
 
 
@@ -372,6 +372,19 @@ def _trainer(node: Any) -> None:
         spec = ranges.get(name) or _from_hint(hints.get(name), params[name].default)
         if spec is not None:
             spec.check(key, value)
+
+
+def check_args(group: str, owner: object, **values: Any) -> None:
+    """A class's own arguments against its group's declaration, quoted as ``<group>.<name>``:
+    a data module built without Hydra refuses what the config check would."""
+    keys: Mapping[str, Key] = {}
+    for cls in type(owner).__mro__:
+        keys = GROUPS[group].get(f"{cls.__module__}.{cls.__qualname__}") or keys
+        if keys:
+            break
+    for name, value in values.items():
+        if name in keys:
+            keys[name].check(f"{group}.{name}", value)
 
 
 def check(cfg: DictConfig | Mapping) -> None:

@@ -18,35 +18,23 @@ for one seed they give the same images.
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from skipstudy.data.augment import PAD_MODES, EpochSampler, crop_flip_image, finish
+from skipstudy import config
+from skipstudy.data.augment import EpochSampler, crop_flip_image, finish
 from skipstudy.data.device import DeviceBatches, to_device
 from skipstudy.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-LOADERS = ("auto", "torch", "device")
 # loader=auto keeps the device-resident set under this share of the free accelerator memory,
 # leaving the rest to activations (a 224 px ResNet-50 batch needs several GiB).
 DEVICE_MEMORY_SHARE = 0.25
-
-
-def positive_int(key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{key}={value!r} must be a positive integer; e.g. {key}=64")
-    return value
-
-
-def choice(key: str, value: Any, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ConfigError(f"{key}={value!r} is not one of: {', '.join(choices)}")
-    return value
 
 
 class ArrayImages(Dataset):
@@ -128,19 +116,11 @@ class ImageArrayDataModule(L.LightningDataModule):
         device: str | torch.device | None = None,
     ) -> None:
         super().__init__()
-        self.batch_size = positive_int("dataset.batch_size", batch_size)
-        self.image_size = positive_int("dataset.image_size", image_size)
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ConfigError(f"dataset.num_workers={num_workers!r} must be an integer >= 0; e.g. dataset.num_workers=4")
-        self.num_workers = num_workers
+        config.check_args("dataset", self, batch_size=batch_size, image_size=image_size, num_workers=num_workers,
+                          loader=loader, pad_mode=pad_mode, crop_padding=crop_padding)
+        self.batch_size, self.image_size, self.num_workers = batch_size, image_size, num_workers
         self.augment = bool(augment)
-        self.loader = choice("dataset.loader", loader, LOADERS)
-        self.pad_mode = choice("dataset.pad_mode", pad_mode, tuple(PAD_MODES))
-        if isinstance(crop_padding, bool) or not isinstance(crop_padding, int) or not 0 <= crop_padding < self.native_size:
-            raise ConfigError(
-                f"dataset.crop_padding={crop_padding!r} must be an integer in [0, {self.native_size}); "
-                "e.g. dataset.crop_padding=4 (He et al. 2016), or dataset.augment=false for no crop"
-            )
+        self.loader, self.pad_mode = loader, pad_mode
         self.crop_padding = crop_padding
         self.seed = 0 if seed is None else int(seed)
         self.device = torch.device(device) if device is not None else None

@@ -17,6 +17,7 @@ import torch
 from torchvision import datasets
 from torchvision.datasets.utils import check_integrity
 
+from skipstudy import config
 from skipstudy.data.arrays import ImageArrayDataModule
 from skipstudy.errors import ConfigError
 
@@ -87,22 +88,9 @@ class CIFAR10DataModule(ImageArrayDataModule):
         self.root = root_path.parent if root_path.name == self.folder else root_path
         self.root_arg = str(root)
         self.download = bool(download)
-        if not isinstance(verify, bool):
-            raise ConfigError(f"dataset.verify={verify!r} must be true or false")
-        self.verify = verify
-        self.val_split = self._check_val_split(val_split)
+        config.check_args("dataset", self, verify=verify, val_split=val_split)
+        self.verify, self.val_split = verify, val_split
         self._prepared = False
-
-    def _check_val_split(self, value) -> int | float:
-        ok = not isinstance(value, bool) and (
-            (isinstance(value, int) and value >= 0) or (isinstance(value, float) and 0.0 <= value < 1.0)
-        )
-        if not ok:
-            raise ConfigError(
-                f"dataset.val_split={value!r} must be 0 (validate on the test set), a number of training images "
-                f"(e.g. dataset.val_split=5000, He et al.'s 45k/5k) or a fraction in (0, 1)"
-            )
-        return value
 
     def available_splits(self) -> tuple[str, ...]:
         return ("train", "val", "test")
