@@ -217,14 +217,15 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
     logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
     # RunState first: it sees each hook before the checkpoint callbacks (Lightning runs those
     # last) and adds RNG, data position and log sizes to every checkpoint (skipstudy/resume.py).
-    # trainer.enable_checkpointing=false: no checkpoints at all (Lightning refuses any beside it).
+    # trainer.enable_checkpointing=false: no checkpoints at all, not even on SIGTERM (Lightning
+    # refuses any Checkpoint callback beside it); such a run cannot be resumed.
     saving = cfg.trainer.get("enable_checkpointing") is not False
     callbacks: list[L.Callback] = [RunState(), *(checkpoint_callbacks(cfg.checkpoint, run_dir) if saving else [])]
     if monitor is not None:
         callbacks.append(monitor)
     # Non-finite loss/gradients (monitor.on_nonfinite, also with monitor=off) and SIGTERM/SIGINT.
     guard = stopping.DivergenceGuard((cfg.get("monitor") or {}).get("on_nonfinite", "stop"), monitor)
-    callbacks += [guard, stopping.GracefulStop(run_dir / runs.LAST)]
+    callbacks += [guard, *([stopping.GracefulStop(run_dir / runs.LAST)] if saving else [])]
     if probes is not None:
         callbacks.append(probes)
     # Custom-scalars layout at fit start; the report's figures as TB images at fit end (opt-in).
