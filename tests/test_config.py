@@ -121,6 +121,8 @@ def test_every_key_of_every_group_refuses_a_wrong_type_and_an_out_of_range_value
             assert_one_line_refusal(cfg, key, spec.bad_range)
         checked += 1
     assert checked > 100
+    for preset in sorted((CONF_DIR / "experiment").glob("*.yaml")):
+        config.check(compose_cfg([f"experiment={preset.stem}"], tmp_path))  # every preset is valid
 
 
 def test_every_probe_option_is_declared_and_checked(tmp_path):

@@ -1,26 +1,21 @@
 """Every config key's type and valid range, declared once and checked once at entry.
 
 ``skipstudy.train``, ``skipstudy.probe``, ``resume=`` and every job of a sweep call
-:func:`check` on the composed config before anything is built, so a bad value costs a
-second and one line: ``optimizer.momentum=1.5 must be a number in [0, 1); e.g.
-optimizer.momentum=0.9``. Checks that need the built network or the files on disk (a
-monitor layer name, an image size too small for the stem, a damaged data batch) stay
-with the code that has them.
-
-A new key is one line in the table of its group: ``GROUPS`` for nodes chosen by their
-``_target_`` (dataset, model, optimizer, scheduler, monitor), ``PROBES`` for the probe
-options, ``TOP`` for the rest of ``train.yaml`` and ``probe.yaml``. ``trainer.<name>``
-takes any argument of ``lightning.Trainer``: names and types come from its signature,
-ranges from ``TRAINER``. This module is a leaf: it imports nothing from the package but
-the error type, and Lightning only when a trainer node is checked.
+:func:`check` before anything is built: ``optimizer.momentum=1.5 must be a number in
+[0, 1); e.g. optimizer.momentum=0.9``. Checks that need the network or the files on disk
+stay with the code that has them. A new key is one line: ``GROUPS`` (nodes told apart by
+their ``_target_``), ``PROBES`` (probe options) or ``TOP`` (the rest). ``trainer.<name>``
+takes any ``lightning.Trainer`` argument: names and types from its signature, ranges from
+``TRAINER``. A leaf module: it imports only the error type from the package.
 """
-
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import math
 import re
+import types
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -29,9 +24,6 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from skipstudy.errors import ConfigError
-
-MISSING = object()
-
 
 def show(value: Any) -> str:
     """A value as an override would write it: ``true``, ``null``, ``[100,150]``, ``adam``."""
@@ -322,35 +314,24 @@ def _probe_options(key: str, node: Any) -> None:
 
 def _from_hint(hint: Any, default: Any) -> Key | None:
     """A Key from a type annotation of lightning.Trainer (None: no value from a config fits it)."""
-    eg = default if default is not None and default is not inspect.Parameter.empty else None
-    if hint is type(None):
-        return None
-    if hint is bool:
-        return Bool(eg=True if eg is None else eg)
-    if hint is int:
-        return Int(eg=1 if eg is None else eg)
-    if hint is float:
-        return Num(eg=1.0 if eg is None else eg)
-    if hint is str:
-        return Str(eg="auto" if eg is None else eg)
+    eg = None if default in (None, inspect.Parameter.empty) else default
+    scalar = {bool: (Bool, True), int: (Int, 1), float: (Num, 1.0), str: (Str, "auto")}.get(hint)
+    if scalar is not None:
+        return scalar[0](eg=scalar[1] if eg is None else eg)
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is typing.Literal:
         return Choice(*args)
-    if origin is list and args:
-        item = _from_hint(args[0], None)
-        return List(item, eg=[item.eg]) if item is not None else None
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        literals = [v for a in args if typing.get_origin(a) is typing.Literal for v in typing.get_args(a)]
-        parts = [Choice(*literals)] if literals else []
-        parts += [k for k in (_from_hint(a, default) for a in args if typing.get_origin(a) is not typing.Literal)
-                  if k is not None]
-        if not parts:
-            return None
-        key = parts[0]
-        for part in parts[1:]:
-            key = key | part
-        return key.nullable() if type(None) in args else key
-    return None
+    if origin is list and args and (item := _from_hint(args[0], None)) is not None:
+        return List(item, eg=[item.eg])
+    if origin not in (typing.Union, types.UnionType):
+        return None
+    literals = [v for a in args if typing.get_origin(a) is typing.Literal for v in typing.get_args(a)]
+    parts = [Choice(*literals)] if literals else []
+    parts += [k for a in args if typing.get_origin(a) is not typing.Literal and (k := _from_hint(a, default))]
+    if not parts:
+        return None
+    key = functools.reduce(Key.__or__, parts)
+    return key.nullable() if type(None) in args else key
 
 
 def _trainer(node: Any) -> None:
@@ -408,32 +389,6 @@ def check(cfg: DictConfig | Mapping) -> None:
         _group(group, value if value is not None else {})
     if node.get("trainer") is not None:
         _trainer(node["trainer"])
-
-
-class SweepCheck:
-    """Hydra callback: before a ``-m`` sweep starts, every job's config is composed and checked,
-    so a bad value in job 7 is refused before job 1 trains (basic sweeper only; others'
-    parameter syntax is their own)."""
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        import sys
-
-        from hydra import compose
-        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-
-        sweeper = config.hydra.sweeper
-        if sweeper.get("_target_") != "hydra._internal.core_plugins.basic_sweeper.BasicSweeper":
-            return
-        params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
-        overrides = OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
-        for batch in BasicSweeper.split_arguments(overrides, None):
-            for job in batch:
-                try:
-                    check(compose(config.hydra.job.config_name, overrides=list(job)))
-                except ConfigError as err:
-                    print(f"Error: {err} (sweep job {' '.join(job)})", file=sys.stderr)
-                    sys.exit(2)
 
 
 # trainer.<name>=... for any lightning.Trainer argument, without `+`: conf/trainer/default.yaml

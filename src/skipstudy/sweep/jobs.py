@@ -18,6 +18,9 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Iterable, Sequence
+from typing import Any
+
+from omegaconf import DictConfig
 
 # Command-line options of a Hydra app that are not overrides but still shape the job's config;
 # each takes a value, as the next argument or after "=".
@@ -158,3 +161,29 @@ def failure_reason(output: str, returncode: int | None = None) -> str:
         if not line.startswith(_NOISE) and not line.startswith(" "):
             return line.strip()
     return f"exit code {returncode}" if returncode is not None else "failed without output"
+
+
+class SweepCheck:
+    """Hydra callback: before a ``-m`` sweep starts, every job's config is composed and checked,
+    so a bad value in job 7 is refused before job 1 trains (basic sweeper only; others'
+    parameter syntax is their own)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra import compose
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        from skipstudy import config as schema
+
+        sweeper = config.hydra.sweeper
+        if sweeper.get("_target_") != "hydra._internal.core_plugins.basic_sweeper.BasicSweeper":
+            return
+        params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
+        overrides = OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
+        for batch in BasicSweeper.split_arguments(overrides, None):
+            for job in batch:
+                try:
+                    schema.check(compose(config.hydra.job.config_name, overrides=list(job)))
+                except schema.ConfigError as err:
+                    print(f"Error: {err} (sweep job {' '.join(job)})", file=sys.stderr)
+                    sys.exit(2)
