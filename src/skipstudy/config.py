@@ -261,7 +261,7 @@ def _unknown(key: str, known: Any, where: str) -> ConfigError:
     close = [k for k in sorted(known) if k.startswith(name) and name][:3] or \
         difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
     hint = f"did you mean {', '.join(prefix + c for c in close)}? " if close else ""
-    valid = ", ".join(sorted(known)) if len(known) <= 15 else f"the arguments of {where}"
+    valid = ", ".join(sorted(known)) if len(known) <= 20 else f"the arguments of {where}"
     return ConfigError(f"{key} is not a key of {where}; {hint}valid: {valid}")
 
 
@@ -270,8 +270,6 @@ def _table(key: str, keys: Mapping[str, Any], node: Any, where: str) -> None:
         raise ConfigError(f"{key}={node!r} must be a group of keys; valid keys: {', '.join(keys)}")
     for name, value in node.items():
         full = f"{key}.{name}" if key else str(name)
-        if key == "" and name == "hydra":
-            continue
         if name in ("_target_", "_partial_", "_recursive_", "_convert_") and key:
             continue
         if name not in keys:
@@ -382,9 +380,12 @@ def check(cfg: DictConfig | Mapping) -> None:
                     else cfg[key]
             except Exception as err:  # noqa: BLE001 - an interpolation that cannot resolve
                 raise ConfigError(f"{key}: {str(err).splitlines()[0]}") from None
+    known = {*TOP, *GROUPS, "trainer"}
+    for key in node:
+        if key not in known and key != "hydra":
+            raise _unknown(str(key), known, "the config")
     groups = {g: node.get(g) for g in GROUPS if g in node}
-    top = {k: v for k, v in node.items() if k not in GROUPS and k != "trainer"}
-    _table("", TOP, top, "the config")
+    _table("", TOP, {k: v for k, v in node.items() if k in TOP}, "the config")
     for group, value in groups.items():
         _group(group, value if value is not None else {})
     if node.get("trainer") is not None:
