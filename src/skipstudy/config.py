@@ -355,10 +355,13 @@ def _trainer(node: Any) -> None:
 
 def check_args(group: str, owner: object, **values: Any) -> None:
     """A class's own arguments against its group's declaration, quoted as ``<group>.<name>``:
-    a data module built without Hydra refuses what the config check would."""
+    a data module or monitor built without Hydra refuses what the config check would."""
     keys: Mapping[str, Key] = {}
     for cls in type(owner).__mro__:
-        keys = GROUPS[group].get(f"{cls.__module__}.{cls.__qualname__}") or keys
+        for target, declared in GROUPS[group].items():
+            module, _, name = (target or "").rpartition(".")
+            if name == cls.__qualname__ and cls.__module__.startswith(module):
+                keys = declared
         if keys:
             break
     for name, value in values.items():

@@ -62,7 +62,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-from skipstudy.errors import ConfigError
+from skipstudy import config
 from skipstudy.monitor import quantities, writers
 from skipstudy.monitor.layers import select_layers
 from skipstudy.monitor.quantities import (
@@ -77,10 +77,6 @@ from skipstudy.monitor.quantities import (
 )
 
 log = logging.getLogger(__name__)
-
-SCHEDULES = ("every", "log")
-ON_NONFINITE = ("warn", "stop")
-EXPORTS = ("json", "csv", "none")
 
 # Each tracked layer's call becomes a graph break, and Dynamo compiles the code after it
 # (a block's "resume" function, a layer's forward) once per distinct shape it sees there:
@@ -203,15 +199,10 @@ class GradientFlowMonitor(Callback):
         figure: bool = True,
     ) -> None:
         super().__init__()
-        _check_int("monitor.every_n_steps", every_n_steps, minimum=1, example=10)
-        _check_int("monitor.points_per_decade", points_per_decade, minimum=1, example=10)
-        _check_int("monitor.hist_every_n_epochs", hist_every_n_epochs, minimum=0, example=1)
-        _check_choice("monitor.schedule", schedule, SCHEDULES)
-        _check_choice("monitor.on_nonfinite", on_nonfinite, ON_NONFINITE)
-        _check_choice("monitor.export", export, EXPORTS)
-        for key, value in (("monitor.activations", activations), ("monitor.figure", figure)):
-            if not isinstance(value, bool):
-                raise ConfigError(f"{key}={value!r} must be true or false")
+        # The same declaration the config check uses (skipstudy/config.py), also without Hydra.
+        config.check_args("monitor", self, every_n_steps=every_n_steps, points_per_decade=points_per_decade,
+                          hist_every_n_epochs=hist_every_n_epochs, schedule=schedule, on_nonfinite=on_nonfinite,
+                          export=export, activations=activations, figure=figure)
         if layers is not None and not isinstance(layers, str):
             layers = [str(x) if not isinstance(x, str) else x for x in layers]  # ListConfig -> list
         self.layers = layers
@@ -623,14 +614,3 @@ class GradientFlowMonitor(Callback):
             p.grad = None
         trainer.should_stop = True
         self._flush()
-
-
-def _check_int(key: str, value: Any, minimum: int, example: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ConfigError(f"{key}={value!r} must be {what}; e.g. {key}={example}")
-
-
-def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key}={value!r} is not one of: {', '.join(choices)}")
