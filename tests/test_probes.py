@@ -354,7 +354,7 @@ def test_probe_callback_refuses_bad_settings_before_training():
         build_probe_callback(probes, net)
     probes.names = ["landscape"]
     probes.options = {"landscape": {"gird": 5}}
-    with pytest.raises(ConfigError, match="probes.options.landscape.gird is not an option"):
+    with pytest.raises(ConfigError, match="probes.options.landscape.gird is not a key of probe landscape; did you mean probes.options.landscape.grid"):
         build_probe_callback(probes, net)
     probes.options = {}
     probes.at_epochs = []

@@ -147,6 +147,9 @@ PAD = Choice("zero", "reflect")
 PATH = Str(eg="/data")
 SEED = Int(0, 2**32 - 1, eg=0)
 BATCHES = Int(1, eg=4, null=True)
+_SPLIT = Choice("train", "val")
+_BN = Choice("auto", "eval", "calibrate")     # eval-mode BN: running stats, or calibrated on the probe's inputs
+_LOSS_BN = Choice("train", "eval")            # probes of the training loss: batch or running statistics
 ODD = (lambda n: n % 2 == 1, "an odd integer >= 3 (the centre is the checkpoint)", 4)
 
 _CIFAR = {"root": PATH, "download": Bool(), "verify": Bool(), "batch_size": BATCH, "image_size": IMAGE,
@@ -205,11 +208,18 @@ GROUPS: dict[str, dict[str | None, dict[str, Key]]] = {
 # Probe options by probe name: conf/probe/<name>.yaml, probes.options.<name>.* in training.
 PROBES: dict[str, dict[str, Key]] = {
     "feature_maps": {"batches": BATCHES, "images": Int(1, eg=4)},
-    "landscape": {"batches": BATCHES, "split": Choice("train", "val"), "steps": Int(3, eg=51, rule=ODD),
+    "landscape": {"batches": BATCHES, "split": _SPLIT, "steps": Int(3, eg=51, rule=ODD),
                   "grid": Int(3, eg=21, rule=ODD), "span": Num(0, lo_open=True, eg=1.0), "seed": SEED},
     "lesion": {"batches": BATCHES, "samples": Int(1, eg=10), "max_k": Int(1, eg=3, null=True), "seed": SEED},
     "shattering": {"batches": BATCHES, "points": Int(4, eg=256), "logit": Int(0, eg=0), "chunk": Int(1, eg=64),
-                   "pair": List(Int(0, eg=0), size=2, distinct=True, eg=[0, 1]), "bn": Choice("auto", "eval", "calibrate")},
+                   "pair": List(Int(0, eg=0), size=2, distinct=True, eg=[0, 1]), "bn": _BN},
+    "paths": {"batches": BATCHES, "split": _SPLIT, "samples": Int(1, eg=10), "bn": _BN, "seed": SEED,
+              "mass": Num(0, 1, lo_open=True, eg=0.9)},
+    "jacobian": {"batches": BATCHES, "samples": Int(1, eg=2), "k": Int(1, eg=4), "iters": Int(1, eg=50),
+                 "tol": Num(0, eg=1e-4), "probes": Int(1, eg=8), "bn": _BN, "seed": SEED},
+    "grad_snr": {"batches": BATCHES, "splits": Int(2, eg=4), "bn": _LOSS_BN},
+    "hessian": {"batches": BATCHES, "k": Int(1, eg=1), "iters": Int(1, eg=20), "tol": Num(0, eg=1e-3),
+                "bn": _LOSS_BN, "seed": SEED},
 }
 _PROBE_NAMES = Choice(*PROBES)
 
@@ -300,6 +310,11 @@ def _probe(key: str, node: Any) -> None:
     name = node.get("name") if isinstance(node, Mapping) else node
     _PROBE_NAMES.check(f"{key}.name", name)
     _table(key, {"name": _PROBE_NAMES, **PROBES[name]}, node, f"probe {name}")
+
+
+def check_probe(options: Any, key: str = "probe") -> None:
+    """One probe's options (``name`` included) against :data:`PROBES`, quoted as ``<key>.<option>``."""
+    _probe(key, OmegaConf.to_container(options, resolve=True) if isinstance(options, DictConfig) else dict(options))
 
 
 def _probe_options(key: str, node: Any) -> None:

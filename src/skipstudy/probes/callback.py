@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from skipstudy import config
 from skipstudy.errors import ConfigError
 from skipstudy.layout import conf_dir
 from skipstudy.probes import PROBES, get_probe
@@ -25,15 +26,10 @@ from skipstudy.probes.context import ProbeContext
 
 def probe_options(name: str, overrides: Any = None, batches: int | None = None) -> DictConfig:
     """``conf/probe/<name>.yaml`` with ``overrides`` (a dict) merged in; unknown keys are refused."""
-    options = OmegaConf.load(Path(conf_dir()) / "probe" / f"{name}.yaml")
-    overrides = OmegaConf.to_container(overrides, resolve=True) if isinstance(overrides, DictConfig) else (overrides or {})
-    unknown = sorted(set(overrides) - set(options))
-    if unknown:
-        raise ConfigError(f"probes.options.{name}.{unknown[0]} is not an option of probe {name}; "
-                          f"valid: {', '.join(k for k in options if k != 'name')}")
-    options = OmegaConf.merge(options, overrides)
+    options = OmegaConf.merge(OmegaConf.load(Path(conf_dir()) / "probe" / f"{name}.yaml"), overrides or {})
     if batches is not None:
         options.batches = batches
+    config.check_probe(options, key=f"probes.options.{name}")
     return options
 
 

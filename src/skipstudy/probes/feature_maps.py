@@ -21,6 +21,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
+from skipstudy import config
 from skipstudy.errors import ConfigError
 from skipstudy.probes.context import ProbeContext, eval_mode
 
@@ -120,9 +121,8 @@ def spatial_contrast(maps: dict[str, torch.Tensor]) -> dict[str, float]:
 def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
     """Feature maps of the first ``probe.images`` validation images; PNG, ``.npz``, TensorBoard."""
     check(ctx.net)
-    count = int(options.get("images", 4))
-    if count < 1:
-        raise ConfigError(f"probe.images={count} must be >= 1; e.g. probe.images=4")
+    config.check_probe(options)
+    count = options.get("images", 4)
     batch_size = getattr(ctx.datamodule, "batch_size", None)
     needed = -(-count // batch_size) if isinstance(batch_size, int) and batch_size > 0 else None
     images = torch.cat([x for x, _ in ctx.fixed_batches("val", batches=needed)])[:count]

@@ -33,8 +33,8 @@ from matplotlib.ticker import FormatStrFormatter, NullFormatter
 from torch import nn
 from torch.func import functional_call
 
-from skipstudy.errors import ConfigError
-from skipstudy.probes.context import SPLITS, ProbeContext, eval_mode
+from skipstudy import config
+from skipstudy.probes.context import ProbeContext, eval_mode
 
 NAME = "landscape"
 
@@ -75,17 +75,7 @@ def grid(points: int, span: float) -> np.ndarray:
 
 
 def check(net: nn.Module, options: Any) -> None:
-    for key, default in (("steps", 51), ("grid", 21)):
-        value = options.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 3 or value % 2 == 0:
-            raise ConfigError(f"probe.{key}={value!r} must be an odd integer >= 3 (the centre is the "
-                              f"checkpoint itself); e.g. probe.{key}={default}")
-    span = options.get("span", 1.0)
-    if isinstance(span, bool) or not isinstance(span, (int, float)) or not span > 0:
-        raise ConfigError(f"probe.span={span!r} must be a positive number; e.g. probe.span=1.0")
-    split = options.get("split", "train")
-    if split not in SPLITS:
-        raise ConfigError(f"probe.split={split!r} is not a split; valid: {', '.join(SPLITS)}")
+    config.check_probe(options)
 
 
 def run(ctx: ProbeContext, options: Any) -> dict[str, float]:

@@ -34,6 +34,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
+from skipstudy import config
 from skipstudy.errors import ConfigError
 from skipstudy.models.blocks import Block
 from skipstudy.probes.context import ProbeContext, eval_mode
@@ -75,9 +76,7 @@ def check(net: nn.Module, options: Any = None) -> None:
     require_skips(net, NAME, "deleting a block of a plain net cuts the only path through it, so there is "
                   "nothing to measure")
     if options is not None:
-        samples = options.get("samples", 10)
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-            raise ConfigError(f"probe.samples={samples!r} must be a positive integer; e.g. probe.samples=10")
+        config.check_probe(options)
 
 
 class DeletedBranch(nn.Module):

@@ -36,9 +36,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import ScalarFormatter
 from torch import nn
 
+from skipstudy import config
 from skipstudy.errors import ConfigError
 from skipstudy.probes.comparison import label as _label
-from skipstudy.probes.context import ProbeContext, check_bn_mode, depth_of, eval_bn
+from skipstudy.probes.context import ProbeContext, depth_of, eval_bn
 
 NAME = "shattering"
 THRESHOLD = math.exp(-1.0)
@@ -94,16 +95,10 @@ def correlation_length(acf: torch.Tensor | np.ndarray, threshold: float = THRESH
 
 
 def check(net: nn.Module, options: Any) -> None:
-    points = options.get("points", 256)
-    if isinstance(points, bool) or not isinstance(points, int) or points < 4:
-        raise ConfigError(f"probe.points={points!r} must be an integer >= 4; e.g. probe.points=256")
-    check_bn_mode(options)
-    pair = list(options.get("pair", [0, 1]))
-    if len(pair) != 2 or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in pair) or pair[0] == pair[1]:
-        raise ConfigError(f"probe.pair={pair} must be two different validation image indices; e.g. probe.pair=[0,1]")
+    config.check_probe(options)
     logit = options.get("logit", 0)
     classes = getattr(getattr(net, "fc", None), "out_features", None)
-    if isinstance(logit, bool) or not isinstance(logit, int) or logit < 0 or (classes is not None and logit >= classes):
+    if classes is not None and logit >= classes:  # the range the network sets
         raise ConfigError(f"probe.logit={logit!r} must be a class index in [0, {classes}); e.g. probe.logit=0")
 
 
