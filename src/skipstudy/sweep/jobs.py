@@ -20,6 +20,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 # Command-line options of a Hydra app that are not overrides but still shape the job's config;
@@ -163,7 +164,7 @@ def failure_reason(output: str, returncode: int | None = None) -> str:
     return f"exit code {returncode}" if returncode is not None else "failed without output"
 
 
-class SweepCheck:
+class SweepCheck(Callback):
     """Hydra callback: before a ``-m`` sweep starts, every job's config is composed and checked,
     so a bad value in job 7 is refused before job 1 trains (basic sweeper only; others'
     parameter syntax is their own)."""
