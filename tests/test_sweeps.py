@@ -20,6 +20,7 @@ import pytest
 from hydra.utils import get_object, instantiate
 
 from conftest import CONF_DIR, FAST, PYTHON, cli_env, compose_cfg
+from skipstudy import config
 from skipstudy.sweep import final_metrics as fm
 from skipstudy.sweep.ddp import last_scalars
 from skipstudy.sweep.jobs import (
@@ -66,6 +67,7 @@ def test_every_preset_composes_and_its_parts_build(preset, tmp_path):
     """The composed preset builds its network, and its monitor layers exist in that network."""
     cfg = compose_cfg([f"experiment={preset}"], tmp_path)
     assert cfg.name == preset
+    config.check(cfg)  # every value the preset sets is within the declared ranges
     for node in (cfg.dataset, cfg.model, cfg.optimizer):
         assert get_object(node._target_) is not None
     net = instantiate(cfg.model, num_classes=10, in_channels=3)

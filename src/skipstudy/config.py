@@ -347,25 +347,31 @@ def _from_hint(hint: Any, default: Any) -> Key | None:
     return key.nullable() if type(None) in args else key
 
 
-def _trainer(node: Any) -> None:
+@functools.cache
+def _trainer_keys() -> dict[str, Key | None]:
+    """Every lightning.Trainer argument: its declared range, else a Key from its type hint."""
     import lightning as L
     from lightning.pytorch.accelerators import AcceleratorRegistry
     from lightning.pytorch.strategies import StrategyRegistry
 
     hints = typing.get_type_hints(L.Trainer.__init__)
     params = inspect.signature(L.Trainer.__init__).parameters
-    known = {k for k in params if k != "self"}
     ranges = {**TRAINER, "accelerator": Choice("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators())),
               "strategy": Choice("auto", *StrategyRegistry.available_strategies())}
+    return {name: ranges.get(name) or _from_hint(hints.get(name), p.default)
+            for name, p in params.items() if name != "self" and name not in TRAINER_OWN}
+
+
+def _trainer(node: Any) -> None:
+    keys = _trainer_keys()
     for name, value in node.items():
         key = f"trainer.{name}"
         if name in TRAINER_OWN:
             raise ConfigError(f"{key}: skipstudy sets {name} itself ({TRAINER_OWN[name]}); drop trainer.{name}")
-        if name not in known:
-            raise _unknown(key, known - set(TRAINER_OWN), "lightning.Trainer")
-        spec = ranges.get(name) or _from_hint(hints.get(name), params[name].default)
-        if spec is not None:
-            spec.check(key, value)
+        if name not in keys:
+            raise _unknown(key, keys, "lightning.Trainer")
+        if keys[name] is not None:
+            keys[name].check(key, value)
 
 
 def check_args(group: str, owner: object, **values: Any) -> None:
