@@ -312,9 +312,10 @@ def _probe(key: str, node: Any) -> None:
     _table(key, {"name": _PROBE_NAMES, **PROBES[name]}, node, f"probe {name}")
 
 
-def check_probe(options: Any, key: str = "probe") -> None:
-    """One probe's options (``name`` included) against :data:`PROBES`, quoted as ``<key>.<option>``."""
-    _probe(key, OmegaConf.to_container(options, resolve=True) if isinstance(options, DictConfig) else dict(options))
+def check_probe(name: str, options: Any, key: str = "probe") -> None:
+    """Probe ``name``'s options against :data:`PROBES`, quoted as ``<key>.<option>``."""
+    options = OmegaConf.to_container(options, resolve=True) if isinstance(options, DictConfig) else dict(options)
+    _table(key, {"name": Choice(name), **PROBES[name]}, options, f"probe {name}")
 
 
 def _probe_options(key: str, node: Any) -> None:

@@ -29,7 +29,7 @@ def probe_options(name: str, overrides: Any = None, batches: int | None = None) 
     options = OmegaConf.merge(OmegaConf.load(Path(conf_dir()) / "probe" / f"{name}.yaml"), overrides or {})
     if batches is not None:
         options.batches = batches
-    config.check_probe(options, key=f"probes.options.{name}")
+    config.check_probe(name, options, key=f"probes.options.{name}")
     return options
 
 

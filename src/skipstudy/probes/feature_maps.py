@@ -121,7 +121,7 @@ def spatial_contrast(maps: dict[str, torch.Tensor]) -> dict[str, float]:
 def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
     """Feature maps of the first ``probe.images`` validation images; PNG, ``.npz``, TensorBoard."""
     check(ctx.net)
-    config.check_probe(options)
+    config.check_probe(NAME, options)
     count = options.get("images", 4)
     batch_size = getattr(ctx.datamodule, "batch_size", None)
     needed = -(-count // batch_size) if isinstance(batch_size, int) and batch_size > 0 else None

@@ -75,7 +75,7 @@ def grid(points: int, span: float) -> np.ndarray:
 
 
 def check(net: nn.Module, options: Any) -> None:
-    config.check_probe(options)
+    config.check_probe(NAME, options)
 
 
 def run(ctx: ProbeContext, options: Any) -> dict[str, float]:

@@ -76,7 +76,7 @@ def check(net: nn.Module, options: Any = None) -> None:
     require_skips(net, NAME, "deleting a block of a plain net cuts the only path through it, so there is "
                   "nothing to measure")
     if options is not None:
-        config.check_probe(options)
+        config.check_probe(NAME, options)
 
 
 class DeletedBranch(nn.Module):

@@ -95,7 +95,7 @@ def correlation_length(acf: torch.Tensor | np.ndarray, threshold: float = THRESH
 
 
 def check(net: nn.Module, options: Any) -> None:
-    config.check_probe(options)
+    config.check_probe(NAME, options)
     logit = options.get("logit", 0)
     classes = getattr(getattr(net, "fc", None), "out_features", None)
     if classes is not None and logit >= classes:  # the range the network sets
