@@ -8,6 +8,7 @@ their ``_target_``), ``PROBES`` (probe options) or ``TOP`` (the rest). ``trainer
 takes any ``lightning.Trainer`` argument: names and types from its signature, ranges from
 ``TRAINER``. A leaf module: it imports only the error type from the package.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -25,6 +26,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from skipstudy.errors import ConfigError
 
+
 def show(value: Any) -> str:
     """A value as an override would write it: ``true``, ``null``, ``[100,150]``, ``adam``."""
     if isinstance(value, bool):
@@ -39,15 +41,14 @@ def show(value: Any) -> str:
 class Key:
     """One key: ``accepts(value)``, words for the valid range, and an example value.
 
-    ``bad_type`` and ``bad_range`` are values the key refuses (a wrong type, a value of
-    the right type outside the range; None where every value of the type is valid): the
-    test that walks every key uses them.
+    ``bad_range`` is a value of the right type outside the range (None where every value of
+    the type is valid): the test that walks every key uses it.
     """
 
-    def __init__(self, accepts: Callable[[Any], bool], valid: str, eg: Any, bad_type: Any = "abc",
-                 bad_range: Any = None, null: bool = False, choices: tuple = ()) -> None:
+    def __init__(self, accepts: Callable[[Any], bool], valid: str, eg: Any, bad_range: Any = None,
+                 null: bool = False, choices: tuple = ()) -> None:
         self._accepts, self.valid, self.eg, self.null, self.choices = accepts, valid, eg, null, choices
-        self.bad_type, self.bad_range = bad_type, bad_range
+        self.bad_range = bad_range
 
     def accepts(self, value: Any) -> bool:
         return (self.null and value is None) or (value is not None and self._accepts(value))
@@ -61,13 +62,12 @@ class Key:
                           f"e.g. {key}={show(self.eg)}")
 
     def __or__(self, other: Key) -> Key:
-        bad = [v for v in (self.bad_type, other.bad_type, "abc", [[]]) if not (self.accepts(v) or other.accepts(v))]
         oob = [v for v in (self.bad_range, other.bad_range) if v is not None and not (self.accepts(v) or other.accepts(v))]
         return Key(lambda v: self.accepts(v) or other.accepts(v), f"{self.valid} or {other.valid}", self.eg,
-                   bad[0], oob[0] if oob else None, self.null or other.null)
+                   oob[0] if oob else None, self.null or other.null)
 
     def nullable(self) -> Key:
-        return Key(self._accepts, self.valid, self.eg, self.bad_type, self.bad_range, True, self.choices)
+        return Key(self._accepts, self.valid, self.eg, self.bad_range, True, self.choices)
 
 
 def _is_int(v: Any) -> bool:
@@ -96,7 +96,7 @@ def Num(lo: float | None = None, hi: float | None = None, *, lo_open: bool = Fal
         return _is_num(v) and (lo is None or (v > lo if lo_open else v >= lo)) and \
             (hi is None or (v < hi if hi_open else v <= hi))
     bad = (lo if lo_open else lo - 1) if lo is not None else (hi if hi_open else hi + 1) if hi is not None else None
-    return Key(ok, _interval(lo, hi, lo_open, hi_open, "number"), eg, "abc", bad, null)
+    return Key(ok, _interval(lo, hi, lo_open, hi_open, "number"), eg, bad, null)
 
 
 def Int(lo: int | None = None, hi: int | None = None, *, eg: Any, null: bool = False,
@@ -106,16 +106,16 @@ def Int(lo: int | None = None, hi: int | None = None, *, eg: Any, null: bool = F
         return _is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi) and (rule is None or rule[0](v))
     valid = rule[1] if rule is not None else _interval(lo, hi, False, False, "integer")
     bad = rule[2] if rule is not None else (lo - 1 if lo is not None else hi + 1 if hi is not None else None)
-    return Key(ok, valid, eg, "abc", bad, null)
+    return Key(ok, valid, eg, bad, null)
 
 
 def Bool(*, eg: bool = True, null: bool = False) -> Key:
-    return Key(lambda v: isinstance(v, bool), "true or false", eg, "maybe", None, null)
+    return Key(lambda v: isinstance(v, bool), "true or false", eg, None, null)
 
 
 def Choice(*choices: Any, null: bool = False) -> Key:
     return Key(lambda v: any(v == c and type(v) is type(c) for c in choices), ", ".join(show(c) for c in choices),
-               choices[0], [[]], "nosuch", null, choices)
+               choices[0], "nosuch", null, choices)
 
 
 def Str(*, eg: str, null: bool = False, pattern: str | None = None, form: str = "a string") -> Key:
@@ -124,7 +124,7 @@ def Str(*, eg: str, null: bool = False, pattern: str | None = None, form: str = 
         if pattern is not None:
             return isinstance(v, str) and re.fullmatch(pattern, v) is not None
         return isinstance(v, (str, int, float)) and not isinstance(v, bool)
-    return Key(ok, form, eg, [[]], "abc!" if pattern else None, null)
+    return Key(ok, form, eg, "abc!" if pattern else None, null)
 
 
 def List(item: Key, *, eg: list, size: int | None = None, distinct: bool = False, null: bool = False) -> Key:
@@ -134,7 +134,7 @@ def List(item: Key, *, eg: list, size: int | None = None, distinct: bool = False
             (size is None or len(v) == size) and (not distinct or len(set(map(str, v))) == len(v))
     words = f"a list of {size} " if size else "a list of "
     valid = f"{words}{'different ' if distinct else ''}values, each {'one of: ' if item.choices else ''}{item.valid}"
-    return Key(ok, valid, eg, "abc", [item.bad_range if item.bad_range is not None else item.bad_type], null)
+    return Key(ok, valid, eg, [item.bad_range if item.bad_range is not None else [[]]], null)
 
 
 # -- the declaration --------------------------------------------------------------------
