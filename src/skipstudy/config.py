@@ -201,7 +201,7 @@ GROUPS: dict[str, dict[str | None, dict[str, Key]]] = {
             "layers": (Str(eg="conv1") | List(Str(eg="conv1"), eg=["conv1", "fc"])).nullable(),
             "schedule": Choice("every", "log"), "every_n_steps": Int(1, eg=10), "points_per_decade": Int(1, eg=10),
             "hist_every_n_epochs": Int(0, eg=1), "activations": Bool(), "on_nonfinite": _NONFINITE,
-            "export": Choice("json", "csv", "none"), "figure": Bool()},
+            "export": Choice("json", "csv", "none"), "figure": Bool(), "blocks": Bool()},
     },
 }
 

@@ -51,10 +51,8 @@ Definitions:
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -65,16 +63,8 @@ from torch import Tensor, nn
 from skipstudy import config
 from skipstudy.monitor import quantities, writers
 from skipstudy.monitor.layers import select_layers
-from skipstudy.monitor.quantities import (
-    ACT_WIDTH,
-    SUM_DTYPE,
-    HistogramBins,
-    Quantity,
-    StepTensors,
-    activation_sums,
-    log_abs_histogram,
-    output_grad_sums,
-)
+from skipstudy.monitor.quantities import SUM_DTYPE
+from skipstudy.monitor.taps import LayerTaps
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +77,6 @@ log = logging.getLogger(__name__)
 COMPILED_RECOMPILE_LIMIT = 256
 
 
-def _to_host(t: Tensor) -> np.ndarray:
-    """The monitor's only device-to-host transfer (and so its only sync): once per recorded step."""
-    return t.detach().to("cpu").numpy()
-
-
 def on_log_schedule(step: int, points_per_decade: int) -> bool:
     """Steps ``floor(10**(k / points_per_decade))`` for k = 0, 1, ... plus step 0:
     0, 1, 2, 3, 5, 6, 7, 10, 12, 15, 19, 25, ... for 10 points per decade."""
@@ -99,42 +84,6 @@ def on_log_schedule(step: int, points_per_decade: int) -> bool:
         return True
     k = math.ceil(points_per_decade * math.log10(step))
     return any(math.floor(10 ** (j / points_per_decade) + 1e-9) == step for j in (k - 1, k, k + 1))
-
-
-class _Layer:
-    """One tracked layer and the current step's device accumulators."""
-
-    __slots__ = ("index", "name", "module", "call_rank", "handle", "out", "act", "hist")
-
-    def __init__(self, index: int, name: str, module: nn.Module) -> None:
-        self.index = index
-        self.name = name
-        self.module = module
-        self.call_rank: int | None = None  # position in the first recorded forward pass
-        self.handle = None
-        self.reset()
-
-    def reset(self) -> None:
-        self.out: Tensor | None = None
-        self.act: Tensor | None = None
-        self.hist: Tensor | None = None
-
-    @property
-    def weight(self) -> nn.Parameter | None:
-        w = getattr(self.module, "weight", None)
-        return w if isinstance(w, nn.Parameter) and w.requires_grad else None
-
-
-def _add(acc: Tensor | None, value: Tensor) -> Tensor:
-    return value if acc is None else acc + value
-
-
-def _first_tensor(output: Any) -> Tensor | None:
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, (tuple, list)):
-        return next((o for o in output if isinstance(o, Tensor)), None)
-    return None
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -175,7 +124,14 @@ class GradientFlowMonitor(Callback):
         export: ``json`` (``<run>/grad_stats.json``), ``csv`` (``<run>/grad_stats.csv``) or
             ``none``; written at each epoch end and at the end of fit.
         figure: write the gradient-flow figure (PNG in ``<run>/figures`` and TensorBoard
-            image ``figures/gradient_flow``).
+            image ``figures/gradient_flow``) and, with ``blocks``, the signal-propagation
+            figure (``figures/signal_propagation``).
+        blocks: also record, per residual block, the skip/branch split of its input gradient
+            (``grad_split/*``) and the signal-propagation statistics (``spp/*``).
+
+    Any LightningModule works: the tracked network is ``pl_module.net`` if the module has
+    one, else the LightningModule itself. Scalars go to the trainer's TensorBoard logger in
+    one event per step, and through ``log_metrics`` to every other logger (CSV, W&B...).
 
     Attributes:
         layer_names: tracked layer names; forward order once the first step is recorded.
@@ -197,12 +153,13 @@ class GradientFlowMonitor(Callback):
         on_nonfinite: str = "stop",
         export: str = "json",
         figure: bool = True,
+        blocks: bool = True,
     ) -> None:
         super().__init__()
         # The same declaration the config check uses (skipstudy/config.py), also without Hydra.
         config.check_args("monitor", self, every_n_steps=every_n_steps, points_per_decade=points_per_decade,
                           hist_every_n_epochs=hist_every_n_epochs, schedule=schedule, on_nonfinite=on_nonfinite,
-                          export=export, activations=activations, figure=figure)
+                          export=export, activations=activations, figure=figure, blocks=blocks)
         if layers is not None and not isinstance(layers, str):
             layers = [str(x) if not isinstance(x, str) else x for x in layers]  # ListConfig -> list
         self.layers = layers
@@ -214,29 +171,22 @@ class GradientFlowMonitor(Callback):
         self.on_nonfinite = on_nonfinite
         self.export = export
         self.figure = figure
+        self.blocks = blocks
 
         self.layer_names: list[str] | None = None
         self.diverged_at: tuple[int, str] | None = None
         self.nonfinite_steps: list[int] = []
-        self.bins = HistogramBins()
-        self._layers: list[_Layer] = []
-        self._quantities: list[Quantity] = [
-            q for q in quantities.QUANTITIES.values() if activations or q.needs != "activation"
-        ]
-        self._recording = False
+        self.taps: LayerTaps | None = None
         self.recording_step: int | None = None
-        self._hist_now = False
         self._hist_pending = False
         self._open_step: int | None = None
-        self._ordered = False
-        self._call_counter = itertools.count()
         self._rank_zero = True
         self._tb: writers.TensorBoardWriter | None = None
         self._run_dir = None
         self.series: writers.SeriesExport | None = None  # rank 0: the recorded rows
+        self._other_loggers: list = []
         self._epoch_nonfinite = 0
         self.overflow_steps = 0
-        self._weight_numel: Tensor | None = None
 
     # ------------------------------------------------------------------ configuration
 
@@ -263,26 +213,16 @@ class GradientFlowMonitor(Callback):
         net = _unwrap(getattr(pl_module, "net", pl_module))
         if _is_compiled(pl_module) or _is_compiled(getattr(pl_module, "net", pl_module)):
             _raise_recompile_limit()
-        names = self.resolve(net)
-        modules = dict(net.named_modules())
-        self._layers = [_Layer(i, name, modules[name]) for i, name in enumerate(names)]
-        # Disabled for Dynamo: under torch.compile the hook runs eagerly at a graph break
-        # instead of being traced, so its Python state (step flags, accumulators) and the
-        # tensor hook it registers behave exactly as in eager mode.
-        hook = torch.compiler.disable(self._forward_hook)
-        for layer in self._layers:
-            layer.handle = layer.module.register_forward_hook(partial(hook, layer))
-        self._ordered = False
-        self._call_counter = itertools.count()
+        self.resolve(net)
+        self.taps = LayerTaps(net, self.layer_names, self.activations, self.blocks)
         self._open_step = None
-        self._recording = False
-        self._weight_numel = None
         self._rank_zero = trainer.is_global_zero
         # trainer.log_dir broadcasts from rank 0 under DDP: every rank must ask, or rank 0 waits.
         self._run_dir = writers.run_dir(trainer)
         if self._rank_zero:
             summary_writer = writers.find_summary_writer(trainer)
             self._tb = writers.TensorBoardWriter(summary_writer) if summary_writer is not None else None
+            self._other_loggers = writers.other_loggers(trainer)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit":
@@ -302,12 +242,12 @@ class GradientFlowMonitor(Callback):
         self._flush()
 
     def _remove_hooks(self) -> None:
-        for layer in self._layers:
-            if layer.handle is not None:
-                layer.handle.remove()
-                layer.handle = None
-            layer.reset()
-        self._recording = False
+        if self.taps is not None:
+            self.taps.remove()
+
+    @property
+    def _layers(self) -> list:
+        return self.taps._layers if self.taps is not None else []
 
     # ------------------------------------------------------------------ when
 
@@ -321,103 +261,36 @@ class GradientFlowMonitor(Callback):
         if step == self._open_step:
             return  # another micro-batch of the same optimizer step: keep accumulating
         self._open_step = step
-        for layer in self._layers:
-            layer.reset()
-        self._hist_now, self._hist_pending = self._hist_pending, False
-        self._recording = self._hist_now or self._scheduled(step)
-        self.recording_step = step if self._recording else None
-
-    # ------------------------------------------------------------------ hot path (hooks)
-
-    def _forward_hook(self, layer: _Layer, module: nn.Module, args, output) -> None:
-        if not (self._recording and module.training and torch.is_grad_enabled()):
-            return None
-        y = _first_tensor(output)
-        if y is None:
-            return None
-        if layer.call_rank is None:
-            layer.call_rank = next(self._call_counter)
-        if self.activations:
-            layer.act = _add(layer.act, activation_sums(y.detach()))
-        if y.requires_grad:
-            y.register_hook(partial(self._grad_hook, layer))
-        return None  # a forward hook that returns a value would replace the layer's output
-
-    def _grad_hook(self, layer: _Layer, grad: Tensor) -> None:
-        layer.out = _add(layer.out, output_grad_sums(grad))
-        if self._hist_now:
-            layer.hist = _add(layer.hist, log_abs_histogram(grad, self.bins))
-        return None  # the gradient flows on unchanged
+        hist, self._hist_pending = self._hist_pending, False
+        recording = hist or self._scheduled(step)
+        self.recording_step = step if recording else None
+        if self.taps is None:
+            return
+        if recording:
+            self.taps.arm(hist=hist)
+        else:
+            self.taps.armed = False
 
     # ------------------------------------------------------------------ one recorded step
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if not self._recording:
+        if self.taps is None or not self.taps.armed:
             return
-        self._recording = False
-        if not self._ordered:
-            self._order_layers()
         step = trainer.global_step
-        host, weight_present = self._gather(trainer, pl_module)
-        self._handle_step(trainer, pl_module, step, host, weight_present)
-        for layer in self._layers:
-            layer.reset()
-
-    def _order_layers(self) -> None:
-        """Put the layers in the order of the first recorded forward pass (modules that did
-        not run keep their registration order, after the others)."""
-        self._layers.sort(key=lambda l: (l.call_rank is None, l.call_rank or 0, l.index))
-        self.layer_names = [l.name for l in self._layers]
-        self._ordered = True
-
-    def _gather(self, trainer, pl_module) -> tuple[np.ndarray, np.ndarray]:
-        """Everything for this step as one device tensor, moved to the host in one transfer."""
-        layers = self._layers
-        param = next(pl_module.parameters())
-        dev = param.device
         world = trainer.world_size
-        hist_len = self.bins.bins + 2
-
-        def stacked(accs: list[Tensor | None], width: int) -> Tensor:
-            zero = torch.zeros(width, dtype=SUM_DTYPE, device=dev)
-            return torch.stack([a if a is not None else zero for a in accs])
-
-        out = stacked([l.out for l in layers], 2)
-        act = (stacked([l.act for l in layers], ACT_WIDTH) if self.activations
-               else out.new_zeros(len(layers), ACT_WIDTH))
-        parts = [out.flatten(), act.flatten()]
-        if self._hist_now:
-            parts.append(stacked([l.hist for l in layers], hist_len).flatten())
-        local = torch.cat(parts)
-        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(local)  # sums over processes; same step on every rank
-        out = local[: out.numel()].view_as(out)
-        act = local[out.numel() : out.numel() + act.numel()].view_as(act)
-        hist = local[out.numel() + act.numel() :]
-
-        weights = [l.weight for l in layers]
-        weight_grads = [w.grad if w is not None else None for w in weights]
-        if self._weight_numel is None or self._weight_numel.device != dev:
-            # Filled on the device: torch.tensor(list, device=cuda) would be a blocking copy.
-            self._weight_numel = torch.stack(
-                [torch.full((), w.numel() if w is not None else 0, dtype=SUM_DTYPE, device=dev) for w in weights]
-            )
-        scale = torch.full((), 1.0 / world, dtype=SUM_DTYPE, device=dev)
+        param = next(pl_module.parameters())
+        scale = torch.full((), 1.0 / world, dtype=SUM_DTYPE, device=param.device)
         loss_scale = self._loss_scale(trainer)
         if loss_scale is not None:
             scale = scale / loss_scale.to(SUM_DTYPE)
-        s = StepTensors(
-            out=out,
-            act=act,
-            weight_grads=weight_grads,
-            weight_numel=self._weight_numel,
-            all_grads=[p.grad for p in pl_module.parameters() if p.grad is not None],
-            out_grad_scale=scale,
-        )
-        values = [s.once(q.fn).to(SUM_DTYPE).reshape(-1) for q in self._quantities]
-        flat = torch.cat([*values, out[:, 0], act[:, 0], scale.reshape(1), hist])
-        weight_present = np.array([g is not None for g in weight_grads], dtype=bool)
-        return _to_host(flat), weight_present
+        reduce = None
+        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            reduce = torch.distributed.all_reduce
+        host, row_present = self.taps.collect(list(pl_module.parameters()), scale, reduce)
+        self.layer_names = list(self.taps.layer_names)
+        self._handle_step(trainer, pl_module, step, host, row_present)
+        for unit in (*self.taps._layers, *self.taps._blocks):
+            unit.reset()
 
     @staticmethod
     def _loss_scale(trainer) -> Tensor | None:
@@ -427,26 +300,12 @@ class GradientFlowMonitor(Callback):
             return None
         return getattr(scaler, "_scale", None)
 
-    def _handle_step(self, trainer, pl_module, step: int, host: np.ndarray, weight_present: np.ndarray) -> None:
-        L = len(self._layers)
-        values: dict[str, np.ndarray] = {}
-        i = 0
-        for q in self._quantities:
-            n = L if q.per_layer else 1
-            values[q.name] = host[i : i + n]
-            i += n
-        out_n, act_n, scale = host[i : i + L], host[i + L : i + 2 * L], host[i + 2 * L]
-        hist = host[i + 2 * L + 1 :]
-        present = {
-            "output": out_n > 0,
-            "activation": act_n > 0,
-            "weight": weight_present,
-            "params": np.ones(1, dtype=bool),
-        }
-
+    def _handle_step(self, trainer, pl_module, step: int, host: dict, row_present: np.ndarray) -> None:
+        values, present, row = host["values"], host["present"], host["row"]
+        hist, scale = host["hist"], host["scale"]
         grads_finite = all(
             np.isfinite(values[q.name][present[q.needs]]).all()
-            for q in self._quantities
+            for q in self.taps.quantities
             if q.needs in ("output", "weight", "params")
         )
         if not grads_finite and self._loss_scale(trainer) is not None:
@@ -454,43 +313,29 @@ class GradientFlowMonitor(Callback):
             self.overflow_steps += 1
             return
 
-        row = np.concatenate([
-            np.where(present[q.needs], values[q.name], np.nan) if q.per_layer else values[q.name]
-            for q in self._quantities
-        ])
         if self._rank_zero:
-            self._write_step(trainer, step, values, present, row, hist, scale)
+            self._write_step(trainer, step, row, row_present, hist, scale)
         if not grads_finite:
             self._nonfinite(trainer, pl_module, step, values, present)
 
     # ------------------------------------------------------------------ where (rank 0)
 
-    def _tags(self) -> list[str]:
-        tags = []
-        for q in self._quantities:
-            tags += [f"{q.name}/{l.name}" for l in self._layers] if q.per_layer else [q.name]
-        return tags
-
-    def _write_step(self, trainer, step, values, present, row, hist, scale) -> None:
+    def _write_step(self, trainer, step, row, row_present, hist, scale) -> None:
+        taps = self.taps
         if self.series is None:
             fmt = self.export if self.export != "none" else "json"
             path = self._run_dir / f"grad_stats.{fmt}"
-            self.series = writers.SeriesExport(path, fmt, list(self.layer_names), self._tags())
+            self.series = writers.SeriesExport(path, fmt, list(self.layer_names), taps.tags(), list(taps.block_names))
             if step > 0 and self.export != "none":
                 self.series.keep_earlier(before=step)  # resumed run: continue the export
         self.series.append(step, trainer.current_epoch, row)
+        # A non-finite gradient is written as such (NaN/inf); what does not exist (a weight
+        # gradient of a ReLU, the shortcut part of a plain block) is not written at all.
+        scalars = {tag: float(v) for tag, v, ok in zip(taps.tags(), row, row_present) if ok}
+        for logger in self._other_loggers:
+            logger.log_metrics(scalars, step=step)
         if self._tb is None:
             return
-        scalars: dict[str, float] = {}
-        for q in self._quantities:
-            v = values[q.name]
-            if not q.per_layer:
-                scalars[q.name] = float(v[0])
-                continue
-            mask = present[q.needs]
-            for j, layer in enumerate(self._layers):
-                if mask[j]:
-                    scalars[f"{q.name}/{layer.name}"] = float(v[j])
         self._tb.scalars(scalars, step)
         if hist.size:
             self._write_histograms(step, hist, scale)
@@ -499,9 +344,10 @@ class GradientFlowMonitor(Callback):
         """Device-binned log10|g| histograms. The bins were filled with the raw (micro-batch,
         per-process, loss-scaled) gradient elements; shifting the edges by log10(scale)
         makes them elements of the gradient of the optimised loss."""
-        width = self.bins.bins + 2
+        bins = self.taps.bins
+        width = bins.bins + 2
         shift = math.log10(scale)
-        edges = np.asarray(self.bins.edges()) + shift
+        edges = np.asarray(bins.edges()) + shift
         for j, layer in enumerate(self._layers):
             h = hist[j * width : (j + 1) * width]
             counts, s1, s2 = h[:-2], h[-2], h[-1]
@@ -523,13 +369,13 @@ class GradientFlowMonitor(Callback):
         self._flush()
 
     def _columns(self, table: np.ndarray, name: str) -> np.ndarray:
-        """``[steps, layers]`` slice of the rows for per-layer quantity ``name``."""
-        L = len(self._layers)
+        """``[steps, layers or blocks]`` slice of the rows for quantity ``name``."""
+        widths = {"layers": len(self.taps.layer_names), "blocks": len(self.taps.block_names), "step": 1}
         start = 0
-        for q in self._quantities:
+        for q in self.taps.quantities:
             if q.name == name:
-                return table[:, start : start + L]
-            start += L if q.per_layer else 1
+                return table[:, start : start + widths[q.over]]
+            start += widths[q.over]
         raise KeyError(name)
 
     def _write_epoch_summaries(self, trainer, epoch: int, table: np.ndarray) -> None:
@@ -552,6 +398,15 @@ class GradientFlowMonitor(Callback):
             fig.savefig(path)
             if self._tb is not None:
                 self._tb.image("figures/gradient_flow", writers.figure_rgb(fig), step)
+            if self.taps.block_names:
+                spp = {name: self._columns(table, name).astype(np.float64)
+                       for name in writers.SPP_PANELS if any(q.name == name for q in self.taps.quantities)}
+                fig = writers.signal_propagation_figure(
+                    self.taps.block_names, spp, f"Signal propagation, epoch {epoch} ({table.shape[0]} recorded steps)"
+                )
+                fig.savefig(self._run_dir / "figures" / f"signal_propagation_epoch{epoch}.png")
+                if self._tb is not None:
+                    self._tb.image("figures/signal_propagation", writers.figure_rgb(fig), step)
 
     def _flush(self) -> None:
         if not self._rank_zero:

@@ -16,7 +16,9 @@ Adding a quantity means one function and one ``@quantity`` line::
     def grad_rms_output(s: StepTensors) -> Tensor:
         return s.once(grad_norm_output) / s.out[:, 0].sqrt()
 
-Its tag is ``<name>/<layer>``. All of a step's quantities are stacked into one tensor and
+Its tag is ``<name>/<layer>``; a quantity ``over="blocks"`` returns one value per residual
+block (tag ``<name>/<block>``), one ``over="step"`` a single value (tag ``<name>``). All of a
+step's quantities are stacked into one tensor and
 moved to the host once (``callback._to_host``); nothing here may call ``.item()``,
 ``.cpu()``, ``float()`` or use a boolean mask (all of which wait for the device), except
 :func:`cpu_value` on a CPU tensor, where there is no device to wait for.
@@ -248,6 +250,36 @@ def _nonzeros(y: Tensor) -> Tensor:
     return torch.stack(parts).to(SUM_DTYPE).sum()
 
 
+def split_sums(branch: Tensor, shortcut: Tensor | None) -> Tensor:
+    """``[||s||^2, ||b||^2, <s, b>, numel]`` of the two parts of the gradient reaching a residual
+    block's input: ``b`` through the branch, ``s`` through the shortcut (None: a plain block,
+    whose input gradient is the branch part alone; its shortcut entries are 0).
+
+    Taken in float64: a gradient of 1e-30 has a square of 1e-60, below float32's range.
+    """
+    b = branch.detach().to(SUM_DTYPE).flatten()
+    bb = torch.linalg.vecdot(b, b)
+    if shortcut is None:
+        zero = bb.new_zeros(())
+        return torch.stack((zero, bb, zero, bb.new_full((), b.numel())))
+    s = shortcut.detach().to(SUM_DTYPE).flatten()
+    return torch.stack((torch.linalg.vecdot(s, s), bb, torch.linalg.vecdot(s, b), bb.new_full((), b.numel())))
+
+
+def channel_moments(t: Tensor) -> Tensor:
+    """``[4, C]`` per channel (dim 1): count, sum, count * mean^2, sum of squared deviations.
+
+    All four add over micro-batches and processes; the variance of the union is then
+    ``(sum dev^2 + sum count * mean^2 - sum^2 / count) / count`` (Chan et al. 1979), which
+    keeps the within-batch part exact when |mean| >> std. float64 for gradients of 1e-30.
+    """
+    t = t.detach().to(SUM_DTYPE)
+    dims = [d for d in range(t.dim()) if d != 1]
+    var, mean = torch.var_mean(t, dim=dims, correction=0)
+    n = t.numel() // t.shape[1]
+    return torch.stack((torch.full_like(mean, n), mean * n, mean.square() * n, var * n))
+
+
 @dataclass(frozen=True)
 class HistogramBins:
     """Fixed bins over log10|g| so that counts from micro-batches, processes and steps add up.
@@ -328,6 +360,9 @@ class StepTensors:
         all_grads: every parameter gradient of the LightningModule, for the total norm.
         out_grad_scale: 0-d factor that turns the summed output gradients into gradients of
             the loss the optimizer minimises: ``1 / (loss scale * world size)``.
+        split: ``[B, 4]`` per residual block, :func:`split_sums` of its input gradient, summed.
+        spp: ``[B, 4, 4, C_max]`` :func:`channel_moments` of (block output, branch output,
+            their gradients) per block, zero-padded past the block's channel count.
     """
 
     out: Tensor
@@ -336,6 +371,8 @@ class StepTensors:
     weight_numel: Tensor
     all_grads: list[Tensor]
     out_grad_scale: Tensor
+    split: Tensor | None = None
+    spp: Tensor | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     def once(self, fn: Callable[[StepTensors], Tensor]) -> Tensor:
@@ -345,22 +382,35 @@ class StepTensors:
         return self._cache[fn]
 
 
+OVER = ("layers", "blocks", "step")
+
+
 @dataclass(frozen=True)
 class Quantity:
     name: str
     fn: Callable[[StepTensors], Tensor]
-    needs: str  # "output" | "weight" | "activation" | "params"
-    per_layer: bool
+    # "output" | "weight" | "activation" | "params" (layers); "split" | "shortcut" | "spp" |
+    # "branch" (blocks); "derived" (step: a summary of other quantities, never a divergence sign)
+    needs: str
+    over: str = "layers"
+
+    @property
+    def per_layer(self) -> bool:
+        return self.over == "layers"
 
 
 QUANTITIES: dict[str, Quantity] = {}
 
 
-def quantity(name: str, needs: str, per_layer: bool = True):
-    """Register ``fn(StepTensors) -> Tensor`` ([L] per layer, or 0-d when ``per_layer=False``)."""
+def quantity(name: str, needs: str, per_layer: bool = True, over: str | None = None):
+    """Register ``fn(StepTensors) -> Tensor``: ``[L]`` per tracked layer (the default), ``[B]``
+    per residual block (``over="blocks"``), or 0-d (``over="step"``, or ``per_layer=False``)."""
+    over = over or ("layers" if per_layer else "step")
+    if over not in OVER:
+        raise ValueError(f"over={over!r}; valid: {', '.join(OVER)}")
 
     def register(fn: Callable[[StepTensors], Tensor]) -> Callable[[StepTensors], Tensor]:
-        QUANTITIES[name] = Quantity(name, fn, needs, per_layer)
+        QUANTITIES[name] = Quantity(name, fn, needs, over)
         return fn
 
     return register
@@ -426,3 +476,95 @@ def act_std(s: StepTensors) -> Tensor:
 @quantity("act/zero_frac", needs="activation")
 def act_zero_frac(s: StepTensors) -> Tensor:
     return 1.0 - s.act[:, 4] / s.act[:, 0]
+
+
+@quantity("grad_decay/slope", needs="derived", over="step")
+def grad_decay_slope(s: StepTensors) -> Tensor:
+    """Least-squares slope of log10 output-gradient RMS against the tracked layer's index in
+    forward order (0, 1, ...): decades gained per layer towards the output. Layers with no,
+    zero or non-finite output gradient are left out; NaN with fewer than two left."""
+    rms = s.once(grad_rms_output).to(SUM_DTYPE)
+    ok = (s.out[:, 0] > 0) & torch.isfinite(rms) & (rms > 0)
+    w = ok.to(SUM_DTYPE)
+    y = torch.where(ok, rms, 1.0).log10()
+    x = torch.arange(rms.numel(), dtype=SUM_DTYPE, device=rms.device)
+    n, sx, sy = w.sum(), (w * x).sum(), (w * y).sum()
+    return (n * (w * x * y).sum() - sx * sy) / (n * (w * x * x).sum() - sx * sx)
+
+
+# ---- residual blocks: the two parts of the input gradient (tags grad_split/<part>/<block>).
+# A plain block (no shortcut) has only the branch part: its shortcut, ratio and cos are not
+# written (missing in TensorBoard, null in the export), never a fake 0.
+
+
+@quantity("grad_split/shortcut", needs="shortcut", over="blocks")
+def grad_split_shortcut(s: StepTensors) -> Tensor:
+    return s.split[:, 0].sqrt() * s.out_grad_scale
+
+
+@quantity("grad_split/branch", needs="split", over="blocks")
+def grad_split_branch(s: StepTensors) -> Tensor:
+    return s.split[:, 1].sqrt() * s.out_grad_scale
+
+
+@quantity("grad_split/ratio", needs="shortcut", over="blocks")
+def grad_split_ratio(s: StepTensors) -> Tensor:
+    """||dL/dx through the shortcut|| / ||dL/dx through the branch||."""
+    return (s.split[:, 0] / s.split[:, 1]).sqrt()
+
+
+@quantity("grad_split/cos", needs="shortcut", over="blocks")
+def grad_split_cos(s: StepTensors) -> Tensor:
+    return s.split[:, 2] / (s.split[:, 0] * s.split[:, 1]).sqrt()
+
+
+# ---- signal propagation (Brock et al. 2021, "Characterizing signal propagation to close the
+# performance gap in unnormalized ResNets"): channel statistics averaged over channels.
+SPP_OUT, SPP_BRANCH, SPP_GRAD_OUT, SPP_GRAD_BRANCH = range(4)
+
+
+def _channel_stats(s: StepTensors, kind: int) -> tuple[Tensor, Tensor]:
+    """Average over channels of (channel mean)^2 and of channel variance, ``[B]`` each."""
+    n, s1, q, m2 = s.spp[:, kind].unbind(1)
+    valid = n > 0
+    count = torch.where(valid, n, 1.0)
+    mean = s1 / count
+    var = ((m2 + q - s1 * mean) / count).clamp(min=0)
+    channels = valid.to(SUM_DTYPE).sum(-1)
+    zero = torch.zeros((), dtype=SUM_DTYPE, device=n.device)
+    return (torch.where(valid, mean.square(), zero).sum(-1) / channels,
+            torch.where(valid, var, zero).sum(-1) / channels)
+
+
+def _grad_scale_sq(s: StepTensors) -> Tensor:
+    return s.out_grad_scale.to(SUM_DTYPE).square()
+
+
+@quantity("spp/mean_sq", needs="spp", over="blocks")
+def spp_mean_sq(s: StepTensors) -> Tensor:
+    return _channel_stats(s, SPP_OUT)[0]
+
+
+@quantity("spp/var", needs="spp", over="blocks")
+def spp_var(s: StepTensors) -> Tensor:
+    return _channel_stats(s, SPP_OUT)[1]
+
+
+@quantity("spp/branch_var", needs="branch", over="blocks")
+def spp_branch_var(s: StepTensors) -> Tensor:
+    return _channel_stats(s, SPP_BRANCH)[1]
+
+
+@quantity("spp/grad_mean_sq", needs="spp", over="blocks")
+def spp_grad_mean_sq(s: StepTensors) -> Tensor:
+    return _channel_stats(s, SPP_GRAD_OUT)[0] * _grad_scale_sq(s)
+
+
+@quantity("spp/grad_var", needs="spp", over="blocks")
+def spp_grad_var(s: StepTensors) -> Tensor:
+    return _channel_stats(s, SPP_GRAD_OUT)[1] * _grad_scale_sq(s)
+
+
+@quantity("spp/grad_branch_var", needs="branch", over="blocks")
+def spp_grad_branch_var(s: StepTensors) -> Tensor:
+    return _channel_stats(s, SPP_GRAD_BRANCH)[1] * _grad_scale_sq(s)

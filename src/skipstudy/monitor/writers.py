@@ -33,6 +33,14 @@ def find_summary_writer(trainer: Any):
     return None
 
 
+def other_loggers(trainer: Any) -> list:
+    """The trainer's loggers that are not TensorBoard (CSVLogger, W&B...): the monitor's
+    scalars reach them through Lightning's ``Logger.log_metrics``."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return [lg for lg in getattr(trainer, "loggers", []) or [] if not isinstance(lg, TensorBoardLogger)]
+
+
 class TensorBoardWriter:
     """Scalars, histograms and images into the run's TensorBoard event file."""
 
@@ -89,17 +97,19 @@ class TensorBoardWriter:
 class SeriesExport:
     """The recorded series as ``<run>/grad_stats.json`` or ``<run>/grad_stats.csv``.
 
-    JSON: ``{"layers": [...forward order], "step": [...], "epoch": [...], "series": {tag:
+    JSON: ``{"layers": [...forward order], "blocks": [...residual blocks], "step": [...],
+    "epoch": [...], "series": {tag:
     [value per recorded step]}, "nonfinite_steps": [...], "diverged_at": {"step", "layer"} or
     null}``; missing and non-finite values are ``null``. CSV: one row per recorded step,
     columns ``step, epoch`` and one per tag (empty cell: missing or non-finite); rows are
     appended, so a long run's CSV costs nothing to flush.
     """
 
-    def __init__(self, path: Path, fmt: str, layers: list[str], tags: list[str]) -> None:
+    def __init__(self, path: Path, fmt: str, layers: list[str], tags: list[str], blocks: list[str] | None = None) -> None:
         self.path = path
         self.fmt = fmt
         self.layers = layers
+        self.blocks = blocks or []
         self.tags = tags
         self.steps: list[int] = []
         self.epochs: list[int] = []
@@ -154,6 +164,7 @@ class SeriesExport:
         series = {tag: [_finite_or_none(v) for v in table[:, j].tolist()] for j, tag in enumerate(self.tags)}
         doc = {
             "layers": self.layers,
+            "blocks": self.blocks,
             "step": self.steps,
             "epoch": self.epochs,
             "series": series,
@@ -239,3 +250,52 @@ def figure_rgb(fig) -> np.ndarray:
     """The figure rendered to an ``[H, W, 3]`` uint8 array (for ``add_image``)."""
     fig.canvas.draw()
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+# Panels of the signal-propagation figure: forward statistics of the block outputs, then the
+# backward ones of their gradients (Brock et al. 2021, Fig. 1).
+SPP_PANELS = ("spp/mean_sq", "spp/var", "spp/branch_var", "spp/grad_mean_sq", "spp/grad_var", "spp/grad_branch_var")
+_SPP_LABELS = {
+    "spp/mean_sq": "avg channel squared mean",
+    "spp/var": "avg channel variance",
+    "spp/branch_var": "residual branch: avg channel variance",
+    "spp/grad_mean_sq": "gradient: avg channel squared mean",
+    "spp/grad_var": "gradient: avg channel variance",
+    "spp/grad_branch_var": "branch gradient: avg channel variance",
+}
+
+
+def signal_propagation_figure(blocks: list[str], data: dict[str, np.ndarray], title: str):
+    """Signal-propagation plot: each ``spp/*`` quantity (``[steps, blocks]``) against block
+    depth, median over the steps, log y; forward statistics left, backward right."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    depth = np.arange(1, len(blocks) + 1)
+    fig = Figure(figsize=(max(9.0, 0.25 * len(blocks) + 6), 4.0), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    for ax, names, label in ((axes[0], SPP_PANELS[:3], "forward (block output)"),
+                             (axes[1], SPP_PANELS[3:], "backward (output gradient)")):
+        for name in names:
+            values = data.get(name)
+            if values is None or values.size == 0:
+                continue
+            values = np.where(np.isfinite(values) & (values > 0), values, np.nan)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                med = np.nanmedian(values, axis=0)
+            if np.all(np.isnan(med)):
+                continue
+            ax.plot(depth, med, marker="o", ms=3, label=_SPP_LABELS[name])
+        ax.set_yscale("log")
+        ax.set_xlabel("residual block (forward order)")
+        ax.set_title(label, fontsize=9)
+        step = max(1, math.ceil(len(blocks) / 30))
+        ax.set_xticks(depth[::step], [blocks[i] for i in range(0, len(blocks), step)], rotation=90, fontsize=7)
+        ax.grid(True, which="major", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
