@@ -536,10 +536,6 @@ def _channel_stats(s: StepTensors, kind: int) -> tuple[Tensor, Tensor]:
             torch.where(valid, var, zero).sum(-1) / channels)
 
 
-def _grad_scale_sq(s: StepTensors) -> Tensor:
-    return s.out_grad_scale.to(SUM_DTYPE).square()
-
-
 @quantity("spp/mean_sq", needs="spp", over="blocks")
 def spp_mean_sq(s: StepTensors) -> Tensor:
     return _channel_stats(s, SPP_OUT)[0]
@@ -555,16 +551,23 @@ def spp_branch_var(s: StepTensors) -> Tensor:
     return _channel_stats(s, SPP_BRANCH)[1]
 
 
-@quantity("spp/grad_mean_sq", needs="spp", over="blocks")
-def spp_grad_mean_sq(s: StepTensors) -> Tensor:
-    return _channel_stats(s, SPP_GRAD_OUT)[0] * _grad_scale_sq(s)
+# Backward counterparts as square roots (an RMS and two standard deviations): gradients of
+# 1e-30 have variances of 1e-60, below float32, the precision of TensorBoard scalars.
 
 
-@quantity("spp/grad_var", needs="spp", over="blocks")
-def spp_grad_var(s: StepTensors) -> Tensor:
-    return _channel_stats(s, SPP_GRAD_OUT)[1] * _grad_scale_sq(s)
+@quantity("spp/grad_mean_rms", needs="spp", over="blocks")
+def spp_grad_mean_rms(s: StepTensors) -> Tensor:
+    """sqrt(average over channels of the squared channel mean of dL/d(block output))."""
+    return _channel_stats(s, SPP_GRAD_OUT)[0].sqrt() * s.out_grad_scale
 
 
-@quantity("spp/grad_branch_var", needs="branch", over="blocks")
-def spp_grad_branch_var(s: StepTensors) -> Tensor:
-    return _channel_stats(s, SPP_GRAD_BRANCH)[1] * _grad_scale_sq(s)
+@quantity("spp/grad_std", needs="spp", over="blocks")
+def spp_grad_std(s: StepTensors) -> Tensor:
+    """sqrt(average channel variance of dL/d(block output))."""
+    return _channel_stats(s, SPP_GRAD_OUT)[1].sqrt() * s.out_grad_scale
+
+
+@quantity("spp/grad_branch_std", needs="branch", over="blocks")
+def spp_grad_branch_std(s: StepTensors) -> Tensor:
+    """sqrt(average channel variance of dL/d(branch output))."""
+    return _channel_stats(s, SPP_GRAD_BRANCH)[1].sqrt() * s.out_grad_scale

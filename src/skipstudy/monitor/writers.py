@@ -254,14 +254,14 @@ def figure_rgb(fig) -> np.ndarray:
 
 # Panels of the signal-propagation figure: forward statistics of the block outputs, then the
 # backward ones of their gradients (Brock et al. 2021, Fig. 1).
-SPP_PANELS = ("spp/mean_sq", "spp/var", "spp/branch_var", "spp/grad_mean_sq", "spp/grad_var", "spp/grad_branch_var")
+SPP_PANELS = ("spp/mean_sq", "spp/var", "spp/branch_var", "spp/grad_mean_rms", "spp/grad_std", "spp/grad_branch_std")
 _SPP_LABELS = {
     "spp/mean_sq": "avg channel squared mean",
     "spp/var": "avg channel variance",
     "spp/branch_var": "residual branch: avg channel variance",
-    "spp/grad_mean_sq": "gradient: avg channel squared mean",
-    "spp/grad_var": "gradient: avg channel variance",
-    "spp/grad_branch_var": "branch gradient: avg channel variance",
+    "spp/grad_mean_rms": "gradient: sqrt(avg channel squared mean)",
+    "spp/grad_std": "gradient: sqrt(avg channel variance)",
+    "spp/grad_branch_std": "branch gradient: sqrt(avg channel variance)",
 }
 
 
