@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from skipstudy.errors import ConfigError
 from skipstudy.monitor import GradientFlowMonitor
 from skipstudy.monitor import callback as monitor_callback
+from skipstudy.monitor import taps as monitor_taps
 from skipstudy.monitor.callback import on_log_schedule
 from skipstudy.monitor.layers import select_layers
 
@@ -706,6 +707,21 @@ def test_nothing_recorded_during_validation(tmp_path, monkeypatch):
     assert_close(recorded(monitor, 0), want)
 
 
+class ResidualTiny(nn.Module):
+    """A stem conv and one skipstudy BasicBlock with an identity shortcut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from skipstudy.models.blocks import BasicBlock, identity_shortcut
+
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.block = BasicBlock(4, 4, 1, identity_shortcut)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.block(self.conv1(x)).mean((2, 3)))
+
+
 SYNCING = ("item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool__", "__index__", "__array__")
 
 
@@ -757,15 +773,16 @@ def test_one_host_transfer_per_recorded_step(tmp_path, monkeypatch):
         return real_to(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.Tensor, "to", to)
-    real_to_host = monitor_callback._to_host
+    real_to_host = monitor_taps._to_host
 
     def counting_to_host(t):
         transfers.append(t.numel())
         return real_to_host(t)
 
-    monkeypatch.setattr(monitor_callback, "_to_host", counting_to_host)
+    monkeypatch.setattr(monitor_taps, "_to_host", counting_to_host)
     monitor = GradientFlowMonitor(every_n_steps=2)
-    fit(tmp_path, TinyNet(), monitor, data=make_data(16), max_steps=-1, max_epochs=2)
+    fit(tmp_path, ResidualTiny(), monitor, data=make_data(16), max_steps=-1, max_epochs=2)
+    assert monitor.taps.block_names == ["block"]  # the per-block quantities are in the one transfer too
     assert monitor.series.steps == [0, 2, 4, 6]
     assert len(transfers) == 4
     assert stray == []

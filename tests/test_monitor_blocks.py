@@ -245,3 +245,45 @@ def test_layer_taps_on_a_torchvision_resnet_in_a_plain_loop():
     assert "grad_norm/weight/layer4.1.conv2" in v and len([k for k in v if k.startswith("grad_split/cos/")]) == 8
     taps.remove()
     assert not model.layer1[0]._forward_pre_hooks and not model.conv1._forward_hooks
+
+
+def test_compiled_network_records_the_block_quantities_of_eager(tmp_path):
+    """torch.compile: the block hooks run at graph breaks on the real tensors, so step 0
+    equals the hand computation and later steps equal an eager run's."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = BlockNet()
+    data = make_data(12)
+    want = reference(net, data.tensors[0][:4], data.tensors[1][:4])
+    eager_net = copy.deepcopy(net)
+    monitor = GradientFlowMonitor(hist_every_n_epochs=0)
+    eager = GradientFlowMonitor(hist_every_n_epochs=0)
+    try:
+        fit(tmp_path / "compiled", torch.compile(net, backend="aot_eager"), monitor, data=data, max_steps=2)
+        fit(tmp_path / "eager", eager_net, eager, data=data, max_steps=2)
+        assert_close(recorded(monitor, 0), want)
+        assert_close(recorded(monitor, 1), recorded(eager, 1), rel=1e-4)
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_amp_block_quantities_close_to_fp32(tmp_path, precision):
+    """bf16 autocast, and fp16 with a GradScaler at scale 2**10: gradients are in units of the
+    loss (the scale divided out) and close to fp32."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    data = make_data()
+    runs = {}
+    for p in ("32-true", precision):
+        torch.manual_seed(0)
+        monitor = GradientFlowMonitor()
+        kw = {"precision": p}
+        if p == "16-mixed":
+            kw = {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))]}
+        fit(tmp_path / p, BlockNet(), monitor, data=data, **kw)
+        runs[p] = recorded(monitor)
+    fp32, amp = runs["32-true"], runs[precision]
+    for tag in fp32:
+        if tag.startswith(("grad_split/shortcut", "grad_split/branch", "spp/var", "spp/grad_std", "spp/grad_branch_std")):
+            assert math.isclose(amp[tag], fp32[tag], rel_tol=5e-2), (tag, amp[tag], fp32[tag])

@@ -156,6 +156,7 @@ class LayerTaps:
         self.hist = False  # also bin the output gradients this step
         self.armed = False
         self.values: dict[str, float] = {}
+        self.step: int | None = None
         self._ordered = False
         self._call_counter = itertools.count()
         self._weight_numel: Tensor | None = None
@@ -282,7 +283,9 @@ class LayerTaps:
     @contextlib.contextmanager
     def record(self, step: int | None = None, params: list[nn.Parameter] | None = None) -> Iterator[LayerTaps]:
         """Collect the step run inside the ``with`` (forward and backward); on leaving it,
-        :attr:`values` holds the step's ``{tag: value}`` (one host transfer)."""
+        :attr:`values` holds the step's ``{tag: value}`` (one host transfer) and :attr:`step`
+        the ``step`` given. One backward pass per record: a second one adds to the same sums."""
+        self.step = step
         self.arm()
         try:
             yield self
