@@ -37,7 +37,8 @@ TINY = [
     "dataset.batch_size=8",
     "dataset.image_size=16",
 ]
-FIGURES = ["gradient_flow", "grad_norm_steps", "grad_hist_epochs", "training_curves", "depth_sweep", "activation_std"]
+FIGURES = ["gradient_flow", "grad_norm_steps", "grad_hist_epochs", "training_curves", "depth_sweep", "activation_std",
+           "grad_split", "signal_propagation"]
 
 
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -93,6 +94,44 @@ def test_every_figure_exists_and_decodes(report):
         with Image.open(gif) as im:
             im.load()
             assert im.format == "GIF"
+
+
+def test_block_quantities_and_the_slope_are_in_the_report(report, sweep):
+    """The per-block tags reach the report (block order from the export), each run's
+    grad_decay_slope is the median of its last epoch's slopes recomputed from the exported
+    RMS, and a plain run has no shortcut part."""
+    rows = {r["run"]: r for r in _rows(report.out)}
+    for run in report.runs:
+        stats = json.loads((run.path / "grad_stats.json").read_text())
+        assert run.blocks == stats["blocks"] and len(run.blocks) == (3 if "depth=8" in run.name else 6)
+        rms = np.array([stats["series"][f"grad_rms/output/{n}"] for n in stats["layers"]], dtype=float)
+        last = np.asarray(stats["epoch"]) == max(stats["epoch"])
+        slopes = [np.polyfit(np.arange(rms.shape[0]), np.log10(rms[:, k]), 1)[0] for k in np.flatnonzero(last)]
+        assert float(rows[run.name]["grad_decay_slope"]) == pytest.approx(float(np.median(slopes)), rel=1e-4)
+        has_shortcut = run.series(f"grad_split/shortcut/{run.blocks[-1]}") is not None
+        assert has_shortcut == run.skip
+    # One seed per setting: a mean and no interval.
+    table = (report.out / "decay_slope.md").read_text()
+    assert table.count("\n| `") == 4
+
+
+def test_slope_across_seeds_has_a_student_t_interval(tmp_path):
+    """Three seeds of one setting: the mean and the 95% interval of their grad_decay_slope,
+    against numpy and the tabulated t(0.975, 2) = 4.303."""
+    from skipstudy.analysis.summary import decay_slope, slope_by_setting, t_quantile
+
+    out = tmp_path / "seeds"
+    proc = _cli(["-m", "skipstudy.train", "-m", "model=mini", "seed=0,1,2", *TINY, f"hydra.sweep.dir={out}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = build_report([out], tmp_path / "report")
+    values = np.array([decay_slope(run) for run in report.runs])
+    assert values.size == 3 and np.isfinite(values).all() and np.unique(values).size == 3
+    (row,) = slope_by_setting(report.runs)
+    half = 4.303 * values.std(ddof=1) / np.sqrt(3)
+    assert row["seeds"] == 3 and row["mean"] == pytest.approx(values.mean())
+    assert (row["ci95_low"], row["ci95_high"]) == pytest.approx((values.mean() - half, values.mean() + half), rel=1e-3)
+    assert t_quantile(0.975, 10) == pytest.approx(2.228, abs=1e-3)
+    assert "Depth-decay exponent across seeds" in (report.out / "index.html").read_text()
 
 
 @pytest.mark.slow

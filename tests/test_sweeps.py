@@ -386,10 +386,14 @@ def test_quickstart_runs_and_fills_the_hparams_dashboard(tmp_path):
     assert len(series) == 4
     assert last[fm.MIN_FIRST_LAYER_GRAD_RMS] == pytest.approx(min(series), rel=1e-5)
     assert last[fm.DIVERGED] == 0.0
+    # The median over the recorded steps of the depth-decay slope, recomputed from the export's RMS.
+    rms = np.array([[v for v in stats["series"][f"grad_rms/output/{n}"]] for n in stats["layers"]], dtype=float)
+    slopes = [np.polyfit(np.arange(len(stats["layers"])), np.log10(rms[:, k]), 1)[0] for k in range(rms.shape[1])]
+    assert last[fm.GRAD_DECAY_SLOPE] == pytest.approx(float(np.median(slopes)), rel=1e-4)
     assert 0.0 <= last["val/acc"] <= 1.0
     # The HParams plugin declares the four final metrics and records the overrides column.
     declared, overrides = hparams_declaration(run_dir)
-    assert {"val/acc", "val/loss", fm.MIN_FIRST_LAYER_GRAD_RMS, fm.DIVERGED} <= declared
+    assert {"val/acc", "val/loss", fm.MIN_FIRST_LAYER_GRAD_RMS, fm.GRAD_DECAY_SLOPE, fm.DIVERGED} <= declared
     assert "trainer.max_epochs=1" in overrides
 
 

@@ -159,19 +159,22 @@ def _fit_y(ax, healthy: list[np.ndarray]) -> None:
         ax.set_ylim(lo - pad, hi + pad)
 
 
-def layer_profiles(runs: list[Run], quantities: tuple[str, ...], title: str, ylabels: dict[str, str] | None = None) -> Figure | None:
+def layer_profiles(runs: list[Run], quantities: tuple[str, ...], title: str, ylabels: dict[str, str] | None = None,
+                   linear: tuple[str, ...] = ()) -> Figure | None:
     """Per-layer values against layer depth at the first, middle and last epoch.
 
     One row per quantity (e.g. ``grad_rms/output`` and ``grad_norm/output``), one column
     per epoch pick, one line per run; each point is the median over that epoch's recorded
-    steps. Log y axis. Returns None when no run recorded any of ``quantities``.
+    steps. Log y axis, except for the quantities in ``linear`` (e.g. a cosine). Per-block
+    quantities are drawn against block depth. Returns None when no run recorded any of
+    ``quantities``.
     """
     runs = [r for r in runs if any(r.layer_series(q) for q in quantities)]
     if not runs:
         return None
     epochs = {id(r): sorted(set().union(*(r.epochs_of(q) for q in quantities))) for r in runs}
     ncols = min(3, max(len(e) for e in epochs.values()))
-    order = merged_layer_order(r.layers for r in runs)
+    order = merged_layer_order(r.units(quantities[0]) for r in runs)
     pos = {name: i for i, name in enumerate(order)}
     styles = run_styles(runs)
     col_names = {1: ["last epoch"], 2: ["first epoch", "last epoch"], 3: ["first epoch", "middle epoch", "last epoch"]}[ncols]
@@ -195,13 +198,18 @@ def layer_profiles(runs: list[Run], quantities: tuple[str, ...], title: str, yla
                     continue
                 x = np.array([pos[name] for name in profile])
                 raw = np.array(list(profile.values()), dtype=np.float64)
-                y = _positive(raw)
-                (line,) = ax.plot(x, y, marker="o", ms=3, lw=1.3, **styles[id(run)])
-                mark_zeros(ax, x, raw, line.get_color())
+                if q in linear:
+                    y = np.where(np.isfinite(raw), raw, np.nan)
+                    ax.plot(x, y, marker="o", ms=3, lw=1.3, **styles[id(run)])
+                else:
+                    y = _positive(raw)
+                    (line,) = ax.plot(x, y, marker="o", ms=3, lw=1.3, **styles[id(run)])
+                    mark_zeros(ax, x, raw, line.get_color())
                 if not run.diverged:
                     healthy.append(y)
-            ax.set_yscale("log")
-            _focus_log_ylim(ax, healthy)
+            if q not in linear:
+                ax.set_yscale("log")
+                _focus_log_ylim(ax, healthy)
             ax.grid(True, which="major", alpha=0.3)
             if row == 0:
                 suffix = f" ({picked.pop()})" if len(picked) == 1 else ""
@@ -232,6 +240,29 @@ def activation_std(runs: list[Run]) -> Figure | None:
         ("act/std",),
         "Forward activation std per layer (median over the epoch's steps)",
         {"act/std": "std of the layer's output"},
+    )
+
+
+def gradient_split(runs: list[Run]) -> Figure | None:
+    """Per residual block: how the input gradient divides between shortcut and branch."""
+    return layer_profiles(
+        runs,
+        ("grad_split/ratio", "grad_split/branch", "grad_split/cos"),
+        "Gradient split at each block's input: shortcut part vs residual-branch part (median over the epoch's steps)",
+        {"grad_split/ratio": "||shortcut part|| / ||branch part||", "grad_split/branch": "||branch part||",
+         "grad_split/cos": "cos(shortcut part, branch part)"},
+        linear=("grad_split/cos",),
+    )
+
+
+def signal_propagation(runs: list[Run]) -> Figure | None:
+    """Signal-propagation plot (Brock et al. 2021): channel statistics per block against depth."""
+    return layer_profiles(
+        runs,
+        ("spp/var", "spp/mean_sq", "spp/branch_var", "spp/grad_std"),
+        "Signal propagation per residual block (median over the epoch's steps)",
+        {"spp/var": "avg channel variance", "spp/mean_sq": "avg channel squared mean",
+         "spp/branch_var": "branch: avg channel var", "spp/grad_std": "gradient: sqrt(avg channel var)"},
     )
 
 
@@ -556,6 +587,8 @@ def run_figures(runs: list[Run]) -> dict[str, Figure]:
         "training_curves": training_curves(runs),
         "depth_sweep": depth_sweep(runs),
         "activation_std": activation_std(runs),
+        "grad_split": gradient_split(runs),
+        "signal_propagation": signal_propagation(runs),
     }
     return {k: v for k, v in figs.items() if v is not None}
 
@@ -569,6 +602,8 @@ __all__ = [
     "final_val_acc",
     "gradient_flow",
     "gradient_norm_over_steps",
+    "gradient_split",
+    "signal_propagation",
     "histogram_frames",
     "histogram_small_multiples",
     "layer_profiles",

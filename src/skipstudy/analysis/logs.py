@@ -10,7 +10,10 @@ Tag vocabulary (TEAM.md): ``train/loss``, ``train/loss_epoch``, ``train/acc``, `
 ``val/acc``, ``epoch`` (Lightning), and the monitor's ``grad_norm/output/<layer>``,
 ``grad_rms/output/<layer>``, ``grad_norm/weight/<layer>``, ``grad_rms/weight/<layer>``,
 ``grad_norm/total``, ``grad_hist/output/<layer>`` (histograms over log10|g|),
-``act/{mean,std,zero_frac}/<layer>``, ``train/diverged``; steps are global steps.
+``act/{mean,std,zero_frac}/<layer>``, ``grad_decay/slope``, per residual block
+``grad_split/{shortcut,branch,ratio,cos}/<block>`` and
+``spp/{mean_sq,var,branch_var,grad_mean_rms,grad_std,grad_branch_std}/<block>``,
+``train/diverged``; steps are global steps.
 """
 
 from __future__ import annotations
@@ -45,6 +48,20 @@ LAYER_QUANTITIES = (
     "act/zero_frac",
 )
 HIST_QUANTITY = "grad_hist/output"
+# Per-block quantities (tags end in ``/<block>``); the first one present gives the block order
+# when the export is missing.
+BLOCK_QUANTITIES = (
+    "grad_split/branch",
+    "grad_split/shortcut",
+    "grad_split/ratio",
+    "grad_split/cos",
+    "spp/mean_sq",
+    "spp/var",
+    "spp/branch_var",
+    "spp/grad_mean_rms",
+    "spp/grad_std",
+    "spp/grad_branch_std",
+)
 # Overrides that locate or name a run but do not change what it computes; they never make
 # two runs different groups (train.yaml excludes the same keys from directory names).
 LOCATING_KEYS = ("name", "experiment", "resume", "paths.", "hydra.", "dataset.root", "seed")
@@ -87,6 +104,7 @@ class Run:
         histograms: tag -> histograms in step order.
         layers: tracked layer names in forward order (empty without the monitor).
         damaged: its event files that fail a CRC check or cannot be read ("<path>: <what>").
+        blocks: residual block names (empty without the monitor's ``blocks``).
         nonfinite_steps: steps whose gradients were non-finite (monitor export and events).
         label: short name that tells this run from the others loaded with it.
     """
@@ -99,6 +117,7 @@ class Run:
     histograms: dict[str, list[Histogram]] = field(default_factory=dict)
     layers: list[str] = field(default_factory=list)
     damaged: list[str] = field(default_factory=list)
+    blocks: list[str] = field(default_factory=list)
     nonfinite_steps: list[int] = field(default_factory=list)
     diverged_at: dict[str, Any] | None = None
     label: str = ""
@@ -145,9 +164,14 @@ class Run:
         """The scalar series ``tag``, or None when the run never wrote it."""
         return self.scalars.get(tag)
 
+    def units(self, quantity: str) -> list[str]:
+        """The names a quantity's tags end in: blocks for ``grad_split/*`` and ``spp/*``, else layers."""
+        return self.blocks if quantity in BLOCK_QUANTITIES else self.layers
+
     def layer_series(self, quantity: str) -> dict[str, Series]:
-        """``{layer: series}`` of a per-layer quantity (``grad_rms/output``), forward order."""
-        return {layer: s for layer in self.layers if (s := self.scalars.get(f"{quantity}/{layer}")) is not None}
+        """``{layer or block: series}`` of a per-layer (``grad_rms/output``) or per-block
+        (``spp/var``) quantity, forward order."""
+        return {u: s for u in self.units(quantity) if (s := self.scalars.get(f"{quantity}/{u}")) is not None}
 
     @property
     def has_data(self) -> bool:
@@ -473,6 +497,10 @@ def load_run(run_dir: str | os.PathLike) -> Run:
         if not layers:
             layers = _layers_from_tags(list(run.histograms), HIST_QUANTITY)
     run.layers = [str(x) for x in layers]
+    blocks = export.get("blocks")
+    if not (isinstance(blocks, list) and blocks):
+        blocks = next((b for q in BLOCK_QUANTITIES if (b := _layers_from_tags(tag_order, q))), [])
+    run.blocks = [str(x) for x in blocks]
 
     epoch = run.scalars.get("epoch")
     if epoch is not None and epoch.steps.size:

@@ -34,8 +34,20 @@ from pathlib import Path
 
 from skipstudy.analysis import figures as F
 from skipstudy.analysis.logs import Run, load_runs
-from skipstudy.analysis.summary import (COLUMN_NOTES, COLUMNS, PROBE_COLUMNS, formatted_rows, probe_rows, probe_tables,
-                                        summary_rows, write_csv, write_markdown)
+from skipstudy.analysis.summary import (
+    COLUMN_NOTES,
+    COLUMNS,
+    PROBE_COLUMNS,
+    SLOPE_COLUMNS,
+    formatted_rows,
+    probe_rows,
+    probe_tables,
+    slope_by_setting,
+    summary_rows,
+    write_csv,
+    write_markdown,
+    write_slope_table,
+)
 from skipstudy.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -74,6 +86,20 @@ SECTIONS = {
         "6. Forward activation std",
         "Standard deviation of each tracked layer's output against depth, first/middle/last epoch.",
         "no run has act/std scalars (monitor.activations=false or monitor=off?)",
+    ),
+    "grad_split": (
+        "7. Skip/branch gradient split",
+        "Per residual block, the gradient reaching its input split into the part through the shortcut "
+        "and the part through the residual branch: their norm ratio, the branch part's norm and their cosine, "
+        "first/middle/last epoch. Plain twins have only the branch part (no ratio or cosine).",
+        "no run has grad_split/* scalars (no residual blocks, monitor.blocks=false or monitor=off?)",
+    ),
+    "signal_propagation": (
+        "8. Signal propagation",
+        "Signal-propagation plot (Brock et al. 2021): per block output, the average channel variance and "
+        "squared mean, the residual branch's average channel variance, and the output gradient's "
+        "sqrt(average channel variance), against block depth.",
+        "no run has spp/* scalars (no residual blocks, monitor.blocks=false or monitor=off?)",
     ),
 }
 
@@ -143,6 +169,10 @@ def build_report(paths: list[str | os.PathLike], out: str | os.PathLike | None =
     write_csv(rows, out / "summary.csv")
     write_markdown(rows, out / "summary.md")
     report.files += ["summary.csv", "summary.md"]
+    slopes = slope_by_setting(runs)
+    if slopes:
+        write_slope_table(slopes, out / "decay_slope.md")
+        report.files.append("decay_slope.md")
 
     for run in runs:
         if run.nonfinite_steps:
@@ -156,7 +186,7 @@ def build_report(paths: list[str | os.PathLike], out: str | os.PathLike | None =
         write_csv(report.probe_rows, out / "probes.csv", PROBE_COLUMNS)
         report.files.append("probes.csv")
     report.files += [name for name, _ in report.probe_images]
-    write_index(report, rows, paths)
+    write_index(report, rows, paths, slopes)
     report.files.append("index.html")
     return report
 
@@ -210,7 +240,19 @@ figcaption, .small { font-size: 0.85em; color: #555; }
 """
 
 
-def write_index(report: Report, rows, paths: list[str]) -> None:
+def _slope_html(slopes) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in SLOPE_COLUMNS)
+    body = "".join(
+        "<tr><td><code>" + html.escape(r["setting"]) + f"</code></td><td>{r['seeds']}</td>"
+        + "".join(f"<td>{r[c]:.4g}</td>" if r[c] == r[c] else "<td></td>" for c in SLOPE_COLUMNS[2:]) + "</tr>"
+        for r in slopes
+    )
+    return (f"<h2>Depth-decay exponent across seeds</h2><table><tr>{head}</tr>{body}</table>"
+            "<p class='small'>grad_decay_slope (see the summary) per setting: mean over its seeds and a 95% "
+            "Student-t interval. Also as <a href='decay_slope.md'>decay_slope.md</a>.</p>")
+
+
+def write_index(report: Report, rows, paths: list[str], slopes=()) -> None:
     """``index.html``: the table and every figure, referenced by relative file names only."""
     out = report.out
     esc = html.escape
@@ -226,6 +268,8 @@ def write_index(report: Report, rows, paths: list[str]) -> None:
         _table_html(rows),
         "<p class='small'>Also as <a href='summary.csv'>summary.csv</a> and <a href='summary.md'>summary.md</a>.</p>",
     ]
+    if slopes:
+        parts.append(_slope_html(slopes))
     for stem, (title, what, missing) in SECTIONS.items():
         parts.append(f"<h2>{esc(title)}</h2>")
         if (out / f"{stem}.png").is_file() and f"{stem}.png" in report.files:

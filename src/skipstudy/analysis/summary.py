@@ -22,6 +22,7 @@ COLUMNS = (
     "final_train_loss",
     "final_val_acc",
     "grad_attenuation",
+    "grad_decay_slope",
     "nonfinite_steps",
     "wall_time_s",
     "status",
@@ -35,6 +36,10 @@ COLUMN_NOTES = {
     "grad_attenuation": (
         "median over the last recorded epoch of RMS(dL/d output) of the first tracked layer "
         "divided by that of the last; << 1 means gradients shrink on their way to the input"
+    ),
+    "grad_decay_slope": (
+        "median over the last recorded epoch of grad_decay/slope: least-squares slope of log10 RMS(dL/d output) "
+        "against tracked-layer index; decades per layer by which gradients shrink towards the input"
     ),
     "nonfinite_steps": "recorded steps with non-finite gradients (empty: no gradient monitor)",
     "wall_time_s": "seconds from the run's first to its last logged event",
@@ -59,6 +64,59 @@ def gradient_attenuation(run: Run, quantity: str = "grad_rms/output") -> float:
     last_epoch = epochs[ok].max()
     sel = ok & (epochs == last_epoch)
     return float(np.median(a[sel] / b[sel]))
+
+
+def decay_slope(run: Run) -> float:
+    """Median of the finite ``grad_decay/slope`` values of the last epoch that has any (NaN: none)."""
+    s = run.series("grad_decay/slope")
+    if s is None:
+        return math.nan
+    ok = np.isfinite(s.values)
+    if not ok.any():
+        return math.nan
+    epochs = run.epoch_at(s.steps)
+    return float(np.median(s.values[ok & (epochs == epochs[ok].max())]))
+
+
+def t_quantile(p: float, df: int) -> float:
+    """Quantile ``p`` (> 0.5) of Student's t with ``df`` degrees of freedom: the CDF from the
+    density (closed form) integrated numerically, inverted by interpolation."""
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    x = np.linspace(0.0, 200.0 if df < 3 else 40.0, 400_001)
+    pdf = np.exp(log_c - (df + 1) / 2 * np.log1p(x * x / df))
+    cdf = 0.5 + np.concatenate(([0.0], np.cumsum((pdf[1:] + pdf[:-1]) / 2 * np.diff(x))))
+    return float(np.interp(p, cdf, x))
+
+
+SLOPE_COLUMNS = ("setting", "seeds", "mean", "ci95_low", "ci95_high")
+
+
+def slope_by_setting(runs: list[Run]) -> list[dict[str, Any]]:
+    """``grad_decay_slope`` across the seeds of each setting (runs that share their
+    computing overrides): mean and a 95% Student-t interval (none from a single seed)."""
+    groups: dict[tuple[str, ...], list[float]] = {}
+    for run in runs:
+        value = decay_slope(run)
+        if math.isfinite(value):
+            groups.setdefault(run.group, []).append(value)
+    rows = []
+    for group, values in groups.items():
+        v = np.asarray(values)
+        mean = float(v.mean())
+        half = t_quantile(0.975, v.size - 1) * float(v.std(ddof=1)) / math.sqrt(v.size) if v.size > 1 else math.nan
+        rows.append({"setting": " ".join(group) or "(defaults)", "seeds": int(v.size), "mean": mean,
+                     "ci95_low": mean - half, "ci95_high": mean + half})
+    return rows
+
+
+def write_slope_table(rows: list[dict[str, Any]], path: str | Path) -> None:
+    """``decay_slope.md``: the depth-decay exponent per setting across seeds."""
+    lines = ["| " + " | ".join(SLOPE_COLUMNS) + " |", "|" + "|".join("---" for _ in SLOPE_COLUMNS) + "|"]
+    for row in rows:
+        cells = [f"`{row['setting']}`", str(row["seeds"])] + [_fmt(row[c], c) for c in SLOPE_COLUMNS[2:]]
+        lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
+    lines += ["", "- grad_decay_slope per run as in summary.md; mean over a setting's seeds, 95% Student-t interval."]
+    Path(path).write_text("\n".join(lines) + "\n")
 
 
 def run_status(run: Run) -> str:
@@ -95,6 +153,7 @@ def summary_rows(runs: list[Run]) -> list[dict[str, Any]]:
             "final_train_loss": final_train_loss(run) if run.series("train/loss") or run.series("train/loss_epoch") else None,
             "final_val_acc": final_val_acc(run),
             "grad_attenuation": gradient_attenuation(run),
+            "grad_decay_slope": decay_slope(run),
             "nonfinite_steps": len(run.nonfinite_steps) if has_monitor else None,
             "wall_time_s": None if wall is None else round(wall, 2),
             "status": run_status(run),

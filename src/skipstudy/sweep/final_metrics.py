@@ -8,6 +8,9 @@ already; the two written here summarise a whole run in one number:
   output of the first tracked layer over the recorded steps (the monitor's
   ``grad_rms/output/<first layer>``). The first layer is where a vanishing gradient is
   smallest, so this is the number a plain-vs-residual sweep compares (He et al. 2016).
+- ``hparams/grad_decay_slope``: the median over the recorded steps of the monitor's
+  ``grad_decay/slope`` (least-squares slope of log10 output-gradient RMS against layer
+  index), so the dashboard ranks runs by how fast gradients vanish towards the input.
 - ``hparams/diverged``: 1 when training diverged (the monitor met a non-finite gradient, or
   the last training or validation loss is not finite), else 0.
 
@@ -25,7 +28,8 @@ import numpy as np
 
 MIN_FIRST_LAYER_GRAD_RMS = "hparams/min_first_layer_grad_rms"
 DIVERGED = "hparams/diverged"
-TAGS = (MIN_FIRST_LAYER_GRAD_RMS, DIVERGED)
+GRAD_DECAY_SLOPE = "hparams/grad_decay_slope"
+TAGS = (MIN_FIRST_LAYER_GRAD_RMS, GRAD_DECAY_SLOPE, DIVERGED)
 
 
 def min_first_layer_grad_rms(monitor: Any) -> float | None:
@@ -40,6 +44,17 @@ def min_first_layer_grad_rms(monitor: Any) -> float | None:
     column = np.asarray([row[series.tags.index(tag)] for row in series.rows], dtype=np.float64)
     column = column[np.isfinite(column)]
     return float(column.min()) if column.size else None
+
+
+def grad_decay_slope(monitor: Any) -> float | None:
+    """Median of the finite ``grad_decay/slope`` values the monitor recorded, or None."""
+    series = getattr(monitor, "series", None)
+    if series is None or not series.rows or "grad_decay/slope" not in series.tags:
+        return None
+    j = series.tags.index("grad_decay/slope")
+    column = np.asarray([row[j] for row in series.rows], dtype=np.float64)
+    column = column[np.isfinite(column)]
+    return float(np.median(column)) if column.size else None
 
 
 def diverged(trainer: Any, monitor: Any) -> float | None:
@@ -59,6 +74,9 @@ def final_metrics(trainer: Any, monitor: Any) -> dict[str, float]:
     rms = min_first_layer_grad_rms(monitor) if monitor is not None else None
     if rms is not None:
         out[MIN_FIRST_LAYER_GRAD_RMS] = rms
+    slope = grad_decay_slope(monitor) if monitor is not None else None
+    if slope is not None:
+        out[GRAD_DECAY_SLOPE] = slope
     div = diverged(trainer, monitor)
     if div is not None:
         out[DIVERGED] = div
