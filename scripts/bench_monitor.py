@@ -5,6 +5,8 @@ Rows:
   monitor   GradientFlowMonitor on every Conv2d and Linear, every step, activations on,
             TensorBoard scalars + JSON export (conf/monitor/default.yaml)
   monitor_noact  the same with monitor.activations=false (gradients only)
+  monitor_noblocks  monitor with monitor.blocks=false (no grad_split/spp): the difference to
+            ``monitor`` is the cost of the per-block quantities
   notebook  what the studies' notebooks did: register_full_backward_hook on every Conv2d and
             Linear and ``grad_output[0].norm().item()`` per layer per step
   none_compiled, monitor_compiled   with --compile: ``none`` and ``monitor`` on the network
@@ -133,7 +135,7 @@ def run_once(kind: str, net0: nn.Module, batches, args, tmp: Path) -> list[tuple
     timer = Timer(args.warmup)
     callbacks: list[Callback] = [timer]
     if kind.startswith("monitor"):
-        monitor = GradientFlowMonitor(activations=kind != "monitor_noact")
+        monitor = GradientFlowMonitor(activations=kind != "monitor_noact", blocks=kind != "monitor_noblocks")
         monitor.resolve(net)
         callbacks.append(monitor)
     elif kind == "notebook":
@@ -202,7 +204,7 @@ def main() -> None:
              torch.randint(0, num_classes, (args.batch_size,), generator=g)) for _ in range(n)]
     batches = DataLoader(made, batch_size=None)  # whole pre-made batches, no collation
     load_before = os.getloadavg()[0]
-    kinds = ["none", "monitor", "monitor_noact", "notebook"] + (["none_compiled", "monitor_compiled"] if args.compile else [])
+    kinds = ["none", "monitor", "monitor_noact", "monitor_noblocks", "notebook"] + (["none_compiled", "monitor_compiled"] if args.compile else [])
     step_times: dict[str, list[tuple[float, float]]] = defaultdict(list)
     t0 = time.perf_counter()
     import logging
@@ -244,6 +246,8 @@ def main() -> None:
     intro = f"""Training steps/s of {label} (batch {args.batch_size}, {image} px, {args.precision}, {layout}, SGD with momentum) through a
 Lightning Trainer, `scripts/bench_monitor.py`. `none`: no monitor. `monitor`: GradientFlowMonitor on every Conv2d
 and Linear every step with activation statistics, TensorBoard scalars and JSON export (`conf/monitor/default.yaml`).
+`monitor` includes the per-residual-block quantities (`grad_split/*`, `spp/*`, `monitor.blocks=true`); `monitor_noblocks`
+is `monitor` with `monitor.blocks=false`, so their difference is the blocks' cost.
 `monitor_noact`: the same with `monitor.activations=false`. `notebook`: the notebooks' monitor, `register_full_backward_hook` + `grad_output[0].norm().item()` per layer per step.
 `none_compiled` / `monitor_compiled` (with `--compile`): `none` / `monitor` on the network compiled in place with
 `torch.compile` (Inductor), the monitor's hooks running at graph breaks; `monitor_compiled`'s overhead is relative
@@ -264,12 +268,14 @@ Load average (1 min) before/after: {load_before:.2f}/{load_after:.2f} (other wor
 
 {chr(10).join(table)}
 
-{other_device}: not measured (no GPU in this session).
+{other_device}: see its own entry below if measured.
 
 Where the monitor's time goes: per layer per step, the activation statistics read the layer's output three times
 (sum, row-wise sum of squares, nonzero count; a layer with mean^2 > 9 var, or on an accelerator every layer, takes a
 centred pass that writes one scaled copy) and the output gradient once (row-wise sum of squares; a scaled copy when
 its squares would leave float32's range, and always on an accelerator); these memory passes dominate on the CPU.
+Per residual block, the blocks' quantities add per-channel sums and a float64 sum of squares of the block output, the
+branch output and both their gradients, and float64 dot products of the two parts of the input gradient.
 `monitor.activations=false` drops the forward passes. At a tiny batch (`--batch-size 2`) the memory passes
 vanish and the rows show the fixed cost per step: hooks, stacking, the one host transfer, the TensorBoard event.
 """

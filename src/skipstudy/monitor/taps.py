@@ -53,7 +53,7 @@ from skipstudy.monitor.quantities import (
     HistogramBins,
     StepTensors,
     activation_sums,
-    channel_moments,
+    channel_sums,
     log_abs_histogram,
     output_grad_sums,
     split_sums,
@@ -108,7 +108,7 @@ class _Block:
         self.spec = spec
         self.name = spec.name
         self.split: Tensor | None = None  # [4] split_sums, summed over micro-batches
-        self.spp: list[Tensor | None] = [None] * 4  # channel_moments per SPP_* kind
+        self.spp: list[Tensor | None] = [None] * 4  # channel_sums per SPP_* kind
         self.calls: list[dict] = []  # per forward call: the branch's and shortcut's gradients
         self.inside = False  # between the block's forward pre-hook and forward hook
 
@@ -160,6 +160,7 @@ class LayerTaps:
         self._ordered = False
         self._call_counter = itertools.count()
         self._weight_numel: Tensor | None = None
+        self._channels: Tensor | None = None
         self._handles: list = []
         self._hook(self._layers, self._blocks)
 
@@ -264,10 +265,10 @@ class LayerTaps:
         return None
 
     def _moments(self, block: _Block, kind: int, grad_kind: int, y: Tensor) -> None:
-        block.spp[kind] = _add(block.spp[kind], channel_moments(y))
+        block.spp[kind] = _add(block.spp[kind], channel_sums(y))
         if y.requires_grad:
             def add_grad(grad: Tensor) -> None:
-                block.spp[grad_kind] = _add(block.spp[grad_kind], channel_moments(grad))
+                block.spp[grad_kind] = _add(block.spp[grad_kind], channel_sums(grad))
 
             y.register_hook(add_grad)
 
@@ -340,11 +341,16 @@ class LayerTaps:
         act = (stacked([l.act for l in layers], ACT_WIDTH) if self.activations
                else out.new_zeros(len(layers), ACT_WIDTH))
         split = stacked([b.split for b in blocks], 4)
-        cmax = max([1] + [b.spec.channels for b in blocks] + [t.shape[-1] for b in blocks for t in b.spp if t is not None])
-        spp_zero = torch.zeros(4, cmax, dtype=SUM_DTYPE, device=dev)
-        spp = torch.stack([torch.stack([F.pad(t, (0, cmax - t.shape[-1])) if t is not None else spp_zero
-                                        for t in b.spp]) for b in blocks]) if blocks \
-            else torch.zeros(0, 4, 4, cmax, dtype=SUM_DTYPE, device=dev)
+        # Each block's channel count as its sums have it (the same on every rank), else the spec's.
+        chans = [next((t.shape[-1] - 2 for t in b.spp if t is not None), b.spec.channels) for b in blocks]
+        width = max([1, *chans]) + 2
+        spp = torch.stack([torch.stack([F.pad(t, (0, width - t.shape[-1])) if t is not None
+                                        else torch.zeros(width, dtype=SUM_DTYPE, device=dev) for t in b.spp])
+                           for b in blocks]) if blocks else torch.zeros(0, 4, width, dtype=SUM_DTYPE, device=dev)
+        if self._channels is None or self._channels.device != dev or self._channels.numel() != len(chans):
+            # Filled on the device: torch.tensor(list, device=cuda) would be a blocking copy.
+            self._channels = torch.stack([torch.full((), c, dtype=SUM_DTYPE, device=dev) for c in chans]) \
+                if chans else torch.zeros(0, dtype=SUM_DTYPE, device=dev)
         parts = [out, act, split, spp]
         if self.hist:
             parts.append(stacked([l.hist for l in layers], hist_len))
@@ -365,9 +371,11 @@ class LayerTaps:
         scale = torch.ones((), dtype=SUM_DTYPE, device=dev) if scale is None else scale.to(SUM_DTYPE)
         s = StepTensors(out=out, act=act, weight_grads=weight_grads, weight_numel=self._weight_numel,
                         all_grads=[p.grad for p in params if p.grad is not None], out_grad_scale=scale,
-                        split=split, spp=spp)
+                        split=split, spp=spp, channels=self._channels)
         values = [s.once(q.fn).to(SUM_DTYPE).reshape(-1) for q in self.quantities]
-        counts = [out[:, 0], act[:, 0], split[:, 3], spp[:, SPP_OUT, 0, 0], spp[:, SPP_BRANCH, 0, 0]]
+        per_channel = self._channels.long().unsqueeze(1) + 1  # where each block's elements-per-channel sits
+        counts = [out[:, 0], act[:, 0], split[:, 3], spp[:, SPP_OUT].gather(1, per_channel).squeeze(1),
+                  spp[:, SPP_BRANCH].gather(1, per_channel).squeeze(1)]
         flat = _to_host(torch.cat([*values, *counts, scale.reshape(1), hist]))
         return self._unpack(flat, weight_grads)
 
