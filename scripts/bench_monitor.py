@@ -242,6 +242,12 @@ def main() -> None:
     if args.no_write:
         return
     layout = "channels_last" if args.channels_last else "contiguous"
+    blocks_wall = median("monitor", 0) - median("monitor_noblocks", 0)
+    blocks_cpu = median("monitor", 1) - median("monitor_noblocks", 1)
+    blocks_line = (f"Per-block quantities (`monitor` - `monitor_noblocks`): {blocks_wall * 1e3:+.0f} ms wall, "
+                   f"{blocks_cpu * 1e3:+.0f} ms CPU per recorded step ({blocks_cpu / median('none', 1) * 100:+.1f}% of "
+                   f"`none`'s CPU time). `monitor.blocks=false`, or a sparser `monitor.every_n_steps` / "
+                   f"`monitor.schedule=log`, removes or divides it.")
     other_device = "GPU (ResNet-50, batch 256, bf16; target <= 3%)" if args.device == "cpu" else "CPU"
     intro = f"""Training steps/s of {label} (batch {args.batch_size}, {image} px, {args.precision}, {layout}, SGD with momentum) through a
 Lightning Trainer, `scripts/bench_monitor.py`. `none`: no monitor. `monitor`: GradientFlowMonitor on every Conv2d
@@ -268,14 +274,17 @@ Load average (1 min) before/after: {load_before:.2f}/{load_after:.2f} (other wor
 
 {chr(10).join(table)}
 
+{blocks_line}
+
 {other_device}: see its own entry below if measured.
 
 Where the monitor's time goes: per layer per step, the activation statistics read the layer's output three times
 (sum, row-wise sum of squares, nonzero count; a layer with mean^2 > 9 var, or on an accelerator every layer, takes a
 centred pass that writes one scaled copy) and the output gradient once (row-wise sum of squares; a scaled copy when
 its squares would leave float32's range, and always on an accelerator); these memory passes dominate on the CPU.
-Per residual block, the blocks' quantities add per-channel sums and a float64 sum of squares of the block output, the
-branch output and both their gradients, and float64 dot products of the two parts of the input gradient.
+Per residual block, the blocks' quantities read the block output, the branch output and both their gradients
+twice (per-channel sums, a float64-accumulated sum of squares) and the two parts of the input gradient and their sum
+once each (float64-accumulated norms); an identity shortcut's part is one subtraction.
 `monitor.activations=false` drops the forward passes. At a tiny batch (`--batch-size 2`) the memory passes
 vanish and the rows show the fixed cost per step: hooks, stacking, the one host transfer, the TensorBoard event.
 """

@@ -244,7 +244,7 @@ class LayerTaps:
         if b is None:
             return None  # the branch was not reached through its entry module: nothing to split
         s = call.get("s") if block.spec.shortcut is not None else (grad - b if block.spec.has_shortcut else None)
-        block.split = _add(block.split, split_sums(b, s))
+        block.split = _add(block.split, split_sums(grad, b, s))
         call.clear()  # drop the two gradients now; the call is done
         return None
 
