@@ -247,6 +247,7 @@ def test_layer_taps_on_a_torchvision_resnet_in_a_plain_loop():
     assert not model.layer1[0]._forward_pre_hooks and not model.conv1._forward_hooks
 
 
+@pytest.mark.slow
 def test_compiled_network_records_the_block_quantities_of_eager(tmp_path):
     """torch.compile: the block hooks run at graph breaks on the real tensors, so step 0
     equals the hand computation and later steps equal an eager run's."""
@@ -267,6 +268,7 @@ def test_compiled_network_records_the_block_quantities_of_eager(tmp_path):
         torch._dynamo.reset()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 def test_amp_block_quantities_close_to_fp32(tmp_path, precision):
     """bf16 autocast, and fp16 with a GradScaler at scale 2**10: gradients are in units of the
