@@ -1,6 +1,8 @@
 """GradientFlowMonitor: when the per-layer gradient quantities are taken and written.
 
-How it works, per recorded optimizer step:
+How it works, per recorded optimizer step (the hooks themselves are a framework-free
+:class:`~skipstudy.monitor.taps.LayerTaps`, which this callback arms and collects; the
+per-residual-block split and signal-propagation hooks are described there):
 
 * Forward: a forward hook on each tracked layer (active only while training with grad
   enabled, so never in validation or sanity checks) adds the output's activation sums and
@@ -61,7 +63,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 from skipstudy import config
-from skipstudy.monitor import quantities, writers
+from skipstudy.monitor import writers
 from skipstudy.monitor.layers import select_layers
 from skipstudy.monitor.quantities import SUM_DTYPE
 from skipstudy.monitor.taps import LayerTaps
