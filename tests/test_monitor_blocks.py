@@ -289,3 +289,79 @@ def test_amp_block_quantities_close_to_fp32(tmp_path, precision):
     for tag in fp32:
         if tag.startswith(("grad_split/shortcut", "grad_split/branch", "spp/var", "spp/grad_std", "spp/grad_branch_std")):
             assert math.isclose(amp[tag], fp32[tag], rel_tol=5e-2), (tag, amp[tag], fp32[tag])
+
+
+DDP_SCRIPT = r"""
+import json, sys
+from pathlib import Path
+import lightning as L, torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.data import DataLoader, TensorDataset
+sys.path.insert(0, sys.argv[2])
+from test_monitor_blocks import BlockNet, make_data
+from skipstudy.monitor import GradientFlowMonitor
+import torch.nn.functional as F
+
+class Lit(L.LightningModule):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.first = None
+    def training_step(self, batch, batch_idx):
+        x, y, idx = batch
+        if self.first is None:
+            self.first = idx.tolist()
+        return F.cross_entropy(self.net(x), y)
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+out = Path(sys.argv[1])
+torch.manual_seed(0)
+net = BlockNet()
+torch.save(net.state_dict(), out / "init.pt")
+x, y = make_data().tensors
+monitor = GradientFlowMonitor()
+trainer = L.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_steps=1, enable_progress_bar=False,
+                    enable_model_summary=False, enable_checkpointing=False,
+                    logger=TensorBoardLogger(str(out / "run"), name="", version=""), callbacks=[monitor])
+lit = Lit(net)
+trainer.fit(lit, DataLoader(TensorDataset(x, y, torch.arange(len(y))), batch_size=2))
+row = dict(zip(monitor.series.tags, monitor.series.rows[0].tolist())) if monitor.series is not None else None
+(out / f"rank{trainer.global_rank}.json").write_text(json.dumps({"first": lit.first, "row": row}))
+"""
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_sum_the_block_quantities_over_the_global_batch(tmp_path):
+    """DDP (gloo, 2 processes, BN per process): the split's squared norms and dot products add
+    over the ranks (the global batch), and DDP's averaging halves the gradients."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "ddp.py").write_text(DDP_SCRIPT)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="",
+               PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "ddp.py", str(tmp_path), str(Path(__file__).parent)], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    got = ranks[0]["row"]
+    net = BlockNet()
+    net.load_state_dict(torch.load(tmp_path / "init.pt"))
+    x, y = make_data().tensors
+    refs = [reference(net, x[r["first"]], y[r["first"]]) for r in ranks]
+    want = {}
+    for n in ["layer1.0", "layer1.1", "layer2.0", "layer3.0"]:
+        s = [ref[f"grad_split/shortcut/{n}"] for ref in refs]
+        b = [ref[f"grad_split/branch/{n}"] for ref in refs]
+        dot = sum(ref[f"grad_split/cos/{n}"] * si * bi for ref, si, bi in zip(refs, s, b))
+        want[f"grad_split/shortcut/{n}"] = math.hypot(*s) / 2
+        want[f"grad_split/branch/{n}"] = math.hypot(*b) / 2
+        want[f"grad_split/cos/{n}"] = dot / (math.hypot(*s) * math.hypot(*b))
+    assert_close(got, want, rel=1e-5)
