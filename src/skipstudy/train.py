@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
 import platform
 import subprocess
 import sys
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from skipstudy import config, fast, runs, stopping
 from skipstudy.analysis.callback import build_report_callback
+from skipstudy.analysis.summary import run_summary
 from skipstudy.errors import ConfigError
 from skipstudy.layout import conf_dir as _conf_dir
 from skipstudy.fast import resolve_precision  # noqa: F401 - kept importable from here
@@ -193,6 +196,33 @@ def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
     return out
 
 
+class _NoAdverts(logging.Filter):
+    """Drops Lightning's product tips ("💡 Tip: ... try installing litlogger"), which it prints
+    at every fit because this project logs to TensorBoard rather than to Lightning's cloud."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_lightning() -> None:
+    """Silence the start-up noise a run would otherwise print on every fit: Lightning's
+    product tips, and the FutureWarning torch raises at Lightning's use of ``LeafSpec`` in
+    its data-loader code (nothing a user of this project can act on). Idempotent."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoAdverts) for f in logger.filters):
+            logger.addFilter(_NoAdverts())
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+
+
+def print_summary(run_dir: Path) -> None:
+    """The few lines every run ends with (skipstudy/analysis/summary.py), read back from its logs."""
+    try:
+        print(run_summary(run_dir), flush=True)
+    except Exception as err:  # noqa: BLE001 - a summary that cannot be read must not fail a finished run
+        print(f"Run finished: {run_dir} (summary unavailable: {err})", flush=True)
+
+
 def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
     """Build everything from ``cfg`` and fit; returns the final logged metrics."""
     run_dir = Path(run_dir)
@@ -202,6 +232,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
     resuming = bool(cfg.get("resume"))
     ckpt_path = runs.last_checkpoint(run_dir) if resuming else None
     speed = fast.resolve(cfg)
+    quiet_lightning()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     dm = build_datamodule(cfg)
@@ -270,6 +301,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
         raise ConfigError(stopping.oom_message(cfg.dataset.get("batch_size"), speed.precision,
                                                cfg.dataset.get("image_size"))) from err
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    if trainer.is_global_zero:
+        print_summary(run_dir)
     if guard.verdict is not None:
         raise stopping.Diverged(*guard.verdict, metrics)
     return metrics

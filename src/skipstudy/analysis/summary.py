@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import csv
 import math
+import shlex
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from skipstudy.analysis.figures import final_train_loss, final_val_acc
-from skipstudy.analysis.logs import Run
+from skipstudy.analysis.logs import Run, load_run, load_runs
+from skipstudy.errors import ConfigError
 
 COLUMNS = (
     "run",
@@ -268,3 +270,130 @@ def probe_tables(rows: list[dict[str, Any]]) -> dict[str, tuple[list[str], list[
                   *(_fmt(values.get(k), k) for k in keys)] for (run, step, skip, depth), values in lines.items()]
         out[probe] = (header, cells)
     return out
+
+
+# ---------------------------------------------------------------------- end-of-run text
+# What `python -m skipstudy.train` prints when a run (and, for a sweep, the whole sweep) ends:
+# the same numbers as the report's summary table, read back from the run's own logs once, so
+# nothing is added to the training loop.
+
+
+def _shown(path: str | Path) -> str:
+    """``path`` relative to the working directory when it lies below it, shell-quoted."""
+    path = Path(path).resolve()
+    try:
+        text = str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        text = str(path)
+    return shlex.quote(text or ".")
+
+
+def end_layer_rms(run: Run, quantity: str = "grad_rms/output") -> dict[str, Any] | None:
+    """The first and last tracked layer's ``quantity``: at the first recorded step (the
+    network at initialisation) and as the median over the last recorded epoch.
+
+    Returns ``{"first", "last": layer names, "init": (first, last), "final": (first, last)}``,
+    or None when fewer than two layers were recorded.
+    """
+    series = run.layer_series(quantity)
+    if len(series) < 2:
+        return None
+    names = list(series)
+    first, last = series[names[0]], series[names[-1]]
+
+    def final(s) -> float:
+        v = s.values[np.isfinite(s.values)]
+        epochs = run.epoch_at(s.steps[np.isfinite(s.values)])
+        return float(np.median(v[epochs == epochs.max()])) if v.size else math.nan
+
+    return {
+        "first": names[0], "last": names[-1],
+        "init": (float(first.values[0]) if first.values.size else math.nan,
+                 float(last.values[0]) if last.values.size else math.nan),
+        "final": (final(first), final(last)),
+    }
+
+
+def _g(value: float | None) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3g}"
+
+
+def _ratio(pair: tuple[float, float]) -> float:
+    a, b = pair
+    return a / b if math.isfinite(a) and math.isfinite(b) and b > 0 else math.nan
+
+
+def run_summary(run_dir: str | Path) -> str:
+    """A few lines on a finished run: where it is, its final metrics, how much the output
+    gradient shrinks from the last tracked layer to the first, and how to look further."""
+    run = load_run(run_dir)
+    row = summary_rows([run])[0]
+    val_loss = run.series("val/loss")
+    lines = [f"Run {row['status']}: {_shown(run_dir)}",
+             f"  epochs {row['epochs']}, steps {row['steps']}: train loss {_g(row['final_train_loss'])}, "
+             f"val loss {_g(val_loss.last() if val_loss else None)}, val acc {_g(row['final_val_acc'])}"]
+    ends = end_layer_rms(run)
+    if ends is not None:
+        lines.append(
+            f"  output-gradient RMS {ends['first']} / {ends['last']}: "
+            f"{_g(ends['init'][0])} / {_g(ends['init'][1])} = {_g(_ratio(ends['init']))} at step 0, "
+            f"{_g(ends['final'][0])} / {_g(ends['final'][1])} = {_g(_ratio(ends['final']))} in the last epoch")
+    lines.append(f"  tensorboard --logdir {_shown(run_dir)}")
+    return "\n".join(lines)
+
+
+def sweep_summary(sweep_dir: str | Path) -> str | None:
+    """The sweep's runs side by side (one line each), and the commands that show more;
+    None when no run below ``sweep_dir`` has logged anything."""
+    try:
+        runs, _ = load_runs([sweep_dir])
+    except ConfigError:
+        return None
+    root = Path(sweep_dir).resolve()
+    header = ("run", "train loss", "val acc", "first/last layer", "grad RMS first", "grad RMS last",
+              "first/last", "first/last at step 0")
+    table = [header]
+    for run, row in zip(runs, summary_rows(runs)):
+        ends = end_layer_rms(run)
+        try:
+            name = str(run.path.resolve().relative_to(root))
+        except ValueError:
+            name = str(run.path)
+        cells = [name, _g(row["final_train_loss"]), _g(row["final_val_acc"])]
+        if ends is None:
+            cells += ["-"] * 5
+        else:
+            cells += [f"{ends['first']}/{ends['last']}", _g(ends["final"][0]), _g(ends["final"][1]),
+                      _g(_ratio(ends["final"])), _g(_ratio(ends["init"]))]
+        table.append(tuple(cells))
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    lines = [f"Sweep done: {len(runs)} runs in {_shown(sweep_dir)}"]
+    lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
+    lines += ["  (output-gradient RMS: median over the last epoch, and at step 0; << 1 means the gradient",
+              "   shrinks on its way back to the input)",
+              "Look further:",
+              f"  tensorboard --logdir {_shown(sweep_dir)}",
+              f"  python -m skipstudy.report {_shown(sweep_dir)}"]
+    return "\n".join(lines)
+
+
+try:
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover - Hydra < 1.1
+    _HydraCallback = object
+
+
+class SweepSummary(_HydraCallback):
+    """Hydra callback of ``skipstudy.train`` (``hydra.callbacks.sweep_summary`` in train.yaml):
+    after a multirun, print its runs side by side. ``enabled=false`` turns it off (the probe
+    app composes train.yaml, and its jobs are not training runs)."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+
+    def on_multirun_end(self, config, **kwargs: Any) -> None:
+        if not self.enabled:
+            return
+        text = sweep_summary(config.hydra.sweep.dir)
+        if text:
+            print(text, flush=True)

@@ -41,15 +41,23 @@ def make_synthetic_images(
     the splits never repeat an image.
     """
     class_gen = torch.Generator().manual_seed(seed)
-    freq = 1.5 + 4.0 * torch.rand(num_classes, generator=class_gen)  # cycles per image
-    angle = math.pi * torch.rand(num_classes, generator=class_gen)
+    # Two gratings per class: the texture is their sum, so no single orientation or
+    # frequency names a class, and classes overlap in either one alone.
+    freq = 1.5 + 4.5 * torch.rand(num_classes, 2, generator=class_gen)  # cycles per image (<= 6: no aliasing from 12 px up)
+    angle = math.pi * torch.rand(num_classes, 2, generator=class_gen)
     colour = torch.randn(num_classes, channels, generator=class_gen)
     colour = colour / colour.norm(dim=1, keepdim=True).clamp_min(1e-6) * math.sqrt(channels)
 
     sample_gen = torch.Generator().manual_seed(seed * 1_000_003 + 7919 * (split + 1))
     labels = torch.randint(num_classes, (num_samples,), generator=sample_gen)
-    phase = 2 * math.pi * torch.rand(num_samples, generator=sample_gen)
+    phase = 2 * math.pi * torch.rand(num_samples, 2, generator=sample_gen)
     contrast = 0.6 + 0.8 * torch.rand(num_samples, generator=sample_gen)
+    # Per-sample jitter of orientation (about 10 degrees), frequency (about 10%) and colour
+    # (as large as the class colour itself): the class is a distribution of textures, and
+    # colour alone is a weak cue. This keeps accuracy well below 1 after an epoch.
+    angle_jitter = 0.18 * torch.randn(num_samples, 2, generator=sample_gen)
+    freq_jitter = 1.0 + 0.1 * torch.randn(num_samples, 2, generator=sample_gen)
+    colour_jitter = torch.randn(num_samples, channels, generator=sample_gen)
 
     coords = torch.linspace(0.0, 1.0, image_size)
     yy, xx = torch.meshgrid(coords, coords, indexing="ij")
@@ -58,11 +66,13 @@ def make_synthetic_images(
     for start in range(0, num_samples, 512):
         sl = slice(start, start + 512)
         lab = labels[sl]
-        direction = torch.stack([torch.cos(angle[lab]), torch.sin(angle[lab])], dim=1)
-        proj = direction[:, 0, None, None] * xx + direction[:, 1, None, None] * yy
-        wave = torch.sin(2 * math.pi * freq[lab, None, None] * proj + phase[sl, None, None])
-        pattern = contrast[sl, None, None, None] * wave[:, None] * colour[lab, :, None, None]
-        pattern = pattern + 0.5 * colour[lab, :, None, None]
+        theta = angle[lab] + angle_jitter[sl]
+        f = freq[lab] * freq_jitter[sl]
+        proj = torch.cos(theta)[:, :, None, None] * xx + torch.sin(theta)[:, :, None, None] * yy
+        wave = torch.sin(2 * math.pi * f[:, :, None, None] * proj + phase[sl, :, None, None]).sum(dim=1) / math.sqrt(2)
+        col = colour[lab] + colour_jitter[sl]
+        col = col / col.norm(dim=1, keepdim=True).clamp_min(1e-6) * math.sqrt(channels)
+        pattern = contrast[sl, None, None, None] * wave[:, None] * col[:, :, None, None]
         noise_t = torch.randn(pattern.shape, generator=sample_gen)
         images[sl] = pattern + noise * noise_t
     return images, labels
