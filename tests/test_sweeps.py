@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from hydra.utils import get_object, instantiate
 
 from conftest import CONF_DIR, FAST, PYTHON, cli_env, compose_cfg
@@ -372,29 +373,45 @@ def test_submitit_local_launcher_runs_a_two_job_sweep_and_requeues_with_resume(t
 
 
 @pytest.mark.slow
-def test_quickstart_runs_and_fills_the_hparams_dashboard(tmp_path):
+def test_quickstart_compares_plain_and_residual_and_fills_the_hparams_dashboard(tmp_path):
+    """The quickstart is a sweep by itself: plain-56 and ResNet-56, then both side by side."""
     cmd = [PYTHON, "-m", "skipstudy.train", "experiment=quickstart", "trainer.max_epochs=1", "trainer.limit_train_batches=4",
            "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", f"paths.log_dir={tmp_path / 'logs'}"]
     proc = run(cmd, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (run_dir,) = (tmp_path / "logs" / "quickstart").glob("*/*")
-    last = last_scalars(run_dir)
-    # The smallest output-gradient RMS of the first tracked layer over the recorded steps.
-    stats = json.loads((run_dir / "grad_stats.json").read_text())
-    first = stats["layers"][0]
-    series = [v for v in stats["series"][f"grad_rms/output/{first}"] if v is not None]
-    assert len(series) == 4
-    assert last[fm.MIN_FIRST_LAYER_GRAD_RMS] == pytest.approx(min(series), rel=1e-5)
-    assert last[fm.DIVERGED] == 0.0
-    # The median over the recorded steps of the depth-decay slope, recomputed from the export's RMS.
-    rms = np.array([[v for v in stats["series"][f"grad_rms/output/{n}"]] for n in stats["layers"]], dtype=float)
-    slopes = [np.polyfit(np.arange(len(stats["layers"])), np.log10(rms[:, k]), 1)[0] for k in range(rms.shape[1])]
-    assert last[fm.GRAD_DECAY_SLOPE] == pytest.approx(float(np.median(slopes)), rel=1e-4)
-    assert 0.0 <= last["val/acc"] <= 1.0
-    # The HParams plugin declares the four final metrics and records the overrides column.
-    declared, overrides = hparams_declaration(run_dir)
-    assert {"val/acc", "val/loss", fm.MIN_FIRST_LAYER_GRAD_RMS, fm.GRAD_DECAY_SLOPE, fm.DIVERGED} <= declared
-    assert "trainer.max_epochs=1" in overrides
+    (sweep,) = sweep_dirs(tmp_path / "logs", "quickstart")
+    runs = {("skip=True" in d.name): d for d in job_dirs(sweep)}
+    assert len(runs) == 2
+    ratio = {}
+    for skip, run_dir in runs.items():
+        cfg = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+        assert (cfg["model"]["depth"], cfg["model"]["skip"], cfg["model"]["norm"]) == (56, skip, "none")
+        last = last_scalars(run_dir)
+        # The smallest output-gradient RMS of the first tracked layer over the recorded steps.
+        stats = json.loads((run_dir / "grad_stats.json").read_text())
+        first, final = stats["layers"][0], stats["layers"][-1]
+        series = [v for v in stats["series"][f"grad_rms/output/{first}"] if v is not None]
+        assert len(series) == 4
+        assert last[fm.MIN_FIRST_LAYER_GRAD_RMS] == pytest.approx(min(series), rel=1e-5)
+        assert last[fm.DIVERGED] == 0.0
+        # The median over the recorded steps of the depth-decay slope, recomputed from the export's RMS.
+        rms = np.array([stats["series"][f"grad_rms/output/{n}"] for n in stats["layers"]], dtype=float)
+        slopes = [np.polyfit(np.arange(len(stats["layers"])), np.log10(rms[:, k]), 1)[0] for k in range(rms.shape[1])]
+        assert last[fm.GRAD_DECAY_SLOPE] == pytest.approx(float(np.median(slopes)), rel=1e-4)
+        assert 0.0 <= last["val/acc"] <= 1.0
+        ratio[skip] = series[0] / stats["series"][f"grad_rms/output/{final}"][0]
+        # The HParams plugin declares the four final metrics and records the overrides column.
+        declared, overrides = hparams_declaration(run_dir)
+        assert {"val/acc", "val/loss", fm.MIN_FIRST_LAYER_GRAD_RMS, fm.GRAD_DECAY_SLOPE, fm.DIVERGED} <= declared
+        assert "trainer.max_epochs=1" in overrides
+    # The phenomenon: without shortcuts the gradient reaching conv1 (relative to fc) is
+    # more than a million times smaller than with them.
+    assert ratio[False] < 1e-6 * ratio[True]
+    # The sweep ends with both runs and the commands to look further.
+    tail = proc.stdout[proc.stdout.index("Sweep done: 2 runs in "):]
+    assert "model.skip=False" in tail and "model.skip=True" in tail
+    assert f"tensorboard --logdir {sweep.relative_to(tmp_path)}" in tail
+    assert f"python -m skipstudy.report {sweep.relative_to(tmp_path)}" in tail
 
 
 def hparams_declaration(run_dir: Path) -> tuple[set[str], str]:

@@ -1,0 +1,55 @@
+"""`python scripts/reproduce.py --quick`: every step of docs/results.md, on tiny settings."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+
+import pytest
+import yaml
+
+from conftest import PYTHON, REPO, cli_env
+
+
+@pytest.mark.slow
+def test_reproduce_quick_writes_results_with_numbers_from_the_runs(tmp_path, shared_data):
+    out, work = tmp_path / "docs", tmp_path / "work"
+    cmd = [PYTHON, str(REPO / "scripts" / "reproduce.py"), "--quick", "--out", str(out), "--work", str(work),
+           "--cifar-root", str(shared_data / "cifar10-mini")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    md = (out / "results.md").read_text()
+
+    # Command, versions and date.
+    assert "`python scripts/reproduce.py --quick`" in md and "torch 2." in md and re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", md)
+    for title in ("1. Vanishing", "2. Output-gradient RMS", "3. Training", "4. Shattered", "5. Lesion"):
+        assert f"## {title}" in md
+
+    # Every figure it links exists and is small.
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert sorted(links) == ["results/depth_profile.png", "results/lesion.png", "results/shattering.png", "results/training.png"]
+    for link in links:
+        png = out / link
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 100_000
+
+    # The vanishing table holds the monitor's own step-0 norms, as its export has them.
+    rows = re.findall(r"^\| (no|yes) \| no \| default \| (\S+) \| (\S+) \| \*\*(\S+)\*\* \|", md, flags=re.M)
+    assert {r[0] for r in rows} == {"no", "yes"}
+    for skip, conv1, fc, ratio in rows:
+        (run_dir,) = [d for d in (work / "vanishing").glob("job*")
+                      if yaml.safe_load((d / ".hydra" / "config.yaml").read_text())["model"]["skip"] == (skip == "yes")]
+        stats = json.loads((run_dir / "grad_stats.json").read_text())["series"]
+        want_conv1, want_fc = stats["grad_norm/output/conv1"][0], stats["grad_norm/output/fc"][0]
+        assert float(conv1) == pytest.approx(want_conv1, rel=5e-3, abs=1e-45)
+        assert float(fc) == pytest.approx(want_fc, rel=5e-3)
+        assert float(ratio) == pytest.approx(want_conv1 / want_fc, rel=5e-3, abs=1e-45)
+    # Without skips, BN or kaiming init the gradient reaching conv1 is (at least) 1e6 times smaller
+    # relative to fc than with skips.
+    ratio = {skip: float(r) for skip, _, _, r in rows}
+    assert ratio["no"] < 1e-6 * ratio["yes"]
+
+    # The commands it lists are portable (no machine paths) and were the ones run.
+    block = md[md.index("## Commands"):]
+    assert str(work) not in block and "$WORK/training" in block
+    assert "python -m skipstudy.probe probe=lesion ckpt=$WORK/training/" in block
