@@ -103,11 +103,12 @@ def test_synthetic_data_is_deterministic_and_learnable(make_cfg):
     assert dm.train_set.tensors[0].shape == (8, 3, 64, 64)
     assert not torch.equal(dm.train_set.tensors[0], dm.val_set.tensors[0])
 
-    # Learnable: the two-block mini net gets clearly above chance (10%) in one epoch.
+    # Learnable: the two-block mini net gets clearly above chance (10%) in one epoch; and hard
+    # enough that one epoch does not solve it, so training curves mean something.
     cfg = make_cfg(["trainer.max_epochs=1", "trainer.accelerator=cpu", "optimizer=adam",
                     "monitor=off", "dataset.num_train=1024", "dataset.num_val=256"])
     metrics = train(cfg, cfg.hydra.runtime.output_dir)
-    assert metrics["val/acc"] > 0.3
+    assert 0.3 < metrics["val/acc"] < 0.8
 
 
 def test_num_classes_and_channels_flow_from_the_dataset(make_cfg):

@@ -1,10 +1,11 @@
 """Procedural image classification data: no download, deterministic, learnable.
 
-Each class is an oriented sinusoidal grating with its own frequency, angle and colour.
-A sample is its class pattern at a random phase and contrast, plus pixel noise. A
-global-average-pooled CNN separates the classes by colour and local orientation, so a
-two-block net gets clearly above chance within one epoch, while the noise keeps the
-task from being solved at initialisation. Everything is drawn from one seeded
+Each class is a texture: the sum of two oriented sinusoidal gratings (its own frequencies and
+angles) in its own colour. A sample jitters the class's orientations, frequencies and colour
+(the colour by as much as the class colour itself, so colour alone is a weak cue), draws
+random phases and contrast, and adds pixel noise. A two-block net gets clearly above chance
+within one epoch but far from perfect (tests/test_train.py), so training curves mean
+something. Everything is drawn from one seeded
 ``torch.Generator``: the same seed gives the same images bit for bit.
 """
 
