@@ -253,9 +253,9 @@ def shattering(run, s: Settings, work: Path, cifar: Path, out: Path) -> tuple[Pa
     run("shattering", "skipstudy.probe", "-m", f"hydra.sweep.dir={sweep}", NUMBERED, "probe=shattering", "model=cifar_resnet",
         f"model.depth={s.shatter_depths}", "model.skip=false,true", "model.init=kaiming", *cifar_args(cifar),
         f"probe.points={s.shatter_points}", "device=cpu", "seed=0")
-    from skipstudy.probes.shattering import collect
+    from skipstudy.probes.comparison import collect
 
-    records = collect(sweep)
+    records = collect(sweep, "shattering")
     fig = new_figure(10, 3.6)
     ax_len, ax_lag = fig.subplots(1, 2)
     fits = {}
