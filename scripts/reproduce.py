@@ -24,6 +24,7 @@ runs themselves go to ``--work`` (default: a fresh ``logs/reproduce_<time>/``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import io
 import math
@@ -60,7 +61,7 @@ class Settings:
 
 FULL = Settings(vanish_image_size=64, vanish_norms="batch,none", vanish_inits="default,kaiming",
                 profile_depths="20,56,110", train_depths="20,56", train_steps=200, train_batch=64,
-                shatter_depths="8,14,20,32,56,110", shatter_points=256, lesion_samples=3)
+                shatter_depths="8,14,20,32,56,110", shatter_points=256, lesion_samples=2)
 QUICK = Settings(vanish_image_size=32, vanish_norms="none", vanish_inits="default",
                  profile_depths="8", train_depths="8,14", train_steps=4, train_batch=250,
                  shatter_depths="8,14,20", shatter_points=16, lesion_samples=1)
@@ -72,24 +73,37 @@ QUICK = Settings(vanish_image_size=32, vanish_norms="none", vanish_inits="defaul
 class Runner:
     """Runs the project's CLIs as subprocesses, each command and its output kept in ``work``."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, threads: int | None = None) -> None:
         self.work = work
         self.commands: list[str] = []
         self.timings: dict[str, float] = {}
+        self.reused: list[str] = []
+        self.env = dict(os.environ)
+        if threads:
+            # On a machine shared with other jobs, torch's OpenMP threads spin-wait for cores that
+            # other processes hold; one thread per process avoids that (and is slower on idle cores).
+            self.env["OMP_NUM_THREADS"] = str(threads)
 
     def __call__(self, section: str, module: str, *args: str) -> None:
         cmd = [sys.executable, "-m", module, *args]
         shown = " ".join(shlex.quote(a) for a in ["python", "-m", module, *args])
         self.commands.append(shown)
         log = self.work / f"{section}.log"
+        done = self.work / f"{section}.done"
+        # A rerun with the same --work keeps the sections that finished (their command is the same).
+        if done.is_file() and done.read_text() == shown:
+            print(f"[{section}] done before, kept: {shown}", flush=True)
+            self.reused.append(section)
+            return
         print(f"[{section}] {shown}", flush=True)
         start = time.perf_counter()
         with open(log, "a") as f:
-            proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, text=True)
+            proc = subprocess.run(cmd, cwd=REPO, env=self.env, stdout=f, stderr=subprocess.STDOUT, text=True)
         self.timings[section] = self.timings.get(section, 0.0) + time.perf_counter() - start
         if proc.returncode != 0:
             tail = log.read_text()[-3000:]
             raise SystemExit(f"reproduce: `{shown}` failed with status {proc.returncode}; its output ({log}):\n{tail}")
+        done.write_text(shown)
 
 
 COMMON = ["trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "seed=0"]
@@ -334,13 +348,16 @@ def write_results(out: Path, args, s: Settings, runner: Runner, sections: dict, 
     shat_png, shat, fits = sections["shattering"]
     les_png, les = sections["lesion"]
     rel = lambda p: Path(p).relative_to(out).as_posix()  # noqa: E731
-    cmd = "python scripts/reproduce.py" + (" --quick" if args.quick else "")
+    cmd = " ".join(["python scripts/reproduce.py", *(["--quick"] if args.quick else []),
+                    *([f"--train-steps {args.train_steps}"] if args.train_steps is not None else []),
+                    *([f"--threads {args.threads}"] if args.threads else [])])
     pk = info["packages"]
     md = [
         "# Results",
         "",
         f"Written by `{cmd}` on {started:%Y-%m-%d %H:%M} UTC in {sum(runner.timings.values()) / 60:.1f} min "
-        f"({os.cpu_count()} CPU cores, {info['device']}; load average at the start {args.load_at_start}).",
+        f"({os.cpu_count()} CPU cores, {info['device']}; load average {args.load_at_start} at the start and "
+        f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())} at the end, from other jobs on the same cores).",
         f"Commit `{(info.get('git_commit') or 'unknown')[:12]}`; python {info['python']}, torch {pk.get('torch')}, "
         f"torchvision {pk.get('torchvision')}, lightning {pk.get('lightning')}, hydra-core {pk.get('hydra-core')}, "
         f"numpy {pk.get('numpy')}.",
@@ -455,7 +472,8 @@ def write_results(out: Path, args, s: Settings, runner: Runner, sections: dict, 
     md += ["", "## Commands", "", "Run from the repository root, in this order (`$WORK`: the folder the runs go "
            "to, `--work`):", "", "```"]
     md += [portable(c, runner.work, args.cifar_root.resolve()) for c in runner.commands]
-    md += ["```", "", "Seconds per section: " + ", ".join(f"{k} {v:.0f}" for k, v in runner.timings.items()) + "."]
+    md += ["```", "", "Seconds per section: " + ", ".join(f"{k} {v:.0f}" for k, v in runner.timings.items())
+           + (f" (kept from an earlier run with the same commands: {', '.join(runner.reused)})" if runner.reused else "") + "."]
     path = out / "results.md"
     path.write_text("\n".join(md) + "\n")
     return path
@@ -466,6 +484,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny settings: a smoke test of every step (well under a minute)")
     p.add_argument("--out", type=Path, default=REPO / "docs", help="where results.md and results/*.png go (default: docs/)")
     p.add_argument("--work", type=Path, default=None, help="where the runs go (default: logs/reproduce_<time>/)")
+    p.add_argument("--train-steps", type=int, default=None,
+                   help=f"steps of the CIFAR-10 training in section 3 (default: {FULL.train_steps}; --quick: {QUICK.train_steps})")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per run (OMP_NUM_THREADS); 1 helps on a machine other jobs keep busy")
     p.add_argument("--cifar-root", type=Path, default=DEFAULT_CIFAR,
                    help=f"a folder holding cifar-10-batches-py/ (default: {DEFAULT_CIFAR})")
     return p.parse_args(argv)
@@ -485,7 +507,12 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results").mkdir(parents=True, exist_ok=True)
     args.load_at_start = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     s = QUICK if args.quick else FULL
-    run = Runner(work)
+    if args.train_steps is not None:
+        if args.train_steps < 1:
+            print(f"Error: --train-steps={args.train_steps} must be a positive integer; e.g. --train-steps 200", file=sys.stderr)
+            return 2
+        s = dataclasses.replace(s, train_steps=args.train_steps)
+    run = Runner(work, args.threads)
     figs = out / "results"
     sections = {"vanishing": vanishing(run, s, work)}
     sections["depth_profile"] = depth_profile(run, s, work, cifar, figs)
