@@ -90,8 +90,9 @@ class Runner:
         self.commands.append(shown)
         log = self.work / f"{section}.log"
         done = self.work / f"{section}.done"
-        # A rerun with the same --work keeps the sections that finished (their command is the same).
-        if done.is_file() and done.read_text() == shown:
+        # A rerun with the same --work keeps the sections that finished with the same command, up
+        # to the first one that runs again (later sections may read its runs: the lesion probe).
+        if not self.timings and done.is_file() and done.read_text() == shown:
             print(f"[{section}] done before, kept: {shown}", flush=True)
             self.reused.append(section)
             return
@@ -280,7 +281,7 @@ def shattering(run, s: Settings, work: Path, cifar: Path, out: Path) -> tuple[Pa
         label = "ResNet" if skip else "plain"
         ax_len.plot(L, y, style, marker="o", color="C0" if skip else "C3", label=f"{label} (measured)")
         ax_lag.plot(L, [r["acf_lag1"] for r in rs], style, marker="o", color="C0" if skip else "C3", label=label)
-        ok = y > 0
+        ok = y >= 1.0  # below one point the probe cannot resolve the length (see the text)
         if ok.sum() >= 2:
             a, scale = fit_reference(L[ok], y[ok], kind)
             grid = np.linspace(L.min(), L.max(), 100)
@@ -383,8 +384,13 @@ def write_results(out: Path, args, s: Settings, runner: Runner, sections: dict, 
                       "lies below what the monitor resolves in float32, so this table cannot show how far it vanished.")
         else:
             md.append(f"Without skips, BN or a variance-preserving init the gradient at `conv1` is {_fmt(r)} of the one "
-                      "at `fc` (the studies saw about 1e-21). Either the skips or BN alone keep it within a few orders "
-                      "of magnitude; kaiming init alone keeps the plain net's signal from collapsing at step 0.")
+                      "at `fc` (the studies saw about 1e-21).")
+        one_fix = {(True, "none", "default"): "the skips alone", (False, "batch", "default"): "BN alone",
+                   (False, "none", "kaiming"): "kaiming init alone"}
+        found = [f"{what} {_fmt(d['ratio'])}" for key, what in one_fix.items()
+                 for d in v_rows if (d["skip"], d["norm"], d["init"]) == key]
+        if found:
+            md.append("With one of the three changed, conv1 / fc is: " + "; ".join(found) + ".")
 
     # 2
     md += ["", "## 2. Output-gradient RMS against depth at initialisation", "",
@@ -406,8 +412,7 @@ def write_results(out: Path, args, s: Settings, runner: Runner, sections: dict, 
     if notes:
         md += ["", "All nets see the same gradient at fc (the loss gradient at the logits), so the conv1 column "
                "compares directly: " + "; ".join(notes) + ". RMS is per element: conv1's output has "
-               "16·32·32 elements per image against fc's 10, so conv1/fc is below 1 even where nothing vanishes. "
-               "With kaiming init no net here vanishes the way section 1's default-init plain ResNet-50 does; "
+               "16·32·32 elements per image against fc's 10, so conv1/fc is below 1 even where nothing vanishes; "
                "the figure shows how the gradient changes from layer to layer."]
 
     # 3
@@ -439,7 +444,8 @@ def write_results(out: Path, args, s: Settings, runner: Runner, sections: dict, 
            f"w.r.t. the input at {s.shatter_points} points on the line between two CIFAR-10 test images, and the "
            "length (in points) over which its autocorrelation stays above 1/e. Balduzzi et al.: plain nets decorrelate "
            "like 2^-L, residual nets like 1/sqrt(L). The dotted lines are least-squares fits (log space) of "
-           "a·2^(-L/s) to the plain nets and a/sqrt(L) to the ResNets.", "", f"![shattering]({rel(shat_png)})", "",
+           "a·2^(-L/s) to the plain nets and a/sqrt(L) to the ResNets, over the depths whose length is at least one "
+           "point.", "", f"![shattering]({rel(shat_png)})", "",
            "| net | depth | correlation length (points) | lag-1 autocorrelation |", "|---|---|---|---|"]
     for r in shat:
         md.append(f"| {'ResNet' if r['model']['skip'] else 'plain'} | {r['depth']} | {_fmt(r['corr_length'])} | {_fmt(r['acf_lag1'])} |")
@@ -451,7 +457,8 @@ def write_results(out: Path, args, s: Settings, runner: Runner, sections: dict, 
         f = fits[True]
         md += [f"ResNet fit: a = {_fmt(f['a'])}, worst relative error {_fmt(f['rel_err'], 2)}."]
     md += ["A correlation length below one point means neighbouring inputs' gradients are already unrelated; the "
-           "probe's resolution ends there, so the plain nets' fit is only as good as the points above it."]
+           "probe's resolution ends there, so those depths are left out of the fits (their relative errors above are "
+           "over the fitted depths)."]
 
     # 5
     blocks = les["blocks"]
