@@ -30,6 +30,7 @@ import io
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -97,6 +98,10 @@ class Runner:
             self.reused.append(section)
             return
         print(f"[{section}] {shown}", flush=True)
+        # An earlier attempt's runs of this section (another command, or unfinished): the CLI
+        # never writes into an existing run directory, so they go first.
+        shutil.rmtree(self.work / section, ignore_errors=True)
+        done.unlink(missing_ok=True)
         start = time.perf_counter()
         with open(log, "a") as f:
             proc = subprocess.run(cmd, cwd=REPO, env=self.env, stdout=f, stderr=subprocess.STDOUT, text=True)
