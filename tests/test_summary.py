@@ -70,10 +70,10 @@ def test_a_sweep_ends_with_its_runs_side_by_side_and_without_lightning_noise(tmp
     (sweep,) = (tmp_path / "logs" / "default").glob("multirun_*")
     out = proc.stdout[proc.stdout.index("Sweep done: "):].splitlines()
     assert out[0] == f"Sweep done: 2 runs in {sweep.relative_to(tmp_path)}"
-    rows = {line.split()[0]: line.split() for line in out[2:4]}
+    rows = {line.split()[0].lower(): line.split() for line in out[2:4]}
     assert set(rows) == {"model.skip=false", "model.skip=true"}
     for name, cells in rows.items():
-        run_dir = sweep / name
+        (run_dir,) = [d for d in sweep.iterdir() if name in d.name.lower()]
         df = SummaryReader(str(run_dir)).scalars
         loss = df[df.tag == "train/loss_epoch"]["value"].iloc[-1]
         acc = df[df.tag == "val/acc"]["value"].iloc[-1]

@@ -349,17 +349,13 @@ def sweep_summary(sweep_dir: str | Path) -> str | None:
         runs, _ = load_runs([sweep_dir])
     except ConfigError:
         return None
-    root = Path(sweep_dir).resolve()
     header = ("run", "train loss", "val acc", "first/last layer", "grad RMS first", "grad RMS last",
               "first/last", "first/last at step 0")
     table = [header]
     for run, row in zip(runs, summary_rows(runs)):
         ends = end_layer_rms(run)
-        try:
-            name = str(run.path.resolve().relative_to(root))
-        except ValueError:
-            name = str(run.path)
-        cells = [name, _g(row["final_train_loss"]), _g(row["final_val_acc"])]
+        # The overrides that tell the runs apart (their directories are below the sweep's).
+        cells = [run.label or run.name, _g(row["final_train_loss"]), _g(row["final_val_acc"])]
         if ends is None:
             cells += ["-"] * 5
         else:
