@@ -512,6 +512,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Error: --cifar-root={cifar} holds no cifar-10-batches-py/; pass the folder of the CIFAR-10 subset, "
               f"e.g. --cifar-root {DEFAULT_CIFAR}", file=sys.stderr)
         return 2
+    if args.train_steps is not None and args.train_steps < 1:
+        print(f"Error: --train-steps={args.train_steps} must be a positive integer; e.g. --train-steps 200", file=sys.stderr)
+        return 2
     started = dt.datetime.now(dt.timezone.utc)
     work = (args.work or REPO / "logs" / f"reproduce_{started:%Y-%m-%d_%H-%M-%S}").resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -520,9 +523,6 @@ def main(argv: list[str] | None = None) -> int:
     args.load_at_start = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     s = QUICK if args.quick else FULL
     if args.train_steps is not None:
-        if args.train_steps < 1:
-            print(f"Error: --train-steps={args.train_steps} must be a positive integer; e.g. --train-steps 200", file=sys.stderr)
-            return 2
         s = dataclasses.replace(s, train_steps=args.train_steps)
     run = Runner(work, args.threads)
     figs = out / "results"

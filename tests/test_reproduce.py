@@ -53,3 +53,13 @@ def test_reproduce_quick_writes_results_with_numbers_from_the_runs(tmp_path, sha
     block = md[md.index("## Commands"):]
     assert str(work) not in block and "$WORK/training" in block
     assert "python -m skipstudy.probe probe=lesion ckpt=$WORK/training/" in block
+
+
+@pytest.mark.parametrize("args,needle", [(["--cifar-root", "/nonexistent"], "--cifar-root=/nonexistent holds no cifar-10-batches-py/"),
+                                         (["--quick", "--train-steps", "0"], "--train-steps=0 must be a positive integer")])
+def test_bad_arguments_are_refused_before_anything_runs(tmp_path, shared_data, args, needle):
+    args = args if "--cifar-root" in args else [*args, "--cifar-root", str(shared_data / "cifar10-mini")]
+    cmd = [PYTHON, str(REPO / "scripts" / "reproduce.py"), "--out", str(tmp_path / "docs"), "--work", str(tmp_path / "work"), *args]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "work").exists() and not (tmp_path / "docs").exists()
