@@ -79,6 +79,7 @@ class Runner:
         self.commands: list[str] = []
         self.timings: dict[str, float] = {}
         self.reused: list[str] = []
+        self.ran = False
         self.env = dict(os.environ)
         if threads:
             # On a machine shared with other jobs, torch's OpenMP threads spin-wait for cores that
@@ -93,10 +94,14 @@ class Runner:
         done = self.work / f"{section}.done"
         # A rerun with the same --work keeps the sections that finished with the same command, up
         # to the first one that runs again (later sections may read its runs: the lesion probe).
-        if not self.timings and done.is_file() and done.read_text() == shown:
+        # The marker holds the command and the seconds it took.
+        if not self.ran and done.is_file() and done.read_text().split("\n")[0] == shown:
+            lines = done.read_text().split("\n")
             print(f"[{section}] done before, kept: {shown}", flush=True)
             self.reused.append(section)
+            self.timings[section] = float(lines[1]) if len(lines) > 1 and lines[1] else math.nan
             return
+        self.ran = True
         print(f"[{section}] {shown}", flush=True)
         # An earlier attempt's runs of this section (another command, or unfinished): the CLI
         # never writes into an existing run directory, so they go first.
@@ -109,7 +114,7 @@ class Runner:
         if proc.returncode != 0:
             tail = log.read_text()[-3000:]
             raise SystemExit(f"reproduce: `{shown}` failed with status {proc.returncode}; its output ({log}):\n{tail}")
-        done.write_text(shown)
+        done.write_text(f"{shown}\n{self.timings[section]:.1f}")
 
 
 COMMON = ["trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "seed=0"]
@@ -296,7 +301,7 @@ def shattering(run, s: Settings, work: Path, cifar: Path, out: Path) -> tuple[Pa
         ok = y >= 1.0  # below one point the probe cannot resolve the length (see the text)
         if ok.sum() >= 2:
             a, scale = fit_reference(L[ok], y[ok], kind)
-            grid = np.linspace(L.min(), L.max(), 100)
+            grid = np.linspace(L[ok].min(), L[ok].max(), 100)  # drawn over the fitted depths only
             ref = a * 2.0 ** (-grid / scale) if kind == "exp" else a / np.sqrt(grid)
             text = f"fit {a:.3g}·2^(-L/{scale:.3g})" if kind == "exp" else f"fit {a:.3g}/sqrt(L)"
             ax_len.plot(grid, ref, ":", color="C0" if skip else "C3", label=text)
@@ -322,7 +327,7 @@ def shattering(run, s: Settings, work: Path, cifar: Path, out: Path) -> tuple[Pa
 # ---------------------------------------------------------------------- 5. lesion
 
 
-def lesion(run, s: Settings, run_dir: Path, out: Path) -> tuple[Path, dict]:
+def lesion(run, s: Settings, run_dir: Path, depth: int, out: Path) -> tuple[Path, dict]:
     import json
 
     run("lesion", "skipstudy.probe", "probe=lesion", f"ckpt={run_dir}", "probe.batches=null",
@@ -333,7 +338,8 @@ def lesion(run, s: Settings, run_dir: Path, out: Path) -> tuple[Path, dict]:
     record = json.loads(path.read_text())
     blocks = record["blocks"]
     fig = plot([b["name"] for b in blocks], [b["acc"] for b in blocks], [b["downsampling"] for b in blocks],
-               record["acc_intact"], record["deleted_k"], title=f"{run_dir.parent.name}: {path.stem}")
+               record["acc_intact"], record["deleted_k"],
+               title=f"ResNet-{depth} of section 3, {path.stem.replace('_step', ' at step ')}")
     return save_png(fig, out / "lesion.png", dpi=64), record
 
 
@@ -368,7 +374,7 @@ def write_results(out: Path, args, s: Settings, runner: Runner, sections: dict, 
     md = [
         "# Results",
         "",
-        f"Written by `{cmd}` on {started:%Y-%m-%d %H:%M} UTC in {sum(runner.timings.values()) / 60:.1f} min "
+        f"Written by `{cmd}` on {started:%Y-%m-%d %H:%M} UTC; its runs took {np.nansum(list(runner.timings.values())) / 60:.1f} min "
         f"({os.cpu_count()} CPU cores, {info['device']}; load average {args.load_at_start} at the start and "
         f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())} at the end, from other jobs on the same cores).",
         f"Commit `{(info.get('git_commit') or 'unknown')[:12]}`; python {info['python']}, torch {pk.get('torch')}, "
@@ -492,8 +498,9 @@ def write_results(out: Path, args, s: Settings, runner: Runner, sections: dict, 
     md += ["", "## Commands", "", "Run from the repository root, in this order (`$WORK`: the folder the runs go "
            "to, `--work`):", "", "```"]
     md += [portable(c, runner.work, args.cifar_root.resolve()) for c in runner.commands]
-    md += ["```", "", "Seconds per section: " + ", ".join(f"{k} {v:.0f}" for k, v in runner.timings.items())
-           + (f" (kept from an earlier run with the same commands: {', '.join(runner.reused)})" if runner.reused else "") + "."]
+    md += ["```", "", "Seconds per section: " + ", ".join(f"{k} {_fmt(v, 4)}" for k, v in runner.timings.items())
+           + (f" ({', '.join(runner.reused)}: runs kept from an earlier invocation with the same commands)"
+              if runner.reused else "") + "."]
     path = out / "results.md"
     path.write_text("\n".join(md) + "\n")
     return path
@@ -539,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
     sections["training"] = training(run, s, work, cifar, figs)
     deepest_res = max((d for d in sections["training"][1] if d["skip"]), key=lambda d: d["depth"])
     sections["shattering"] = shattering(run, s, work, cifar, figs)
-    sections["lesion"] = lesion(run, s, deepest_res["path"], figs)
+    sections["lesion"] = lesion(run, s, deepest_res["path"], deepest_res["depth"], figs)
     path = write_results(out, args, s, run, sections, started)
     print(f"wrote {path} and {len(list(figs.glob('*.png')))} figures in {figs}; runs in {work}")
     return 0
