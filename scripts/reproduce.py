@@ -376,7 +376,8 @@ def write_results(out: Path, args, s: Settings, runner: Runner, sections: dict, 
         "",
         f"Written by `{cmd}` on {started:%Y-%m-%d %H:%M} UTC; its runs took {np.nansum(list(runner.timings.values())) / 60:.1f} min "
         f"({os.cpu_count()} CPU cores, {info['device']}; load average {args.load_at_start} at the start and "
-        f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())} at the end, from other jobs on the same cores).",
+        f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())} at the end of this invocation, from other jobs on the "
+        f"same cores{'; sections kept from an earlier invocation ran before it, see the seconds at the end' if runner.reused else ''}).",
         f"Commit `{(info.get('git_commit') or 'unknown')[:12]}`; python {info['python']}, torch {pk.get('torch')}, "
         f"torchvision {pk.get('torchvision')}, lightning {pk.get('lightning')}, hydra-core {pk.get('hydra-core')}, "
         f"numpy {pk.get('numpy')}.",
