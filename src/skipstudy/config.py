@@ -351,12 +351,14 @@ def _from_hint(hint: Any, default: Any) -> Key | None:
 @functools.cache
 def _trainer_keys() -> dict[str, Key | None]:
     """Every lightning.Trainer argument: its declared range, else a Key from its type hint."""
-    import lightning as L
     from lightning.pytorch.accelerators import AcceleratorRegistry
     from lightning.pytorch.strategies import StrategyRegistry
+    # Lightning's own class, not ``lightning.Trainer``: a caller may have swapped that name
+    # for a subclass taking ``*args, **kwargs`` (scripts/benchmark.py does, to time steps).
+    from lightning.pytorch.trainer.trainer import Trainer
 
-    hints = typing.get_type_hints(L.Trainer.__init__)
-    params = inspect.signature(L.Trainer.__init__).parameters
+    hints = typing.get_type_hints(Trainer.__init__)
+    params = inspect.signature(Trainer.__init__).parameters
     ranges = {**TRAINER, "accelerator": Choice("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators())),
               "strategy": Choice("auto", *StrategyRegistry.available_strategies())}
     return {name: ranges.get(name) or _from_hint(hints.get(name), p.default)
