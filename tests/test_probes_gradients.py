@@ -23,6 +23,7 @@ from torch import nn
 from torch.func import functional_call
 
 from conftest import PYTHON, cli_env, compose_cfg
+from skipstudy import config
 from skipstudy.errors import ConfigError
 from skipstudy.models import cifar_resnet, mini
 from skipstudy.probe import run_probe
@@ -157,8 +158,8 @@ def test_paths_probe_writes_json_figure_and_tensorboard_and_refuses_plain_twins(
     with pytest.raises(ConfigError, match=r"probe=paths needs skip connections, .*plain twin \(model.skip=false\)"):
         run_probe(probe_cfg(["probe=paths", "model=mini", "model.skip=false"], tmp_path), tmp_path / "fresh")
     assert not (tmp_path / "fresh").exists()
-    with pytest.raises(ConfigError, match=r"probe.mass=1.5 must be a fraction in \(0, 1\]"):
-        paths.check(mini(10), OmegaConf.create({"mass": 1.5}))
+    with pytest.raises(ConfigError, match=r"probe.mass=1.5 must be a number in \(0, 1\]; e.g. probe.mass=0.9"):
+        config.check_probe("paths", OmegaConf.create({"mass": 1.5}))
 
 
 # -- stage Jacobians ---------------------------------------------------------------------------
@@ -219,8 +220,8 @@ def test_jacobian_probe_writes_every_stage(trained, tmp_path):
                for r in record["stages"])
     assert result["sigma_max"] == record["stages"][-1]["sigma_max"] > 0
     assert "probe/jacobian/sigma_max/block1" in tb_scalars(run_dir, "probe/jacobian/")
-    with pytest.raises(ConfigError, match=r"probe.k=0 must be an integer >= 1"):
-        jacobian.check(mini(10), OmegaConf.create({"k": 0}))
+    with pytest.raises(ConfigError, match=r"probe.k=0 must be a positive integer; e.g. probe.k=4"):
+        config.check_probe("jacobian", OmegaConf.create({"k": 0}))
 
 
 @pytest.mark.slow
@@ -284,9 +285,9 @@ def test_identical_micro_batches_have_no_noise_and_bad_splits_are_refused():
     with pytest.raises(ConfigError, match=r"probe.splits=16 is more than a batch's 8 images"):
         grad_snr.micro_batches([batch], 16)
     with pytest.raises(ConfigError, match=r"probe.splits=1 must be an integer >= 2"):
-        grad_snr.check(net, OmegaConf.create({"splits": 1}))
-    with pytest.raises(ConfigError, match=r"probe.bn='calibrate' is not a BN mode for the training loss"):
-        grad_snr.check(net, OmegaConf.create({"bn": "calibrate"}))
+        config.check_probe("grad_snr", OmegaConf.create({"splits": 1}))
+    with pytest.raises(ConfigError, match=r"probe.bn='calibrate' is not one of: train, eval; e.g. probe.bn=train"):
+        config.check_probe("grad_snr", OmegaConf.create({"bn": "calibrate"}))
 
 
 def test_grad_snr_probe_writes_per_layer_values(trained, tmp_path):

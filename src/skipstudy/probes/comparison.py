@@ -1,12 +1,7 @@
-"""One figure for a whole probe sweep: plain against residual, at several depths, in one command.
-
-``python -m skipstudy.probe -m probe=<name> model=cifar_resnet model.depth=... model.skip=true,false``
-runs one job per network, each writing ``<job>/probes/<name>/<name>_step<N>.json``. At the end
-of the multirun, :class:`SweepComparison` (a Hydra callback of the probe app) collects the
-records of every probe module that defines ``comparison_figure(records) -> Figure`` and
-``COMPARISON_COLUMNS`` (summary keys), and writes ``<sweep>/probes/<name>/<name>_comparison.png``
-and a ``.json`` table (one row per job) beside it.
-"""
+"""One figure for a whole probe sweep (plain against residual, at several depths): after a
+multirun of ``python -m skipstudy.probe``, every probe module with ``comparison_figure(records)``
+and ``COMPARISON_COLUMNS`` gets ``<sweep>/probes/<name>/<name>_comparison.png`` and a ``.json``
+table, one row per job."""
 
 from __future__ import annotations
 
@@ -14,31 +9,19 @@ import json
 import re
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Iterator
 
-try:
-    from hydra.experimental.callback import Callback as _HydraCallback
-except ImportError:  # pragma: no cover - Hydra < 1.1
-    _HydraCallback = object
-
-
-def family(arch: str) -> str:
-    """``cifar_resnet56`` -> ``cifar_resnet``: the architecture without its depth."""
-    return re.sub(r"\d+$", "", str(arch))
+import matplotlib
+from hydra.experimental.callback import Callback
 
 
 def label(record: dict, with_depth: bool = False) -> str:
     """``cifar_resnet skip``, ``cifar_resnet56 plain norm=none``: what tells runs apart in a legend."""
     model = record.get("model") or {}
-    skip = model.get("skip")
-    parts = [str(record.get("arch", "?")) if with_depth else family(record.get("arch", "?"))]
-    parts.append("skip" if skip else "plain" if skip is not None else "")
-    norm = model.get("norm")
-    if norm and norm != "batch":
-        parts.append(f"norm={norm}")
-    init = model.get("init")
-    if init and init != "default":
-        parts.append(f"init={init}")
+    skip, norm, init = model.get("skip"), model.get("norm"), model.get("init")
+    arch = str(record.get("arch", "?"))
+    parts = [arch if with_depth else re.sub(r"\d+$", "", arch), "skip" if skip else "plain" if skip is not None else "",
+             f"norm={norm}" if norm and norm != "batch" else "", f"init={init}" if init and init != "default" else ""]
     return " ".join(p for p in parts if p)
 
 
@@ -46,49 +29,48 @@ def is_plain(record: dict) -> bool:
     return "plain" in label(record).split()
 
 
+def by_depth(records: list[dict]) -> Iterator[tuple[dict, tuple, str]]:
+    """``(record, colour, style)`` in depth order: viridis by depth, dashed for plain nets."""
+    depths = sorted({r["depth"] for r in records})
+    for r in sorted(records, key=lambda r: (r["depth"], label(r))):
+        colour = matplotlib.colormaps["viridis"](depths.index(r["depth"]) / max(1, len(depths) - 1))
+        yield r, colour, "--" if is_plain(r) else "-"
+
+
 def collect(root: str | Path, name: str) -> list[dict]:
     """Every run's ``name`` record under ``root`` (the latest step of each run directory)."""
     latest: dict[Path, dict] = {}
     for path in sorted(Path(root).glob(f"**/probes/{name}/{name}_step*.json")):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        run = path.parents[2]
-        record["run_dir"] = str(run)
-        if run not in latest or record.get("step", 0) >= latest[run].get("step", 0):
-            latest[run] = record
+        record = json.loads(path.read_text()) | {"run_dir": str(path.parents[2])}
+        if path.parents[2] not in latest or record["step"] >= latest[path.parents[2]]["step"]:
+            latest[path.parents[2]] = record
     return list(latest.values())
 
 
 def write_comparison(root: str | Path, module: ModuleType) -> Path | None:
-    """Draw every record of probe ``module`` under ``root`` into ``root/probes/<name>/`` (PNG +
-    JSON table); returns the PNG's path, or None when there is nothing to compare."""
+    """The PNG and JSON table of probe ``module``'s records under ``root``; None when there are none."""
     name = module.NAME
     records = collect(root, name)
     if not records:
         return None
     out = Path(root) / "probes" / name
     out.mkdir(parents=True, exist_ok=True)
-    png = out / f"{name}_comparison.png"
-    module.comparison_figure(records).savefig(png)
+    module.comparison_figure(records).savefig(out / f"{name}_comparison.png")
     table = [{k: r.get(k) for k in ("run_dir", "arch", "depth", "step")}
-             | {k: r.get(k, (r.get("summary") or {}).get(k)) for k in module.COMPARISON_COLUMNS}
-             | {"skip": (r.get("model") or {}).get("skip"), "norm": (r.get("model") or {}).get("norm")}
-             for r in sorted(records, key=lambda r: (label(r), r.get("depth", 0)))]
+             | {k: r["summary"][k] for k in module.COMPARISON_COLUMNS}
+             | {"skip": r["model"].get("skip"), "norm": r["model"].get("norm")}
+             for r in sorted(records, key=lambda r: (label(r), r["depth"]))]
     (out / f"{name}_comparison.json").write_text(json.dumps(table, indent=2))
-    return png
+    return out / f"{name}_comparison.png"
 
 
-class SweepComparison(_HydraCallback):
-    """Hydra callback of the probe app: after a multirun, one comparison figure per probe that has one."""
+class SweepComparison(Callback):
+    """Hydra callback of the probe app (``conf/probe.yaml``)."""
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
         from skipstudy.probes import PROBES, get_probe
 
         for name in PROBES:
             module = get_probe(name)
-            if hasattr(module, "comparison_figure"):
-                png = write_comparison(config.hydra.sweep.dir, module)
-                if png is not None:
-                    print(f"{name} comparison: {png}")
+            if hasattr(module, "comparison_figure") and (png := write_comparison(config.hydra.sweep.dir, module)):
+                print(f"{name} comparison: {png}")

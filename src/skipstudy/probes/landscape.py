@@ -1,23 +1,9 @@
-"""Loss-landscape slices (Li et al. 2018, "Visualizing the Loss Landscape of Neural Nets").
-
-The training loss is evaluated at ``theta + a*d1`` (1-D slice) and ``theta + a*d1 + b*d2``
-(2-D slice) around the checkpoint's weights ``theta``, for ``a, b`` on an evenly spaced grid
-in ``[-span, span]`` (an odd number of points, so the centre is ``theta`` itself).
-
-Directions follow Li et al.'s recipe:
-
-* Gaussian random, one per direction, from a generator seeded with ``probe.seed``;
-* filter-normalised: every filter (slice along the output dimension) of ``d`` is rescaled to
-  the norm of the same filter of ``theta``, so the plot does not depend on the scale
-  invariance that BN gives the weights;
-* zero in every 0- and 1-dimensional entry: BN weights and biases, linear biases, Fixup and
-  SkipInit scalars (Li et al. leave BN parameters and biases unperturbed).
-
-BN runs in eval mode with the checkpoint's running statistics, which are never perturbed.
-The weights are never modified either: each point is evaluated with
-``torch.func.functional_call`` on ``theta + a*d1 + b*d2``. The loss is the mean cross-entropy
-over the first ``probe.batches`` batches of the training split, read in stored order without
-augmentation, the same batches at every point.
+"""Loss-landscape slices (Li et al. 2018): the training loss at ``theta + a d1`` and
+``theta + a d1 + b d2`` for ``a, b`` on an odd grid over ``[-span, span]`` (its centre is
+``theta``). Li et al.'s directions: Gaussian, each filter rescaled to the norm of the same filter
+of ``theta`` (so BN's scale invariance does not shape the plot), zero on BN parameters, biases
+and Fixup/SkipInit scalars. The weights are never modified (``torch.func.functional_call``) and
+BN uses the checkpoint's running statistics; every point sees the same batches.
 """
 
 from __future__ import annotations
@@ -26,103 +12,71 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, NullFormatter
 from torch import nn
 from torch.func import functional_call
 
-from skipstudy import config
-from skipstudy.probes.context import ProbeContext, eval_mode
+from skipstudy.probes.context import Batches, ProbeContext, accepts_any_network, kept_state
 
 NAME = "landscape"
+check = accepts_any_network
 
 
 def random_direction(net: nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """A filter-normalised Gaussian direction over ``net``'s parameters (zero on BN and biases)."""
     direction = {}
     for name, p in net.named_parameters():
         if p.dim() <= 1:
             direction[name] = torch.zeros_like(p)
             continue
         d = torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.device, p.dtype)
-        # Filter-wise: one norm per output channel / output unit (dim 0).
-        d_norm = d.flatten(1).norm(dim=1).view(-1, *([1] * (p.dim() - 1)))
-        p_norm = p.detach().flatten(1).norm(dim=1).view(-1, *([1] * (p.dim() - 1)))
-        direction[name] = d * (p_norm / d_norm.clamp_min(1e-12))
+        shape = (-1, *([1] * (p.dim() - 1)))  # one norm per output channel / unit
+        direction[name] = d * (p.detach().flatten(1).norm(dim=1).view(shape) / d.flatten(1).norm(dim=1).view(shape))
     return direction
 
 
 @torch.no_grad()
-def loss_at(net: nn.Module, params: dict[str, torch.Tensor], batches: list[tuple[torch.Tensor, torch.Tensor]]
-            ) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``net`` with ``params`` over all samples of ``batches``.
-
-    ``net`` must already be in eval mode; its buffers (BN statistics) are used as they are.
-    """
+def loss_at(net: nn.Module, params: dict[str, torch.Tensor], batches: Batches) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``net`` with ``params``, in its current mode."""
     loss_sum = correct = total = 0.0
     for x, y in batches:
         logits = functional_call(net, params, (x,))
-        loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
+        loss_sum += float(torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
         correct += float((logits.argmax(dim=1) == y).sum())
         total += y.numel()
     return loss_sum / total, correct / total
 
 
-def grid(points: int, span: float) -> np.ndarray:
-    return np.linspace(-span, span, points)
-
-
-def check(net: nn.Module, options: Any) -> None:
-    config.check_probe(NAME, options)
-
-
 def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
-    check(ctx.net, options)
     net = ctx.net
-    steps, size, span = int(options.get("steps", 51)), int(options.get("grid", 21)), float(options.get("span", 1.0))
-    split = options.get("split", "train")
+    steps, size, span = options.get("steps", 51), options.get("grid", 21), options.get("span", 1.0)
+    split, seed = options.get("split", "train"), options.get("seed", ctx.seed)
     batches = ctx.fixed_batches(split)
-    gen = torch.Generator().manual_seed(int(options.get("seed", ctx.seed)))
+    gen = torch.Generator().manual_seed(seed)
     d1, d2 = random_direction(net, gen), random_direction(net, gen)
     theta = {name: p.detach() for name, p in net.named_parameters()}
 
     def at(a: float, b: float) -> tuple[float, float]:
         # a == b == 0 gives theta + 0 = theta exactly: the centre is the checkpoint's loss.
-        params = {k: theta[k] + a * d1[k] + b * d2[k] for k in theta}
-        return loss_at(net, params, batches)
+        return loss_at(net, {k: theta[k] + a * d1[k] + b * d2[k] for k in theta}, batches)
 
-    alphas, betas = grid(steps, span), grid(size, span)
-    with eval_mode(net):
+    alphas, betas = np.linspace(-span, span, steps), np.linspace(-span, span, size)
+    with kept_state(net):
         line = np.array([at(float(a), 0.0) for a in alphas])
         plane = np.array([[at(float(a), float(b)) for a in betas] for b in betas])  # [row=b, col=a]
-    loss_1d, acc_1d = line[:, 0], line[:, 1]
-    loss_2d, acc_2d = plane[..., 0], plane[..., 1]
-
-    stem = ctx.stem(NAME)
+    loss_1d, acc_1d, loss_2d, acc_2d = line[:, 0], line[:, 1], plane[..., 0], plane[..., 1]
+    result = {"center_loss": float(loss_2d[size // 2, size // 2]), "center_acc": float(acc_2d[size // 2, size // 2]),
+              # Sharpness: how much the loss rises at the edge of the slice.
+              "loss_rise_1d": float(max(loss_1d[0], loss_1d[-1]) - loss_1d[steps // 2]),
+              "loss_max_2d": float(loss_2d.max())}
+    record = {**result, "split": split, "span": span, "steps": steps, "grid": size, "seed": seed,
+              "images": sum(len(y) for _, y in batches), "loss_1d": loss_1d.tolist()}
+    stem = ctx.publish(NAME, record, result, {"1d": lambda title: plot_1d(alphas, loss_1d, acc_1d, f"{title}, {split} loss"),
+                                              "2d": lambda title: plot_2d(betas, loss_2d, f"{title}, {split} loss")})
     np.save(stem.parent / f"{stem.name}_2d.npy", loss_2d)
     np.savez(stem.with_suffix(".npz"), alphas_1d=alphas, loss_1d=loss_1d, acc_1d=acc_1d,
              coords_2d=betas, loss_2d=loss_2d, acc_2d=acc_2d)
-    centre = float(loss_2d[size // 2, size // 2])
-    result = {
-        "center_loss": centre,
-        "center_acc": float(acc_2d[size // 2, size // 2]),
-        # Sharpness summaries: how much the loss rises at the edge of the slice.
-        "loss_rise_1d": float(max(loss_1d[0], loss_1d[-1]) - loss_1d[steps // 2]),
-        "loss_max_2d": float(loss_2d.max()),
-    }
-    arch = getattr(net, "arch", type(net).__name__)
-    skip = ctx.model.get("skip")
-    title = f"{arch}{'' if skip is None else (' (skip)' if skip else ' (plain)')}, step {ctx.step}, {split} loss"
-    ctx.figure(plot_1d(alphas, loss_1d, acc_1d, title), stem.parent / f"{stem.name}_1d.png", f"probe/{NAME}/1d")
-    ctx.figure(plot_2d(betas, loss_2d, title), stem.parent / f"{stem.name}_2d.png", f"probe/{NAME}/2d")
-    ctx.write_json(stem.with_suffix(".json"), {
-        **result, "split": split, "span": span, "steps": steps, "grid": size,
-        "images": sum(int(y.numel()) for _, y in batches), "seed": int(options.get("seed", ctx.seed)),
-        "loss_1d": loss_1d.tolist(),
-    }, summary=result)
-    ctx.scalars({f"probe/{NAME}/{k}": v for k, v in result.items()})
     return result
 
 
@@ -141,7 +95,7 @@ def plot_1d(alphas: np.ndarray, loss: np.ndarray, acc: np.ndarray, title: str = 
 
 
 def plot_2d(coords: np.ndarray, loss: np.ndarray, title: str = "") -> Figure:
-    """Contour plot of the 2-D slice (Li et al.'s figures), the checkpoint marked at the centre."""
+    """Contours of the 2-D slice (Li et al.'s figures), the checkpoint marked at the centre."""
     fig = Figure(figsize=(4.8, 4.2), dpi=90)
     ax = fig.subplots()
     finite = loss[np.isfinite(loss)]

@@ -1,31 +1,15 @@
-"""Path lengths and effective depth (Veit et al. 2016, "Residual Networks Behave Like
-Ensembles of Relatively Shallow Networks", section 4.2).
+"""Path lengths and effective depth (Veit et al. 2016, section 4.2).
 
-A network of ``n`` residual blocks ``y = relu(shortcut(x) + branch(x))`` unrolls into ``2^n``
-paths: at each block the signal takes either the shortcut or the branch. The Jacobian of a
-block is ``D (S + B)`` (``D`` the ReLU mask of the full forward pass, ``S`` and ``B`` those of
-shortcut and branch), so the gradient is exactly the sum over the ``2^n`` products that pick
-``S`` or ``B`` at every block; a path's length ``k`` is the number of branches it goes through.
-Path lengths follow the binomial distribution ``C(n, k) / 2^n``.
-
-The probe measures the gradient carried by single paths, as Veit et al. did: for a set of
-``k`` blocks, the backward pass goes only through those blocks' branches (the shortcut's
-input is detached there) and only through the shortcut elsewhere (the branch's input is
-detached); the forward values are the full network's. The gradient of the summed training
-loss is taken at the first block's input (the stem output; the image for the mini net), and
-its norm is averaged over the images. For each ``k = 0..n``, ``probe.samples`` random sets
-of ``k`` blocks are drawn, or all ``C(n, k)`` of them when there are not more than that (so
-a net of few blocks is enumerated exactly).
-
-Outputs: the mean gradient magnitude of a path of length ``k``; the total magnitude carried
-by all paths of length ``k``, ``C(n, k)`` times that (summed in log space, so deep nets do not
-overflow); and the effective range: the shortest run of lengths ``[k_lo, k_hi]`` that
-carries ``probe.mass`` of the total (Veit et al. found 5-17 of ResNet-110's 54 blocks).
-
-Shortcuts that change the shape (zero padding, 1x1 projection) count as the shortcut side of
-their block, like the identity. BN runs in eval mode so every image's gradient is its own; at
-initialisation the running statistics are calibrated first (``probe.bn=auto``). A plain twin
-has a single path and is refused.
+``n`` blocks ``relu(shortcut(x) + branch(x))`` unroll into ``2^n`` paths: a block's Jacobian is
+``D (S + B)``, so the gradient is exactly the sum of the products that pick ``S`` or ``B`` at
+every block; a path's length ``k`` is the number of branches it takes, binomially distributed.
+As Veit et al. did, a single path's gradient is taken with the backward pass routed through the
+chosen blocks' branches and every other block's shortcut (the other side's input detached; the
+forward values are the full network's), at the first block's input, averaged over the images.
+Per ``k``, ``probe.samples`` random sets of blocks, or all ``C(n, k)`` where there are no more.
+The effective range is the shortest run of lengths carrying ``probe.mass`` of the total
+magnitude (Veit et al.: 5-17 of ResNet-110's 54 blocks); totals are summed in log space so deep
+nets do not overflow. Shape-changing shortcuts count as the shortcut side, like the identity.
 """
 
 from __future__ import annotations
@@ -41,35 +25,32 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import nn
 
-from skipstudy.errors import ConfigError
-from skipstudy.probes.context import SPLITS, ProbeContext, check_bn_mode, cross_entropy, eval_bn, int_option
-from skipstudy.probes.lesion import require_skips, residual_blocks
+from skipstudy.probes.context import Batches, ProbeContext, cross_entropy, eval_bn, require_skips, residual_blocks, titled
 
 NAME = "paths"
 
 
-def _detach_first(_module: nn.Module, args: tuple) -> tuple:
-    return (args[0].detach(), *args[1:])
+def check(net: nn.Module, options: Any) -> None:
+    require_skips(net, NAME, "a plain net has a single path through its blocks, so there is no distribution "
+                  "of path lengths")
 
 
 @contextlib.contextmanager
 def routed(net: nn.Module, branches: Iterable[str]) -> Iterator[nn.Module]:
-    """Inside the ``with``, gradients go through the branch of the blocks named in ``branches``
-    and through the shortcut of every other residual block; forward values are unchanged."""
+    """Gradients through the branch of the blocks named in ``branches`` and the shortcut of every
+    other residual block; forward values unchanged."""
     chosen = set(branches)
     handles, shadowed = [], []
     try:
         for name, block in residual_blocks(net):
             if name in chosen:
-                # Shadow the block's shortcut path with one that detaches its input (an
-                # instance attribute wins over the method; the module tree is untouched).
-                # Block.shortcut_term, not the shortcut module, so a Fixup block's own
-                # input shift stays exactly where the block puts it.
-                term = block.shortcut_term
-                vars(block)["shortcut_term"] = lambda x, term=term: term(x.detach())
+                # An instance attribute shadows the method, the module tree is untouched; the
+                # shortcut_term, not the shortcut module, so a Fixup block's input shift stays put.
+                vars(block)["shortcut_term"] = lambda x, term=block.shortcut_term: term(x.detach())
                 shadowed.append(block)
             else:
-                handles.append(block.branch_convs()[0].register_forward_pre_hook(_detach_first))
+                handles.append(block.branch_convs()[0].register_forward_pre_hook(
+                    lambda _m, args: (args[0].detach(), *args[1:])))
         yield net
     finally:
         for h in handles:
@@ -78,11 +59,9 @@ def routed(net: nn.Module, branches: Iterable[str]) -> Iterator[nn.Module]:
             del vars(block)["shortcut_term"]
 
 
-def path_gradient_norms(net: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
-                        branches: Iterable[str] | None) -> torch.Tensor:
-    """Per image: the norm of the summed loss's gradient at the first block's input, through the
+def path_gradient_norms(net: nn.Module, batches: Batches, branches: Iterable[str] | None) -> torch.Tensor:
+    """Per image, the norm of the summed loss's gradient at the first block's input, through the
     path that takes the branches of ``branches`` (None: the full network, every path)."""
-    first = residual_blocks(net)[0][1]
     leaves: list[torch.Tensor] = []
 
     def leaf_input(_module, args):
@@ -90,13 +69,12 @@ def path_gradient_norms(net: nn.Module, batches: list[tuple[torch.Tensor, torch.
         return (leaves[-1], *args[1:])
 
     norms = []
-    handle = first.register_forward_pre_hook(leaf_input)
+    handle = residual_blocks(net)[0][1].register_forward_pre_hook(leaf_input)
     try:
         with routed(net, branches) if branches is not None else contextlib.nullcontext(), \
                 torch.inference_mode(False), torch.enable_grad():
             for x, y in batches:
-                loss = cross_entropy(net, x, y, reduction="sum")
-                (g,) = torch.autograd.grad(loss, leaves[-1])
+                (g,) = torch.autograd.grad(cross_entropy(net, x, y, reduction="sum"), leaves[-1])
                 norms.append(g.flatten(1).double().norm(dim=1).cpu())
     finally:
         handle.remove()
@@ -104,14 +82,9 @@ def path_gradient_norms(net: nn.Module, batches: list[tuple[torch.Tensor, torch.
 
 
 def path_sets(n: int, k: int, samples: int, rng: np.random.Generator) -> list[tuple[int, ...]]:
-    """All ``C(n, k)`` sets of ``k`` of ``n`` blocks if there are at most ``samples``, else ``samples`` random ones."""
     if math.comb(n, k) <= samples:
         return list(itertools.combinations(range(n), k))
     return [tuple(sorted(rng.choice(n, size=k, replace=False).tolist())) for _ in range(samples)]
-
-
-def log_binomial(n: int, k: np.ndarray) -> np.ndarray:
-    return np.array([math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) for i in k])
 
 
 def effective_range(share: np.ndarray, mass: float) -> tuple[int, int]:
@@ -120,53 +93,32 @@ def effective_range(share: np.ndarray, mass: float) -> tuple[int, int]:
     for width in range(1, len(share) + 1):
         sums = cumulative[width:] - cumulative[:-width]
         if sums.max() >= mass - 1e-12:  # round-off: the whole range always qualifies
-            lo = int(np.argmax(sums))
-            return lo, lo + width - 1
-    return 0, len(share) - 1
+            return int(np.argmax(sums)), int(np.argmax(sums)) + width - 1
 
 
 def profile(magnitude: np.ndarray, mass: float) -> dict[str, Any]:
-    """From the mean magnitude of a path of each length ``k = 0..n``: the binomial distribution of
-    lengths, each length's share of the total magnitude, and the effective range."""
+    """From the mean magnitude of one path of each length ``k = 0..n``: the distribution of lengths,
+    each length's share of the total magnitude, and the effective range."""
     n = len(magnitude) - 1
     k = np.arange(n + 1)
-    log_count = log_binomial(n, k)
+    log_count = np.array([math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) for i in k])
     with np.errstate(divide="ignore"):
         log_total = log_count + np.log(magnitude)
     share = np.exp(log_total - np.max(log_total))
     share = share / share.sum()
     lo, hi = effective_range(share, mass)
-    return {
-        "distribution": np.exp(log_count - n * math.log(2)).tolist(),
-        "share": share.tolist(),
-        "effective_lo": lo,
-        "effective_hi": hi,
-        "mean_length": float((k * share).sum()),
-        "peak_length": int(np.argmax(share)),
-    }
-
-
-def check(net: nn.Module, options: Any) -> None:
-    require_skips(net, NAME, "a plain net has a single path through its blocks, so there is no distribution "
-                  "of path lengths")
-    int_option(options, "samples", 10)
-    mass = options.get("mass", 0.9)
-    if isinstance(mass, bool) or not isinstance(mass, (int, float)) or not 0 < mass <= 1:
-        raise ConfigError(f"probe.mass={mass!r} must be a fraction in (0, 1]; e.g. probe.mass=0.9")
-    split = options.get("split", "train")
-    if split not in SPLITS:
-        raise ConfigError(f"probe.split={split!r} is not a split; valid: {', '.join(SPLITS)}")
-    check_bn_mode(options)
+    return {"distribution": np.exp(log_count - n * math.log(2)).tolist(), "share": share.tolist(),
+            "effective_lo": lo, "effective_hi": hi, "mean_length": float((k * share).sum()),
+            "peak_length": int(np.argmax(share))}
 
 
 def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
-    check(ctx.net, options)
     net = ctx.net
-    samples, mass = int(options.get("samples", 10)), float(options.get("mass", 0.9))
+    samples, mass = options.get("samples", 10), options.get("mass", 0.9)
     batches = ctx.fixed_batches(options.get("split", "train"))
     names = [name for name, _ in residual_blocks(net)]
     n = len(names)
-    rng = np.random.default_rng(int(options.get("seed", ctx.seed)))
+    rng = np.random.default_rng(options.get("seed", ctx.seed))
     bn, bn_context = eval_bn(ctx, options, torch.cat([x for x, _ in batches]))
     by_k = []
     with bn_context:
@@ -177,23 +129,17 @@ def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
             by_k.append({"k": k, "mean": float(np.mean(norms)), "std": float(np.std(norms)), "paths": len(sets),
                          "exact": len(sets) == math.comb(n, k)})
     stats = profile(np.array([r["mean"] for r in by_k]), mass)
-    result = {
-        "effective_lo": float(stats["effective_lo"]),
-        "effective_hi": float(stats["effective_hi"]),
-        "mean_length": stats["mean_length"],
-        "blocks": float(n),
-        "grad_full": full,
-    }
+    result = {"effective_lo": float(stats["effective_lo"]), "effective_hi": float(stats["effective_hi"]),
+              "mean_length": stats["mean_length"], "blocks": float(n), "grad_full": full}
     record = {"blocks": names, "samples": samples, "mass": mass, "bn": bn,
-              "images": sum(int(y.numel()) for _, y in batches), "magnitude": by_k, **stats}
+              "images": sum(len(y) for _, y in batches), "magnitude": by_k, **stats}
     ctx.publish(NAME, record, result, lambda title: plot(by_k, stats, mass, title))
     return result
 
 
 def plot(by_k: list[dict], stats: dict, mass: float, title: str = "") -> Figure:
-    """Veit et al.'s figure 6: (a) the distribution of path lengths, (b) the gradient magnitude
-    of one path of each length, (c) the share of the total gradient magnitude per length, with
-    the effective range shaded."""
+    """Veit et al.'s figure 6: (a) the distribution of path lengths, (b) the gradient magnitude of
+    one path of each length, (c) each length's share of the total, the effective range shaded."""
     fig = Figure(figsize=(12, 3.4), dpi=90)
     ax_d, ax_m, ax_t = fig.subplots(1, 3)
     k = np.array([r["k"] for r in by_k])
@@ -213,7 +159,4 @@ def plot(by_k: list[dict], stats: dict, mass: float, title: str = "") -> Figure:
     for ax in (ax_d, ax_m, ax_t):
         ax.set_xlabel("path length k (branches taken)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    return fig
+    return titled(fig, title)
