@@ -176,7 +176,7 @@ def test_stage_singular_values_equal_an_explicit_svd(scale):
     h = jacobian.stem_outputs(net, torch.randn(1, 3, 4, 4, dtype=torch.float64))
     modules = [m for _, m in jacobian.stage_modules(net)]
     for s in range(len(modules)):
-        f = jacobian.through(modules[: s + 1])
+        f = nn.Sequential(*modules[: s + 1])
         got = jacobian.stage_spectrum(f, h, k=3, iters=200, tol=1e-12, probes=4, generator=torch.Generator().manual_seed(0))
         explicit = torch.autograd.functional.jacobian(f, h).reshape(got["outputs"], got["inputs"])
         sv = torch.linalg.svdvals(explicit)
@@ -189,7 +189,7 @@ def test_hutchinson_moments_are_exact_on_scaled_basis_vectors():
     torch.manual_seed(1)
     net = mini(10).double().eval()
     h = jacobian.stem_outputs(net, torch.randn(1, 3, 3, 3, dtype=torch.float64))
-    f = jacobian.through([net.block1, net.block2])
+    f = nn.Sequential(net.block1, net.block2)
     matvec, n_in, n_out = jacobian.gram_operator(f, h)
     sv = torch.linalg.svdvals(torch.autograd.functional.jacobian(f, h).reshape(n_out, n_in))
     # E[v v^T] = I holds for sqrt(n) e_i as for Rademacher v: the estimator is then exact.
@@ -202,7 +202,7 @@ def test_hutchinson_estimates_the_mean_squared_singular_value():
     torch.manual_seed(1)
     net = mini(10).double().eval()
     h = jacobian.stem_outputs(net, torch.randn(1, 3, 6, 6, dtype=torch.float64))
-    f = jacobian.through([net.block1])
+    f = nn.Sequential(net.block1)
     got = jacobian.stage_spectrum(f, h, k=1, iters=2, tol=0, probes=400, generator=torch.Generator().manual_seed(0))
     sv = torch.linalg.svdvals(torch.autograd.functional.jacobian(f, h).reshape(got["outputs"], got["inputs"]))
     assert got["sv_sq_mean"] == pytest.approx(float((sv**2).mean()), rel=0.05)

@@ -36,18 +36,17 @@ class ProbeCallback(L.Callback):
         super().__init__()
         self.names, self.at_epochs, self.options = list(names), sorted(set(at_epochs)), options
         self.seed, self.model = seed, dict(model or {})
-        self.results: dict[tuple[str, int], dict[str, float]] = {}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A resumed run starts at its checkpoint's epoch; epoch 0 means the untrained network only.
         if 0 in self.at_epochs and trainer.current_epoch == 0 and trainer.global_step == 0:
-            self.run_probes(trainer, pl_module, epoch=0)
+            self.run_probes(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.current_epoch + 1 in self.at_epochs:
-            self.run_probes(trainer, pl_module, epoch=trainer.current_epoch + 1)
+            self.run_probes(trainer, pl_module)
 
-    def run_probes(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
+    def run_probes(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
         if not trainer.is_global_zero:
             return
@@ -59,7 +58,7 @@ class ProbeCallback(L.Callback):
                                trained=trainer.global_step > 0, model=self.model, seed=self.seed,
                                batches=self.options[name].get("batches"))
             with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-                self.results[(name, epoch)] = get_probe(name).run(ctx, self.options[name])
+                get_probe(name).run(ctx, self.options[name])
 
 
 def build_probe_callback(cfg: Any, net: torch.nn.Module, seed: int = 0, model: Any = None) -> ProbeCallback | None:

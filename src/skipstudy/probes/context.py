@@ -1,10 +1,7 @@
-"""What every probe receives, and the plumbing probes share.
-
-The app (checkpoint or fresh network) and the training callback (the live network) build the
-same :class:`ProbeContext`, so a probe cannot tell which one runs it. Probes leave the network
-as they found it: during training it is the network being trained, with callbacks' hooks on it,
-so a copy is no option.
-"""
+"""What every probe receives, and the plumbing probes share. The app and the training callback
+build the same :class:`ProbeContext`, so a probe cannot tell which one runs it. Probes leave the
+network as they found it: during training it is the one being trained, hooks on it, so a copy is
+no option."""
 
 from __future__ import annotations
 
@@ -34,9 +31,8 @@ STAGE_NAME = re.compile(r"(layer|block|stage)\d+")
 
 @dataclass
 class ProbeContext:
-    """``step``: the global step of the weights (TensorBoard step, file suffix); ``trained``: False
-    at initialisation; ``model``: the run's model config, recorded so that reports group by depth
-    and skip; ``batches``: how many batches a probe reads by default (None: the whole split)."""
+    """``model``: the run's model config, recorded so that reports group by depth and skip;
+    ``batches``: how many batches a probe reads by default (None: the whole split)."""
 
     net: nn.Module
     datamodule: Any
@@ -156,7 +152,7 @@ def require_skips(net: nn.Module, probe: str, why: str) -> None:
 
 
 def accepts_any_network(net: nn.Module, options: Any) -> None:
-    """A probe's ``check`` where only the options can be wrong (the config schema refuses those)."""
+    """The ``check`` of a probe where only the options can be wrong; the config schema refuses those."""
 
 
 # -- modes and batch norm ---------------------------------------------------------------------

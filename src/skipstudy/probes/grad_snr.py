@@ -1,13 +1,9 @@
-"""Gradient signal-to-noise ratio per layer, from micro-batch splits.
+"""Gradient signal-to-noise ratio per layer, ``|g_bar|^2 / tr C`` over micro-batch gradients.
 
-Per-sample gradients are not the training gradients of a net with train-mode BN (every sample's
-output depends on its batch); micro-batches are. Each training batch is cut into ``probe.splits``
-micro-batches of ``m`` images, and over the ``S`` micro-batch gradients of a layer (weight and
-bias of every Conv2d and Linear, as the monitor tracks them; ``all`` for every parameter):
-``mean = |g_bar|``, ``noise = sqrt(tr C)`` (unbiased covariance, by Welford's update so that a
-small noise on a large mean is not lost to cancellation) and ``snr = |g_bar|^2 / tr C``. Pure
-noise reads about ``1 / S``, not 0 (``|g_bar|^2`` over-estimates by ``tr C / S``); identical
-micro-batches give ``inf``. Without BN, the SNR of a ``b``-image step is about ``b / m`` times this.
+Micro-batches, not samples: with train-mode BN a sample's gradient depends on its batch. The
+covariance is accumulated by Welford's update, so a small noise on a large mean is not lost to
+cancellation. Pure noise reads about ``1 / S`` for ``S`` micro-batches, not 0; without BN the SNR
+of a ``b``-image step is about ``b / m`` times that of ``m``-image micro-batches.
 """
 
 from __future__ import annotations
@@ -95,16 +91,14 @@ def plot(layers: list[dict], title: str = "") -> Figure:
     x = np.arange(len(layers))
     ax_snr.plot(x, [r["snr"] for r in layers], marker="o", ms=3, color="C0")
     ax_snr.axhline(1.0, color="gray", ls=":", lw=0.8)
-    ax_snr.set_ylabel("|mean gradient|^2 / tr(covariance)")
+    ax_snr.set(ylabel="|mean gradient|^2 / tr(covariance)")
     ax_snr.set_title("gradient signal-to-noise ratio", fontsize=9)
     ax_parts.plot(x, [r["mean"] for r in layers], marker="o", ms=3, label="|mean gradient|")
     ax_parts.plot(x, [r["noise"] for r in layers], marker="s", ms=3, ls="--", label="noise sqrt(tr C)")
     ax_parts.set_title("signal and noise of micro-batch gradients", fontsize=9)
     ax_parts.legend(fontsize=7)
     for ax in (ax_snr, ax_parts):
-        ax.set_yscale("log")
-        ax.set_xlabel("layer (forward order)")
+        ax.set(yscale="log", xlabel="layer (forward order)")
         if len(layers) <= 30:
-            ax.set_xticks(x)
-            ax.set_xticklabels([r["name"] for r in layers], rotation=90, fontsize=6)
+            ax.set_xticks(x, [r["name"] for r in layers], rotation=90, fontsize=6)
     return titled(fig, title)

@@ -73,8 +73,7 @@ def plot(history: list[list[float]], title: str = "") -> Figure:
     values = np.array(history)
     for j in range(values.shape[1]):
         ax.plot(np.arange(1, len(values) + 1), values[:, j], marker="o", ms=3, label=f"eigenvalue {j + 1}")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("Ritz value")
+    ax.set(xlabel="iteration", ylabel="Ritz value")
     ax.set_title(title or "top Hessian eigenvalues", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -1,12 +1,9 @@
 """Input-output Jacobian spectra per stage (dynamical isometry, Pennington et al. 2017).
 
-``J_s`` maps the stem output (the first stage's input) to stage ``s``'s output, one image at a
-time. A dynamically isometric net keeps all singular values near 1 with depth; a deep plain net's
-spread over orders of magnitude. ``J`` is never formed: ``J^T J`` is applied as a
-``torch.func.jvp`` then a ``vjp``, vmapped over a block of vectors, for the top ``probe.k``
-singular values (subspace iteration) and Hutchinson's ``tr(J^T J)`` and ``tr((J^T J)^2)``
-(``sv_rms`` and the isometry ratio ``mean(s^4) / mean(s^2)^2``, 1 when all are equal). BN runs
-in eval mode so that each image's Jacobian is its own (:func:`~skipstudy.probes.context.eval_bn`).
+A dynamically isometric net keeps the singular values of the Jacobian from the stem output to each
+stage's output near 1 with depth; a deep plain net's spread over orders of magnitude. ``J`` is
+never formed: ``J^T J`` is a jvp then a vjp, for the top singular values and Hutchinson's
+``tr(J^T J)``, ``tr((J^T J)^2)`` (RMS singular value and ``mean(s^4) / mean(s^2)^2``, 1 at isometry).
 """
 
 from __future__ import annotations
@@ -49,14 +46,6 @@ def stem_outputs(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return seen[0]
 
 
-def through(modules: list[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor]:
-    def f(h: torch.Tensor) -> torch.Tensor:
-        for m in modules:
-            h = m(h)
-        return h
-    return f
-
-
 def gram_operator(f: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor) -> tuple[Callable, int, int]:
     """``(matvec, inputs, outputs)``: rows ``V`` over ``h``'s entries -> rows of ``J^T J V^T``; one
     vjp closure (one kept forward pass) serves every product."""
@@ -94,7 +83,7 @@ def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
     bn, bn_context = eval_bn(ctx, options, batch)
     with bn_context, torch.inference_mode(False), torch.enable_grad():
         h0 = stem_outputs(ctx.net, batch[:samples])
-        spectra = [[stage_spectrum(through(modules[: s + 1]), h0[i : i + 1], k, iters, tol, probes, generator)
+        spectra = [[stage_spectrum(nn.Sequential(*modules[: s + 1]), h0[i : i + 1], k, iters, tol, probes, generator)
                     for s in range(len(names))] for i in range(samples)]
     rows = list(zip(*spectra))  # per stage, over the images
     table = []
@@ -127,14 +116,12 @@ def plot_run(table: list[dict], title: str = "") -> Figure:
     ax_i.plot(x, [row["isometry"] for row in table], marker="o", ms=3, color="C2")
     for ax in (ax_s, ax_i):
         ax.axhline(1.0, color="gray", ls=":", lw=0.8)
-        ax.set_yscale("log")
-        ax.set_xticks(x)
-        ax.set_xticklabels([row["stage"] for row in table], fontsize=8)
-        ax.set_xlabel("Jacobian: stem output -> stage output")
-    ax_s.set_ylabel("singular value")
+        ax.set(yscale="log", xlabel="Jacobian: stem output -> stage output")
+        ax.set_xticks(x, [row["stage"] for row in table], fontsize=8)
+    ax_s.set(ylabel="singular value")
     ax_s.set_title("singular values of the stage Jacobian", fontsize=9)
     ax_s.legend(fontsize=7)
-    ax_i.set_ylabel("mean(s^4) / mean(s^2)^2")
+    ax_i.set(ylabel="mean(s^4) / mean(s^2)^2")
     ax_i.set_title("spread of the spectrum (1 = isometry)", fontsize=9)
     return titled(fig, title)
 
@@ -149,11 +136,9 @@ def comparison_figure(records: list[dict]) -> Figure:
                     color=colour, label=f"{label(r)} {r['depth']}")
     longest = max((r["stages"] for r in records), key=len)
     for ax, what in zip(axes, ("top singular value", "RMS singular value", "mean(s^4) / mean(s^2)^2")):
-        ax.set_yscale("log")
         ax.axhline(1.0, color="gray", ls=":", lw=0.8)
-        ax.set_xticks(np.arange(len(longest)))
-        ax.set_xticklabels([row["stage"] for row in longest], fontsize=8)
-        ax.set_xlabel("Jacobian: stem output -> stage output")
+        ax.set(yscale="log", xlabel="Jacobian: stem output -> stage output")
+        ax.set_xticks(np.arange(len(longest)), [row["stage"] for row in longest], fontsize=8)
         ax.set_title(what, fontsize=9)
     if len(records) <= 12:
         axes[0].legend(fontsize=6)

@@ -111,9 +111,7 @@ def plot_2d(coords: np.ndarray, loss: np.ndarray, title: str = "") -> Figure:
     bar.ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
     bar.ax.yaxis.set_minor_formatter(NullFormatter())
     ax.plot([0], [0], "k+", ms=8)
-    ax.set_xlabel("d1")
-    ax.set_ylabel("d2")
-    ax.set_aspect("equal")
+    ax.set(xlabel="d1", ylabel="d2", aspect="equal")
     ax.set_title(title or "2-D slice", fontsize=9)
     fig.tight_layout()
     return fig

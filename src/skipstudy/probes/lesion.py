@@ -1,12 +1,9 @@
 """Lesion study (Veit et al. 2016): validation accuracy with residual branches deleted.
 
-A deleted block computes ``relu(shortcut(x))``, its output with the branch set to zero (the ReLU
-after the addition sits outside the branch). Veit et al. found one deletion barely matters and
-accuracy decays smoothly with the number deleted, as for an ensemble; a plain net has no shortcut
-to fall back on and is refused. Downsampling blocks keep their zero-pad or projection shortcut
-and are flagged, since that shortcut is itself lossy or learned (the larger drops are there).
-Fixup/SkipInit scalars go with the branch, except Fixup's ``bias1a`` in front of a projection,
-which the shortcut sees too (``Block.shortcut_term``).
+A deleted block computes ``relu(shortcut(x))`` (the ReLU after the addition is outside the branch).
+Veit et al. found accuracy decays smoothly with the number deleted, as for an ensemble. Downsampling
+blocks keep their zero-pad or projection shortcut and are flagged: that shortcut is itself lossy or
+learned. Fixup's ``bias1a`` stays where a projection sees it too (``Block.shortcut_term``).
 """
 
 from __future__ import annotations
@@ -103,14 +100,12 @@ def plot(names: list[str], single: list[float], downsampling: list[bool], intact
     ax_b, ax_k = fig.subplots(1, 2, gridspec_kw={"width_ratios": [max(1.0, len(names) / 12), 1]})
     ax_b.bar(range(len(names)), single, color=["C3" if d else "C0" for d in downsampling])
     ax_b.axhline(intact, color="k", ls="--", lw=0.8, label=f"intact {intact:.3f}")
-    ax_b.set_xticks(range(len(names)))
-    ax_b.set_xticklabels(names, rotation=90, fontsize=6)
-    ax_b.set_ylabel("val accuracy")
+    ax_b.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+    ax_b.set(ylabel="val accuracy")
     ax_b.set_title("one block's branch deleted (red: downsampling block)", fontsize=9)
     ax_b.legend(fontsize=7)
     ax_k.errorbar([0] + [r["k"] for r in by_k], [intact] + [r["mean"] for r in by_k],
                   yerr=[0.0] + [r["std"] for r in by_k], marker="o", ms=3, capsize=2)
-    ax_k.set_xlabel("blocks deleted (random)")
-    ax_k.set_ylabel("val accuracy")
+    ax_k.set(xlabel="blocks deleted (random)", ylabel="val accuracy")
     ax_k.set_title("k random blocks deleted", fontsize=9)
     return titled(fig, title)

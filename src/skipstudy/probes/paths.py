@@ -1,15 +1,10 @@
 """Path lengths and effective depth (Veit et al. 2016, section 4.2).
 
-``n`` blocks ``relu(shortcut(x) + branch(x))`` unroll into ``2^n`` paths: a block's Jacobian is
-``D (S + B)``, so the gradient is exactly the sum of the products that pick ``S`` or ``B`` at
-every block; a path's length ``k`` is the number of branches it takes, binomially distributed.
-As Veit et al. did, a single path's gradient is taken with the backward pass routed through the
-chosen blocks' branches and every other block's shortcut (the other side's input detached; the
-forward values are the full network's), at the first block's input, averaged over the images.
-Per ``k``, ``probe.samples`` random sets of blocks, or all ``C(n, k)`` where there are no more.
-The effective range is the shortest run of lengths carrying ``probe.mass`` of the total
-magnitude (Veit et al.: 5-17 of ResNet-110's 54 blocks); totals are summed in log space so deep
-nets do not overflow. Shape-changing shortcuts count as the shortcut side, like the identity.
+A block's Jacobian is ``D (S + B)``, so the gradient is exactly the sum over the ``2^n`` paths
+that pick shortcut or branch at every block; a path's length is the number of branches it takes.
+As Veit et al. did, one path's gradient is taken with the backward pass routed through the chosen
+blocks' branches and the other blocks' shortcuts, forward values unchanged. Totals are summed in
+log space so that deep nets do not overflow. Shape-changing shortcuts count as shortcuts.
 """
 
 from __future__ import annotations
@@ -144,17 +139,16 @@ def plot(by_k: list[dict], stats: dict, mass: float, title: str = "") -> Figure:
     ax_d, ax_m, ax_t = fig.subplots(1, 3)
     k = np.array([r["k"] for r in by_k])
     ax_d.bar(k, stats["distribution"], color="C0")
+    ax_d.set(ylabel="fraction of paths")
     ax_d.set_title("(a) path lengths: C(n, k) / 2^n", fontsize=9)
-    ax_d.set_ylabel("fraction of paths")
     ax_m.errorbar(k, [r["mean"] for r in by_k], yerr=[r["std"] for r in by_k], marker="o", ms=3, capsize=2)
-    ax_m.set_yscale("log")
+    ax_m.set(yscale="log", ylabel="|dL/d input of the first block|")
     ax_m.set_title("(b) gradient magnitude of one path of length k", fontsize=9)
-    ax_m.set_ylabel("|dL/d input of the first block|")
     ax_t.bar(k, stats["share"], color="C2")
     lo, hi = stats["effective_lo"], stats["effective_hi"]
     ax_t.axvspan(lo - 0.5, hi + 0.5, color="C3", alpha=0.15, label=f"{mass:.0%} of the total: k = {lo}..{hi}")
+    ax_t.set(ylabel="share of the total")
     ax_t.set_title("(c) total gradient magnitude per path length", fontsize=9)
-    ax_t.set_ylabel("share of the total")
     ax_t.legend(fontsize=7)
     for ax in (ax_d, ax_m, ax_t):
         ax.set_xlabel("path length k (branches taken)")

@@ -1,12 +1,8 @@
 """Shattered gradients (Balduzzi et al. 2017): how fast ``d logit / d input`` decorrelates along the
-line ``x(t) = (1 - t) x0 + t x1`` between two validation images. In a deep plain net neighbouring
-gradients are nearly unrelated (correlation decaying like 2^-L with depth L), in a residual net
-they stay correlated (like 1/sqrt(L)).
+line between two validation images; like 2^-L with depth L in a plain net, like 1/sqrt(L) with skips.
 
-``R(k) = sum_i <g_i, g_{i+k}> / sum_i <g_i, g_i>`` after removing the mean over the line (the
-biased estimator: ``R(0) = 1``, ``|R(k)| <= 1``); the correlation length is the first lag where
-``R`` falls below 1/e, interpolated linearly (``P`` if it never does). Every point's gradient must
-be its own, so BN runs in eval mode (:func:`~skipstudy.probes.context.eval_bn`).
+``R(k) = sum_i <g_i, g_{i+k}> / sum_i <g_i, g_i>`` after removing the line's mean (biased, so
+``|R(k)| <= R(0) = 1``); the correlation length is the first lag where ``R`` falls below 1/e.
 """
 
 from __future__ import annotations
@@ -96,8 +92,7 @@ def plot_run(grads: torch.Tensor, acf: torch.Tensor, length: float, title: str =
     t = np.linspace(0, 1, grads.shape[0])
     for d in torch.topk(grads.var(dim=0), k=min(3, grads.shape[1])).indices.tolist():
         ax_g.plot(t, grads[:, d].numpy(), lw=0.8)
-    ax_g.set_xlabel("t (x0 -> x1)")
-    ax_g.set_ylabel("d logit / d input")
+    ax_g.set(xlabel="t (x0 -> x1)", ylabel="d logit / d input")
     ax_g.set_title("gradient along the line (3 coordinates)", fontsize=9)
     lags = np.arange(len(acf) // 2 + 1)
     ax_r.plot(lags, acf.numpy()[: len(lags)], lw=1.2)
@@ -105,8 +100,7 @@ def plot_run(grads: torch.Tensor, acf: torch.Tensor, length: float, title: str =
     if length < len(acf):
         ax_r.axvline(length, color="C3", ls="--", lw=0.8, label=f"corr. length {length:.1f}")
         ax_r.legend(fontsize=8)
-    ax_r.set_xlabel("lag (points)")
-    ax_r.set_ylabel("autocorrelation")
+    ax_r.set(xlabel="lag (points)", ylabel="autocorrelation")
     ax_r.set_title("autocorrelation of the gradient", fontsize=9)
     return titled(fig, title)
 
@@ -128,18 +122,16 @@ def comparison_figure(records: list[dict]) -> Figure:
         lags = np.arange(len(r["acf"]) // 2 + 1)
         ax_acf.plot(lags, np.asarray(r["acf"])[: len(lags)], style, color=colour, lw=1, label=f"{label(r)} {r['depth']}")
     ax_acf.axhline(THRESHOLD, color="gray", ls=":", lw=0.8)
-    ax_len.set_ylabel("correlation length (points, 1/e)")
-    ax_len.set_yscale("log")
+    ax_len.set(ylabel="correlation length (points, 1/e)", yscale="log")
     ax_len.yaxis.set_major_formatter(ScalarFormatter())
     ax_len.yaxis.set_minor_formatter(ScalarFormatter())
     ax_len.set_title("correlation length of input gradients", fontsize=9)
-    ax_lag1.set_ylabel("autocorrelation at lag 1")
+    ax_lag1.set(ylabel="autocorrelation at lag 1")
     ax_lag1.set_title("neighbouring gradients' correlation", fontsize=9)
     for ax in (ax_len, ax_lag1):
-        ax.set_xlabel("depth (weighted layers)")
+        ax.set(xlabel="depth (weighted layers)")
         ax.legend(fontsize=7)
-    ax_acf.set_xlabel("lag (points)")
-    ax_acf.set_ylabel("autocorrelation")
+    ax_acf.set(xlabel="lag (points)", ylabel="autocorrelation")
     ax_acf.set_title("autocorrelation (solid: skip, dashed: plain)", fontsize=9)
     if len(records) <= 12:
         ax_acf.legend(fontsize=6)
