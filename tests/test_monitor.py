@@ -186,7 +186,7 @@ def test_a_new_quantity_is_a_statistic_and_a_quantity(tmp_path, monkeypatch):
     monkeypatch.setattr(quantities, "STATISTICS", dict(quantities.STATISTICS))
     monkeypatch.setattr(quantities, "QUANTITIES", dict(quantities.QUANTITIES))
 
-    @quantities.statistic("out_abs", site="output_grad")
+    @quantities.statistic("out_abs", site="output_grad", width=2)
     def out_abs(g):
         n = torch.full((), g.numel(), dtype=torch.float64, device=g.device)
         return torch.stack((n, g.abs().sum(dtype=torch.float64)))

@@ -6,14 +6,15 @@ After Cockpit (Schneider et al. 2021): computed apart from where it is shown. Tw
    vector of sums whose first element counts what was summed (see :mod:`.sums`); the hooks
    add it over a step's micro-batches and processes, and :class:`~.taps.LayerTaps` stacks
    it for all layers or blocks into one ``[units, width]`` tensor (zero rows where nothing
-   reached it, shorter vectors zero-padded). ``None`` adds nothing.
+   reached it, shorter vectors zero-padded to the longest or the declared ``width``).
+   ``None`` adds nothing.
 2. A *quantity* maps the step's :class:`StepTensors` to one value per layer, per block, or
    per step; it is written where its statistic's count is nonzero. Tag: ``<name>/<layer>``,
    ``<name>/<block>`` or ``<name>``.
 
 A new per-layer quantity is one module with both halves::
 
-    @statistic("out_abs", site="output_grad")
+    @statistic("out_abs", site="output_grad", width=2)
     def out_abs(g):
         n = torch.full((), g.numel(), dtype=torch.float64, device=g.device)
         return torch.stack((n, g.abs().sum(dtype=torch.float64)))
@@ -59,18 +60,19 @@ class Statistic:
     name: str
     site: str
     fn: Callable[..., Tensor | None]
+    width: int  # at least; the same on every process, or their sums could not be added
     hist: bool = False  # only on histogram steps; its sums go to the host whole
 
 
 STATISTICS: dict[str, Statistic] = {}
 
 
-def statistic(name: str, site: str, hist: bool = False):
+def statistic(name: str, site: str, width: int, hist: bool = False):
     if site not in SITES:
         raise ValueError(f"site={site!r}; valid: {', '.join(SITES)}")
 
     def register(fn):
-        STATISTICS[name] = Statistic(name, site, fn, hist)
+        STATISTICS[name] = Statistic(name, site, fn, width, hist)
         return fn
 
     return register
@@ -141,9 +143,9 @@ class StepTensors:
 # ------------------------------------------------------------------ per layer
 
 BINS = HistogramBins()
-statistic("output", "output_grad")(output_grad_sums)
-statistic("activation", "output")(activation_sums)
-statistic("hist", "output_grad", hist=True)(partial(log_abs_histogram, spec=BINS))
+statistic("output", "output_grad", width=2)(output_grad_sums)
+statistic("activation", "output", width=5)(activation_sums)
+statistic("hist", "output_grad", width=3 + BINS.bins, hist=True)(partial(log_abs_histogram, spec=BINS))
 
 
 @quantity("grad_norm/output", needs="output")
@@ -209,13 +211,13 @@ def grad_decay_slope(s: StepTensors) -> Tensor:
 # has no s: its shortcut, ratio and cos are not written, never a fake 0.
 
 
-@statistic("split_branch", "split")
+@statistic("split_branch", "split", width=2)
 def split_branch(grad: Tensor, branch: Tensor, shortcut: Tensor | None) -> Tensor:
     """``[numel, ||b||^2]``."""
     return torch.stack((torch.full((), branch.numel(), dtype=SUM_DTYPE, device=branch.device), sq_norm(branch)))
 
 
-@statistic("split_shortcut", "split")
+@statistic("split_shortcut", "split", width=3)
 def split_shortcut(grad: Tensor, branch: Tensor, shortcut: Tensor | None) -> Tensor | None:
     """``[numel, ||s||^2, ||g||^2]``: <s, b> = (||g||^2 - ||s||^2 - ||b||^2) / 2 needs no
     elementwise product; g is s + b rounded once per element by autograd, so the cosine is
@@ -251,7 +253,7 @@ def grad_split_cos(s: StepTensors) -> Tensor:
 # Signal propagation (Brock et al. 2021, "Characterizing signal propagation to close the
 # performance gap in unnormalized ResNets"): channel statistics averaged over channels.
 for _name in ("block", "block_grad", "branch", "branch_grad"):
-    statistic(_name, _name)(channel_sums)
+    statistic(_name, _name, width=4)(channel_sums)  # padded to the widest block's channels
 
 
 def _channel_stats(sums: Tensor) -> tuple[Tensor, Tensor]:

@@ -62,9 +62,9 @@ def _on(dev: torch.device, values: list[float]) -> Tensor:
         else torch.zeros(0, dtype=SUM_DTYPE, device=dev)
 
 
-def _stack(accs: list[Tensor | None], dev: torch.device) -> Tensor:
-    """``[units, width]``: zero rows for None, shorter vectors zero-padded."""
-    width = max((a.numel() for a in accs if a is not None), default=1)
+def _stack(accs: list[Tensor | None], width: int, dev: torch.device) -> Tensor:
+    """``[units, width or wider]``: zero rows for None, shorter vectors zero-padded."""
+    width = max([width, *(a.numel() for a in accs if a is not None)])
     zero = torch.zeros(width, dtype=SUM_DTYPE, device=dev)
     if not accs:
         return zero.new_zeros(0, width)
@@ -287,7 +287,7 @@ class LayerTaps:
         dev = params[0].device if params else torch.device("cpu")
         units = {"layers": self._layers, "blocks": self._blocks}
         stats = [st for st in self.statistics if self.hist or not st.hist]
-        parts = [_stack([u.sums.get(st.name) for u in units[SITES[st.site]]], dev) for st in stats]
+        parts = [_stack([u.sums.get(st.name) for u in units[SITES[st.site]]], st.width, dev) for st in stats]
         local = torch.cat([p.flatten() for p in parts])
         if reduce is not None:
             reduce(local)  # sums over processes; the same step on every rank
