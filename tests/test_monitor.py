@@ -182,14 +182,14 @@ def test_a_new_quantity_is_a_statistic_and_a_quantity(tmp_path, monkeypatch):
     """A per-layer quantity from a new hook-side statistic, declared in one place: the mean
     absolute output gradient, against autograd; and one from an existing statistic."""
     from skipstudy.monitor import quantities
+    from skipstudy.monitor.sums import count
 
     monkeypatch.setattr(quantities, "STATISTICS", dict(quantities.STATISTICS))
     monkeypatch.setattr(quantities, "QUANTITIES", dict(quantities.QUANTITIES))
 
     @quantities.statistic("out_abs", site="output_grad", width=2)
     def out_abs(g):
-        n = torch.full((), g.numel(), dtype=torch.float64, device=g.device)
-        return torch.stack((n, g.abs().sum(dtype=torch.float64)))
+        return torch.stack((count(g), g.abs().sum(dtype=torch.float64)))
 
     @quantities.quantity("grad_mean_abs/output", needs="out_abs")
     def grad_mean_abs(s):

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from skipstudy.monitor import GradientFlowMonitor
-from skipstudy.monitor.quantities import StepTensors, act_mean, act_std, grad_norm_total, grad_norm_weight
+from skipstudy.monitor.quantities import StepTensors
 from skipstudy.monitor.sums import HistogramBins, activation_sums, log_abs_histogram, output_grad_sums
 from test_monitor import REL, TinyNet, assert_close, events, fit, make_data, recorded, reference
 
@@ -85,8 +85,8 @@ def test_activation_std_matches_float64_when_the_mean_dwarfs_the_std(dtype, magn
     for group in ([a], [a, b]):
         s = step_of([group])
         ref = torch.cat([t.flatten() for t in group]).double()
-        assert rel_err(act_std(s)[0], ref.std(correction=0)) < REL
-        assert abs(float(act_mean(s)[0]) - float(ref.mean())) <= REL * float(ref.std(correction=0)) + 1e-6 * abs(float(ref.mean()))
+        assert rel_err(s.value("act/std")[0], ref.std(correction=0)) < REL
+        assert abs(float(s.value("act/mean")[0]) - float(ref.mean())) <= REL * float(ref.std(correction=0)) + 1e-6 * abs(float(ref.mean()))
     if offset >= 1e3 and dtype == torch.float32 and magnitude == 1.0:
         # The one-pass form E[y^2] - mean^2 in float32, as before: far off.
         n, s1, s2 = a.numel(), a.sum(), torch.linalg.vector_norm(a).square()
@@ -100,12 +100,12 @@ def test_weight_and_total_norms_match_float64(dtype, magnitude):
              torch.zeros(5, dtype=dtype)]
     s = step_of(weights=grads)
     s.all_grads = [g for g in grads if g is not None]
-    got = grad_norm_weight(s).tolist()
+    got = s.value("grad_norm/weight").tolist()
     want = [g.double().norm().item() if g is not None else 0.0 for g in grads]
     assert all(rel_err(x, w) < REL for x, w in zip(got, want) if w), (got, want)
     assert got[1] == 0.0 and got[3] == 0.0
     total = torch.cat([g.double().flatten() for g in s.all_grads]).norm()
-    assert rel_err(grad_norm_total(s), total) < REL
+    assert rel_err(s.value("grad_norm/total"), total) < REL
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

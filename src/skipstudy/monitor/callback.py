@@ -1,22 +1,13 @@
-"""GradientFlowMonitor: the Lightning adapter of :class:`~skipstudy.monitor.taps.LayerTaps`,
-deciding when a step is recorded and where its numbers go.
+"""GradientFlowMonitor: the Lightning adapter of :class:`~skipstudy.monitor.taps.LayerTaps`:
+which steps are recorded, and where their numbers go.
 
-* ``on_before_optimizer_step`` (once per optimizer step, after DDP's all-reduce and AMP
-  unscaling, before clipping) collects the step: one host transfer, none on other steps.
-* Gradient accumulation: the micro-batches' sums add up, so output gradients are those of
-  the loss the optimizer minimises (Lightning divides each micro-batch loss) over the whole
-  effective batch; weight gradients are the accumulated ``.grad``.
-* DDP: the sums are all-reduced and output gradients divided by the world size (DDP
-  averages), so every rank computes the global batch's numbers and takes the same stop
-  decision; only rank 0 writes.
-* AMP: with fp16 and a GradScaler output gradients are divided by the loss scale; a step
-  whose gradients overflowed is the scaler's to skip, not recorded.
-* torch.compile: each tracked layer is a graph break where the hooks run eagerly; the
-  segments between stay compiled. Fewer tracked layers leave longer segments.
-* Non-finite: the layer named is where it first appears in computation order: the first
-  non-finite output in forward order, else output gradient in backward order, else weight
-  gradient in backward order. Steps the schedule skips are checked by
-  ``skipstudy.stopping.DivergenceGuard``, which reports through :meth:`mark_diverged`.
+A recorded step is collected in ``on_before_optimizer_step`` (after DDP's all-reduce and AMP
+unscaling, before clipping) with one host transfer. Micro-batches' sums add up, so output
+gradients are those of the loss the optimizer minimises over the whole effective batch.
+Under DDP the sums are all-reduced and divided by the world size (DDP averages): every rank
+computes the global batch's numbers and takes the same stop decision; rank 0 writes. With
+fp16 output gradients are divided by the loss scale, and a step whose gradients overflowed
+is the GradScaler's to skip. Under torch.compile each tracked layer is a graph break.
 """
 
 from __future__ import annotations
@@ -71,21 +62,17 @@ class GradientFlowMonitor(Callback):
         every_n_steps: record every n-th optimizer step (``schedule=every``).
         schedule: ``every`` or ``log`` (``points_per_decade`` steps per factor of ten).
         points_per_decade: density of the log schedule.
-        hist_every_n_epochs: every n-th epoch write output-gradient histograms
-            (``grad_hist/output/<layer>``, the epoch's first step, recorded even off
-            schedule), the spread of the epoch's norms (``grad_norm_dist/...``) and the
-            figures; 0 turns them off.
-        activations: also record ``act/mean``, ``act/std``, ``act/zero_frac``.
+        hist_every_n_epochs: every n-th epoch also record its first step with output-gradient
+            histograms, and write the spread of the epoch's norms and the figures; 0: never.
+        activations: also record ``act/*`` of each tracked layer's output.
         on_nonfinite: ``warn`` (log, go on) or ``stop`` (log, write ``train/diverged``, skip
             the poisoned update, end training cleanly).
-        export: ``json`` or ``csv`` (``<run>/grad_stats.<fmt>``, written at epoch ends,
-            checkpoints and the end of fit) or ``none``.
-        figure: gradient-flow figure (``<run>/figures``, TensorBoard ``figures/gradient_flow``)
-            and, with ``blocks``, the signal-propagation figure.
+        export: ``json`` or ``csv`` (``<run>/grad_stats.<fmt>``) or ``none``.
+        figure: gradient-flow figure, and with ``blocks`` the signal-propagation figure.
         blocks: also record per residual block ``grad_split/*`` and ``spp/*``.
 
     The tracked network is ``pl_module.net`` if there is one, else the LightningModule.
-    Scalars go to TensorBoard in one event per step, and through ``log_metrics`` to every
+    Scalars go to TensorBoard as one event per step, and through ``log_metrics`` to any
     other logger.
 
     Attributes:
@@ -93,7 +80,8 @@ class GradientFlowMonitor(Callback):
         diverged_at: ``(step, layer)`` of the non-finite step that stopped training, or None.
         nonfinite_steps: recorded steps whose gradients were non-finite.
         overflow_steps: fp16 steps the GradScaler skipped (neither recorded nor non-finite).
-        recording_step: the optimizer step now running if it is recorded, else None.
+        recording_step: the optimizer step now running if it is recorded, else None; the
+            other steps are ``skipstudy.stopping.DivergenceGuard``'s to check.
         series: rank 0's recorded rows (:class:`~skipstudy.monitor.writers.SeriesExport`).
     """
 
@@ -157,10 +145,8 @@ class GradientFlowMonitor(Callback):
             self._others = writers.other_loggers(trainer)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
-        if stage == "fit":
-            if self.taps is not None:
-                self.taps.remove()
-            self._flush()
+        if stage == "fit" and self.taps is not None:
+            self.taps.remove()
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self._flush()
@@ -207,8 +193,6 @@ class GradientFlowMonitor(Callback):
         distributed = trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
         rec = self.taps.collect(list(pl_module.parameters()), scale, torch.distributed.all_reduce if distributed else None)
         self.layer_names = self.taps.layer_names
-        for unit in (*self.taps._layers, *self.taps._blocks):
-            unit.reset()
         grads = ("grad_norm/output", "grad_norm/weight", "grad_norm/total")
         finite = all(np.isfinite(rec.values[q][rec.present[q]]).all() for q in grads if q in rec.values)
         if not finite and loss_scale is not None:
@@ -264,13 +248,14 @@ class GradientFlowMonitor(Callback):
             self._write_epoch_summaries(trainer.global_step, epoch, np.stack(rows))
         self._flush()
 
-    def _columns(self, table: np.ndarray, name: str, units: list[str]) -> np.ndarray:
-        """``[steps, units]`` of quantity ``name``."""
-        return table[:, [self.series.tags.index(f"{name}/{u}") for u in units]]
-
     def _write_epoch_summaries(self, step: int, epoch: int, table: np.ndarray) -> None:
         names, blocks = self.layer_names, self.taps.block_names
-        norms = {kind: self._columns(table, f"grad_norm/{kind}", names) for kind in ("output", "weight")}
+        tags = self.series.tags
+
+        def columns(name: str, units: list[str]) -> np.ndarray:
+            return table[:, [tags.index(f"{name}/{u}") for u in units]]
+
+        norms = {kind: columns(f"grad_norm/{kind}", names) for kind in ("output", "weight")}
         if self._tb is not None:
             # What the Tiny ImageNet study animated: how the epoch's per-step norms spread.
             for kind, data in norms.items():
@@ -284,7 +269,7 @@ class GradientFlowMonitor(Callback):
         figures = {"gradient_flow": writers.gradient_flow_figure(names, norms["output"], norms["weight"],
                                                                  f"Gradient flow, {title}")}
         if blocks:
-            spp = {q: self._columns(table, q, blocks) for q in writers.SPP_PANELS if f"{q}/{blocks[0]}" in self.series.tags}
+            spp = {q: columns(q, blocks) for q in writers.SPP_PANELS if f"{q}/{blocks[0]}" in tags}
             figures["signal_propagation"] = writers.signal_propagation_figure(blocks, spp, f"Signal propagation, {title}")
         (self._run_dir / "figures").mkdir(parents=True, exist_ok=True)
         for name, fig in figures.items():

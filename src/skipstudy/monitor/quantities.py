@@ -1,30 +1,24 @@
 """What the monitor computes: statistics the hooks collect, quantities made from them.
 
-After Cockpit (Schneider et al. 2021): computed apart from where it is shown. Two levels:
+After Cockpit (Schneider et al. 2021), computed apart from where it is shown:
 
-1. A *statistic* is a function of the tensor(s) at one hook site returning a 1-D float64
-   vector of sums whose first element counts what was summed (see :mod:`.sums`); the hooks
-   add it over a step's micro-batches and processes, and :class:`~.taps.LayerTaps` stacks
-   it for all layers or blocks into one ``[units, width]`` tensor (zero rows where nothing
-   reached it, shorter vectors zero-padded to the longest or the declared ``width``).
-   ``None`` adds nothing.
-2. A *quantity* maps the step's :class:`StepTensors` to one value per layer, per block, or
-   per step; it is written where its statistic's count is nonzero. Tag: ``<name>/<layer>``,
-   ``<name>/<block>`` or ``<name>``.
+1. A *statistic* maps the tensor(s) at one hook site (:data:`SITES`) to a float64 vector of
+   sums whose first element counts what was summed (:mod:`.sums`). The hooks add it over
+   micro-batches and processes; :class:`~.taps.LayerTaps` stacks it over the layers or
+   blocks into ``[units, width]``, zero-padded. ``None`` adds nothing.
+2. A *quantity* maps the step's :class:`StepTensors` to one value per layer, per block or
+   per step, written where its statistic's count is nonzero, as ``<name>/<layer or block>``
+   or ``<name>``.
 
-A new per-layer quantity is one module with both halves::
+A new per-layer quantity is one module with both::
 
     @statistic("out_abs", site="output_grad", width=2)
     def out_abs(g):
-        n = torch.full((), g.numel(), dtype=torch.float64, device=g.device)
-        return torch.stack((n, g.abs().sum(dtype=torch.float64)))
+        return torch.stack((count(g), g.abs().sum(dtype=torch.float64)))
 
-    @quantity("grad_mean_abs/output", needs="out_abs")
-    def grad_mean_abs(s):
-        return s["out_abs"][:, 1] / s["out_abs"][:, 0] * s.out_grad_scale
+    quantity("grad_mean_abs/output", "out_abs", lambda s: s["out_abs"][:, 1] / s["out_abs"][:, 0] * s.out_grad_scale)
 
-Quantities stay on the device: no ``.item()``, ``.cpu()``, ``float()`` or boolean mask here;
-the taps move a step's values to the host in one transfer.
+Everything stays on the device: no ``.item()``, ``.cpu()``, ``float()`` or boolean mask.
 """
 
 from __future__ import annotations
@@ -41,6 +35,7 @@ from skipstudy.monitor.sums import (
     HistogramBins,
     activation_sums,
     channel_sums,
+    count,
     log_abs_histogram,
     norms,
     output_grad_sums,
@@ -100,14 +95,15 @@ class Quantity:
 QUANTITIES: dict[str, Quantity] = {}
 
 
-def quantity(name: str, needs: str):
-    """Register ``fn(StepTensors) -> Tensor``: ``[L]``, ``[B]`` or 0-d, as ``needs`` says."""
+def quantity(name: str, needs: str, fn: Callable[[StepTensors], Tensor] | None = None):
+    """Register ``fn(StepTensors) -> Tensor`` (``[L]``, ``[B]`` or 0-d, as ``needs`` says);
+    without ``fn``, a decorator."""
 
     def register(fn):
         QUANTITIES[name] = Quantity(name, fn, needs)
         return fn
 
-    return register
+    return register if fn is None else register(fn)
 
 
 @dataclass
@@ -128,56 +124,33 @@ class StepTensors:
     weight_numel: Tensor | None = None
     all_grads: list[Tensor] = field(default_factory=list)
     out_grad_scale: Tensor = field(default_factory=lambda: torch.ones((), dtype=SUM_DTYPE))
-    _cache: dict = field(default_factory=dict, repr=False)
+    _values: dict = field(default_factory=dict, repr=False)
 
     def __getitem__(self, name: str) -> Tensor:
         return self.sums[name]
 
-    def once(self, fn: Callable[[StepTensors], Tensor]) -> Tensor:
-        """``fn(self)`` computed once per step (a quantity that others use)."""
-        if fn not in self._cache:
-            self._cache[fn] = fn(self)
-        return self._cache[fn]
+    def value(self, name: str) -> Tensor:
+        """Quantity ``name``, computed once per step (others build on it)."""
+        if name not in self._values:
+            self._values[name] = QUANTITIES[name].fn(self)
+        return self._values[name]
 
 
 # ------------------------------------------------------------------ per layer
+# Over micro-batches k, sqrt(sum_k ||dL/dy_k||^2) is the norm of the gradient of the
+# accumulated loss w.r.t. the layer's output over the whole effective batch.
 
 BINS = HistogramBins()
 statistic("output", "output_grad", width=2)(output_grad_sums)
 statistic("activation", "output", width=5)(activation_sums)
 statistic("hist", "output_grad", width=3 + BINS.bins, hist=True)(partial(log_abs_histogram, spec=BINS))
 
-
-@quantity("grad_norm/output", needs="output")
-def grad_norm_output(s: StepTensors) -> Tensor:
-    # Over micro-batches k, sqrt(sum_k ||dL/dy_k||^2) is the norm of the gradient of the
-    # accumulated loss w.r.t. the layer's output over the whole effective batch.
-    return s["output"][:, 1].sqrt() * s.out_grad_scale
-
-
-@quantity("grad_rms/output", needs="output")
-def grad_rms_output(s: StepTensors) -> Tensor:
-    return s.once(grad_norm_output) / s["output"][:, 0].sqrt()
-
-
-@quantity("grad_norm/weight", needs="weight")
-def grad_norm_weight(s: StepTensors) -> Tensor:
-    return norms(s.weight_grads, s.out_grad_scale)
-
-
-@quantity("grad_rms/weight", needs="weight")
-def grad_rms_weight(s: StepTensors) -> Tensor:
-    return s.once(grad_norm_weight) / s.weight_numel.sqrt()
-
-
-@quantity("grad_norm/total", needs="params")
-def grad_norm_total(s: StepTensors) -> Tensor:
-    return torch.linalg.vector_norm(norms(s.all_grads, s.out_grad_scale))
-
-
-@quantity("act/mean", needs="activation")
-def act_mean(s: StepTensors) -> Tensor:
-    return s["activation"][:, 1] / s["activation"][:, 0]
+quantity("grad_norm/output", "output", lambda s: s["output"][:, 1].sqrt() * s.out_grad_scale)
+quantity("grad_rms/output", "output", lambda s: s.value("grad_norm/output") / s["output"][:, 0].sqrt())
+quantity("grad_norm/weight", "weight", lambda s: norms(s.weight_grads, s.out_grad_scale))
+quantity("grad_rms/weight", "weight", lambda s: s.value("grad_norm/weight") / s.weight_numel.sqrt())
+quantity("grad_norm/total", "params", lambda s: torch.linalg.vector_norm(norms(s.all_grads, s.out_grad_scale)))
+quantity("act/mean", "activation", lambda s: s["activation"][:, 1] / s["activation"][:, 0])
 
 
 @quantity("act/std", needs="activation")
@@ -187,9 +160,7 @@ def act_std(s: StepTensors) -> Tensor:
     return ((m2 + (q - s1 * s1 / n)) / n).clamp(min=0).sqrt()
 
 
-@quantity("act/zero_frac", needs="activation")
-def act_zero_frac(s: StepTensors) -> Tensor:
-    return 1.0 - s["activation"][:, 4] / s["activation"][:, 0]
+quantity("act/zero_frac", "activation", lambda s: 1.0 - s["activation"][:, 4] / s["activation"][:, 0])
 
 
 @quantity("grad_decay/slope", needs="derived")
@@ -197,7 +168,7 @@ def grad_decay_slope(s: StepTensors) -> Tensor:
     """Least-squares slope of log10 output-gradient RMS against the layer's index in forward
     order: decades gained per layer towards the output. Layers with no, zero or non-finite
     output gradient are left out; NaN with fewer than two left."""
-    rms = s.once(grad_rms_output).to(SUM_DTYPE)
+    rms = s.value("grad_rms/output").to(SUM_DTYPE)
     ok = (s["output"][:, 0] > 0) & torch.isfinite(rms) & (rms > 0)
     w = ok.to(SUM_DTYPE)
     y = torch.where(ok, rms, 1.0).log10()
@@ -214,7 +185,7 @@ def grad_decay_slope(s: StepTensors) -> Tensor:
 @statistic("split_branch", "split", width=2)
 def split_branch(grad: Tensor, branch: Tensor, shortcut: Tensor | None) -> Tensor:
     """``[numel, ||b||^2]``."""
-    return torch.stack((torch.full((), branch.numel(), dtype=SUM_DTYPE, device=branch.device), sq_norm(branch)))
+    return torch.stack((count(branch), sq_norm(branch)))
 
 
 @statistic("split_shortcut", "split", width=3)
@@ -224,24 +195,13 @@ def split_shortcut(grad: Tensor, branch: Tensor, shortcut: Tensor | None) -> Ten
     within about 1e-7 (ratio + 1 / ratio) of the exact one in float32."""
     if shortcut is None:
         return None
-    return torch.stack((torch.full((), grad.numel(), dtype=SUM_DTYPE, device=grad.device),
-                        sq_norm(shortcut), sq_norm(grad)))
+    return torch.stack((count(grad), sq_norm(shortcut), sq_norm(grad)))
 
 
-@quantity("grad_split/shortcut", needs="split_shortcut")
-def grad_split_shortcut(s: StepTensors) -> Tensor:
-    return s["split_shortcut"][:, 1].sqrt() * s.out_grad_scale
-
-
-@quantity("grad_split/branch", needs="split_branch")
-def grad_split_branch(s: StepTensors) -> Tensor:
-    return s["split_branch"][:, 1].sqrt() * s.out_grad_scale
-
-
-@quantity("grad_split/ratio", needs="split_shortcut")
-def grad_split_ratio(s: StepTensors) -> Tensor:
-    """||dL/dx through the shortcut|| / ||dL/dx through the branch||."""
-    return (s["split_shortcut"][:, 1] / s["split_branch"][:, 1]).sqrt()
+quantity("grad_split/shortcut", "split_shortcut", lambda s: s["split_shortcut"][:, 1].sqrt() * s.out_grad_scale)
+quantity("grad_split/branch", "split_branch", lambda s: s["split_branch"][:, 1].sqrt() * s.out_grad_scale)
+# ||dL/dx through the shortcut|| / ||dL/dx through the branch||
+quantity("grad_split/ratio", "split_shortcut", lambda s: (s["split_shortcut"][:, 1] / s["split_branch"][:, 1]).sqrt())
 
 
 @quantity("grad_split/cos", needs="split_shortcut")
@@ -251,9 +211,11 @@ def grad_split_cos(s: StepTensors) -> Tensor:
 
 
 # Signal propagation (Brock et al. 2021, "Characterizing signal propagation to close the
-# performance gap in unnormalized ResNets"): channel statistics averaged over channels.
-for _name in ("block", "block_grad", "branch", "branch_grad"):
-    statistic(_name, _name, width=4)(channel_sums)  # padded to the widest block's channels
+# performance gap in unnormalized ResNets"): channel statistics of the block output, the
+# branch output and their gradients, averaged over channels. The gradients' as square roots:
+# gradients of 1e-30 have variances of 1e-60, below float32, TensorBoard's precision.
+for _site in ("block", "block_grad", "branch", "branch_grad"):
+    statistic(_site, _site, width=4)(channel_sums)  # padded to the widest block's channels
 
 
 def _channel_stats(sums: Tensor) -> tuple[Tensor, Tensor]:
@@ -265,38 +227,11 @@ def _channel_stats(sums: Tensor) -> tuple[Tensor, Tensor]:
     return mean_sq, (s2 / torch.where(n > 0, n, 1.0) - mean_sq).clamp(min=0)
 
 
-@quantity("spp/mean_sq", needs="block")
-def spp_mean_sq(s: StepTensors) -> Tensor:
-    return _channel_stats(s["block"])[0]
-
-
-@quantity("spp/var", needs="block")
-def spp_var(s: StepTensors) -> Tensor:
-    return _channel_stats(s["block"])[1]
-
-
-@quantity("spp/branch_var", needs="branch")
-def spp_branch_var(s: StepTensors) -> Tensor:
-    return _channel_stats(s["branch"])[1]
-
-
-# Backward counterparts as square roots: gradients of 1e-30 have variances of 1e-60, below
-# float32, the precision of TensorBoard scalars.
-
-
-@quantity("spp/grad_mean_rms", needs="block_grad")
-def spp_grad_mean_rms(s: StepTensors) -> Tensor:
-    """sqrt(average over channels of the squared channel mean of dL/d(block output))."""
-    return _channel_stats(s["block_grad"])[0].sqrt() * s.out_grad_scale
-
-
-@quantity("spp/grad_std", needs="block_grad")
-def spp_grad_std(s: StepTensors) -> Tensor:
-    """sqrt(average channel variance of dL/d(block output))."""
-    return _channel_stats(s["block_grad"])[1].sqrt() * s.out_grad_scale
-
-
-@quantity("spp/grad_branch_std", needs="branch_grad")
-def spp_grad_branch_std(s: StepTensors) -> Tensor:
-    """sqrt(average channel variance of dL/d(branch output))."""
-    return _channel_stats(s["branch_grad"])[1].sqrt() * s.out_grad_scale
+quantity("spp/mean_sq", "block", lambda s: _channel_stats(s["block"])[0])
+quantity("spp/var", "block", lambda s: _channel_stats(s["block"])[1])
+quantity("spp/branch_var", "branch", lambda s: _channel_stats(s["branch"])[1])
+# sqrt(average over channels of the squared channel mean of dL/d(block output))
+quantity("spp/grad_mean_rms", "block_grad", lambda s: _channel_stats(s["block_grad"])[0].sqrt() * s.out_grad_scale)
+# sqrt(average channel variance of dL/d(block output)), of dL/d(branch output)
+quantity("spp/grad_std", "block_grad", lambda s: _channel_stats(s["block_grad"])[1].sqrt() * s.out_grad_scale)
+quantity("spp/grad_branch_std", "branch_grad", lambda s: _channel_stats(s["branch_grad"])[1].sqrt() * s.out_grad_scale)

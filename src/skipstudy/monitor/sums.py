@@ -1,10 +1,9 @@
 """The sums the hooks take from one tensor, exact over the whole float32 range.
 
-Each returns a 1-D float64 vector whose first element counts what was summed, so that
-micro-batches (gradient accumulation) and processes (DDP) combine by adding. A float32
-accumulator loses both ends of a gradient's range: squares of elements below 1e-19
-underflow and above 1e19 overflow, and one accumulator over 10^6 elements drifts by ~3e-5.
-Hence float64 sums, power-of-two scaling, and rows of ``_ROW`` elements reduced first.
+Each is a float64 vector whose first element counts what was summed; micro-batches and
+processes combine by adding. A float32 accumulator loses both ends of a gradient's range
+(squares below 1e-19 underflow, above 1e19 overflow) and drifts by ~3e-5 over 10^6
+elements: hence float64 sums, power-of-two scaling, and rows of ``_ROW`` reduced first.
 Nothing here reads a device value on the host except :func:`cpu_value` on CPU tensors.
 """
 
@@ -23,7 +22,7 @@ _ROW = 1024
 
 
 def _flat(t: Tensor) -> Tensor:
-    """``t`` as 1-D in memory order: a view for contiguous and channels_last tensors."""
+    """``t`` as 1-D in memory order: a view for the layouts convs produce."""
     if t.is_contiguous():
         return t.view(-1)
     if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
@@ -32,7 +31,6 @@ def _flat(t: Tensor) -> Tensor:
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:
-    """Where elements are worked on: float32 (bf16/fp16 too), float64 kept."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -111,7 +109,8 @@ def _sums(flat: Tensor, shift: Tensor | None = None) -> tuple[Tensor, Tensor | N
     return _moments(z.view(-1, _ROW), exponent, shift is not None)
 
 
-def _count(t: Tensor) -> Tensor:
+def count(t: Tensor) -> Tensor:
+    """``t.numel()`` as a float64 0-d tensor on ``t``'s device (filled there: no copy)."""
     return torch.full((), t.numel(), dtype=SUM_DTYPE, device=t.device)
 
 
@@ -119,7 +118,7 @@ def output_grad_sums(grad: Tensor) -> Tensor:
     """``[numel, sum of squares]`` of the gradient w.r.t. a layer's output."""
     flat = _flat(grad)
     sq = _sums(flat)[0] if flat.numel() else torch.zeros((), dtype=SUM_DTYPE, device=grad.device)
-    return torch.stack((_count(grad), sq))
+    return torch.stack((count(grad), sq))
 
 
 def activation_sums(y: Tensor) -> Tensor:
@@ -144,11 +143,11 @@ def activation_sums(y: Tensor) -> Tensor:
         s1 = total.to(SUM_DTYPE)
         m2 = sq - s1 * s1 / n
         if 10 * cpu_value(m2) >= cpu_value(sq):
-            return torch.stack((_count(flat), s1, m2, s1 * s1 / n, _nonzeros(flat)))
+            return torch.stack((count(flat), s1, m2, s1 * s1 / n, _nonzeros(flat)))
     shift = total / n
     d2, d1 = _sums(flat, shift)
     s1 = shift.to(SUM_DTYPE) * n + d1
-    return torch.stack((_count(flat), s1, d2 - d1 * d1 / n, s1 * s1 / n, _nonzeros(flat)))
+    return torch.stack((count(flat), s1, d2 - d1 * d1 / n, s1 * s1 / n, _nonzeros(flat)))
 
 
 # float32 sums of ones are exact below 2**24.
@@ -179,7 +178,7 @@ def channel_sums(t: Tensor) -> Tensor:
     """
     t = t.detach()
     s1 = t.sum(dim=[d for d in range(t.dim()) if d != 1], dtype=_wide(t.dtype)).to(SUM_DTYPE)
-    head = torch.stack((_count(t) / t.shape[1], _count(t), sq_norm(t)))
+    head = torch.stack((count(t) / t.shape[1], count(t), sq_norm(t)))
     return torch.cat((head, s1))
 
 

@@ -1,28 +1,22 @@
-"""LayerTaps: hooks on any ``nn.Module`` that collect the monitor's statistics, no framework.
-
-A plain PyTorch loop drives it directly (the Lightning callback does the same)::
+"""LayerTaps: hooks on any ``nn.Module`` that collect the monitor's statistics, no framework::
 
     taps = LayerTaps(model)
     with taps.record(step):
         loss_fn(model(x), y).backward()
     taps.values  # {"grad_norm/output/conv1": ..., "grad_split/cos/layer1.0": ..., ...}
 
-Per tracked layer a forward hook takes the output's statistics and registers a tensor hook
-on the output for its gradient's. ``register_full_backward_hook`` is not used: it wraps
-outputs in an extra autograd node and breaks on in-place ops, while a tensor hook on an
-output later changed in place (``ReLU(inplace=True)``) still gets the gradient w.r.t. the
-output as the layer made it (PyTorch autograd notes, "Behavior of Tensor hooks when Tensor
-is modified in-place").
+A tracked layer's forward hook takes its output's statistics and registers a tensor hook on
+the output for its gradient's. Unlike ``register_full_backward_hook`` (an extra autograd node,
+broken by in-place ops), a tensor hook gets the gradient w.r.t. the output as the layer made
+it even if an in-place op (``ReLU(inplace=True)``) changes it later.
 
-Per residual block the gradient split needs no extra backward pass: a pre-hook on the block
-hands it an alias ``x_in`` of its input, a pre-hook on the branch's first module hands the
-branch its own alias, and one on a shortcut module (projection, option A) its own. Autograd
-gives each alias the gradient of its own uses: ``b``, ``s``, and ``b + s`` at ``x_in``
-(whose hook runs last). An identity shortcut has no module: ``s = grad(x_in) - b``.
+A residual block's gradient split needs no extra backward pass: pre-hooks hand the block,
+its branch's first module and a shortcut module each their own alias of the input, and
+autograd gives each alias the gradient of its own uses: ``b + s`` at the block's, whose hook
+runs last; an identity shortcut has no module, so ``s = grad - b``.
 
-A step's sums stay on the device; :meth:`LayerTaps.collect` moves the quantities to the host
-in one transfer (:func:`_to_host`). Every hook is ``torch.compiler.disable``-d, so under
-``torch.compile`` it runs eagerly at a graph break on the real tensors.
+Hooks are ``torch.compiler.disable``-d: under ``torch.compile`` they run eagerly at graph
+breaks. A step's sums stay on the device until one transfer (:func:`_to_host`).
 """
 
 from __future__ import annotations
@@ -91,16 +85,10 @@ class _Unit:
 
 @dataclass
 class Recorded:
-    """One step's quantities on the host.
-
-    Attributes:
-        values: per quantity, one value per layer or block, or one for the step.
-        present: per quantity, where it exists (no weight tag for a ReLU, no shortcut tag for
-            a plain block, no slope from fewer than two layers); False values are not written.
-        row, mask: all values in :meth:`LayerTaps.tags` order (NaN where absent), and present.
-        whole: the full sums of histogram statistics, ``[layers, width]``.
-        scale: the step's ``out_grad_scale``.
-    """
+    """One step on the host. ``values`` and ``present`` per quantity (False: does not exist,
+    e.g. no weight for a ReLU, no shortcut in a plain block; not written); ``row`` and
+    ``mask`` the same in :meth:`LayerTaps.tags` order (NaN where absent); ``whole`` the sums of
+    histogram statistics; ``scale`` the step's ``out_grad_scale``."""
 
     values: dict[str, np.ndarray]
     present: dict[str, np.ndarray]
@@ -300,7 +288,7 @@ class LayerTaps:
             self._weight_numel = _on(dev, [w.numel() if w is not None else 0 for w in weights])
         scale = torch.ones((), dtype=SUM_DTYPE, device=dev) if scale is None else scale.to(SUM_DTYPE)
         s = StepTensors(sums, weight_grads, self._weight_numel, [p.grad for p in params if p.grad is not None], scale)
-        out = [s.once(q.fn).to(SUM_DTYPE).reshape(-1) for q in self.quantities]
+        out = [s.value(q.name).to(SUM_DTYPE).reshape(-1) for q in self.quantities]
         out += [sums[st.name][:, 0] for st in stats]
         out += [scale.reshape(1)] + [sums[st.name].flatten() for st in stats if st.hist]
         host = np.split(_to_host(torch.cat(out)), np.cumsum([t.numel() for t in out])[:-1])
@@ -316,4 +304,6 @@ class LayerTaps:
                  for i, st in enumerate(hist)}
         row = np.concatenate([np.where(present[n], v, np.nan) for n, v in values.items()] or [np.zeros(0)])
         mask = np.concatenate([present[n] for n in values] or [np.zeros(0, dtype=bool)])
+        for unit in itertools.chain(self._layers, self._blocks):
+            unit.reset()  # the sums are spent; hold no gradients until the next step
         return Recorded(values, present, row, mask, whole, float(host[len(values) + len(stats)][0]))
