@@ -228,8 +228,8 @@ def log_abs_histogram(grad: Tensor, spec: HistogramBins) -> Tensor:
     else:
         x = g.to(torch.float32).log10_()
     x = x.clamp_(max=spec.hi).flatten()
-    count = _bincount_histogram if x.is_cuda and torch.are_deterministic_algorithms_enabled() else _histc
-    counts = sum(count(c, spec).to(SUM_DTYPE) for c in x.split(_HIST_CHUNK))
+    binned = _bincount_histogram if x.is_cuda and torch.are_deterministic_algorithms_enabled() else _histc
+    counts = sum(binned(c, spec).to(SUM_DTYPE) for c in x.split(_HIST_CHUNK))
     inside = torch.where(x >= spec.lo, x, 0.0).to(SUM_DTYPE)  # finite, >= lo: what histc counted
     head = torch.stack((counts.sum(), inside.sum(), inside.square().sum()))
     return torch.cat((head, counts))
