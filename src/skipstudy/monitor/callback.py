@@ -191,7 +191,8 @@ class GradientFlowMonitor(Callback):
         if loss_scale is not None:
             scale = scale / loss_scale.to(SUM_DTYPE)
         distributed = trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
-        rec = self.taps.collect(list(pl_module.parameters()), scale, torch.distributed.all_reduce if distributed else None)
+        reduce = torch.distributed.all_reduce if distributed else None
+        rec = self.taps.collect(list(pl_module.parameters()), scale, reduce)
         self.layer_names = self.taps.layer_names
         grads = ("grad_norm/output", "grad_norm/weight", "grad_norm/total")
         finite = all(np.isfinite(rec.values[q][rec.present[q]]).all() for q in grads if q in rec.values)
@@ -270,7 +271,8 @@ class GradientFlowMonitor(Callback):
                                                                  f"Gradient flow, {title}")}
         if blocks:
             spp = {q: columns(q, blocks) for q in writers.SPP_PANELS if f"{q}/{blocks[0]}" in tags}
-            figures["signal_propagation"] = writers.signal_propagation_figure(blocks, spp, f"Signal propagation, {title}")
+            figures["signal_propagation"] = writers.signal_propagation_figure(blocks, spp,
+                                                                              f"Signal propagation, {title}")
         (self._run_dir / "figures").mkdir(parents=True, exist_ok=True)
         for name, fig in figures.items():
             fig.savefig(self._run_dir / "figures" / f"{name}_epoch{epoch}.png")

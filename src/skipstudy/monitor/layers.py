@@ -22,7 +22,8 @@ DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 
 
 def _closest(name: str, names: list[str], n: int = 3) -> str:
-    scored = sorted(((difflib.SequenceMatcher(None, name, c).ratio(), -i, c) for i, c in enumerate(names)), reverse=True)
+    scored = [(difflib.SequenceMatcher(None, name, c).ratio(), -i, c) for i, c in enumerate(names)]
+    scored.sort(reverse=True)  # ties in network order
     return ", ".join(c for _, _, c in scored[:n])
 
 

@@ -82,7 +82,8 @@ class SeriesExport:
                 doc = json.loads(self.path.read_text())
                 if doc["layers"] != self.layers or set(doc["series"]) != set(self.tags):
                     return
-                rows = [(s, e, [doc["series"][t][i] for t in self.tags]) for i, (s, e) in enumerate(zip(doc["step"], doc["epoch"]))]
+                series = [doc["series"][t] for t in self.tags]
+                rows = [(s, e, [col[i] for col in series]) for i, (s, e) in enumerate(zip(doc["step"], doc["epoch"]))]
                 self.nonfinite_steps = [s for s in doc.get("nonfinite_steps", []) if s < before]
             else:
                 with self.path.open(newline="") as f:
@@ -171,7 +172,8 @@ def gradient_flow_figure(layers: list[str], out_norms: np.ndarray, weight_norms:
     as a marker on the axis floor (:func:`mark_zeros`)."""
     fig, (ax,) = _figure(max(6.0, 0.18 * len(layers) + 3))
     depth = np.arange(1, len(layers) + 1)
-    for data, label, color in ((out_norms, "output gradient", "tab:blue"), (weight_norms, "weight gradient", "tab:orange")):
+    lines = ((out_norms, "output gradient", "tab:blue"), (weight_norms, "weight gradient", "tab:orange"))
+    for data, label, color in lines:
         data = np.where(np.isfinite(data), data, np.nan)  # zeros stay: a median can be 0
         if data.size == 0 or np.all(np.isnan(data)):
             continue
@@ -179,7 +181,8 @@ def gradient_flow_figure(layers: list[str], out_norms: np.ndarray, weight_norms:
         ax.plot(depth, np.where(med > 0, med, np.nan), marker="o", ms=3, color=color, label=f"{label} norm (median)")
         mark_zeros(ax, depth, med, color, label=f"{label} norm exactly 0 (axis floor)")
         if data.shape[0] > 1:
-            ax.fill_between(depth, np.where(lo > 0, lo, np.nan), np.where(hi > 0, hi, np.nan), color=color, alpha=0.2, lw=0)
+            lo, hi = np.where(lo > 0, lo, np.nan), np.where(hi > 0, hi, np.nan)
+            ax.fill_between(depth, lo, hi, color=color, alpha=0.2, lw=0)
     ax.set_ylabel("L2 norm")
     ax.set_title(title)
     _depth_axis(ax, layers, "layer (forward order)", 40, 8)
@@ -210,7 +213,8 @@ def signal_propagation_figure(blocks: list[str], data: dict[str, np.ndarray], ti
     steps, log y; forward statistics left, backward right."""
     fig, axes = _figure(max(9.0, 0.25 * len(blocks) + 6), 2)
     names = list(SPP_PANELS)
-    for ax, panel, label in ((axes[0], names[:3], "forward (block output)"), (axes[1], names[3:], "backward (output gradient)")):
+    sides = ((axes[0], names[:3], "forward (block output)"), (axes[1], names[3:], "backward (output gradient)"))
+    for ax, panel, label in sides:
         for name in panel:
             values = data.get(name)
             if values is not None and values.size:
