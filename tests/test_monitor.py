@@ -747,7 +747,7 @@ def test_one_host_transfer_per_recorded_step(tmp_path, monkeypatch):
     """The monitor's code reads device values on the host only inside ``_to_host``, and calls it
     once per recorded step (histogram and epoch-end steps included). Every Tensor method that
     waits for the device is wrapped; calls from monitor code outside ``_to_host`` are counted.
-    ``quantities.cpu_value`` is exempt: it reads CPU tensors only (it raises on any other
+    ``sums.cpu_value`` is exempt: it reads CPU tensors only (it raises on any other
     device, checked here too), where nothing waits."""
     monitor_dir = str(Path(monitor_callback.__file__).parent)
     stray: list[str] = []

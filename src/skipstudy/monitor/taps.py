@@ -52,8 +52,9 @@ def _first_tensor(output: Any) -> Tensor | None:
 
 def _on(dev: torch.device, values: list[float]) -> Tensor:
     """A float64 vector filled on the device: ``torch.tensor(list, device=cuda)`` would block."""
-    return torch.stack([torch.full((), v, dtype=SUM_DTYPE, device=dev) for v in values]) if values \
-        else torch.zeros(0, dtype=SUM_DTYPE, device=dev)
+    if not values:
+        return torch.zeros(0, dtype=SUM_DTYPE, device=dev)
+    return torch.stack([torch.full((), v, dtype=SUM_DTYPE, device=dev) for v in values])
 
 
 def _stack(accs: list[Tensor | None], width: int, dev: torch.device) -> Tensor:
