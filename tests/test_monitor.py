@@ -178,21 +178,39 @@ def test_every_quantity_matches_autograd(tmp_path, layers):
         assert "grad_norm/weight/relu" not in want and math.isnan(got["grad_norm/weight/relu"])
 
 
-def test_a_new_quantity_is_one_function_and_one_line(tmp_path, monkeypatch):
+def test_a_new_quantity_is_a_statistic_and_a_quantity(tmp_path, monkeypatch):
+    """A per-layer quantity from a new hook-side statistic, declared in one place: the mean
+    absolute output gradient, against autograd; and one from an existing statistic."""
     from skipstudy.monitor import quantities
+    from skipstudy.monitor.sums import count
 
+    monkeypatch.setattr(quantities, "STATISTICS", dict(quantities.STATISTICS))
     monkeypatch.setattr(quantities, "QUANTITIES", dict(quantities.QUANTITIES))
+
+    @quantities.statistic("out_abs", site="output_grad", width=2)
+    def out_abs(g):
+        return torch.stack((count(g), g.abs().sum(dtype=torch.float64)))
+
+    @quantities.quantity("grad_mean_abs/output", needs="out_abs")
+    def grad_mean_abs(s):
+        return s["out_abs"][:, 1] / s["out_abs"][:, 0] * s.out_grad_scale
 
     @quantities.quantity("grad_sq/output", needs="output")
     def grad_sq_output(s):
-        return s.out[:, 1] * s.out_grad_scale.square()
+        return s["output"][:, 1] * s.out_grad_scale.square()
 
     torch.manual_seed(0)
+    net = TinyNet()
+    data = make_data()
+    twin, logits = copy.deepcopy(net), []
+    twin.fc.register_forward_hook(lambda m, a, o: logits.append(o))
+    g = torch.autograd.grad(F.cross_entropy(twin(data.tensors[0][:4]), data.tensors[1][:4]), logits[0])[0]
     monitor = GradientFlowMonitor(layers=["fc"])
-    fit(tmp_path, TinyNet(), monitor)
+    fit(tmp_path, net, monitor, data=data)
     got = recorded(monitor, 0)
+    assert math.isclose(got["grad_mean_abs/output/fc"], g.double().abs().mean().item(), rel_tol=REL)
     assert math.isclose(got["grad_sq/output/fc"], got["grad_norm/output/fc"] ** 2, rel_tol=1e-6)
-    assert "grad_sq/output/fc" in events(tmp_path).Tags()["scalars"]
+    assert {"grad_sq/output/fc", "grad_mean_abs/output/fc"} <= set(events(tmp_path).Tags()["scalars"])
 
 
 def test_inplace_relu_gives_gradient_wrt_layer_output_before_the_inplace_op(tmp_path):
@@ -693,7 +711,7 @@ def test_nothing_recorded_during_validation(tmp_path, monkeypatch):
 
         def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
             Spy.seen += 1
-            assert all(l.out is None and l.act is None for l in monitor._layers) or trainer.global_step > 0
+            assert all(not l.sums for l in monitor.taps._layers) or trainer.global_step > 0
 
         def on_validation_end(self, trainer, pl_module):
             Spy.validating = False
@@ -729,7 +747,7 @@ def test_one_host_transfer_per_recorded_step(tmp_path, monkeypatch):
     """The monitor's code reads device values on the host only inside ``_to_host``, and calls it
     once per recorded step (histogram and epoch-end steps included). Every Tensor method that
     waits for the device is wrapped; calls from monitor code outside ``_to_host`` are counted.
-    ``quantities.cpu_value`` is exempt: it reads CPU tensors only (it raises on any other
+    ``sums.cpu_value`` is exempt: it reads CPU tensors only (it raises on any other
     device, checked here too), where nothing waits."""
     monitor_dir = str(Path(monitor_callback.__file__).parent)
     stray: list[str] = []

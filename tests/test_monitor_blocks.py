@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from skipstudy.models.blocks import BasicBlock, Block, Bottleneck, make_stage
 from skipstudy.monitor import GradientFlowMonitor, LayerTaps
-from skipstudy.monitor.residual import find_blocks
+from skipstudy.monitor.layers import find_blocks
 
 REL = 1e-5
 

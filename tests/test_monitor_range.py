@@ -17,17 +17,8 @@ import pytest
 import torch
 
 from skipstudy.monitor import GradientFlowMonitor
-from skipstudy.monitor.quantities import (
-    HistogramBins,
-    StepTensors,
-    act_mean,
-    act_std,
-    activation_sums,
-    grad_norm_total,
-    grad_norm_weight,
-    log_abs_histogram,
-    output_grad_sums,
-)
+from skipstudy.monitor.quantities import StepTensors
+from skipstudy.monitor.sums import HistogramBins, activation_sums, log_abs_histogram, output_grad_sums
 from test_monitor import REL, TinyNet, assert_close, events, fit, make_data, recorded, reference
 
 # (dtype, magnitude): float32 and bf16 share float32's exponent range; fp16 spans 6e-8..65504.
@@ -75,9 +66,8 @@ def test_sum_of_squares_of_a_large_tensor_and_of_mixed_magnitudes():
 
 def step_of(acts: list[torch.Tensor] | None = None, weights=None) -> StepTensors:
     act = torch.stack([sum(activation_sums(y) for y in group) for group in acts]) if acts else torch.zeros(1, 5)
-    return StepTensors(out=torch.zeros(len(acts or [0]), 2, dtype=torch.float64), act=act,
-                       weight_grads=weights or [], weight_numel=torch.zeros(0), all_grads=weights or [],
-                       out_grad_scale=torch.ones((), dtype=torch.float64))
+    return StepTensors({"activation": act}, weight_grads=weights or [], weight_numel=torch.zeros(0),
+                       all_grads=weights or [])
 
 
 @pytest.mark.parametrize("offset", [0.0, 1e2, 1e3, 1e4])
@@ -95,8 +85,8 @@ def test_activation_std_matches_float64_when_the_mean_dwarfs_the_std(dtype, magn
     for group in ([a], [a, b]):
         s = step_of([group])
         ref = torch.cat([t.flatten() for t in group]).double()
-        assert rel_err(act_std(s)[0], ref.std(correction=0)) < REL
-        assert abs(float(act_mean(s)[0]) - float(ref.mean())) <= REL * float(ref.std(correction=0)) + 1e-6 * abs(float(ref.mean()))
+        assert rel_err(s.value("act/std")[0], ref.std(correction=0)) < REL
+        assert abs(float(s.value("act/mean")[0]) - float(ref.mean())) <= REL * float(ref.std(correction=0)) + 1e-6 * abs(float(ref.mean()))
     if offset >= 1e3 and dtype == torch.float32 and magnitude == 1.0:
         # The one-pass form E[y^2] - mean^2 in float32, as before: far off.
         n, s1, s2 = a.numel(), a.sum(), torch.linalg.vector_norm(a).square()
@@ -110,12 +100,12 @@ def test_weight_and_total_norms_match_float64(dtype, magnitude):
              torch.zeros(5, dtype=dtype)]
     s = step_of(weights=grads)
     s.all_grads = [g for g in grads if g is not None]
-    got = grad_norm_weight(s).tolist()
+    got = s.value("grad_norm/weight").tolist()
     want = [g.double().norm().item() if g is not None else 0.0 for g in grads]
     assert all(rel_err(x, w) < REL for x, w in zip(got, want) if w), (got, want)
     assert got[1] == 0.0 and got[3] == 0.0
     total = torch.cat([g.double().flatten() for g in s.all_grads]).norm()
-    assert rel_err(grad_norm_total(s), total) < REL
+    assert rel_err(s.value("grad_norm/total"), total) < REL
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -126,12 +116,12 @@ def test_histogram_bins_every_magnitude_like_float64(dtype):
         values.append(1e-60)  # below float32: counted in the first bin
     g = torch.tensor(values, dtype=torch.float64).to(dtype)
     h = log_abs_histogram(g, spec).numpy()
-    counts, s1, s2 = h[:-2], h[-2], h[-1]
+    n, s1, s2, counts = h[0], h[1], h[2], h[3:]
     x = np.log10(np.abs(g.double().numpy()[g.double().numpy() != 0]))
     x = np.clip(x, spec.lo, spec.hi)
     want, _ = np.histogram(x, bins=np.asarray(spec.edges()))
     assert counts.tolist() == want.tolist()
-    assert counts.sum() == len(values) - 2  # zeros are left out, nothing else
+    assert counts.sum() == n == len(values) - 2  # zeros are left out, nothing else
     assert math.isclose(s1, x.sum(), rel_tol=1e-3) and math.isclose(s2, (x * x).sum(), rel_tol=1e-3)
 
 
@@ -190,7 +180,7 @@ def test_an_exactly_zero_gradient_is_drawn_on_the_axis_floor_not_as_a_gap():
 
 def test_the_cpu_shortcut_never_reads_an_accelerator_tensor():
     """The CPU paths decide on the host (cpu_value); on any other device that would be a sync."""
-    from skipstudy.monitor.quantities import cpu_value
+    from skipstudy.monitor.sums import cpu_value
 
     assert cpu_value(torch.tensor(2.5)) == 2.5
     with pytest.raises(RuntimeError, match="host sync"):

@@ -1,14 +1,13 @@
-"""Gradient-flow monitor: per-layer gradient and activation statistics during training.
+"""Gradient-flow monitor: per-layer and per-block gradient and activation statistics.
 
-``quantities`` says what is computed (device tensors), ``callback`` when (a Lightning
-Callback, every n steps or log-spaced), ``writers`` where (TensorBoard, JSON/CSV, figures),
-``layers`` which layers (names and globs from ``monitor.layers``), ``residual`` which
-modules are residual blocks, ``taps`` the framework-free hooks (:class:`LayerTaps`) that
-both the callback and a plain PyTorch loop drive.
+``sums`` holds the exact reductions the hooks take, ``quantities`` what is computed from
+them (statistics and quantities, both registries), ``layers`` which modules are tapped,
+``taps`` the framework-free hooks (:class:`LayerTaps`) that a plain PyTorch loop drives,
+``callback`` the Lightning adapter (when), ``writers`` where (TensorBoard, JSON/CSV, figures).
 """
 
 from skipstudy.monitor.callback import GradientFlowMonitor
-from skipstudy.monitor.quantities import QUANTITIES, quantity
+from skipstudy.monitor.quantities import QUANTITIES, STATISTICS, quantity, statistic
 from skipstudy.monitor.taps import LayerTaps
 
-__all__ = ["GradientFlowMonitor", "LayerTaps", "QUANTITIES", "quantity"]
+__all__ = ["GradientFlowMonitor", "LayerTaps", "QUANTITIES", "STATISTICS", "quantity", "statistic"]

@@ -1,4 +1,4 @@
-"""Which layers the monitor tracks: ``monitor.layers`` names and globs resolved against a network.
+"""Which modules the monitor taps: layers named in ``monitor.layers``, and residual blocks.
 
 Names are ``net.named_modules()`` names relative to the network (``conv1``,
 ``layer1.0.conv1``, ``fc``), the vocabulary of every tag the monitor writes.
@@ -8,42 +8,34 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 from torch import nn
 
 from skipstudy.errors import ConfigError
+from skipstudy.models.blocks import Block
 
-# ``monitor.layers: null`` tracks every module of these types (the weighted layers whose
-# count gives a ResNet its depth). Linear is included so the classifier ``fc`` is the last layer.
+# ``monitor.layers: null``: the weighted layers whose count gives a ResNet its depth, the
+# classifier ``fc`` last.
 DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 
-_GLOB_CHARS = set("*?[")
 
-
-def is_glob(pattern: str) -> bool:
-    return any(c in _GLOB_CHARS for c in pattern)
-
-
-def closest_names(name: str, names: Sequence[str], n: int = 3) -> list[str]:
-    """The ``n`` module names most similar to ``name`` (difflib ratio), ties in network order."""
-    scored = [(difflib.SequenceMatcher(None, name, cand).ratio(), -i, cand) for i, cand in enumerate(names)]
-    scored.sort(reverse=True)
-    return [cand for _, _, cand in scored[:n]]
+def _closest(name: str, names: list[str], n: int = 3) -> str:
+    scored = [(difflib.SequenceMatcher(None, name, c).ratio(), -i, c) for i, c in enumerate(names)]
+    scored.sort(reverse=True)  # ties in network order
+    return ", ".join(c for _, _, c in scored[:n])
 
 
 def select_layers(net: nn.Module, patterns: str | Iterable[str] | None) -> list[str]:
-    """Resolve ``monitor.layers`` against ``net``; returns module names in registration order.
+    """Resolve ``monitor.layers`` against ``net``; module names in registration order.
 
-    Args:
-        net: the bare network (what ``LitClassifier`` holds as ``self.net``).
-        patterns: ``None`` for every Conv2d and Linear; otherwise exact module names (any
-            module whose output is a tensor) and glob patterns (``layer3.*.conv*``). A glob
-            only selects modules that own a ``weight`` parameter (conv, linear, norm layers),
-            so ``layer3.*`` means the weighted layers of stage 3, not every ReLU and block.
+    ``None``: every Conv2d and Linear. Otherwise exact module names (any module) and globs
+    (``layer3.*.conv*``), which select only modules owning a ``weight`` parameter, so
+    ``layer3.*`` means the weighted layers of stage 3, not every ReLU and block.
 
     Raises:
-        ConfigError: a name or pattern matches no module; the message lists the closest names.
+        ConfigError: a name or pattern matches nothing; the message lists the closest names.
     """
     modules = {name: mod for name, mod in net.named_modules() if name}
     names = list(modules)
@@ -55,9 +47,7 @@ def select_layers(net: nn.Module, patterns: str | Iterable[str] | None) -> list[
                 f"list module names instead, e.g. monitor.layers=[{', '.join(names[:2])}]"
             )
         return chosen
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    patterns = list(patterns)
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     if not patterns:
         raise ConfigError("monitor.layers=[] selects nothing; use null for every Conv2d and Linear, or monitor=off")
     weighted = [name for name, mod in modules.items() if isinstance(getattr(mod, "weight", None), nn.Parameter)]
@@ -65,12 +55,45 @@ def select_layers(net: nn.Module, patterns: str | Iterable[str] | None) -> list[
     for pattern in patterns:
         if not isinstance(pattern, str):
             raise ConfigError(f"monitor.layers entry {pattern!r} is not a module name; e.g. 'layer1.0.conv1'")
-        if is_glob(pattern):
-            hits = [name for name in weighted if fnmatch.fnmatchcase(name, pattern)]
-        else:
-            hits = [pattern] if pattern in modules else []
+        glob = any(c in "*?[" for c in pattern)
+        hits = [n for n in weighted if fnmatch.fnmatchcase(n, pattern)] if glob else [n for n in names if n == pattern]
         if not hits:
-            close = ", ".join(closest_names(pattern, weighted if is_glob(pattern) else names))
-            raise ConfigError(f"monitor.layers: {pattern!r} matches no module; closest: {close}")
+            raise ConfigError(f"monitor.layers: {pattern!r} matches no module; "
+                              f"closest: {_closest(pattern, weighted if glob else names)}")
         selected.update(hits)
     return [name for name in names if name in selected]
+
+
+@dataclass(frozen=True)
+class ResidualBlock:
+    """A block computing ``shortcut(x) + branch(x)``: the module whose input is the branch's
+    (``entry``), the shortcut's module (None for identity or none), whether there is a
+    shortcut at all, and the module whose output is the branch's last tensor (``exit``)."""
+
+    name: str
+    module: nn.Module
+    entry: nn.Module
+    shortcut: nn.Module | None
+    has_shortcut: bool
+    exit: nn.Module | None
+
+
+def find_blocks(net: nn.Module) -> list[ResidualBlock]:
+    """Every residual block of ``net`` in registration order: skipstudy's
+    :class:`~skipstudy.models.blocks.Block` (``shortcut`` None = plain twin), and torchvision's
+    BasicBlock/Bottleneck or blocks written like them (a ``conv1`` and a ``downsample``,
+    None = identity; the branch ends at ``bn3`` or ``bn2``). The exit of a SkipInit/Fixup
+    branch is its last norm, before the learnable scalars."""
+    blocks = []
+    for name, m in net.named_modules():
+        if isinstance(m, Block):
+            sc = m.shortcut
+            exit_module = m.branch_norms()[-1]
+            if isinstance(exit_module, nn.Identity):  # norm=none: the last conv ends the branch
+                exit_module = m.branch_convs()[-1]
+            blocks.append(ResidualBlock(name, m, m.conv1, sc if isinstance(sc, nn.Module) else None,
+                                        sc is not None, exit_module))
+        elif hasattr(m, "downsample") and isinstance(getattr(m, "conv1", None), nn.Module):
+            exit_module = getattr(m, "bn3", None) or getattr(m, "bn2", None)
+            blocks.append(ResidualBlock(name, m, m.conv1, m.downsample, True, exit_module))
+    return blocks

@@ -1,7 +1,6 @@
-"""Where the monitor's host-side numbers go: TensorBoard, a JSON/CSV export, a figure.
+"""Where the monitor's host-side numbers go: TensorBoard, a JSON/CSV export, figures.
 
-Everything here receives numpy arrays that are already on the host; nothing touches the
-device. Only rank 0 constructs writers (the callback checks ``trainer.is_global_zero``).
+Everything here receives numpy arrays already on the host. Only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -15,102 +14,59 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from lightning.pytorch.loggers import TensorBoardLogger
 
 
 def run_dir(trainer: Any) -> Path:
-    """The run directory: ``trainer.log_dir`` (== the Hydra output dir in skipstudy), else
-    ``trainer.default_root_dir``. A collective under DDP: call it on every rank."""
+    """``trainer.log_dir`` (the Hydra output dir in skipstudy), else ``default_root_dir``.
+    A collective under DDP: call it on every rank."""
     return Path(getattr(trainer, "log_dir", None) or trainer.default_root_dir)
 
 
 def find_summary_writer(trainer: Any):
-    """The ``SummaryWriter`` of the trainer's TensorBoardLogger, or None without one."""
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    for logger in getattr(trainer, "loggers", []) or []:
-        if isinstance(logger, TensorBoardLogger):
-            return logger.experiment
-    return None
+    """The ``SummaryWriter`` of the trainer's TensorBoardLogger, or None."""
+    return next((lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
 
 
 def other_loggers(trainer: Any) -> list:
-    """The trainer's loggers that are not TensorBoard (CSVLogger, W&B...): the monitor's
-    scalars reach them through Lightning's ``Logger.log_metrics``."""
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    return [lg for lg in getattr(trainer, "loggers", []) or [] if not isinstance(lg, TensorBoardLogger)]
+    """The other loggers (CSV, W&B...): they get the scalars through ``log_metrics``."""
+    return [lg for lg in trainer.loggers if not isinstance(lg, TensorBoardLogger)]
 
 
-class TensorBoardWriter:
-    """Scalars, histograms and images into the run's TensorBoard event file."""
+def write_scalars(writer: Any, values: dict[str, float], step: int) -> None:
+    """A step's scalars as one event: one protobuf, not one ``add_scalar`` per tag (hundreds
+    of tags a step would cost milliseconds of Python a step)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
 
-    def __init__(self, writer: Any) -> None:
-        self.writer = writer
-        try:
-            from tensorboard.compat.proto.summary_pb2 import Summary
+    summary = Summary(value=[Summary.Value(tag=tag, simple_value=value) for tag, value in values.items()])
+    writer._get_file_writer().add_summary(summary, step)
 
-            self._summary_cls = Summary
-            self._file_writer = writer._get_file_writer()
-        except (ImportError, AttributeError):  # tensorboardX or another writer: one call per tag
-            self._summary_cls = None
 
-    def scalars(self, values: dict[str, float], step: int) -> None:
-        """All of a step's scalars as one event (one protobuf, not one ``add_scalar`` per tag:
-        hundreds of tags per step would otherwise cost milliseconds of Python per step)."""
-        if self._summary_cls is None:
-            for tag, value in values.items():
-                self.writer.add_scalar(tag, value, step)
-            return
-        Summary = self._summary_cls
-        summary = Summary(value=[Summary.Value(tag=tag, simple_value=value) for tag, value in values.items()])
-        self._file_writer.add_summary(summary, step)
-
-    def histogram_raw(self, tag: str, edges: np.ndarray, counts: np.ndarray, s1: float, s2: float, step: int) -> None:
-        """A histogram from device-binned counts; ``edges`` has one more entry than ``counts``."""
-        nonzero = np.flatnonzero(counts)
-        if nonzero.size == 0:
-            return
-        first, last = nonzero[0], nonzero[-1]
-        self.writer.add_histogram_raw(
-            tag,
-            min=float(edges[first]),
-            max=float(edges[last + 1]),
-            num=float(counts.sum()),
-            sum=float(s1),
-            sum_squares=float(s2),
-            bucket_limits=[float(e) for e in edges[first + 1 : last + 2]],
-            bucket_counts=[float(c) for c in counts[first : last + 1]],
-            global_step=step,
-        )
-
-    def histogram(self, tag: str, values: np.ndarray, step: int) -> None:
-        if values.size:
-            self.writer.add_histogram(tag, values, step)
-
-    def image(self, tag: str, rgb: np.ndarray, step: int) -> None:
-        self.writer.add_image(tag, rgb, step, dataformats="HWC")
-
-    def flush(self) -> None:
-        self.writer.flush()
+def write_histogram(writer: Any, tag: str, edges: np.ndarray, counts: np.ndarray, s1: float, s2: float,
+                    step: int) -> None:
+    """A histogram from binned counts; ``edges`` has one more entry than ``counts``."""
+    nonzero = np.flatnonzero(counts)
+    if nonzero.size == 0:
+        return
+    first, last = nonzero[0], nonzero[-1]
+    writer.add_histogram_raw(tag, min=float(edges[first]), max=float(edges[last + 1]), num=float(counts.sum()),
+                             sum=float(s1), sum_squares=float(s2),
+                             bucket_limits=[float(e) for e in edges[first + 1 : last + 2]],
+                             bucket_counts=[float(c) for c in counts[first : last + 1]], global_step=step)
 
 
 class SeriesExport:
     """The recorded series as ``<run>/grad_stats.json`` or ``<run>/grad_stats.csv``.
 
-    JSON: ``{"layers": [...forward order], "blocks": [...residual blocks], "step": [...],
-    "epoch": [...], "series": {tag:
-    [value per recorded step]}, "nonfinite_steps": [...], "diverged_at": {"step", "layer"} or
-    null}``; missing and non-finite values are ``null``. CSV: one row per recorded step,
-    columns ``step, epoch`` and one per tag (empty cell: missing or non-finite); rows are
-    appended, so a long run's CSV costs nothing to flush.
+    JSON: ``{"layers": [...forward order], "blocks": [...], "step": [...], "epoch": [...],
+    "series": {tag: [value per recorded step]}, "nonfinite_steps": [...], "diverged_at":
+    {"step", "layer"} or null}``, missing and non-finite values ``null``. CSV: columns
+    ``step, epoch`` and one per tag (empty: missing or non-finite); rows are appended, so a
+    long run's CSV costs nothing to flush.
     """
 
-    def __init__(self, path: Path, fmt: str, layers: list[str], tags: list[str], blocks: list[str] | None = None) -> None:
-        self.path = path
-        self.fmt = fmt
-        self.layers = layers
-        self.blocks = blocks or []
-        self.tags = tags
+    def __init__(self, path: Path, fmt: str, layers: list[str], tags: list[str], blocks: list[str]) -> None:
+        self.path, self.fmt, self.layers, self.tags, self.blocks = path, fmt, layers, tags, blocks
         self.steps: list[int] = []
         self.epochs: list[int] = []
         self.rows: list[np.ndarray] = []
@@ -119,143 +75,130 @@ class SeriesExport:
         self._csv_written = 0
 
     def keep_earlier(self, before: int) -> None:
-        """On resume into the same run directory: take over the existing file's rows for steps
-        before ``before`` (if it tracked the same layers and tags), so the export stays whole."""
-        if not self.path.is_file():
-            return
+        """On resume into the same run directory: take over the file's rows for steps before
+        ``before`` if it tracked the same layers and tags, so the export stays whole."""
         try:
             if self.fmt == "json":
                 doc = json.loads(self.path.read_text())
-                if doc.get("layers") != self.layers or set(doc.get("series", {})) != set(self.tags):
+                if doc["layers"] != self.layers or set(doc["series"]) != set(self.tags):
                     return
-                for i, (step, epoch) in enumerate(zip(doc["step"], doc["epoch"])):
-                    if step < before:
-                        row = [doc["series"][tag][i] for tag in self.tags]
-                        self.append(step, epoch, np.array([np.nan if v is None else v for v in row], np.float64))
+                series = [doc["series"][t] for t in self.tags]
+                rows = [(s, e, [col[i] for col in series]) for i, (s, e) in enumerate(zip(doc["step"], doc["epoch"]))]
                 self.nonfinite_steps = [s for s in doc.get("nonfinite_steps", []) if s < before]
             else:
                 with self.path.open(newline="") as f:
-                    rows = list(csv.reader(f))
-                if not rows or rows[0] != ["step", "epoch", *self.tags]:
+                    lines = list(csv.reader(f))
+                if not lines or lines[0] != ["step", "epoch", *self.tags]:
                     return
-                for r in rows[1:]:
-                    if int(r[0]) < before:
-                        self.append(int(r[0]), int(r[1]), np.array([float(v) if v else np.nan for v in r[2:]]))
-                self._csv_written = 0  # the next flush rewrites the file: earlier rows, then new ones
+                rows = [(int(r[0]), int(r[1]), [float(v) if v else None for v in r[2:]]) for r in lines[1:]]
         except (OSError, ValueError, KeyError, IndexError):
-            return  # an unreadable old export is replaced, not merged
+            return  # no old export, or an unreadable one: replaced, not merged
+        for step, epoch, values in rows:
+            if step < before:
+                self.append(step, epoch, np.array([np.nan if v is None else v for v in values], np.float64))
 
     def append(self, step: int, epoch: int, row: np.ndarray) -> None:
         self.steps.append(step)
         self.epochs.append(epoch)
-        # float64: a norm of 1e-40 (float32 subnormal) or a relative difference of 1e-9
-        # survives into the export; TensorBoard's scalars are float32 regardless.
-        self.rows.append(row.astype(np.float64))
+        self.rows.append(row.astype(np.float64))  # a 1e-40 norm survives; TensorBoard keeps float32
 
     def flush(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.fmt == "csv":
-            self._flush_csv()
-        else:
-            self._flush_json()
-
-    def _flush_json(self) -> None:
-        table = np.stack(self.rows) if self.rows else np.zeros((0, len(self.tags)), np.float64)
-        series = {tag: [_finite_or_none(v) for v in table[:, j].tolist()] for j, tag in enumerate(self.tags)}
-        doc = {
-            "layers": self.layers,
-            "blocks": self.blocks,
-            "step": self.steps,
-            "epoch": self.epochs,
-            "series": series,
-            "nonfinite_steps": self.nonfinite_steps,
-            "diverged_at": None if self.diverged_at is None
-            else {"step": self.diverged_at[0], "layer": self.diverged_at[1]},
-        }
+            with self.path.open("a" if self._csv_written else "w", newline="") as f:
+                out = csv.writer(f)
+                if not self._csv_written:
+                    out.writerow(["step", "epoch", *self.tags])
+                for i in range(self._csv_written, len(self.rows)):
+                    cells = ("" if not math.isfinite(v) else repr(v) for v in self.rows[i].tolist())
+                    out.writerow([self.steps[i], self.epochs[i], *cells])
+            self._csv_written = len(self.rows)
+            return
+        table = np.stack(self.rows) if self.rows else np.zeros((0, len(self.tags)))
+        doc = {"layers": self.layers, "blocks": self.blocks, "step": self.steps, "epoch": self.epochs,
+               "series": {tag: [v if math.isfinite(v) else None for v in table[:, j].tolist()]
+                          for j, tag in enumerate(self.tags)},
+               "nonfinite_steps": self.nonfinite_steps,
+               "diverged_at": None if self.diverged_at is None
+               else {"step": self.diverged_at[0], "layer": self.diverged_at[1]}}
         tmp = self.path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(doc, allow_nan=False))
         os.replace(tmp, self.path)  # a reader never sees half a file
 
-    def _flush_csv(self) -> None:
-        new = self.rows[self._csv_written :]
-        mode = "a" if self._csv_written else "w"
-        with self.path.open(mode, newline="") as f:
-            out = csv.writer(f)
-            if not self._csv_written:
-                out.writerow(["step", "epoch", *self.tags])
-            for i, row in enumerate(new, start=self._csv_written):
-                out.writerow([self.steps[i], self.epochs[i], *(("" if not math.isfinite(v) else repr(v)) for v in row.tolist())])
-        self._csv_written = len(self.rows)
 
-
-def _finite_or_none(v: float) -> float | None:
-    return v if math.isfinite(v) else None
+# ------------------------------------------------------------------ figures
 
 
 def mark_zeros(ax, x, values, color, label: str | None = "exactly 0 (at the axis floor)") -> None:
-    """Draw the points where ``values`` is exactly 0 as down-triangles on the bottom edge of a
-    log-y ``ax`` (a log axis has no 0, and a gap would read as "not recorded"). The markers
-    sit at the axis floor whatever limits the axis gets later (y in axes coordinates)."""
+    """Points where ``values`` is exactly 0 as down-triangles on the floor of a log-y ``ax``
+    (a log axis has no 0, and a gap would read as "not recorded"), whatever its limits later."""
     from matplotlib.transforms import blended_transform_factory
 
-    values = np.asarray(values, dtype=np.float64)
-    zero = values == 0
-    if not zero.any():
-        return
-    ax.plot(np.asarray(x)[zero], np.zeros(int(zero.sum())), ls="none", marker="v", ms=6, color=color,
-            transform=blended_transform_factory(ax.transData, ax.transAxes), clip_on=False, label=label)
+    zero = np.asarray(values, dtype=np.float64) == 0
+    if zero.any():
+        ax.plot(np.asarray(x)[zero], np.zeros(int(zero.sum())), ls="none", marker="v", ms=6, color=color,
+                transform=blended_transform_factory(ax.transData, ax.transAxes), clip_on=False, label=label)
 
 
-def gradient_flow_figure(layers: list[str], out_norms: np.ndarray, weight_norms: np.ndarray, title: str):
-    """Gradient norm against layer depth (forward order), output and weight gradients, log y.
-
-    ``out_norms`` and ``weight_norms`` are ``[steps, layers]``; the line is the median over
-    the steps, the band spans the 10th to 90th percentile. A median of exactly 0 is drawn as
-    a marker on the axis floor (:func:`mark_zeros`). Returns a matplotlib Figure drawn on an
-    Agg canvas (no pyplot, no global state).
-    """
+def _figure(width: float, columns: int = 1):
+    """A Figure on an Agg canvas (no pyplot, no global state) and its axes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    depth = np.arange(1, len(layers) + 1)
-    fig = Figure(figsize=(max(6.0, 0.18 * len(layers) + 3), 4.0), dpi=100)
+    fig = Figure(figsize=(width, 4.0), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for data, label, color in ((out_norms, "output gradient", "tab:blue"), (weight_norms, "weight gradient", "tab:orange")):
+    return fig, fig.subplots(1, columns, squeeze=False)[0]
+
+
+def _nan_stats(data: np.ndarray, *percentiles: float) -> list[np.ndarray]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: layers without weights
+        return [np.nanmedian(data, axis=0), *np.nanpercentile(data, list(percentiles), axis=0)]
+
+
+def _depth_axis(ax, names: list[str], xlabel: str, ticks: int, legend: float) -> None:
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    step = max(1, math.ceil(len(names) / ticks))
+    ax.set_xticks(np.arange(1, len(names) + 1)[::step], names[::step], rotation=90, fontsize=7)
+    ax.grid(True, which="major", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=legend)
+
+
+def gradient_flow_figure(layers: list[str], out_norms: np.ndarray, weight_norms: np.ndarray, title: str):
+    """Output and weight gradient norms (``[steps, layers]``) against layer depth, log y: the
+    median over the steps, a band from the 10th to the 90th percentile, a median of exactly 0
+    as a marker on the axis floor (:func:`mark_zeros`)."""
+    fig, (ax,) = _figure(max(6.0, 0.18 * len(layers) + 3))
+    depth = np.arange(1, len(layers) + 1)
+    lines = ((out_norms, "output gradient", "tab:blue"), (weight_norms, "weight gradient", "tab:orange"))
+    for data, label, color in lines:
         data = np.where(np.isfinite(data), data, np.nan)  # zeros stay: a median can be 0
         if data.size == 0 or np.all(np.isnan(data)):
             continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: layers without weights
-            med = np.nanmedian(data, axis=0)
-            lo, hi = np.nanpercentile(data, [10, 90], axis=0)
+        med, lo, hi = _nan_stats(data, 10, 90)
         ax.plot(depth, np.where(med > 0, med, np.nan), marker="o", ms=3, color=color, label=f"{label} norm (median)")
         mark_zeros(ax, depth, med, color, label=f"{label} norm exactly 0 (axis floor)")
         if data.shape[0] > 1:
-            ax.fill_between(depth, np.where(lo > 0, lo, np.nan), np.where(hi > 0, hi, np.nan), color=color, alpha=0.2, lw=0)
-    ax.set_yscale("log")
-    ax.set_xlabel("layer (forward order)")
+            lo, hi = np.where(lo > 0, lo, np.nan), np.where(hi > 0, hi, np.nan)
+            ax.fill_between(depth, lo, hi, color=color, alpha=0.2, lw=0)
     ax.set_ylabel("L2 norm")
-    step = max(1, math.ceil(len(layers) / 40))
-    ax.set_xticks(depth[::step], [layers[i] for i in range(0, len(layers), step)], rotation=90, fontsize=7)
     ax.set_title(title)
-    ax.grid(True, which="major", alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+    _depth_axis(ax, layers, "layer (forward order)", 40, 8)
     fig.tight_layout()
     return fig
 
 
 def figure_rgb(fig) -> np.ndarray:
-    """The figure rendered to an ``[H, W, 3]`` uint8 array (for ``add_image``)."""
+    """The figure as an ``[H, W, 3]`` uint8 array (for ``add_image``)."""
     fig.canvas.draw()
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
-# Panels of the signal-propagation figure: forward statistics of the block outputs, then the
+# The signal-propagation figure's panels: forward statistics of the block outputs, then the
 # backward ones of their gradients (Brock et al. 2021, Fig. 1).
-SPP_PANELS = ("spp/mean_sq", "spp/var", "spp/branch_var", "spp/grad_mean_rms", "spp/grad_std", "spp/grad_branch_std")
-_SPP_LABELS = {
+SPP_PANELS = {
     "spp/mean_sq": "avg channel squared mean",
     "spp/var": "avg channel variance",
     "spp/branch_var": "residual branch: avg channel variance",
@@ -266,36 +209,20 @@ _SPP_LABELS = {
 
 
 def signal_propagation_figure(blocks: list[str], data: dict[str, np.ndarray], title: str):
-    """Signal-propagation plot: each ``spp/*`` quantity (``[steps, blocks]``) against block
-    depth, median over the steps, log y; forward statistics left, backward right."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    depth = np.arange(1, len(blocks) + 1)
-    fig = Figure(figsize=(max(9.0, 0.25 * len(blocks) + 6), 4.0), dpi=100)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2)
-    for ax, names, label in ((axes[0], SPP_PANELS[:3], "forward (block output)"),
-                             (axes[1], SPP_PANELS[3:], "backward (output gradient)")):
-        for name in names:
+    """Each ``spp/*`` quantity (``[steps, blocks]``) against block depth, median over the
+    steps, log y; forward statistics left, backward right."""
+    fig, axes = _figure(max(9.0, 0.25 * len(blocks) + 6), 2)
+    names = list(SPP_PANELS)
+    sides = ((axes[0], names[:3], "forward (block output)"), (axes[1], names[3:], "backward (output gradient)"))
+    for ax, panel, label in sides:
+        for name in panel:
             values = data.get(name)
-            if values is None or values.size == 0:
-                continue
-            values = np.where(np.isfinite(values) & (values > 0), values, np.nan)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                med = np.nanmedian(values, axis=0)
-            if np.all(np.isnan(med)):
-                continue
-            ax.plot(depth, med, marker="o", ms=3, label=_SPP_LABELS[name])
-        ax.set_yscale("log")
-        ax.set_xlabel("residual block (forward order)")
+            if values is not None and values.size:
+                (med,) = _nan_stats(np.where(np.isfinite(values) & (values > 0), values, np.nan))
+                if not np.all(np.isnan(med)):
+                    ax.plot(np.arange(1, len(blocks) + 1), med, marker="o", ms=3, label=SPP_PANELS[name])
         ax.set_title(label, fontsize=9)
-        step = max(1, math.ceil(len(blocks) / 30))
-        ax.set_xticks(depth[::step], [blocks[i] for i in range(0, len(blocks), step)], rotation=90, fontsize=7)
-        ax.grid(True, which="major", alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+        _depth_axis(ax, blocks, "residual block (forward order)", 30, 7)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
