@@ -22,9 +22,9 @@ from hydra.utils import get_object, instantiate
 
 from conftest import CONF_DIR, FAST, PYTHON, cli_env, compose_cfg
 from skipstudy import config
-from skipstudy.sweep import final_metrics as fm
-from skipstudy.sweep.ddp import last_scalars
-from skipstudy.sweep.jobs import (
+from skipstudy.launchers import final_metrics as fm
+from skipstudy.launchers.ddp import last_scalars
+from skipstudy.launchers.jobs import (
     failure_reason,
     forwarded_flags,
     job_hydra_overrides,

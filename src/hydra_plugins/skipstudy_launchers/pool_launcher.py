@@ -8,7 +8,7 @@ net next to a 20-layer one) while another GPU idles. submitit's local executor s
 job at once, and Ray needs a cluster runtime for what is a queue and a few processes. Here:
 
 - each job runs as its own single run, ``python -m skipstudy.train <job overrides>
-  hydra.mode=RUN hydra.run.dir=<sweep dir>/<job subdir>`` (see :mod:`skipstudy.sweep.jobs`),
+  hydra.mode=RUN hydra.run.dir=<sweep dir>/<job subdir>`` (see :mod:`skipstudy.launchers.jobs`),
   so it has its own CUDA context and memory, its crash cannot take the sweep down, and
   Lightning's DDP (which re-executes ``sys.argv`` for ranks > 0) relaunches that job only;
 - ``workers`` threads take jobs in order; before starting its process a job takes
@@ -237,7 +237,7 @@ class PoolLauncher(Launcher):
 
     def _plan(self, idx: int, overrides: Sequence[str], sweep_dir: Path) -> _Job:
         """The job's composed config, directory and single-run command."""
-        from skipstudy.sweep.jobs import single_run_command
+        from skipstudy.launchers.jobs import single_run_command
 
         assert self.hydra_context is not None and self.config is not None
         sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
@@ -307,7 +307,7 @@ class PoolLauncher(Launcher):
         return job
 
     def _finish(self, job: _Job, log_path: Path) -> None:
-        from skipstudy.sweep.jobs import failure_reason
+        from skipstudy.launchers.jobs import failure_reason
 
         result: dict[str, Any] = {}
         if job.return_file.is_file():

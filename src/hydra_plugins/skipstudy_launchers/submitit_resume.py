@@ -51,7 +51,7 @@ def with_resume(sweep_overrides: List[str], sweep_dir: Path, subdir: str) -> Lis
     overrides that would change what it trains (skipstudy/runs.py), so the job's own
     overrides go; the sweep directory and subdirectory they named are pinned instead.
     """
-    from skipstudy.sweep.jobs import quote
+    from skipstudy.launchers.jobs import quote
 
     run_dir = sweep_dir / subdir
     if not (run_dir / LAST_CHECKPOINT).is_file():

@@ -7,7 +7,7 @@ every rank > 0 would start the whole sweep again, and write into the wrong direc
 lightning-hydra-template and Lightning itself document this as unsupported.)
 
 The fix here: a multirun job whose Trainer would do that is handed to a fresh process that
-runs it as a single run (:func:`skipstudy.sweep.jobs.single_run_command`), whose
+runs it as a single run (:func:`skipstudy.launchers.jobs.single_run_command`), whose
 ``sys.argv`` holds only that job; Lightning then starts that job's ranks and nothing else.
 The job's checks (data, model options, monitor layers) have already run in the sweep's
 process by then, so a bad value still fails before anything starts. ``ddp_spawn`` would be
@@ -88,7 +88,7 @@ def run_in_own_process(run_dir: str | os.PathLike) -> dict[str, float]:
     from hydra.utils import get_original_cwd
     from omegaconf import OmegaConf
 
-    from skipstudy.sweep.jobs import failure_reason, single_run_command
+    from skipstudy.launchers.jobs import failure_reason, single_run_command
 
     hc = HydraConfig.get()
     cmd = single_run_command(

@@ -5,7 +5,7 @@ Two places run a job of a Hydra multirun in a process of its own:
 
 - the ``pool`` launcher runs every job that way (parallel jobs, one GPU each);
 - ``skipstudy.train`` hands a job over to a fresh process when the job needs Lightning's
-  DDP processes (see :mod:`skipstudy.sweep.ddp`).
+  DDP processes (see :mod:`skipstudy.launchers.ddp`).
 
 In both cases the job becomes exactly the command a user could type to rerun it alone:
 ``python -m skipstudy.train <the job's overrides> hydra.mode=RUN hydra.run.dir=<job dir>``.
