@@ -264,8 +264,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
     if report is not None:
         callbacks.append(report)
 
-    # HParams summary scalars at the end of fit; with monitor=off the guard has the divergence verdict.
-    callbacks.append(FinalMetrics(monitor if monitor is not None else guard))
+    # HParams summary scalars at the end of fit, read back from the run's event file.
+    callbacks.append(FinalMetrics())
 
     try:
         trainer = L.Trainer(**trainer_kwargs, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir))

@@ -1,7 +1,4 @@
-"""Sweep support: one sweep job as a single run in a fresh process, failure reasons, and the
-final per-run metrics of the TensorBoard HParams dashboard.
-
-The Hydra launchers themselves live in ``src/hydra_plugins/skipstudy_launchers`` (Hydra
-discovers launchers only in the ``hydra_plugins`` namespace package). Nothing here imports
-torch at module level, so Hydra's plugin scan stays fast.
-"""
+"""Sweep jobs as single runs (``jobs``), DDP inside a multirun (``ddp``) and the HParams
+dashboard's per-run numbers (``final_metrics``). Hydra finds the launchers themselves in
+``hydra_plugins/skipstudy_launchers``. No torch import at module level: Hydra's plugin scan
+imports these."""
