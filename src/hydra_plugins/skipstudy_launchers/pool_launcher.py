@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, Iterator, List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
-from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobRuntime, JobStatus, configure_log, filter_overrides, setup_globals
 from hydra.experimental.callback import Callback
 from hydra.plugins.launcher import Launcher
@@ -159,18 +158,10 @@ class PoolLauncher(Launcher):
 
     def _plan(self, idx: int, overrides: Sequence[str], sweep_dir: Path, label: str) -> _Job:
         """The job's config, directory and single-run command."""
-        from skipstudy.launchers.jobs import single_run_command
+        from skipstudy.launchers.jobs import job_config, single_run_command
 
-        config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-        with open_dict(config):
-            config.hydra.job.id = config.hydra.job.num = idx
-        # The subdir may use ${hydra:...}; resolve it as Hydra's run_job does.
-        previous = HydraConfig.instance().cfg
-        HydraConfig.instance().set_config(config)
-        try:
-            run_dir = (sweep_dir / str(OmegaConf.select(config, "hydra.sweep.subdir"))).absolute()
-        finally:
-            HydraConfig.instance().cfg = previous
+        config, _, subdir = job_config(self.hydra_context, self.config, overrides, idx)
+        run_dir = (sweep_dir / subdir).absolute()
         with read_write(config.hydra.runtime), open_dict(config.hydra.runtime):
             config.hydra.runtime.output_dir = str(run_dir)
         command = single_run_command(

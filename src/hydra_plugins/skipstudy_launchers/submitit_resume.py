@@ -13,10 +13,8 @@ its logs cut back to it. ``checkpoint.every_n_train_steps`` bounds what a preemp
 from pathlib import Path
 from typing import Any, Dict, List
 
-from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
-from omegaconf import OmegaConf, open_dict
 
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 
@@ -39,13 +37,10 @@ class _ResumeOnRequeue:
         """In the preempted job's process: the submission SLURM requeues."""
         import submitit
 
+        from skipstudy.launchers.jobs import job_config
+
         Singleton.set_state(singleton_state)
-        config = self.hydra_context.config_loader.load_sweep_config(self.config, list(sweep_overrides))
-        with open_dict(config):
-            config.hydra.job.num = job_num
-            config.hydra.job.id = config.hydra.job.get("id") or f"job_id_for_{job_num}"
-        HydraConfig.instance().set_config(config)  # the subdir may use ${hydra:...}
-        sweep_dir, subdir = Path(str(config.hydra.sweep.dir)).absolute(), str(OmegaConf.select(config, "hydra.sweep.subdir"))
+        _, sweep_dir, subdir = job_config(self.hydra_context, self.config, sweep_overrides, job_num)
         overrides = with_resume(list(sweep_overrides), sweep_dir, subdir)
         resumed = any(o.startswith("resume=") for o in overrides)
         how = "from its last checkpoint" if resumed else "from the start (no checkpoint yet)"

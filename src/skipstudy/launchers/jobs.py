@@ -14,6 +14,7 @@ import re
 import signal
 import sys
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
@@ -71,6 +72,24 @@ def single_run_command(task_overrides: Sequence[str], hydra_overrides: Sequence[
            # hydra.mode=RUN also wins over a preset's hydra.mode=MULTIRUN (he2016_depth).
            "hydra.mode=RUN", f"hydra.run.dir={quote(run_dir)}"]
     return cmd + ([f"hydra.job.num={int(job_num)}"] if job_num is not None else []) + list(extra)
+
+
+def job_config(hydra_context: Any, sweep_config: DictConfig, overrides: Sequence[str], job_num: int):
+    """A launcher's job: its composed config, ``hydra.sweep.dir`` (absolute) and ``hydra.sweep.subdir``."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict
+
+    config = hydra_context.config_loader.load_sweep_config(sweep_config, list(overrides))
+    with open_dict(config):
+        config.hydra.job.num = job_num
+        config.hydra.job.id = config.hydra.job.get("id") or job_num
+    # The subdir may use ${hydra:...}; resolve it as Hydra's run_job does.
+    previous = HydraConfig.instance().cfg
+    HydraConfig.instance().set_config(config)
+    try:
+        return config, Path(str(config.hydra.sweep.dir)).absolute(), str(OmegaConf.select(config, "hydra.sweep.subdir"))
+    finally:
+        HydraConfig.instance().cfg = previous
 
 
 # skipstudy.train's own one-line reports on stderr.
