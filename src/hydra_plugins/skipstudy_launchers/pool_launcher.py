@@ -89,26 +89,23 @@ def visible_gpus(spec: Any = None) -> List[str]:
 
 
 class GpuQueue:
-    """Free GPU ids: a job takes ``per_job`` and gives them back when it ends, so it gets
-    whichever GPU was freed first. Taking is serialised: two jobs each holding half of what they
-    need would deadlock."""
+    """Free sets of ``per_job`` GPU ids: a job takes whichever set was freed first (not
+    ``job % GPUs``), so no two jobs share a GPU however their run times differ."""
 
     def __init__(self, ids: Sequence[str], per_job: int) -> None:
-        self.ids, self.per_job = list(ids), per_job
-        self._free: "queue.Queue[str]" = queue.Queue()
-        for i in self.ids:
-            self._free.put(i)
-        self._take = threading.Lock()
+        self.cpu_only = not ids
+        self._free: "queue.Queue[List[str]]" = queue.Queue()
+        for k in range(0, len(ids) - per_job + 1, per_job):
+            self._free.put(list(ids[k:k + per_job]))
 
     @contextmanager
     def take(self) -> Iterator[List[str]]:
-        with self._take:
-            got = [self._free.get() for _ in range(self.per_job if self.ids else 0)]
+        got = [] if self.cpu_only else self._free.get()
         try:
             yield got
         finally:
-            for i in got:
-                self._free.put(i)
+            if got:
+                self._free.put(got)
 
 
 @dataclass
