@@ -248,8 +248,8 @@ def training(run, s: Settings, work: Path, cifar: Path, out: Path) -> tuple[Path
     run("training", "skipstudy.train", f"hydra.sweep.dir={sweep}", NUMBERED, "experiment=he2016_depth",
         f"model.depth={s.train_depths}", *cifar_args(cifar),
         f"dataset.batch_size={s.train_batch}", f"optimizer.lr={train_lr(s):g}", f"trainer.max_steps={s.train_steps}", *COMMON)
-    from skipstudy.analysis.figures import final_train_loss, final_val_acc, training_curves
-    from skipstudy.analysis.logs import load_runs
+    from skipstudy.analysis.figures import training_curves
+    from skipstudy.analysis.logs import final_train_loss, final_val_acc, load_runs
 
     runs, _ = load_runs([sweep])
     fig = training_curves(runs)

@@ -22,9 +22,9 @@ from hydra.utils import get_object, instantiate
 
 from conftest import CONF_DIR, FAST, PYTHON, cli_env, compose_cfg
 from skipstudy import config
-from skipstudy.sweep import final_metrics as fm
-from skipstudy.sweep.ddp import last_scalars
-from skipstudy.sweep.jobs import (
+from skipstudy.analysis.logs import load_run
+from skipstudy.launchers import final_metrics as fm
+from skipstudy.launchers.jobs import (
     failure_reason,
     forwarded_flags,
     job_hydra_overrides,
@@ -39,6 +39,10 @@ TIMEOUT = 400
 
 def run(cmd: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def last_scalars(run_dir: Path) -> dict[str, float]:
+    return {tag: s.last() for tag, s in load_run(run_dir).scalars.items()}
 
 
 def sweep_dirs(log_dir: Path, name: str) -> list[Path]:
@@ -451,33 +455,33 @@ def test_mini_plain_vs_res_sweeps_skip_on_real_cifar10(tmp_path, shared_data):
 # ---------------------------------------------------------------- final metrics (unit)
 
 
-class _Series:
-    def __init__(self, tags, rows):
-        self.tags, self.rows = tags, [np.asarray(r, dtype=np.float32) for r in rows]
+def _run_with(path: Path, **series: list[float]) -> Path:
+    """A real event file: each tag's values at steps 0, 1, ..., written step by step in the given
+    tag order (the order the monitor writes layers in)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(path)) as writer:
+        for step in range(max(len(v) for v in series.values())):
+            for tag, values in series.items():
+                if step < len(values):
+                    writer.add_scalar(tag.replace("__", "/"), values[step], step)
+    return path
 
 
-class _Monitor:
-    def __init__(self, rows, diverged_at=None, nonfinite=()):
-        self.layer_names = ["conv1", "fc"]
-        self.series = _Series(["grad_rms/output/conv1", "grad_rms/output/fc"], rows)
-        self.diverged_at = diverged_at
-        self.nonfinite_steps = list(nonfinite)
-
-
-class _Trainer:
-    def __init__(self, **metrics):
-        import torch
-
-        self.callback_metrics = {k: torch.tensor(v) for k, v in metrics.items()}
-
-
-def test_final_metrics_summarise_the_run_from_real_values_only():
-    mon = _Monitor([[0.5, 9.0], [np.nan, 1.0], [0.25, 3.0], [0.75, 0.1]])
-    assert fm.final_metrics(_Trainer(**{"train/loss": 1.0, "val/loss": 2.0}), mon) == {
-        fm.MIN_FIRST_LAYER_GRAD_RMS: 0.25, fm.DIVERGED: 0.0}
-    assert fm.final_metrics(_Trainer(**{"train/loss": float("nan")}), None) == {fm.DIVERGED: 1.0}
-    assert fm.final_metrics(_Trainer(), _Monitor([[0.5, 1.0]], diverged_at=(3, "fc")))[fm.DIVERGED] == 1.0
-    assert fm.final_metrics(_Trainer(), None) == {}  # nothing measured, nothing logged
+def test_final_metrics_summarise_the_run_from_real_values_only(tmp_path):
+    rms = {"grad_rms__output__conv1": [0.5, 0.3, 0.25, 0.75], "grad_rms__output__fc": [9.0, 1.0, 3.0, 0.1]}
+    run = load_run(_run_with(tmp_path / "a", **rms, grad_decay__slope=[-0.1, -0.3, -0.2], train__loss=[2.0, 1.0],
+                             val__loss=[2.0]))
+    assert fm.final_metrics(run) == {fm.MIN_FIRST_LAYER_GRAD_RMS: 0.25, fm.GRAD_DECAY_SLOPE: pytest.approx(-0.2),
+                                     fm.DIVERGED: 0.0}
+    # A non-finite gradient: the smallest finite RMS still, and a diverged run.
+    run = load_run(_run_with(tmp_path / "b", grad_rms__output__conv1=[0.5, np.nan, 0.5 ** 2], grad_rms__output__fc=[1.0] * 3))
+    assert fm.final_metrics(run) == {fm.MIN_FIRST_LAYER_GRAD_RMS: 0.5 ** 2, fm.DIVERGED: 1.0}
+    assert fm.final_metrics(load_run(_run_with(tmp_path / "c", train__loss=[1.0, np.nan]))) == {fm.DIVERGED: 1.0}
+    # The guard's verdict with monitor=off: train/diverged at the step it stopped.
+    run = load_run(_run_with(tmp_path / "d", train__loss=[1.0, 0.5], train__diverged=[1.0]))
+    assert fm.final_metrics(run) == {fm.DIVERGED: 1.0}
+    assert fm.final_metrics(load_run(_run_with(tmp_path / "e", epoch=[0.0]))) == {}  # nothing measured, nothing logged
 
 
 def test_every_launcher_config_composes(tmp_path):

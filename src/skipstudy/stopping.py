@@ -18,8 +18,8 @@ non-finite loss or gradient.
   checkpoint stay those of the last good step), writes ``train/diverged = 1`` at that step and
   ends training; ``skipstudy.train`` then prints one line naming the step and the first layer
   and exits with :data:`EXIT_DIVERGED`. The HParams dashboard gets the run's verdict from
-  ``skipstudy.sweep.final_metrics`` (``hparams/diverged``), which reads the monitor's or this
-  guard's ``diverged_at``/``nonfinite_steps``.
+  ``skipstudy.launchers.final_metrics`` (``hparams/diverged``), which reads ``train/diverged``
+  and the non-finite values back from the event file.
 """
 
 from __future__ import annotations

@@ -39,9 +39,9 @@ from skipstudy.layout import conf_dir as _conf_dir
 from skipstudy.fast import resolve_precision  # noqa: F401 - kept importable from here
 from skipstudy.module import LitClassifier
 from skipstudy.resume import RunState, checkpoint_callbacks, cut_logs
-from skipstudy.sweep.ddp import needs_own_process, run_in_own_process
-from skipstudy.sweep.final_metrics import TAGS as FINAL_METRIC_TAGS
-from skipstudy.sweep.final_metrics import FinalMetrics
+from skipstudy.launchers.ddp import needs_own_process, run_in_own_process
+from skipstudy.launchers.final_metrics import TAGS as FINAL_METRIC_TAGS
+from skipstudy.launchers.final_metrics import FinalMetrics
 
 
 def run_name(override_dirname: str) -> str:
@@ -264,8 +264,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
     if report is not None:
         callbacks.append(report)
 
-    # HParams summary scalars at the end of fit; with monitor=off the guard has the divergence verdict.
-    callbacks.append(FinalMetrics(monitor if monitor is not None else guard))
+    # HParams summary scalars at the end of fit, read back from the run's event file.
+    callbacks.append(FinalMetrics())
 
     try:
         trainer = L.Trainer(**trainer_kwargs, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir))
@@ -273,7 +273,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
         raise ConfigError(f"trainer: {err} (conf/trainer/default.yaml lists the keys)") from err
     if needs_own_process(trainer):
         # DDP would re-execute this multirun's command line (the whole sweep) in ranks > 0;
-        # the job runs as a single run in a fresh process instead (skipstudy/sweep/ddp.py).
+        # the job runs as a single run in a fresh process instead (skipstudy/launchers/ddp.py).
         return run_in_own_process(run_dir)
 
     if trainer.is_global_zero:

@@ -1,27 +1,14 @@
-"""``hydra/launcher=pool``: run a sweep's jobs in parallel on one machine, one GPU per job.
+"""``hydra/launcher=pool``: a sweep's jobs in parallel on one machine, one free GPU each.
 
-Why a launcher of our own: none of Hydra's launchers gives one-GPU-per-job on a multi-GPU
-box. The basic launcher runs jobs one after another in the sweep's own process. The joblib
-launcher runs N jobs at once but cannot tell a job which GPU is free; pinning a job to
-``job number % GPU count`` puts two jobs on one GPU as soon as run times differ (a 110-layer
-net next to a 20-layer one) while another GPU idles. submitit's local executor starts every
-job at once, and Ray needs a cluster runtime for what is a queue and a few processes. Here:
-
-- each job runs as its own single run, ``python -m skipstudy.train <job overrides>
-  hydra.mode=RUN hydra.run.dir=<sweep dir>/<job subdir>`` (see :mod:`skipstudy.sweep.jobs`),
-  so it has its own CUDA context and memory, its crash cannot take the sweep down, and
-  Lightning's DDP (which re-executes ``sys.argv`` for ranks > 0) relaunches that job only;
-- ``workers`` threads take jobs in order; before starting its process a job takes
-  ``gpus_per_job`` ids from a queue of free GPU ids (``CUDA_VISIBLE_DEVICES=<ids>``) and puts
-  them back when the process ends, so no two jobs ever share a GPU and a job waits while
-  all GPUs are busy;
-- a failed job does not stop the others. At the end the launcher lists every failed job's
-  overrides with a one-line reason (its ``Error: ...`` line or exception) and the sweep exits
-  with status 1. ``<sweep dir>/jobs.json`` records every job's status, reason, GPUs and time;
-  ``<sweep dir>/.pool/job<#>.log`` holds each job's stdout and stderr.
-
-With no GPU (or ``hydra.launcher.gpus=[]``) it runs ``workers`` CPU jobs at once, each with
-``OMP_NUM_THREADS`` = cores / workers unless set, so parallel jobs do not oversubscribe the CPU.
+None of Hydra's launchers does that: the basic one runs jobs one after another, joblib cannot
+tell a job which GPU is free (``job % GPUs`` doubles up as soon as run times differ), submitit's
+local executor starts every job at once, and Ray needs a cluster runtime for what is a queue
+and a few processes. Here each job runs as a single run in its own process
+(:mod:`skipstudy.launchers.jobs`: its own CUDA context, a crash that cannot take the sweep down,
+DDP that relaunches that job only); ``workers`` threads take jobs in order, each taking
+``gpus_per_job`` ids from a queue of free GPUs (``CUDA_VISIBLE_DEVICES``) and giving them back at
+the end. A failed job does not stop the others: the sweep lists every failure with its reason
+and exits 1. ``<sweep>/jobs.json`` records every job, ``<sweep>/.pool/job<#>.log`` its output.
 """
 
 # No `from __future__ import annotations`: Hydra's plugin scan executes this module without
@@ -37,128 +24,88 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import takewhile
 from pathlib import Path
 from typing import Any, Iterator, List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
-from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobRuntime, JobStatus, configure_log, filter_overrides, setup_globals
 from hydra.experimental.callback import Callback
 from hydra.plugins.launcher import Launcher
-from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 log = logging.getLogger(__name__)
 
-# The child writes its task function's return value here (see ReturnValueWriter).
-RETURN_ENV = "SKIPSTUDY_POOL_RETURN"
-# Per-job files of the launcher live in <sweep dir>/.pool/, not in the job's run directory:
-# skipstudy.train removes the run directory of a job it refuses (bad input leaves no run
-# behind), and the job's output must survive to say why.
+RETURN_ENV = "SKIPSTUDY_POOL_RETURN"  # where the job writes its return value (ReturnValueWriter)
+# Outside the job's run directory: skipstudy.train removes the directory of a job it refuses,
+# and the job's output must survive to say why.
 POOL_DIR = ".pool"
-# Job statuses that count as done (a diverged run is a result, not a failure).
-DONE = ("completed", "diverged")
+DONE = ("completed", "diverged")  # a diverged run is a result of the study, not a failure
 
 
 @dataclass
 class PoolLauncherConf:
     _target_: str = "hydra_plugins.skipstudy_launchers.pool_launcher.PoolLauncher"
-    # Jobs running at once. null: one per free GPU slot (GPUs // gpus_per_job), 1 without a GPU.
-    workers: Optional[int] = None
-    # GPU ids to hand out (e.g. [0, 2, 3]); null: every visible GPU (CUDA_VISIBLE_DEVICES or all);
-    # []: CPU jobs only.
-    gpus: Optional[Any] = None
-    # GPUs each job takes from the queue (e.g. 2 with trainer=ddp trainer.devices=2).
-    gpus_per_job: int = 1
+    workers: Optional[int] = None  # null: one per GPU slot (GPUs // gpus_per_job), 1 without a GPU
+    gpus: Optional[Any] = None  # ids to hand out; null: every visible GPU; []: CPU jobs only
+    gpus_per_job: int = 1  # e.g. 2 with trainer=ddp trainer.devices=2
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="pool", node=PoolLauncherConf, provider="skipstudy")
 
 
-class JobFailed(Exception):
-    """A pool job's process ended with a non-zero status; the message is the one-line reason."""
-
-
 class SweepFailed(SystemExit):
-    """Ends the sweep with status 1 after every job has run; the message lists the failures.
-
-    A ``SystemExit`` so that Hydra prints the list as it is, without a traceback of the
-    launcher: the failures happened in other processes and their logs hold the details.
-    """
-
-    def __init__(self, summary: str) -> None:
-        super().__init__(summary)
+    """Ends the sweep with status 1 after every job ran. A SystemExit, so Hydra prints the list of
+    failures without a traceback of the launcher (the failures happened in other processes)."""
 
 
 class ReturnValueWriter(Callback):
-    """Hydra callback in the job's process: writes the task function's return value (or the
-    exception's first line) to ``$SKIPSTUDY_POOL_RETURN`` for the launcher to read."""
+    """In the job's process: its task function's return value, or the exception's first line,
+    to ``$SKIPSTUDY_POOL_RETURN``."""
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        path = os.environ.get(RETURN_ENV)
-        if not path:
+        if not (path := os.environ.get(RETURN_ENV)):
             return
         value = job_return._return_value
-        doc: dict[str, Any] = {"status": job_return.status.name}
+        doc = {"status": job_return.status.name}
         if job_return.status == JobStatus.COMPLETED:
             doc["return_value"] = value
         else:
             first = (str(value).strip().splitlines() or [""])[0]
             doc["error"] = f"{type(value).__name__}: {first}" if first else type(value).__name__
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(doc, default=repr))
 
 
-def visible_gpus(spec: Any = None) -> list[str]:
-    """GPU ids the pool hands out: ``spec`` if given, else ``CUDA_VISIBLE_DEVICES``, else all."""
+def visible_gpus(spec: Any = None) -> List[str]:
+    """``spec`` (a list or "0,2"), else ``CUDA_VISIBLE_DEVICES``, else every GPU torch sees."""
     if spec is not None:
-        if isinstance(spec, (int, str)):
-            spec = [s for s in str(spec).split(",") if s.strip()]
-        return [str(s).strip() for s in spec]
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        ids = []
-        for s in env.split(","):
-            s = s.strip()
-            if not s or s.startswith("-"):
-                break  # CUDA ignores every id after an invalid one
-            ids.append(s)
-        return ids
-    try:
-        import torch
-    except ImportError:
-        return []
+        return [str(s).strip() for s in (str(spec).split(",") if isinstance(spec, (int, str)) else spec) if str(s).strip()]
+    if (env := os.environ.get("CUDA_VISIBLE_DEVICES")) is not None:
+        # CUDA ignores every id after an invalid one (e.g. -1).
+        return list(takewhile(lambda s: s and not s.startswith("-"), (s.strip() for s in env.split(","))))
+    import torch
+
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
 class GpuQueue:
-    """Free GPU ids; a job takes ``per_job`` of them and gives them back when it ends.
-
-    A queue, not ``job number % GPU count``: a job gets whichever GPU was freed first, so two
-    jobs never share a GPU however their run times differ. Taking is serialised so that two
-    jobs never each hold half of the GPUs they need (which would deadlock with per_job > 1).
-    """
+    """Free sets of ``per_job`` GPU ids: a job takes whichever set was freed first (not
+    ``job % GPUs``), so no two jobs share a GPU however their run times differ."""
 
     def __init__(self, ids: Sequence[str], per_job: int) -> None:
-        self.ids = list(ids)
-        self.per_job = per_job
-        self._free: queue.Queue[str] = queue.Queue()
-        for i in self.ids:
-            self._free.put(i)
-        self._take = threading.Lock()
+        self.cpu_only = not ids
+        self._free: "queue.Queue[List[str]]" = queue.Queue()
+        for k in range(0, len(ids) - per_job + 1, per_job):
+            self._free.put(list(ids[k:k + per_job]))
 
     @contextmanager
-    def take(self) -> Iterator[list[str]]:
-        if not self.ids:
-            yield []  # CPU jobs
-            return
-        with self._take:
-            got = [self._free.get() for _ in range(self.per_job)]
+    def take(self) -> Iterator[List[str]]:
+        got = [] if self.cpu_only else self._free.get()
         try:
             yield got
         finally:
-            for i in got:
-                self._free.put(i)
+            if got:
+                self._free.put(got)
 
 
 @dataclass
@@ -168,36 +115,30 @@ class _Job:
     config: DictConfig
     run_dir: Path
     command: List[str]
-    return_file: Path
-    log_file: Path
+    pool_dir: Path
+    label: str
     status: str = "pending"
     returncode: Optional[int] = None
     reason: Optional[str] = None
     gpus: Optional[List[str]] = None
-    seconds: Optional[float] = None
     started: Optional[float] = None
     ended: Optional[float] = None
     return_value: Any = None
-    label: str = ""
+
+    @property
+    def log_file(self) -> Path:
+        return self.pool_dir / f"job{self.idx}.log"
+
+    @property
+    def return_file(self) -> Path:
+        return self.pool_dir / f"job{self.idx}.json"
 
 
-def swept_labels(job_overrides: Sequence[Sequence[str]]) -> list[str]:
-    """Each job's overrides that differ between the jobs (the swept ones), for log lines; all
-    of them when there is a single job."""
+def swept_labels(job_overrides: Sequence[Sequence[str]]) -> List[str]:
+    """Each job's overrides that not every job shares (all of them for a single job)."""
     lists = [filter_overrides(list(o)) for o in job_overrides]
-    if len(lists) > 1:
-        common = set(lists[0]).intersection(*map(set, lists[1:]))
-        lists = [[o for o in lst if o not in common] for lst in lists]
-    return [" ".join(lst) or "(no overrides)" for lst in lists]
-
-
-def _diverged_exit() -> Optional[int]:
-    """skipstudy.train's exit status for a run that diverged (None if it has none)."""
-    try:
-        from skipstudy.stopping import EXIT_DIVERGED
-    except ImportError:
-        return None
-    return EXIT_DIVERGED
+    common = set(lists[0]).intersection(*map(set, lists[1:])) if len(lists) > 1 else set()
+    return [" ".join(o for o in lst if o not in common) or "(no overrides)" for lst in lists]
 
 
 class PoolLauncher(Launcher):
@@ -205,155 +146,85 @@ class PoolLauncher(Launcher):
         self.workers = workers
         self.gpus = OmegaConf.to_container(gpus) if OmegaConf.is_config(gpus) else gpus
         self.gpus_per_job = gpus_per_job
-        self.config: Optional[DictConfig] = None
-        self.task_function: Optional[TaskFunction] = None
-        self.hydra_context: Optional[HydraContext] = None
-        self._procs: dict[int, subprocess.Popen] = {}
+        self._procs: dict = {}
         self._lock = threading.Lock()
         self._stopping = False
 
-    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
-        self.config = config
-        self.hydra_context = hydra_context
-        self.task_function = task_function
+    def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
+        self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
-    # ------------------------------------------------------------------ planning
+    def _plan(self, idx: int, overrides: Sequence[str], sweep_dir: Path, label: str) -> _Job:
+        """The job's config, directory and single-run command."""
+        from skipstudy.launchers.jobs import job_config, single_run_command
 
-    def _slots(self, gpus: list[str]) -> tuple[int, int]:
-        """(workers, GPU slots) after checking the launcher's settings."""
-        per_job = self.gpus_per_job
-        if isinstance(per_job, bool) or not isinstance(per_job, int) or per_job < 1:
-            raise ValueError(f"hydra.launcher.gpus_per_job={per_job!r} must be a positive integer")
-        if gpus and per_job > len(gpus):
-            raise ValueError(f"hydra.launcher.gpus_per_job={per_job} but only {len(gpus)} GPU(s) are available "
-                             f"({','.join(gpus)}); lower it or list more in hydra.launcher.gpus")
-        slots = len(gpus) // per_job if gpus else 0
-        workers = self.workers
-        if workers is None:
-            workers = max(slots, 1)
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"hydra.launcher.workers={workers!r} must be a positive integer (or null: one per GPU)")
-        return workers, slots
-
-    def _plan(self, idx: int, overrides: Sequence[str], sweep_dir: Path) -> _Job:
-        """The job's composed config, directory and single-run command."""
-        from skipstudy.sweep.jobs import single_run_command
-
-        assert self.hydra_context is not None and self.config is not None
-        sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-        with open_dict(sweep_config):
-            sweep_config.hydra.job.id = idx
-            sweep_config.hydra.job.num = idx
-        # The job's subdir may use ${hydra:...}; resolve it as Hydra's run_job does.
-        previous = HydraConfig.instance().cfg
-        HydraConfig.instance().set_config(sweep_config)
-        try:
-            subdir = str(OmegaConf.select(sweep_config, "hydra.sweep.subdir"))
-        finally:
-            HydraConfig.instance().cfg = previous
+        config, _, subdir = job_config(self.hydra_context, self.config, overrides, idx)
         run_dir = (sweep_dir / subdir).absolute()
-        with read_write(sweep_config.hydra.runtime), open_dict(sweep_config.hydra.runtime):
-            sweep_config.hydra.runtime.output_dir = str(run_dir)
-        hydra_overrides = OmegaConf.to_container(self.config.hydra.overrides.hydra)
-        return_file = sweep_dir / POOL_DIR / f"job{idx}.json"
-        log_file = sweep_dir / POOL_DIR / f"job{idx}.log"
+        with read_write(config.hydra.runtime), open_dict(config.hydra.runtime):
+            config.hydra.runtime.output_dir = str(run_dir)
         command = single_run_command(
-            list(overrides), hydra_overrides, str(run_dir), job_num=idx,
-            extra=[f"++hydra.callbacks.skipstudy_pool_return._target_={__name__}.ReturnValueWriter"],
-        )
-        return _Job(idx, list(overrides), sweep_config, run_dir, command, return_file, log_file)
+            list(overrides), OmegaConf.to_container(self.config.hydra.overrides.hydra), str(run_dir), job_num=idx,
+            extra=[f"++hydra.callbacks.skipstudy_pool_return._target_={__name__}.ReturnValueWriter"])
+        return _Job(idx, list(overrides), config, run_dir, command, sweep_dir / POOL_DIR, label)
 
-    # ------------------------------------------------------------------ running
-
-    def _env(self, job: _Job, gpus: list[str], cpu_threads: int) -> dict[str, str]:
-        env = dict(os.environ)
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)  # "" for CPU jobs: no job touches a GPU
-        env.setdefault("OMP_NUM_THREADS", str(cpu_threads))
-        env["PYTHONUNBUFFERED"] = "1"  # the job log is current while the job runs
-        env[RETURN_ENV] = str(job.return_file)
-        return env
-
-    def _run(self, job: _Job, pool: GpuQueue, cpu_threads: int) -> _Job:
-        if self._stopping:
-            job.status, job.reason = "cancelled", "sweep interrupted"
-            return job
+    def _run(self, job: _Job, pool: GpuQueue, cpu_threads: int) -> None:
         with pool.take() as gpus:
             if self._stopping:
                 job.status, job.reason = "cancelled", "sweep interrupted"
-                return job
-            job.gpus = gpus
-            where = f"GPU {','.join(gpus)}" if gpus else "CPU"
-            log.info(f"\t#{job.idx} : {job.label} : started on {where}")
-            job.log_file.parent.mkdir(parents=True, exist_ok=True)
+                return
+            job.gpus, job.started = gpus, time.time()
+            log.info(f"\t#{job.idx} : {job.label} : started on {'GPU ' + ','.join(gpus) if gpus else 'CPU'}")
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(gpus),  # "": CPU jobs touch no GPU
+                   "PYTHONUNBUFFERED": "1", RETURN_ENV: str(job.return_file)}  # unbuffered: the log is current
+            env.setdefault("OMP_NUM_THREADS", str(cpu_threads))
+            job.pool_dir.mkdir(parents=True, exist_ok=True)
             job.return_file.unlink(missing_ok=True)
-            log_path = job.log_file
-            start = time.perf_counter()
-            job.started = time.time()
-            with open(log_path, "ab") as out:
+            with open(job.log_file, "ab") as out:
                 out.write(("$ " + " ".join(job.command) + "\n").encode())
                 out.flush()
-                proc = subprocess.Popen(job.command, stdout=out, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, env=self._env(job, gpus, cpu_threads))
+                proc = subprocess.Popen(job.command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
                 with self._lock:
                     self._procs[job.idx] = proc
-                try:
-                    job.returncode = proc.wait()
-                finally:
-                    with self._lock:
-                        self._procs.pop(job.idx, None)
-            job.seconds = time.perf_counter() - start
+                job.returncode = proc.wait()
+                with self._lock:
+                    del self._procs[job.idx]
             job.ended = time.time()
-        self._finish(job, log_path)
-        return job
+        self._finish(job)
 
-    def _finish(self, job: _Job, log_path: Path) -> None:
-        from skipstudy.sweep.jobs import failure_reason
+    def _finish(self, job: _Job) -> None:
+        from skipstudy.launchers.jobs import failure_reason
+        from skipstudy.stopping import EXIT_DIVERGED
 
-        result: dict[str, Any] = {}
-        if job.return_file.is_file():
-            try:
-                result = json.loads(job.return_file.read_text())
-            except (OSError, ValueError):
-                result = {}
+        result = json.loads(job.return_file.read_text()) if job.return_file.is_file() else {}
+        seconds = job.ended - job.started
         if job.returncode == 0 and result.get("status", "COMPLETED") == "COMPLETED":
-            job.status = "completed"
-            job.return_value = result.get("return_value")
-            log.info(f"\t#{job.idx} : {job.label} : done in {job.seconds:.1f} s")
+            job.status, job.return_value = "completed", result.get("return_value")
+            log.info(f"\t#{job.idx} : {job.label} : done in {seconds:.1f} s")
             return
-        text = log_path.read_text(errors="replace") if log_path.is_file() else ""
-        reason = failure_reason(text, job.returncode)
-        if job.returncode == _diverged_exit():
-            # A run that diverged is a result of the study (a deep plain net), not a failed job:
-            # as under the basic launcher, the sweep counts it as done and marks it diverged.
-            job.status, job.reason = "diverged", reason
-            log.warning(f"\t#{job.idx} : {job.label} : diverged after {job.seconds:.1f} s: {reason}")
+        job.reason = failure_reason(job.log_file.read_text(errors="replace"), job.returncode)
+        if job.returncode == EXIT_DIVERGED:
+            # As under the basic launcher, a diverged run (a deep plain net) counts as done.
+            job.status = "diverged"
+            log.warning(f"\t#{job.idx} : {job.label} : diverged after {seconds:.1f} s: {job.reason}")
             return
         job.status = "failed"
-        if not reason.startswith("Error: ") and result.get("error"):
-            reason = result["error"]  # the exception itself, as the job's Hydra reported it
-        job.reason = reason
-        log.error(f"\t#{job.idx} : {job.label} : FAILED after {job.seconds:.1f} s: {reason}")
-
-    def _stop(self) -> None:
-        self._stopping = True
-        with self._lock:
-            procs = list(self._procs.values())
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-
-    # ------------------------------------------------------------------ the launcher API
+        if not job.reason.startswith("Error: ") and result.get("error"):
+            job.reason = result["error"]  # the exception itself, as the job's Hydra reported it
+        log.error(f"\t#{job.idx} : {job.label} : FAILED after {seconds:.1f} s: {job.reason}")
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         setup_globals()
-        assert self.config is not None and self.hydra_context is not None
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
 
         gpus = visible_gpus(self.gpus)
-        workers, slots = self._slots(gpus)
-        workers = min(workers, len(job_overrides))
+        if self.gpus_per_job < 1 or (gpus and self.gpus_per_job > len(gpus)):
+            raise ValueError(f"hydra.launcher.gpus_per_job={self.gpus_per_job} must be between 1 and the number of GPUs "
+                             f"({len(gpus)}: {','.join(gpus)}); lower it or list more in hydra.launcher.gpus")
+        slots = len(gpus) // self.gpus_per_job
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"hydra.launcher.workers={self.workers} must be a positive integer (or null: one per GPU)")
+        workers = min(self.workers or max(slots, 1), len(job_overrides))
         cpu_threads = max(1, (os.cpu_count() or 1) // workers)
         where = (f"{len(gpus)} GPU(s) [{','.join(gpus)}], {self.gpus_per_job} per job" if gpus
                  else f"CPU only, {cpu_threads} thread(s) per job")
@@ -361,84 +232,49 @@ class PoolLauncher(Launcher):
         if gpus and workers > slots:
             log.info(f"{workers} workers for {slots} GPU slot(s): a job waits until a GPU is free")
 
-        jobs = [self._plan(initial_job_idx + i, o, sweep_dir) for i, o in enumerate(job_overrides)]
-        for job, label in zip(jobs, swept_labels(job_overrides)):
-            job.label = label
+        jobs = [self._plan(initial_job_idx + i, o, sweep_dir, label)
+                for i, (o, label) in enumerate(zip(job_overrides, swept_labels(job_overrides)))]
         pool = GpuQueue(gpus, self.gpus_per_job)
         executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pool-job")
         try:
             pending = {executor.submit(self._run, job, pool, cpu_threads) for job in jobs}
-            while pending:
-                # A timeout keeps the main thread responsive to Ctrl-C.
-                _, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+            while pending:  # with a timeout, the main thread still sees Ctrl-C
+                done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+                for future in done:
+                    future.result()
         except BaseException:
-            self._stop()
+            self._stopping = True
+            with self._lock:
+                for proc in self._procs.values():
+                    proc.terminate()
             executor.shutdown(wait=True, cancel_futures=True)
             raise
         executor.shutdown(wait=True)
 
-        self._write_status(sweep_dir, jobs)
-        returns = [self._job_return(job) for job in jobs]
+        self._write_status(sweep_dir / "jobs.json", jobs)
         failed = [job for job in jobs if job.status not in DONE]
-        if failed:
-            summary = self._summary(jobs, failed, sweep_dir)
-            for job, ret in zip(jobs, returns):
-                if job.status not in DONE:
-                    ret.return_value = SweepFailed(summary)
-        else:
+        summary = "\n".join([f"Sweep {sweep_dir}: {len(jobs) - len(failed)} of {len(jobs)} jobs completed, "
+                             f"{len(failed)} failed:", *(f"  #{job.idx} {job.label}: {job.reason}" for job in failed),
+                             f"Each job's output: {sweep_dir / POOL_DIR}/job<#>.log; all jobs: {sweep_dir / 'jobs.json'}"])
+        if not failed:
             diverged = sum(job.status == "diverged" for job in jobs)
-            note = f" ({diverged} diverged)" if diverged else ""
-            log.info(f"All {len(jobs)} jobs completed{note}; sweep dir {sweep_dir}")
-        return returns
-
-    def _job_return(self, job: _Job) -> JobReturn:
-        ret = JobReturn()
-        ret.overrides = job.overrides
-        ret.hydra_cfg = job.config
-        task_cfg = OmegaConf.masked_copy(job.config, [k for k in job.config if k != "hydra"])
-        ret.cfg = task_cfg
-        ret.working_dir = os.getcwd()
-        ret.task_name = JobRuntime.instance().get("name")
-        if job.status in DONE:
-            ret.status = JobStatus.COMPLETED
-            ret.return_value = job.return_value
-        else:
-            ret.status = JobStatus.FAILED
-            ret.return_value = JobFailed(job.reason or job.status)
-        return ret
+            log.info(f"All {len(jobs)} jobs completed{f' ({diverged} diverged)' if diverged else ''}; sweep dir {sweep_dir}")
+        # Hydra raises the first failed job's value: here, the list of every failure.
+        return [JobReturn(overrides=job.overrides, hydra_cfg=job.config, working_dir=os.getcwd(),
+                          cfg=OmegaConf.masked_copy(job.config, [k for k in job.config if k != "hydra"]),
+                          task_name=JobRuntime.instance().get("name"),
+                          status=JobStatus.COMPLETED if job.status in DONE else JobStatus.FAILED,
+                          _return_value=job.return_value if job.status in DONE else SweepFailed(summary))
+                for job in jobs]
 
     @staticmethod
-    def _summary(jobs: list[_Job], failed: list[_Job], sweep_dir: Path) -> str:
-        lines = [f"Sweep {sweep_dir}: {len(jobs) - len(failed)} of {len(jobs)} jobs completed, "
-                 f"{len(failed)} failed:"]
-        for job in failed:
-            lines.append(f"  #{job.idx} {job.label}: {job.reason}")
-        lines.append(f"Each job's output: {sweep_dir / POOL_DIR}/job<#>.log; all jobs: {sweep_dir / 'jobs.json'}")
-        return "\n".join(lines)
-
-    @staticmethod
-    def _write_status(sweep_dir: Path, jobs: list[_Job]) -> None:
-        """``<sweep dir>/jobs.json``: one entry per job (merged over the sweeper's batches)."""
-        path = sweep_dir / "jobs.json"
-        entries: dict[str, Any] = {}
-        if path.is_file():
-            try:
-                entries = {str(e["num"]): e for e in json.loads(path.read_text())}
-            except (OSError, ValueError, KeyError, TypeError):
-                entries = {}
+    def _write_status(path: Path, jobs: List[_Job]) -> None:
+        """One entry per job, merged over the sweeper's batches (each is a launch)."""
+        entries = {e["num"]: e for e in json.loads(path.read_text())} if path.is_file() else {}
         for job in jobs:
-            entries[str(job.idx)] = {
-                "num": job.idx,
-                "overrides": job.overrides,
-                "dir": str(job.run_dir),
-                "log": str(job.log_file),
-                "status": job.status,
-                "reason": job.reason,
-                "returncode": job.returncode,
-                "gpus": job.gpus,
-                "seconds": None if job.seconds is None else round(job.seconds, 3),
-                "started": job.started,
-                "ended": job.ended,
-            }
-        ordered = [entries[k] for k in sorted(entries, key=int)]
-        path.write_text(json.dumps(ordered, indent=2, default=repr))
+            entries[job.idx] = {
+                "num": job.idx, "overrides": job.overrides, "dir": str(job.run_dir), "log": str(job.log_file),
+                "status": job.status, "reason": job.reason, "returncode": job.returncode, "gpus": job.gpus,
+                "seconds": None if job.ended is None else round(job.ended - job.started, 3),
+                "started": job.started, "ended": job.ended}
+        path.write_text(json.dumps([entries[k] for k in sorted(entries)], indent=2, default=repr))

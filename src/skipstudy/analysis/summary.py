@@ -1,88 +1,70 @@
-"""The report's summary table: one row per run, written as ``summary.csv`` and ``summary.md``."""
+"""The numbers of the report: one row per run (``summary.csv``/``.md``), the decay slope across
+seeds, the probes' headline numbers, and the lines a run and a sweep end with."""
 
 from __future__ import annotations
 
 import csv
+import json
 import math
 import shlex
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from hydra.experimental.callback import Callback
 
-from skipstudy.analysis.figures import final_train_loss, final_val_acc
-from skipstudy.analysis.logs import Run, load_run, load_runs
+from skipstudy.analysis.logs import Run, final_train_loss, final_val_acc, load_run, load_runs
 from skipstudy.errors import ConfigError
 
-COLUMNS = (
-    "run",
-    "overrides",
-    "skip",
-    "depth",
-    "epochs",
-    "steps",
-    "final_train_loss",
-    "final_val_acc",
-    "grad_attenuation",
-    "grad_decay_slope",
-    "nonfinite_steps",
-    "wall_time_s",
-    "status",
-)
-
-# What each column means, shown under the Markdown table and in index.html.
+COLUMNS = ("run", "overrides", "skip", "depth", "epochs", "steps", "final_train_loss", "final_val_acc",
+           "grad_attenuation", "grad_decay_slope", "nonfinite_steps", "wall_time_s", "status")
+# Shown under the Markdown table and in index.html.
 COLUMN_NOTES = {
     "epochs": "completed epochs",
     "final_train_loss": "last epoch-mean training loss",
     "final_val_acc": "last validation accuracy",
-    "grad_attenuation": (
-        "median over the last recorded epoch of RMS(dL/d output) of the first tracked layer "
-        "divided by that of the last; << 1 means gradients shrink on their way to the input"
-    ),
-    "grad_decay_slope": (
-        "median over the last recorded epoch of grad_decay/slope: least-squares slope of log10 RMS(dL/d output) "
-        "against tracked-layer index; decades per layer by which gradients shrink towards the input"
-    ),
+    "grad_attenuation": "median over the last recorded epoch of RMS(dL/d output) of the first tracked layer "
+                        "divided by that of the last; << 1 means gradients shrink on their way to the input",
+    "grad_decay_slope": "median over the last recorded epoch of grad_decay/slope: least-squares slope of log10 "
+                        "RMS(dL/d output) against tracked-layer index; decades per layer by which gradients shrink "
+                        "towards the input",
     "nonfinite_steps": "recorded steps with non-finite gradients (empty: no gradient monitor)",
     "wall_time_s": "seconds from the run's first to its last logged event",
-    "status": "ok, diverged (non-finite gradients or loss), partial (fewer epochs than trainer.max_epochs: running or stopped), no data",
+    "status": "ok, diverged (non-finite gradients or loss), partial (fewer epochs than trainer.max_epochs: "
+              "running or stopped), no data",
 }
+SLOPE_COLUMNS = ("setting", "seeds", "mean", "ci95_low", "ci95_high")
+PROBE_COLUMNS = ("run", "probe", "step", "skip", "depth", "key", "value")
+CODE_COLUMNS = ("run", "overrides", "setting")  # shown as code in the Markdown and HTML tables
 
 
-def gradient_attenuation(run: Run, quantity: str = "grad_rms/output") -> float:
-    """Median, over the last epoch with values, of ``quantity`` at the first tracked layer
-    divided by ``quantity`` at the last tracked layer (same steps, finite values only)."""
-    series = run.layer_series(quantity)
-    if len(series) < 2:
-        return math.nan
-    names = list(series)  # forward order
-    first, last = series[names[0]], series[names[-1]]
-    steps, i, j = np.intersect1d(first.steps, last.steps, return_indices=True)
-    a, b = first.values[i], last.values[j]
-    ok = np.isfinite(a) & np.isfinite(b) & (b > 0)
+def _last_epoch_median(run: Run, steps: np.ndarray, values: np.ndarray) -> float:
+    """Median of the finite ``values`` in the last epoch that has any (NaN: none)."""
+    ok = np.isfinite(values)
     if not ok.any():
         return math.nan
     epochs = run.epoch_at(steps)
-    last_epoch = epochs[ok].max()
-    sel = ok & (epochs == last_epoch)
-    return float(np.median(a[sel] / b[sel]))
+    return float(np.median(values[ok & (epochs == epochs[ok].max())]))
+
+
+def gradient_attenuation(run: Run, quantity: str = "grad_rms/output") -> float:
+    """First tracked layer's ``quantity`` over the last one's, at the same steps."""
+    series = list(run.layer_series(quantity).values())
+    if len(series) < 2:
+        return math.nan
+    steps, i, j = np.intersect1d(series[0].steps, series[-1].steps, return_indices=True)
+    a, b = series[0].values[i], series[-1].values[j]
+    ok = np.isfinite(a) & np.isfinite(b) & (b > 0)
+    return _last_epoch_median(run, steps, np.divide(a, b, out=np.full(a.shape, np.nan), where=ok))
 
 
 def decay_slope(run: Run) -> float:
-    """Median of the finite ``grad_decay/slope`` values of the last epoch that has any (NaN: none)."""
     s = run.series("grad_decay/slope")
-    if s is None:
-        return math.nan
-    ok = np.isfinite(s.values)
-    if not ok.any():
-        return math.nan
-    epochs = run.epoch_at(s.steps)
-    return float(np.median(s.values[ok & (epochs == epochs[ok].max())]))
+    return math.nan if s is None else _last_epoch_median(run, s.steps, s.values)
 
 
 def t_quantile(p: float, df: int) -> float:
-    """Quantile ``p`` (> 0.5) of Student's t with ``df`` degrees of freedom: the CDF from the
-    density (closed form) integrated numerically, inverted by interpolation."""
+    """Quantile ``p`` (> 0.5) of Student's t: its closed-form density integrated numerically."""
     log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
     x = np.linspace(0.0, 200.0 if df < 3 else 40.0, 400_001)
     pdf = np.exp(log_c - (df + 1) / 2 * np.log1p(x * x / df))
@@ -90,228 +72,138 @@ def t_quantile(p: float, df: int) -> float:
     return float(np.interp(p, cdf, x))
 
 
-SLOPE_COLUMNS = ("setting", "seeds", "mean", "ci95_low", "ci95_high")
-
-
 def slope_by_setting(runs: list[Run]) -> list[dict[str, Any]]:
-    """``grad_decay_slope`` across the seeds of each setting (runs that share their
-    computing overrides): mean and a 95% Student-t interval (none from a single seed)."""
+    """``grad_decay_slope`` over the seeds of each setting: mean and 95% Student-t interval."""
     groups: dict[tuple[str, ...], list[float]] = {}
     for run in runs:
-        value = decay_slope(run)
-        if math.isfinite(value):
+        if math.isfinite(value := decay_slope(run)):
             groups.setdefault(run.group, []).append(value)
     rows = []
     for group, values in groups.items():
         v = np.asarray(values)
-        mean = float(v.mean())
         half = t_quantile(0.975, v.size - 1) * float(v.std(ddof=1)) / math.sqrt(v.size) if v.size > 1 else math.nan
-        rows.append({"setting": " ".join(group) or "(defaults)", "seeds": int(v.size), "mean": mean,
-                     "ci95_low": mean - half, "ci95_high": mean + half})
+        rows.append({"setting": " ".join(group) or "(defaults)", "seeds": int(v.size), "mean": float(v.mean()),
+                     "ci95_low": float(v.mean()) - half, "ci95_high": float(v.mean()) + half})
     return rows
 
 
-def write_slope_table(rows: list[dict[str, Any]], path: str | Path) -> None:
-    """``decay_slope.md``: the depth-decay exponent per setting across seeds."""
-    lines = ["| " + " | ".join(SLOPE_COLUMNS) + " |", "|" + "|".join("---" for _ in SLOPE_COLUMNS) + "|"]
-    for row in rows:
-        cells = [f"`{row['setting']}`", str(row["seeds"])] + [_fmt(row[c], c) for c in SLOPE_COLUMNS[2:]]
-        lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
-    lines += ["", "- grad_decay_slope per run as in summary.md; mean over a setting's seeds, 95% Student-t interval."]
-    Path(path).write_text("\n".join(lines) + "\n")
-
-
 def run_status(run: Run) -> str:
-    """``no data``, ``diverged``, ``partial`` or ``ok`` (see :data:`COLUMN_NOTES`)."""
     if not run.has_data:
         return "no data"
     if run.diverged:
-        step = run.diverged_at.get("step") if run.diverged_at else (run.nonfinite_steps[0] if run.nonfinite_steps else None)
+        step = run.diverged_at.get("step") if run.diverged_at else (run.nonfinite_steps or [None])[0]
         return "diverged" + (f" at step {step}" if step is not None else "")
     max_epochs = run.option("trainer.max_epochs")
-    bounded_otherwise = run.option("trainer.max_steps", -1) not in (-1, None) or run.option("trainer.max_time") or run.option(
-        "trainer.fast_dev_run"
-    )
+    bounded_otherwise = (run.option("trainer.max_steps", -1) not in (-1, None) or run.option("trainer.max_time")
+                         or run.option("trainer.fast_dev_run"))
     if isinstance(max_epochs, int) and max_epochs > 0 and not bounded_otherwise and run.epochs_done < max_epochs:
         return f"partial ({run.epochs_done}/{max_epochs} epochs)"
     return "ok"
 
 
 def summary_rows(runs: list[Run]) -> list[dict[str, Any]]:
-    """One dict per run with the keys of :data:`COLUMNS` (numbers stay numbers; NaN and
-    None mean "not available")."""
-    rows = []
-    for run in runs:
-        has_monitor = bool(run.layers) or bool(run.nonfinite_steps)
-        wall = run.wall_time
-        rows.append({
-            "run": run.name,
-            "overrides": " ".join(run.overrides),
-            "skip": run.skip,
-            "depth": run.depth,
-            "epochs": run.epochs_done,
-            "steps": run.num_steps,
-            # None (blank) when nothing was logged; NaN (shown) when the loss itself is NaN.
-            "final_train_loss": final_train_loss(run) if run.series("train/loss") or run.series("train/loss_epoch") else None,
-            "final_val_acc": final_val_acc(run),
-            "grad_attenuation": gradient_attenuation(run),
-            "grad_decay_slope": decay_slope(run),
-            "nonfinite_steps": len(run.nonfinite_steps) if has_monitor else None,
-            "wall_time_s": None if wall is None else round(wall, 2),
-            "status": run_status(run),
-        })
-    return rows
+    """A dict per run over :data:`COLUMNS`; None and NaN mean "not available"."""
+    return [{
+        "run": run.name, "overrides": " ".join(run.overrides), "skip": run.skip, "depth": run.depth,
+        "epochs": run.epochs_done, "steps": run.num_steps,
+        # None (blank) when nothing was logged; NaN (shown) when the loss itself is NaN.
+        "final_train_loss": final_train_loss(run) if run.series("train/loss") or run.series("train/loss_epoch") else None,
+        "final_val_acc": final_val_acc(run), "grad_attenuation": gradient_attenuation(run),
+        "grad_decay_slope": decay_slope(run),
+        "nonfinite_steps": len(run.nonfinite_steps) if run.layers or run.nonfinite_steps else None,
+        "wall_time_s": None if run.wall_time is None else round(run.wall_time, 2), "status": run_status(run),
+    } for run in runs]
 
 
-def _fmt(value: Any, column: str) -> str:
+def fmt(value: Any, column: str) -> str:
     if value is None:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
         if math.isnan(value):
-            return "nan" if column in ("final_train_loss",) else ""
-        if not math.isfinite(value):
+            return "nan" if column == "final_train_loss" else ""
+        if math.isinf(value):
             return str(value)
-        if column == "final_val_acc":
-            return f"{value:.4f}"
-        if column == "wall_time_s":
-            return f"{value:.1f}"
-        return f"{value:.4g}"
+        return {"final_val_acc": f"{value:.4f}", "wall_time_s": f"{value:.1f}"}.get(column, f"{value:.4g}")
     return str(value)
 
 
-def formatted_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """The rows as display strings (used by the Markdown and HTML tables)."""
-    return [{c: _fmt(row[c], c) for c in COLUMNS} for row in rows]
-
-
-def _csv_cell(value: Any) -> Any:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"  # as in the overrides and the Markdown table
-    return value
+def cells(rows: list[dict[str, Any]], columns: tuple[str, ...] = COLUMNS) -> list[list[str]]:
+    return [[fmt(row[c], c) for c in columns] for row in rows]
 
 
 def write_csv(rows: list[dict[str, Any]], path: str | Path, columns: tuple[str, ...] = COLUMNS) -> None:
-    """``summary.csv`` (or ``probes.csv`` with :data:`PROBE_COLUMNS`): full-precision numbers;
-    empty cells mean "not available"."""
+    """Full-precision numbers; an empty cell means "not available"."""
     with open(path, "w", newline="") as f:
-        out = csv.DictWriter(f, fieldnames=columns)
-        out.writeheader()
-        for row in rows:
-            out.writerow({c: _csv_cell(row[c]) for c in columns})
+        out = csv.writer(f)
+        out.writerow(columns)
+        # Booleans as in the overrides and the Markdown table.
+        out.writerows([fmt(v, "") if v is None or isinstance(v, bool) else v for v in (row[c] for c in columns)]
+                      for row in rows)
 
 
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def write_markdown(rows: list[dict[str, Any]], path: str | Path) -> None:
-    """``summary.md``: the table as GitHub-flavoured Markdown, with the column notes."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
-    for row in formatted_rows(rows):
-        lines.append("| " + " | ".join(_md_cell(row[c] if c != "overrides" else f"`{row[c]}`" if row[c] else "") for c in COLUMNS) + " |")
-    lines.append("")
-    lines += [f"- `{c}`: {note}" for c, note in COLUMN_NOTES.items()]
-    Path(path).write_text("\n".join(lines) + "\n")
-
-
-# -- probe results -------------------------------------------------------------------------
-
-PROBE_COLUMNS = ("run", "probe", "step", "skip", "depth", "key", "value")
+def write_markdown(header: tuple[str, ...], rows: list[list[str]], notes: list[str], path: str | Path) -> None:
+    """A GitHub-flavoured Markdown table, then a note per line."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row in rows:
+        row = [f"`{text}`" if c in CODE_COLUMNS and text else text for c, text in zip(header, row)]
+        lines.append("| " + " | ".join(text.replace("|", "\\|").replace("\n", " ") for text in row) + " |")
+    Path(path).write_text("\n".join([*lines, "", *notes]) + "\n")
 
 
 def probe_rows(paths: list[str | Path]) -> list[dict[str, Any]]:
-    """One row per headline number of every probe record at or below ``paths``.
-
-    Probes write ``<run>/probes/<name>/<name>_step<N>.json`` with their returned numbers
-    under ``"summary"``; the headline numbers are those without a ``/`` in their key
-    (per-layer and per-stage values stay in the JSON and TensorBoard).
-    """
-    import json
-
+    """A row per headline number (a key without ``/``) of every probe record
+    ``<run>/probes/<name>/<name>_step<N>.json`` at or below ``paths``."""
     rows = []
-    for path in paths:
-        root = Path(path)
-        if not root.is_dir():
-            continue
-        for record_path in sorted(root.rglob("probes/*/*_step*.json")):
+    for root in map(Path, paths):
+        for record_path in sorted(root.rglob("probes/*/*_step*.json")) if root.is_dir() else []:
             try:
                 record = json.loads(record_path.read_text())
             except (OSError, ValueError):
-                continue
-            summary = record.get("summary") if isinstance(record, dict) else None
-            if not isinstance(summary, dict):
-                continue
+                continue  # a probe still writing
             run = record_path.parents[2]
-            model = record.get("model") or {}
-            for key, value in summary.items():
+            for key, value in record.get("summary", {}).items():
                 if "/" not in key:
                     rows.append({"run": str(run.relative_to(root)) if run != root else run.name,
                                  "probe": record_path.parent.name, "step": record.get("step"),
-                                 "skip": model.get("skip"), "depth": record.get("depth"), "key": key, "value": value})
+                                 "skip": record.get("model", {}).get("skip"), "depth": record.get("depth"),
+                                 "key": key, "value": value})
     return rows
 
 
 def probe_tables(rows: list[dict[str, Any]]) -> dict[str, tuple[list[str], list[list[str]]]]:
-    """Per probe: ``(header, cells)``, one line per run and step, one column per headline key."""
+    """Per probe: ``(header, cells)``, a line per run and step, a column per headline key."""
     tables: dict[str, tuple[list[str], dict[tuple, dict[str, Any]]]] = {}
     for row in rows:
         keys, lines = tables.setdefault(row["probe"], ([], {}))
         if row["key"] not in keys:
             keys.append(row["key"])
         lines.setdefault((row["run"], row["step"], row["skip"], row["depth"]), {})[row["key"]] = row["value"]
-    out = {}
-    for probe, (keys, lines) in tables.items():
-        header = ["run", "step", "skip", "depth", *keys]
-        cells = [[run, _fmt(step, "step"), _fmt(skip, "skip"), _fmt(depth, "depth"),
-                  *(_fmt(values.get(k), k) for k in keys)] for (run, step, skip, depth), values in lines.items()]
-        out[probe] = (header, cells)
-    return out
+    return {probe: (["run", "step", "skip", "depth", *keys],
+                    [[*(fmt(v, "") for v in line), *(fmt(values.get(k), k) for k in keys)] for line, values in lines.items()])
+            for probe, (keys, lines) in tables.items()}
 
 
-# ---------------------------------------------------------------------- end-of-run text
-# What `python -m skipstudy.train` prints when a run (and, for a sweep, the whole sweep) ends:
-# the same numbers as the report's summary table, read back from the run's own logs once, so
-# nothing is added to the training loop.
-
+# What `python -m skipstudy.train` prints when a run or a sweep ends: the report's numbers, read
+# back from the logs once, so nothing is added to the training loop.
 
 def _shown(path: str | Path) -> str:
-    """``path`` relative to the working directory when it lies below it, shell-quoted."""
-    path = Path(path).resolve()
-    try:
-        text = str(path.relative_to(Path.cwd().resolve()))
-    except ValueError:
-        text = str(path)
-    return shlex.quote(text or ".")
+    """Relative to the working directory when below it, shell-quoted."""
+    path, cwd = Path(path).resolve(), Path.cwd().resolve()
+    return shlex.quote(str(path.relative_to(cwd) if path.is_relative_to(cwd) else path))
 
 
 def end_layer_rms(run: Run, quantity: str = "grad_rms/output") -> dict[str, Any] | None:
-    """The first and last tracked layer's ``quantity``: at the first recorded step (the
-    network at initialisation) and as the median over the last recorded epoch.
-
-    Returns ``{"first", "last": layer names, "init": (first, last), "final": (first, last)}``,
-    or None when fewer than two layers were recorded.
-    """
+    """The first and last tracked layer's ``quantity`` at the first recorded step (the net at
+    initialisation) and as the median over the last recorded epoch."""
     series = run.layer_series(quantity)
     if len(series) < 2:
         return None
     names = list(series)
-    first, last = series[names[0]], series[names[-1]]
-
-    def final(s) -> float:
-        v = s.values[np.isfinite(s.values)]
-        epochs = run.epoch_at(s.steps[np.isfinite(s.values)])
-        return float(np.median(v[epochs == epochs.max()])) if v.size else math.nan
-
-    return {
-        "first": names[0], "last": names[-1],
-        "init": (float(first.values[0]) if first.values.size else math.nan,
-                 float(last.values[0]) if last.values.size else math.nan),
-        "final": (final(first), final(last)),
-    }
+    ends = (series[names[0]], series[names[-1]])
+    return {"first": names[0], "last": names[-1], "init": tuple(float(s.values[0]) for s in ends),
+            "final": tuple(_last_epoch_median(run, s.steps, s.values) for s in ends)}
 
 
 def _g(value: float | None) -> str:
@@ -324,72 +216,54 @@ def _ratio(pair: tuple[float, float]) -> float:
 
 
 def run_summary(run_dir: str | Path) -> str:
-    """A few lines on a finished run: where it is, its final metrics, how much the output
-    gradient shrinks from the last tracked layer to the first, and how to look further."""
+    """Where the run is, its final metrics, how much the output gradient shrinks from the last
+    tracked layer to the first, and how to look further."""
     run = load_run(run_dir)
     row = summary_rows([run])[0]
     val_loss = run.series("val/loss")
     lines = [f"Run {row['status']}: {_shown(run_dir)}",
              f"  epochs {row['epochs']}, steps {row['steps']}: train loss {_g(row['final_train_loss'])}, "
              f"val loss {_g(val_loss.last() if val_loss else None)}, val acc {_g(row['final_val_acc'])}"]
-    ends = end_layer_rms(run)
-    if ends is not None:
+    if (ends := end_layer_rms(run)) is not None:
         lines.append(
             f"  output-gradient RMS {ends['first']} / {ends['last']}: "
             f"{_g(ends['init'][0])} / {_g(ends['init'][1])} = {_g(_ratio(ends['init']))} at step 0, "
             f"{_g(ends['final'][0])} / {_g(ends['final'][1])} = {_g(_ratio(ends['final']))} in the last epoch")
-    lines.append(f"  tensorboard --logdir {_shown(run_dir)}")
-    return "\n".join(lines)
+    return "\n".join([*lines, f"  tensorboard --logdir {_shown(run_dir)}"])
 
 
 def sweep_summary(sweep_dir: str | Path) -> str | None:
-    """The sweep's runs side by side (one line each), and the commands that show more;
-    None when no run below ``sweep_dir`` has logged anything."""
+    """The sweep's runs side by side and the commands that show more; None before any run logged."""
     try:
         runs, _ = load_runs([sweep_dir])
     except ConfigError:
         return None
-    header = ("run", "train loss", "val acc", "first/last layer", "grad RMS first", "grad RMS last",
-              "first/last", "first/last at step 0")
-    table = [header]
+    table = [("run", "train loss", "val acc", "first/last layer", "grad RMS first", "grad RMS last",
+              "first/last", "first/last at step 0")]
     for run, row in zip(runs, summary_rows(runs)):
         ends = end_layer_rms(run)
-        # The overrides that tell the runs apart (their directories are below the sweep's).
-        cells = [run.label or run.name, _g(row["final_train_loss"]), _g(row["final_val_acc"])]
-        if ends is None:
-            cells += ["-"] * 5
-        else:
-            cells += [f"{ends['first']}/{ends['last']}", _g(ends["final"][0]), _g(ends["final"][1]),
-                      _g(_ratio(ends["final"])), _g(_ratio(ends["init"]))]
-        table.append(tuple(cells))
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    lines = [f"Sweep done: {len(runs)} runs in {_shown(sweep_dir)}"]
-    lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
-    lines += ["  (output-gradient RMS: median over the last epoch, and at step 0; << 1 means the gradient",
-              "   shrinks on its way back to the input)",
-              "Look further:",
-              f"  tensorboard --logdir {_shown(sweep_dir)}",
-              f"  python -m skipstudy.report {_shown(sweep_dir)}"]
-    return "\n".join(lines)
+        # The label: the overrides that tell the runs apart.
+        table.append((run.label or run.name, _g(row["final_train_loss"]), _g(row["final_val_acc"]),
+                      *(["-"] * 5 if ends is None else
+                        [f"{ends['first']}/{ends['last']}", _g(ends["final"][0]), _g(ends["final"][1]),
+                         _g(_ratio(ends["final"])), _g(_ratio(ends["init"]))])))
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    return "\n".join([f"Sweep done: {len(runs)} runs in {_shown(sweep_dir)}",
+                      *("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table),
+                      "  (output-gradient RMS: median over the last epoch, and at step 0; << 1 means the gradient",
+                      "   shrinks on its way back to the input)",
+                      "Look further:",
+                      f"  tensorboard --logdir {_shown(sweep_dir)}",
+                      f"  python -m skipstudy.report {_shown(sweep_dir)}"])
 
 
-try:
-    from hydra.experimental.callback import Callback as _HydraCallback
-except ImportError:  # pragma: no cover - Hydra < 1.1
-    _HydraCallback = object
-
-
-class SweepSummary(_HydraCallback):
-    """Hydra callback of ``skipstudy.train`` (``hydra.callbacks.sweep_summary`` in train.yaml):
-    after a multirun, print its runs side by side. ``enabled=false`` turns it off (the probe
-    app composes train.yaml, and its jobs are not training runs)."""
+class SweepSummary(Callback):
+    """Hydra callback (train.yaml's ``hydra.callbacks.sweep_summary``): a multirun ends with its
+    runs side by side. The probe app composes train.yaml too and sets ``enabled=false``."""
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
-        if not self.enabled:
-            return
-        text = sweep_summary(config.hydra.sweep.dir)
-        if text:
+        if self.enabled and (text := sweep_summary(config.hydra.sweep.dir)):
             print(text, flush=True)

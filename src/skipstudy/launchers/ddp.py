@@ -1,0 +1,67 @@
+"""DDP inside a Hydra multirun. Lightning starts ranks > 0 of a ``strategy=ddp`` run by
+re-executing this process's command line, which in a multirun is the whole sweep
+(``python -m skipstudy.train -m a=1,2``): every rank would start the sweep again, in the wrong
+directory. So such a job runs as a single run in a fresh process (:mod:`.jobs`), whose command
+line holds that job alone; its config was checked in the sweep's process already. (``ddp_spawn``
+would pickle the data and net to every rank and return only rank 0's results.) Not affected:
+the pool launcher (every job is a single run), SLURM/torchrun (ranks exist before Python starts)
+and ``ddp_spawn``/``ddp_fork``.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+
+class JobProcessFailed(RuntimeError):
+    """The job's own process failed; the message is its one-line reason."""
+
+
+def needs_own_process(trainer: Any) -> bool:
+    """A multirun job whose ``trainer.fit`` would start ranks > 0 by re-executing ``sys.argv``."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    launcher = getattr(trainer.strategy, "launcher", None)
+    return (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+            and isinstance(launcher, _SubprocessScriptLauncher)
+            and not launcher.cluster_environment.creates_processes_externally and launcher.num_processes > 1)
+
+
+def run_in_own_process(run_dir: str | os.PathLike) -> dict[str, float]:
+    """Run the current job as a single run writing into ``run_dir``; its output passes through.
+    Returns its last logged scalars; raises JobProcessFailed with the reason of a failure."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import get_original_cwd
+    from omegaconf import OmegaConf
+
+    from skipstudy.analysis.logs import load_run
+    from skipstudy.launchers.jobs import failure_reason, single_run_command
+
+    hc = HydraConfig.get()
+    cmd = single_run_command(OmegaConf.to_container(hc.overrides.task), OmegaConf.to_container(hc.overrides.hydra),
+                             str(Path(run_dir).absolute()), job_num=hc.job.get("num"),
+                             extra=["hydra.output_subdir=null"])  # the sweep wrote this job's .hydra/ already
+    print("[skipstudy] DDP inside a multirun: running this job as a single run in its own process:\n  "
+          + " ".join(cmd), file=sys.stderr, flush=True)
+    tail: collections.deque[str] = collections.deque(maxlen=200)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, errors="replace",
+                            cwd=get_original_cwd())
+    try:
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            tail.append(line)
+        returncode = proc.wait()
+    except BaseException:
+        proc.terminate()
+        proc.wait()
+        raise
+    if returncode != 0:
+        raise JobProcessFailed(failure_reason("".join(tail), returncode))
+    return {tag: s.last() for tag, s in load_run(run_dir).scalars.items()}

@@ -1,0 +1,50 @@
+"""Per-run numbers for TensorBoard's HParams dashboard, which shows beside a run's overrides the
+last value of its scalar series. Written once at the end of fit, from the run's own event file:
+
+- ``hparams/min_first_layer_grad_rms``: the smallest output-gradient RMS of the first tracked
+  layer, where a vanishing gradient is smallest (the number plain vs residual compares);
+- ``hparams/grad_decay_slope``: the median ``grad_decay/slope``, so runs rank by how fast
+  gradients vanish towards the input;
+- ``hparams/diverged``: 1 after non-finite gradients or a non-finite last loss, else 0.
+
+Only measured values are written: with ``monitor=off`` the dashboard leaves the RMS cell empty.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import numpy as np
+
+from skipstudy.analysis.logs import Run, load_run
+
+MIN_FIRST_LAYER_GRAD_RMS = "hparams/min_first_layer_grad_rms"
+GRAD_DECAY_SLOPE = "hparams/grad_decay_slope"
+DIVERGED = "hparams/diverged"
+TAGS = (MIN_FIRST_LAYER_GRAD_RMS, GRAD_DECAY_SLOPE, DIVERGED)
+
+
+def final_metrics(run: Run) -> dict[str, float]:
+    out = {}
+    rms = run.series(f"grad_rms/output/{run.layers[0]}") if run.layers else None
+    if rms is not None and np.isfinite(rms.values).any():
+        out[MIN_FIRST_LAYER_GRAD_RMS] = float(rms.values[np.isfinite(rms.values)].min())
+    slope = run.series("grad_decay/slope")
+    if slope is not None and np.isfinite(slope.values).any():
+        out[GRAD_DECAY_SLOPE] = float(np.median(slope.values[np.isfinite(slope.values)]))
+    losses = [s.last() for tag in ("train/loss", "val/loss") if (s := run.series(tag)) is not None]
+    if run.diverged or losses:  # nothing ran that could tell: no verdict
+        out[DIVERGED] = float(run.diverged or not all(map(math.isfinite, losses)))
+    return out
+
+
+class FinalMetrics(L.Callback):
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        run_dir = trainer.log_dir  # broadcasts under DDP: every rank must ask
+        if not trainer.is_global_zero:
+            return
+        trainer.logger.experiment.flush()  # read back what was logged
+        if values := final_metrics(load_run(run_dir)):
+            trainer.logger.log_metrics(values, step=trainer.global_step)
+            trainer.logger.save()
