@@ -194,7 +194,7 @@ def swept_labels(job_overrides: Sequence[Sequence[str]]) -> list[str]:
 def _diverged_exit() -> Optional[int]:
     """skipstudy.train's exit status for a run that diverged (None if it has none)."""
     try:
-        from skipstudy.stopping import EXIT_DIVERGED
+        from skipstudy.runs.stopping import EXIT_DIVERGED
     except ImportError:
         return None
     return EXIT_DIVERGED

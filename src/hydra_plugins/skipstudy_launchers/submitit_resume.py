@@ -48,7 +48,7 @@ def with_resume(sweep_overrides: List[str], sweep_dir: Path, subdir: str) -> Lis
     the job's own overrides (it starts over in the same directory).
 
     A resumed run takes its whole config from ``<run dir>/.hydra/config.yaml`` and refuses
-    overrides that would change what it trains (skipstudy/runs.py), so the job's own
+    overrides that would change what it trains (skipstudy/runs/dirs.py), so the job's own
     overrides go; the sweep directory and subdirectory they named are pinned instead.
     """
     from skipstudy.sweep.jobs import quote

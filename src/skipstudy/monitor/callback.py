@@ -47,7 +47,7 @@ Definitions:
   layer in backward order (nearest the loss) whose output gradient is non-finite,
   otherwise the first in backward order whose weight gradient is non-finite. With
   ``every_n_steps > 1`` (or the log schedule) and ``on_nonfinite=stop``,
-  ``skipstudy.stopping.DivergenceGuard`` checks the steps the monitor does not record
+  ``skipstudy.runs.stopping.DivergenceGuard`` checks the steps the monitor does not record
   (``recording_step``) and reports through :meth:`GradientFlowMonitor.mark_diverged`.
 """
 
@@ -240,7 +240,7 @@ class GradientFlowMonitor(Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         # The export on disk then holds every step the checkpoint has trained: a run killed
-        # after it resumes with the export whole (skipstudy/resume.py cuts later rows).
+        # after it resumes with the export whole (skipstudy/runs/resume.py cuts later rows).
         self._flush()
 
     def _remove_hooks(self) -> None:
@@ -444,7 +444,7 @@ class GradientFlowMonitor(Callback):
 
     def mark_diverged(self, step: int, layer: str) -> None:
         """Training stopped at a non-finite step this monitor did not record (found by
-        ``skipstudy.stopping.DivergenceGuard``): keep the verdict with the recorded series,
+        ``skipstudy.runs.stopping.DivergenceGuard``): keep the verdict with the recorded series,
         so the export, the HParams and the exit status tell one story."""
         self.nonfinite_steps.append(step)
         self.diverged_at = (step, layer)

@@ -1,7 +1,7 @@
 """Rebuild a trained network from its run directory: the saved config, then the checkpoint's weights.
 
 A run directory (``logs/<name>/<overrides>/<time>``) holds the composed config in
-``.hydra/config.yaml`` and Lightning checkpoints of :class:`~skipstudy.module.LitClassifier` in
+``.hydra/config.yaml`` and Lightning checkpoints of :class:`~skipstudy.runs.module.LitClassifier` in
 ``checkpoints/``. The network is rebuilt through the same builders ``skipstudy.train`` uses
 (``build_datamodule`` -> ``build_network``), and the ``net.*`` entries of the checkpoint's
 state dict are loaded into it with ``strict=True``, so a checkpoint that does not match its
@@ -108,7 +108,7 @@ def network_state(state: dict, ckpt_file: Path) -> dict[str, torch.Tensor]:
     net_sd = {k[len("net."):]: v for k, v in (sd or {}).items() if k.startswith("net.")}
     if not net_sd:
         raise ConfigError(f"ckpt={ckpt_file} holds no 'net.*' weights; it is not a checkpoint of "
-                          f"skipstudy.module.LitClassifier; {HINT}")
+                          f"skipstudy.runs.module.LitClassifier; {HINT}")
     return net_sd
 
 
