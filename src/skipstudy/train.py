@@ -131,20 +131,16 @@ def write_hparams(logger: TensorBoardLogger, hparams: dict[str, Any]) -> None:
         logger.experiment.file_writer.add_summary(summary)
 
 
-class _NoAdverts(logging.Filter):
-    """Drops Lightning's product tips ("💡 Tip: ... try installing litlogger") printed at every fit."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("💡 Tip")
+def _no_tips(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("💡 Tip")  # "💡 Tip: ... try installing litlogger"
 
 
 def quiet_lightning() -> None:
-    """Silence start-up noise no user can act on: Lightning's tips, and torch's FutureWarning at
-    Lightning's use of ``LeafSpec``. Idempotent."""
+    """Silence start-up noise no user can act on: Lightning's product tips at every fit, and
+    torch's FutureWarning at Lightning's use of ``LeafSpec``. Idempotent."""
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _NoAdverts) for f in logger.filters):
-            logger.addFilter(_NoAdverts())
+        if _no_tips not in logging.getLogger(name).filters:
+            logging.getLogger(name).addFilter(_no_tips)
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 

@@ -1,12 +1,8 @@
-"""Run directories: their names, the guard that keeps a new run out of an old one's
-directory, and how ``resume=<run dir>`` finds its way back.
-
-``python -m skipstudy.train resume=<run dir> [overrides]`` continues in place: Hydra's run
-directory becomes ``<run dir>`` (:func:`resume_dir`), Hydra's own files for the resume go to
-``.hydra/resume-<timestamp>/``, the run's config is reloaded from ``.hydra/config.yaml``, and
-training continues from ``checkpoints/last.ckpt`` (or starts over in place without one).
-Overrides beside ``resume=`` may change how the run is carried out (:data:`RESUMABLE_KEYS`),
-never what it trains: that is a new run.
+"""Run directories: their names, the guard that keeps a new run out of an old one's, and
+``resume=<run dir>``: Hydra's run directory becomes ``<run dir>``, its files for the resume go
+to ``.hydra/resume-<timestamp>/``, the run's own config is reloaded, and training continues
+from ``checkpoints/last.ckpt`` (or starts over in place). Overrides beside ``resume=`` may
+change how the run is carried out (:data:`RESUMABLE_KEYS`), never what it trains.
 """
 
 from __future__ import annotations
@@ -52,11 +48,8 @@ def sweep_subdir(override_dirname: str, task_overrides: Any) -> str:
 
 
 def _resumable(resume: Any) -> Path | None:
-    """``resume`` as an absolute run directory, or None when it is not one."""
-    if resume in (None, ""):
-        return None
-    path = Path(str(resume)).expanduser().resolve()
-    return path if (path / CONFIG).is_file() else None
+    path = Path(str(resume)).expanduser().resolve() if resume not in (None, "") else None
+    return path if path is not None and (path / CONFIG).is_file() else None
 
 
 def resume_dir(resume: Any, default: str) -> str:
@@ -178,10 +171,9 @@ def resume_config(cfg: DictConfig, overrides: list[str] | None = None) -> DictCo
 
 
 def claim(run_dir: Path, resuming: bool) -> None:
-    """Refuse to start a new run in a directory that already holds one: an explicit
-    ``hydra.run.dir=`` at an old run, or sweep jobs whose overrides differ only in keys left out
-    of directory names. ``run_info.json`` is created exclusively, so of two processes racing
-    for one directory exactly one wins."""
+    """Refuse to start a new run in a directory that holds one (``hydra.run.dir=`` at an old run;
+    sweep jobs differing only in keys left out of directory names). ``run_info.json`` is created
+    exclusively: of two processes racing for one directory exactly one wins."""
     if resuming:
         return
     taken = [p.name for p in run_dir.glob(EVENT_PREFIX + "*")][:1] + [

@@ -1,24 +1,15 @@
 """Resuming a killed run exactly: what a checkpoint holds beyond Lightning's own state, and how
 the run's logs are cut back to the checkpoint.
 
-Lightning restores weights, optimizer, schedulers and loop counters; the module's epoch
-metrics are persistent torchmetrics states, so they travel in its state dict. :class:`RunState`
-adds the rest a resumed run needs to log the same numbers as an uninterrupted one:
-
-* the global RNG states (torch, CUDA, numpy, Python);
-* the data-loader position: Lightning restarts a half-done epoch of a plain loader from its
-  first batch. :class:`EpochLoader` replays the epoch from the RNG states it started from
-  (the same shuffle; per-epoch seeded samplers, like Lightning's DistributedSampler, give it
-  anyway) and skips the batches already trained on, loading them without a forward pass;
-* under DDP, each rank's own RNG and metric states (rank 0 alone writes the checkpoint);
-* what the event files held: at every checkpoint the writer is flushed and each file's size
-  recorded; when training resumes, :func:`cut_logs` truncates the files to those sizes, so
-  every tag keeps each step once. The metrics Lightning writes only after the checkpoint
-  hook (the step's ``train/loss``, the epoch means) travel in the checkpoint and are written
-  again.
-
-TensorBoard's own restart marker (``SessionLog.START``) is not used: tbparse reads each event
-file on its own, where no purge applies; cut files make every reader agree.
+Lightning restores weights, optimizer, schedulers and loop counters, and the module's epoch
+metrics (persistent torchmetrics states). :class:`RunState` adds the global RNG states; the
+data position (Lightning restarts a half-done epoch of a plain loader from its first batch:
+:class:`EpochLoader` replays the epoch's shuffle and skips the batches done, loading them
+without a forward pass); under DDP each rank's own RNG and metric states; and the size of
+each event file, so that :func:`cut_logs` truncates the files back to the checkpoint and every
+tag keeps each step once (TensorBoard's ``SessionLog.START`` purge is not used: tbparse reads
+each file on its own). The metrics Lightning writes only after the checkpoint hook (the
+step's ``train/loss``, the epoch means) travel in the checkpoint and are written again.
 """
 
 from __future__ import annotations
@@ -78,8 +69,7 @@ class EpochLoader:
     Each pass records the RNG states it starts from. A pass that starts with
     ``done_batches() > 0`` (Lightning restored a mid-epoch checkpoint) and has the states of
     that epoch's start replays the epoch from them, without moving the global RNGs, and drops
-    the batches already done. Lightning finds the sampler through ``sampler`` and
-    ``batch_sampler`` (for ``set_epoch``) and the epoch length through ``len()``.
+    the batches already done.
     """
 
     def __init__(self, loader: Any, done_batches: Callable[[], int]) -> None:
@@ -91,18 +81,18 @@ class EpochLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
-    @property
-    def sampler(self) -> Any:
-        return getattr(self.loader, "sampler", None)
-
-    @property
-    def batch_sampler(self) -> Any:
-        return getattr(self.loader, "batch_sampler", None)
-
-    def __getattr__(self, name: str) -> Any:
+    def __getattr__(self, name: str) -> Any:  # sampler, dataset, batch_size, ...
         if name == "loader":  # not set yet (unpickling): no recursion
             raise AttributeError(name)
         return getattr(self.loader, name)
+
+    @property
+    def worker_init_fn(self) -> Any:
+        return self.loader.worker_init_fn
+
+    @worker_init_fn.setter
+    def worker_init_fn(self, fn: Any) -> None:  # Lightning's seed_everything(workers=True) reaches the loader
+        self.loader.worker_init_fn = fn
 
     def __iter__(self) -> Iterator[Any]:
         # A generator: the body runs at the first next(), after Lightning has restored the
@@ -163,14 +153,6 @@ class RunState(Callback):
                 from lightning.pytorch.trainer.states import RunningStage
 
                 loader = trainer._data_connector._prepare_dataloader(loader, shuffle=True, mode=RunningStage.TRAINING)
-            if isinstance(loader, DataLoader) and loader.num_workers > 0 and loader.worker_init_fn is None \
-                    and os.environ.get("PL_SEED_WORKERS") == "1":
-                # What seed_everything(workers=True) makes Lightning do for a loader it recognises.
-                from functools import partial
-
-                from lightning.fabric.utilities.seed import pl_worker_init_function
-
-                loader.worker_init_fn = partial(pl_worker_init_function, rank=trainer.global_rank)
             self.loader = EpochLoader(loader, lambda: trainer.fit_loop.epoch_loop.batch_progress.current.ready)
             if self._loaded is not None:
                 self.loader.resume_rng = self._loaded.get("epoch_rng")

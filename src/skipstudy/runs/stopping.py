@@ -60,16 +60,15 @@ def checkpoint_callbacks(ckpt: Any, run_dir: Path) -> list[Checkpoint]:
 
 
 class LastCheckpoint(Checkpoint):
-    """``last.ckpt``, what ``resume=`` continues from; also the clean stop on SIGTERM/SIGINT.
+    """``last.ckpt``, what ``resume=`` continues from, and the clean stop on SIGTERM/SIGINT.
 
-    With ``periodic`` it is written at every epoch end (after validation and the best
-    checkpoint) and every ``every_n_train_steps`` optimizer steps. After a signal it is written
-    at the end of the current step and training raises :class:`Interrupted`; a second Ctrl-C
-    aborts at once. Never on an epoch's last batch: Lightning would resume that checkpoint in
-    the next epoch, past the validation and epoch end not reached yet (a signal there waits for
-    the epoch end). Lightning's ModelCheckpoint writes ``last`` at an epoch end only with a
-    top-k save of the same step, and handles SIGTERM only to requeue under SLURM, without a
-    checkpoint. Under DDP every rank takes the same decision (one all-reduce of a flag per step).
+    Written at every epoch end (after validation and the best checkpoint) and every
+    ``every_n_train_steps`` steps when ``periodic``; after a signal, at the end of the current
+    step, and then training raises :class:`Interrupted` (a second Ctrl-C aborts at once). Never
+    on an epoch's last batch: Lightning would resume it in the next epoch, past the validation
+    and epoch end not reached yet. Not a ModelCheckpoint: that one writes ``last`` at an epoch
+    end only beside a top-k save, and Lightning meets SIGTERM only to requeue under SLURM.
+    Under DDP the ranks agree on a stop by one all-reduce of a flag per step.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -136,14 +135,12 @@ class LastCheckpoint(Checkpoint):
 
 class DivergenceGuard(Callback):
     """``monitor.on_nonfinite`` (``stop`` or ``warn``) on the steps the gradient monitor does not
-    check, and the run's verdict.
+    record, and the run's verdict.
 
-    The monitor, when on, checks the steps it records (it moves their gradient norms to the host
-    anyway). This guard checks every step with ``monitor=off``, and with ``stop`` the steps a
-    sparse monitor schedule leaves out: one fused ``torch._foreach_norm`` and one host sync per
-    step, the price of never applying a non-finite update. ``stop`` drops the poisoned update
-    (weights and checkpoints stay those of the last good step), writes ``train/diverged = 1`` at
-    that step and ends training; ``warn`` only warns, once.
+    With ``monitor=off`` every step, and with ``stop`` the steps a sparse monitor schedule
+    leaves out: one fused ``torch._foreach_norm`` and one host sync per step, the price of never
+    applying a non-finite update. ``stop`` drops that update (weights and checkpoints stay those
+    of the last good step), writes ``train/diverged = 1`` and ends training; ``warn`` warns once.
     """
 
     def __init__(self, on_nonfinite: str = "stop", monitor: Any = None) -> None:
