@@ -146,7 +146,7 @@ class RunState(Callback):
             # batches mid-run gets the data module's own.
             if not (trainer.fit_loop._combined_loader is None or trainer.fit_loop._should_reload_train_dl):
                 return loader
-            if trainer.world_size > 1 and type(loader) is DataLoader and not isinstance(
+            if trainer.world_size > 1 and isinstance(loader, DataLoader) and not isinstance(
                     loader.sampler, torch.utils.data.DistributedSampler):
                 # Lightning puts its DistributedSampler only into a bare DataLoader: let it do so
                 # before wrapping, with its own seed and arguments, so the shards are Lightning's.
