@@ -21,11 +21,6 @@ import torch
 from omegaconf import DictConfig, ListConfig
 
 
-def uses_cuda(accelerator: Any) -> bool:
-    """Whether a Trainer built with ``trainer.accelerator=accelerator`` trains on a CUDA GPU."""
-    return torch.cuda.is_available() and str(accelerator).lower() in ("auto", "gpu", "cuda")
-
-
 def channels_last_helps(on_cuda: bool) -> bool:
     """On CUDA, cuDNN's NHWC kernels are the fast path. On x86 CPUs oneDNN runs convolutions in
     a blocked/NHWC layout, so NCHW tensors pay a reorder per conv, forward and backward
@@ -48,7 +43,7 @@ class FastSettings:
 def resolve(cfg: DictConfig) -> FastSettings:
     """Decide every ``auto``/``null`` speed setting of ``cfg`` for the device it trains on."""
     trainer, fast = cfg.trainer, cfg.get("fast") or {}
-    on_cuda = uses_cuda(trainer.get("accelerator", "auto"))
+    on_cuda = torch.cuda.is_available() and str(trainer.get("accelerator", "auto")).lower() in ("auto", "gpu", "cuda")
     precision = trainer.get("precision")
     if precision is None:
         precision = "bf16-mixed" if on_cuda and torch.cuda.is_bf16_supported() else "32-true"
