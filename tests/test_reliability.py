@@ -129,6 +129,7 @@ def assert_same_run(resumed: Path, reference: Path) -> None:
     [
         ("save", 4),  # right after a mid-epoch checkpoint, before its step's metrics are written
         ("start", 9),  # mid-epoch 1, three steps after the last checkpoint: they are redone
+        ("start", 7),  # early in epoch 1: last.ckpt is epoch 0's end, whose epoch means must not carry over
         ("start", 1),  # before the first checkpoint: the run starts over in its directory
     ],
 )
