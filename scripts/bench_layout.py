@@ -1,6 +1,6 @@
 """Memory layout on the CPU: one SGD training step in channels_last against contiguous (NCHW).
 
-What ``fast.channels_last=auto`` rests on for x86 CPUs (``skipstudy.fast.channels_last_helps``).
+What ``fast.channels_last=auto`` rests on for x86 CPUs (``skipstudy.runs.fast.channels_last_helps``).
 Per network, both layouts get the same initial weights and the same batch in one process; the
 two alternate in 3 rounds (order flipped each round) so load from other work hits both alike.
 The table shows the median step time of each layout and their ratio. Without --no-write the

@@ -304,7 +304,7 @@ def worker(spec: dict) -> dict:
         cfg = compose(spec)
         from hydra.utils import instantiate
 
-        from skipstudy import fast
+        from skipstudy.runs import fast
         from skipstudy.train import build_datamodule, build_network
 
         speed = fast.resolve(cfg)

@@ -354,7 +354,7 @@ def portable(command: str, work: Path, cifar: Path) -> str:
 
 
 def versions() -> dict:
-    from skipstudy.train import run_info
+    from skipstudy.runs.dirs import run_info
 
     return run_info()
 

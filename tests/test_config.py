@@ -18,7 +18,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import CONF_DIR, FAST, PYTHON, SHARED_DATA, cli_env, compose_cfg
-from skipstudy import config, runs
+from skipstudy import config
+from skipstudy.runs import dirs as runs
 from skipstudy.errors import ConfigError
 
 GROUPS = ("dataset", "model", "optimizer", "scheduler", "monitor", "trainer")

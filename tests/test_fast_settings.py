@@ -1,4 +1,4 @@
-"""Fast settings (skipstudy/fast.py): auto resolution, explicit values, what a run records,
+"""Fast settings (skipstudy/runs/fast.py): auto resolution, explicit values, what a run records,
 channels_last and torch.compile against the eager network, and the benchmark script."""
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ import torch
 from tbparse import SummaryReader
 
 from conftest import FAST, PYTHON, REPO, cli_env, compose_cfg
-from skipstudy import config, fast
+from skipstudy import config
 from skipstudy.errors import ConfigError
 from skipstudy.models import cifar_resnet
-from skipstudy.module import LitClassifier
+from skipstudy.runs import fast
+from skipstudy.runs.module import LitClassifier
 from skipstudy.train import train
 
 

@@ -535,7 +535,7 @@ def test_sparse_schedule_still_never_applies_a_non_finite_update(tmp_path, caplo
     """The NaN step (2) is not a recorded one (every 5th step: 0, 5; log schedule: 0, 1, 10):
     the divergence guard checks it, stops there with the last good weights, and the verdict
     lands in the monitor's export and the event file as with a recorded step."""
-    from skipstudy.stopping import DivergenceGuard
+    from skipstudy.runs.stopping import DivergenceGuard
 
     torch.manual_seed(0)
     poison = PoisonGrad()
@@ -544,7 +544,7 @@ def test_sparse_schedule_still_never_applies_a_non_finite_update(tmp_path, caplo
     monitor = GradientFlowMonitor(hist_every_n_epochs=0, **schedule)
     guard = DivergenceGuard("stop", monitor)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True, every_n_train_steps=1)
-    with caplog.at_level(logging.ERROR, logger="skipstudy.stopping"):
+    with caplog.at_level(logging.ERROR, logger="skipstudy.runs.stopping"):
         trainer = fit(tmp_path, net, monitor, data=make_data(32), max_steps=6, callbacks=[arm, guard, ckpt],
                       enable_checkpointing=True)
     assert 2 not in monitor.series.steps
@@ -562,7 +562,7 @@ def test_sparse_schedule_still_never_applies_a_non_finite_update(tmp_path, caplo
 
 def test_warn_with_a_sparse_schedule_adds_no_per_step_check(tmp_path):
     """warn keeps a sparse schedule sync-free: the guard leaves unrecorded steps alone."""
-    from skipstudy.stopping import DivergenceGuard
+    from skipstudy.runs.stopping import DivergenceGuard
 
     torch.manual_seed(0)
     poison = PoisonGrad()

@@ -23,9 +23,9 @@ from tbparse import SummaryReader
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import FAST, PYTHON, cli_env, compose_cfg
-from skipstudy import runs, stopping
 from skipstudy.errors import ConfigError
-from skipstudy.resume import EpochLoader, cut_logs, rng_states
+from skipstudy.runs import dirs, stopping
+from skipstudy.runs.resume import STATE_KEY, EpochLoader, cut_logs, rng_states
 from skipstudy.train import train
 
 # 6 steps per epoch, 2 epochs, last.ckpt every 2 steps; the gradient monitor on (its tags
@@ -129,6 +129,7 @@ def assert_same_run(resumed: Path, reference: Path) -> None:
     [
         ("save", 4),  # right after a mid-epoch checkpoint, before its step's metrics are written
         ("start", 9),  # mid-epoch 1, three steps after the last checkpoint: they are redone
+        ("start", 7),  # early in epoch 1: last.ckpt is epoch 0's end, whose epoch means must not carry over
         ("start", 1),  # before the first checkpoint: the run starts over in its directory
     ],
 )
@@ -340,9 +341,9 @@ def test_a_new_run_never_writes_into_an_existing_run(tmp_path):
 
 
 def test_two_claims_on_one_directory_one_wins(tmp_path):
-    runs.claim(tmp_path / "run", resuming=False)
+    dirs.claim(tmp_path / "run", resuming=False)
     with pytest.raises(ConfigError, match="already holds a run|just taken"):
-        runs.claim(tmp_path / "run", resuming=False)
+        dirs.claim(tmp_path / "run", resuming=False)
 
 
 @pytest.mark.slow
@@ -376,14 +377,14 @@ def fake_run(tmp_path: Path, overrides=()) -> Path:
 def test_resume_reloads_the_runs_config_and_takes_only_harmless_overrides(tmp_path):
     run_dir = fake_run(tmp_path, ["model.skip=false", "optimizer=adam"])
     fresh = compose_cfg([f"resume='{run_dir}'"], tmp_path / "fresh")
-    cfg = runs.resume_config(fresh, [f"resume='{run_dir}'", "trainer.max_epochs=7", "+trainer.max_time=null"])
+    cfg = dirs.resume_config(fresh, [f"resume='{run_dir}'", "trainer.max_epochs=7", "+trainer.max_time=null"])
     assert cfg.model.skip is False and cfg.optimizer._target_ == "torch.optim.Adam"
     assert cfg.trainer.max_epochs == 7 and cfg.resume == str(run_dir)
     for bad, key in (("model.skip=true", "model.skip"), ("optimizer=sgd", "optimizer"), ("seed=3", "seed")):
         with pytest.raises(ConfigError, match=rf"{key} would change what it trains.*drop resume="):
-            runs.resume_config(fresh, [bad])
+            dirs.resume_config(fresh, [bad])
     with pytest.raises(ConfigError, match="trainer.max_epoch is not a key"):
-        runs.resume_config(fresh, ["trainer.max_epoch=3"])
+        dirs.resume_config(fresh, ["trainer.max_epoch=3"])
 
 
 def test_resume_refuses_what_is_not_a_run_directory(tmp_path):
@@ -392,21 +393,19 @@ def test_resume_refuses_what_is_not_a_run_directory(tmp_path):
     for value, problem in ((tmp_path / "missing", "does not exist"), (tmp_path / "file.txt", "is a file"),
                            (tmp_path, "is not a run directory")):
         with pytest.raises(ConfigError, match=rf"resume={value}: {problem}"):
-            runs.check_run_dir(str(value))
+            dirs.check_run_dir(str(value))
     with pytest.raises(ConfigError, match=str(run_dir)):  # lists the run directories below it
-        runs.check_run_dir(str(tmp_path))
-    assert runs.check_run_dir(str(run_dir)) == run_dir.resolve()
+        dirs.check_run_dir(str(tmp_path))
+    assert dirs.check_run_dir(str(run_dir)) == run_dir.resolve()
 
 
 def test_resume_argument_is_quoted_for_hydra():
-    assert runs.quote_resume(["resume=logs/a/m=1,n=2/t", "x=1", "resume=null", "resume='q'"]) == [
+    assert dirs.quote_path(["resume=logs/a/m=1,n=2/t", "x=1", "resume=null", "resume='q'"], "resume") == [
         "resume='logs/a/m=1,n=2/t'", "x=1", "resume=null", "resume='q'"]
 
 
 def test_cut_logs_truncates_event_files_to_the_checkpoint(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
-
-    from skipstudy.resume import STATE_KEY
 
     writer = SummaryWriter(str(tmp_path))
     for step in range(5):

@@ -174,7 +174,7 @@ def test_repository_layout():
 
 
 def test_sweep_subdir_is_led_by_the_naming_keys_a_job_sets():
-    from skipstudy.train import sweep_subdir
+    from skipstudy.runs.dirs import sweep_subdir
 
     assert sweep_subdir("model.skip=true", ["model.skip=true"]) == "model.skip=true"
     assert sweep_subdir("model.skip=true", ["name=b", "model.skip=true", "experiment=quickstart"]) == \

@@ -192,7 +192,7 @@ class PoolLauncher(Launcher):
 
     def _finish(self, job: _Job) -> None:
         from skipstudy.launchers.jobs import failure_reason
-        from skipstudy.stopping import EXIT_DIVERGED
+        from skipstudy.runs.stopping import EXIT_DIVERGED
 
         result = json.loads(job.return_file.read_text()) if job.return_file.is_file() else {}
         seconds = job.ended - job.started

@@ -20,7 +20,7 @@ import numpy as np
 import yaml
 
 from skipstudy.errors import ConfigError
-from skipstudy.layout import EVENT_PREFIX
+from skipstudy.runs.layout import EVENT_PREFIX
 
 # Per-layer quantities (tags ``<quantity>/<layer>``); without the export, the first one present
 # gives the layer order.

@@ -81,7 +81,7 @@ class GradientFlowMonitor(Callback):
         nonfinite_steps: recorded steps whose gradients were non-finite.
         overflow_steps: fp16 steps the GradScaler skipped (neither recorded nor non-finite).
         recording_step: the optimizer step now running if it is recorded, else None; the
-            other steps are ``skipstudy.stopping.DivergenceGuard``'s to check.
+            other steps are ``skipstudy.runs.stopping.DivergenceGuard``'s to check.
         series: rank 0's recorded rows (:class:`~skipstudy.monitor.writers.SeriesExport`).
     """
 
@@ -156,7 +156,7 @@ class GradientFlowMonitor(Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         # The export then holds every step the checkpoint has trained: a run killed after it
-        # resumes with the export whole (skipstudy/resume.py cuts later rows).
+        # resumes with the export whole (skipstudy/runs/resume.py cuts later rows).
         self._flush()
 
     # ------------------------------------------------------------------ when

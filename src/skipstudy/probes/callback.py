@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from skipstudy import config
 from skipstudy.errors import ConfigError
-from skipstudy.layout import conf_dir
+from skipstudy.runs.layout import conf_dir
 from skipstudy.probes import PROBES, get_probe
 from skipstudy.probes.context import ProbeContext
 

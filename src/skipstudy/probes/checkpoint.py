@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from skipstudy.errors import ConfigError
-from skipstudy.layout import CONFIG, LAST
+from skipstudy.runs.layout import CONFIG, LAST
 
 HINT = ("pass a run directory (it has .hydra/config.yaml and checkpoints/last.ckpt), its checkpoints/ folder "
         "or a .ckpt file inside one")
@@ -92,7 +92,7 @@ def load_run(ckpt: str | Path, data_dir: str | None = None) -> LoadedRun:
     net_sd = {k[len("net."):]: v for k, v in (sd or {}).items() if k.startswith("net.")}
     if not net_sd:
         raise ConfigError(f"ckpt={ckpt_file} holds no 'net.*' weights; it is not a checkpoint of "
-                          f"skipstudy.module.LitClassifier; {HINT}")
+                          f"skipstudy.runs.module.LitClassifier; {HINT}")
     dm = build_datamodule(cfg)
     net = build_network(cfg, dm)
     try:

@@ -1,7 +1,6 @@
-"""Where things are: the package's ``conf/`` folder and the names of files in a run directory.
+"""Names of things in a run directory, and the package's ``conf/`` folder.
 
-A leaf module (it imports nothing from skipstudy), so the entry points, the run-directory
-code, the resume code and the probes can all use these names without importing each other.
+A leaf: it imports nothing from skipstudy, so every other module may use these names.
 """
 
 from __future__ import annotations
@@ -14,8 +13,8 @@ EVENT_PREFIX = "events.out.tfevents."
 
 
 def conf_dir() -> str:
-    """The config folder: packaged inside a wheel, at the repository top in a checkout."""
-    here = Path(__file__).resolve().parent
+    """Packaged inside a wheel, at the repository top in a checkout."""
+    here = Path(__file__).resolve().parent.parent
     for candidate in (here / "conf", here.parents[1] / "conf"):
         if (candidate / "train.yaml").is_file():
             return str(candidate)

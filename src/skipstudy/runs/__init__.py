@@ -1,0 +1,1 @@
+"""A training run: its directory, resume and stop, speed settings, and the LightningModule."""

@@ -1,0 +1,93 @@
+"""LitClassifier: the LightningModule that trains any image classifier.
+
+It knows no config: the network, optimizer and scheduler are built outside (by
+``skipstudy.train`` from Hydra groups) and handed in, so one module wraps a ResNet-50, its
+plain twin or a mini net without a branch on the model type.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+
+class LitClassifier(L.LightningModule):
+    """Cross-entropy classification of ``net``'s logits.
+
+    Args:
+        net: kept as ``self.net``, so monitor layer names are relative to it.
+        optimizer: a partial (``_partial_: true`` in Hydra) completed with the parameters.
+        scheduler: a partial completed with the optimizer, or None; it steps per
+            ``scheduler_interval`` (``epoch`` or ``step``).
+        channels_last: train in the channels_last memory format.
+        compile: ``nn.Module.compile`` in place, so parameter and module names stay the eager ones.
+    """
+
+    def __init__(self, net: nn.Module, num_classes: int, optimizer: OptimizerFactory,
+                 scheduler: SchedulerFactory | None = None, scheduler_interval: str = "epoch",
+                 channels_last: bool = False, compile: bool = False) -> None:
+        super().__init__()
+        self.net = net.to(memory_format=torch.channels_last) if channels_last else net
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.scheduler_interval = scheduler_interval
+        self.channels_last = channels_last
+        self.compiled = compile
+        if compile:
+            self.net.compile()
+        # The training epoch's running means are checkpointed with the module (persistent), so a
+        # run resumed mid-epoch averages over the whole epoch. NaN stays NaN: a diverged run's
+        # mean must not skip its bad batches.
+        self.train_loss = MeanMetric(nan_strategy="disable")
+        self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.train_loss.persistent(True)
+        self.train_acc.persistent(True)
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x)
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning resets them after logging an epoch's means; a checkpoint written at an epoch
+        # end holds them before that reset. (A mid-epoch resume does not pass through this hook.)
+        self.train_loss.reset()
+        self.train_acc.reset()
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        # Tensors passed to self.log stay on the device until Lightning writes them. Per-step
+        # series carry the plain tag, epoch means an `_epoch` suffix.
+        self.train_loss(loss.detach(), weight=y.numel())
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True)
+        self.log("train/acc", self.train_acc(logits.detach(), y), on_step=True, on_epoch=False)
+        self.log("train/acc_epoch", self.train_acc, on_step=False, on_epoch=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.val_acc(logits, y)
+        self.log("val/loss", F.cross_entropy(logits, y), on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer),
+                                                          "interval": self.scheduler_interval}}

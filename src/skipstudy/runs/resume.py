@@ -1,0 +1,332 @@
+"""Resuming a killed run exactly: what a checkpoint holds beyond Lightning's own state, and how
+the run's logs are cut back to the checkpoint.
+
+Lightning restores weights, optimizer, schedulers and loop counters, and the module's epoch
+metrics (persistent torchmetrics states). :class:`RunState` adds the global RNG states; the
+data position (Lightning restarts a half-done epoch of a plain loader from its first batch:
+:class:`EpochLoader` replays the epoch's shuffle and skips the batches done, loading them
+without a forward pass); under DDP each rank's own RNG and metric states; and the size of
+each event file, so that :func:`cut_logs` truncates the files back to the checkpoint and every
+tag keeps each step once (TensorBoard's ``SessionLog.START`` purge is not used: tbparse reads
+each file on its own). The metrics Lightning writes only after the checkpoint hook (the
+step's ``train/loss``, the epoch means) travel in the checkpoint and are written again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import os
+import random
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader
+
+from skipstudy.runs.layout import EVENT_PREFIX
+
+log = logging.getLogger(__name__)
+
+# The gradient monitor's exports (skipstudy.monitor.writers.SeriesExport): one row per recorded step.
+EXPORTS = ("grad_stats.json", "grad_stats.csv")
+STATE_KEY = "RunState"
+RANKS_KEY = "per_rank"
+
+
+def rng_states() -> dict[str, Any]:
+    """Every global RNG a training step may draw from, as tensors and plain values (what
+    ``torch.load(weights_only=True)``, Lightning's default, accepts)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": (str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        with contextlib.suppress(RuntimeError):  # fewer visible GPUs than when saved
+            torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class EpochLoader:
+    """The training loader, able to resume an epoch part-way through.
+
+    Each pass records the RNG states it starts from. A pass that starts with
+    ``done_batches() > 0`` (Lightning restored a mid-epoch checkpoint) and has the states of
+    that epoch's start replays the epoch from them, without moving the global RNGs, and drops
+    the batches already done.
+    """
+
+    def __init__(self, loader: Any, done_batches: Callable[[], int]) -> None:
+        self.loader = loader
+        self._done_batches = done_batches
+        self.epoch_rng: dict[str, Any] | None = None  # states at the start of the current pass
+        self.resume_rng: dict[str, Any] | None = None  # from a checkpoint, for the first pass
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:  # sampler, dataset, batch_size, ...
+        if name == "loader":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+    @property
+    def worker_init_fn(self) -> Any:
+        return self.loader.worker_init_fn
+
+    @worker_init_fn.setter
+    def worker_init_fn(self, fn: Any) -> None:  # Lightning's seed_everything(workers=True) reaches the loader
+        self.loader.worker_init_fn = fn
+
+    def __iter__(self) -> Iterator[Any]:
+        # A generator: the body runs at the first next(), after Lightning has restored the
+        # progress counters and called set_epoch.
+        skip = int(self._done_batches())
+        resume_rng, self.resume_rng = self.resume_rng, None
+        replay = bool(skip) and resume_rng is not None
+        if skip and not replay:  # a checkpoint from another tool: the order may differ
+            log.warning("resuming mid-epoch without the epoch's RNG states; the data order may differ")
+        saved = rng_states()
+        self.epoch_rng = resume_rng if replay else saved
+        if replay:
+            set_rng_states(resume_rng)
+        it = iter(self.loader)
+        for _ in range(skip):
+            if next(it, None) is None:
+                break
+        if replay:  # what the replayed shuffle and skipped batches drew must not move the RNGs
+            set_rng_states(saved)
+        yield from it
+
+
+class RunState(Callback):
+    """Saves and restores what an exact resume needs beyond Lightning's state (module docstring).
+
+    Must come first in the Trainer's callbacks, so that it sees each hook before a checkpoint
+    callback writes (Lightning runs those last).
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.loader: EpochLoader | None = None
+        self._where: str | None = None  # the hook a checkpoint written now would be written in
+        self._loaded: dict[str, Any] | None = None
+        self._trainer = None
+
+    @property
+    def state_key(self) -> str:
+        return STATE_KEY
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._trainer = trainer  # state_dict() has no trainer argument
+        dm = trainer.datamodule
+        if stage != "fit" or dm is None or getattr(dm.train_dataloader, "_epoch_loader", False):
+            return
+        make = dm.train_dataloader
+
+        def train_dataloader():
+            loader = make()
+            # Only the loader Lightning trains from is wrapped; a probe reading a few training
+            # batches mid-run gets the data module's own.
+            if not (trainer.fit_loop._combined_loader is None or trainer.fit_loop._should_reload_train_dl):
+                return loader
+            if trainer.world_size > 1 and isinstance(loader, DataLoader) and not isinstance(
+                    loader.sampler, torch.utils.data.DistributedSampler):
+                # Lightning puts its DistributedSampler only into a bare DataLoader: let it do so
+                # before wrapping, with its own seed and arguments, so the shards are Lightning's.
+                from lightning.pytorch.trainer.states import RunningStage
+
+                loader = trainer._data_connector._prepare_dataloader(loader, shuffle=True, mode=RunningStage.TRAINING)
+            self.loader = EpochLoader(loader, lambda: trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+            if self._loaded is not None:
+                self.loader.resume_rng = self._loaded.get("epoch_rng")
+            # Lightning warns that a mid-epoch resume of a plain loader is unreliable; this one is exact.
+            warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch")
+            return self.loader
+
+        train_dataloader._epoch_loader = True
+        dm.train_dataloader = train_dataloader
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self._where = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self._where = "batch"
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._where = "validation"
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._where = "epoch"
+
+    def state_dict(self) -> dict[str, Any]:
+        trainer = self._trainer
+        state: dict[str, Any] = {"rng": rng_states(), "epoch_rng": self.loader.epoch_rng if self.loader else None}
+        if trainer is None:
+            return state
+        state["pending"] = pending_metrics(trainer, self._where)
+        own = {"rng": state["rng"], "epoch_rng": state["epoch_rng"]}
+        if trainer.world_size > 1:
+            # The module's state dict holds rank 0's torchmetrics states; each rank has its share.
+            own["metrics"] = {k: v.detach().cpu() for k, v in _metric_states(trainer.lightning_module).items()}
+            gathered: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, own)  # every rank builds the checkpoint
+            state[RANKS_KEY] = gathered
+        if trainer.is_global_zero:
+            trainer.logger.experiment.flush()
+            state["event_files"] = {p.name: p.stat().st_size for p in self.run_dir.glob(EVENT_PREFIX + "*")}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = dict(state_dict)
+        ranks, trainer = self._loaded.pop(RANKS_KEY, None), self._trainer
+        if ranks and trainer is not None:
+            if len(ranks) == trainer.world_size:
+                self._loaded.update(ranks[trainer.global_rank])
+            else:  # the shards differ: rank 0's states (the top-level copy) keep the run going
+                log.warning("resuming a %d-process checkpoint on %d processes: rank 0's RNG and metric states "
+                            "are used", len(ranks), trainer.world_size)
+        if self.loader is not None:
+            self.loader.resume_rng = self._loaded.get("epoch_rng")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        loaded, self._loaded = self._loaded, None
+        if not loaded:
+            return
+        if trainer.is_global_zero and trainer.ckpt_path is not None:
+            # Only now that training really goes on (a finished run resumed keeps its logs): cut
+            # the logs back to the checkpoint, then write what Lightning logged after its hook.
+            own = Path(trainer.logger.experiment.file_writer.event_writer._file_name).name
+            cut_logs(self.run_dir, trainer.ckpt_path, keep={own})
+            if loaded.get("pending"):
+                trainer.logger.log_metrics(loaded["pending"]["metrics"], step=loaded["pending"]["step"])
+        if "metrics" in loaded:
+            pl_module.load_state_dict({k: v.to(pl_module.device) for k, v in loaded["metrics"].items()}, strict=False)
+        set_rng_states(loaded["rng"])  # last: nothing above may draw after it
+
+
+def _metric_states(module) -> dict[str, torch.Tensor]:
+    from torchmetrics import Metric
+
+    return {f"{name}.{key}": getattr(m, key) for name, m in module.named_modules() if isinstance(m, Metric)
+            for key, persistent in m._persistent.items() if persistent}
+
+
+def pending_metrics(trainer, where: str | None) -> dict[str, Any] | None:
+    """The scalars Lightning has computed for this step (or epoch) but writes only after the
+    checkpoint hooks, as ``_LoggerConnector.update_train_step_metrics`` (after
+    ``on_train_batch_end``) and ``update_train_epoch_metrics`` (after ``on_train_epoch_end``,
+    at the last batch's step) would."""
+    if where not in ("batch", "epoch"):
+        return None
+    loop = trainer.fit_loop
+    step = loop.epoch_loop._batches_that_stepped
+    if where == "batch":
+        if loop._should_accumulate() and trainer.lightning_module.automatic_optimization:
+            return None
+        if not (trainer._logger_connector.should_update_logs or trainer.fast_dev_run):
+            return None
+        metrics = loop.epoch_loop._results.metrics(True)["log"]
+    else:
+        step -= 1
+        metrics = loop.epoch_loop._results.metrics(False)["log"]
+    if not metrics:
+        return None
+    scalars = {k: float(v) for k, v in metrics.items()}
+    scalars.setdefault("epoch", trainer.current_epoch)  # as Lightning's log_metrics does
+    return {"step": int(step), "metrics": scalars}
+
+
+def checkpoint_record(ckpt_path: str | os.PathLike) -> tuple[int, dict[str, int] | None]:
+    """``(global_step, {event file: size})`` of a checkpoint; sizes None when it has none."""
+    ckpt = torch.load(str(ckpt_path), map_location="cpu", mmap=True, weights_only=True)
+    state = (ckpt.get("callbacks") or {}).get(STATE_KEY) or {}
+    return int(ckpt.get("global_step", 0)), state.get("event_files")
+
+
+def cut_logs(run_dir: str | os.PathLike, ckpt_path: str | os.PathLike | None, keep: set[str] = frozenset()) -> int:
+    """Cut ``run_dir``'s logs back to what they held when ``ckpt_path`` was written; returns its
+    global step (0 without one).
+
+    Event files are truncated to their recorded sizes, and those written after the checkpoint
+    removed; for a checkpoint without the record (another tool's), events at or after its step
+    are dropped. The monitor's exports keep the rows of earlier steps. Without a checkpoint the
+    run starts over: event files and exports go. Files in ``keep`` (the resumed run's own) are
+    left alone. Idempotent, so a resume killed while cutting can be rerun.
+    """
+    run_dir = Path(run_dir)
+    events = sorted(p for p in run_dir.glob(EVENT_PREFIX + "*") if p.is_file() and p.name not in keep)
+    for tmp in run_dir.glob(".cut-*"):
+        tmp.unlink()
+    if ckpt_path is None:
+        for path in [*events, *(run_dir / name for name in EXPORTS)]:
+            path.unlink(missing_ok=True)
+        return 0
+    step, sizes = checkpoint_record(ckpt_path)
+    for path in events:
+        if sizes is None:
+            _drop_steps_from(path, step)
+        elif path.name not in sizes:
+            path.unlink()
+        elif path.stat().st_size > sizes[path.name]:
+            os.truncate(path, sizes[path.name])
+    for name in EXPORTS:
+        if (run_dir / name).is_file():
+            _cut_export(run_dir / name, step)
+    return step
+
+
+def _drop_steps_from(path: Path, step: int) -> None:
+    """Rewrite an event file without the summaries of ``step`` and later (HParams are kept)."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    tmp = path.with_name(".cut-" + path.name)
+    with open(tmp, "wb") as f:
+        writer = RecordWriter(f)
+        for raw in RawEventFileLoader(str(path)).Load():
+            event = Event.FromString(raw)
+            hparams = any(v.metadata.plugin_data.plugin_name == "hparams" for v in event.summary.value)
+            if not (event.HasField("summary") and event.step >= step and not hparams):
+                writer.write(raw)
+    os.replace(tmp, path)
+
+
+def _cut_export(path: Path, step: int) -> None:
+    """Keep the rows of steps before ``step`` in the monitor's JSON or CSV export."""
+    tmp = path.with_name(".cut-" + path.name)
+    if path.suffix == ".json":
+        doc = json.loads(path.read_text())
+        keep = [i for i, s in enumerate(doc.get("step", [])) if s < step]
+        for key in ("step", "epoch"):
+            if key in doc:
+                doc[key] = [doc[key][i] for i in keep]
+        doc["series"] = {tag: [values[i] for i in keep] for tag, values in doc.get("series", {}).items()}
+        doc["nonfinite_steps"] = [s for s in doc.get("nonfinite_steps", []) if s < step]
+        if (doc.get("diverged_at") or {}).get("step", -1) >= step:
+            doc["diverged_at"] = None
+        tmp.write_text(json.dumps(doc, allow_nan=False))
+    else:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows(row for i, row in enumerate(rows)
+                                    if i == 0 or (row and row[0].isdigit() and int(row[0]) < step))
+    os.replace(tmp, path)

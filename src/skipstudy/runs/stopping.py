@@ -1,0 +1,214 @@
+"""How a run stops early and cleanly: on a signal (SLURM preemption, Ctrl-C) after writing
+``last.ckpt``, or at a non-finite gradient without applying it.
+
+Exit status of ``python -m skipstudy.train``: 2 refused input, 3 diverged and stopped,
+128 + N stopped by signal N after writing a checkpoint (the shell's convention, so a scheduler
+sees the job as not finished).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
+
+from skipstudy.runs.resume import pending_metrics
+
+log = logging.getLogger(__name__)
+
+EXIT_CONFIG = 2
+EXIT_DIVERGED = 3
+DIVERGED_TAG = "train/diverged"
+
+
+class Interrupted(Exception):
+    """Training stopped on a signal after writing a checkpoint."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
+        self.signum, self.step, self.checkpoint = int(signum), step, checkpoint
+        super().__init__(f"{signal.Signals(self.signum).name} received: stopped after step {step}; checkpoint "
+                         f"{checkpoint}; continue with: python -m skipstudy.train resume={checkpoint.parent.parent}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class Diverged(Exception):
+    """Training stopped at a non-finite loss or gradient (``monitor.on_nonfinite=stop``)."""
+
+    def __init__(self, step: int, layer: str, metrics: dict[str, float] | None = None) -> None:
+        self.step, self.layer, self.metrics = step, layer, metrics or {}
+        super().__init__(f"non-finite gradient at step {step}, first layer {layer}; training stopped and marked "
+                         f"{DIVERGED_TAG}=1 (lower optimizer.lr, or monitor.on_nonfinite=warn to train on)")
+
+
+def checkpoint_callbacks(ckpt: Any, run_dir: Path) -> list[Checkpoint]:
+    """``<run>/checkpoints/``: the best by ``checkpoint.monitor``, and ``last.ckpt``."""
+    out: list[Checkpoint] = []
+    if ckpt.monitor and ckpt.save_top_k:
+        out.append(ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="best-{epoch}-{step}",
+                                   monitor=ckpt.monitor, mode=ckpt.mode, save_top_k=ckpt.save_top_k,
+                                   auto_insert_metric_name=False))
+    return [*out, LastCheckpoint(run_dir / "checkpoints" / "last.ckpt", ckpt.every_n_train_steps, ckpt.save_last)]
+
+
+class LastCheckpoint(Checkpoint):
+    """``last.ckpt``, what ``resume=`` continues from, and the clean stop on SIGTERM/SIGINT.
+
+    Written at every epoch end (after validation and the best checkpoint) and every
+    ``every_n_train_steps`` steps when ``periodic``; after a signal, at the end of the current
+    step, and then training raises :class:`Interrupted` (a second Ctrl-C aborts at once). Never
+    on an epoch's last batch: Lightning would resume it in the next epoch, past the validation
+    and epoch end not reached yet. Not a ModelCheckpoint: that one writes ``last`` at an epoch
+    end only beside a top-k save, and Lightning meets SIGTERM only to requeue under SLURM.
+    Under DDP the ranks agree on a stop by one all-reduce of a flag per step.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, path: Path, every_n_train_steps: int | None = None, periodic: bool = True) -> None:
+        self.path = Path(path)
+        self.every_n = every_n_train_steps if periodic else None
+        self.periodic = periodic
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        if trainer.received_sigterm:  # arrived while setting up, to Lightning's handler, which would stop
+            self.received = signal.SIGTERM  # without a checkpoint
+            trainer._signal_connector.received_sigterm = False
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
+        self.received = signum
+        print(f"{signal.Signals(signum).name} received: writing a checkpoint after this step, then stopping"
+              + (" (Ctrl-C again to abort)" if signum == signal.SIGINT else ""), file=sys.stderr, flush=True)
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+        self._previous = {}
+
+    on_train_end = on_exception = lambda self, trainer, *args: self._restore()
+
+    def _requested(self, trainer) -> bool:
+        stop = self.received is not None
+        return trainer.strategy.reduce_boolean_decision(stop, all=False) if trainer.world_size > 1 else stop
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or trainer.fit_loop._should_accumulate():
+            return
+        stop = self._requested(trainer)
+        if stop or (self.every_n and trainer.global_step % self.every_n == 0):
+            self._save(trainer, "batch", stop)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        stop = self._requested(trainer)
+        if stop or self.periodic:
+            self._save(trainer, "epoch", stop)
+
+    def _save(self, trainer, where: str, stop: bool) -> None:
+        trainer.save_checkpoint(str(self.path), weights_only=False)  # to a temporary file, then renamed
+        if not stop:
+            return
+        # What Lightning would write right after this hook (the step's train/loss, or the epoch
+        # means), so the logs end at the step the run stopped; a resume cuts and rewrites them.
+        # Every rank computes them (compute() syncs torchmetrics); the logger writes on rank 0.
+        pending = pending_metrics(trainer, where)
+        if pending:
+            trainer.logger.log_metrics(pending["metrics"], step=pending["step"])
+        trainer.logger.save()  # flushes the event file
+        raise Interrupted(self.received or signal.SIGTERM, trainer.global_step, self.path)
+
+
+class DivergenceGuard(Callback):
+    """``monitor.on_nonfinite`` (``stop`` or ``warn``) on the steps the gradient monitor does not
+    record, and the run's verdict.
+
+    With ``monitor=off`` every step, and with ``stop`` the steps a sparse monitor schedule
+    leaves out: one fused ``torch._foreach_norm`` and one host sync per step, the price of never
+    applying a non-finite update. ``stop`` drops that update (weights and checkpoints stay those
+    of the last good step), writes ``train/diverged = 1`` and ends training; ``warn`` warns once.
+    """
+
+    def __init__(self, on_nonfinite: str = "stop", monitor: Any = None) -> None:
+        self.on_nonfinite = on_nonfinite
+        self.monitor = monitor
+        self.diverged_at: tuple[int, str] | None = None
+        self.nonfinite_steps: list[int] = []
+
+    @property
+    def verdict(self) -> tuple[int, str] | None:
+        """``(step, layer)`` where training stopped, or None."""
+        return self.monitor.diverged_at if self.monitor is not None else self.diverged_at
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"nonfinite_steps": list(self.nonfinite_steps)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.nonfinite_steps = list(state_dict.get("nonfinite_steps", []))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.monitor is not None and (self.on_nonfinite != "stop"
+                                         or self.monitor.recording_step == trainer.global_step):
+            return  # warn keeps a sparse schedule free of per-step syncs; recorded steps are the monitor's
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            return  # fp16: the GradScaler skips overflowing steps itself
+        named = [(n, p) for n, p in pl_module.named_parameters() if p.grad is not None]
+        if not named:
+            return
+        bad = ~torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm([p.grad for _, p in named])]))
+        if not bool(bad.any()):  # the one host sync of the check
+            return
+        step = trainer.global_step
+        layer = _first_layer(pl_module, named, bad)
+        self.nonfinite_steps.append(step)
+        message = f"non-finite gradient at step {step}, first layer {layer}"
+        if self.on_nonfinite == "warn":
+            if len(self.nonfinite_steps) == 1 and trainer.is_global_zero:
+                log.warning("%s; monitor.on_nonfinite=warn: training goes on", message)
+            return
+        self.diverged_at = (step, layer)
+        if self.monitor is not None:
+            message += " (a step the gradient monitor does not record)"
+            self.monitor.mark_diverged(step, layer)
+        if trainer.is_global_zero:
+            log.error(message)
+            trainer.logger.log_metrics({DIVERGED_TAG: 1.0}, step=step)
+            trainer.logger.save()
+        for p in pl_module.parameters():  # skip the poisoned update
+            p.grad = None
+        trainer.should_stop = True
+
+
+def _first_layer(pl_module, named: list[tuple[str, torch.nn.Parameter]], bad: torch.Tensor) -> str:
+    """Where non-finiteness shows first in computation order: a non-finite weight (forward
+    order) if any, else the non-finite gradient nearest the loss (backward order), as the
+    gradient monitor names it, relative to ``pl_module.net``."""
+    with torch.no_grad():
+        weight_bad = ~torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm([p for _, p in named])]))
+    index = int(weight_bad.nonzero()[0]) if bool(weight_bad.any()) else int(bad.nonzero()[-1])
+    module = named[index][0].rpartition(".")[0] or named[index][0]
+    return module.removeprefix("net.") if hasattr(pl_module, "net") else module
+
+
+def oom_message(batch_size: Any, precision: str, image_size: Any = None) -> str:
+    """The ConfigError text for a CUDA out-of-memory error during training."""
+    size = f", dataset.image_size={image_size}" if image_size is not None else ""
+    fix = (f"try dataset.batch_size={batch_size // 2}" if isinstance(batch_size, int) and batch_size > 1
+           else "use a smaller model or dataset.image_size")
+    return (f"GPU out of memory at dataset.batch_size={batch_size}{size} (trainer.precision={precision}); {fix}, "
+            f"or trainer.precision=bf16-mixed / fast.channels_last=true to save memory")
