@@ -301,9 +301,21 @@ def _group(group: str, node: Any) -> None:
     if target not in options:
         return  # a user's own _target_: its signature is the check
     _table(group, options[target], node, f"{group} {target or '(no _target_)'}")
+    _rules(group, node)
+
+
+def _rules(group: str, node: Mapping) -> None:
+    """Checks that read two keys of one group."""
     if group == "optimizer" and node.get("nesterov") and not node.get("momentum", 0) > 0:
         raise ConfigError(f"optimizer.nesterov=true needs optimizer.momentum > 0 (got {node.get('momentum')!r}); "
                           "e.g. optimizer.momentum=0.9, or optimizer.nesterov=false")
+    init, norm = node.get("init"), node.get("norm", "batch")
+    if group == "model" and node.get("skip") is False and init in ("zero_residual", "fixup", "skipinit"):
+        raise ConfigError(f"model.init={init} needs model.skip=true: without a shortcut a zeroed branch makes "
+                          "every block output a constant; use model.init=default or model.init=kaiming")
+    if group == "model" and init == "fixup" and norm != "none":
+        raise ConfigError(f"model.init=fixup needs model.norm=none (got model.norm={norm}): Fixup replaces "
+                          "normalisation layers; with batch norm use model.init=zero_residual")
 
 
 def _probe(key: str, node: Any) -> None:
@@ -378,19 +390,19 @@ def _trainer(node: Any) -> None:
 
 
 def check_args(group: str, owner: object, **values: Any) -> None:
-    """A class's own arguments against its group's declaration, quoted as ``<group>.<name>``:
-    a data module or monitor built without Hydra refuses what the config check would."""
-    keys: Mapping[str, Key] = {}
-    for cls in type(owner).__mro__:
-        for target, declared in GROUPS[group].items():
-            module, _, name = (target or "").rpartition(".")
-            if name == cls.__qualname__ and cls.__module__.startswith(module):
-                keys = declared
-        if keys:
-            break
-    for name, value in values.items():
-        if name in keys:
-            keys[name].check(f"{group}.{name}", value)
+    """Arguments of a class or builder called without Hydra against its group's declaration,
+    quoted as ``<group>.<name>``: ``owner`` is the ``_target_`` or an instance of it (or of a
+    subclass). An owner the schema does not declare is left to its signature."""
+    def declares(target: str | None, cls: type) -> bool:
+        module, _, name = (target or "").rpartition(".")
+        return name == cls.__qualname__ and cls.__module__.startswith(module)
+
+    classes = [] if isinstance(owner, str) else type(owner).__mro__
+    target = owner if isinstance(owner, str) else next(
+        (t for cls in classes for t in GROUPS[group] if declares(t, cls)), None)
+    if target in GROUPS[group]:
+        _table(group, GROUPS[group][target], values, f"{group} {target}")
+        _rules(group, values)
 
 
 def check(cfg: DictConfig | Mapping) -> None:
