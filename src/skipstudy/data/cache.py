@@ -62,6 +62,11 @@ def fingerprint(files: Sequence[Path], base: Path, salt: str = "") -> str:
     return digest.hexdigest()
 
 
+def _save(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as fh:  # a handle: np.save would add .npy to the temporary name
+        np.save(fh, array)
+
+
 @dataclass
 class SplitSource:
     """The files of one split, in order, and their labels."""
@@ -71,12 +76,8 @@ class SplitSource:
 
 
 class DecodedCache:
-    """A folder of decoded splits plus ``meta.json``.
-
-    Args:
-        directory: where the arrays live (created if needed).
-        image_size: side of the stored images; other sizes are bad images.
-    """
+    """A folder of decoded splits plus ``meta.json``; images of another side than ``image_size``
+    are bad images."""
 
     def __init__(self, directory: Path, image_size: int) -> None:
         self.directory = Path(directory)
@@ -100,11 +101,8 @@ class DecodedCache:
         return meta
 
     def ensure(self, fingerprint_: str, sources: dict[str, SplitSource], threads: int | None = None) -> dict:
-        """Load the metadata of a matching cache, or decode ``sources`` into a new one.
-
-        Bad images are left out and listed under ``meta["skipped"]`` (path relative to the
-        source and reason); the caller decides whether that is an error.
-        """
+        """The metadata of a matching cache, or of a new one decoded from ``sources``. Bad images
+        are left out and listed under ``meta["skipped"]``; the caller decides if that is an error."""
         meta = self.read_meta(fingerprint_)
         if meta is not None:
             return meta
@@ -126,67 +124,46 @@ class DecodedCache:
         threads = threads or min(8, os.cpu_count() or 1)
         total = sum(len(s.files) for s in sources.values())
         log.info("Decoding %d images once into %s (%d threads)", total, self.directory, threads)
-        start = time.perf_counter()
-        tag = f".tmp{os.getpid()}"
-        written: list[tuple[Path, Path]] = []
+        start, tag, size = time.perf_counter(), f".tmp{os.getpid()}", self.image_size
         skipped: list[dict] = []
         counts: dict[str, int] = {}
-        size = self.image_size
+
+        def decode(path: Path) -> np.ndarray | BadImage:
+            try:
+                return decode_rgb(path, size)
+            except BadImage as bad:
+                return bad
+
         try:
             with ThreadPoolExecutor(threads) as pool:
                 for split, source in sources.items():
-                    final = self.directory / f"{split}_images.npy"
-                    tmp = final.with_name(final.name + tag)
+                    # Decoded straight into a memory-mapped file: the set never has to fit in RAM.
+                    tmp = self.directory / f"{split}_images.npy{tag}"
                     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(source.files), size, size, 3))
                     keep = np.ones(len(source.files), dtype=bool)
-
-                    def decode(path: Path) -> np.ndarray | BadImage:
-                        try:
-                            return decode_rgb(path, size)
-                        except BadImage as bad:
-                            return bad
-
                     for i, result in enumerate(pool.map(decode, source.files)):
                         if isinstance(result, BadImage):
                             keep[i] = False
                             skipped.append({"split": split, "path": str(result.path), "reason": result.reason})
                         else:
                             out[i] = result
-                    if not keep.all():  # compact: rare, so an extra copy is fine
-                        compact = np.lib.format.open_memmap(tmp.with_name(tmp.name + "c"), mode="w+",
-                                                            dtype=np.uint8, shape=(int(keep.sum()), size, size, 3))
-                        compact[:] = out[keep]
-                        compact.flush()
-                        del out, compact
-                        os.replace(tmp.with_name(tmp.name + "c"), tmp)
-                    else:
-                        out.flush()
-                        del out
-                    written.append((tmp, final))
-                    labels_final = self.directory / f"{split}_labels.npy"
-                    labels_tmp = labels_final.with_name(labels_final.name + tag)
-                    with open(labels_tmp, "wb") as fh:
-                        np.save(fh, np.asarray(source.labels, dtype=np.int64)[keep])
-                    written.append((labels_tmp, labels_final))
+                    out.flush()
+                    kept = None if keep.all() else out[keep]  # rare: an in-memory copy is fine
+                    del out  # close the memmap before its file is replaced
+                    if kept is not None:
+                        _save(tmp, kept)
+                    _save(self.directory / f"{split}_labels.npy{tag}", np.asarray(source.labels, dtype=np.int64)[keep])
                     counts[split] = int(keep.sum())
-            for tmp, final in written:
-                os.replace(tmp, final)
+            for split in counts:
+                for kind in ("images", "labels"):
+                    os.replace(self.directory / f"{split}_{kind}.npy{tag}", self.directory / f"{split}_{kind}.npy")
         finally:
-            for tmp, _ in written:
-                tmp.unlink(missing_ok=True)
             for leftover in self.directory.glob(f"*{tag}*"):
                 leftover.unlink(missing_ok=True)
-        meta = {
-            "version": FORMAT_VERSION,
-            "fingerprint": fingerprint_,
-            "image_size": size,
-            "splits": counts,
-            "skipped": skipped,
-            "decode_seconds": round(time.perf_counter() - start, 2),
-            "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }
-        tmp_meta = self.meta_path.with_name("meta.json" + tag)
-        tmp_meta.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp_meta, self.meta_path)
+        meta = {"version": FORMAT_VERSION, "fingerprint": fingerprint_, "image_size": size, "splits": counts,
+                "skipped": skipped, "decode_seconds": round(time.perf_counter() - start, 2),
+                "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+        (self.directory / f"meta.json{tag}").write_text(json.dumps(meta, indent=1))
+        os.replace(self.directory / f"meta.json{tag}", self.meta_path)
         log.info("Decoded %d images in %.1f s (%d unusable)", total, meta["decode_seconds"], len(skipped))
         return meta

@@ -20,7 +20,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from skipstudy.data.arrays import ImageArrayDataModule
 from skipstudy.data.cache import DecodedCache, SplitSource, fingerprint
@@ -91,12 +90,9 @@ def read_class_names(data_dir: Path, wnids: list[str]) -> list[str]:
 class TinyImageNetDataModule(ImageArrayDataModule):
     """Tiny ImageNet: 64x64 RGB, 500 training and 50 validation images per class.
 
-    Args:
-        root: directory holding ``tiny-imagenet-200/`` (or that directory itself).
-        skip_corrupt: leave out images that cannot be decoded (counted in the log) instead of
-            stopping with an error that names them.
-        cache_dir: where the decoded arrays go; default beside ``tiny-imagenet-200/``.
-        Others: see :class:`~skipstudy.data.arrays.ImageArrayDataModule`.
+    ``root`` holds ``tiny-imagenet-200/`` (or is it); ``skip_corrupt`` leaves out images that
+    cannot be decoded (counted in the log) instead of stopping with an error that names them;
+    ``cache_dir`` takes the decoded arrays (default: beside ``tiny-imagenet-200/``).
     """
 
     name = "Tiny ImageNet"
@@ -105,35 +101,19 @@ class TinyImageNetDataModule(ImageArrayDataModule):
     mean = (0.4802, 0.4481, 0.3975)
     std = (0.2770, 0.2691, 0.2821)
 
-    def __init__(
-        self,
-        root: str = "./data",
-        batch_size: int = 128,
-        image_size: int = 64,
-        num_workers: int = 4,
-        augment: bool = True,
-        loader: str = "auto",
-        skip_corrupt: bool = False,
-        cache_dir: str | None = None,
-        seed: int = 0,
-        crop_padding: int = 4,
-        pad_mode: str = "zero",
-        device: str | torch.device | None = None,
-    ) -> None:
-        super().__init__(batch_size=batch_size, image_size=image_size, num_workers=num_workers, augment=augment,
-                         loader=loader, seed=seed, crop_padding=crop_padding, pad_mode=pad_mode, device=device)
-        self.root = str(root)
+    def __init__(self, root: str = "./data", skip_corrupt: bool = False, cache_dir: str | None = None,
+                 seed: int = 0, **common) -> None:
+        super().__init__(seed=seed, skip_corrupt=skip_corrupt, **common)
+        self.root, self.skip_corrupt, self.cache_dir_arg = str(root), skip_corrupt, cache_dir
         self.data_dir = locate(root)
         self.wnids = read_wnids(self.data_dir, self.root)
         self.num_classes = len(self.wnids)
         self.class_names = read_class_names(self.data_dir, self.wnids)
         self._check_layout()
-        self.skip_corrupt = bool(skip_corrupt)
         base = Path(str(cache_dir)).expanduser() if cache_dir else self.data_dir.parent
         # One cache folder per source directory, so two copies never overwrite each other's.
         source_id = hashlib.sha1(str(self.data_dir.resolve()).encode()).hexdigest()[:10]
         self.cache = DecodedCache(base / f"{FOLDER}-decoded-{source_id}", self.native_size)
-        self.cache_dir_arg = cache_dir
         self.meta: dict | None = None
         self.skipped: list[dict] = []
 
@@ -144,7 +124,6 @@ class TinyImageNetDataModule(ImageArrayDataModule):
             if not path.exists():
                 raise layout_error(self.root, path)
 
-    # -- listing the source --------------------------------------------------------------
     def _train_source(self) -> SplitSource:
         files: list[Path] = []
         labels: list[int] = []
@@ -183,7 +162,6 @@ class TinyImageNetDataModule(ImageArrayDataModule):
             raise layout_error(self.root, path, "no labelled images in")
         return SplitSource(files, np.asarray(labels, dtype=np.int64))
 
-    # -- the decoded cache ---------------------------------------------------------------
     def prepare_data(self) -> None:
         """Decode the JPEGs into the cache unless a cache of this exact source exists.
 
