@@ -139,7 +139,8 @@ class DecodedCache:
                 for split, source in sources.items():
                     # Decoded straight into a memory-mapped file: the set never has to fit in RAM.
                     tmp = self.directory / f"{split}_images.npy{tag}"
-                    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(source.files), size, size, 3))
+                    shape = (len(source.files), size, size, 3)
+                    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
                     keep = np.ones(len(source.files), dtype=bool)
                     for i, result in enumerate(pool.map(decode, source.files)):
                         if isinstance(result, BadImage):

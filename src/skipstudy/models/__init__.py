@@ -20,8 +20,9 @@ def check_input_size(model: nn.Module, image_size: int | tuple[int, int]) -> Non
     side = min(image_size) if isinstance(image_size, (tuple, list)) else image_size
     if side < factor:
         hint = " or model.stem=cifar" if getattr(model, "stem", None) == "imagenet" else ""
-        raise ConfigError(f"dataset.image_size={image_size} is too small for {getattr(model, 'arch', type(model).__name__)} "
-                          f"(downsamples by {factor}); use >= {factor}{hint}")
+        name = getattr(model, "arch", type(model).__name__)
+        raise ConfigError(f"dataset.image_size={image_size} is too small for {name} (downsamples by {factor}); "
+                          f"use >= {factor}{hint}")
 
 
 __all__ = ["check_input_size", "cifar_resnet", "mini", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
