@@ -63,9 +63,6 @@ class EpochSampler(DistributedSampler):
                          drop_last=drop_last)
         self.size, self.augment, self.padding = num_samples, augment, padding
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
     def plan(self, epoch: int | None = None) -> EpochPlan:
         """The draws of ``epoch`` (default: the current one) for this rank, on the CPU."""
         epoch = self.epoch if epoch is None else epoch
@@ -80,10 +77,8 @@ class EpochSampler(DistributedSampler):
         else:
             offsets = torch.full((n, 2), self.padding, dtype=torch.int64)
             flip = torch.zeros(n, dtype=torch.bool)
-        if self.total_size <= n:
-            order = order[: self.total_size]
-        else:  # pad to a multiple of the world size, repeating from the start
-            order = order.repeat(math.ceil(self.total_size / n))[: self.total_size]
+        # Cut to, or pad by repetition to, a multiple of the world size.
+        order = order.repeat(math.ceil(self.total_size / n))[: self.total_size]
         mine = order[self.rank : self.total_size : self.num_replicas]
         return EpochPlan(mine, offsets[mine, 0], offsets[mine, 1], flip[mine])
 

@@ -1,10 +1,7 @@
-"""CIFAR-10 and CIFAR-100 (``dataset=cifar10|cifar100``) through torchvision.
-
-torchvision reads the official "python version" pickles (``<root>/cifar-10-batches-py``) and
-checks their MD5 sums; the images are already uint8 NHWC, so no decoded cache is needed.
-Validation is the official test set, or with ``dataset.val_split`` a held-out part of the
-training set (He et al. 2016, sec. 4.2: 45k/5k), fixed across run seeds so that every run of a
-study validates on the same images.
+"""CIFAR-10 and CIFAR-100 (``dataset=cifar10|cifar100``) through torchvision, which reads the
+official pickles (already uint8 NHWC: no decoded cache) and checks their MD5 sums. Validation is
+the official test set, or with ``dataset.val_split`` a held-out part of the training set (He et
+al. 2016, sec. 4.2: 45k/5k), the same for every run seed so a study validates on one set.
 """
 
 from __future__ import annotations
@@ -25,12 +22,8 @@ SPLIT_SEED = 0
 
 
 def _without_md5_check(cls: type[datasets.CIFAR10]) -> type[datasets.CIFAR10]:
-    """torchvision's CIFAR class with its MD5 check replaced by a presence check.
-
-    torchvision offers no switch for this; a subclass keeps its loading code unchanged.
-    ``dataset.verify=false`` uses it for copies whose checksums differ from the official
-    archive's (subsets such as the test copies, re-packed archives).
-    """
+    """torchvision's CIFAR class with its MD5 check replaced by a presence check
+    (``dataset.verify=false``): torchvision has no switch, a subclass keeps its loading code."""
 
     def files_present(self) -> bool:
         folder = Path(self.root) / self.base_folder
@@ -130,22 +123,19 @@ class CIFAR10DataModule(ImageArrayDataModule):
         data = self._open(train=train, download=False)
         return np.ascontiguousarray(data.data), np.asarray(data.targets, dtype=np.int64)
 
-    def _split_indices(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        n_val = self.val_split if isinstance(self.val_split, int) else round(self.val_split * n)
-        if not 0 < n_val < n:
-            raise ConfigError(f"dataset.val_split={self.val_split!r} leaves no training or no validation images "
-                              f"out of {n}; use a value in (0, {n}), e.g. dataset.val_split={n // 10}")
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED)).numpy()
-        return np.sort(order[n_val:]), np.sort(order[:n_val])
-
     def load_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         if split == "test" or (split == "val" and not self.val_split):
             return self._arrays(train=False)
         images, labels = self._arrays(train=True)
         if not self.val_split:
             return images, labels
-        train_idx, val_idx = self._split_indices(len(labels))
-        keep = train_idx if split == "train" else val_idx
+        n = len(labels)
+        n_val = self.val_split if isinstance(self.val_split, int) else round(self.val_split * n)
+        if not 0 < n_val < n:
+            raise ConfigError(f"dataset.val_split={self.val_split!r} leaves no training or no validation images "
+                              f"out of {n}; use a value in (0, {n}), e.g. dataset.val_split={n // 10}")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED)).numpy()
+        keep = np.sort(order[n_val:] if split == "train" else order[:n_val])
         return images[keep], labels[keep]
 
 
