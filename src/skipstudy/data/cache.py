@@ -1,13 +1,10 @@
 """Decode images once into memory-mapped uint8 arrays, keyed by a fingerprint of the source.
 
-Tiny ImageNet ships as 110k small JPEGs. Decoding them with PIL in every epoch cost most of
-the 173 s epochs of the earlier studies, so they are decoded once into
-``<split>_images.npy`` (uint8, N x H x W x 3, opened with ``np.load(mmap_mode="r")``) and
-``<split>_labels.npy``. ``meta.json`` records a fingerprint of the source (every file's
-relative path, size and modification time, plus the label files' contents); when it no longer
-matches, the cache is rebuilt. Files are written under temporary names and renamed into place,
-``meta.json`` last, under a file lock, so concurrent processes (DDP ranks) never read half a
-cache and only one of them decodes.
+Decoding Tiny ImageNet's 110k JPEGs with PIL every epoch cost most of the earlier studies'
+173 s epochs. ``meta.json`` holds a fingerprint (each file's path, size and mtime, plus the
+label files' contents); when it no longer matches, the cache is rebuilt. Files are written
+under temporary names and renamed into place, ``meta.json`` last, under a file lock, so DDP
+ranks never read half a cache and only one of them decodes.
 """
 
 from __future__ import annotations
@@ -93,12 +90,10 @@ class DecodedCache:
             meta = json.loads(self.meta_path.read_text())
         except (OSError, ValueError):
             return None
-        if meta.get("fingerprint") != fingerprint_ or meta.get("version") != FORMAT_VERSION:
-            return None
-        if not all((self.directory / f"{split}_{kind}.npy").is_file() for split in meta["splits"]
-                   for kind in ("images", "labels")):
-            return None
-        return meta
+        complete = all((self.directory / f"{split}_{kind}.npy").is_file() for split in meta.get("splits", ())
+                       for kind in ("images", "labels"))
+        current = (meta.get("fingerprint"), meta.get("version")) == (fingerprint_, FORMAT_VERSION)
+        return meta if complete and current else None
 
     def ensure(self, fingerprint_: str, sources: dict[str, SplitSource], threads: int | None = None) -> dict:
         """The metadata of a matching cache, or of a new one decoded from ``sources``. Bad images
