@@ -120,6 +120,7 @@ class ImageArrayDataModule(L.LightningDataModule):
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    available_splits: tuple[str, ...] = ("train", "val")
 
     def __init__(self, *, batch_size: int = 128, image_size: int | None = None, num_workers: int = 4,
                  augment: bool = True, loader: str = "auto", seed: int = 0, crop_padding: int = 4,
@@ -140,17 +141,14 @@ class ImageArrayDataModule(L.LightningDataModule):
         """Return ``(images, labels)`` of ``split`` (train, val or test): uint8 NHWC, int64."""
         raise NotImplementedError
 
-    def available_splits(self) -> tuple[str, ...]:
-        return ("train", "val")
-
     def setup(self, stage: str | None = None) -> None:
-        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, self.available_splits())
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, self.available_splits)
         for split in splits:
             self._load(split)
 
     def _load(self, split: str) -> None:
-        if split not in self.available_splits():
-            raise ConfigError(f"{self.name} has no {split!r} split; available: {', '.join(self.available_splits())}")
+        if split not in self.available_splits:
+            raise ConfigError(f"{self.name} has no {split!r} split; available: {', '.join(self.available_splits)}")
         if split not in self.splits:
             self.splits[split] = self.load_split(split)
 
@@ -162,7 +160,7 @@ class ImageArrayDataModule(L.LightningDataModule):
 
     def test_dataloader(self):
         # Without a labelled test split (Tiny ImageNet), testing reports on the val split.
-        return self.make_loader("test" if "test" in self.available_splits() else "val", train=False)
+        return self.make_loader("test" if "test" in self.available_splits else "val", train=False)
 
     def target_device(self) -> torch.device:
         if self.device is not None:
@@ -219,12 +217,6 @@ class ImageArrayDataModule(L.LightningDataModule):
                     self._device_sets[key] = tensors
             return DeviceBatches(*tensors, sampler, batch_size=self.batch_size, drop_last=drop_last, **common)
         dataset = ArrayImages(images, labels, **common)
-        return DataLoader(
-            dataset,
-            sampler=sampler,
-            batch_size=self.batch_size,
-            drop_last=drop_last,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0 and train,
-            pin_memory=device.type == "cuda",
-        )
+        return DataLoader(dataset, sampler=sampler, batch_size=self.batch_size, drop_last=drop_last,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0 and train,
+                          pin_memory=device.type == "cuda")

@@ -50,6 +50,7 @@ class CIFAR10DataModule(ImageArrayDataModule):
     # Per-channel mean and standard deviation of the 50k training images, on the [0, 1] scale.
     mean = (0.4914, 0.4822, 0.4465)
     std = (0.2470, 0.2435, 0.2616)
+    available_splits = ("train", "val", "test")
 
     def __init__(self, root: str = "./data", download: bool = True, verify: bool = True, val_split: int | float = 0,
                  seed: int = 0, **common) -> None:
@@ -59,9 +60,6 @@ class CIFAR10DataModule(ImageArrayDataModule):
         self.root_arg = str(root)
         self.download, self.verify, self.val_split = download, verify, val_split
         self._prepared = False
-
-    def available_splits(self) -> tuple[str, ...]:
-        return ("train", "val", "test")
 
     def _open(self, train: bool, download: bool) -> datasets.VisionDataset:
         """The torchvision data set, or a ConfigError that says where we looked and the ways out."""
