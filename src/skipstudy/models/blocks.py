@@ -1,18 +1,18 @@
 """Residual blocks with a removable shortcut, and the stage builder that wires them.
 
-As torchvision's ``models/resnet.py`` (He et al. 2016), with the same module names
-(``conv1``, ``bn1``, ``downsample.0``...) so torchvision state dicts load with ``strict=True``
-and every log speaks one layer vocabulary. ``downsample`` means what it means there: the
-shortcut module, ``None`` for the identity. The plain twin is ``skip=False``: no addition, and
-no projection parameters (a parameter that never gets a gradient would show up as a fake
-"vanished" layer and breaks DDP). Modules are defined in forward order, so ``named_modules()``
-lists them as data flows (the monitor and the report rely on that).
+As torchvision's ``models/resnet.py`` (He et al. 2016), module names included (``conv1``,
+``bn1``, ``downsample.0``...), so its state dicts load with ``strict=True`` and every log speaks
+one layer vocabulary; ``downsample`` means what it means there (``None``: identity). The plain
+twin is ``skip=False``: no addition and no projection parameters (a parameter that never gets
+a gradient would look like a "vanished" layer and breaks DDP). Modules are defined in forward
+order: the monitor and the report read ``named_modules()`` as the data flow.
 
-A new block type (pre-activation, say) is a :class:`Block` subclass that passes its convs to
-``Block.__init__`` and overrides :meth:`Block.forward` if its order differs; give it its own
-module beside this one and a ``conf/model/<name>.yaml`` whose builder passes it to
-:func:`skipstudy.models.resnet.build`. The monitor, the probes and the init schemes read blocks
-only through ``shortcut``, ``shortcut_term``, ``branch_convs()`` and ``branch_norms()``.
+A new block type (pre-activation, say) is one module beside this one: a :class:`Block` subclass
+that passes its convs to ``Block.__init__`` and overrides ``forward`` where its order differs,
+plus a builder calling :func:`skipstudy.models.resnet.build` (subclassing ``ResNet`` if the net
+needs more, such as a final norm), and one ``conf/model/<name>.yaml``. The monitor, the probes
+and the init schemes see blocks only through ``shortcut``, ``shortcut_term``, ``branch_convs()``
+and ``branch_norms()``.
 """
 
 from __future__ import annotations

@@ -1,13 +1,9 @@
-"""The networks: ResNet-18..152 and the CIFAR ResNets (one :class:`ResNet` class), and the mini net.
+"""The networks: ResNet-18..152 and the CIFAR ResNets (one :class:`ResNet`), and the mini net.
 
-Builders ``fn(num_classes, in_channels=3, **options)``: each ``conf/model/<name>.yaml`` targets
-one, ``num_classes`` and ``in_channels`` come from the dataset, and the options are checked
-against ``skipstudy.config`` (the one declared schema) before anything is allocated.
-
-With ``skip=true, norm=batch, stem=imagenet`` and ``init`` one of ``default|kaiming|
-zero_residual``, ResNet-18..152 have exactly torchvision's modules and state-dict keys, so
-``torchvision.models.resnet50().state_dict()`` loads with ``strict=True`` and gives identical
-logits.
+Each ``conf/model/<name>.yaml`` targets one builder; ``num_classes`` and ``in_channels`` come
+from the dataset; the options are checked against ``skipstudy.config`` before any allocation.
+With ``skip=true, norm=batch, stem=imagenet`` and an init that adds no parameters,
+ResNet-18..152 load torchvision's state dicts with ``strict=True`` and give identical logits.
 """
 
 from __future__ import annotations
@@ -92,10 +88,11 @@ class MiniNet(nn.Module):
 
 
 def build(target: str, make, options: dict, **defaults) -> nn.Module:
-    """Check ``options`` (with the builder's ``defaults``) against ``model <target>`` in the schema,
-    build with ``make(**options)``, then apply the init scheme."""
+    """Check ``options`` (over the builder's ``defaults``) against the schema's ``model`` entry for
+    ``target`` (the yaml's ``_target_``; none: the signature is the check), build with
+    ``make(**options)``, then apply the init scheme."""
     options = {**defaults, **options}
-    config.check_args("model", f"skipstudy.models.{target}", **options)
+    config.check_args("model", target, **options)
     init = options.pop("init")
     net = make(**options)
     apply_init(net, init)
@@ -107,7 +104,7 @@ _DEFAULTS = dict(skip=True, norm="batch", init="default")
 
 def mini(num_classes: int, in_channels: int = 3, **options) -> MiniNet:
     """The mini net; options ``skip``, ``norm``, ``init`` (see conf/model/mini.yaml)."""
-    return build("mini", lambda **o: MiniNet(num_classes, in_channels, **o), options, **_DEFAULTS)
+    return build("skipstudy.models.mini", lambda **o: MiniNet(num_classes, in_channels, **o), options, **_DEFAULTS)
 
 
 def cifar_resnet(num_classes: int, in_channels: int = 3, **options) -> ResNet:
@@ -118,13 +115,14 @@ def cifar_resnet(num_classes: int, in_channels: int = 3, **options) -> ResNet:
         n = (depth - 2) // 6
         return ResNet(BasicBlock, (n, n, n), (16, 32, 64), num_classes, in_channels, stem="cifar", stem_width=16,
                       arch=f"cifar_resnet{depth}", **o)
-    return build("cifar_resnet", make, options, depth=20, shortcut="A", **_DEFAULTS)
+    return build("skipstudy.models.cifar_resnet", make, options, depth=20, shortcut="A", **_DEFAULTS)
 
 
 def _imagenet(arch: str, block: type[Block], layers: tuple[int, ...]):
     def builder(num_classes: int, in_channels: int = 3, **options) -> ResNet:
-        return build(arch, lambda **o: ResNet(block, layers, (64, 128, 256, 512), num_classes, in_channels,
-                                              arch=arch, **o), options, stem="imagenet", **_DEFAULTS)
+        def make(**o) -> ResNet:
+            return ResNet(block, layers, (64, 128, 256, 512), num_classes, in_channels, arch=arch, **o)
+        return build(f"skipstudy.models.{arch}", make, options, stem="imagenet", **_DEFAULTS)
     builder.__name__ = builder.__qualname__ = arch
     builder.__doc__ = (f"ResNet-{arch[6:]} (He et al. 2016): {block.__name__}, stages {'-'.join(map(str, layers))}; "
                        f"options skip, norm, init, stem (see conf/model/{arch}.yaml).")
