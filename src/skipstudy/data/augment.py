@@ -40,9 +40,6 @@ class EpochPlan:
     def __getitem__(self, part: slice) -> "EpochPlan":
         return EpochPlan(self.indices[part], self.top[part], self.left[part], self.flip[part])
 
-    def __len__(self) -> int:
-        return len(self.indices)
-
 
 def epoch_seed(seed: int, epoch: int) -> int:
     """One generator seed per (run seed, epoch); distinct pairs do not collide in practice."""
