@@ -27,9 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks_doc import append_entry  # scripts/benchmarks_doc.py, beside this script
-from skipstudy.models.cifar import cifar_resnet
-from skipstudy.models.mini import mini
-from skipstudy.models.resnet import resnet50
+from skipstudy.models import cifar_resnet, mini, resnet50
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Memory layout"

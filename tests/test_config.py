@@ -190,6 +190,9 @@ CASES = {
                                   "optimizer.nesterov=true needs optimizer.momentum > 0"),
     "top-level typo": (["+sed=1"], "sed is not a key of the config; did you mean seed?"),
     "depth not 6n+2": (["model=cifar_resnet", "model.depth=21"], "model.depth=21 must be 6n+2 >= 8; the paper's: 20, 32, 44, 56, 110, 1202; e.g. model.depth=20"),
+    "fixup with batch norm": (["model.init=fixup"], "model.init=fixup needs model.norm=none (got model.norm=batch)"),
+    "zeroed branch without a shortcut": (["model.skip=false", "model.init=skipinit"],
+                                         "model.init=skipinit needs model.skip=true"),
 }
 
 

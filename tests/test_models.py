@@ -86,7 +86,7 @@ def test_cli_overrides_compose_and_build():
     with pytest.raises(InstantiationException) as info:
         hydra.utils.instantiate(bad.model, num_classes=10)
     assert isinstance(info.value.__cause__, ConfigError)
-    assert str(info.value.__cause__) == "model.skip='maybe' must be true or false"
+    assert str(info.value.__cause__) == "model.skip='maybe' must be true or false; e.g. model.skip=true"
 
 
 # --- He et al. 2016, Table 6 --------------------------------------------------------------
@@ -388,21 +388,21 @@ def test_named_modules_are_in_forward_order(name):
 # --- refusals, with the message a user sees --------------------------------------------------
 
 
+# The builders check their options against skipstudy.config, the schema the CLI checks too.
 @pytest.mark.parametrize("call,message", [
-    (lambda: models.cifar_resnet(10, depth=21), "model.depth=21 is not 6n+2; valid: 20, 32, 44, 56, 110, 1202"),
-    (lambda: models.cifar_resnet(10, depth=2), "model.depth=2 is not 6n+2; valid: 20, 32, 44, 56, 110, 1202"),
-    (lambda: models.cifar_resnet(10, depth="20"),
-     "model.depth='20' is not an integer; valid: 20, 32, 44, 56, 110, 1202"),
-    (lambda: models.resnet50(10, skip="maybe"), "model.skip='maybe' must be true or false"),
+    (lambda: models.cifar_resnet(10, depth=21),
+     "model.depth=21 must be 6n+2 >= 8; the paper's: 20, 32, 44, 56, 110, 1202; e.g. model.depth=20"),
+    (lambda: models.cifar_resnet(10, depth=2), "model.depth=2 must be 6n+2 >= 8"),
+    (lambda: models.cifar_resnet(10, depth="20"), "model.depth='20' must be 6n+2 >= 8"),
+    (lambda: models.resnet50(10, skip="maybe"), "model.skip='maybe' must be true or false; e.g. model.skip=true"),
     (lambda: models.mini(10, skip=1), "model.skip=1 must be true or false"),
-    (lambda: models.resnet18(10, norm="layer"), "model.norm='layer' is not a known normalisation; valid: batch, none"),
+    (lambda: models.resnet18(10, norm="layer"), "model.norm='layer' is not one of: batch, none; e.g. model.norm=batch"),
     (lambda: models.resnet18(10, init="xavier"),
-     "model.init='xavier' is not an init scheme; valid: default, kaiming, zero_residual, fixup, skipinit"),
-    (lambda: models.resnet18(10, stem="tiny"), "model.stem='tiny' is not a stem; valid: imagenet, cifar"),
-    (lambda: models.cifar_resnet(10, shortcut="C"), "model.shortcut='C' is not a shortcut option; valid: A, B"),
-    (lambda: models.resnet18(10, depth=20), "model.depth=20 is not an option of resnet18; valid options: "
-                                            "skip, norm, init, stem"),
-    (lambda: models.mini(0), "num_classes=0 must be a positive integer (it comes from the dataset)"),
+     "model.init='xavier' is not one of: default, kaiming, zero_residual, fixup, skipinit; e.g. model.init=default"),
+    (lambda: models.resnet18(10, stem="tiny"), "model.stem='tiny' is not one of: imagenet, cifar"),
+    (lambda: models.cifar_resnet(10, shortcut="C"), "model.shortcut='C' is not one of: A, B"),
+    (lambda: models.resnet18(10, depth=20), "model.depth is not a key of model skipstudy.models.resnet18; "
+                                            "valid: init, norm, skip, stem"),
     (lambda: models.resnet50(10, skip=False, init="zero_residual"),
      "model.init=zero_residual needs model.skip=true: without a shortcut a zeroed branch makes every block "
      "output a constant; use model.init=default or model.init=kaiming"),

@@ -1,12 +1,10 @@
 """Every config key's type and valid range, declared once and checked once at entry.
 
-``skipstudy.train``, ``skipstudy.probe``, ``resume=`` and every job of a sweep call
-:func:`check` before anything is built: ``optimizer.momentum=1.5 must be a number in
-[0, 1); e.g. optimizer.momentum=0.9``. Checks that need the network or the files on disk
-stay with the code that has them. A new key is one line: ``GROUPS`` (nodes told apart by
-their ``_target_``), ``PROBES`` (probe options) or ``TOP`` (the rest). ``trainer.<name>``
-takes any ``lightning.Trainer`` argument: names and types from its signature, ranges from
-``TRAINER``. A leaf module: it imports only the error type from the package.
+``skipstudy.train``, ``skipstudy.probe``, ``resume=`` and every sweep job call :func:`check`
+before anything is built; models, data modules and the monitor built without Hydra call
+:func:`check_args`. A new key is one line in ``GROUPS`` (nodes told apart by their
+``_target_``), ``PROBES`` or ``TOP``; ``trainer.<name>`` takes any ``lightning.Trainer``
+argument (names and types from its signature, ranges from ``TRAINER``). A leaf module.
 """
 
 from __future__ import annotations
@@ -22,28 +20,21 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from skipstudy.errors import ConfigError
 
 
 def show(value: Any) -> str:
     """A value as an override would write it: ``true``, ``null``, ``[100,150]``, ``adam``."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if value is None:
-        return "null"
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(show(v) for v in value) + "]"
-    return str(value)
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 class Key:
-    """One key: ``accepts(value)``, words for the valid range, and an example value.
-
-    ``bad_range`` is a value of the right type outside the range (None where every value of
-    the type is valid): the test that walks every key uses it.
-    """
+    """One key: ``accepts(value)``, words for the valid range, an example value, and
+    ``bad_range``: a value of the right type outside the range, for the test that walks every key."""
 
     def __init__(self, accepts: Callable[[Any], bool], valid: str, eg: Any, bad_range: Any = None,
                  null: bool = False, choices: tuple = ()) -> None:
@@ -70,14 +61,6 @@ class Key:
         return Key(self._accepts, self.valid, self.eg, self.bad_range, True, self.choices)
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _interval(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool, noun: str) -> str:
     a = f"{'an' if noun == 'integer' else 'a'} {noun}"
     if hi is None and lo is not None and ((lo == 0 and lo_open) or (noun == "integer" and lo == 1)):
@@ -93,8 +76,8 @@ def Num(lo: float | None = None, hi: float | None = None, *, lo_open: bool = Fal
         eg: Any, null: bool = False) -> Key:
     """A finite number (integers too) in the interval ``lo..hi``."""
     def ok(v: Any) -> bool:
-        return _is_num(v) and (lo is None or (v > lo if lo_open else v >= lo)) and \
-            (hi is None or (v < hi if hi_open else v <= hi))
+        return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                and (lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or (v < hi if hi_open else v <= hi)))
     bad = (lo if lo_open else lo - 1) if lo is not None else (hi if hi_open else hi + 1) if hi is not None else None
     return Key(ok, _interval(lo, hi, lo_open, hi_open, "number"), eg, bad, null)
 
@@ -103,7 +86,8 @@ def Int(lo: int | None = None, hi: int | None = None, *, eg: Any, null: bool = F
         rule: tuple[Callable[[int], bool], str, int] | None = None) -> Key:
     """An integer in ``[lo, hi]``; ``rule`` = (predicate, words for all valid values, a value it refuses)."""
     def ok(v: Any) -> bool:
-        return _is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi) and (rule is None or rule[0](v))
+        return (isinstance(v, int) and not isinstance(v, bool) and (lo is None or v >= lo) and (hi is None or v <= hi)
+                and (rule is None or rule[0](v)))
     valid = rule[1] if rule is not None else _interval(lo, hi, False, False, "integer")
     bad = rule[2] if rule is not None else (lo - 1 if lo is not None else hi + 1 if hi is not None else None)
     return Key(ok, valid, eg, bad, null)
@@ -137,8 +121,6 @@ def List(item: Key, *, eg: list, size: int | None = None, distinct: bool = False
     return Key(ok, valid, eg, [item.bad_range if item.bad_range is not None else [[]]], null)
 
 
-# -- the declaration --------------------------------------------------------------------
-
 BATCH = Int(1, eg=64)
 IMAGE = Int(1, eg=32)
 WORKERS = Int(0, eg=4)
@@ -152,9 +134,10 @@ _BN = Choice("auto", "eval", "calibrate")     # eval-mode BN: running stats, or 
 _LOSS_BN = Choice("train", "eval")            # probes of the training loss: batch or running statistics
 ODD = (lambda n: n % 2 == 1, "an odd integer >= 3 (the centre is the checkpoint)", 4)
 
-_CIFAR = {"root": PATH, "download": Bool(), "verify": Bool(), "batch_size": BATCH, "image_size": IMAGE,
-          "augment": Bool(), "crop_padding": Int(0, 31, eg=4), "pad_mode": PAD, "loader": LOADER,
-          "num_workers": WORKERS, "val_split": Int(0, eg=5000) | Num(0, 1, lo_open=True, hi_open=True, eg=0.1)}
+_IMAGES = {"root": PATH, "batch_size": BATCH, "augment": Bool(), "pad_mode": PAD, "loader": LOADER,
+           "num_workers": WORKERS}  # the split base's keys (skipstudy.data.arrays)
+_CIFAR = {**_IMAGES, "download": Bool(), "verify": Bool(), "image_size": IMAGE, "crop_padding": Int(0, 31, eg=4),
+          "val_split": Int(0, eg=5000) | Num(0, 1, lo_open=True, hi_open=True, eg=0.1)}
 _MODEL = {"skip": Bool(), "norm": Choice("batch", "none"),
           "init": Choice("default", "kaiming", "zero_residual", "fixup", "skipinit")}
 _RESNET = {**_MODEL, "stem": Choice("imagenet", "cifar")}
@@ -170,8 +153,7 @@ GROUPS: dict[str, dict[str | None, dict[str, Key]]] = {
             "num_classes": Int(2, eg=10), "channels": Int(1, eg=3), "image_size": IMAGE, "num_train": Int(1, eg=2048),
             "num_val": Int(1, eg=512), "batch_size": BATCH, "noise": Num(0, eg=0.5)},
         "skipstudy.data.tiny_imagenet.TinyImageNetDataModule": {
-            "root": PATH, "cache_dir": PATH, "batch_size": BATCH, "image_size": Int(1, eg=64), "augment": Bool(),
-            "crop_padding": Int(0, 63, eg=4), "pad_mode": PAD, "loader": LOADER, "num_workers": WORKERS,
+            **_IMAGES, "cache_dir": PATH, "image_size": Int(1, eg=64), "crop_padding": Int(0, 63, eg=4),
             "skip_corrupt": Bool()},
     },
     "model": {
@@ -263,8 +245,6 @@ TRAINER_OWN = {"logger": "the run's TensorBoard logger", "callbacks": "the monit
                "default_root_dir": "the run directory"}
 
 
-# -- the check ----------------------------------------------------------------------------
-
 def _unknown(key: str, known: Any, where: str) -> ConfigError:
     name = key.rsplit(".", 1)[-1]
     prefix = key[: -len(name)]
@@ -288,7 +268,7 @@ def _table(key: str, keys: Mapping[str, Any], node: Any, where: str) -> None:
         if spec == "probe options":
             _probe_options(full, value)
         elif spec == "probe":
-            _probe(full, value)
+            check_probe(value.get("name") if isinstance(value, Mapping) else value, value, full)
         elif isinstance(spec, dict):
             _table(full, spec, value, full)
         else:
@@ -296,25 +276,30 @@ def _table(key: str, keys: Mapping[str, Any], node: Any, where: str) -> None:
 
 
 def _group(group: str, node: Any) -> None:
-    options = GROUPS[group]
     target = node.get("_target_") if isinstance(node, Mapping) else None
-    if target not in options:
-        return  # a user's own _target_: its signature is the check
-    _table(group, options[target], node, f"{group} {target or '(no _target_)'}")
+    if target in GROUPS[group]:  # else a user's own _target_: its signature is the check
+        _table(group, GROUPS[group][target], node, f"{group} {target or '(no _target_)'}")
+        _rules(group, node)
+
+
+def _rules(group: str, node: Mapping) -> None:
+    """Checks that read two keys of one group."""
     if group == "optimizer" and node.get("nesterov") and not node.get("momentum", 0) > 0:
         raise ConfigError(f"optimizer.nesterov=true needs optimizer.momentum > 0 (got {node.get('momentum')!r}); "
                           "e.g. optimizer.momentum=0.9, or optimizer.nesterov=false")
+    init, norm = node.get("init"), node.get("norm", "batch")
+    if group == "model" and node.get("skip") is False and init in ("zero_residual", "fixup", "skipinit"):
+        raise ConfigError(f"model.init={init} needs model.skip=true: without a shortcut a zeroed branch makes "
+                          "every block output a constant; use model.init=default or model.init=kaiming")
+    if group == "model" and init == "fixup" and norm != "none":
+        raise ConfigError(f"model.init=fixup needs model.norm=none (got model.norm={norm}): Fixup replaces "
+                          "normalisation layers; with batch norm use model.init=zero_residual")
 
 
-def _probe(key: str, node: Any) -> None:
-    name = node.get("name") if isinstance(node, Mapping) else node
-    _PROBE_NAMES.check(f"{key}.name", name)
-    _table(key, {"name": _PROBE_NAMES, **PROBES[name]}, node, f"probe {name}")
-
-
-def check_probe(name: str, options: Any, key: str = "probe") -> None:
+def check_probe(name: Any, options: Any, key: str = "probe") -> None:
     """Probe ``name``'s options against :data:`PROBES`, quoted as ``<key>.<option>``."""
-    options = OmegaConf.to_container(options, resolve=True) if isinstance(options, DictConfig) else dict(options)
+    _PROBE_NAMES.check(f"{key}.name", name)
+    options = OmegaConf.to_container(options, resolve=True) if isinstance(options, DictConfig) else options
     _table(key, {"name": Choice(name), **PROBES[name]}, options, f"probe {name}")
 
 
@@ -349,72 +334,58 @@ def _from_hint(hint: Any, default: Any) -> Key | None:
 
 
 @functools.cache
-def _trainer_keys() -> dict[str, Key | None]:
-    """Every lightning.Trainer argument: its declared range, else a Key from its type hint."""
+def _trainer_keys() -> dict[str, Key]:
+    """Every lightning.Trainer argument: its declared range, else a Key from its type hint, else
+    any value (a type no config value has, such as a callable: Lightning's own check decides)."""
     from lightning.pytorch.accelerators import AcceleratorRegistry
     from lightning.pytorch.strategies import StrategyRegistry
-    # Lightning's own class, not ``lightning.Trainer``: a caller may have swapped that name
-    # for a subclass taking ``*args, **kwargs`` (scripts/benchmark.py does, to time steps).
+    # Lightning's own class: scripts/benchmark.py swaps lightning.Trainer for a timing subclass.
     from lightning.pytorch.trainer.trainer import Trainer
 
     hints = typing.get_type_hints(Trainer.__init__)
     params = inspect.signature(Trainer.__init__).parameters
     ranges = {**TRAINER, "accelerator": Choice("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators())),
               "strategy": Choice("auto", *StrategyRegistry.available_strategies())}
-    return {name: ranges.get(name) or _from_hint(hints.get(name), p.default)
+    anything = Key(lambda v: True, "anything", None, null=True)
+    return {name: ranges.get(name) or _from_hint(hints.get(name), p.default) or anything
             for name, p in params.items() if name != "self" and name not in TRAINER_OWN}
 
 
 def _trainer(node: Any) -> None:
-    keys = _trainer_keys()
-    for name, value in node.items():
-        key = f"trainer.{name}"
-        if name in TRAINER_OWN:
-            raise ConfigError(f"{key}: skipstudy sets {name} itself ({TRAINER_OWN[name]}); drop trainer.{name}")
-        if name not in keys:
-            raise _unknown(key, keys, "lightning.Trainer")
-        if keys[name] is not None:
-            keys[name].check(key, value)
+    for name in (name for name in node if name in TRAINER_OWN):
+        raise ConfigError(f"trainer.{name}: skipstudy sets {name} itself ({TRAINER_OWN[name]}); drop trainer.{name}")
+    _table("trainer", _trainer_keys(), node, "lightning.Trainer")
 
 
 def check_args(group: str, owner: object, **values: Any) -> None:
-    """A class's own arguments against its group's declaration, quoted as ``<group>.<name>``:
-    a data module or monitor built without Hydra refuses what the config check would."""
-    keys: Mapping[str, Key] = {}
-    for cls in type(owner).__mro__:
-        for target, declared in GROUPS[group].items():
-            module, _, name = (target or "").rpartition(".")
-            if name == cls.__qualname__ and cls.__module__.startswith(module):
-                keys = declared
-        if keys:
-            break
-    for name, value in values.items():
-        if name in keys:
-            keys[name].check(f"{group}.{name}", value)
+    """Arguments of a class or builder called without Hydra against its group's declaration,
+    quoted as ``<group>.<name>``: ``owner`` is the ``_target_`` or an instance of it (or of a
+    subclass). An owner the schema does not declare is left to its signature."""
+    target = owner if isinstance(owner, str) else next(
+        (t for cls in type(owner).__mro__ for t in GROUPS[group] if t and t.rpartition(".")[2] == cls.__qualname__
+         and cls.__module__.startswith(t.rpartition(".")[0])), "")
+    _group(group, {**values, "_target_": target})
+
+
+def _plain(cfg: DictConfig, key: str) -> Any:
+    try:
+        value = cfg[key]
+        return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    except Exception as err:  # noqa: BLE001 - an interpolation that cannot resolve
+        raise ConfigError(f"{key}: {str(err).splitlines()[0]}") from None
 
 
 def check(cfg: DictConfig | Mapping) -> None:
     """Refuse the first key of ``cfg`` whose value is outside its declared type or range."""
-    node = cfg
-    if isinstance(cfg, DictConfig):
-        node = {}
-        for key in cfg:
-            if key == "hydra":
-                continue
-            try:
-                value = cfg._get_node(key)
-                node[key] = OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) \
-                    else cfg[key]
-            except Exception as err:  # noqa: BLE001 - an interpolation that cannot resolve
-                raise ConfigError(f"{key}: {str(err).splitlines()[0]}") from None
+    node = {key: _plain(cfg, key) for key in cfg if key != "hydra"} if isinstance(cfg, DictConfig) else cfg
     known = {*TOP, *GROUPS, "trainer"}
     for key in node:
         if key not in known and key != "hydra":
             raise _unknown(str(key), known, "the config")
-    groups = {g: node.get(g) for g in GROUPS if g in node}
     _table("", TOP, {k: v for k, v in node.items() if k in TOP}, "the config")
-    for group, value in groups.items():
-        _group(group, value if value is not None else {})
+    for group in GROUPS:
+        if group in node:
+            _group(group, node[group] if node[group] is not None else {})
     if node.get("trainer") is not None:
         _trainer(node["trainer"])
 

@@ -1,10 +1,6 @@
-"""User-facing errors.
-
-A :class:`ConfigError` is the project's way of refusing bad input before any training
-starts. Its message names the config key, the bad value and the fix; ``skipstudy.train``
-prints it as one short line instead of a traceback.
-"""
+"""User-facing errors: ``skipstudy.train`` and the other entries print a :class:`ConfigError` as one
+line (no traceback) and exit with status 2, before any training starts."""
 
 
 class ConfigError(ValueError):
-    """A user-facing configuration error: message names the key, the bad value and the fix."""
+    """Bad input; the message names the config key, the bad value and the fix."""

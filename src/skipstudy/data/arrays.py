@@ -1,24 +1,19 @@
-"""A LightningDataModule over uint8 image arrays, with two interchangeable input pipelines.
+"""The base of the stored data sets: uint8 NHWC arrays into batches by one of two pipelines.
 
-Every data set here ends up as uint8 NHWC arrays in host memory or memory-mapped from a
-decoded cache (CIFAR's pickles already are; Tiny ImageNet's JPEGs are decoded once, see
-``cache.py``). :class:`ImageArrayDataModule` turns them into batches of normalised float
-images in one of two ways, chosen by ``dataset.loader``:
-
-- ``torch``: a DataLoader with worker processes; each worker pads, crops and flips one uint8
-  image with torchvision v2 functional ops, converts, resizes and normalises it.
-- ``device``: :class:`~skipstudy.data.device.DeviceBatches`; the split lives on the
-  accelerator and whole batches are built there.
-- ``auto``: ``device`` when training on a CUDA device with room for the data, else ``torch``.
-
-Both take their random draws from the same :class:`~skipstudy.data.augment.EpochSampler`, so
-for one seed they give the same images.
+CIFAR's pickles are uint8 arrays already; Tiny ImageNet's JPEGs are decoded once (``cache.py``).
+``dataset.loader``: ``torch`` (DataLoader workers transform one image each with torchvision v2
+ops), ``device`` (:class:`DeviceBatches`: the split lives on the
+accelerator, whole batches are built there) or ``auto`` (device on a CUDA device with room for
+the data). Both draw from one :class:`~skipstudy.data.augment.EpochSampler`, so for one seed
+they give the same images.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+import math
+import warnings
+from collections.abc import Iterator
 
 import lightning as L
 import numpy as np
@@ -26,8 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from skipstudy import config
-from skipstudy.data.augment import EpochSampler, crop_flip_image, finish
-from skipstudy.data.device import DeviceBatches, to_device
+from skipstudy.data.augment import EpochSampler, crop_flip_batch, crop_flip_image, finish
 from skipstudy.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -38,12 +32,9 @@ DEVICE_MEMORY_SHARE = 0.25
 
 
 class ArrayImages(Dataset):
-    """One uint8 image at a time, as the torch path's workers see it.
-
-    Indexed by the ``(index, top, left, flip)`` tuples of :class:`EpochSampler`, so the workers
-    hold no random state. A memory-mapped array is reopened by file name in each worker
-    process instead of being pickled (pickling a memmap copies all of it).
-    """
+    """One image at a time for the torch path, indexed by the sampler's ``(index, top, left,
+    flip)`` so workers hold no random state. A memmap is reopened by name in each worker instead
+    of being pickled (pickling a memmap copies all of it)."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, *, image_size: int, mean, std,
                  padding: int, pad_mode: str, augment: bool) -> None:
@@ -75,24 +66,52 @@ class ArrayImages(Dataset):
         return finish(image, self.image_size, self.mean, self.std), self.labels[index]
 
 
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array (possibly a read-only memmap) as a tensor on ``device``, read once."""
+    if device.type == "cpu":
+        return torch.from_numpy(np.array(array))  # own copy: never alias a read-only memmap
+    with warnings.catch_warnings():
+        # from_numpy warns that the memmap is read-only; the tensor is only read and copied.
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        return torch.from_numpy(np.asarray(array)).to(device)
+
+
+class DeviceBatches:
+    """``dataset.loader=device``, in the style of Keller Jordan's airbench: the whole uint8 split
+    sits on the device and each batch is one gather (crop + flip), a float conversion, an
+    optional resize and a normalisation there: no workers, no per-batch host copy.
+
+    Lightning treats it like a DataLoader: ``len()`` is the batch count (so
+    ``limit_train_batches`` works), ``sampler.set_epoch`` is called every epoch, and batches
+    already on the model's device are not copied again.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, sampler: EpochSampler, *, batch_size: int,
+                 drop_last: bool, image_size: int, mean, std, padding: int, pad_mode: str, augment: bool) -> None:
+        self.images, self.labels, self.sampler = images, labels, sampler
+        self.batch_sampler = None  # Lightning inspects this as a DataLoader's; batches come from sampler
+        self.batch_size, self.drop_last, self.image_size = batch_size, drop_last, image_size
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.padding, self.pad_mode, self.augment = padding, pad_mode, augment
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        plan = self.sampler.take_plan().to(self.images.device)
+        for b in range(len(self)):
+            part = plan[b * self.batch_size : (b + 1) * self.batch_size]
+            x = crop_flip_batch(self.images, part, self.padding, self.pad_mode, self.augment)
+            # NCHW-contiguous uint8 first: the copy is 4x smaller than after the float conversion.
+            yield finish(x.contiguous(), self.image_size, self.mean, self.std), self.labels[part.indices]
+
+
 class ImageArrayDataModule(L.LightningDataModule):
-    """Base class: subclasses set the class attributes and implement :meth:`load_split`.
-
-    Subclasses set ``num_classes`` (may be per instance), ``native_size`` (stored image side),
-    ``mean``/``std`` (per channel, on the [0, 1] scale) and ``name`` (for messages).
-
-    Args:
-        batch_size: samples per batch and device.
-        image_size: side of the images the model sees; bilinear resize when it differs from
-            the stored size (e.g. 224 for the ImageNet-style studies).
-        num_workers: DataLoader workers of the torch path.
-        augment: random crop with ``crop_padding`` and horizontal flip on the training split.
-        loader: ``auto``, ``torch`` or ``device`` (see the module docstring).
-        seed: fixes the sample order and every augmentation draw, per epoch.
-        crop_padding: pixels of padding around the stored image before the random crop.
-        pad_mode: ``zero`` or ``reflect`` padding.
-        device: where the device path keeps the data; default the Trainer's device, else
-            CUDA if present, else the CPU.
+    """The one base of the stored data sets: subclasses set ``name``, ``native_size`` (stored image
+    side), ``num_classes``, ``mean``/``std`` (per channel, [0, 1] scale) and implement
+    :meth:`load_split`. The arguments are the ``dataset.*`` keys (conf/dataset/*.yaml); ``device``
+    is where the device path keeps the data (default: the Trainer's device).
     """
 
     name = "images"
@@ -101,50 +120,35 @@ class ImageArrayDataModule(L.LightningDataModule):
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    available_splits: tuple[str, ...] = ("train", "val")
 
-    def __init__(
-        self,
-        *,
-        batch_size: int,
-        image_size: int,
-        num_workers: int,
-        augment: bool,
-        loader: str,
-        seed: int,
-        crop_padding: int,
-        pad_mode: str,
-        device: str | torch.device | None = None,
-    ) -> None:
+    def __init__(self, *, batch_size: int = 128, image_size: int | None = None, num_workers: int = 4,
+                 augment: bool = True, loader: str = "auto", seed: int = 0, crop_padding: int = 4,
+                 pad_mode: str = "zero", device: str | torch.device | None = None, **own) -> None:
         super().__init__()
+        image_size = self.native_size if image_size is None else image_size
         config.check_args("dataset", self, batch_size=batch_size, image_size=image_size, num_workers=num_workers,
-                          loader=loader, pad_mode=pad_mode, crop_padding=crop_padding)
+                          augment=augment, loader=loader, crop_padding=crop_padding, pad_mode=pad_mode, **own)
         self.batch_size, self.image_size, self.num_workers = batch_size, image_size, num_workers
-        self.augment = bool(augment)
-        self.loader, self.pad_mode = loader, pad_mode
-        self.crop_padding = crop_padding
-        self.seed = 0 if seed is None else int(seed)
+        self.augment, self.loader, self.pad_mode, self.crop_padding = augment, loader, pad_mode, crop_padding
+        self.seed = int(seed)
         self.device = torch.device(device) if device is not None else None
         self.splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._device_sets: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self.loader_used: str | None = None  # what auto resolved to, for logs and tests
 
-    # -- subclass interface --------------------------------------------------------------
     def load_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """Return ``(images, labels)`` of ``split`` (train, val or test): uint8 NHWC, int64."""
         raise NotImplementedError
 
-    def available_splits(self) -> tuple[str, ...]:
-        return ("train", "val")
-
-    # -- Lightning hooks -----------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, self.available_splits())
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, self.available_splits)
         for split in splits:
             self._load(split)
 
     def _load(self, split: str) -> None:
-        if split not in self.available_splits():
-            raise ConfigError(f"{self.name} has no {split!r} split; available: {', '.join(self.available_splits())}")
+        if split not in self.available_splits:
+            raise ConfigError(f"{self.name} has no {split!r} split; available: {', '.join(self.available_splits)}")
         if split not in self.splits:
             self.splits[split] = self.load_split(split)
 
@@ -156,14 +160,7 @@ class ImageArrayDataModule(L.LightningDataModule):
 
     def test_dataloader(self):
         # Without a labelled test split (Tiny ImageNet), testing reports on the val split.
-        return self.make_loader("test" if "test" in self.available_splits() else "val", train=False)
-
-    # -- loaders -------------------------------------------------------------------------
-    def _rank(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None:
-            return int(trainer.global_rank), int(trainer.world_size)
-        return 0, 1
+        return self.make_loader("test" if "test" in self.available_splits else "val", train=False)
 
     def target_device(self) -> torch.device:
         if self.device is not None:
@@ -189,11 +186,8 @@ class ImageArrayDataModule(L.LightningDataModule):
 
     def make_loader(self, split: str, *, train: bool, kind: str | None = None,
                     images: np.ndarray | None = None, labels: np.ndarray | None = None):
-        """A DataLoader (torch path) or :class:`DeviceBatches` (device path) over ``split``.
-
-        ``kind`` overrides ``dataset.loader``; ``images``/``labels`` override the split's arrays
-        (the benchmark uses both).
-        """
+        """A DataLoader (torch path) or :class:`DeviceBatches` (device path) over ``split``; ``kind``,
+        ``images`` and ``labels`` override ``dataset.loader`` and the split's arrays (benchmarks)."""
         own = images is None
         if own:
             self._load(split)
@@ -201,7 +195,8 @@ class ImageArrayDataModule(L.LightningDataModule):
         device = self.target_device()
         kind = kind or self.resolve_loader(device)
         self.loader_used = kind
-        rank, world = self._rank()
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         augment = self.augment and train
         sampler = EpochSampler(len(labels), shuffle=train, augment=augment, padding=self.crop_padding,
                                seed=self.seed, rank=rank, world_size=world, drop_last=train)
@@ -222,12 +217,6 @@ class ImageArrayDataModule(L.LightningDataModule):
                     self._device_sets[key] = tensors
             return DeviceBatches(*tensors, sampler, batch_size=self.batch_size, drop_last=drop_last, **common)
         dataset = ArrayImages(images, labels, **common)
-        return DataLoader(
-            dataset,
-            sampler=sampler,
-            batch_size=self.batch_size,
-            drop_last=drop_last,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0 and train,
-            pin_memory=device.type == "cuda",
-        )
+        return DataLoader(dataset, sampler=sampler, batch_size=self.batch_size, drop_last=drop_last,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0 and train,
+                          pin_memory=device.type == "cuda")

@@ -1,16 +1,11 @@
-"""Random crop and flip: drawn once per epoch from a seeded generator, applied by either pipeline.
+"""Random crop and flip, drawn once per epoch from a seeded generator and applied by either pipeline.
 
-Both input pipelines (``dataset.loader=torch``: DataLoader workers, one image at a time;
-``dataset.loader=device``: whole batches on the accelerator) take every random decision from
-:class:`EpochSampler`. It draws, for one epoch, the sample order, each sample's crop offset and
-its flip bit from a ``torch.Generator`` seeded with ``(seed, epoch)`` on the CPU. The workers
-and the device hold no random state, so the two pipelines produce the same images for the same
-seed (tested), and the result does not depend on the number of workers or on the accelerator.
-
-The augmentation is the one of He et al. 2016 (sec. 4.2) for CIFAR: pad 4 px on each side,
-take a random crop of the original size, flip horizontally with probability 1/2. Crops happen
-at the stored resolution, before any resize to ``dataset.image_size``, so a 4 px pad keeps
-meaning 1/8 of a CIFAR image in the 224 px studies too.
+:class:`EpochSampler` draws an epoch's order, crop offsets and flip bits on the CPU from a
+generator seeded with ``(seed, epoch)``; workers and the device hold no random state, so both
+pipelines give the same images for a seed, whatever the number of workers or the accelerator.
+The augmentation is He et al. 2016's (sec. 4.2): pad 4 px, random crop of the original size,
+flip with probability 1/2; crops happen at the stored resolution, before any resize, so a 4 px
+pad keeps meaning 1/8 of a CIFAR image in the 224 px studies too.
 """
 
 from __future__ import annotations
@@ -31,11 +26,8 @@ PAD_MODES = {"zero": "constant", "reflect": "reflect"}
 
 @dataclass(frozen=True)
 class EpochPlan:
-    """This rank's share of one epoch: sample indices in order, crop offsets, flip bits.
-
-    ``top``/``left`` are the crop window's corner in the padded image (``0 .. 2*padding``);
-    ``top == left == padding`` is the identity crop.
-    """
+    """This rank's share of one epoch. ``top``/``left``: the crop's corner in the padded image
+    (``0 .. 2*padding``; ``padding`` is the identity crop)."""
 
     indices: torch.Tensor  # int64 (n,)
     top: torch.Tensor  # int64 (n,)
@@ -48,9 +40,6 @@ class EpochPlan:
     def __getitem__(self, part: slice) -> "EpochPlan":
         return EpochPlan(self.indices[part], self.top[part], self.left[part], self.flip[part])
 
-    def __len__(self) -> int:
-        return len(self.indices)
-
 
 def epoch_seed(seed: int, epoch: int) -> int:
     """One generator seed per (run seed, epoch); distinct pairs do not collide in practice."""
@@ -60,42 +49,16 @@ def epoch_seed(seed: int, epoch: int) -> int:
 class EpochSampler(DistributedSampler):
     """Yields ``(index, top, left, flip)`` for this rank's share of each epoch.
 
-    It subclasses ``DistributedSampler`` because it already shards by rank (every rank draws the
-    same permutation and takes every ``world_size``-th entry); Lightning then leaves it in place
-    instead of wrapping the loader in its own sampler, and calls :meth:`set_epoch` each epoch.
-
-    Args:
-        num_samples: size of the split.
-        shuffle: draw a new order every epoch (training) or keep the stored order (evaluation).
-        augment: draw crop offsets and flips; otherwise every sample gets the identity crop.
-        padding: crop padding in pixels (``dataset.crop_padding``).
-        seed: the run seed; with the epoch it fixes every draw.
-        rank, world_size: this process's shard (DDP); 0 and 1 otherwise.
-        drop_last: drop the tail so every rank gets the same number of samples (training);
-            otherwise pad by repeating samples from the start, as ``DistributedSampler`` does.
+    A ``DistributedSampler`` because it shards by rank as that does (every rank draws the same
+    permutation and takes every ``world_size``-th entry, ``drop_last`` or padding by repetition);
+    Lightning then leaves it in place rather than wrapping the loader, and calls ``set_epoch``.
     """
 
-    def __init__(
-        self,
-        num_samples: int,
-        *,
-        shuffle: bool,
-        augment: bool,
-        padding: int,
-        seed: int,
-        rank: int = 0,
-        world_size: int = 1,
-        drop_last: bool = False,
-    ) -> None:
-        super().__init__(
-            range(num_samples), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
-        )
-        self.size = num_samples
-        self.augment = bool(augment)
-        self.padding = int(padding)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    def __init__(self, num_samples: int, *, shuffle: bool, augment: bool, padding: int, seed: int,
+                 rank: int = 0, world_size: int = 1, drop_last: bool = False) -> None:
+        super().__init__(range(num_samples), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
+        self.size, self.augment, self.padding = num_samples, augment, padding
 
     def plan(self, epoch: int | None = None) -> EpochPlan:
         """The draws of ``epoch`` (default: the current one) for this rank, on the CPU."""
@@ -111,10 +74,8 @@ class EpochSampler(DistributedSampler):
         else:
             offsets = torch.full((n, 2), self.padding, dtype=torch.int64)
             flip = torch.zeros(n, dtype=torch.bool)
-        if self.total_size <= n:
-            order = order[: self.total_size]
-        else:  # pad to a multiple of the world size, repeating from the start
-            order = order.repeat(math.ceil(self.total_size / n))[: self.total_size]
+        # Cut to, or pad by repetition to, a multiple of the world size.
+        order = order.repeat(math.ceil(self.total_size / n))[: self.total_size]
         mine = order[self.rank : self.total_size : self.num_replicas]
         return EpochPlan(mine, offsets[mine, 0], offsets[mine, 1], flip[mine])
 
@@ -151,13 +112,10 @@ def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def crop_flip_batch(images: torch.Tensor, plan: EpochPlan, padding: int, pad_mode: str, augment: bool) -> torch.Tensor:
-    """Gather a batch from the whole uint8 NHWC set: crop + flip as one index computation.
-
-    Equivalent to :func:`crop_flip_image` on each sample, but no padded copy is made: the
-    window's row and column indices are computed in the unpadded image and then reflected, or
-    clamped and masked to zero, so one ``index_select`` over the pixels does pad, crop and flip.
-    ``plan`` holds this batch's draws (on the images' device). Returns uint8 NCHW.
-    """
+    """:func:`crop_flip_image` for a batch of the whole uint8 NHWC set (``plan`` on its device),
+    without a padded copy: the window's indices are computed in the unpadded image, then
+    reflected or clamped and masked to zero, so one ``index_select`` does pad, crop and flip.
+    Returns uint8 NCHW."""
     n, n_rows, n_cols, channels = images.shape
     idx = plan.indices
     if not augment:
@@ -183,11 +141,8 @@ def crop_flip_batch(images: torch.Tensor, plan: EpochPlan, padding: int, pad_mod
 
 
 def finish(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 (..., C, H, W) -> float32 in [0, 1] -> bilinear resize to ``size`` -> normalised.
-
-    The same torchvision v2 calls serve one image (torch path) and a batch (device path).
-    Antialiasing matters only when shrinking (e.g. Tiny ImageNet at 32 px).
-    """
+    """uint8 (..., C, H, W) -> float32 in [0, 1] -> bilinear resize to ``size`` -> normalised; the
+    same torchvision v2 calls for one image and a batch (antialias matters only when shrinking)."""
     x = TF.to_dtype(images, torch.float32, scale=True)
     if tuple(x.shape[-2:]) != (size, size):
         x = TF.resize(x, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)

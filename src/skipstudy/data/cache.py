@@ -1,13 +1,10 @@
 """Decode images once into memory-mapped uint8 arrays, keyed by a fingerprint of the source.
 
-Tiny ImageNet ships as 110k small JPEGs. Decoding them with PIL in every epoch cost most of
-the 173 s epochs of the earlier studies, so they are decoded once into
-``<split>_images.npy`` (uint8, N x H x W x 3, opened with ``np.load(mmap_mode="r")``) and
-``<split>_labels.npy``. ``meta.json`` records a fingerprint of the source (every file's
-relative path, size and modification time, plus the label files' contents); when it no longer
-matches, the cache is rebuilt. Files are written under temporary names and renamed into place,
-``meta.json`` last, under a file lock, so concurrent processes (DDP ranks) never read half a
-cache and only one of them decodes.
+Decoding Tiny ImageNet's 110k JPEGs with PIL every epoch cost most of the earlier studies'
+173 s epochs. ``meta.json`` holds a fingerprint (each file's path, size and mtime, plus the
+label files' contents); when it no longer matches, the cache is rebuilt. Files are written
+under temporary names and renamed into place, ``meta.json`` last, under a file lock, so DDP
+ranks never read half a cache and only one of them decodes.
 """
 
 from __future__ import annotations
@@ -62,6 +59,11 @@ def fingerprint(files: Sequence[Path], base: Path, salt: str = "") -> str:
     return digest.hexdigest()
 
 
+def _save(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as fh:  # a handle: np.save would add .npy to the temporary name
+        np.save(fh, array)
+
+
 @dataclass
 class SplitSource:
     """The files of one split, in order, and their labels."""
@@ -71,12 +73,8 @@ class SplitSource:
 
 
 class DecodedCache:
-    """A folder of decoded splits plus ``meta.json``.
-
-    Args:
-        directory: where the arrays live (created if needed).
-        image_size: side of the stored images; other sizes are bad images.
-    """
+    """A folder of decoded splits plus ``meta.json``; images of another side than ``image_size``
+    are bad images."""
 
     def __init__(self, directory: Path, image_size: int) -> None:
         self.directory = Path(directory)
@@ -92,19 +90,14 @@ class DecodedCache:
             meta = json.loads(self.meta_path.read_text())
         except (OSError, ValueError):
             return None
-        if meta.get("fingerprint") != fingerprint_ or meta.get("version") != FORMAT_VERSION:
-            return None
-        if not all((self.directory / f"{split}_{kind}.npy").is_file() for split in meta["splits"]
-                   for kind in ("images", "labels")):
-            return None
-        return meta
+        complete = all((self.directory / f"{split}_{kind}.npy").is_file() for split in meta.get("splits", ())
+                       for kind in ("images", "labels"))
+        current = (meta.get("fingerprint"), meta.get("version")) == (fingerprint_, FORMAT_VERSION)
+        return meta if complete and current else None
 
     def ensure(self, fingerprint_: str, sources: dict[str, SplitSource], threads: int | None = None) -> dict:
-        """Load the metadata of a matching cache, or decode ``sources`` into a new one.
-
-        Bad images are left out and listed under ``meta["skipped"]`` (path relative to the
-        source and reason); the caller decides whether that is an error.
-        """
+        """The metadata of a matching cache, or of a new one decoded from ``sources``. Bad images
+        are left out and listed under ``meta["skipped"]``; the caller decides if that is an error."""
         meta = self.read_meta(fingerprint_)
         if meta is not None:
             return meta
@@ -126,67 +119,47 @@ class DecodedCache:
         threads = threads or min(8, os.cpu_count() or 1)
         total = sum(len(s.files) for s in sources.values())
         log.info("Decoding %d images once into %s (%d threads)", total, self.directory, threads)
-        start = time.perf_counter()
-        tag = f".tmp{os.getpid()}"
-        written: list[tuple[Path, Path]] = []
+        start, tag, size = time.perf_counter(), f".tmp{os.getpid()}", self.image_size
         skipped: list[dict] = []
         counts: dict[str, int] = {}
-        size = self.image_size
+
+        def decode(path: Path) -> np.ndarray | BadImage:
+            try:
+                return decode_rgb(path, size)
+            except BadImage as bad:
+                return bad
+
         try:
             with ThreadPoolExecutor(threads) as pool:
                 for split, source in sources.items():
-                    final = self.directory / f"{split}_images.npy"
-                    tmp = final.with_name(final.name + tag)
-                    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(source.files), size, size, 3))
+                    # Decoded straight into a memory-mapped file: the set never has to fit in RAM.
+                    tmp = self.directory / f"{split}_images.npy{tag}"
+                    shape = (len(source.files), size, size, 3)
+                    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
                     keep = np.ones(len(source.files), dtype=bool)
-
-                    def decode(path: Path) -> np.ndarray | BadImage:
-                        try:
-                            return decode_rgb(path, size)
-                        except BadImage as bad:
-                            return bad
-
                     for i, result in enumerate(pool.map(decode, source.files)):
                         if isinstance(result, BadImage):
                             keep[i] = False
                             skipped.append({"split": split, "path": str(result.path), "reason": result.reason})
                         else:
                             out[i] = result
-                    if not keep.all():  # compact: rare, so an extra copy is fine
-                        compact = np.lib.format.open_memmap(tmp.with_name(tmp.name + "c"), mode="w+",
-                                                            dtype=np.uint8, shape=(int(keep.sum()), size, size, 3))
-                        compact[:] = out[keep]
-                        compact.flush()
-                        del out, compact
-                        os.replace(tmp.with_name(tmp.name + "c"), tmp)
-                    else:
-                        out.flush()
-                        del out
-                    written.append((tmp, final))
-                    labels_final = self.directory / f"{split}_labels.npy"
-                    labels_tmp = labels_final.with_name(labels_final.name + tag)
-                    with open(labels_tmp, "wb") as fh:
-                        np.save(fh, np.asarray(source.labels, dtype=np.int64)[keep])
-                    written.append((labels_tmp, labels_final))
+                    out.flush()
+                    kept = None if keep.all() else out[keep]  # rare: an in-memory copy is fine
+                    del out  # close the memmap before its file is replaced
+                    if kept is not None:
+                        _save(tmp, kept)
+                    _save(self.directory / f"{split}_labels.npy{tag}", np.asarray(source.labels, dtype=np.int64)[keep])
                     counts[split] = int(keep.sum())
-            for tmp, final in written:
-                os.replace(tmp, final)
+            for split in counts:
+                for kind in ("images", "labels"):
+                    os.replace(self.directory / f"{split}_{kind}.npy{tag}", self.directory / f"{split}_{kind}.npy")
         finally:
-            for tmp, _ in written:
-                tmp.unlink(missing_ok=True)
             for leftover in self.directory.glob(f"*{tag}*"):
                 leftover.unlink(missing_ok=True)
-        meta = {
-            "version": FORMAT_VERSION,
-            "fingerprint": fingerprint_,
-            "image_size": size,
-            "splits": counts,
-            "skipped": skipped,
-            "decode_seconds": round(time.perf_counter() - start, 2),
-            "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }
-        tmp_meta = self.meta_path.with_name("meta.json" + tag)
-        tmp_meta.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp_meta, self.meta_path)
+        meta = {"version": FORMAT_VERSION, "fingerprint": fingerprint_, "image_size": size, "splits": counts,
+                "skipped": skipped, "decode_seconds": round(time.perf_counter() - start, 2),
+                "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+        (self.directory / f"meta.json{tag}").write_text(json.dumps(meta, indent=1))
+        os.replace(self.directory / f"meta.json{tag}", self.meta_path)
         log.info("Decoded %d images in %.1f s (%d unusable)", total, meta["decode_seconds"], len(skipped))
         return meta

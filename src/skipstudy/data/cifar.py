@@ -1,10 +1,7 @@
-"""CIFAR-10 and CIFAR-100 (``dataset=cifar10|cifar100``) through torchvision.
-
-torchvision reads the official "python version" pickles (``<root>/cifar-10-batches-py``) and
-checks their MD5 sums; the images are already uint8 NHWC, so no decoded cache is needed.
-Validation is the official test set, or with ``dataset.val_split`` a held-out part of the
-training set (He et al. 2016, sec. 4.2: 45k/5k), fixed across run seeds so that every run of a
-study validates on the same images.
+"""CIFAR-10 and CIFAR-100 (``dataset=cifar10|cifar100``) through torchvision, which reads the
+official pickles (already uint8 NHWC: no decoded cache) and checks their MD5 sums. Validation is
+the official test set, or with ``dataset.val_split`` a held-out part of the training set (He et
+al. 2016, sec. 4.2: 45k/5k), the same for every run seed so a study validates on one set.
 """
 
 from __future__ import annotations
@@ -17,7 +14,6 @@ import torch
 from torchvision import datasets
 from torchvision.datasets.utils import check_integrity
 
-from skipstudy import config
 from skipstudy.data.arrays import ImageArrayDataModule
 from skipstudy.errors import ConfigError
 
@@ -26,12 +22,8 @@ SPLIT_SEED = 0
 
 
 def _without_md5_check(cls: type[datasets.CIFAR10]) -> type[datasets.CIFAR10]:
-    """torchvision's CIFAR class with its MD5 check replaced by a presence check.
-
-    torchvision offers no switch for this; a subclass keeps its loading code unchanged.
-    ``dataset.verify=false`` uses it for copies whose checksums differ from the official
-    archive's (subsets such as the test copies, re-packed archives).
-    """
+    """torchvision's CIFAR class with its MD5 check replaced by a presence check
+    (``dataset.verify=false``): torchvision has no switch, a subclass keeps its loading code."""
 
     def files_present(self) -> bool:
         folder = Path(self.root) / self.base_folder
@@ -43,19 +35,13 @@ def _without_md5_check(cls: type[datasets.CIFAR10]) -> type[datasets.CIFAR10]:
 class CIFAR10DataModule(ImageArrayDataModule):
     """CIFAR-10: 50k training and 10k test images, 32x32 RGB, 10 classes.
 
-    Args:
-        root: directory that holds (or will hold) ``cifar-10-batches-py/``; the folder itself
-            is accepted too.
-        download: fetch the archive when the folder is missing.
-        verify: check the files against torchvision's MD5 sums. ``false`` accepts a copy whose
-            sums differ (a subset, a re-packed archive) as long as every batch file is there.
-        val_split: 0 validates on the official test set; an integer holds out that many
-            training images (5000 in He et al.), a float in (0, 1) that fraction.
-        Others: see :class:`~skipstudy.data.arrays.ImageArrayDataModule`.
+    ``root`` holds (or will hold) ``cifar-10-batches-py/``, or is that folder. ``verify=false``
+    accepts a copy whose MD5 sums differ (a subset, a re-packed archive) if every file is there.
+    ``val_split``: 0 validates on the official test set; an integer holds out that many training
+    images (5000 in He et al.), a float in (0, 1) that fraction. Others: the base class.
     """
 
     name = "CIFAR-10"
-    key = "cifar10"
     folder = "cifar-10-batches-py"
     url = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
     torchvision_cls = datasets.CIFAR10
@@ -64,38 +50,17 @@ class CIFAR10DataModule(ImageArrayDataModule):
     # Per-channel mean and standard deviation of the 50k training images, on the [0, 1] scale.
     mean = (0.4914, 0.4822, 0.4465)
     std = (0.2470, 0.2435, 0.2616)
+    available_splits = ("train", "val", "test")
 
-    def __init__(
-        self,
-        root: str = "./data",
-        batch_size: int = 128,
-        image_size: int = 32,
-        num_workers: int = 4,
-        augment: bool = True,
-        loader: str = "auto",
-        val_split: int | float = 0,
-        download: bool = True,
-        verify: bool = True,
-        seed: int = 0,
-        crop_padding: int = 4,
-        pad_mode: str = "zero",
-        device: str | torch.device | None = None,
-    ) -> None:
-        super().__init__(batch_size=batch_size, image_size=image_size, num_workers=num_workers, augment=augment,
-                         loader=loader, seed=seed, crop_padding=crop_padding, pad_mode=pad_mode, device=device)
+    def __init__(self, root: str = "./data", download: bool = True, verify: bool = True, val_split: int | float = 0,
+                 seed: int = 0, **common) -> None:
+        super().__init__(seed=seed, download=download, verify=verify, val_split=val_split, **common)
         root_path = Path(str(root)).expanduser()
-        # Accept the data folder itself as well as its parent.
         self.root = root_path.parent if root_path.name == self.folder else root_path
         self.root_arg = str(root)
-        self.download = bool(download)
-        config.check_args("dataset", self, verify=verify, val_split=val_split)
-        self.verify, self.val_split = verify, val_split
+        self.download, self.verify, self.val_split = download, verify, val_split
         self._prepared = False
 
-    def available_splits(self) -> tuple[str, ...]:
-        return ("train", "val", "test")
-
-    # -- finding the files ---------------------------------------------------------------
     def _open(self, train: bool, download: bool) -> datasets.VisionDataset:
         """The torchvision data set, or a ConfigError that says where we looked and the ways out."""
         folder = self.root / self.folder
@@ -104,13 +69,11 @@ class CIFAR10DataModule(ImageArrayDataModule):
             return cls(str(self.root), train=train, download=download)
         except Exception as err:  # noqa: BLE001 - any failure to get the files ends the same way
             check = "fail torchvision's MD5 check" if self.verify else "cannot all be read"
-            if folder.is_dir() and not download:
+            if folder.is_dir():
                 problem = (f"{folder} exists but its files {check}: {self._bad_file(folder)} "
-                           f"(a damaged or partial download, or a subset)")
-            elif folder.is_dir():
-                problem = (f"{folder} exists but its files {check}: {self._bad_file(folder)} "
-                           f"(a damaged or partial download, or a subset), and downloading a fresh copy failed "
-                           f"({type(err).__name__}: {err})")
+                           "(a damaged or partial download, or a subset)")
+                if download:
+                    problem += f", and downloading a fresh copy failed ({type(err).__name__}: {err})"
             elif download:
                 problem = f"{folder} does not exist and the download failed ({type(err).__name__}: {err})"
             else:
@@ -154,18 +117,9 @@ class CIFAR10DataModule(ImageArrayDataModule):
         self._open(train=False, download=False)
         self._prepared = True
 
-    # -- the splits ----------------------------------------------------------------------
     def _arrays(self, train: bool) -> tuple[np.ndarray, np.ndarray]:
         data = self._open(train=train, download=False)
         return np.ascontiguousarray(data.data), np.asarray(data.targets, dtype=np.int64)
-
-    def _split_indices(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        n_val = self.val_split if isinstance(self.val_split, int) else round(self.val_split * n)
-        if not 0 < n_val < n:
-            raise ConfigError(f"dataset.val_split={self.val_split!r} leaves no training or no validation images "
-                              f"out of {n}; use a value in (0, {n}), e.g. dataset.val_split={n // 10}")
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED)).numpy()
-        return np.sort(order[n_val:]), np.sort(order[:n_val])
 
     def load_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         if split == "test" or (split == "val" and not self.val_split):
@@ -173,8 +127,13 @@ class CIFAR10DataModule(ImageArrayDataModule):
         images, labels = self._arrays(train=True)
         if not self.val_split:
             return images, labels
-        train_idx, val_idx = self._split_indices(len(labels))
-        keep = train_idx if split == "train" else val_idx
+        n = len(labels)
+        n_val = self.val_split if isinstance(self.val_split, int) else round(self.val_split * n)
+        if not 0 < n_val < n:
+            raise ConfigError(f"dataset.val_split={self.val_split!r} leaves no training or no validation images "
+                              f"out of {n}; use a value in (0, {n}), e.g. dataset.val_split={n // 10}")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED)).numpy()
+        keep = np.sort(order[n_val:] if split == "train" else order[:n_val])
         return images[keep], labels[keep]
 
 
@@ -182,7 +141,6 @@ class CIFAR100DataModule(CIFAR10DataModule):
     """CIFAR-100: as CIFAR-10 with 100 fine classes (``cifar-100-python/``)."""
 
     name = "CIFAR-100"
-    key = "cifar100"
     folder = "cifar-100-python"
     url = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
     torchvision_cls = datasets.CIFAR100

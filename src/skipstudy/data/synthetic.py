@@ -1,12 +1,10 @@
 """Procedural image classification data: no download, deterministic, learnable.
 
-Each class is a texture: the sum of two oriented sinusoidal gratings (its own frequencies and
-angles) in its own colour. A sample jitters the class's orientations, frequencies and colour
-(the colour by as much as the class colour itself, so colour alone is a weak cue), draws
-random phases and contrast, and adds pixel noise. A two-block net gets clearly above chance
-within one epoch but far from perfect (tests/test_train.py), so training curves mean
-something. Everything is drawn from one seeded
-``torch.Generator``: the same seed gives the same images bit for bit.
+Each class is a texture: the sum of two oriented sinusoidal gratings in its own colour. A sample
+jitters the orientations, frequencies and colour, draws random phases and contrast and adds
+pixel noise, so a two-block net gets clearly above chance within one epoch but far from perfect
+(tests/test_train.py). One seeded ``torch.Generator`` per split: the same seed gives the same
+images bit for bit.
 """
 
 from __future__ import annotations
@@ -17,30 +15,13 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from skipstudy.errors import ConfigError
+from skipstudy import config
 
 
-def _positive_int(key: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{key}={value!r} must be a positive integer; e.g. {key}=32")
-    return value
-
-
-def make_synthetic_images(
-    num_samples: int,
-    num_classes: int,
-    channels: int,
-    image_size: int,
-    seed: int,
-    noise: float = 0.5,
-    split: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(images, labels)``: float images with zero mean and unit-ish variance.
-
-    The class patterns depend on ``seed`` only, so splits made with the same seed share
-    their classes; the per-sample draws also depend on ``split`` (0 train, 1 val), so
-    the splits never repeat an image.
-    """
+def make_synthetic_images(num_samples: int, num_classes: int, channels: int, image_size: int, seed: int,
+                          noise: float = 0.5, split: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images, labels)``: float images with zero mean and unit-ish variance. The class patterns
+    depend on ``seed`` only, the samples on ``split`` too (0 train, 1 val): no image repeats."""
     class_gen = torch.Generator().manual_seed(seed)
     # Two gratings per class: the texture is their sum, so no single orientation or
     # frequency names a class, and classes overlap in either one alone.
@@ -82,42 +63,21 @@ def make_synthetic_images(
 class SyntheticDataModule(L.LightningDataModule):
     """Synthetic stand-in for CIFAR-10 (3x32x32, 10 classes) or Tiny ImageNet (3x64x64, 200).
 
-    Args:
-        num_classes, channels, image_size: the shape of the task; they flow into the model.
-        num_train, num_val: number of samples per split.
-        batch_size: samples per batch.
-        noise: standard deviation of the pixel noise (the task gets harder as it grows).
-        seed: seeds the patterns and the samples (``seed`` in the top-level config).
+    ``noise`` is the standard deviation of the pixel noise (the task gets harder as it grows);
+    ``seed`` (the top-level one) fixes the patterns and the samples. The images are centred and
+    scaled already: ``mean``/``std`` are 0 and 1.
     """
 
-    # The generated images are already centred and scaled; no further normalisation.
-    mean = (0.0, 0.0, 0.0)
-    std = (1.0, 1.0, 1.0)
-
-    def __init__(
-        self,
-        num_classes: int = 10,
-        channels: int = 3,
-        image_size: int = 32,
-        num_train: int = 2048,
-        num_val: int = 512,
-        batch_size: int = 64,
-        noise: float = 0.5,
-        seed: int = 0,
-        num_workers: int = 0,
-    ) -> None:
+    def __init__(self, num_classes: int = 10, channels: int = 3, image_size: int = 32, num_train: int = 2048,
+                 num_val: int = 512, batch_size: int = 64, noise: float = 0.5, seed: int = 0,
+                 num_workers: int = 0) -> None:
         super().__init__()
-        self.num_classes = _positive_int("dataset.num_classes", num_classes)
-        self.channels = _positive_int("dataset.channels", channels)
-        self.image_size = _positive_int("dataset.image_size", image_size)
-        self.num_train = _positive_int("dataset.num_train", num_train)
-        self.num_val = _positive_int("dataset.num_val", num_val)
-        self.batch_size = _positive_int("dataset.batch_size", batch_size)
-        self.noise = float(noise)
-        self.seed = int(seed)
-        self.num_workers = num_workers
-        self.mean = (0.0,) * self.channels
-        self.std = (1.0,) * self.channels
+        config.check_args("dataset", self, num_classes=num_classes, channels=channels, image_size=image_size,
+                          num_train=num_train, num_val=num_val, batch_size=batch_size, noise=noise)
+        self.num_classes, self.channels, self.image_size = num_classes, channels, image_size
+        self.num_train, self.num_val, self.batch_size, self.noise = num_train, num_val, batch_size, noise
+        self.seed, self.num_workers = int(seed), num_workers
+        self.mean, self.std = (0.0,) * channels, (1.0,) * channels
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
 

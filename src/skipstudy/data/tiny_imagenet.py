@@ -1,15 +1,8 @@
-"""Tiny ImageNet (``dataset=tiny_imagenet``) read from the official ``tiny-imagenet-200/`` layout.
-
-- classes: ``wnids.txt``, one WordNet id per line; label = line index; ``num_classes`` follows
-  the file (200 in the official release, fewer in a subset);
-- class names: ``words.txt`` (``wnid<TAB>names``);
-- training images: ``train/<wnid>/images/*.JPEG``;
-- validation labels: only ``val/val_annotations.txt`` (``file<TAB>wnid<TAB>box``), images in
-  ``val/images/``; the unlabelled ``test/`` is not used;
-- images are 64x64 JPEGs, about 1.8% of them greyscale: they are converted to RGB.
-
-The JPEGs are decoded once into a memory-mapped cache (``cache.py``) under
-``dataset.cache_dir``; epochs read the arrays.
+"""Tiny ImageNet (``dataset=tiny_imagenet``) read from the official ``tiny-imagenet-200/`` layout
+(:data:`LAYOUT`): label = line of ``wnids.txt`` (``num_classes`` follows the file: 200 in the
+release, fewer in a subset); validation labels only from ``val/val_annotations.txt``; the
+unlabelled ``test/`` is unused. The 64x64 JPEGs (about 1.8% greyscale, made RGB) are decoded
+once into a memory-mapped cache (``cache.py``) under ``dataset.cache_dir``.
 """
 
 from __future__ import annotations
@@ -20,7 +13,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from skipstudy.data.arrays import ImageArrayDataModule
 from skipstudy.data.cache import DecodedCache, SplitSource, fingerprint
@@ -75,28 +67,20 @@ def read_wnids(data_dir: Path, root: str) -> list[str]:
 def read_class_names(data_dir: Path, wnids: list[str]) -> list[str]:
     """Names from ``words.txt`` (it lists all of WordNet in the official zip); wnid if absent."""
     path = data_dir / "words.txt"
-    names: dict[str, str] = {}
-    if path.is_file():
-        wanted = set(wnids)
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                wnid, _, words = line.rstrip("\n").partition("\t")
-                if wnid in wanted:
-                    names[wnid] = words.strip()
-    else:
+    if not path.is_file():
         log.warning("Tiny ImageNet: %s is missing; class names are the WordNet ids", path)
-    return [names.get(w, w) for w in wnids]
+        return list(wnids)
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        names = dict(line.rstrip("\n").partition("\t")[::2] for line in fh)
+    return [names.get(w, w).strip() for w in wnids]
 
 
 class TinyImageNetDataModule(ImageArrayDataModule):
     """Tiny ImageNet: 64x64 RGB, 500 training and 50 validation images per class.
 
-    Args:
-        root: directory holding ``tiny-imagenet-200/`` (or that directory itself).
-        skip_corrupt: leave out images that cannot be decoded (counted in the log) instead of
-            stopping with an error that names them.
-        cache_dir: where the decoded arrays go; default beside ``tiny-imagenet-200/``.
-        Others: see :class:`~skipstudy.data.arrays.ImageArrayDataModule`.
+    ``root`` holds ``tiny-imagenet-200/`` (or is it); ``skip_corrupt`` leaves out images that
+    cannot be decoded (counted in the log) instead of stopping with an error that names them;
+    ``cache_dir`` takes the decoded arrays (default: beside ``tiny-imagenet-200/``).
     """
 
     name = "Tiny ImageNet"
@@ -105,46 +89,25 @@ class TinyImageNetDataModule(ImageArrayDataModule):
     mean = (0.4802, 0.4481, 0.3975)
     std = (0.2770, 0.2691, 0.2821)
 
-    def __init__(
-        self,
-        root: str = "./data",
-        batch_size: int = 128,
-        image_size: int = 64,
-        num_workers: int = 4,
-        augment: bool = True,
-        loader: str = "auto",
-        skip_corrupt: bool = False,
-        cache_dir: str | None = None,
-        seed: int = 0,
-        crop_padding: int = 4,
-        pad_mode: str = "zero",
-        device: str | torch.device | None = None,
-    ) -> None:
-        super().__init__(batch_size=batch_size, image_size=image_size, num_workers=num_workers, augment=augment,
-                         loader=loader, seed=seed, crop_padding=crop_padding, pad_mode=pad_mode, device=device)
-        self.root = str(root)
+    def __init__(self, root: str = "./data", skip_corrupt: bool = False, cache_dir: str | None = None,
+                 seed: int = 0, **common) -> None:
+        super().__init__(seed=seed, skip_corrupt=skip_corrupt, **common)
+        self.root, self.skip_corrupt, self.cache_dir_arg = str(root), skip_corrupt, cache_dir
         self.data_dir = locate(root)
         self.wnids = read_wnids(self.data_dir, self.root)
         self.num_classes = len(self.wnids)
         self.class_names = read_class_names(self.data_dir, self.wnids)
-        self._check_layout()
-        self.skip_corrupt = bool(skip_corrupt)
+        required = [self.data_dir / "train" / w / "images" for w in self.wnids]
+        for path in required + [self.data_dir / "val" / "val_annotations.txt", self.data_dir / "val" / "images"]:
+            if not path.exists():
+                raise layout_error(self.root, path)
         base = Path(str(cache_dir)).expanduser() if cache_dir else self.data_dir.parent
         # One cache folder per source directory, so two copies never overwrite each other's.
         source_id = hashlib.sha1(str(self.data_dir.resolve()).encode()).hexdigest()[:10]
         self.cache = DecodedCache(base / f"{FOLDER}-decoded-{source_id}", self.native_size)
-        self.cache_dir_arg = cache_dir
         self.meta: dict | None = None
         self.skipped: list[dict] = []
 
-    def _check_layout(self) -> None:
-        required = [self.data_dir / "train" / w / "images" for w in self.wnids]
-        required += [self.data_dir / "val" / "val_annotations.txt", self.data_dir / "val" / "images"]
-        for path in required:
-            if not path.exists():
-                raise layout_error(self.root, path)
-
-    # -- listing the source --------------------------------------------------------------
     def _train_source(self) -> SplitSource:
         files: list[Path] = []
         labels: list[int] = []
@@ -183,12 +146,9 @@ class TinyImageNetDataModule(ImageArrayDataModule):
             raise layout_error(self.root, path, "no labelled images in")
         return SplitSource(files, np.asarray(labels, dtype=np.int64))
 
-    # -- the decoded cache ---------------------------------------------------------------
     def prepare_data(self) -> None:
-        """Decode the JPEGs into the cache unless a cache of this exact source exists.
-
-        Idempotent: later calls only re-check the source fingerprint (a stat per file).
-        """
+        """Decode the JPEGs into the cache unless one of this exact source exists (later calls
+        only re-check the source fingerprint: a stat per file)."""
         sources = {"train": self._train_source(), "val": self._val_source()}
         label_files = [self.data_dir / "wnids.txt", self.data_dir / "val" / "val_annotations.txt"]
         files = label_files + [f for s in sources.values() for f in s.files]

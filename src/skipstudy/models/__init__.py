@@ -1,8 +1,8 @@
 """Skip-configurable networks: builders ``fn(num_classes, in_channels=3, **options) -> nn.Module``.
 
-Each ``conf/model/<name>.yaml`` targets one builder here; ``num_classes`` and
-``in_channels`` come from the dataset at instantiation time. Every built network has
-``arch`` (its name) and ``downsample_factor`` (total stride) attributes.
+Blocks in ``blocks.py`` (where a new block type starts), networks and builders in ``resnet.py``,
+init schemes in ``init.py``. Every network has ``arch`` (its name) and ``downsample_factor``
+(total stride) attributes.
 """
 
 from __future__ import annotations
@@ -10,9 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from skipstudy.errors import ConfigError
-from skipstudy.models.cifar import cifar_resnet
-from skipstudy.models.mini import mini
-from skipstudy.models.resnet import resnet18, resnet34, resnet50, resnet101, resnet152
+from skipstudy.models.resnet import cifar_resnet, mini, resnet18, resnet34, resnet50, resnet101, resnet152
 
 
 def check_input_size(model: nn.Module, image_size: int | tuple[int, int]) -> None:
@@ -23,19 +21,8 @@ def check_input_size(model: nn.Module, image_size: int | tuple[int, int]) -> Non
     if side < factor:
         hint = " or model.stem=cifar" if getattr(model, "stem", None) == "imagenet" else ""
         name = getattr(model, "arch", type(model).__name__)
-        raise ConfigError(
-            f"dataset.image_size={image_size} is too small for {name} (downsamples by {factor}); "
-            f"use >= {factor}{hint}"
-        )
+        raise ConfigError(f"dataset.image_size={image_size} is too small for {name} (downsamples by {factor}); "
+                          f"use >= {factor}{hint}")
 
 
-__all__ = [
-    "check_input_size",
-    "cifar_resnet",
-    "mini",
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnet152",
-]
+__all__ = ["check_input_size", "cifar_resnet", "mini", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]

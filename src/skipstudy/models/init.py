@@ -1,31 +1,18 @@
 """Named initialisation schemes (``model.init``), applied once right after a network is built.
 
-``default``
-    PyTorch's own per-layer init (Kaiming-uniform with a=sqrt(5) for convs and linears,
-    BN weight 1 / bias 0). What the studies' notebooks used; nothing is changed.
-``kaiming``
-    As torchvision's ResNet does it: convs ``kaiming_normal_(mode='fan_out', relu)``, norm
-    weight 1 / bias 0, the classifier left at PyTorch's default.
-``zero_residual``
-    ``kaiming`` plus a zero last norm weight in every residual branch (Goyal et al. 2017,
-    "Accurate, Large Minibatch SGD"), so each block starts as ``relu(shortcut(x))``. With
-    ``norm=none`` there is no norm weight; the last conv of each branch is zeroed instead,
-    which gives the same function at init.
-``fixup``
-    Fixup (Zhang et al. 2019, "Fixup Initialization: Residual Learning Without
-    Normalization"), for ``norm=none``: He init, then in every residual branch the convs
-    but the last are scaled by ``L ** (-1/(2m-2))`` (L = number of residual branches, m =
-    layers per branch), the last conv is zeroed, a scalar multiplier (init 1) is added at the
-    branch end and scalar biases (init 0) before every conv and activation in the branch;
-    the classifier weight and bias are zeroed, and scalar biases are added after the stem
-    conv and before the classifier (as in the paper's rule 3 and its reference code).
-``skipinit``
-    SkipInit (De & Smith 2020, "Batch Normalization Biases Residual Blocks Towards the
-    Identity Function in Deep Networks"): a learnable scalar ``alpha``, initialised to 0,
-    multiplies the end of every residual branch; everything else keeps PyTorch's init.
+``default``: PyTorch's own per-layer init, nothing changed. ``kaiming``: as torchvision's ResNet
+(He-normal fan_out convs, norm weight 1 / bias 0). ``zero_residual``: ``kaiming`` plus a zero
+last norm weight in every branch (Goyal et al. 2017), so each block starts as
+``relu(shortcut(x))``; with ``norm=none`` the last conv is zeroed instead, the same function at
+init. ``fixup`` (Zhang et al. 2019, for ``norm=none``): He init, branch convs but the last scaled
+by ``L ** (-1/(2m-2))``, the last zeroed, a scalar multiplier (1) at the branch end and scalar
+biases (0) before every conv and activation, the classifier zeroed, scalar biases after the stem
+and before the classifier (the paper's rule 3 and its reference code). ``skipinit`` (De & Smith
+2020): a learnable scalar, initialised to 0, multiplies the end of every branch.
 
-Schemes that add parameters (``fixup``, ``skipinit``) change the state dict, so only
-``default``, ``kaiming`` and ``zero_residual`` load torchvision weights.
+``fixup`` and ``skipinit`` add parameters, so only the other three load torchvision weights.
+Which combinations work (zeroed branches need a shortcut, Fixup needs ``norm=none``) is
+checked with the other keys in ``skipstudy.config``.
 """
 
 from __future__ import annotations
@@ -33,31 +20,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from skipstudy.errors import ConfigError
 from skipstudy.models.blocks import Block
-
-INITS = ("default", "kaiming", "zero_residual", "fixup", "skipinit")
-
-
-def check_init(init: object, skip: bool, norm: str) -> None:
-    """Refuse unknown schemes and combinations that cannot work, saying why."""
-    if init not in INITS:
-        raise ConfigError(f"model.init={init!r} is not an init scheme; valid: {', '.join(INITS)}")
-    if not skip and init in ("zero_residual", "fixup", "skipinit"):
-        raise ConfigError(
-            f"model.init={init} needs model.skip=true: without a shortcut a zeroed branch makes "
-            "every block output a constant; use model.init=default or model.init=kaiming"
-        )
-    if init == "fixup" and norm != "none":
-        raise ConfigError(
-            f"model.init=fixup needs model.norm=none (got model.norm={norm}): Fixup replaces "
-            "normalisation layers; with batch norm use model.init=zero_residual"
-        )
 
 
 @torch.no_grad()
 def kaiming_init(net: nn.Module) -> None:
-    """torchvision's ResNet init: He-normal (fan_out) convs, norm weight 1 and bias 0."""
     for m in net.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -67,11 +34,7 @@ def kaiming_init(net: nn.Module) -> None:
 
 
 def apply_init(net: nn.Module, init: str) -> None:
-    """Apply the named scheme to ``net`` in place (``check_init`` must have passed).
-
-    ``net`` must provide ``fc`` and ``add_fixup_scalars()`` for Fixup; the blocks do their
-    own part through :class:`~skipstudy.models.blocks.Block` methods.
-    """
+    """Apply the named scheme in place; Fixup needs ``net.fc`` and ``net.add_fixup_scalars()``."""
     blocks = [m for m in net.modules() if isinstance(m, Block)]
     if init == "default":
         return

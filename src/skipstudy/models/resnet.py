@@ -1,9 +1,9 @@
-"""ResNet-18/34/50/101/152 (He et al. 2016) with a skip switch, as torchvision builds them.
+"""The networks: ResNet-18..152 and the CIFAR ResNets (one :class:`ResNet`), and the mini net.
 
-With ``skip=true, norm=batch, stem=imagenet`` and ``init`` one of ``default|kaiming|
-zero_residual`` the networks have exactly torchvision's modules and state-dict keys, so
-``torchvision.models.resnet50().state_dict()`` loads with ``strict=True`` and gives identical
-logits. The same :class:`ResNet` class builds the CIFAR ResNets (``skipstudy.models.cifar``).
+Each ``conf/model/<name>.yaml`` targets one builder; ``num_classes`` and ``in_channels`` come
+from the dataset; the options are checked against ``skipstudy.config`` before any allocation.
+With ``skip=true, norm=batch, stem=imagenet`` and an init that adds no parameters,
+ResNet-18..152 load torchvision's state dicts with ``strict=True`` and give identical logits.
 """
 
 from __future__ import annotations
@@ -13,69 +13,35 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from skipstudy.errors import ConfigError
-from skipstudy.models.blocks import (
-    SHORTCUTS,
-    BasicBlock,
-    Block,
-    Bottleneck,
-    _shift,
-    make_stage,
-    norm_layer_for,
-)
-from skipstudy.models.init import apply_init, check_init
-from skipstudy.models.options import check_builder_args, check_skip
-
-STEMS = ("imagenet", "cifar")
+from skipstudy import config
+from skipstudy.models.blocks import NORMS, BasicBlock, Block, Bottleneck, _shift, make_shortcut, make_stage
+from skipstudy.models.init import apply_init
 
 
 class ResNet(nn.Module):
-    """A stem, one stage per entry of ``layers``, global average pool and a linear classifier.
+    """A stem, one stage per entry of ``layers`` (each after the first halves the resolution),
+    global average pool and a linear classifier.
 
-    Args:
-        block: :class:`BasicBlock` or :class:`Bottleneck`.
-        layers: blocks per stage (``layer1``, ``layer2``, ...); every stage after the first
-            halves the resolution.
-        widths: ``planes`` of each stage (output channels are ``planes * block.expansion``).
-        num_classes, in_channels: from the dataset.
-        skip: ``False`` builds the plain twin (no shortcuts, no projection parameters).
-        shortcut: ``B`` 1x1 projection (+ norm) where shapes change, ``A`` zero-pad identity.
-        norm: ``batch`` or ``none`` (no norm layers at all).
-        stem: ``imagenet`` 7x7/2 conv + 3x3/2 max-pool; ``cifar`` 3x3/1 conv, no pool.
-        stem_width: output channels of the stem conv.
-        arch: the name used in messages (``resnet50``, ``cifar_resnet20``...).
+    ``stem``: ``imagenet`` 7x7/2 conv + 3x3/2 max-pool; ``cifar`` 3x3/1 conv, no pool. ``widths``
+    are the stages' ``planes`` (output channels ``planes * block.expansion``); ``shortcut`` is
+    ``B`` (1x1 projection + norm) or ``A`` (zero-pad) where shapes change.
     """
 
-    def __init__(
-        self,
-        block: type[Block],
-        layers: Sequence[int],
-        widths: Sequence[int],
-        num_classes: int,
-        in_channels: int = 3,
-        skip: bool = True,
-        shortcut: str = "B",
-        norm: str = "batch",
-        stem: str = "imagenet",
-        stem_width: int = 64,
-        arch: str = "resnet",
-    ) -> None:
+    def __init__(self, block: type[Block], layers: Sequence[int], widths: Sequence[int], num_classes: int,
+                 in_channels: int = 3, skip: bool = True, shortcut: str = "B", norm: str = "batch",
+                 stem: str = "imagenet", stem_width: int = 64, arch: str = "resnet") -> None:
         super().__init__()
-        norm_layer = norm_layer_for(norm)
-        if stem == "imagenet":
-            self.conv1 = nn.Conv2d(in_channels, stem_width, kernel_size=7, stride=2, padding=3, bias=False)
-        elif stem == "cifar":
-            self.conv1 = nn.Conv2d(in_channels, stem_width, kernel_size=3, stride=1, padding=1, bias=False)
-        else:
-            raise ConfigError(f"model.stem={stem!r} is not a stem; valid: {', '.join(STEMS)}")
+        norm_layer = NORMS[norm]
+        big = stem == "imagenet"
+        self.conv1 = nn.Conv2d(in_channels, stem_width, kernel_size=7 if big else 3, stride=2 if big else 1,
+                               padding=3 if big else 1, bias=False)
         self.bn1 = norm_layer(stem_width)
         self.relu = nn.ReLU(inplace=True)
-        # The CIFAR stem has no pool; an Identity keeps torchvision's module list (no parameters).
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if stem == "imagenet" else nn.Identity()
+        # The CIFAR stem has no pool; an Identity keeps torchvision's module list.
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if big else nn.Identity()
         in_planes = stem_width
         for i, (num_blocks, planes) in enumerate(zip(layers, widths)):
-            stride = 1 if i == 0 else 2
-            stage = make_stage(block, in_planes, planes, num_blocks, stride, skip, shortcut, norm_layer)
+            stage = make_stage(block, in_planes, planes, num_blocks, 1 if i == 0 else 2, skip, shortcut, norm_layer)
             self.add_module(f"layer{i + 1}", stage)
             in_planes = planes * block.expansion
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
@@ -83,110 +49,88 @@ class ResNet(nn.Module):
         # Fixup's scalar biases after the stem conv and before the classifier (empty otherwise).
         self.register_parameter("bias1", None)
         self.register_parameter("bias2", None)
-
-        self.num_stages = len(layers)
-        self.arch = arch
-        self.stem = stem
-        # Total stride from input to the last feature map; check_input_size compares with it.
-        self.downsample_factor = (4 if stem == "imagenet" else 1) * 2 ** (len(layers) - 1)
+        self.num_stages, self.arch, self.stem = len(layers), arch, stem
+        # Total stride to the last feature map; check_input_size compares the image size with it.
+        self.downsample_factor = (4 if big else 1) * 2 ** (len(layers) - 1)
 
     def add_fixup_scalars(self) -> None:
-        """Fixup's scalar biases after the stem conv and before the classifier (init 0)."""
         self.bias1 = nn.Parameter(torch.zeros(()))
         self.bias2 = nn.Parameter(torch.zeros(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(x)
-        x = self.bn1(x)
-        x = _shift(x, self.bias1)
-        x = self.relu(x)
-        x = self.maxpool(x)
+        x = self.maxpool(self.relu(_shift(self.bn1(self.conv1(x)), self.bias1)))
         for i in range(self.num_stages):
             x = getattr(self, f"layer{i + 1}")(x)
-        x = self.avgpool(x)
-        x = torch.flatten(x, 1)
-        x = _shift(x, self.bias2)
-        x = self.fc(x)
-        return x
+        return self.fc(_shift(torch.flatten(self.avgpool(x), 1), self.bias2))
 
 
-IMAGENET_WIDTHS = (64, 128, 256, 512)
+class MiniNet(nn.Module):
+    """The smallest plain-vs-residual pair: ``block1`` BasicBlock ``in_channels -> 16``, ``block2``
+    ``16 -> 32`` with stride 2 (both with 1x1 projection shortcuts), GAP, linear ``fc``."""
+
+    def __init__(self, num_classes: int, in_channels: int = 3, skip: bool = True, norm: str = "batch") -> None:
+        super().__init__()
+        norm_layer = NORMS[norm]
+        for name, (cin, cout, stride) in {"block1": (in_channels, 16, 1), "block2": (16, 32, 2)}.items():
+            down = make_shortcut(cin, cout, stride, "B", norm_layer) if skip else None
+            self.add_module(name, BasicBlock(cin, cout, stride, down, norm_layer, skip=skip))
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(32, num_classes)
+        self.register_parameter("bias2", None)  # Fixup's scalar bias before the classifier
+        self.arch, self.downsample_factor = "mini", 2
+
+    def add_fixup_scalars(self) -> None:
+        self.bias2 = nn.Parameter(torch.zeros(()))  # no stem, so no bias1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block2(self.block1(x))
+        return self.fc(_shift(torch.flatten(self.avgpool(x), 1), self.bias2))
 
 
-def build_resnet(
-    arch: str,
-    block: type[Block],
-    layers: Sequence[int],
-    widths: Sequence[int],
-    num_classes: int,
-    in_channels: int,
-    skip: object,
-    shortcut: str,
-    norm: str,
-    init: str,
-    stem: str,
-    stem_width: int,
-) -> ResNet:
-    """Validate the options (before any allocation), build, then apply the init scheme."""
-    check_skip(skip)
-    norm_layer_for(norm)
-    if shortcut not in SHORTCUTS:
-        raise ConfigError(f"model.shortcut={shortcut!r} is not a shortcut option; valid: {', '.join(SHORTCUTS)}")
-    if stem not in STEMS:
-        raise ConfigError(f"model.stem={stem!r} is not a stem; valid: {', '.join(STEMS)}")
-    check_init(init, skip, norm)
-    net = ResNet(block, layers, widths, num_classes, in_channels, skip, shortcut, norm, stem, stem_width, arch)
+def build(target: str, make, options: dict, **defaults) -> nn.Module:
+    """Check ``options`` (over the builder's ``defaults``) against the schema's ``model`` entry for
+    ``target`` (the yaml's ``_target_``; none: the signature is the check), build with
+    ``make(**options)``, then apply the init scheme."""
+    options = {**defaults, **options}
+    config.check_args("model", target, **options)
+    init = options.pop("init")
+    net = make(**options)
     apply_init(net, init)
     return net
 
 
-def _imagenet_resnet(
-    arch: str,
-    block: type[Block],
-    layers: Sequence[int],
-    num_classes: int,
-    in_channels: int,
-    skip: object,
-    norm: str,
-    init: str,
-    stem: str,
-    unknown: dict,
-) -> ResNet:
-    check_builder_args(arch, num_classes, in_channels, unknown, ("skip", "norm", "init", "stem"))
-    return build_resnet(arch, block, layers, IMAGENET_WIDTHS, num_classes, in_channels, skip, "B", norm, init, stem, 64)
+_DEFAULTS = dict(skip=True, norm="batch", init="default")
 
 
-def resnet18(num_classes, in_channels=3, *, skip=True, norm="batch", init="default", stem="imagenet", **unknown):
-    """ResNet-18: BasicBlock, stages 2-2-2-2. Options: see :func:`resnet50`."""
-    return _imagenet_resnet("resnet18", BasicBlock, (2, 2, 2, 2), num_classes, in_channels, skip, norm, init, stem, unknown)
+def mini(num_classes: int, in_channels: int = 3, **options) -> MiniNet:
+    """The mini net; options ``skip``, ``norm``, ``init`` (see conf/model/mini.yaml)."""
+    return build("skipstudy.models.mini", lambda **o: MiniNet(num_classes, in_channels, **o), options, **_DEFAULTS)
 
 
-def resnet34(num_classes, in_channels=3, *, skip=True, norm="batch", init="default", stem="imagenet", **unknown):
-    """ResNet-34: BasicBlock, stages 3-4-6-3. Options: see :func:`resnet50`."""
-    return _imagenet_resnet("resnet34", BasicBlock, (3, 4, 6, 3), num_classes, in_channels, skip, norm, init, stem, unknown)
+def cifar_resnet(num_classes: int, in_channels: int = 3, **options) -> ResNet:
+    """The CIFAR ResNet of depth 6n+2 (He et al. 2016, sec. 4.2): 3x3 conv with 16 filters, three
+    stages of n BasicBlocks with 16/32/64 filters, GAP, linear. Option A shortcuts (the default)
+    are parameter-free, so the counts match Table 6. Options: conf/model/cifar_resnet.yaml."""
+    def make(depth, **o):
+        n = (depth - 2) // 6
+        return ResNet(BasicBlock, (n, n, n), (16, 32, 64), num_classes, in_channels, stem="cifar", stem_width=16,
+                      arch=f"cifar_resnet{depth}", **o)
+    return build("skipstudy.models.cifar_resnet", make, options, depth=20, shortcut="A", **_DEFAULTS)
 
 
-def resnet50(num_classes, in_channels=3, *, skip=True, norm="batch", init="default", stem="imagenet", **unknown):
-    """ResNet-50: Bottleneck, stages 3-4-6-3.
-
-    Args:
-        num_classes: classifier outputs (from the dataset).
-        in_channels: image channels (from the dataset).
-        skip: ``True`` for the ResNet; ``False`` for its plain twin (same layers, no shortcuts
-            and no projection parameters).
-        norm: ``batch`` or ``none`` (no normalisation layers at all).
-        init: ``default | kaiming | zero_residual | fixup | skipinit`` (see ``models.init``).
-        stem: ``imagenet`` (7x7/2 conv + max-pool, downsamples by 32) or ``cifar`` (3x3/1
-            conv, no pool, downsamples by 8; for 32 px images).
-    """
-    return _imagenet_resnet("resnet50", Bottleneck, (3, 4, 6, 3), num_classes, in_channels, skip, norm, init, stem, unknown)
+def _imagenet(arch: str, block: type[Block], layers: tuple[int, ...]):
+    def builder(num_classes: int, in_channels: int = 3, **options) -> ResNet:
+        def make(**o) -> ResNet:
+            return ResNet(block, layers, (64, 128, 256, 512), num_classes, in_channels, arch=arch, **o)
+        return build(f"skipstudy.models.{arch}", make, options, stem="imagenet", **_DEFAULTS)
+    builder.__name__ = builder.__qualname__ = arch
+    builder.__doc__ = (f"ResNet-{arch[6:]} (He et al. 2016): {block.__name__}, stages {'-'.join(map(str, layers))}; "
+                       f"options skip, norm, init, stem (see conf/model/{arch}.yaml).")
+    return builder
 
 
-def resnet101(num_classes, in_channels=3, *, skip=True, norm="batch", init="default", stem="imagenet", **unknown):
-    """ResNet-101: Bottleneck, stages 3-4-23-3. Options: see :func:`resnet50`."""
-    return _imagenet_resnet("resnet101", Bottleneck, (3, 4, 23, 3), num_classes, in_channels, skip, norm, init, stem, unknown)
-
-
-def resnet152(num_classes, in_channels=3, *, skip=True, norm="batch", init="default", stem="imagenet", **unknown):
-    """ResNet-152: Bottleneck, stages 3-8-36-3. Options: see :func:`resnet50`."""
-    return _imagenet_resnet("resnet152", Bottleneck, (3, 8, 36, 3), num_classes, in_channels, skip, norm, init, stem, unknown)
+resnet18 = _imagenet("resnet18", BasicBlock, (2, 2, 2, 2))
+resnet34 = _imagenet("resnet34", BasicBlock, (3, 4, 6, 3))
+resnet50 = _imagenet("resnet50", Bottleneck, (3, 4, 6, 3))
+resnet101 = _imagenet("resnet101", Bottleneck, (3, 4, 23, 3))
+resnet152 = _imagenet("resnet152", Bottleneck, (3, 8, 36, 3))
