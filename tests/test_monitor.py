@@ -730,10 +730,10 @@ class ResidualTiny(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        from skipstudy.models.blocks import BasicBlock, identity_shortcut
+        from skipstudy.models.blocks import BasicBlock
 
         self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
-        self.block = BasicBlock(4, 4, 1, identity_shortcut)
+        self.block = BasicBlock(4, 4, 1)  # downsample=None: the identity shortcut, as in torchvision
         self.fc = nn.Linear(4, 3)
 
     def forward(self, x):
