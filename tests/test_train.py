@@ -91,6 +91,7 @@ def test_logged_train_loss_is_the_cross_entropy_of_the_batch(make_cfg):
     assert logged == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.slow  # an epoch of 1024 images
 def test_synthetic_data_is_deterministic_and_learnable(make_cfg):
     a, la = make_synthetic_images(64, 10, 3, 16, seed=3)
     b, lb = make_synthetic_images(64, 10, 3, 16, seed=3)
