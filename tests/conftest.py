@@ -24,6 +24,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 import skipstudy.config  # noqa: F401 - registers the trainer node the configs start from
 
+# The tests' tensors are tiny: a second torch thread costs more in synchronisation than it
+# gains, several times more while other work keeps the 2 cores busy. Subprocesses likewise.
+torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
 # Small real subsets of CIFAR-10 and Tiny ImageNet live beside the repository (never in it).
@@ -93,6 +97,7 @@ def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("HYDRA_FULL_ERROR", None)
     env["PYTHONWARNINGS"] = "ignore"
+    env.setdefault("OMP_NUM_THREADS", "1")
     env["CUDA_VISIBLE_DEVICES"] = env.get("SKIPSTUDY_TEST_CUDA", "")
     return env
 
