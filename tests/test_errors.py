@@ -3,7 +3,7 @@ fix, no traceback (unless HYDRA_FULL_ERROR=1), a non-zero exit, and nothing trai
 
 Each case runs ``python -m skipstudy.train`` as a user would, in a fresh directory: in this
 process (conftest.run_in_process: the same argv, environment and working directory, without
-seconds of interpreter start per case), and once as a real subprocess (the traceback case).
+seconds of interpreter start per case), and once as a real subprocess (the traceback case, with -m slow).
 """
 
 from __future__ import annotations
@@ -133,6 +133,7 @@ def test_corrupt_image(tmp_path, shared_data):
     assert_refused(proc, tmp_path, "corrupt", bad.name, "dataset.skip_corrupt=true")
 
 
+@pytest.mark.slow  # a real subprocess: seconds of interpreter start and imports
 def test_full_error_shows_the_traceback(tmp_path):
     proc = run_subprocess([*FAST, "model.skip=maybe"], tmp_path, {"HYDRA_FULL_ERROR": "1"})
     assert proc.returncode != 0
