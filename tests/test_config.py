@@ -18,6 +18,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import CONF_DIR, FAST, PYTHON, SHARED_DATA, cli_env, compose_cfg
+from conftest import run_in_process
 from skipstudy import config
 from skipstudy.runs import dirs as runs
 from skipstudy.errors import ConfigError
@@ -347,7 +348,7 @@ def test_cli_sweep_refuses_a_bad_job_before_the_first_job(tmp_path):
 
 
 def test_cli_probe_refuses_a_bad_value(tmp_path):
-    proc = run_cli("skipstudy.probe", ["probe=landscape", "probe.grid=4", "paths.log_dir=logs"], tmp_path)
+    proc = run_in_process("skipstudy.probe", ["probe=landscape", "probe.grid=4", "paths.log_dir=logs"], tmp_path)
     assert_cli_refused(proc, tmp_path, "probe.grid=4 must be an odd integer >= 3 (the centre is the checkpoint); e.g. probe.grid=21")
 
 
@@ -360,7 +361,7 @@ def test_cli_resume_names_a_damaged_checkpoint(tmp_path):
     OmegaConf.save(saved, run_dir / ".hydra" / "config.yaml")
     (run_dir / "checkpoints").mkdir()
     (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"PK\x03\x04 cut short")
-    proc = run_cli("skipstudy.train", [f"resume={run_dir}"], tmp_path)
+    proc = run_in_process("skipstudy.train", [f"resume={run_dir}"], tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == [
         f"Error: resume={run_dir}: {run_dir / 'checkpoints' / 'last.ckpt'} is damaged (14 bytes; BadZipFile: "

@@ -1,7 +1,9 @@
 """Bad input is refused before training: one short message naming the key, the value and the
 fix, no traceback (unless HYDRA_FULL_ERROR=1), a non-zero exit, and nothing trained.
 
-Each case runs ``python -m skipstudy.train`` as a user would, in a fresh directory.
+Each case runs ``python -m skipstudy.train`` as a user would, in a fresh directory: in this
+process (conftest.run_in_process: the same argv, environment and working directory, without
+seconds of interpreter start per case), and once as a real subprocess (the traceback case, with -m slow).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import FAST, PYTHON, SHARED_DATA, cli_env
+from conftest import run_in_process
 
 TINY = SHARED_DATA / "tiny-imagenet-mini" / "tiny-imagenet-200"
 CIFAR = SHARED_DATA / "cifar10-mini" / "cifar-10-batches-py"
@@ -21,6 +24,10 @@ MAX_LINES = 20
 
 
 def run_cli(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return run_in_process("skipstudy.train", args, cwd, env)
+
+
+def run_subprocess(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([PYTHON, "-m", "skipstudy.train", *args], cwd=cwd, env={**cli_env(), **(env or {})},
                           capture_output=True, text=True, timeout=300)
 
@@ -126,7 +133,8 @@ def test_corrupt_image(tmp_path, shared_data):
     assert_refused(proc, tmp_path, "corrupt", bad.name, "dataset.skip_corrupt=true")
 
 
+@pytest.mark.slow  # a real subprocess: seconds of interpreter start and imports
 def test_full_error_shows_the_traceback(tmp_path):
-    proc = run_cli([*FAST, "model.skip=maybe"], tmp_path, {"HYDRA_FULL_ERROR": "1"})
+    proc = run_subprocess([*FAST, "model.skip=maybe"], tmp_path, {"HYDRA_FULL_ERROR": "1"})
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr and "model.skip='maybe'" in proc.stderr

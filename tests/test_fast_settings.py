@@ -245,6 +245,7 @@ def load_benchmark():
     return module
 
 
+@pytest.mark.slow  # runs the layout benchmark
 def test_layout_benchmark_measures_both_layouts_and_appends_its_entry(tmp_path):
     scripts_importable()
     spec = importlib.util.spec_from_file_location("bench_layout", REPO / "scripts" / "bench_layout.py")

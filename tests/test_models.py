@@ -55,11 +55,16 @@ NETS = [("mini", "mini", {}), ("cifar_resnet20", "cifar_resnet", {"depth": 20})]
 ]
 
 
+# The deepest nets take seconds each to build and run on 2 cores: their cases run with -m slow.
+DEEPEST = {"resnet101", "resnet152"}
+
+
 # --- every config builds, at every dataset's shape ------------------------------------------
 
 
 @pytest.mark.parametrize("channels,size,classes", _dataset_shapes())
-@pytest.mark.parametrize("yaml", MODEL_YAMLS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("yaml", [pytest.param(p, marks=pytest.mark.slow) if p.stem in DEEPEST else p
+                                  for p in MODEL_YAMLS], ids=lambda p: p.stem)
 def test_every_model_config_gives_logits_at_dataset_shape(yaml, channels, size, classes):
     cfg = OmegaConf.load(yaml)
     assert "num_classes" not in cfg and "in_channels" not in cfg, "these come from the dataset"
@@ -168,7 +173,8 @@ def _assert_every_parameter_gets_a_gradient(net: nn.Module, size: int) -> None:
         assert p.grad.abs().sum() > 0, f"{name} got an all-zero gradient"
 
 
-@pytest.mark.parametrize("label,builder,options", NETS, ids=[n[0] for n in NETS])
+@pytest.mark.parametrize("label,builder,options", [pytest.param(*n, marks=pytest.mark.slow) if n[0] in DEEPEST else n
+                                                  for n in NETS], ids=[n[0] for n in NETS])
 def test_plain_twin_has_no_shortcut_and_every_parameter_learns(label, builder, options):
     net = _build(builder, skip=False, **options)
     blocks = [m for m in net.modules() if isinstance(m, Block)]

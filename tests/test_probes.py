@@ -1,6 +1,6 @@
 """Probes: feature maps, shattered gradients, lesion study, loss landscape; app, callback, refusals.
 
-One tiny real training run (mini net, synthetic data) is shared by the module; probes that
+One tiny real training run (mini net, synthetic data) is shared by the session; probes that
 need depth build small CIFAR ResNets at initialisation.
 """
 
@@ -32,25 +32,11 @@ from skipstudy.train import train
 TRAIN = [*FAST, "model=mini", "dataset.image_size=16", "trainer.enable_progress_bar=false"]
 
 
-def save_run_config(cfg, run_dir: Path) -> None:
-    """What Hydra writes for a CLI run: the job's config (no hydra node) in .hydra/config.yaml."""
-    job = cfg.copy()
-    with open_dict(job):
-        del job["hydra"]
-    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(job, run_dir / ".hydra" / "config.yaml")
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A real 3-step training run of the mini net: (run_dir, final metrics, config)."""
-    tmp = tmp_path_factory.mktemp("trained")
-    cfg = compose_cfg(TRAIN, tmp)
-    run_dir = Path(cfg.hydra.runtime.output_dir)
-    metrics = train(cfg, run_dir)
-    save_run_config(cfg, run_dir)
-    GlobalHydra.instance().clear()
-    return run_dir, metrics, cfg
+@pytest.fixture
+def trained(session_run):
+    """A real 3-step training run of the mini net, the session's (conftest.session_run, trained
+    with TRAIN): (run_dir, final metrics, config)."""
+    return session_run
 
 
 def probe_cfg(overrides: list[str], tmp_path: Path):

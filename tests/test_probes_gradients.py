@@ -164,7 +164,9 @@ def test_paths_probe_writes_json_figure_and_tensorboard_and_refuses_plain_twins(
 
 # -- stage Jacobians ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("scale", [1.0, 30.0, 0.003])
+# Tens of seconds each on 2 cores (explicit Jacobians); the smallest scale stays in the default run.
+@pytest.mark.parametrize("scale", [pytest.param(1.0, marks=pytest.mark.slow), pytest.param(30.0, marks=pytest.mark.slow),
+                                   0.003])
 def test_stage_singular_values_equal_an_explicit_svd(scale):
     """At ordinary scale and where the singular values reach ~1e5 and ~1e-6 (no BN, weights scaled)."""
     torch.manual_seed(0)
@@ -309,7 +311,8 @@ def tiny_bn_net() -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 4)).double()
 
 
-@pytest.mark.parametrize("bn", ["train", "eval"])
+# Train mode converges slowly (tens of seconds on 2 cores); eval mode stays in the default run.
+@pytest.mark.parametrize("bn", [pytest.param("train", marks=pytest.mark.slow), "eval"])
 def test_top_hessian_eigenvalues_equal_an_explicit_hessian(bn):
     net = tiny_bn_net()
     with torch.no_grad():

@@ -29,6 +29,7 @@ EXERCISED = {
     'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[dev]"': ".ci/run",
     "python -m skipstudy.train experiment=quickstart": ".ci/run",
     "python -m pytest -q": ".ci/run",
+    "python -m pytest -q -m slow": ".ci/run",
     "python -m skipstudy.train model=resnet50 model.skip=false": "test_train.py::test_used_by_line_runs_from_another_directory",
     "python -m skipstudy.train model=mini optimizer=adam optimizer.lr=3e-4 scheduler=cosine trainer.max_epochs=5":
         "test_readme.py::test_cookbook_composition_line",

@@ -251,6 +251,7 @@ def test_signal_saves_last_ckpt_and_restores_handlers(tmp_path, monkeypatch, sig
 # ---------------------------------------------------------------------------- reproducibility
 
 
+@pytest.mark.slow  # three trainings
 def test_same_command_and_seed_give_bitwise_identical_metrics(tmp_path):
     overrides = [*FAST, "trainer.limit_train_batches=4", "optimizer=adam"]
     series = []

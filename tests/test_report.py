@@ -96,6 +96,7 @@ def test_every_figure_exists_and_decodes(report):
             assert im.format == "GIF"
 
 
+@pytest.mark.slow  # reads a real multirun sweep of several trainings
 def test_block_quantities_and_the_slope_are_in_the_report(report, sweep):
     """The per-block tags reach the report (block order from the export), each run's
     grad_decay_slope is the median of its last epoch's slopes recomputed from the exported
@@ -115,6 +116,7 @@ def test_block_quantities_and_the_slope_are_in_the_report(report, sweep):
     assert table.count("\n| `") == 4
 
 
+@pytest.mark.slow  # reads a real multirun sweep of several trainings
 def test_slope_across_seeds_has_a_student_t_interval(tmp_path):
     """Three seeds of one setting: the mean and the 95% interval of their grad_decay_slope,
     against numpy and the tabulated t(0.975, 2) = 4.303."""

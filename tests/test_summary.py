@@ -56,6 +56,7 @@ def test_a_run_ends_with_its_summary(make_cfg, capsys, monkeypatch, tmp_path):
     assert got == pytest.approx(want, rel=5e-3)
 
 
+@pytest.mark.slow  # a real multirun subprocess of two trainings
 def test_a_sweep_ends_with_its_runs_side_by_side_and_without_lightning_noise(tmp_path):
     env = dict(os.environ)
     env.pop("PYTHONWARNINGS", None)  # the noise test needs Python's default warning filters

@@ -14,6 +14,7 @@ from hydra.core.global_hydra import GlobalHydra
 from tbparse import SummaryReader
 
 from conftest import CONF_DIR, FAST, PYTHON, REPO, cli_env
+from conftest import run_in_process
 from skipstudy.data.synthetic import SyntheticDataModule, make_synthetic_images
 from skipstudy.errors import ConfigError
 from skipstudy.train import train
@@ -91,6 +92,7 @@ def test_logged_train_loss_is_the_cross_entropy_of_the_batch(make_cfg):
     assert logged == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.slow  # an epoch of 1024 images
 def test_synthetic_data_is_deterministic_and_learnable(make_cfg):
     a, la = make_synthetic_images(64, 10, 3, 16, seed=3)
     b, lb = make_synthetic_images(64, 10, 3, 16, seed=3)
@@ -160,8 +162,7 @@ def test_multirun_makes_one_directory_per_job(tmp_path):
 
 
 def test_unknown_model_lists_choices(tmp_path):
-    proc = subprocess.run([PYTHON, "-m", "skipstudy.train", "model=resnet51"], cwd=tmp_path,
-                          env=cli_env(), capture_output=True, text=True, timeout=120)
+    proc = run_in_process("skipstudy.train", ["model=resnet51"], tmp_path)
     assert proc.returncode != 0
     assert "resnet51" in proc.stderr and "resnet50" in proc.stderr
     assert "Traceback" not in proc.stderr
