@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 from benchmarks_doc import append_entry  # scripts/benchmarks_doc.py, beside this script
 from skipstudy.probes import get_probe
 from skipstudy.probes.context import ProbeContext
-from skipstudy.train import build_datamodule, build_network
+from skipstudy.runs.build import build_datamodule, build_network
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "benchmarks.md"

@@ -43,7 +43,6 @@ import contextlib
 import datetime
 import itertools
 import json
-import math
 import os
 import platform
 import shlex
@@ -305,7 +304,7 @@ def worker(spec: dict) -> dict:
         from hydra.utils import instantiate
 
         from skipstudy.runs import fast
-        from skipstudy.train import build_datamodule, build_network
+        from skipstudy.runs.build import build_datamodule, build_network
 
         speed = fast.resolve(cfg)
         out.update(precision=speed.precision, channels_last=speed.channels_last)
@@ -400,7 +399,6 @@ def run_skipstudy(cfg, spec: dict, clock: Clock, workload: Workload, device) -> 
 def run_notebook(cfg, spec: dict, clock: Clock, workload: Workload, device) -> dict:
     """The studies' loop: torchvision data set + PIL transforms, DataLoader, fp32, hooks with .item()."""
     import numpy as np
-    import torch
     import torch.nn.functional as F
     from hydra.utils import instantiate
     from torch.utils.data import DataLoader

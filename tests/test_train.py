@@ -115,7 +115,7 @@ def test_synthetic_data_is_deterministic_and_learnable(make_cfg):
 
 def test_num_classes_and_channels_flow_from_the_dataset(make_cfg):
     cfg = make_cfg([*FAST, "dataset.num_classes=7", "dataset.channels=1", "dataset.image_size=16", "monitor=off"])
-    from skipstudy.train import build_datamodule, build_network
+    from skipstudy.runs.build import build_datamodule, build_network
 
     dm = build_datamodule(cfg)
     net = build_network(cfg, dm)

@@ -32,7 +32,7 @@ from skipstudy.probes.checkpoint import load_run, run_dir_or_none
 from skipstudy.probes.context import ProbeContext
 from skipstudy.runs import dirs
 from skipstudy.runs.layout import conf_dir
-from skipstudy.train import build_datamodule, build_network
+from skipstudy.runs.build import build_datamodule, build_network
 
 quote_paths = functools.partial(dirs.quote_path, key="ckpt", existing_only=True)
 

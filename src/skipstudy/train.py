@@ -7,7 +7,6 @@ is written, so a typo costs seconds.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -20,18 +19,18 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-from skipstudy import config, models
+from skipstudy import config
 from skipstudy.analysis.callback import build_report_callback
 from skipstudy.analysis.summary import run_summary
 from skipstudy.errors import ConfigError
 from skipstudy.runs import dirs, fast, stopping
+from skipstudy.runs.build import build, build_datamodule, build_network
 from skipstudy.runs.layout import conf_dir
 from skipstudy.runs.module import LitClassifier
 from skipstudy.runs.resume import RunState, checkpoint_record, cut_logs
@@ -42,34 +41,6 @@ from skipstudy.launchers.final_metrics import FinalMetrics
 
 # Metrics the HParams dashboard shows beside each run's settings, read from the run's own series.
 HPARAM_METRICS = ("val/acc", "val/loss", "train/loss", *FINAL_METRIC_TAGS)
-
-
-def build(node: Any, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate``, but a builder's ConfigError reaches the user as its one line,
-    not inside Hydra's InstantiationException text."""
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as err:
-        cause = err.__cause__
-        while cause is not None and not isinstance(cause, ConfigError):
-            cause = cause.__cause__
-        if cause is not None:
-            raise cause from None
-        raise
-
-
-def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
-    target = hydra.utils.get_class(cfg.dataset._target_)
-    dm = build(cfg.dataset, **({"seed": cfg.seed} if "seed" in inspect.signature(target).parameters else {}))
-    dm.prepare_data()  # checks the files: a missing data set fails before training
-    return dm
-
-
-def build_network(cfg: DictConfig, dm: L.LightningDataModule) -> torch.nn.Module:
-    # The data set decides the class count and input channels; no user passes them.
-    net = build(cfg.model, num_classes=dm.num_classes, in_channels=dm.channels)
-    models.check_input_size(net, dm.image_size)
-    return net
 
 
 def build_module(cfg: DictConfig, net: torch.nn.Module, num_classes: int, speed: fast.FastSettings) -> LitClassifier:

@@ -81,7 +81,7 @@ def read_checkpoint(ckpt_file: Path) -> dict:
 def load_run(ckpt: str | Path, data_dir: str | None = None) -> LoadedRun:
     """The run's data module and network with the checkpoint's weights, on the CPU; ``data_dir``
     replaces the run's ``paths.data_dir`` (the data moved since training)."""
-    from skipstudy.train import build_datamodule, build_network
+    from skipstudy.runs.build import build_datamodule, build_network
 
     run_dir, ckpt_file = locate(ckpt)
     cfg = OmegaConf.load(run_dir / CONFIG)

@@ -62,8 +62,8 @@ def plot(images: np.ndarray, maps: dict[str, torch.Tensor], title: str = "") -> 
         for j, m in enumerate(maps.values(), start=1):
             axes[i, j].imshow(m[i].numpy(), cmap="viridis")
     axes[0, 0].set_title("input", fontsize=8)
-    for j, (label, m) in enumerate(maps.items(), start=1):
-        axes[0, j].set_title(f"{label}\n{m.shape[1]}x{m.shape[2]}", fontsize=8)
+    for j, (stage, m) in enumerate(maps.items(), start=1):
+        axes[0, j].set_title(f"{stage}\n{m.shape[1]}x{m.shape[2]}", fontsize=8)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
