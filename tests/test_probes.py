@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 
 from conftest import CONF_DIR, FAST, PYTHON, cli_env, compose_cfg
 from skipstudy.errors import ConfigError
