@@ -287,25 +287,26 @@ def test_pool_counts_a_diverged_run_as_done(toy_app):
 
 @pytest.mark.slow
 def test_pool_sweep_goes_on_past_a_failing_job(tmp_path):
-    """2x2 sweep, 2 workers; norm=batch with init=fixup is refused: 3 runs complete, the
-    failure is listed with its reason, and the sweep exits non-zero."""
+    """2x2 sweep, 2 workers; ResNet-18 (downsamples by 32) on 16 px images is refused inside
+    its job, once the network exists (the sweep's up-front check passes every job's settings):
+    3 runs complete, the failure is listed with its reason, and the sweep exits non-zero."""
     cmd = [PYTHON, "-m", "skipstudy.train", "-m", "hydra/launcher=pool", "hydra.launcher.workers=2",
-           "model.norm=batch,none", "model.init=default,fixup", *FAST, "trainer.limit_train_batches=2", "monitor=off",
+           "model=mini,resnet18", "dataset.image_size=16,32", *FAST, "trainer.limit_train_batches=2", "monitor=off",
            "trainer.enable_progress_bar=false", "name=pool", f"paths.log_dir={tmp_path / 'logs'}"]
     proc = run(cmd, tmp_path)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "3 of 4 jobs completed, 1 failed" in proc.stderr
     failed_line = next(line for line in proc.stderr.splitlines() if line.startswith("  #"))
-    assert "model.norm=batch model.init=fixup: Error: model.init=fixup needs model.norm=none" in failed_line
+    assert "model=resnet18 dataset.image_size=16: Error: dataset.image_size=16 is too small for resnet18" in failed_line
     (sweep,) = sweep_dirs(tmp_path / "logs", "pool")
     done = job_dirs(sweep)  # the refused job leaves no run directory behind
-    assert len(done) == 3 and not any("model.init=fixup" in p.name and "model.norm=batch" in p.name for p in done)
+    assert len(done) == 3 and not any("model=resnet18" in p.name and "dataset.image_size=16" in p.name for p in done)
     for run_dir in done:
         assert len(events(run_dir)) == 1 and (run_dir / "checkpoints" / "last.ckpt").is_file()
     status = json.loads((sweep / "jobs.json").read_text())
     assert sorted(s["status"] for s in status) == ["completed", "completed", "completed", "failed"]
     (bad,) = [s for s in status if s["status"] == "failed"]
-    assert "Error: model.init=fixup" in Path(bad["log"]).read_text()
+    assert "Error: dataset.image_size=16 is too small" in Path(bad["log"]).read_text()
 
 
 @pytest.mark.slow

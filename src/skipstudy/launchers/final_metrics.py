@@ -40,9 +40,17 @@ def final_metrics(run: Run) -> dict[str, float]:
 
 
 class FinalMetrics(L.Callback):
+    def __init__(self) -> None:
+        self.trained = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.trained = True
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         run_dir = trainer.log_dir  # broadcasts under DDP: every rank must ask
-        if not trainer.is_global_zero:
+        # A finished run resumed trains nothing (Lightning skips on_train_start) and keeps its
+        # logs whole, these numbers included: writing them again would repeat them.
+        if not trainer.is_global_zero or not self.trained:
             return
         trainer.logger.experiment.flush()  # read back what was logged
         if values := final_metrics(load_run(run_dir)):
