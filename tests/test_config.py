@@ -301,7 +301,7 @@ def event_run(path: Path, steps: int = 40) -> Path:
 
 
 def test_report_names_damaged_event_files(tmp_path, capsys):
-    from skipstudy.analysis.report import main
+    from skipstudy.report import main
 
     good, cut, flipped = (event_run(tmp_path / name) for name in ("good", "cut", "flipped"))
     data = cut.read_bytes()

@@ -212,7 +212,7 @@ def test_shattering_sweep_at_init_is_one_command_with_a_comparison(tmp_path):
     # The report on the sweep shows the probes' figures, copied beside its index.html.
     from PIL import Image
 
-    from skipstudy.analysis.report import build_report
+    from skipstudy.report import build_report
 
     report = build_report([sweep], tmp_path / "report")
     captions = [caption for _, caption in report.probe_images]

@@ -379,7 +379,7 @@ def test_new_probes_during_training_leave_training_unchanged(trained, tmp_path):
 def test_report_tables_the_probes_headline_numbers(trained, tmp_path):
     import csv
 
-    from skipstudy.analysis.report import build_report
+    from skipstudy.report import build_report
 
     run_dir, _, _ = trained
     result = run_probe(probe_cfg(["probe=hessian", f"ckpt={run_dir}", "probe.batches=1", "probe.iters=2"], tmp_path),

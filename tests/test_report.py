@@ -21,7 +21,7 @@ from PIL import Image
 from conftest import FAST, PYTHON, cli_env
 from skipstudy.analysis.figures import merged_layer_order
 from skipstudy.analysis.logs import load_run
-from skipstudy.analysis.report import build_report, main
+from skipstudy.report import build_report, main
 from skipstudy.train import train
 
 EPOCHS = 3
@@ -261,6 +261,29 @@ def test_missing_and_empty_directories_exit_2(tmp_path, capsys):
     (tmp_path / "stuff" / "notes.txt").write_text("x")
     assert main([str(tmp_path / "stuff")]) == 2
     assert "no TensorBoard event files" in capsys.readouterr().err
+
+
+def test_every_declared_layer_and_block_quantity_is_read(tmp_path, monkeypatch):
+    """The reader takes its per-layer and per-block quantities from the monitor's registry:
+    each declared one alone, and one declared after import, gives the units in written order."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from skipstudy.monitor import QUANTITIES
+    from skipstudy.monitor.quantities import Quantity
+
+    monkeypatch.setitem(QUANTITIES, "test_new/block", Quantity("test_new/block", lambda s: None, "split_branch"))
+    units = {"layers": ["conv1", "layer1.0.conv1", "fc"], "blocks": ["layer1.0", "layer2.0"]}
+    declared = {over: [q.name for q in QUANTITIES.values() if q.over == over] for over in units}
+    assert "grad_rms/output" in declared["layers"] and "test_new/block" in declared["blocks"]
+    for over, quantities in declared.items():
+        for q in quantities:
+            run_dir = tmp_path / q.replace("/", "_")
+            with SummaryWriter(run_dir) as writer:
+                for name in units[over]:
+                    writer.add_scalar(f"{q}/{name}", 1.0, 0)
+            run = load_run(run_dir)
+            assert getattr(run, over) == units[over], q
+            assert list(run.layer_series(q)) == units[over], q
 
 
 def test_merged_layer_order_aligns_runs_by_name():

@@ -19,8 +19,8 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from skipstudy.analysis.logs import Run, final_train_loss, final_val_acc
-from skipstudy.monitor.writers import mark_zeros
+from skipstudy.analysis.logs import HIST_QUANTITY, Histogram, Run, final_train_loss, final_val_acc
+from skipstudy.monitor.writers import figure_rgb, mark_zeros
 
 SKIP_STYLE = {True: "-", False: "--", None: ":"}
 # Per-layer (or per-block) figures: stem -> (title, {quantity: y label}, quantities on a linear axis).
@@ -46,12 +46,6 @@ def new_figure(width: float, height: float, **kwargs) -> Figure:
     fig = Figure(figsize=(width, height), **({"layout": "constrained"} | kwargs))
     FigureCanvasAgg(fig)
     return fig
-
-
-def figure_rgb(fig: Figure) -> np.ndarray:
-    """``[H, W, 3]`` uint8 (TensorBoard images, GIF frames)."""
-    fig.canvas.draw()
-    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
 def _short(label: str, n: int = 60) -> str:
@@ -128,8 +122,7 @@ def layer_profiles(runs: list[Run], title: str, ylabels: dict[str, str], linear:
         return None
     epochs = {id(r): sorted(set().union(*(r.epochs_of(q) for q in quantities))) for r in runs}
     ncols = min(3, max(len(e) for e in epochs.values()))
-    picks = {1: [-1], 2: [0, -1], 3: [0, None, -1]}[ncols]  # None: the middle epoch
-    col_names = {1: ["last epoch"], 2: ["first epoch", "last epoch"], 3: ["first epoch", "middle epoch", "last epoch"]}[ncols]
+    columns = {1: ["last"], 2: ["first", "last"], 3: ["first", "middle", "last"]}[ncols]
     order = merged_layer_order(r.units(quantities[0]) for r in runs)
     pos = {name: i for i, name in enumerate(order)}
     styles = run_styles(runs)
@@ -137,11 +130,11 @@ def layer_profiles(runs: list[Run], title: str, ylabels: dict[str, str], linear:
                      3.2 * len(quantities) + 1.8 + 0.18 * math.ceil(len(runs) / 2))
     axes = fig.subplots(len(quantities), ncols, squeeze=False, sharex=True)
     for row, q in enumerate(quantities):
-        for col in range(ncols):
+        for col, column in enumerate(columns):
             ax, picked, healthy = axes[row][col], set(), []
             for run in runs:
                 e = epochs[id(run)]
-                epoch = e[len(e) // 2 if picks[col] is None else picks[col]]
+                epoch = e[{"first": 0, "middle": len(e) // 2, "last": -1}[column]]
                 picked.add(epoch)
                 if not (profile := run.layer_profile(q, epoch)):
                     continue  # a plain twin has no shortcut part
@@ -157,7 +150,7 @@ def layer_profiles(runs: list[Run], title: str, ylabels: dict[str, str], linear:
                 _fit_y(ax, healthy, log=True)
             ax.grid(True, alpha=0.3)
             if row == 0:
-                ax.set_title(col_names[col] + (f" ({picked.pop()})" if len(picked) == 1 else ""), fontsize=10)
+                ax.set_title(f"{column} epoch" + (f" ({picked.pop()})" if len(picked) == 1 else ""), fontsize=10)
             if col == 0:
                 ax.set_ylabel(ylabels[q])
             if row == len(quantities) - 1:
@@ -221,8 +214,15 @@ class HistogramGrid:
     finest bucket seen (the monitor's fixed 0.1-decade bins map one to one)."""
 
     def __init__(self, runs: list[Run]) -> None:
-        self.per_run = {id(r): r.histograms_by_epoch() for r in runs}
-        hists = [h for by_epoch in self.per_run.values() for layers in by_epoch.values() for h in layers.values()]
+        self.per_run: dict[int, dict[int, dict[str, list[Histogram]]]] = {}  # id(run) -> {epoch: {layer: [...]}}
+        for run in runs:
+            by_epoch: dict[int, dict[str, list[Histogram]]] = {}
+            for layer in run.layers:
+                for h in run.histograms.get(f"{HIST_QUANTITY}/{layer}", []):
+                    by_epoch.setdefault(int(run.epoch_at([h.step])[0]), {}).setdefault(layer, []).append(h)
+            self.per_run[id(run)] = dict(sorted(by_epoch.items()))
+        hists = [h for by_epoch in self.per_run.values() for layers in by_epoch.values() for hs in layers.values()
+                 for h in hs]
         if not hists:
             self.edges = np.zeros(0)
             return
@@ -243,9 +243,10 @@ class HistogramGrid:
         by_layer = self.per_run[id(run)].get(epoch, {})
         out = np.full((len(self.layers(run)), self.edges.size - 1), np.nan)
         for i, layer in enumerate(self.layers(run)):
-            if (h := by_layer.get(layer)) is not None:
-                centres = np.clip(0.5 * (h.edges[:-1] + h.edges[1:]), self.edges[0], self.edges[-1])
-                counts, _ = np.histogram(centres, bins=self.edges, weights=h.counts)
+            if hists := by_layer.get(layer):  # a layer's histograms within an epoch are added up
+                centres = np.concatenate([0.5 * (h.edges[:-1] + h.edges[1:]) for h in hists])
+                counts, _ = np.histogram(np.clip(centres, self.edges[0], self.edges[-1]), bins=self.edges,
+                                         weights=np.concatenate([h.counts for h in hists]))
                 out[i] = counts / counts.sum() if counts.sum() > 0 else np.nan
         return np.ma.masked_where(~np.isfinite(out) | (out <= 0), out)
 

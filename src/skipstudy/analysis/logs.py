@@ -1,7 +1,6 @@
 """Reading runs back: TensorBoard event files (through tbparse), ``.hydra/`` and the monitor's
 ``grad_stats.json``. A run is a directory holding ``events.out.tfevents.*``; a sweep is any
-directory with runs below it. Nothing assumes a run has finished: an event file may end in a
-half-written record, the export may be absent, a diverged run holds NaN and inf.
+directory with runs below it. A run may be unfinished, half-written or diverged (NaN, inf).
 """
 
 from __future__ import annotations
@@ -20,17 +19,10 @@ import numpy as np
 import yaml
 
 from skipstudy.errors import ConfigError
+from skipstudy.monitor import QUANTITIES
 from skipstudy.runs.layout import EVENT_PREFIX
 
-# Per-layer quantities (tags ``<quantity>/<layer>``); without the export, the first one present
-# gives the layer order.
-LAYER_QUANTITIES = ("grad_rms/output", "grad_norm/output", "grad_rms/weight", "grad_norm/weight",
-                    "act/mean", "act/std", "act/zero_frac")
-HIST_QUANTITY = "grad_hist/output"
-# Per-block quantities (tags ``<quantity>/<block>``).
-BLOCK_QUANTITIES = ("grad_split/branch", "grad_split/shortcut", "grad_split/ratio", "grad_split/cos",
-                    "spp/mean_sq", "spp/var", "spp/branch_var", "spp/grad_mean_rms", "spp/grad_std",
-                    "spp/grad_branch_std")
+HIST_QUANTITY = "grad_hist/output"  # the monitor's histogram tag prefix (not a registered quantity)
 # Overrides that locate or name a run but do not change what it computes, so they never make
 # two runs different groups (train.yaml leaves the same keys out of directory names).
 LOCATING_KEYS = ("name", "experiment", "resume", "paths.", "hydra.", "dataset.root", "seed")
@@ -40,7 +32,6 @@ LOCATING_KEYS = ("name", "experiment", "resume", "paths.", "hydra.", "dataset.ro
 class Series:
     steps: np.ndarray  # global steps, ascending
     values: np.ndarray  # float64; NaN/inf kept
-    wall_times: np.ndarray
 
     def last(self) -> float:
         return float(self.values[-1]) if self.values.size else math.nan
@@ -68,11 +59,12 @@ class Run:
     nonfinite_steps: list[int] = field(default_factory=list)
     diverged_at: dict[str, Any] | None = None
     label: str = ""  # what tells this run from the others loaded with it
+    wall_time: float | None = None  # seconds from the first to the last event
     epoch_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
     epoch_values: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
 
     def option(self, dotted: str, default: Any = None) -> Any:
-        node: Any = self.config
+        node: Any = self.config  # by hand: OmegaConf would resolve .hydra/config.yaml's interpolations
         for part in dotted.split("."):
             if not isinstance(node, dict) or part not in node:
                 return default
@@ -102,7 +94,7 @@ class Run:
         return self.scalars.get(tag)
 
     def units(self, quantity: str) -> list[str]:
-        return self.blocks if quantity in BLOCK_QUANTITIES else self.layers
+        return self.blocks if quantity in declared("blocks") else self.layers
 
     def layer_series(self, quantity: str) -> dict[str, Series]:
         """``{layer or block: series}`` of a per-layer or per-block quantity, forward order."""
@@ -141,26 +133,17 @@ class Run:
             profile[layer] = float(np.median(v)) if v.size else math.nan
         return profile
 
-    def histograms_by_epoch(self) -> dict[int, dict[str, Histogram]]:
-        """``{epoch: {layer: histogram}}``; a layer's histograms within an epoch are added up."""
-        out: dict[int, dict[str, Histogram]] = {}
-        for layer in self.layers:
-            for h in self.histograms.get(f"{HIST_QUANTITY}/{layer}", []):
-                by_layer = out.setdefault(int(self.epoch_at([h.step])[0]), {})
-                by_layer[layer] = _add_histograms(by_layer[layer], h) if layer in by_layer else h
-        return dict(sorted(out.items()))
-
     @property
     def diverged(self) -> bool:
         loss = self.scalars.get("train/loss_epoch") or self.scalars.get("train/loss")
         loss_bad = loss is not None and not math.isfinite(loss.last())
         return bool(self.nonfinite_steps) or self.diverged_at is not None or loss_bad
 
-    @property
-    def wall_time(self) -> float | None:
-        """Seconds from the first to the last event (None without events)."""
-        times = np.concatenate([s.wall_times for s in self.scalars.values()] or [np.zeros(0)])
-        return float(times.max() - times.min()) if times.size else None
+
+def declared(over: str) -> list[str]:
+    """The monitor's quantities written per ``"layers"`` or per ``"blocks"`` (tags
+    ``<quantity>/<layer or block>``), in declaration order: a new one needs no line here."""
+    return [q.name for q in QUANTITIES.values() if q.over == over]
 
 
 def final_train_loss(run: Run) -> float:
@@ -262,8 +245,8 @@ def _read_events(run_dir: Path):
             hists.append(h)
         if not hp.empty:
             hparams.update(zip(hp["tag"], hp["value"]))
-    cat = lambda frames: pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()  # noqa: E731
-    return cat(scalars), cat(hists), hparams, damaged
+    scalars, hists = (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame() for frames in (scalars, hists))
+    return scalars, hists, hparams, damaged
 
 
 def _read(path: Path, parse) -> Any:
@@ -295,14 +278,6 @@ def _first_named(tags, quantities) -> list[str]:
     return next((names for q in quantities if (names := _suffixes(tags, q))), [])
 
 
-def _add_histograms(a: Histogram, b: Histogram) -> Histogram:
-    edges = np.union1d(a.edges, b.edges)
-    counts = np.zeros(edges.size - 1)
-    for h in (a, b):
-        np.add.at(counts, np.clip(np.searchsorted(edges, h.edges[:-1]), 0, counts.size - 1), h.counts)
-    return Histogram(step=min(a.step, b.step), edges=edges, counts=counts)
-
-
 def load_run(run_dir: str | os.PathLike) -> Run:
     run_dir = Path(run_dir)
     run = Run(path=run_dir, name=run_dir.name)
@@ -319,8 +294,8 @@ def load_run(run_dir: str | os.PathLike) -> Run:
         # later write of a (tag, step) counts.
         scalars = scalars.sort_values(["tag", "step", "wall_time"], kind="stable").drop_duplicates(["tag", "step"], keep="last")
         for tag, g in scalars.groupby("tag", sort=False):
-            run.scalars[str(tag)] = Series(g["step"].to_numpy(np.int64), g["value"].to_numpy(np.float64),
-                                           g["wall_time"].to_numpy(np.float64))
+            run.scalars[str(tag)] = Series(g["step"].to_numpy(np.int64), g["value"].to_numpy(np.float64))
+        run.wall_time = float(scalars["wall_time"].max() - scalars["wall_time"].min())
         tag_order = list(scalars.groupby("tag")["order"].min().sort_values(kind="stable").index)
     if not hists.empty:
         for tag, g in hists.sort_values(["tag", "step"], kind="stable").groupby("tag", sort=False):
@@ -333,9 +308,9 @@ def load_run(run_dir: str | os.PathLike) -> Run:
 
     export = _read(run_dir / "grad_stats.json", json.loads) or {}
     # Without the export, the names after the first quantity present, in the order first written.
-    layers = export.get("layers") or _first_named(tag_order, LAYER_QUANTITIES) or _suffixes(run.histograms, HIST_QUANTITY)
+    layers = export.get("layers") or _first_named(tag_order, declared("layers")) or _suffixes(run.histograms, HIST_QUANTITY)
     run.layers = [str(x) for x in layers]
-    run.blocks = [str(x) for x in export.get("blocks") or _first_named(tag_order, BLOCK_QUANTITIES)]
+    run.blocks = [str(x) for x in export.get("blocks") or _first_named(tag_order, declared("blocks"))]
 
     if (epoch := run.scalars.get("epoch")) is not None:
         run.epoch_steps, first = np.unique(epoch.steps, return_index=True)
