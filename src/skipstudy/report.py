@@ -162,7 +162,7 @@ def _table(header, rows: list[list[str]]) -> str:
 
 
 def write_index(report: Report, rows, paths: list[str], slopes) -> None:
-    """``index.html``: every table and figure, by relative file names only (works offline)."""
+    """Relative file names only: works offline."""
     esc = html.escape
     notes = "".join(f"<li><b>{esc(c)}</b>: {esc(n)}</li>" for c, n in S.COLUMN_NOTES.items())
     parts = [

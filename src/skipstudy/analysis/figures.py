@@ -1,8 +1,6 @@
-"""The report's figures: each takes loaded runs and returns a Figure on its own Agg canvas (no
-pyplot, no global state, so the training callback can draw them too), or None when no run
-has its data. Colour is a setting, solid lines are nets with skips and dashed their plain
-twins; layers are aligned by name in forward order; non-finite values are gaps, not zeros.
-"""
+"""The report's figures: each returns a Figure on its own Agg canvas (no pyplot: the training
+callback draws them too), or None when no run has its data. Colour is a setting, solid lines
+skip nets, dashed their plain twins; non-finite values are gaps, not zeros."""
 
 from __future__ import annotations
 
@@ -114,8 +112,7 @@ def _fit_y(ax, healthy: list[np.ndarray], log: bool = False) -> None:
 
 
 def layer_profiles(runs: list[Run], title: str, ylabels: dict[str, str], linear: tuple[str, ...] = ()) -> Figure | None:
-    """Each quantity (a row) against layer depth at the first, middle and last epoch (columns),
-    one line per run; a point is the median over the epoch's recorded steps."""
+    """Each quantity (a row) against layer depth at the first, middle and last epoch (columns)."""
     quantities = list(ylabels)
     runs = [r for r in runs if any(r.layer_series(q) for q in quantities)]
     if not runs:
@@ -163,9 +160,8 @@ def layer_profiles(runs: list[Run], title: str, ylabels: dict[str, str], linear:
 
 
 def gradient_norm_over_steps(runs: list[Run], quantity: str = "grad_norm/output") -> Figure | None:
-    """Each layer's gradient norm at every recorded step, a panel per run, dark to light by
-    depth. Runs that did not diverge share a y range; a diverged run's first non-finite step
-    is marked."""
+    """Each layer's gradient norm at every recorded step, a panel per run; runs that did not
+    diverge share a y range."""
     runs = [r for r in runs if r.layer_series(quantity)]
     if not runs:
         return None
@@ -263,9 +259,8 @@ class HistogramGrid:
 
 
 def write_histogram_gif(grid: HistogramGrid, run: Run, path: str | Path, frame_ms: int = 700) -> int:
-    """The run's per-layer histograms as a heat map, one GIF frame per epoch; returns the
-    number of frames (0: nothing written). One figure is drawn and only its data and title
-    change, so frames line up and a long run costs one layout."""
+    """One heat-map frame per epoch; returns the number of frames. One figure whose data and
+    title change, so frames line up and a long run costs one layout."""
     from PIL import Image
 
     epochs, layers = grid.epochs(run), grid.layers(run)
@@ -291,8 +286,7 @@ def write_histogram_gif(grid: HistogramGrid, run: Run, path: str | Path, frame_m
 
 
 def histogram_small_multiples(grid: HistogramGrid, runs: list[Run], max_epochs: int = 6) -> Figure | None:
-    """The GIFs as one figure: a row per run, a column per epoch (at most ``max_epochs``,
-    evenly spaced, first and last included)."""
+    """The GIFs as one figure: a row per run, a column per epoch (at most ``max_epochs``)."""
     runs = [r for r in runs if grid.epochs(r)]
     if not runs:
         return None
@@ -319,7 +313,6 @@ def histogram_small_multiples(grid: HistogramGrid, runs: list[Run], max_epochs: 
 
 
 def training_curves(runs: list[Run]) -> Figure | None:
-    """Train and val loss (y fitted to the runs that did not diverge) and accuracy per step."""
     panels = [("train/loss", "train loss"), ("val/loss", "val loss"), ("train/acc", "train accuracy"),
               ("val/acc", "val accuracy")]
     runs = [r for r in runs if any(r.series(tag) is not None for tag, _ in panels)]
@@ -391,7 +384,6 @@ def depth_sweep(runs: list[Run]) -> Figure | None:
 
 
 def run_figures(runs: list[Run]) -> dict[str, Figure]:
-    """The static figures that have data, by file stem (the GIFs: :func:`write_histogram_gif`)."""
     figs = {stem: layer_profiles(runs, *spec) for stem, spec in PROFILES.items()}
     figs |= {"grad_norm_steps": gradient_norm_over_steps(runs),
              "grad_hist_epochs": histogram_small_multiples(HistogramGrid(runs), runs),

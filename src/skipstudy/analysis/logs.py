@@ -97,8 +97,7 @@ class Run:
         return self.blocks if quantity in declared("blocks") else self.layers
 
     def layer_series(self, quantity: str) -> dict[str, Series]:
-        """``{layer or block: series}`` of a per-layer or per-block quantity, forward order."""
-        return {u: s for u in self.units(quantity) if (s := self.scalars.get(f"{quantity}/{u}")) is not None}
+            return {u: s for u in self.units(quantity) if (s := self.scalars.get(f"{quantity}/{u}")) is not None}
 
     @property
     def has_data(self) -> bool:
@@ -308,7 +307,8 @@ def load_run(run_dir: str | os.PathLike) -> Run:
 
     export = _read(run_dir / "grad_stats.json", json.loads) or {}
     # Without the export, the names after the first quantity present, in the order first written.
-    layers = export.get("layers") or _first_named(tag_order, declared("layers")) or _suffixes(run.histograms, HIST_QUANTITY)
+    layers = (export.get("layers") or _first_named(tag_order, declared("layers"))
+              or _suffixes(run.histograms, HIST_QUANTITY))
     run.layers = [str(x) for x in layers]
     run.blocks = [str(x) for x in export.get("blocks") or _first_named(tag_order, declared("blocks"))]
 
@@ -349,8 +349,7 @@ def assign_labels(runs: list[Run]) -> None:
 
 
 def load_runs(paths: list[str | os.PathLike]) -> tuple[list[Run], list[str]]:
-    """Every run at or below ``paths``, sorted by group then name, and notes for the reader.
-    Raises ConfigError when a path is missing or holds no readable run."""
+    """Every run at or below ``paths``, sorted by group then name, and notes for the reader."""
     found: dict[Path, None] = {}
     notes: list[str] = []
     for p in paths:

@@ -48,7 +48,6 @@ def _last_epoch_median(run: Run, steps: np.ndarray, values: np.ndarray) -> float
 
 
 def gradient_attenuation(run: Run, quantity: str = "grad_rms/output") -> float:
-    """First tracked layer's ``quantity`` over the last one's, at the same steps."""
     series = list(run.layer_series(quantity).values())
     if len(series) < 2:
         return math.nan
@@ -102,7 +101,6 @@ def run_status(run: Run) -> str:
 
 
 def summary_rows(runs: list[Run]) -> list[dict[str, Any]]:
-    """A dict per run over :data:`COLUMNS`; None and NaN mean "not available"."""
     return [{
         "run": run.name, "overrides": " ".join(run.overrides), "skip": run.skip, "depth": run.depth,
         "epochs": run.epochs_done, "steps": run.num_steps,
@@ -134,7 +132,6 @@ def cells(rows: list[dict[str, Any]], columns: tuple[str, ...] = COLUMNS) -> lis
 
 
 def write_csv(rows: list[dict[str, Any]], path: str | Path, columns: tuple[str, ...] = COLUMNS) -> None:
-    """Full-precision numbers; an empty cell means "not available"."""
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
         out.writerow(columns)
@@ -144,7 +141,6 @@ def write_csv(rows: list[dict[str, Any]], path: str | Path, columns: tuple[str, 
 
 
 def write_markdown(header: tuple[str, ...], rows: list[list[str]], notes: list[str], path: str | Path) -> None:
-    """A GitHub-flavoured Markdown table, then a note per line."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in rows:
         row = [f"`{text}`" if c in CODE_COLUMNS and text else text for c, text in zip(header, row)]
@@ -189,7 +185,6 @@ def probe_tables(rows: list[dict[str, Any]]) -> dict[str, tuple[list[str], list[
 # back from the logs once, so nothing is added to the training loop.
 
 def _shown(path: str | Path) -> str:
-    """Relative to the working directory when below it, shell-quoted."""
     path, cwd = Path(path).resolve(), Path.cwd().resolve()
     return shlex.quote(str(path.relative_to(cwd) if path.is_relative_to(cwd) else path))
 
@@ -216,8 +211,6 @@ def _ratio(pair: tuple[float, float]) -> float:
 
 
 def run_summary(run_dir: str | Path) -> str:
-    """Where the run is, its final metrics, how much the output gradient shrinks from the last
-    tracked layer to the first, and how to look further."""
     run = load_run(run_dir)
     row = summary_rows([run])[0]
     val_loss = run.series("val/loss")
@@ -233,7 +226,7 @@ def run_summary(run_dir: str | Path) -> str:
 
 
 def sweep_summary(sweep_dir: str | Path) -> str | None:
-    """The sweep's runs side by side and the commands that show more; None before any run logged."""
+    """None before any run logged."""
     try:
         runs, _ = load_runs([sweep_dir])
     except ConfigError:
