@@ -13,7 +13,6 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from skipstudy.probes.comparison import label
 from skipstudy.probes.context import ProbeContext, kept_state, require_stages, stages, titled
 
 NAME = "feature_maps"
@@ -56,8 +55,8 @@ def plot(images: np.ndarray, maps: dict[str, torch.Tensor], title: str = "") -> 
     n, cols = images.shape[0], 1 + len(maps)
     fig = Figure(figsize=(1.9 * cols, 1.9 * n + 0.5), dpi=90)
     axes = fig.subplots(n, cols, squeeze=False)
+    gray = images.shape[-1] == 1
     for i in range(n):
-        gray = images.shape[-1] == 1
         axes[i, 0].imshow(images[i][..., 0] if gray else images[i], cmap="gray" if gray else None)
         for j, m in enumerate(maps.values(), start=1):
             axes[i, j].imshow(m[i].numpy(), cmap="viridis")
@@ -70,21 +69,15 @@ def plot(images: np.ndarray, maps: dict[str, torch.Tensor], title: str = "") -> 
     return titled(fig, title)
 
 
-def spatial_contrast(maps: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Spatial std of each stage's map over its mean magnitude, averaged over images: near 0 where the
-    input's layout is gone, a number the report compares across depths and plain twins."""
-    return {label: float((m.flatten(1).std(dim=1, unbiased=False) / m.flatten(1).abs().mean(dim=1).clamp_min(1e-12)
-                          ).mean()) for label, m in maps.items()}
-
-
 def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
-    images = ctx.val_images(options.get("images", 4), f"probe.images={options.get('images', 4)}")
+    images = ctx.val_images(options.images, f"probe.images={options.images}")
     maps = channel_mean_maps(ctx.net, images)
     shown = display_images(images, ctx.datamodule.mean, ctx.datamodule.std)
-    title = f"{label({'arch': getattr(ctx.net, 'arch', type(ctx.net).__name__), 'model': ctx.model}, True)}, step {ctx.step}"
-    stem = ctx.stem(NAME)
-    ctx.figure(plot(shown, maps, title), stem.with_suffix(".png"), f"probe/{NAME}")
+    # Spatial std of each map over its mean magnitude, averaged over images: near 0 where the
+    # input's layout is gone, a number the report compares across depths and plain twins.
+    contrast = {f"spatial_contrast/{stage}": float((m.flatten(1).std(dim=1, unbiased=False)
+                                                    / m.flatten(1).abs().mean(dim=1).clamp_min(1e-12)).mean())
+                for stage, m in maps.items()}
+    stem = ctx.publish(options, {}, contrast, lambda title: plot(shown, maps, title))
     np.savez_compressed(stem.with_suffix(".npz"), input=shown, **{k: v.numpy() for k, v in maps.items()})
-    contrast = {f"spatial_contrast/{k}": v for k, v in spatial_contrast(maps).items()}
-    ctx.scalars({f"probe/{NAME}/{k}": v for k, v in contrast.items()})
     return contrast

@@ -1,6 +1,5 @@
-"""Input-output Jacobian spectra per stage (dynamical isometry, Pennington et al. 2017).
-
-A dynamically isometric net keeps the singular values of the Jacobian from the stem output to each
+"""Input-output Jacobian spectra per stage (dynamical isometry, Pennington et al. 2017): a
+dynamically isometric net keeps the singular values of the Jacobian from the stem output to each
 stage's output near 1 with depth; a deep plain net's spread over orders of magnitude. ``J`` is
 never formed: ``J^T J`` is a jvp then a vjp, for the top singular values and Hutchinson's
 ``tr(J^T J)``, ``tr((J^T J)^2)`` (RMS singular value and ``mean(s^4) / mean(s^2)^2``, 1 at isometry).
@@ -19,7 +18,7 @@ from torch.func import jvp, vjp, vmap
 
 from skipstudy.errors import ConfigError
 from skipstudy.probes.comparison import by_depth, label
-from skipstudy.probes.context import ProbeContext, eval_bn, require_stages, stages, titled
+from skipstudy.probes.context import ProbeContext, bn_mode, require_stages, stages, titled
 from skipstudy.probes.spectra import rademacher, top_eigenpairs, trace_moments
 
 NAME = "jacobian"
@@ -72,22 +71,21 @@ def stage_spectrum(f: Callable, h: torch.Tensor, k: int, iters: int, tol: float,
 
 
 def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
-    samples, k, iters = options.get("samples", 2), options.get("k", 4), options.get("iters", 50)
-    tol, probes = options.get("tol", 1e-4), options.get("probes", 8)
+    samples = options.samples
     batch = torch.cat([x for x, _ in ctx.fixed_batches("val")])
     if len(batch) < samples:
         raise ConfigError(f"probe.samples={samples}: the probe's validation batches hold only {len(batch)} images; "
                           "lower probe.samples or raise probe.batches")
-    generator = torch.Generator().manual_seed(options.get("seed", ctx.seed))
+    generator = torch.Generator().manual_seed(options.seed)
     names, modules = zip(*stage_modules(ctx.net))
-    bn, bn_context = eval_bn(ctx, options, batch)
-    with bn_context, torch.inference_mode(False), torch.enable_grad():
+    bn, mode = bn_mode(ctx, options, batch)
+    with mode, torch.inference_mode(False), torch.enable_grad():
         h0 = stem_outputs(ctx.net, batch[:samples])
-        spectra = [[stage_spectrum(nn.Sequential(*modules[: s + 1]), h0[i : i + 1], k, iters, tol, probes, generator)
-                    for s in range(len(names))] for i in range(samples)]
-    rows = list(zip(*spectra))  # per stage, over the images
+        spectra = [[stage_spectrum(nn.Sequential(*modules[: s + 1]), h0[i : i + 1], options.k, options.iters,
+                                   options.tol, options.probes, generator) for s in range(len(names))]
+                   for i in range(samples)]
     table = []
-    for name, per_image in zip(names, rows):
+    for name, per_image in zip(names, zip(*spectra)):  # per stage, over the images
         svs = np.array([r["singular_values"] for r in per_image])
         table.append({"stage": name, "singular_values": svs.mean(axis=0).tolist(), "sigma_max": float(svs[:, 0].mean()),
                       "sigma_max_std": float(svs[:, 0].std()),
@@ -98,8 +96,7 @@ def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
     result = {key: table[-1][key] for key in COMPARISON_COLUMNS}
     for row in table:
         result |= {f"{key}/{row['stage']}": row[key] for key in COMPARISON_COLUMNS}
-    record = {"samples": samples, "k": k, "iters": iters, "tol": tol, "probes": probes, "bn": bn, "stages": table}
-    ctx.publish(NAME, record, result, lambda title: plot_run(table, title))
+    ctx.publish(options, {"bn": bn, "stages": table}, result, lambda title: plot_run(table, title))
     return result
 
 
@@ -114,16 +111,20 @@ def plot_run(table: list[dict], title: str = "") -> Figure:
                   label="top singular values" if j == 0 else None)
     ax_s.plot(x, [row["sv_rms"] for row in table], marker="s", ms=3, color="C1", ls="--", label="RMS singular value")
     ax_i.plot(x, [row["isometry"] for row in table], marker="o", ms=3, color="C2")
-    for ax in (ax_s, ax_i):
-        ax.axhline(1.0, color="gray", ls=":", lw=0.8)
-        ax.set(yscale="log", xlabel="Jacobian: stem output -> stage output")
-        ax.set_xticks(x, [row["stage"] for row in table], fontsize=8)
+    stage_axes((ax_s, ax_i), table)
     ax_s.set(ylabel="singular value")
     ax_s.set_title("singular values of the stage Jacobian", fontsize=9)
     ax_s.legend(fontsize=7)
     ax_i.set(ylabel="mean(s^4) / mean(s^2)^2")
     ax_i.set_title("spread of the spectrum (1 = isometry)", fontsize=9)
     return titled(fig, title)
+
+
+def stage_axes(axes, table: list[dict]) -> None:
+    for ax in axes:
+        ax.axhline(1.0, color="gray", ls=":", lw=0.8)
+        ax.set(yscale="log", xlabel="Jacobian: stem output -> stage output")
+        ax.set_xticks(np.arange(len(table)), [row["stage"] for row in table], fontsize=8)
 
 
 def comparison_figure(records: list[dict]) -> Figure:
@@ -134,11 +135,8 @@ def comparison_figure(records: list[dict]) -> Figure:
         for ax, key in zip(axes, COMPARISON_COLUMNS):
             ax.plot(np.arange(len(r["stages"])), [row[key] for row in r["stages"]], style, marker="o", ms=3,
                     color=colour, label=f"{label(r)} {r['depth']}")
-    longest = max((r["stages"] for r in records), key=len)
+    stage_axes(axes, max((r["stages"] for r in records), key=len))
     for ax, what in zip(axes, ("top singular value", "RMS singular value", "mean(s^4) / mean(s^2)^2")):
-        ax.axhline(1.0, color="gray", ls=":", lw=0.8)
-        ax.set(yscale="log", xlabel="Jacobian: stem output -> stage output")
-        ax.set_xticks(np.arange(len(longest)), [row["stage"] for row in longest], fontsize=8)
         ax.set_title(what, fontsize=9)
     if len(records) <= 12:
         axes[0].legend(fontsize=6)

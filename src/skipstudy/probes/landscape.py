@@ -18,10 +18,7 @@ from matplotlib.ticker import FormatStrFormatter, NullFormatter
 from torch import nn
 from torch.func import functional_call
 
-from skipstudy.probes.context import Batches, ProbeContext, accepts_any_network, kept_state
-
-NAME = "landscape"
-check = accepts_any_network
+from skipstudy.probes.context import Batches, ProbeContext, kept_state, titled
 
 
 def random_direction(net: nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -49,11 +46,9 @@ def loss_at(net: nn.Module, params: dict[str, torch.Tensor], batches: Batches) -
 
 
 def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
-    net = ctx.net
-    steps, size, span = options.get("steps", 51), options.get("grid", 21), options.get("span", 1.0)
-    split, seed = options.get("split", "train"), options.get("seed", ctx.seed)
-    batches = ctx.fixed_batches(split)
-    gen = torch.Generator().manual_seed(seed)
+    net, steps, size, span = ctx.net, options.steps, options.grid, options.span
+    batches = ctx.fixed_batches(options.split)
+    gen = torch.Generator().manual_seed(options.seed)
     d1, d2 = random_direction(net, gen), random_direction(net, gen)
     theta = {name: p.detach() for name, p in net.named_parameters()}
 
@@ -70,10 +65,11 @@ def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
               # Sharpness: how much the loss rises at the edge of the slice.
               "loss_rise_1d": float(max(loss_1d[0], loss_1d[-1]) - loss_1d[steps // 2]),
               "loss_max_2d": float(loss_2d.max())}
-    record = {**result, "split": split, "span": span, "steps": steps, "grid": size, "seed": seed,
-              "images": sum(len(y) for _, y in batches), "loss_1d": loss_1d.tolist()}
-    stem = ctx.publish(NAME, record, result, {"1d": lambda title: plot_1d(alphas, loss_1d, acc_1d, f"{title}, {split} loss"),
-                                              "2d": lambda title: plot_2d(betas, loss_2d, f"{title}, {split} loss")})
+    record = {**result, "images": sum(len(y) for _, y in batches), "loss_1d": loss_1d.tolist()}
+    what = f"{options.split} loss"
+    stem = ctx.publish(options, record, result,
+                       {"1d": lambda title: plot_1d(alphas, loss_1d, acc_1d, f"{title}, {what}"),
+                        "2d": lambda title: plot_2d(betas, loss_2d, f"{title}, {what}")})
     np.save(stem.parent / f"{stem.name}_2d.npy", loss_2d)
     np.savez(stem.with_suffix(".npz"), alphas_1d=alphas, loss_1d=loss_1d, acc_1d=acc_1d,
              coords_2d=betas, loss_2d=loss_2d, acc_2d=acc_2d)
@@ -89,9 +85,8 @@ def plot_1d(alphas: np.ndarray, loss: np.ndarray, acc: np.ndarray, title: str = 
     ax2 = ax.twinx()
     ax2.plot(alphas, acc, color="C1", ls="--")
     ax2.set_ylabel("accuracy", color="C1")
-    ax.set_title(title or "1-D slice", fontsize=9)
-    fig.tight_layout()
-    return fig
+    ax.set_title("1-D slice", fontsize=9)
+    return titled(fig, title)
 
 
 def plot_2d(coords: np.ndarray, loss: np.ndarray, title: str = "") -> Figure:
@@ -112,6 +107,5 @@ def plot_2d(coords: np.ndarray, loss: np.ndarray, title: str = "") -> Figure:
     bar.ax.yaxis.set_minor_formatter(NullFormatter())
     ax.plot([0], [0], "k+", ms=8)
     ax.set(xlabel="d1", ylabel="d2", aspect="equal")
-    ax.set_title(title or "2-D slice", fontsize=9)
-    fig.tight_layout()
-    return fig
+    ax.set_title("2-D slice", fontsize=9)
+    return titled(fig, title)

@@ -65,12 +65,9 @@ def accuracy(net: nn.Module, batches: Batches) -> float:
 
 
 def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
-    net = ctx.net
-    names = [name for name, _ in residual_blocks(net)]
-    down = [is_downsampling(b) for _, b in residual_blocks(net)]
-    n, samples = len(names), options.get("samples", 10)
-    batches = ctx.fixed_batches("val")
-    rng = np.random.default_rng(ctx.seed)
+    net, batches = ctx.net, ctx.fixed_batches("val")
+    names, down = zip(*[(name, is_downsampling(b)) for name, b in residual_blocks(net)])
+    n, rng = len(names), np.random.default_rng(options.seed)
     with kept_state(net):
         intact = accuracy(net, batches)
         single = []
@@ -78,17 +75,17 @@ def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
             with deleted(net, [name]):
                 single.append(accuracy(net, batches))
         by_k = []
-        for k in range(1, min(options.get("max_k") or n, n) + 1):
+        for k in range(1, min(options.max_k or n, n) + 1):
             accs = []
-            for _ in range(1 if k == n else samples):
+            for _ in range(1 if k == n else options.samples):
                 with deleted(net, [names[i] for i in sorted(rng.choice(n, size=k, replace=False).tolist())]):
                     accs.append(accuracy(net, batches))
             by_k.append({"k": k, "mean": float(np.mean(accs)), "std": float(np.std(accs)), "accs": accs})
     result = {"acc_intact": intact, "acc_one_deleted_mean": float(np.mean(single)),
               "acc_one_deleted_min": float(np.min(single))}
-    record = {**result, "samples": samples, "images": sum(len(y) for _, y in batches), "deleted_k": by_k,
+    record = {**result, "images": sum(len(y) for _, y in batches), "deleted_k": by_k,
               "blocks": [{"name": nm, "downsampling": d, "acc": a} for nm, d, a in zip(names, down, single)]}
-    ctx.publish(NAME, record, result, lambda title: plot(names, single, down, intact, by_k, title))
+    ctx.publish(options, record, result, lambda title: plot(names, single, down, intact, by_k, title))
     return result
 
 

@@ -20,7 +20,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import nn
 
-from skipstudy.probes.context import Batches, ProbeContext, cross_entropy, eval_bn, require_skips, residual_blocks, titled
+from skipstudy.probes.context import (Batches, ProbeContext, bn_mode, cross_entropy, require_skips, residual_blocks,
+                                      titled)
 
 NAME = "paths"
 
@@ -108,27 +109,23 @@ def profile(magnitude: np.ndarray, mass: float) -> dict[str, Any]:
 
 
 def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
-    net = ctx.net
-    samples, mass = options.get("samples", 10), options.get("mass", 0.9)
-    batches = ctx.fixed_batches(options.get("split", "train"))
+    net, batches = ctx.net, ctx.fixed_batches(options.split)
     names = [name for name, _ in residual_blocks(net)]
-    n = len(names)
-    rng = np.random.default_rng(options.get("seed", ctx.seed))
-    bn, bn_context = eval_bn(ctx, options, torch.cat([x for x, _ in batches]))
+    n, rng = len(names), np.random.default_rng(options.seed)
+    bn, mode = bn_mode(ctx, options, torch.cat([x for x, _ in batches]))
     by_k = []
-    with bn_context:
+    with mode:
         full = float(path_gradient_norms(net, batches, None).mean())
         for k in range(n + 1):
-            sets = path_sets(n, k, samples, rng)
+            sets = path_sets(n, k, options.samples, rng)
             norms = [float(path_gradient_norms(net, batches, [names[i] for i in s]).mean()) for s in sets]
             by_k.append({"k": k, "mean": float(np.mean(norms)), "std": float(np.std(norms)), "paths": len(sets),
                          "exact": len(sets) == math.comb(n, k)})
-    stats = profile(np.array([r["mean"] for r in by_k]), mass)
+    stats = profile(np.array([r["mean"] for r in by_k]), options.mass)
     result = {"effective_lo": float(stats["effective_lo"]), "effective_hi": float(stats["effective_hi"]),
               "mean_length": stats["mean_length"], "blocks": float(n), "grad_full": full}
-    record = {"blocks": names, "samples": samples, "mass": mass, "bn": bn,
-              "images": sum(len(y) for _, y in batches), "magnitude": by_k, **stats}
-    ctx.publish(NAME, record, result, lambda title: plot(by_k, stats, mass, title))
+    record = {"blocks": names, "bn": bn, "images": sum(len(y) for _, y in batches), "magnitude": by_k, **stats}
+    ctx.publish(options, record, result, lambda title: plot(by_k, stats, options.mass, title))
     return result
 
 

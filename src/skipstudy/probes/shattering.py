@@ -18,7 +18,7 @@ from torch import nn
 
 from skipstudy.errors import ConfigError
 from skipstudy.probes.comparison import by_depth, label
-from skipstudy.probes.context import ProbeContext, eval_bn, titled
+from skipstudy.probes.context import ProbeContext, bn_mode, titled
 
 NAME = "shattering"
 THRESHOLD = math.exp(-1.0)
@@ -26,9 +26,9 @@ COMPARISON_COLUMNS = ("corr_length", "corr_length_frac", "acf_lag1")
 
 
 def check(net: nn.Module, options: Any) -> None:
-    logit, classes = options.get("logit", 0), net.fc.out_features if hasattr(net, "fc") else None
-    if classes is not None and logit >= classes:
-        raise ConfigError(f"probe.logit={logit!r} must be a class index in [0, {classes}); e.g. probe.logit=0")
+    if hasattr(net, "fc") and options.logit >= net.fc.out_features:
+        raise ConfigError(f"probe.logit={options.logit!r} must be a class index in [0, {net.fc.out_features}); "
+                          "e.g. probe.logit=0")
 
 
 def line_inputs(x0: torch.Tensor, x1: torch.Tensor, points: int) -> torch.Tensor:
@@ -67,19 +67,18 @@ def correlation_length(acf: torch.Tensor | np.ndarray, threshold: float = THRESH
 
 
 def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
-    points, logit, chunk = options.get("points", 256), options.get("logit", 0), options.get("chunk", 64)
-    pair = list(options.get("pair", [0, 1]))
+    pair = list(options.pair)
     images = ctx.val_images(max(pair) + 1, f"probe.pair={pair}")
-    inputs = line_inputs(images[pair[0]], images[pair[1]], points)
-    bn, bn_context = eval_bn(ctx, options, inputs, chunk)
-    with bn_context:
-        grads = input_gradients(ctx.net, inputs, logit, chunk)
+    inputs = line_inputs(images[pair[0]], images[pair[1]], options.points)
+    bn, mode = bn_mode(ctx, options, inputs, options.chunk)
+    with mode:
+        grads = input_gradients(ctx.net, inputs, options.logit, options.chunk)
     acf = autocorrelation(grads)
     length = correlation_length(acf)
-    result = {"corr_length": length, "corr_length_frac": length / (points - 1), "acf_lag1": float(acf[1])}
-    record = {"points": points, "logit": logit, "pair": pair, "bn": bn, "threshold": THRESHOLD, **result,
-              "grad_norm_mean": float(grads.norm(dim=1).mean()), "acf": acf.tolist()}
-    stem = ctx.publish(NAME, record, result, lambda title: plot_run(grads, acf, length, title))
+    result = {"corr_length": length, "corr_length_frac": length / (options.points - 1), "acf_lag1": float(acf[1])}
+    record = {"bn": bn, "threshold": THRESHOLD, **result, "grad_norm_mean": float(grads.norm(dim=1).mean()),
+              "acf": acf.tolist()}
+    stem = ctx.publish(options, record, result, lambda title: plot_run(grads, acf, length, title))
     np.save(stem.with_suffix(".npy"), acf.numpy())
     return result
 
