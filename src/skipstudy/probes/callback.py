@@ -1,8 +1,6 @@
-"""Probes during training, at chosen epochs: ``0`` before the first optimisation step, ``k`` at the
-end of epoch ``k`` (after its validation). They write into the run at the global step exactly as
-``python -m skipstudy.probe ckpt=<run>`` would for a checkpoint of that step, and run under a
-forked RNG, so the training's random stream is unchanged.
-"""
+"""Probes during training: epoch ``0`` before the first optimisation step, ``k`` at the end of
+epoch ``k``. They write into the run at the global step as ``python -m skipstudy.probe ckpt=<run>``
+would, under a forked RNG, so the training's random stream is unchanged."""
 
 from __future__ import annotations
 

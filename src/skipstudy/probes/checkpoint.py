@@ -1,8 +1,6 @@
-"""Rebuild a trained network from its run directory: the saved config, then the checkpoint's weights.
-
-The network is built as ``skipstudy.train`` builds it and the checkpoint's ``net.*`` weights are
-loaded strictly, so a checkpoint that does not match its config is refused, not probed half-loaded.
-"""
+"""A trained network rebuilt from its run directory as ``skipstudy.train`` builds it, then the
+checkpoint's ``net.*`` weights loaded strictly: a checkpoint that does not fit is refused, not
+probed half-loaded."""
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
-"""One figure for a whole probe sweep (plain against residual, at several depths): after a
-multirun of ``python -m skipstudy.probe``, every probe module with ``comparison_figure(records)``
-and ``COMPARISON_COLUMNS`` gets ``<sweep>/probes/<name>/<name>_comparison.png`` and a ``.json``
-table, one row per job."""
+"""One figure for a probe sweep (plain against residual, at several depths): every probe module
+with ``comparison_figure(records)`` gets ``<sweep>/probes/<name>/<name>_comparison.png`` and a
+``.json`` table of its ``COMPARISON_COLUMNS``, a row per job."""
 
 from __future__ import annotations
 

@@ -100,7 +100,16 @@ class ProbeContext:
         return stem
 
 
+def panels(width: float, height: float, *grid: int, **kwargs: Any) -> tuple[Figure, Any]:
+    """A figure and its axes (``Figure.subplots(*grid)``); a plot ends with :func:`titled`."""
+    fig = Figure(figsize=(width, height), dpi=90)
+    return fig, fig.subplots(*grid, **kwargs)
+
+
 def titled(fig: Figure, title: str) -> Figure:
+    """``title`` over the figure, and every panel's own title small enough to fit beside the others."""
+    for ax in fig.axes:
+        ax.title.set_fontsize(9)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()

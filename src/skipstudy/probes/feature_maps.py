@@ -1,8 +1,5 @@
-"""Feature maps: the channel-mean activation after each stage, next to the input image.
-
-In a deep plain twin the late maps go flat or lose the object's layout; in the residual net they
-keep it: whether information survives depth, by eye.
-"""
+"""Feature maps: the channel-mean activation after each stage, next to the input image. In a deep
+plain twin the late maps go flat or lose the object's layout: whether information survives depth."""
 
 from __future__ import annotations
 
@@ -13,7 +10,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from skipstudy.probes.context import ProbeContext, kept_state, require_stages, stages, titled
+from skipstudy.probes.context import ProbeContext, kept_state, panels, require_stages, stages, titled
 
 NAME = "feature_maps"
 
@@ -53,19 +50,17 @@ def display_images(images: torch.Tensor, mean, std) -> np.ndarray:
 def plot(images: np.ndarray, maps: dict[str, torch.Tensor], title: str = "") -> Figure:
     """One row per image: the input, then one panel per stage (each with its own colour scale)."""
     n, cols = images.shape[0], 1 + len(maps)
-    fig = Figure(figsize=(1.9 * cols, 1.9 * n + 0.5), dpi=90)
-    axes = fig.subplots(n, cols, squeeze=False)
+    fig, axes = panels(1.9 * cols, 1.9 * n + 0.5, n, cols, squeeze=False)
     gray = images.shape[-1] == 1
     for i in range(n):
         axes[i, 0].imshow(images[i][..., 0] if gray else images[i], cmap="gray" if gray else None)
         for j, m in enumerate(maps.values(), start=1):
             axes[i, j].imshow(m[i].numpy(), cmap="viridis")
-    axes[0, 0].set_title("input", fontsize=8)
+    axes[0, 0].set_title("input")
     for j, (stage, m) in enumerate(maps.items(), start=1):
-        axes[0, j].set_title(f"{stage}\n{m.shape[1]}x{m.shape[2]}", fontsize=8)
+        axes[0, j].set_title(f"{stage}\n{m.shape[1]}x{m.shape[2]}")
     for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set(xticks=[], yticks=[])
     return titled(fig, title)
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from skipstudy.errors import ConfigError
 from skipstudy.monitor.layers import select_layers
-from skipstudy.probes.context import Batches, ProbeContext, bn_mode, cross_entropy, titled
+from skipstudy.probes.context import Batches, ProbeContext, bn_mode, cross_entropy, panels, titled
 
 
 def layer_parameters(net: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -80,16 +80,14 @@ def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
 
 def plot(layers: list[dict], title: str = "") -> Figure:
     """Left: SNR per layer (forward order). Right: the mean gradient's norm and the noise per layer."""
-    fig = Figure(figsize=(max(9.0, 4 + 0.12 * len(layers)), 3.6), dpi=90)
-    ax_snr, ax_parts = fig.subplots(1, 2)
+    fig, (ax_snr, ax_parts) = panels(max(9.0, 4 + 0.12 * len(layers)), 3.6, 1, 2)
     x = np.arange(len(layers))
     ax_snr.plot(x, [r["snr"] for r in layers], marker="o", ms=3, color="C0")
     ax_snr.axhline(1.0, color="gray", ls=":", lw=0.8)
-    ax_snr.set(ylabel="|mean gradient|^2 / tr(covariance)")
-    ax_snr.set_title("gradient signal-to-noise ratio", fontsize=9)
+    ax_snr.set(title="gradient signal-to-noise ratio", ylabel="|mean gradient|^2 / tr(covariance)")
     ax_parts.plot(x, [r["mean"] for r in layers], marker="o", ms=3, label="|mean gradient|")
     ax_parts.plot(x, [r["noise"] for r in layers], marker="s", ms=3, ls="--", label="noise sqrt(tr C)")
-    ax_parts.set_title("signal and noise of micro-batch gradients", fontsize=9)
+    ax_parts.set(title="signal and noise of micro-batch gradients")
     ax_parts.legend(fontsize=7)
     for ax in (ax_snr, ax_parts):
         ax.set(yscale="log", xlabel="layer (forward order)")

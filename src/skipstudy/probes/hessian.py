@@ -1,9 +1,6 @@
-"""Top eigenvalues of the training loss's Hessian, by subspace (``probe.k=1``: power) iteration on
-Hessian-vector products, the gradient of ``<grad L, v>`` (Pearlmutter 1994), as PyHessian does.
-``top_eig`` is the largest in magnitude: at a minimum, the sharpness that bounds stable step
-sizes (``lr < 2 / top_eig`` for plain gradient descent). The loss is the mean of the batches' mean
-losses, with BN as training runs it (``probe.bn=train``) or on running statistics (``eval``).
-"""
+"""Top eigenvalues of the training loss's Hessian by subspace (``k=1``: power) iteration on
+Hessian-vector products (Pearlmutter 1994), as PyHessian does: at a minimum ``top_eig`` is the
+sharpness that bounds stable step sizes (``lr < 2 / top_eig`` for plain gradient descent)."""
 
 from __future__ import annotations
 
@@ -14,7 +11,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from skipstudy.probes.context import Batches, ProbeContext, bn_mode, cross_entropy, titled
+from skipstudy.probes.context import Batches, ProbeContext, bn_mode, cross_entropy, panels, titled
 from skipstudy.probes.spectra import top_eigenpairs
 
 
@@ -56,12 +53,10 @@ def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
 
 def plot(history: list[list[float]], title: str = "") -> Figure:
     """The Ritz values against the iteration: each top eigenvalue's estimate converging."""
-    fig = Figure(figsize=(5, 3.4), dpi=90)
-    ax = fig.subplots()
+    fig, ax = panels(5, 3.4)
     values = np.array(history)
     for j in range(values.shape[1]):
         ax.plot(np.arange(1, len(values) + 1), values[:, j], marker="o", ms=3, label=f"eigenvalue {j + 1}")
-    ax.set(xlabel="iteration", ylabel="Ritz value")
-    ax.set_title("top Hessian eigenvalues", fontsize=9)
+    ax.set(title="top Hessian eigenvalues", xlabel="iteration", ylabel="Ritz value")
     ax.legend(fontsize=7)
     return titled(fig, title)

@@ -1,9 +1,7 @@
-"""Input-output Jacobian spectra per stage (dynamical isometry, Pennington et al. 2017): a
-dynamically isometric net keeps the singular values of the Jacobian from the stem output to each
-stage's output near 1 with depth; a deep plain net's spread over orders of magnitude. ``J`` is
-never formed: ``J^T J`` is a jvp then a vjp, for the top singular values and Hutchinson's
-``tr(J^T J)``, ``tr((J^T J)^2)`` (RMS singular value and ``mean(s^4) / mean(s^2)^2``, 1 at isometry).
-"""
+"""Jacobian spectra from the stem output to each stage's output (dynamical isometry, Pennington et
+al. 2017): near 1 with depth in an isometric net, spread over orders of magnitude in a deep plain
+one. ``J^T J`` is a jvp then a vjp, never formed, for the top singular values and Hutchinson's
+``mean(s^2)``, ``mean(s^4) / mean(s^2)^2`` (1 at isometry)."""
 
 from __future__ import annotations
 
@@ -18,7 +16,7 @@ from torch.func import jvp, vjp, vmap
 
 from skipstudy.errors import ConfigError
 from skipstudy.probes.comparison import by_depth, label
-from skipstudy.probes.context import ProbeContext, bn_mode, require_stages, stages, titled
+from skipstudy.probes.context import ProbeContext, bn_mode, panels, require_stages, stages, titled
 from skipstudy.probes.spectra import rademacher, top_eigenpairs, trace_moments
 
 NAME = "jacobian"
@@ -102,8 +100,7 @@ def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
 
 def plot_run(table: list[dict], title: str = "") -> Figure:
     """Left: the top and the RMS singular values per stage. Right: the isometry ratio per stage."""
-    fig = Figure(figsize=(9, 3.4), dpi=90)
-    ax_s, ax_i = fig.subplots(1, 2)
+    fig, (ax_s, ax_i) = panels(9, 3.4, 1, 2)
     x = np.arange(len(table))
     svs = np.array([row["singular_values"] for row in table])
     for j in range(svs.shape[1]):
@@ -112,15 +109,14 @@ def plot_run(table: list[dict], title: str = "") -> Figure:
     ax_s.plot(x, [row["sv_rms"] for row in table], marker="s", ms=3, color="C1", ls="--", label="RMS singular value")
     ax_i.plot(x, [row["isometry"] for row in table], marker="o", ms=3, color="C2")
     stage_axes((ax_s, ax_i), table)
-    ax_s.set(ylabel="singular value")
-    ax_s.set_title("singular values of the stage Jacobian", fontsize=9)
+    ax_s.set(title="singular values of the stage Jacobian", ylabel="singular value")
     ax_s.legend(fontsize=7)
-    ax_i.set(ylabel="mean(s^4) / mean(s^2)^2")
-    ax_i.set_title("spread of the spectrum (1 = isometry)", fontsize=9)
+    ax_i.set(title="spread of the spectrum (1 = isometry)", ylabel="mean(s^4) / mean(s^2)^2")
     return titled(fig, title)
 
 
 def stage_axes(axes, table: list[dict]) -> None:
+    """Log axes over ``table``'s stages, the isometry's 1 marked."""
     for ax in axes:
         ax.axhline(1.0, color="gray", ls=":", lw=0.8)
         ax.set(yscale="log", xlabel="Jacobian: stem output -> stage output")
@@ -129,15 +125,14 @@ def stage_axes(axes, table: list[dict]) -> None:
 
 def comparison_figure(records: list[dict]) -> Figure:
     """Top and RMS singular value and isometry ratio per stage, one line per run."""
-    fig = Figure(figsize=(13, 3.8), dpi=90)
-    axes = fig.subplots(1, 3)
+    fig, axes = panels(13, 3.8, 1, 3)
     for r, colour, style in by_depth(records):
         for ax, key in zip(axes, COMPARISON_COLUMNS):
             ax.plot(np.arange(len(r["stages"])), [row[key] for row in r["stages"]], style, marker="o", ms=3,
                     color=colour, label=f"{label(r)} {r['depth']}")
     stage_axes(axes, max((r["stages"] for r in records), key=len))
     for ax, what in zip(axes, ("top singular value", "RMS singular value", "mean(s^4) / mean(s^2)^2")):
-        ax.set_title(what, fontsize=9)
+        ax.set(title=what)
     if len(records) <= 12:
         axes[0].legend(fontsize=6)
     return titled(fig, "Input-output Jacobian per stage (Pennington et al. 2017): isometry keeps singular values "

@@ -1,10 +1,7 @@
-"""Loss-landscape slices (Li et al. 2018): the training loss at ``theta + a d1`` and
-``theta + a d1 + b d2`` for ``a, b`` on an odd grid over ``[-span, span]`` (its centre is
-``theta``). Li et al.'s directions: Gaussian, each filter rescaled to the norm of the same filter
-of ``theta`` (so BN's scale invariance does not shape the plot), zero on BN parameters, biases
-and Fixup/SkipInit scalars. The weights are never modified (``torch.func.functional_call``) and
-BN uses the checkpoint's running statistics; every point sees the same batches.
-"""
+"""Loss-landscape slices (Li et al. 2018): the training loss at ``theta + a d1 (+ b d2)`` on an odd
+grid over ``[-span, span]``. Directions are Gaussian with each filter rescaled to the norm of
+``theta``'s (so BN's scale invariance does not shape the plot), zero on 1-D parameters; the weights
+are never modified (``functional_call``) and BN uses running statistics."""
 
 from __future__ import annotations
 
@@ -18,7 +15,7 @@ from matplotlib.ticker import FormatStrFormatter, NullFormatter
 from torch import nn
 from torch.func import functional_call
 
-from skipstudy.probes.context import Batches, ProbeContext, kept_state, titled
+from skipstudy.probes.context import Batches, ProbeContext, kept_state, panels, titled
 
 
 def random_direction(net: nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -77,22 +74,19 @@ def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
 
 
 def plot_1d(alphas: np.ndarray, loss: np.ndarray, acc: np.ndarray, title: str = "") -> Figure:
-    fig = Figure(figsize=(5, 3.4), dpi=90)
-    ax = fig.subplots()
+    fig, ax = panels(5, 3.4)
     ax.plot(alphas, loss, color="C0")
-    ax.set_xlabel("step along d1 (filter-normalised)")
+    ax.set(title="1-D slice", xlabel="step along d1 (filter-normalised)")
     ax.set_ylabel("loss", color="C0")
     ax2 = ax.twinx()
     ax2.plot(alphas, acc, color="C1", ls="--")
     ax2.set_ylabel("accuracy", color="C1")
-    ax.set_title("1-D slice", fontsize=9)
     return titled(fig, title)
 
 
 def plot_2d(coords: np.ndarray, loss: np.ndarray, title: str = "") -> Figure:
     """Contours of the 2-D slice (Li et al.'s figures), the checkpoint marked at the centre."""
-    fig = Figure(figsize=(4.8, 4.2), dpi=90)
-    ax = fig.subplots()
+    fig, ax = panels(4.8, 4.2)
     finite = loss[np.isfinite(loss)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     hi = hi if hi > lo else lo + 1e-6
@@ -106,6 +100,5 @@ def plot_2d(coords: np.ndarray, loss: np.ndarray, title: str = "") -> Figure:
     bar.ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
     bar.ax.yaxis.set_minor_formatter(NullFormatter())
     ax.plot([0], [0], "k+", ms=8)
-    ax.set(xlabel="d1", ylabel="d2", aspect="equal")
-    ax.set_title("2-D slice", fontsize=9)
+    ax.set(title="2-D slice", xlabel="d1", ylabel="d2", aspect="equal")
     return titled(fig, title)

@@ -1,10 +1,6 @@
-"""Lesion study (Veit et al. 2016): validation accuracy with residual branches deleted.
-
-A deleted block computes ``relu(shortcut(x))`` (the ReLU after the addition is outside the branch).
-Veit et al. found accuracy decays smoothly with the number deleted, as for an ensemble. Downsampling
-blocks keep their zero-pad or projection shortcut and are flagged: that shortcut is itself lossy or
-learned. Fixup's ``bias1a`` stays where a projection sees it too (``Block.shortcut_term``).
-"""
+"""Lesion study (Veit et al. 2016): validation accuracy with residual branches deleted; it decays
+smoothly with the number deleted, as for an ensemble. A deleted block computes ``relu(shortcut(x))``;
+downsampling blocks keep their lossy or learned shortcut and are flagged."""
 
 from __future__ import annotations
 
@@ -17,7 +13,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from skipstudy.models.blocks import Block, identity_shortcut
-from skipstudy.probes.context import Batches, ProbeContext, kept_state, require_skips, residual_blocks, titled
+from skipstudy.probes.context import Batches, ProbeContext, kept_state, panels, require_skips, residual_blocks, titled
 
 NAME = "lesion"
 
@@ -32,7 +28,8 @@ def is_downsampling(block: Block) -> bool:
 
 
 class DeletedBranch(nn.Module):
-    """Stands in for a block whose residual branch is deleted: ``relu(shortcut(x))``."""
+    """Stands in for a block whose residual branch is deleted: ``relu(shortcut_term(x))``, the ReLU
+    after the addition being outside the branch (Fixup's ``bias1a`` stays where a projection sees it)."""
 
     def __init__(self, block: Block) -> None:
         super().__init__()
@@ -93,16 +90,14 @@ def plot(names: list[str], single: list[float], downsampling: list[bool], intact
          by_k: list[dict], title: str = "") -> Figure:
     """Left: accuracy with each block deleted (downsampling blocks in red). Right: accuracy
     against the number of deleted blocks (mean and std over random sets)."""
-    fig = Figure(figsize=(max(8.0, 4 + 0.18 * len(names)), 3.6), dpi=90)
-    ax_b, ax_k = fig.subplots(1, 2, gridspec_kw={"width_ratios": [max(1.0, len(names) / 12), 1]})
+    fig, (ax_b, ax_k) = panels(max(8.0, 4 + 0.18 * len(names)), 3.6, 1, 2,
+                               gridspec_kw={"width_ratios": [max(1.0, len(names) / 12), 1]})
     ax_b.bar(range(len(names)), single, color=["C3" if d else "C0" for d in downsampling])
     ax_b.axhline(intact, color="k", ls="--", lw=0.8, label=f"intact {intact:.3f}")
     ax_b.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
-    ax_b.set(ylabel="val accuracy")
-    ax_b.set_title("one block's branch deleted (red: downsampling block)", fontsize=9)
+    ax_b.set(title="one block's branch deleted (red: downsampling block)", ylabel="val accuracy")
     ax_b.legend(fontsize=7)
     ax_k.errorbar([0] + [r["k"] for r in by_k], [intact] + [r["mean"] for r in by_k],
                   yerr=[0.0] + [r["std"] for r in by_k], marker="o", ms=3, capsize=2)
-    ax_k.set(xlabel="blocks deleted (random)", ylabel="val accuracy")
-    ax_k.set_title("k random blocks deleted", fontsize=9)
+    ax_k.set(title="k random blocks deleted", xlabel="blocks deleted (random)", ylabel="val accuracy")
     return titled(fig, title)

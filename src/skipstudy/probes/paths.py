@@ -1,11 +1,7 @@
-"""Path lengths and effective depth (Veit et al. 2016, section 4.2).
-
-A block's Jacobian is ``D (S + B)``, so the gradient is exactly the sum over the ``2^n`` paths
-that pick shortcut or branch at every block; a path's length is the number of branches it takes.
-As Veit et al. did, one path's gradient is taken with the backward pass routed through the chosen
-blocks' branches and the other blocks' shortcuts, forward values unchanged. Totals are summed in
-log space so that deep nets do not overflow. Shape-changing shortcuts count as shortcuts.
-"""
+"""Path lengths and effective depth (Veit et al. 2016, section 4.2): a block's Jacobian is
+``D (S + B)``, so the gradient is the sum over the ``2^n`` paths of shortcut-or-branch choices. One
+path's gradient is the backward pass routed through its blocks' branches and the other blocks'
+shortcuts, forward values unchanged, as Veit et al. did; totals are summed in log space."""
 
 from __future__ import annotations
 
@@ -21,7 +17,7 @@ from matplotlib.ticker import MaxNLocator
 from torch import nn
 
 from skipstudy.probes.context import (Batches, ProbeContext, bn_mode, cross_entropy, require_skips, residual_blocks,
-                                      titled)
+                                      panels, titled)
 
 NAME = "paths"
 
@@ -34,7 +30,7 @@ def check(net: nn.Module, options: Any) -> None:
 @contextlib.contextmanager
 def routed(net: nn.Module, branches: Iterable[str]) -> Iterator[nn.Module]:
     """Gradients through the branch of the blocks named in ``branches`` and the shortcut of every
-    other residual block; forward values unchanged."""
+    other residual block (shape-changing shortcuts count as shortcuts); forward values unchanged."""
     chosen = set(branches)
     handles, shadowed = [], []
     try:
@@ -132,20 +128,17 @@ def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
 def plot(by_k: list[dict], stats: dict, mass: float, title: str = "") -> Figure:
     """Veit et al.'s figure 6: (a) the distribution of path lengths, (b) the gradient magnitude of
     one path of each length, (c) each length's share of the total, the effective range shaded."""
-    fig = Figure(figsize=(12, 3.4), dpi=90)
-    ax_d, ax_m, ax_t = fig.subplots(1, 3)
+    fig, (ax_d, ax_m, ax_t) = panels(12, 3.4, 1, 3)
     k = np.array([r["k"] for r in by_k])
     ax_d.bar(k, stats["distribution"], color="C0")
-    ax_d.set(ylabel="fraction of paths")
-    ax_d.set_title("(a) path lengths: C(n, k) / 2^n", fontsize=9)
+    ax_d.set(title="(a) path lengths: C(n, k) / 2^n", ylabel="fraction of paths")
     ax_m.errorbar(k, [r["mean"] for r in by_k], yerr=[r["std"] for r in by_k], marker="o", ms=3, capsize=2)
-    ax_m.set(yscale="log", ylabel="|dL/d input of the first block|")
-    ax_m.set_title("(b) gradient magnitude of one path of length k", fontsize=9)
+    ax_m.set(title="(b) gradient magnitude of one path of length k", yscale="log",
+             ylabel="|dL/d input of the first block|")
     ax_t.bar(k, stats["share"], color="C2")
     lo, hi = stats["effective_lo"], stats["effective_hi"]
     ax_t.axvspan(lo - 0.5, hi + 0.5, color="C3", alpha=0.15, label=f"{mass:.0%} of the total: k = {lo}..{hi}")
-    ax_t.set(ylabel="share of the total")
-    ax_t.set_title("(c) total gradient magnitude per path length", fontsize=9)
+    ax_t.set(title="(c) total gradient magnitude per path length", ylabel="share of the total")
     ax_t.legend(fontsize=7)
     for ax in (ax_d, ax_m, ax_t):
         ax.set_xlabel("path length k (branches taken)")
