@@ -57,8 +57,7 @@ def run_probe(cfg: DictConfig, output_dir: str | os.PathLike, overrides: list[st
             raise ConfigError(f"{clash[0]} cannot be changed with ckpt={ckpt}: the network and its data are the "
                               "run's; drop the override, or drop ckpt to probe a fresh network")
         run = load_run(ckpt, data_dir=cfg.paths.data_dir if any(k.split(".")[0] == "paths" for k in keys) else None)
-        net, dm, run_dir, step = run.net, run.datamodule, run.run_dir, run.step
-        model, seed = run.cfg.model, run.cfg.seed
+        net, dm, run_dir, step, run_cfg = run.net, run.datamodule, run.run_dir, run.step, run.cfg
         print(f"{options.name}: {run.ckpt_file} (step {step}, epoch {run.epoch})")
     else:
         if options.name in NEEDS_CHECKPOINT:
@@ -66,20 +65,16 @@ def run_probe(cfg: DictConfig, output_dir: str | os.PathLike, overrides: list[st
         # As skipstudy.train builds it: seed, data, network, so the weights equal a run's at step 0.
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         dm = build_datamodule(cfg)
-        net = build_network(cfg, dm)
-        run_dir, step, model, seed = Path(output_dir), 0, cfg.model, cfg.seed
-        print(f"{options.name}: freshly initialised {getattr(net, 'arch', type(net).__name__)} (seed {seed})")
+        net, run_dir, step, run_cfg = build_network(cfg, dm), Path(output_dir), 0, cfg
+        print(f"{options.name}: freshly initialised {getattr(net, 'arch', type(net).__name__)} (seed {cfg.seed})")
     if hasattr(module, "check"):
         module.check(net, options)
     dm.setup("fit")
-    writer = SummaryWriter(log_dir=str(run_dir))
-    try:
+    with SummaryWriter(log_dir=str(run_dir)) as writer:
         result = module.run(ProbeContext(
             net=net.to(device), datamodule=dm, run_dir=Path(run_dir), step=step, device=device, writer=writer,
-            trained=bool(ckpt), model=OmegaConf.to_container(model, resolve=True), seed=int(seed),
+            trained=bool(ckpt), model=OmegaConf.to_container(run_cfg.model, resolve=True), seed=int(run_cfg.seed),
             batches=options.batches), options)
-    finally:
-        writer.close()
     for key, value in result.items():
         print(f"  {key}: {value:.4g}")
     print(f"  outputs: {Path(run_dir) / 'probes' / options.name}")

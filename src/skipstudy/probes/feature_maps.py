@@ -3,6 +3,7 @@ plain twin the late maps go flat or lose the object's layout: whether informatio
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -27,13 +28,10 @@ def channel_mean_maps(net: nn.Module, images: torch.Tensor) -> dict[str, torch.T
     def hook(label):
         # Reduced at once: a later in-place op on the same tensor cannot change it.
         return lambda _m, _inp, out: maps.__setitem__(label, out.detach().float().mean(dim=1).cpu())
-    handles = [module.register_forward_hook(hook(label)) for label, module in stages(net)]
-    try:
-        with kept_state(net):
-            net(images)
-    finally:
-        for h in handles:
-            h.remove()
+    with contextlib.ExitStack() as hooks, kept_state(net):
+        for label, module in stages(net):
+            hooks.enter_context(module.register_forward_hook(hook(label)))
+        net(images)
     return maps
 
 

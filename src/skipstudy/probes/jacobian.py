@@ -17,7 +17,7 @@ from torch.func import jvp, vjp, vmap
 from skipstudy.errors import ConfigError
 from skipstudy.probes.comparison import by_depth, label
 from skipstudy.probes.context import ProbeContext, bn_mode, panels, require_stages, stages, titled
-from skipstudy.probes.spectra import rademacher, top_eigenpairs, trace_moments
+from skipstudy.probes.spectra import top_eigenpairs, trace_moments
 
 NAME = "jacobian"
 COMPARISON_COLUMNS = ("sigma_max", "sv_rms", "isometry")
@@ -35,11 +35,8 @@ def stage_modules(net: nn.Module) -> list[tuple[str, nn.Module]]:
 def stem_outputs(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The first stage's input for ``images`` (the images themselves where there is no stem)."""
     seen: list[torch.Tensor] = []
-    handle = stage_modules(net)[0][1].register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
-    try:
+    with stage_modules(net)[0][1].register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone())):
         net(images)
-    finally:
-        handle.remove()
     return seen[0]
 
 
@@ -61,7 +58,9 @@ def stage_spectrum(f: Callable, h: torch.Tensor, k: int, iters: int, tol: float,
     # Two extra vectors: the k-th value converges like (s_{k+3} / s_k)^(2 iters), not (s_{k+1} / s_k).
     start = torch.randn(min(k + 2, rank), n_in, generator=generator, dtype=torch.float64).to(h.dtype).to(h.device)
     values, _, done = top_eigenpairs(matvec, start, iters, tol)
-    tr1, tr2 = trace_moments(matvec, rademacher(probes, n_in, generator, h))
+    # Rademacher vectors, drawn on the CPU (as is the start) so that the draws do not depend on the device.
+    signs = torch.randint(0, 2, (probes, n_in), generator=generator).to(h.dtype) * 2 - 1
+    tr1, tr2 = trace_moments(matvec, signs.to(h.device))
     mean_sq, mean_quartic = tr1 / rank, tr2 / rank
     return {"singular_values": values[:k].clamp_min(0).sqrt().tolist(), "sv_sq_mean": mean_sq,
             "isometry": mean_quartic / mean_sq ** 2 if mean_sq > 0 else math.nan, "iterations": done,

@@ -43,17 +43,13 @@ class DeletedBranch(nn.Module):
 @contextlib.contextmanager
 def deleted(net: nn.Module, names: Iterable[str]) -> Iterator[nn.Module]:
     """Inside the ``with``, the named blocks of ``net`` have their branches deleted."""
-    swapped = []
-    try:
+    with contextlib.ExitStack() as undo:
         for name in names:
             parent_name, _, child = name.rpartition(".")
-            parent = net.get_submodule(parent_name)
-            swapped.append((parent, child, parent._modules[child]))
-            parent._modules[child] = DeletedBranch(parent._modules[child])
+            modules = net.get_submodule(parent_name)._modules
+            undo.callback(modules.__setitem__, child, modules[child])
+            modules[child] = DeletedBranch(modules[child])
         yield net
-    finally:
-        for parent, child, block in reversed(swapped):
-            parent._modules[child] = block
 
 
 @torch.no_grad()
@@ -65,18 +61,18 @@ def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
     net, batches = ctx.net, ctx.fixed_batches("val")
     names, down = zip(*[(name, is_downsampling(b)) for name, b in residual_blocks(net)])
     n, rng = len(names), np.random.default_rng(options.seed)
+
+    def accuracy_without(blocks: list[str]) -> float:
+        with deleted(net, blocks):
+            return accuracy(net, batches)
+
     with kept_state(net):
-        intact = accuracy(net, batches)
-        single = []
-        for name in names:
-            with deleted(net, [name]):
-                single.append(accuracy(net, batches))
+        intact = accuracy_without([])
+        single = [accuracy_without([name]) for name in names]
         by_k = []
         for k in range(1, min(options.max_k or n, n) + 1):
-            accs = []
-            for _ in range(1 if k == n else options.samples):
-                with deleted(net, [names[i] for i in sorted(rng.choice(n, size=k, replace=False).tolist())]):
-                    accs.append(accuracy(net, batches))
+            accs = [accuracy_without([names[i] for i in sorted(rng.choice(n, size=k, replace=False).tolist())])
+                    for _ in range(1 if k == n else options.samples)]
             by_k.append({"k": k, "mean": float(np.mean(accs)), "std": float(np.std(accs)), "accs": accs})
     result = {"acc_intact": intact, "acc_one_deleted_mean": float(np.mean(single)),
               "acc_one_deleted_min": float(np.min(single))}

@@ -16,8 +16,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import nn
 
-from skipstudy.probes.context import (Batches, ProbeContext, bn_mode, cross_entropy, require_skips, residual_blocks,
-                                      panels, titled)
+from skipstudy.probes.context import (Batches, ProbeContext, bn_mode, cross_entropy, panels, require_skips,
+                                      residual_blocks, titled)
 
 NAME = "paths"
 
@@ -32,23 +32,17 @@ def routed(net: nn.Module, branches: Iterable[str]) -> Iterator[nn.Module]:
     """Gradients through the branch of the blocks named in ``branches`` and the shortcut of every
     other residual block (shape-changing shortcuts count as shortcuts); forward values unchanged."""
     chosen = set(branches)
-    handles, shadowed = [], []
-    try:
+    with contextlib.ExitStack() as undo:
         for name, block in residual_blocks(net):
             if name in chosen:
                 # An instance attribute shadows the method, the module tree is untouched; the
                 # shortcut_term, not the shortcut module, so a Fixup block's input shift stays put.
                 vars(block)["shortcut_term"] = lambda x, term=block.shortcut_term: term(x.detach())
-                shadowed.append(block)
+                undo.callback(vars(block).pop, "shortcut_term")
             else:
-                handles.append(block.branch_convs()[0].register_forward_pre_hook(
+                undo.enter_context(block.branch_convs()[0].register_forward_pre_hook(
                     lambda _m, args: (args[0].detach(), *args[1:])))
         yield net
-    finally:
-        for h in handles:
-            h.remove()
-        for block in shadowed:
-            del vars(block)["shortcut_term"]
 
 
 def path_gradient_norms(net: nn.Module, batches: Batches, branches: Iterable[str] | None) -> torch.Tensor:
@@ -61,15 +55,12 @@ def path_gradient_norms(net: nn.Module, batches: Batches, branches: Iterable[str
         return (leaves[-1], *args[1:])
 
     norms = []
-    handle = residual_blocks(net)[0][1].register_forward_pre_hook(leaf_input)
-    try:
-        with routed(net, branches) if branches is not None else contextlib.nullcontext(), \
-                torch.inference_mode(False), torch.enable_grad():
-            for x, y in batches:
-                (g,) = torch.autograd.grad(cross_entropy(net, x, y, reduction="sum"), leaves[-1])
-                norms.append(g.flatten(1).double().norm(dim=1).cpu())
-    finally:
-        handle.remove()
+    with residual_blocks(net)[0][1].register_forward_pre_hook(leaf_input), \
+            routed(net, branches) if branches is not None else contextlib.nullcontext(), \
+            torch.inference_mode(False), torch.enable_grad():
+        for x, y in batches:
+            (g,) = torch.autograd.grad(cross_entropy(net, x, y, reduction="sum"), leaves[-1])
+            norms.append(g.flatten(1).double().norm(dim=1).cpu())
     return torch.cat(norms)
 
 

@@ -17,7 +17,6 @@ from skipstudy.errors import ConfigError
 from skipstudy.probes.comparison import by_depth, is_plain, label
 from skipstudy.probes.context import ProbeContext, bn_mode, panels, titled
 
-NAME = "shattering"
 THRESHOLD = math.exp(-1.0)
 COMPARISON_COLUMNS = ("corr_length", "corr_length_frac", "acf_lag1")
 
