@@ -19,15 +19,6 @@ from skipstudy.probes.context import ProbeContext
 from skipstudy.runs.layout import conf_dir
 
 
-def probe_options(name: str, overrides: Any = None, batches: int | None = None) -> DictConfig:
-    """``conf/probe/<name>.yaml`` with ``overrides`` merged in; unknown keys are refused."""
-    options = OmegaConf.merge(OmegaConf.load(Path(conf_dir()) / "probe" / f"{name}.yaml"), overrides or {})
-    if batches is not None:
-        options.batches = batches
-    config.check_probe(name, options, key=f"probes.options.{name}")
-    return options
-
-
 class ProbeCallback(L.Callback):
     def __init__(self, options: dict[str, DictConfig], at_epochs: list[int], seed: int = 0, model: dict | None = None):
         super().__init__()
@@ -76,7 +67,11 @@ def build_probe_callback(cfg: Any, net: torch.nn.Module, seed: int = 0, model: A
     options = {}
     for name in names:
         module = get_probe(name, key="probes.names")
-        options[name] = probe_options(name, all_options.get(name), cfg.get("batches"))
+        options[name] = OmegaConf.merge(OmegaConf.load(Path(conf_dir()) / "probe" / f"{name}.yaml"),
+                                        all_options.get(name) or {})
+        if cfg.get("batches") is not None:
+            options[name].batches = cfg.batches
+        config.check_probe(name, options[name], key=f"probes.options.{name}")  # unknown keys too
         if hasattr(module, "check"):
             module.check(net, options[name])
     return ProbeCallback(options, at_epochs, seed, OmegaConf.to_container(model, resolve=True) if model else None)
