@@ -420,9 +420,9 @@ def test_readme_probe_commands(trained, tmp_path):
 
 
 def test_ckpt_paths_are_quoted_for_hydra_only_when_they_exist(tmp_path):
-    from skipstudy.probe import quote_paths
+    from skipstudy.runs.dirs import quote_path
 
     run = tmp_path / "model.depth=20,model.skip=false"
     run.mkdir()
-    assert quote_paths([f"ckpt={run}", "probe=lesion"]) == [f"ckpt='{run}'", "probe=lesion"]
-    assert quote_paths(["ckpt=a,b", f"ckpt='{run}'"]) == ["ckpt=a,b", f"ckpt='{run}'"]
+    assert quote_path([f"ckpt={run}", "probe=lesion"], "ckpt", existing_only=True) == [f"ckpt='{run}'", "probe=lesion"]
+    assert quote_path(["ckpt=a,b", f"ckpt='{run}'"], "ckpt", existing_only=True) == ["ckpt=a,b", f"ckpt='{run}'"]

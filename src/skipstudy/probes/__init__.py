@@ -1,10 +1,6 @@
-"""Probes: looks inside a network at one point of its training.
-
-One module per probe, each with ``check(net, options)`` (what only the network can refuse; the
-config schema refuses bad options) and ``run(ctx, options) -> dict[str, float]``. They run from
-``python -m skipstudy.probe`` or during training (:mod:`~skipstudy.probes.callback`); options
-live in ``conf/probe/<name>.yaml``; a module with ``comparison_figure`` gets one figure per sweep.
-"""
+"""Probes: looks inside a network at one point of its training. One module per probe with
+``run(ctx, options) -> dict[str, float]`` and, where only the network can refuse, ``check(net,
+options)``; options in ``conf/probe/<name>.yaml``; ``comparison_figure``: one figure per sweep."""
 
 from __future__ import annotations
 

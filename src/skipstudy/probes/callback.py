@@ -1,8 +1,6 @@
-"""Probes during training, at chosen epochs: ``0`` before the first optimisation step, ``k`` at the
-end of epoch ``k`` (after its validation). They write into the run at the global step exactly as
-``python -m skipstudy.probe ckpt=<run>`` would for a checkpoint of that step, and run under a
-forked RNG, so the training's random stream is unchanged.
-"""
+"""Probes during training: epoch ``0`` before the first optimisation step, ``k`` at the end of
+epoch ``k``. They write into the run at the global step as ``python -m skipstudy.probe ckpt=<run>``
+would, under a forked RNG, so the training's random stream is unchanged."""
 
 from __future__ import annotations
 
@@ -16,26 +14,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from skipstudy import config
 from skipstudy.errors import ConfigError
-from skipstudy.runs.layout import conf_dir
 from skipstudy.probes import PROBES, get_probe
 from skipstudy.probes.context import ProbeContext
-
-
-def probe_options(name: str, overrides: Any = None, batches: int | None = None) -> DictConfig:
-    """``conf/probe/<name>.yaml`` with ``overrides`` merged in; unknown keys are refused."""
-    options = OmegaConf.merge(OmegaConf.load(Path(conf_dir()) / "probe" / f"{name}.yaml"), overrides or {})
-    if batches is not None:
-        options.batches = batches
-    config.check_probe(name, options, key=f"probes.options.{name}")
-    return options
+from skipstudy.runs.layout import conf_dir
 
 
 class ProbeCallback(L.Callback):
-    def __init__(self, names: list[str], at_epochs: list[int], options: dict[str, Any],
-                 seed: int = 0, model: dict | None = None) -> None:
+    def __init__(self, options: dict[str, DictConfig], at_epochs: list[int], seed: int = 0, model: dict | None = None):
         super().__init__()
-        self.names, self.at_epochs, self.options = list(names), sorted(set(at_epochs)), options
-        self.seed, self.model = seed, dict(model or {})
+        self.options, self.at_epochs, self.seed, self.model = options, sorted(set(at_epochs)), seed, model or {}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A resumed run starts at its checkpoint's epoch; epoch 0 means the untrained network only.
@@ -52,13 +39,12 @@ class ProbeCallback(L.Callback):
             return
         writer = next((lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         device = pl_module.device
-        for name in self.names:
+        for name, options in self.options.items():
             ctx = ProbeContext(net=pl_module.net, datamodule=trainer.datamodule, run_dir=run_dir,
-                               step=trainer.global_step, device=device, writer=writer,
-                               trained=trainer.global_step > 0, model=self.model, seed=self.seed,
-                               batches=self.options[name].get("batches"))
+                               step=trainer.global_step, device=device, writer=writer, trained=trainer.global_step > 0,
+                               model=self.model, seed=self.seed, batches=options.batches)
             with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-                get_probe(name).run(ctx, self.options[name])
+                get_probe(name).run(ctx, options)
 
 
 def build_probe_callback(cfg: Any, net: torch.nn.Module, seed: int = 0, model: Any = None) -> ProbeCallback | None:
@@ -81,7 +67,11 @@ def build_probe_callback(cfg: Any, net: torch.nn.Module, seed: int = 0, model: A
     options = {}
     for name in names:
         module = get_probe(name, key="probes.names")
-        options[name] = probe_options(name, all_options.get(name), cfg.get("batches"))
-        module.check(net, options[name])
-    model = OmegaConf.to_container(model, resolve=True) if isinstance(model, DictConfig) else model
-    return ProbeCallback(names, at_epochs, options, seed=seed, model=model)
+        options[name] = OmegaConf.merge(OmegaConf.load(Path(conf_dir()) / "probe" / f"{name}.yaml"),
+                                        all_options.get(name) or {})
+        if cfg.get("batches") is not None:
+            options[name].batches = cfg.batches
+        config.check_probe(name, options[name], key=f"probes.options.{name}")  # unknown keys too
+        if hasattr(module, "check"):
+            module.check(net, options[name])
+    return ProbeCallback(options, at_epochs, seed, OmegaConf.to_container(model, resolve=True) if model else None)

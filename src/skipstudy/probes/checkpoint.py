@@ -1,12 +1,9 @@
-"""Rebuild a trained network from its run directory: the saved config, then the checkpoint's weights.
-
-The network is built as ``skipstudy.train`` builds it and the checkpoint's ``net.*`` weights are
-loaded strictly, so a checkpoint that does not match its config is refused, not probed half-loaded.
-"""
+"""A trained network rebuilt from its run directory as ``skipstudy.train`` builds it, then the
+checkpoint's ``net.*`` weights loaded strictly: a checkpoint that does not fit is refused, not
+probed half-loaded."""
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,20 +61,6 @@ class LoadedRun:
     epoch: int
 
 
-def read_checkpoint(ckpt_file: Path) -> dict:
-    """Tensors only where that suffices; callbacks may keep other objects in their state, and then
-    the whole file is loaded, as Lightning does when it resumes (the file is the user's own run's)."""
-    try:
-        try:
-            return torch.load(ckpt_file, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            return torch.load(ckpt_file, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unreadable file ends the same way
-        first = (str(err).strip().splitlines() or [""])[0]
-        raise ConfigError(f"ckpt={ckpt_file}: not a readable PyTorch checkpoint ({type(err).__name__}: "
-                          f"{first[:200]}); {HINT}") from err
-
-
 def load_run(ckpt: str | Path, data_dir: str | None = None) -> LoadedRun:
     """The run's data module and network with the checkpoint's weights, on the CPU; ``data_dir``
     replaces the run's ``paths.data_dir`` (the data moved since training)."""
@@ -87,7 +70,12 @@ def load_run(ckpt: str | Path, data_dir: str | None = None) -> LoadedRun:
     cfg = OmegaConf.load(run_dir / CONFIG)
     if data_dir is not None:
         OmegaConf.update(cfg, "paths.data_dir", data_dir, force_add=True)
-    state = read_checkpoint(ckpt_file)
+    try:  # callbacks may keep objects other than tensors: the whole file, as Lightning loads it to resume
+        state = torch.load(ckpt_file, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unreadable file ends the same way
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ConfigError(f"ckpt={ckpt_file}: not a readable PyTorch checkpoint ({type(err).__name__}: "
+                          f"{first[:200]}); {HINT}") from err
     sd = state.get("state_dict") if isinstance(state, dict) else None
     net_sd = {k[len("net."):]: v for k, v in (sd or {}).items() if k.startswith("net.")}
     if not net_sd:

@@ -1,14 +1,12 @@
-"""One figure for a whole probe sweep (plain against residual, at several depths): after a
-multirun of ``python -m skipstudy.probe``, every probe module with ``comparison_figure(records)``
-and ``COMPARISON_COLUMNS`` gets ``<sweep>/probes/<name>/<name>_comparison.png`` and a ``.json``
-table, one row per job."""
+"""One figure for a probe sweep (plain against residual, at several depths): every probe module
+with ``comparison_figure(records)`` gets ``<sweep>/probes/<name>/<name>_comparison.png`` and a
+``.json`` table of its ``COMPARISON_COLUMNS``, a row per job."""
 
 from __future__ import annotations
 
 import json
 import re
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Iterator
 
 import matplotlib
@@ -47,23 +45,6 @@ def collect(root: str | Path, name: str) -> list[dict]:
     return list(latest.values())
 
 
-def write_comparison(root: str | Path, module: ModuleType) -> Path | None:
-    """The PNG and JSON table of probe ``module``'s records under ``root``; None when there are none."""
-    name = module.NAME
-    records = collect(root, name)
-    if not records:
-        return None
-    out = Path(root) / "probes" / name
-    out.mkdir(parents=True, exist_ok=True)
-    module.comparison_figure(records).savefig(out / f"{name}_comparison.png")
-    table = [{k: r.get(k) for k in ("run_dir", "arch", "depth", "step")}
-             | {k: r["summary"][k] for k in module.COMPARISON_COLUMNS}
-             | {"skip": r["model"].get("skip"), "norm": r["model"].get("norm")}
-             for r in sorted(records, key=lambda r: (label(r), r["depth"]))]
-    (out / f"{name}_comparison.json").write_text(json.dumps(table, indent=2))
-    return out / f"{name}_comparison.png"
-
-
 class SweepComparison(Callback):
     """Hydra callback of the probe app (``conf/probe.yaml``)."""
 
@@ -71,6 +52,15 @@ class SweepComparison(Callback):
         from skipstudy.probes import PROBES, get_probe
 
         for name in PROBES:
-            module = get_probe(name)
-            if hasattr(module, "comparison_figure") and (png := write_comparison(config.hydra.sweep.dir, module)):
-                print(f"{name} comparison: {png}")
+            module, records = get_probe(name), collect(config.hydra.sweep.dir, name)
+            if not records or not hasattr(module, "comparison_figure"):
+                continue
+            out = Path(config.hydra.sweep.dir) / "probes" / name
+            out.mkdir(parents=True, exist_ok=True)
+            module.comparison_figure(records).savefig(out / f"{name}_comparison.png")
+            table = [{k: r.get(k) for k in ("run_dir", "arch", "depth", "step")}
+                     | {k: r["summary"][k] for k in module.COMPARISON_COLUMNS}
+                     | {"skip": r["model"].get("skip"), "norm": r["model"].get("norm")}
+                     for r in sorted(records, key=lambda r: (label(r), r["depth"]))]
+            (out / f"{name}_comparison.json").write_text(json.dumps(table, indent=2))
+            print(f"{name} comparison: {out / name}_comparison.png")

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from omegaconf import OmegaConf
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -68,45 +69,47 @@ class ProbeContext:
             raise ConfigError(f"{key}: the validation split has only {len(images)} images")
         return images[:count]
 
-    def stem(self, name: str) -> Path:
-        """``<run>/probes/<name>/<name>_step<N>``; every output file adds its suffix."""
-        out = Path(self.run_dir) / "probes" / name
-        out.mkdir(parents=True, exist_ok=True)
-        return out / f"{name}_step{self.step}"
-
-    def scalars(self, values: dict[str, float]) -> None:
-        if self.writer is not None:
-            for tag, value in values.items():
-                self.writer.add_scalar(tag, float(value), self.step)
-
-    def figure(self, fig: Figure, path: Path, tag: str) -> None:
-        """``fig`` as a PNG at ``path`` and as the TensorBoard image ``tag``."""
-        canvas = FigureCanvasAgg(fig)
-        fig.savefig(path, dpi=fig.dpi)
-        if self.writer is not None:
-            canvas.draw()
-            self.writer.add_image(tag, np.asarray(canvas.buffer_rgba())[..., :3].copy(), self.step, dataformats="HWC")
-
-    def publish(self, name: str, record: dict, summary: dict[str, float],
+    def publish(self, options: Any, record: dict, summary: dict[str, float],
                 plot: Callable[[str], Figure] | dict[str, Callable[[str], Figure]],
                 scalars: dict[str, float] | None = None) -> Path:
-        """``<stem>.json`` (``record``, and ``summary`` where the report's probe table reads it), the
-        figure ``plot(title)`` as ``<stem>.png`` (a dict ``{part: plot}``: ``<stem>_<part>.png``,
+        """Probe ``options.name``'s outputs, ``<run>/probes/<name>/<name>_step<N>`` (returned) with a
+        suffix each: ``.json`` (the options, ``record``, and ``summary`` where the report's probe table
+        reads it), the figure ``plot(title)`` as ``.png`` (a dict ``{part: plot}``: ``_<part>.png``,
         tagged ``probe/<name>/<part>``), and ``summary`` plus ``scalars`` as ``probe/<name>/<key>``."""
-        stem = self.stem(name)
+        name = options.name
+        out = Path(self.run_dir) / "probes" / name
+        out.mkdir(parents=True, exist_ok=True)
+        stem = out / f"{name}_step{self.step}"
         record = {"step": self.step, "trained": self.trained, "model": self.model,
                   "arch": getattr(self.net, "arch", type(self.net).__name__), "depth": depth_of(self.net),
-                  **record, "summary": {k: float(v) for k, v in summary.items()}}
+                  **OmegaConf.to_container(options, resolve=True), **record,
+                  "summary": {k: float(v) for k, v in summary.items()}}
         stem.with_suffix(".json").write_text(json.dumps(record, indent=2))
         title = f"{label(record, with_depth=True)}, step {self.step}"
         for part, draw in (plot.items() if isinstance(plot, dict) else [("", plot)]):
-            path = stem.parent / f"{stem.name}_{part}.png" if part else stem.with_suffix(".png")
-            self.figure(draw(title), path, f"probe/{name}/{part}" if part else f"probe/{name}")
-        self.scalars({f"probe/{name}/{key}": v for key, v in (summary | (scalars or {})).items()})
+            fig = draw(title)
+            canvas = FigureCanvasAgg(fig)  # no pyplot: the training process keeps no global figure state
+            fig.savefig(out / f"{stem.name}_{part}.png" if part else stem.with_suffix(".png"), dpi=fig.dpi)
+            if self.writer is not None:
+                canvas.draw()
+                image = np.asarray(canvas.buffer_rgba())[..., :3].copy()
+                self.writer.add_image(f"probe/{name}/{part}".rstrip("/"), image, self.step, dataformats="HWC")
+        if self.writer is not None:
+            for key, value in (summary | (scalars or {})).items():
+                self.writer.add_scalar(f"probe/{name}/{key}", float(value), self.step)
         return stem
 
 
+def panels(width: float, height: float, *grid: int, **kwargs: Any) -> tuple[Figure, Any]:
+    """A figure and its axes (``Figure.subplots(*grid)``); a plot ends with :func:`titled`."""
+    fig = Figure(figsize=(width, height), dpi=90)
+    return fig, fig.subplots(*grid, **kwargs)
+
+
 def titled(fig: Figure, title: str) -> Figure:
+    """``title`` over the figure, and every panel's own title small enough to fit beside the others."""
+    for ax in fig.axes:
+        ax.title.set_fontsize(9)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -149,10 +152,6 @@ def require_skips(net: nn.Module, probe: str, why: str) -> None:
     if not residual_blocks(net):
         raise ConfigError(f"probe={probe} needs skip connections, but this {arch} is a plain twin "
                           f"(model.skip=false): {why}; probe a model.skip=true run")
-
-
-def accepts_any_network(net: nn.Module, options: Any) -> None:
-    """The ``check`` of a probe where only the options can be wrong; the config schema refuses those."""
 
 
 # -- modes and batch norm ---------------------------------------------------------------------
@@ -206,25 +205,6 @@ def calibrated_bn(net: nn.Module, inputs: torch.Tensor, chunk: int = 64) -> Iter
         yield net
 
 
-def eval_bn(ctx: ProbeContext, options: Any, inputs: torch.Tensor, chunk: int = 64
-            ) -> tuple[str, contextlib.AbstractContextManager]:
-    """``(mode, context)`` for probes that need every sample's own gradient (BN in eval mode).
-    ``probe.bn=auto``: at initialisation the running statistics are still 0/1 (BN an identity),
-    so they are calibrated on ``inputs`` first; a trained network uses its own."""
-    bn = options.get("bn", "auto")
-    if bn == "auto":
-        bn = "eval" if ctx.trained or not any(isinstance(m, _BatchNorm) for m in ctx.net.modules()) else "calibrate"
-    if bn == "calibrate" and syncs_across_ranks(ctx.net):
-        bn = "eval"
-    return bn, (calibrated_bn(ctx.net, inputs, chunk) if bn == "calibrate" else kept_state(ctx.net))
-
-
-def loss_bn(net: nn.Module, options: Any) -> str:
-    """``probe.bn`` for a probe of the training loss (``train`` or ``eval``)."""
-    bn = options.get("bn", "train")
-    return "eval" if bn == "train" and syncs_across_ranks(net) else bn
-
-
 @contextlib.contextmanager
 def loss_mode(net: nn.Module, bn: str) -> Iterator[nn.Module]:
     """The network as the training loss sees it: batch statistics (``train``, the optimiser's view)
@@ -232,3 +212,18 @@ def loss_mode(net: nn.Module, bn: str) -> Iterator[nn.Module]:
     with kept_state(net):
         net.train(bn == "train")
         yield net
+
+
+def bn_mode(ctx: ProbeContext, options: Any, inputs: torch.Tensor | None = None, chunk: int = 64
+            ) -> tuple[str, contextlib.AbstractContextManager]:
+    """``(probe.bn, context)``. Probes of the training loss choose ``train`` or ``eval``; those that
+    need every sample's own gradient ``eval``, ``calibrate`` or ``auto``: at initialisation the
+    running statistics are still 0/1 (BN an identity), so they are calibrated on ``inputs`` first,
+    and a trained network uses its own."""
+    bn = options.bn
+    if bn == "auto":
+        has_bn = any(isinstance(m, _BatchNorm) for m in ctx.net.modules())
+        bn = "calibrate" if has_bn and not ctx.trained else "eval"
+    if bn != "eval" and syncs_across_ranks(ctx.net):
+        bn = "eval"
+    return bn, (calibrated_bn(ctx.net, inputs, chunk) if bn == "calibrate" else loss_mode(ctx.net, bn))

@@ -1,11 +1,9 @@
-"""Feature maps: the channel-mean activation after each stage, next to the input image.
-
-In a deep plain twin the late maps go flat or lose the object's layout; in the residual net they
-keep it: whether information survives depth, by eye.
-"""
+"""Feature maps: the channel-mean activation after each stage, next to the input image. In a deep
+plain twin the late maps go flat or lose the object's layout: whether information survives depth."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -13,8 +11,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from skipstudy.probes.comparison import label
-from skipstudy.probes.context import ProbeContext, kept_state, require_stages, stages, titled
+from skipstudy.probes.context import ProbeContext, kept_state, panels, require_stages, stages, titled
 
 NAME = "feature_maps"
 
@@ -31,13 +28,10 @@ def channel_mean_maps(net: nn.Module, images: torch.Tensor) -> dict[str, torch.T
     def hook(label):
         # Reduced at once: a later in-place op on the same tensor cannot change it.
         return lambda _m, _inp, out: maps.__setitem__(label, out.detach().float().mean(dim=1).cpu())
-    handles = [module.register_forward_hook(hook(label)) for label, module in stages(net)]
-    try:
-        with kept_state(net):
-            net(images)
-    finally:
-        for h in handles:
-            h.remove()
+    with contextlib.ExitStack() as hooks, kept_state(net):
+        for label, module in stages(net):
+            hooks.enter_context(module.register_forward_hook(hook(label)))
+        net(images)
     return maps
 
 
@@ -54,37 +48,29 @@ def display_images(images: torch.Tensor, mean, std) -> np.ndarray:
 def plot(images: np.ndarray, maps: dict[str, torch.Tensor], title: str = "") -> Figure:
     """One row per image: the input, then one panel per stage (each with its own colour scale)."""
     n, cols = images.shape[0], 1 + len(maps)
-    fig = Figure(figsize=(1.9 * cols, 1.9 * n + 0.5), dpi=90)
-    axes = fig.subplots(n, cols, squeeze=False)
+    fig, axes = panels(1.9 * cols, 1.9 * n + 0.5, n, cols, squeeze=False)
+    gray = images.shape[-1] == 1
     for i in range(n):
-        gray = images.shape[-1] == 1
         axes[i, 0].imshow(images[i][..., 0] if gray else images[i], cmap="gray" if gray else None)
         for j, m in enumerate(maps.values(), start=1):
             axes[i, j].imshow(m[i].numpy(), cmap="viridis")
-    axes[0, 0].set_title("input", fontsize=8)
+    axes[0, 0].set_title("input")
     for j, (stage, m) in enumerate(maps.items(), start=1):
-        axes[0, j].set_title(f"{stage}\n{m.shape[1]}x{m.shape[2]}", fontsize=8)
+        axes[0, j].set_title(f"{stage}\n{m.shape[1]}x{m.shape[2]}")
     for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set(xticks=[], yticks=[])
     return titled(fig, title)
 
 
-def spatial_contrast(maps: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Spatial std of each stage's map over its mean magnitude, averaged over images: near 0 where the
-    input's layout is gone, a number the report compares across depths and plain twins."""
-    return {label: float((m.flatten(1).std(dim=1, unbiased=False) / m.flatten(1).abs().mean(dim=1).clamp_min(1e-12)
-                          ).mean()) for label, m in maps.items()}
-
-
 def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
-    images = ctx.val_images(options.get("images", 4), f"probe.images={options.get('images', 4)}")
+    images = ctx.val_images(options.images, f"probe.images={options.images}")
     maps = channel_mean_maps(ctx.net, images)
     shown = display_images(images, ctx.datamodule.mean, ctx.datamodule.std)
-    title = f"{label({'arch': getattr(ctx.net, 'arch', type(ctx.net).__name__), 'model': ctx.model}, True)}, step {ctx.step}"
-    stem = ctx.stem(NAME)
-    ctx.figure(plot(shown, maps, title), stem.with_suffix(".png"), f"probe/{NAME}")
+    # Spatial std of each map over its mean magnitude, averaged over images: near 0 where the
+    # input's layout is gone, a number the report compares across depths and plain twins.
+    contrast = {f"spatial_contrast/{stage}": float((m.flatten(1).std(dim=1, unbiased=False)
+                                                    / m.flatten(1).abs().mean(dim=1).clamp_min(1e-12)).mean())
+                for stage, m in maps.items()}
+    stem = ctx.publish(options, {}, contrast, lambda title: plot(shown, maps, title))
     np.savez_compressed(stem.with_suffix(".npz"), input=shown, **{k: v.numpy() for k, v in maps.items()})
-    contrast = {f"spatial_contrast/{k}": v for k, v in spatial_contrast(maps).items()}
-    ctx.scalars({f"probe/{NAME}/{k}": v for k, v in contrast.items()})
     return contrast

@@ -1,10 +1,7 @@
-"""Input-output Jacobian spectra per stage (dynamical isometry, Pennington et al. 2017).
-
-A dynamically isometric net keeps the singular values of the Jacobian from the stem output to each
-stage's output near 1 with depth; a deep plain net's spread over orders of magnitude. ``J`` is
-never formed: ``J^T J`` is a jvp then a vjp, for the top singular values and Hutchinson's
-``tr(J^T J)``, ``tr((J^T J)^2)`` (RMS singular value and ``mean(s^4) / mean(s^2)^2``, 1 at isometry).
-"""
+"""Jacobian spectra from the stem output to each stage's output (dynamical isometry, Pennington et
+al. 2017): near 1 with depth in an isometric net, spread over orders of magnitude in a deep plain
+one. ``J^T J`` is a jvp then a vjp, never formed, for the top singular values and Hutchinson's
+``mean(s^2)``, ``mean(s^4) / mean(s^2)^2`` (1 at isometry)."""
 
 from __future__ import annotations
 
@@ -19,8 +16,8 @@ from torch.func import jvp, vjp, vmap
 
 from skipstudy.errors import ConfigError
 from skipstudy.probes.comparison import by_depth, label
-from skipstudy.probes.context import ProbeContext, eval_bn, require_stages, stages, titled
-from skipstudy.probes.spectra import rademacher, top_eigenpairs, trace_moments
+from skipstudy.probes.context import ProbeContext, bn_mode, panels, require_stages, stages, titled
+from skipstudy.probes.spectra import top_eigenpairs, trace_moments
 
 NAME = "jacobian"
 COMPARISON_COLUMNS = ("sigma_max", "sv_rms", "isometry")
@@ -38,11 +35,8 @@ def stage_modules(net: nn.Module) -> list[tuple[str, nn.Module]]:
 def stem_outputs(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The first stage's input for ``images`` (the images themselves where there is no stem)."""
     seen: list[torch.Tensor] = []
-    handle = stage_modules(net)[0][1].register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
-    try:
+    with stage_modules(net)[0][1].register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone())):
         net(images)
-    finally:
-        handle.remove()
     return seen[0]
 
 
@@ -64,7 +58,9 @@ def stage_spectrum(f: Callable, h: torch.Tensor, k: int, iters: int, tol: float,
     # Two extra vectors: the k-th value converges like (s_{k+3} / s_k)^(2 iters), not (s_{k+1} / s_k).
     start = torch.randn(min(k + 2, rank), n_in, generator=generator, dtype=torch.float64).to(h.dtype).to(h.device)
     values, _, done = top_eigenpairs(matvec, start, iters, tol)
-    tr1, tr2 = trace_moments(matvec, rademacher(probes, n_in, generator, h))
+    # Rademacher vectors, drawn on the CPU (as is the start) so that the draws do not depend on the device.
+    signs = torch.randint(0, 2, (probes, n_in), generator=generator).to(h.dtype) * 2 - 1
+    tr1, tr2 = trace_moments(matvec, signs.to(h.device))
     mean_sq, mean_quartic = tr1 / rank, tr2 / rank
     return {"singular_values": values[:k].clamp_min(0).sqrt().tolist(), "sv_sq_mean": mean_sq,
             "isometry": mean_quartic / mean_sq ** 2 if mean_sq > 0 else math.nan, "iterations": done,
@@ -72,22 +68,21 @@ def stage_spectrum(f: Callable, h: torch.Tensor, k: int, iters: int, tol: float,
 
 
 def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
-    samples, k, iters = options.get("samples", 2), options.get("k", 4), options.get("iters", 50)
-    tol, probes = options.get("tol", 1e-4), options.get("probes", 8)
+    samples = options.samples
     batch = torch.cat([x for x, _ in ctx.fixed_batches("val")])
     if len(batch) < samples:
         raise ConfigError(f"probe.samples={samples}: the probe's validation batches hold only {len(batch)} images; "
                           "lower probe.samples or raise probe.batches")
-    generator = torch.Generator().manual_seed(options.get("seed", ctx.seed))
+    generator = torch.Generator().manual_seed(options.seed)
     names, modules = zip(*stage_modules(ctx.net))
-    bn, bn_context = eval_bn(ctx, options, batch)
-    with bn_context, torch.inference_mode(False), torch.enable_grad():
+    bn, mode = bn_mode(ctx, options, batch)
+    with mode, torch.inference_mode(False), torch.enable_grad():
         h0 = stem_outputs(ctx.net, batch[:samples])
-        spectra = [[stage_spectrum(nn.Sequential(*modules[: s + 1]), h0[i : i + 1], k, iters, tol, probes, generator)
-                    for s in range(len(names))] for i in range(samples)]
-    rows = list(zip(*spectra))  # per stage, over the images
+        spectra = [[stage_spectrum(nn.Sequential(*modules[: s + 1]), h0[i : i + 1], options.k, options.iters,
+                                   options.tol, options.probes, generator) for s in range(len(names))]
+                   for i in range(samples)]
     table = []
-    for name, per_image in zip(names, rows):
+    for name, per_image in zip(names, zip(*spectra)):  # per stage, over the images
         svs = np.array([r["singular_values"] for r in per_image])
         table.append({"stage": name, "singular_values": svs.mean(axis=0).tolist(), "sigma_max": float(svs[:, 0].mean()),
                       "sigma_max_std": float(svs[:, 0].std()),
@@ -98,15 +93,13 @@ def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
     result = {key: table[-1][key] for key in COMPARISON_COLUMNS}
     for row in table:
         result |= {f"{key}/{row['stage']}": row[key] for key in COMPARISON_COLUMNS}
-    record = {"samples": samples, "k": k, "iters": iters, "tol": tol, "probes": probes, "bn": bn, "stages": table}
-    ctx.publish(NAME, record, result, lambda title: plot_run(table, title))
+    ctx.publish(options, {"bn": bn, "stages": table}, result, lambda title: plot_run(table, title))
     return result
 
 
 def plot_run(table: list[dict], title: str = "") -> Figure:
     """Left: the top and the RMS singular values per stage. Right: the isometry ratio per stage."""
-    fig = Figure(figsize=(9, 3.4), dpi=90)
-    ax_s, ax_i = fig.subplots(1, 2)
+    fig, (ax_s, ax_i) = panels(9, 3.4, 1, 2)
     x = np.arange(len(table))
     svs = np.array([row["singular_values"] for row in table])
     for j in range(svs.shape[1]):
@@ -114,32 +107,31 @@ def plot_run(table: list[dict], title: str = "") -> Figure:
                   label="top singular values" if j == 0 else None)
     ax_s.plot(x, [row["sv_rms"] for row in table], marker="s", ms=3, color="C1", ls="--", label="RMS singular value")
     ax_i.plot(x, [row["isometry"] for row in table], marker="o", ms=3, color="C2")
-    for ax in (ax_s, ax_i):
+    stage_axes((ax_s, ax_i), table)
+    ax_s.set(title="singular values of the stage Jacobian", ylabel="singular value")
+    ax_s.legend(fontsize=7)
+    ax_i.set(title="spread of the spectrum (1 = isometry)", ylabel="mean(s^4) / mean(s^2)^2")
+    return titled(fig, title)
+
+
+def stage_axes(axes, table: list[dict]) -> None:
+    """Log axes over ``table``'s stages, the isometry's 1 marked."""
+    for ax in axes:
         ax.axhline(1.0, color="gray", ls=":", lw=0.8)
         ax.set(yscale="log", xlabel="Jacobian: stem output -> stage output")
-        ax.set_xticks(x, [row["stage"] for row in table], fontsize=8)
-    ax_s.set(ylabel="singular value")
-    ax_s.set_title("singular values of the stage Jacobian", fontsize=9)
-    ax_s.legend(fontsize=7)
-    ax_i.set(ylabel="mean(s^4) / mean(s^2)^2")
-    ax_i.set_title("spread of the spectrum (1 = isometry)", fontsize=9)
-    return titled(fig, title)
+        ax.set_xticks(np.arange(len(table)), [row["stage"] for row in table], fontsize=8)
 
 
 def comparison_figure(records: list[dict]) -> Figure:
     """Top and RMS singular value and isometry ratio per stage, one line per run."""
-    fig = Figure(figsize=(13, 3.8), dpi=90)
-    axes = fig.subplots(1, 3)
+    fig, axes = panels(13, 3.8, 1, 3)
     for r, colour, style in by_depth(records):
         for ax, key in zip(axes, COMPARISON_COLUMNS):
             ax.plot(np.arange(len(r["stages"])), [row[key] for row in r["stages"]], style, marker="o", ms=3,
                     color=colour, label=f"{label(r)} {r['depth']}")
-    longest = max((r["stages"] for r in records), key=len)
+    stage_axes(axes, max((r["stages"] for r in records), key=len))
     for ax, what in zip(axes, ("top singular value", "RMS singular value", "mean(s^4) / mean(s^2)^2")):
-        ax.axhline(1.0, color="gray", ls=":", lw=0.8)
-        ax.set(yscale="log", xlabel="Jacobian: stem output -> stage output")
-        ax.set_xticks(np.arange(len(longest)), [row["stage"] for row in longest], fontsize=8)
-        ax.set_title(what, fontsize=9)
+        ax.set(title=what)
     if len(records) <= 12:
         axes[0].legend(fontsize=6)
     return titled(fig, "Input-output Jacobian per stage (Pennington et al. 2017): isometry keeps singular values "

@@ -1,10 +1,7 @@
-"""Loss-landscape slices (Li et al. 2018): the training loss at ``theta + a d1`` and
-``theta + a d1 + b d2`` for ``a, b`` on an odd grid over ``[-span, span]`` (its centre is
-``theta``). Li et al.'s directions: Gaussian, each filter rescaled to the norm of the same filter
-of ``theta`` (so BN's scale invariance does not shape the plot), zero on BN parameters, biases
-and Fixup/SkipInit scalars. The weights are never modified (``torch.func.functional_call``) and
-BN uses the checkpoint's running statistics; every point sees the same batches.
-"""
+"""Loss-landscape slices (Li et al. 2018): the training loss at ``theta + a d1 (+ b d2)`` on an odd
+grid over ``[-span, span]``. Directions are Gaussian with each filter rescaled to the norm of
+``theta``'s (so BN's scale invariance does not shape the plot), zero on 1-D parameters; the weights
+are never modified (``functional_call``) and BN uses running statistics."""
 
 from __future__ import annotations
 
@@ -18,10 +15,7 @@ from matplotlib.ticker import FormatStrFormatter, NullFormatter
 from torch import nn
 from torch.func import functional_call
 
-from skipstudy.probes.context import Batches, ProbeContext, accepts_any_network, kept_state
-
-NAME = "landscape"
-check = accepts_any_network
+from skipstudy.probes.context import Batches, ProbeContext, kept_state, panels, titled
 
 
 def random_direction(net: nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -49,11 +43,9 @@ def loss_at(net: nn.Module, params: dict[str, torch.Tensor], batches: Batches) -
 
 
 def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
-    net = ctx.net
-    steps, size, span = options.get("steps", 51), options.get("grid", 21), options.get("span", 1.0)
-    split, seed = options.get("split", "train"), options.get("seed", ctx.seed)
-    batches = ctx.fixed_batches(split)
-    gen = torch.Generator().manual_seed(seed)
+    net, steps, size, span = ctx.net, options.steps, options.grid, options.span
+    batches = ctx.fixed_batches(options.split)
+    gen = torch.Generator().manual_seed(options.seed)
     d1, d2 = random_direction(net, gen), random_direction(net, gen)
     theta = {name: p.detach() for name, p in net.named_parameters()}
 
@@ -70,10 +62,11 @@ def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
               # Sharpness: how much the loss rises at the edge of the slice.
               "loss_rise_1d": float(max(loss_1d[0], loss_1d[-1]) - loss_1d[steps // 2]),
               "loss_max_2d": float(loss_2d.max())}
-    record = {**result, "split": split, "span": span, "steps": steps, "grid": size, "seed": seed,
-              "images": sum(len(y) for _, y in batches), "loss_1d": loss_1d.tolist()}
-    stem = ctx.publish(NAME, record, result, {"1d": lambda title: plot_1d(alphas, loss_1d, acc_1d, f"{title}, {split} loss"),
-                                              "2d": lambda title: plot_2d(betas, loss_2d, f"{title}, {split} loss")})
+    record = {**result, "images": sum(len(y) for _, y in batches), "loss_1d": loss_1d.tolist()}
+    what = f"{options.split} loss"
+    stem = ctx.publish(options, record, result,
+                       {"1d": lambda title: plot_1d(alphas, loss_1d, acc_1d, f"{title}, {what}"),
+                        "2d": lambda title: plot_2d(betas, loss_2d, f"{title}, {what}")})
     np.save(stem.parent / f"{stem.name}_2d.npy", loss_2d)
     np.savez(stem.with_suffix(".npz"), alphas_1d=alphas, loss_1d=loss_1d, acc_1d=acc_1d,
              coords_2d=betas, loss_2d=loss_2d, acc_2d=acc_2d)
@@ -81,23 +74,19 @@ def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
 
 
 def plot_1d(alphas: np.ndarray, loss: np.ndarray, acc: np.ndarray, title: str = "") -> Figure:
-    fig = Figure(figsize=(5, 3.4), dpi=90)
-    ax = fig.subplots()
+    fig, ax = panels(5, 3.4)
     ax.plot(alphas, loss, color="C0")
-    ax.set_xlabel("step along d1 (filter-normalised)")
+    ax.set(title="1-D slice", xlabel="step along d1 (filter-normalised)")
     ax.set_ylabel("loss", color="C0")
     ax2 = ax.twinx()
     ax2.plot(alphas, acc, color="C1", ls="--")
     ax2.set_ylabel("accuracy", color="C1")
-    ax.set_title(title or "1-D slice", fontsize=9)
-    fig.tight_layout()
-    return fig
+    return titled(fig, title)
 
 
 def plot_2d(coords: np.ndarray, loss: np.ndarray, title: str = "") -> Figure:
     """Contours of the 2-D slice (Li et al.'s figures), the checkpoint marked at the centre."""
-    fig = Figure(figsize=(4.8, 4.2), dpi=90)
-    ax = fig.subplots()
+    fig, ax = panels(4.8, 4.2)
     finite = loss[np.isfinite(loss)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     hi = hi if hi > lo else lo + 1e-6
@@ -111,7 +100,5 @@ def plot_2d(coords: np.ndarray, loss: np.ndarray, title: str = "") -> Figure:
     bar.ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
     bar.ax.yaxis.set_minor_formatter(NullFormatter())
     ax.plot([0], [0], "k+", ms=8)
-    ax.set(xlabel="d1", ylabel="d2", aspect="equal")
-    ax.set_title(title or "2-D slice", fontsize=9)
-    fig.tight_layout()
-    return fig
+    ax.set(title="2-D slice", xlabel="d1", ylabel="d2", aspect="equal")
+    return titled(fig, title)

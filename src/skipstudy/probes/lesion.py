@@ -1,10 +1,6 @@
-"""Lesion study (Veit et al. 2016): validation accuracy with residual branches deleted.
-
-A deleted block computes ``relu(shortcut(x))`` (the ReLU after the addition is outside the branch).
-Veit et al. found accuracy decays smoothly with the number deleted, as for an ensemble. Downsampling
-blocks keep their zero-pad or projection shortcut and are flagged: that shortcut is itself lossy or
-learned. Fixup's ``bias1a`` stays where a projection sees it too (``Block.shortcut_term``).
-"""
+"""Lesion study (Veit et al. 2016): validation accuracy with residual branches deleted; it decays
+smoothly with the number deleted, as for an ensemble. A deleted block computes ``relu(shortcut(x))``;
+downsampling blocks keep their lossy or learned shortcut and are flagged."""
 
 from __future__ import annotations
 
@@ -17,7 +13,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from skipstudy.models.blocks import Block, identity_shortcut
-from skipstudy.probes.context import Batches, ProbeContext, kept_state, require_skips, residual_blocks, titled
+from skipstudy.probes.context import Batches, ProbeContext, kept_state, panels, require_skips, residual_blocks, titled
 
 NAME = "lesion"
 
@@ -32,7 +28,8 @@ def is_downsampling(block: Block) -> bool:
 
 
 class DeletedBranch(nn.Module):
-    """Stands in for a block whose residual branch is deleted: ``relu(shortcut(x))``."""
+    """Stands in for a block whose residual branch is deleted: ``relu(shortcut_term(x))``, the ReLU
+    after the addition being outside the branch (Fixup's ``bias1a`` stays where a projection sees it)."""
 
     def __init__(self, block: Block) -> None:
         super().__init__()
@@ -46,17 +43,13 @@ class DeletedBranch(nn.Module):
 @contextlib.contextmanager
 def deleted(net: nn.Module, names: Iterable[str]) -> Iterator[nn.Module]:
     """Inside the ``with``, the named blocks of ``net`` have their branches deleted."""
-    swapped = []
-    try:
+    with contextlib.ExitStack() as undo:
         for name in names:
             parent_name, _, child = name.rpartition(".")
-            parent = net.get_submodule(parent_name)
-            swapped.append((parent, child, parent._modules[child]))
-            parent._modules[child] = DeletedBranch(parent._modules[child])
+            modules = net.get_submodule(parent_name)._modules
+            undo.callback(modules.__setitem__, child, modules[child])
+            modules[child] = DeletedBranch(modules[child])
         yield net
-    finally:
-        for parent, child, block in reversed(swapped):
-            parent._modules[child] = block
 
 
 @torch.no_grad()
@@ -65,30 +58,27 @@ def accuracy(net: nn.Module, batches: Batches) -> float:
 
 
 def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
-    net = ctx.net
-    names = [name for name, _ in residual_blocks(net)]
-    down = [is_downsampling(b) for _, b in residual_blocks(net)]
-    n, samples = len(names), options.get("samples", 10)
-    batches = ctx.fixed_batches("val")
-    rng = np.random.default_rng(ctx.seed)
+    net, batches = ctx.net, ctx.fixed_batches("val")
+    names, down = zip(*[(name, is_downsampling(b)) for name, b in residual_blocks(net)])
+    n, rng = len(names), np.random.default_rng(options.seed)
+
+    def accuracy_without(blocks: list[str]) -> float:
+        with deleted(net, blocks):
+            return accuracy(net, batches)
+
     with kept_state(net):
-        intact = accuracy(net, batches)
-        single = []
-        for name in names:
-            with deleted(net, [name]):
-                single.append(accuracy(net, batches))
+        intact = accuracy_without([])
+        single = [accuracy_without([name]) for name in names]
         by_k = []
-        for k in range(1, min(options.get("max_k") or n, n) + 1):
-            accs = []
-            for _ in range(1 if k == n else samples):
-                with deleted(net, [names[i] for i in sorted(rng.choice(n, size=k, replace=False).tolist())]):
-                    accs.append(accuracy(net, batches))
+        for k in range(1, min(options.max_k or n, n) + 1):
+            accs = [accuracy_without([names[i] for i in sorted(rng.choice(n, size=k, replace=False).tolist())])
+                    for _ in range(1 if k == n else options.samples)]
             by_k.append({"k": k, "mean": float(np.mean(accs)), "std": float(np.std(accs)), "accs": accs})
     result = {"acc_intact": intact, "acc_one_deleted_mean": float(np.mean(single)),
               "acc_one_deleted_min": float(np.min(single))}
-    record = {**result, "samples": samples, "images": sum(len(y) for _, y in batches), "deleted_k": by_k,
+    record = {**result, "images": sum(len(y) for _, y in batches), "deleted_k": by_k,
               "blocks": [{"name": nm, "downsampling": d, "acc": a} for nm, d, a in zip(names, down, single)]}
-    ctx.publish(NAME, record, result, lambda title: plot(names, single, down, intact, by_k, title))
+    ctx.publish(options, record, result, lambda title: plot(names, single, down, intact, by_k, title))
     return result
 
 
@@ -96,16 +86,14 @@ def plot(names: list[str], single: list[float], downsampling: list[bool], intact
          by_k: list[dict], title: str = "") -> Figure:
     """Left: accuracy with each block deleted (downsampling blocks in red). Right: accuracy
     against the number of deleted blocks (mean and std over random sets)."""
-    fig = Figure(figsize=(max(8.0, 4 + 0.18 * len(names)), 3.6), dpi=90)
-    ax_b, ax_k = fig.subplots(1, 2, gridspec_kw={"width_ratios": [max(1.0, len(names) / 12), 1]})
+    fig, (ax_b, ax_k) = panels(max(8.0, 4 + 0.18 * len(names)), 3.6, 1, 2,
+                               gridspec_kw={"width_ratios": [max(1.0, len(names) / 12), 1]})
     ax_b.bar(range(len(names)), single, color=["C3" if d else "C0" for d in downsampling])
     ax_b.axhline(intact, color="k", ls="--", lw=0.8, label=f"intact {intact:.3f}")
     ax_b.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
-    ax_b.set(ylabel="val accuracy")
-    ax_b.set_title("one block's branch deleted (red: downsampling block)", fontsize=9)
+    ax_b.set(title="one block's branch deleted (red: downsampling block)", ylabel="val accuracy")
     ax_b.legend(fontsize=7)
     ax_k.errorbar([0] + [r["k"] for r in by_k], [intact] + [r["mean"] for r in by_k],
                   yerr=[0.0] + [r["std"] for r in by_k], marker="o", ms=3, capsize=2)
-    ax_k.set(xlabel="blocks deleted (random)", ylabel="val accuracy")
-    ax_k.set_title("k random blocks deleted", fontsize=9)
+    ax_k.set(title="k random blocks deleted", xlabel="blocks deleted (random)", ylabel="val accuracy")
     return titled(fig, title)

@@ -1,11 +1,7 @@
-"""Path lengths and effective depth (Veit et al. 2016, section 4.2).
-
-A block's Jacobian is ``D (S + B)``, so the gradient is exactly the sum over the ``2^n`` paths
-that pick shortcut or branch at every block; a path's length is the number of branches it takes.
-As Veit et al. did, one path's gradient is taken with the backward pass routed through the chosen
-blocks' branches and the other blocks' shortcuts, forward values unchanged. Totals are summed in
-log space so that deep nets do not overflow. Shape-changing shortcuts count as shortcuts.
-"""
+"""Path lengths and effective depth (Veit et al. 2016, section 4.2): a block's Jacobian is
+``D (S + B)``, so the gradient is the sum over the ``2^n`` paths of shortcut-or-branch choices. One
+path's gradient is the backward pass routed through its blocks' branches and the other blocks'
+shortcuts, forward values unchanged, as Veit et al. did; totals are summed in log space."""
 
 from __future__ import annotations
 
@@ -20,7 +16,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import nn
 
-from skipstudy.probes.context import Batches, ProbeContext, cross_entropy, eval_bn, require_skips, residual_blocks, titled
+from skipstudy.probes.context import (Batches, ProbeContext, bn_mode, cross_entropy, panels, require_skips,
+                                      residual_blocks, titled)
 
 NAME = "paths"
 
@@ -33,25 +30,19 @@ def check(net: nn.Module, options: Any) -> None:
 @contextlib.contextmanager
 def routed(net: nn.Module, branches: Iterable[str]) -> Iterator[nn.Module]:
     """Gradients through the branch of the blocks named in ``branches`` and the shortcut of every
-    other residual block; forward values unchanged."""
+    other residual block (shape-changing shortcuts count as shortcuts); forward values unchanged."""
     chosen = set(branches)
-    handles, shadowed = [], []
-    try:
+    with contextlib.ExitStack() as undo:
         for name, block in residual_blocks(net):
             if name in chosen:
                 # An instance attribute shadows the method, the module tree is untouched; the
                 # shortcut_term, not the shortcut module, so a Fixup block's input shift stays put.
                 vars(block)["shortcut_term"] = lambda x, term=block.shortcut_term: term(x.detach())
-                shadowed.append(block)
+                undo.callback(vars(block).pop, "shortcut_term")
             else:
-                handles.append(block.branch_convs()[0].register_forward_pre_hook(
+                undo.enter_context(block.branch_convs()[0].register_forward_pre_hook(
                     lambda _m, args: (args[0].detach(), *args[1:])))
         yield net
-    finally:
-        for h in handles:
-            h.remove()
-        for block in shadowed:
-            del vars(block)["shortcut_term"]
 
 
 def path_gradient_norms(net: nn.Module, batches: Batches, branches: Iterable[str] | None) -> torch.Tensor:
@@ -64,15 +55,12 @@ def path_gradient_norms(net: nn.Module, batches: Batches, branches: Iterable[str
         return (leaves[-1], *args[1:])
 
     norms = []
-    handle = residual_blocks(net)[0][1].register_forward_pre_hook(leaf_input)
-    try:
-        with routed(net, branches) if branches is not None else contextlib.nullcontext(), \
-                torch.inference_mode(False), torch.enable_grad():
-            for x, y in batches:
-                (g,) = torch.autograd.grad(cross_entropy(net, x, y, reduction="sum"), leaves[-1])
-                norms.append(g.flatten(1).double().norm(dim=1).cpu())
-    finally:
-        handle.remove()
+    with residual_blocks(net)[0][1].register_forward_pre_hook(leaf_input), \
+            routed(net, branches) if branches is not None else contextlib.nullcontext(), \
+            torch.inference_mode(False), torch.enable_grad():
+        for x, y in batches:
+            (g,) = torch.autograd.grad(cross_entropy(net, x, y, reduction="sum"), leaves[-1])
+            norms.append(g.flatten(1).double().norm(dim=1).cpu())
     return torch.cat(norms)
 
 
@@ -108,47 +96,40 @@ def profile(magnitude: np.ndarray, mass: float) -> dict[str, Any]:
 
 
 def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
-    net = ctx.net
-    samples, mass = options.get("samples", 10), options.get("mass", 0.9)
-    batches = ctx.fixed_batches(options.get("split", "train"))
+    net, batches = ctx.net, ctx.fixed_batches(options.split)
     names = [name for name, _ in residual_blocks(net)]
-    n = len(names)
-    rng = np.random.default_rng(options.get("seed", ctx.seed))
-    bn, bn_context = eval_bn(ctx, options, torch.cat([x for x, _ in batches]))
+    n, rng = len(names), np.random.default_rng(options.seed)
+    bn, mode = bn_mode(ctx, options, torch.cat([x for x, _ in batches]))
     by_k = []
-    with bn_context:
+    with mode:
         full = float(path_gradient_norms(net, batches, None).mean())
         for k in range(n + 1):
-            sets = path_sets(n, k, samples, rng)
+            sets = path_sets(n, k, options.samples, rng)
             norms = [float(path_gradient_norms(net, batches, [names[i] for i in s]).mean()) for s in sets]
             by_k.append({"k": k, "mean": float(np.mean(norms)), "std": float(np.std(norms)), "paths": len(sets),
                          "exact": len(sets) == math.comb(n, k)})
-    stats = profile(np.array([r["mean"] for r in by_k]), mass)
+    stats = profile(np.array([r["mean"] for r in by_k]), options.mass)
     result = {"effective_lo": float(stats["effective_lo"]), "effective_hi": float(stats["effective_hi"]),
               "mean_length": stats["mean_length"], "blocks": float(n), "grad_full": full}
-    record = {"blocks": names, "samples": samples, "mass": mass, "bn": bn,
-              "images": sum(len(y) for _, y in batches), "magnitude": by_k, **stats}
-    ctx.publish(NAME, record, result, lambda title: plot(by_k, stats, mass, title))
+    record = {"blocks": names, "bn": bn, "images": sum(len(y) for _, y in batches), "magnitude": by_k, **stats}
+    ctx.publish(options, record, result, lambda title: plot(by_k, stats, options.mass, title))
     return result
 
 
 def plot(by_k: list[dict], stats: dict, mass: float, title: str = "") -> Figure:
     """Veit et al.'s figure 6: (a) the distribution of path lengths, (b) the gradient magnitude of
     one path of each length, (c) each length's share of the total, the effective range shaded."""
-    fig = Figure(figsize=(12, 3.4), dpi=90)
-    ax_d, ax_m, ax_t = fig.subplots(1, 3)
+    fig, (ax_d, ax_m, ax_t) = panels(12, 3.4, 1, 3)
     k = np.array([r["k"] for r in by_k])
     ax_d.bar(k, stats["distribution"], color="C0")
-    ax_d.set(ylabel="fraction of paths")
-    ax_d.set_title("(a) path lengths: C(n, k) / 2^n", fontsize=9)
+    ax_d.set(title="(a) path lengths: C(n, k) / 2^n", ylabel="fraction of paths")
     ax_m.errorbar(k, [r["mean"] for r in by_k], yerr=[r["std"] for r in by_k], marker="o", ms=3, capsize=2)
-    ax_m.set(yscale="log", ylabel="|dL/d input of the first block|")
-    ax_m.set_title("(b) gradient magnitude of one path of length k", fontsize=9)
+    ax_m.set(title="(b) gradient magnitude of one path of length k", yscale="log",
+             ylabel="|dL/d input of the first block|")
     ax_t.bar(k, stats["share"], color="C2")
     lo, hi = stats["effective_lo"], stats["effective_hi"]
     ax_t.axvspan(lo - 0.5, hi + 0.5, color="C3", alpha=0.15, label=f"{mass:.0%} of the total: k = {lo}..{hi}")
-    ax_t.set(ylabel="share of the total")
-    ax_t.set_title("(c) total gradient magnitude per path length", fontsize=9)
+    ax_t.set(title="(c) total gradient magnitude per path length", ylabel="share of the total")
     ax_t.legend(fontsize=7)
     for ax in (ax_d, ax_m, ax_t):
         ax.set_xlabel("path length k (branches taken)")

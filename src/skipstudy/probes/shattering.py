@@ -1,9 +1,6 @@
 """Shattered gradients (Balduzzi et al. 2017): how fast ``d logit / d input`` decorrelates along the
-line between two validation images; like 2^-L with depth L in a plain net, like 1/sqrt(L) with skips.
-
-``R(k) = sum_i <g_i, g_{i+k}> / sum_i <g_i, g_i>`` after removing the line's mean (biased, so
-``|R(k)| <= R(0) = 1``); the correlation length is the first lag where ``R`` falls below 1/e.
-"""
+line between two validation images (like 2^-L in a plain net of depth L, 1/sqrt(L) with skips): the
+first lag where ``R(k) = sum_i <g_i, g_{i+k}> / sum_i |g_i|^2`` (line mean removed) falls below 1/e."""
 
 from __future__ import annotations
 
@@ -17,18 +14,17 @@ from matplotlib.ticker import ScalarFormatter
 from torch import nn
 
 from skipstudy.errors import ConfigError
-from skipstudy.probes.comparison import by_depth, label
-from skipstudy.probes.context import ProbeContext, eval_bn, titled
+from skipstudy.probes.comparison import by_depth, is_plain, label
+from skipstudy.probes.context import ProbeContext, bn_mode, panels, titled
 
-NAME = "shattering"
 THRESHOLD = math.exp(-1.0)
 COMPARISON_COLUMNS = ("corr_length", "corr_length_frac", "acf_lag1")
 
 
 def check(net: nn.Module, options: Any) -> None:
-    logit, classes = options.get("logit", 0), net.fc.out_features if hasattr(net, "fc") else None
-    if classes is not None and logit >= classes:
-        raise ConfigError(f"probe.logit={logit!r} must be a class index in [0, {classes}); e.g. probe.logit=0")
+    if hasattr(net, "fc") and options.logit >= net.fc.out_features:
+        raise ConfigError(f"probe.logit={options.logit!r} must be a class index in [0, {net.fc.out_features}); "
+                          "e.g. probe.logit=0")
 
 
 def line_inputs(x0: torch.Tensor, x1: torch.Tensor, points: int) -> torch.Tensor:
@@ -67,19 +63,18 @@ def correlation_length(acf: torch.Tensor | np.ndarray, threshold: float = THRESH
 
 
 def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
-    points, logit, chunk = options.get("points", 256), options.get("logit", 0), options.get("chunk", 64)
-    pair = list(options.get("pair", [0, 1]))
+    pair = list(options.pair)
     images = ctx.val_images(max(pair) + 1, f"probe.pair={pair}")
-    inputs = line_inputs(images[pair[0]], images[pair[1]], points)
-    bn, bn_context = eval_bn(ctx, options, inputs, chunk)
-    with bn_context:
-        grads = input_gradients(ctx.net, inputs, logit, chunk)
+    inputs = line_inputs(images[pair[0]], images[pair[1]], options.points)
+    bn, mode = bn_mode(ctx, options, inputs, options.chunk)
+    with mode:
+        grads = input_gradients(ctx.net, inputs, options.logit, options.chunk)
     acf = autocorrelation(grads)
     length = correlation_length(acf)
-    result = {"corr_length": length, "corr_length_frac": length / (points - 1), "acf_lag1": float(acf[1])}
-    record = {"points": points, "logit": logit, "pair": pair, "bn": bn, "threshold": THRESHOLD, **result,
-              "grad_norm_mean": float(grads.norm(dim=1).mean()), "acf": acf.tolist()}
-    stem = ctx.publish(NAME, record, result, lambda title: plot_run(grads, acf, length, title))
+    result = {"corr_length": length, "corr_length_frac": length / (options.points - 1), "acf_lag1": float(acf[1])}
+    record = {"bn": bn, "threshold": THRESHOLD, **result, "grad_norm_mean": float(grads.norm(dim=1).mean()),
+              "acf": acf.tolist()}
+    stem = ctx.publish(options, record, result, lambda title: plot_run(grads, acf, length, title))
     np.save(stem.with_suffix(".npy"), acf.numpy())
     return result
 
@@ -87,52 +82,44 @@ def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
 def plot_run(grads: torch.Tensor, acf: torch.Tensor, length: float, title: str = "") -> Figure:
     """Left: the gradient along the line at the three input coordinates that vary most.
     Right: the autocorrelation with the 1/e threshold and the correlation length."""
-    fig = Figure(figsize=(9, 3.2), dpi=90)
-    ax_g, ax_r = fig.subplots(1, 2)
+    fig, (ax_g, ax_r) = panels(9, 3.2, 1, 2)
     t = np.linspace(0, 1, grads.shape[0])
     for d in torch.topk(grads.var(dim=0), k=min(3, grads.shape[1])).indices.tolist():
         ax_g.plot(t, grads[:, d].numpy(), lw=0.8)
-    ax_g.set(xlabel="t (x0 -> x1)", ylabel="d logit / d input")
-    ax_g.set_title("gradient along the line (3 coordinates)", fontsize=9)
+    ax_g.set(title="gradient along the line (3 coordinates)", xlabel="t (x0 -> x1)", ylabel="d logit / d input")
     lags = np.arange(len(acf) // 2 + 1)
     ax_r.plot(lags, acf.numpy()[: len(lags)], lw=1.2)
     ax_r.axhline(THRESHOLD, color="gray", ls=":", lw=0.8)
     if length < len(acf):
         ax_r.axvline(length, color="C3", ls="--", lw=0.8, label=f"corr. length {length:.1f}")
         ax_r.legend(fontsize=8)
-    ax_r.set(xlabel="lag (points)", ylabel="autocorrelation")
-    ax_r.set_title("autocorrelation of the gradient", fontsize=9)
+    ax_r.set(title="autocorrelation of the gradient", xlabel="lag (points)", ylabel="autocorrelation")
     return titled(fig, title)
 
 
 def comparison_figure(records: list[dict]) -> Figure:
     """Correlation length and lag-1 autocorrelation against depth, one line per kind of net; and
     every run's autocorrelation, coloured by depth."""
-    fig = Figure(figsize=(13, 3.8), dpi=90)
-    ax_len, ax_lag1, ax_acf = fig.subplots(1, 3)
-    groups: dict[str, list[dict]] = {}
-    for r in records:
-        groups.setdefault(label(r), []).append(r)
-    for i, (name, rs) in enumerate(sorted(groups.items())):
-        rs = sorted(rs, key=lambda r: r["depth"])
-        style = "--" if "plain" in name.split() else "-"
+    fig, (ax_len, ax_lag1, ax_acf) = panels(13, 3.8, 1, 3)
+    kinds = sorted({label(r) for r in records})
+    for i, kind in enumerate(kinds):
+        rs = sorted((r for r in records if label(r) == kind), key=lambda r: r["depth"])
         for ax, key in ((ax_len, "corr_length"), (ax_lag1, "acf_lag1")):
-            ax.plot([r["depth"] for r in rs], [r[key] for r in rs], style, marker="o", color=f"C{i}", label=name)
+            ax.plot([r["depth"] for r in rs], [r[key] for r in rs], "--" if is_plain(rs[0]) else "-", marker="o",
+                    color=f"C{i}", label=kind)
     for r, colour, style in by_depth(records):
         lags = np.arange(len(r["acf"]) // 2 + 1)
-        ax_acf.plot(lags, np.asarray(r["acf"])[: len(lags)], style, color=colour, lw=1, label=f"{label(r)} {r['depth']}")
+        ax_acf.plot(lags, np.asarray(r["acf"])[: len(lags)], style, color=colour, lw=1,
+                    label=f"{label(r)} {r['depth']}")
     ax_acf.axhline(THRESHOLD, color="gray", ls=":", lw=0.8)
-    ax_len.set(ylabel="correlation length (points, 1/e)", yscale="log")
+    ax_len.set(title="correlation length of input gradients", ylabel="correlation length (points, 1/e)", yscale="log")
     ax_len.yaxis.set_major_formatter(ScalarFormatter())
     ax_len.yaxis.set_minor_formatter(ScalarFormatter())
-    ax_len.set_title("correlation length of input gradients", fontsize=9)
-    ax_lag1.set(ylabel="autocorrelation at lag 1")
-    ax_lag1.set_title("neighbouring gradients' correlation", fontsize=9)
+    ax_lag1.set(title="neighbouring gradients' correlation", ylabel="autocorrelation at lag 1")
     for ax in (ax_len, ax_lag1):
         ax.set(xlabel="depth (weighted layers)")
         ax.legend(fontsize=7)
-    ax_acf.set(xlabel="lag (points)", ylabel="autocorrelation")
-    ax_acf.set_title("autocorrelation (solid: skip, dashed: plain)", fontsize=9)
+    ax_acf.set(title="autocorrelation (solid: skip, dashed: plain)", xlabel="lag (points)", ylabel="autocorrelation")
     if len(records) <= 12:
         ax_acf.legend(fontsize=6)
     return titled(fig, "Shattered gradients (Balduzzi et al. 2017): plain nets decorrelate like 2^-L, "

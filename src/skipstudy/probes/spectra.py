@@ -10,11 +10,6 @@ import torch
 MatVec = Callable[[torch.Tensor], torch.Tensor]
 
 
-def rademacher(count: int, dim: int, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-    """``(count, dim)`` of +-1, drawn on the CPU so that the draw does not depend on the device."""
-    return (torch.randint(0, 2, (count, dim), generator=generator).to(like.dtype) * 2 - 1).to(like.device)
-
-
 def top_eigenpairs(matvec: MatVec, start: torch.Tensor, iters: int, tol: float = 1e-4,
                    history: list[list[float]] | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``(values, vectors, iterations)``: the eigenvalues of largest magnitude (float64, CPU) and
