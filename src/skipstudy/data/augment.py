@@ -1,33 +1,28 @@
 """Random crop and flip, drawn once per epoch from a seeded generator and applied by either pipeline.
 
-:class:`EpochSampler` draws an epoch's order, crop offsets and flip bits on the CPU from a
+He et al. 2016's augmentation (sec. 4.2): pad 4 px, random crop of the original size, flip with
+probability 1/2. :class:`EpochSampler` draws an epoch's order, crops and flips on the CPU from a
 generator seeded with ``(seed, epoch)``; workers and the device hold no random state, so both
-pipelines give the same images for a seed, whatever the number of workers or the accelerator.
-The augmentation is He et al. 2016's (sec. 4.2): pad 4 px, random crop of the original size,
-flip with probability 1/2; crops happen at the stored resolution, before any resize, so a 4 px
-pad keeps meaning 1/8 of a CIFAR image in the 224 px studies too.
+pipelines give the same images for a seed. Crops happen at the stored resolution, before any
+resize, so a 4 px pad keeps meaning 1/8 of a CIFAR image in the 224 px studies too.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import torch
 from torch.utils.data.distributed import DistributedSampler
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-# dataset.pad_mode -> torchvision's padding_mode. "zero" is torchvision's RandomCrop default
-# and what He et al. 2016 describe; "reflect" is what airbench uses.
-PAD_MODES = {"zero": "constant", "reflect": "reflect"}
-
 
 @dataclass(frozen=True)
 class EpochPlan:
-    """This rank's share of one epoch. ``top``/``left``: the crop's corner in the padded image
-    (``0 .. 2*padding``; ``padding`` is the identity crop)."""
+    """This rank's share of one epoch; ``top``/``left`` is the crop's corner in the padded image
+    (``padding`` is the identity crop)."""
 
     indices: torch.Tensor  # int64 (n,)
     top: torch.Tensor  # int64 (n,)
@@ -49,9 +44,8 @@ def epoch_seed(seed: int, epoch: int) -> int:
 class EpochSampler(DistributedSampler):
     """Yields ``(index, top, left, flip)`` for this rank's share of each epoch.
 
-    A ``DistributedSampler`` because it shards by rank as that does (every rank draws the same
-    permutation and takes every ``world_size``-th entry, ``drop_last`` or padding by repetition);
-    Lightning then leaves it in place rather than wrapping the loader, and calls ``set_epoch``.
+    A ``DistributedSampler`` because it shards by rank as that does; Lightning then leaves it in
+    place rather than wrapping the loader, and calls ``set_epoch``.
     """
 
     def __init__(self, num_samples: int, *, shuffle: bool, augment: bool, padding: int, seed: int,
@@ -94,17 +88,6 @@ class EpochSampler(DistributedSampler):
         return self.num_samples
 
 
-def crop_flip_image(image: torch.Tensor, top: int, left: int, flip: bool, padding: int, pad_mode: str) -> torch.Tensor:
-    """One uint8 CHW image: pad, crop back to its size at (top, left), maybe flip (torchvision v2)."""
-    if padding and (top != padding or left != padding):
-        h, w = image.shape[-2:]
-        image = TF.pad(image, [padding] * 4, padding_mode=PAD_MODES[pad_mode])
-        image = TF.crop(image, top, left, h, w)
-    if flip:
-        image = TF.horizontal_flip(image)
-    return image
-
-
 def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
     # torch's "reflect" mirrors about the edge pixel without repeating it: -1 -> 1, size -> size-2.
     index = index.abs()
@@ -112,10 +95,9 @@ def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def crop_flip_batch(images: torch.Tensor, plan: EpochPlan, padding: int, pad_mode: str, augment: bool) -> torch.Tensor:
-    """:func:`crop_flip_image` for a batch of the whole uint8 NHWC set (``plan`` on its device),
-    without a padded copy: the window's indices are computed in the unpadded image, then
-    reflected or clamped and masked to zero, so one ``index_select`` does pad, crop and flip.
-    Returns uint8 NCHW."""
+    """Pad (``zero`` or ``reflect``), crop and flip ``plan``'s images out of the uint8 NHWC set
+    without a padded copy: the window's indices are computed in the unpadded image, then reflected
+    or clamped and masked to zero, so one ``index_select`` does all three. Returns uint8 NCHW."""
     n, n_rows, n_cols, channels = images.shape
     idx = plan.indices
     if not augment:
@@ -140,10 +122,22 @@ def crop_flip_batch(images: torch.Tensor, plan: EpochPlan, padding: int, pad_mod
     return out.permute(0, 3, 1, 2)
 
 
-def finish(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 (..., C, H, W) -> float32 in [0, 1] -> bilinear resize to ``size`` -> normalised; the
-    same torchvision v2 calls for one image and a batch (antialias matters only when shrinking)."""
-    x = TF.to_dtype(images, torch.float32, scale=True)
-    if tuple(x.shape[-2:]) != (size, size):
-        x = TF.resize(x, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
-    return TF.normalize(x, list(mean), list(std), inplace=True)
+@dataclass(frozen=True)
+class Transform:
+    """What both pipelines do to ``plan``'s images: crop and flip, then float in [0, 1], a bilinear
+    resize to ``size`` (antialias matters only when shrinking) and the normalisation."""
+
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    padding: int
+    pad_mode: str
+    augment: bool
+
+    def __call__(self, images: torch.Tensor, plan: EpochPlan) -> torch.Tensor:
+        # NCHW-contiguous uint8 first: the copy is 4x smaller than after the float conversion.
+        x = crop_flip_batch(images, plan, self.padding, self.pad_mode, self.augment).contiguous()
+        x = TF.to_dtype(x, torch.float32, scale=True)
+        if tuple(x.shape[-2:]) != (self.size, self.size):
+            x = TF.resize(x, [self.size, self.size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+        return TF.normalize(x, list(self.mean), list(self.std), inplace=True)

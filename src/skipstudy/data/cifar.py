@@ -22,8 +22,7 @@ SPLIT_SEED = 0
 
 
 def _without_md5_check(cls: type[datasets.CIFAR10]) -> type[datasets.CIFAR10]:
-    """torchvision's CIFAR class with its MD5 check replaced by a presence check
-    (``dataset.verify=false``): torchvision has no switch, a subclass keeps its loading code."""
+    """``dataset.verify=false``: torchvision's class with its MD5 check replaced by a presence check."""
 
     def files_present(self) -> bool:
         folder = Path(self.root) / self.base_folder
@@ -33,13 +32,8 @@ def _without_md5_check(cls: type[datasets.CIFAR10]) -> type[datasets.CIFAR10]:
 
 
 class CIFAR10DataModule(ImageArrayDataModule):
-    """CIFAR-10: 50k training and 10k test images, 32x32 RGB, 10 classes.
-
-    ``root`` holds (or will hold) ``cifar-10-batches-py/``, or is that folder. ``verify=false``
-    accepts a copy whose MD5 sums differ (a subset, a re-packed archive) if every file is there.
-    ``val_split``: 0 validates on the official test set; an integer holds out that many training
-    images (5000 in He et al.), a float in (0, 1) that fraction. Others: the base class.
-    """
+    """CIFAR-10: 50k training and 10k test images, 32x32 RGB, 10 classes. ``root`` holds (or will
+    hold) ``cifar-10-batches-py/``, or is that folder; the other keys: conf/dataset/cifar10.yaml."""
 
     name = "CIFAR-10"
     folder = "cifar-10-batches-py"
@@ -50,7 +44,6 @@ class CIFAR10DataModule(ImageArrayDataModule):
     # Per-channel mean and standard deviation of the 50k training images, on the [0, 1] scale.
     mean = (0.4914, 0.4822, 0.4465)
     std = (0.2470, 0.2435, 0.2616)
-    available_splits = ("train", "val", "test")
 
     def __init__(self, root: str = "./data", download: bool = True, verify: bool = True, val_split: int | float = 0,
                  seed: int = 0, **common) -> None:
@@ -62,7 +55,6 @@ class CIFAR10DataModule(ImageArrayDataModule):
         self._prepared = False
 
     def _open(self, train: bool, download: bool) -> datasets.VisionDataset:
-        """The torchvision data set, or a ConfigError that says where we looked and the ways out."""
         folder = self.root / self.folder
         try:
             cls = self.torchvision_cls if self.verify else _without_md5_check(self.torchvision_cls)
@@ -90,17 +82,15 @@ class CIFAR10DataModule(ImageArrayDataModule):
             ) from err
 
     def _bad_file(self, folder: Path) -> str:
-        """The first file of ``folder`` that is missing, fails its MD5 sum (with verify) or cannot
-        be unpickled, so a damaged copy names the file to replace."""
+        """The first file that is missing, fails its MD5 sum (with verify) or cannot be unpickled."""
         cls = self.torchvision_cls
-        names = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
-        sums = dict(cls.train_list + cls.test_list, **{cls.meta["filename"]: cls.meta["md5"]})
-        missing = [folder / name for name in names if not (folder / name).is_file()]
+        sums = dict(cls.train_list + cls.test_list + [(cls.meta["filename"], cls.meta["md5"])])
+        missing = [name for name in sums if not (folder / name).is_file()]
         if missing:
-            return f"{missing[0]} is missing"
-        for name in names:
+            return f"{folder / missing[0]} is missing"
+        for name, md5 in sums.items():
             path = folder / name
-            if self.verify and not check_integrity(str(path), sums[name]):
+            if self.verify and not check_integrity(str(path), md5):
                 return f"{path} ({path.stat().st_size} bytes) differs from the release's MD5 sum"
             try:
                 with open(path, "rb") as f:
@@ -110,7 +100,6 @@ class CIFAR10DataModule(ImageArrayDataModule):
         return "no single file to blame"
 
     def prepare_data(self) -> None:
-        """Download if needed and verify the files; a second call does nothing."""
         if self._prepared:
             return
         self._open(train=True, download=self.download)
