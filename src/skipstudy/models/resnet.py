@@ -1,4 +1,5 @@
-"""The networks: ResNet-18..152 and the CIFAR ResNets (one :class:`ResNet`), and the mini net.
+"""The networks: ResNet-18..152 and the CIFAR ResNets (one :class:`ResNet`), the mini net, and the
+init schemes (``model.init``).
 
 Each ``conf/model/<name>.yaml`` targets one builder; the options are checked against
 ``skipstudy.config`` before any allocation.
@@ -13,7 +14,6 @@ from torch import nn
 
 from skipstudy import config
 from skipstudy.models.blocks import NORMS, BasicBlock, Block, Bottleneck, _shift, make_shortcut, make_stage
-from skipstudy.models.init import apply_init
 
 
 class ResNet(nn.Module):
@@ -72,6 +72,40 @@ class MiniNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.block2(self.block1(x))
         return self.fc(_shift(torch.flatten(self.avgpool(x), 1), self.bias2))
+
+
+def apply_init(net: nn.Module, init: str) -> None:
+    """Apply ``model.init`` in place, once, right after the build. ``default``: PyTorch's own;
+    ``kaiming``: torchvision's ResNet init; ``zero_residual`` (Goyal et al. 2017), ``fixup`` (Zhang
+    et al. 2019) and ``skipinit`` (De & Smith 2020) start every block as ``relu(shortcut(x))``
+    (their per-block parts are :class:`Block`'s). Fixup also zeroes the classifier and fills the
+    net's scalar bias slots after the stem and before the classifier (the paper's rule 3)."""
+    blocks = [m for m in net.modules() if isinstance(m, Block)]
+    if init == "default":
+        return
+    if init == "skipinit":
+        for block in blocks:
+            block.add_branch_scale(0.0)
+        return
+    with torch.no_grad():  # kaiming: as torchvision's ResNet
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+    if init == "zero_residual":
+        for block in blocks:
+            block.zero_init_last()
+    elif init == "fixup":
+        for block in blocks:
+            block.fixup_init(num_branches=len(blocks))
+        with torch.no_grad():
+            net.fc.weight.zero_()
+            net.fc.bias.zero_()
+        for name in ("bias1", "bias2"):
+            if hasattr(net, name):  # an empty slot (the mini net has no stem, so no bias1)
+                setattr(net, name, nn.Parameter(torch.zeros(())))
 
 
 def build(target: str, make, options: dict, **defaults) -> nn.Module:
