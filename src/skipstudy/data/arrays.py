@@ -78,9 +78,9 @@ class DeviceBatches:
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        plan = self.sampler.take_plan().to(self.images.device)
+        plan = [t.to(self.images.device, non_blocking=True) for t in self.sampler.take_plan()]
         for b in range(len(self)):
-            part = plan[b * self.batch_size : (b + 1) * self.batch_size]
+            part = EpochPlan(*(t[b * self.batch_size : (b + 1) * self.batch_size] for t in plan))
             yield self.transform(self.images, part), self.labels[part.indices]
 
 

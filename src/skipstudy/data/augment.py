@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 from torch.utils.data.distributed import DistributedSampler
@@ -19,8 +19,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 
-@dataclass(frozen=True)
-class EpochPlan:
+class EpochPlan(NamedTuple):
     """This rank's share of one epoch; ``top``/``left`` is the crop's corner in the padded image
     (``padding`` is the identity crop)."""
 
@@ -28,12 +27,6 @@ class EpochPlan:
     top: torch.Tensor  # int64 (n,)
     left: torch.Tensor  # int64 (n,)
     flip: torch.Tensor  # bool (n,)
-
-    def to(self, device: torch.device) -> "EpochPlan":
-        return EpochPlan(*(t.to(device, non_blocking=True) for t in (self.indices, self.top, self.left, self.flip)))
-
-    def __getitem__(self, part: slice) -> "EpochPlan":
-        return EpochPlan(self.indices[part], self.top[part], self.left[part], self.flip[part])
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

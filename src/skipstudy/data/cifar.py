@@ -36,8 +36,6 @@ class CIFAR10DataModule(ImageArrayDataModule):
     hold) ``cifar-10-batches-py/``, or is that folder; the other keys: conf/dataset/cifar10.yaml."""
 
     name = "CIFAR-10"
-    folder = "cifar-10-batches-py"
-    url = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
     torchvision_cls = datasets.CIFAR10
     num_classes = 10
     native_size = 32
@@ -49,6 +47,7 @@ class CIFAR10DataModule(ImageArrayDataModule):
                  seed: int = 0, **common) -> None:
         super().__init__(seed=seed, download=download, verify=verify, val_split=val_split, **common)
         root_path = Path(str(root)).expanduser()
+        self.folder, self.url = self.torchvision_cls.base_folder, self.torchvision_cls.url
         self.root = root_path.parent if root_path.name == self.folder else root_path
         self.root_arg = str(root)
         self.download, self.verify, self.val_split = download, verify, val_split
@@ -130,8 +129,6 @@ class CIFAR100DataModule(CIFAR10DataModule):
     """CIFAR-100: as CIFAR-10 with 100 fine classes (``cifar-100-python/``)."""
 
     name = "CIFAR-100"
-    folder = "cifar-100-python"
-    url = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
     torchvision_cls = datasets.CIFAR100
     num_classes = 100
     mean = (0.5071, 0.4865, 0.4409)

@@ -53,28 +53,6 @@ def locate(root: str | Path) -> Path:
     raise layout_error(str(root), missing)
 
 
-def read_wnids(data_dir: Path, root: str) -> list[str]:
-    path = data_dir / "wnids.txt"
-    wnids = path.read_text().split()
-    if not wnids:
-        raise layout_error(root, path, "no class ids in")
-    duplicates = sorted({w for w in wnids if wnids.count(w) > 1})
-    if duplicates:
-        raise layout_error(root, path, f"duplicate class ids {duplicates[:5]} in")
-    return wnids
-
-
-def read_class_names(data_dir: Path, wnids: list[str]) -> list[str]:
-    """Names from ``words.txt`` (it lists all of WordNet in the official zip); wnid if absent."""
-    path = data_dir / "words.txt"
-    if not path.is_file():
-        log.warning("Tiny ImageNet: %s is missing; class names are the WordNet ids", path)
-        return list(wnids)
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    names = dict(line.partition("\t")[::2] for line in lines)
-    return [names.get(w, w).strip() for w in wnids]
-
-
 class TinyImageNetDataModule(ImageArrayDataModule):
     """Tiny ImageNet: 64x64 RGB, 500 training and 50 validation images per class; the keys:
     conf/dataset/tiny_imagenet.yaml (``cache_dir`` default: beside ``tiny-imagenet-200/``)."""
@@ -90,9 +68,19 @@ class TinyImageNetDataModule(ImageArrayDataModule):
         super().__init__(seed=seed, skip_corrupt=skip_corrupt, **common)
         self.root, self.skip_corrupt, self.cache_dir_arg = str(root), skip_corrupt, cache_dir
         self.data_dir = locate(root)
-        self.wnids = read_wnids(self.data_dir, self.root)
+        wnids_file, words_file = self.data_dir / "wnids.txt", self.data_dir / "words.txt"
+        self.wnids = wnids_file.read_text().split()
+        duplicates = sorted({w for w in self.wnids if self.wnids.count(w) > 1})
+        if duplicates or not self.wnids:
+            raise layout_error(self.root, wnids_file, f"duplicate class ids {duplicates[:5]} in" if duplicates
+                               else "no class ids in")
         self.num_classes = len(self.wnids)
-        self.class_names = read_class_names(self.data_dir, self.wnids)
+        # words.txt lists all of WordNet in the official zip; without it the names are the ids.
+        if not words_file.is_file():
+            log.warning("Tiny ImageNet: %s is missing; class names are the WordNet ids", words_file)
+        lines = words_file.read_text(encoding="utf-8", errors="replace").splitlines() if words_file.is_file() else []
+        names = dict(line.partition("\t")[::2] for line in lines)
+        self.class_names = [names.get(w, w).strip() for w in self.wnids]
         required = [self.data_dir / "train" / w / "images" for w in self.wnids]
         for path in required + [self.data_dir / "val" / "val_annotations.txt", self.data_dir / "val" / "images"]:
             if not path.exists():
