@@ -48,9 +48,9 @@ def decode_rgb(path: Path, size: int) -> np.ndarray:
     return array
 
 
-def fingerprint(files: Sequence[Path], base: Path, salt: str = "") -> str:
+def fingerprint(files: Sequence[Path], base: Path) -> str:
     """SHA-256 over each file's path relative to ``base``, size and mtime (no contents read)."""
-    digest = hashlib.sha256(f"v{FORMAT_VERSION}\n{salt}\n".encode())
+    digest = hashlib.sha256(f"v{FORMAT_VERSION}\n".encode())
     for path in files:
         st = path.stat()
         digest.update(f"{path.relative_to(base)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())

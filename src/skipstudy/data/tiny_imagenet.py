@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
+from torchvision.datasets.folder import make_dataset
 
 from skipstudy.data.arrays import ImageArrayDataModule
 from skipstudy.data.cache import DecodedCache, SplitSource, fingerprint
@@ -43,11 +43,10 @@ def layout_error(root: str, missing: Path | str, detail: str = "") -> ConfigErro
 def locate(root: str | Path) -> Path:
     """The ``tiny-imagenet-200`` directory under (or at) ``root``; ConfigError otherwise."""
     root_path = Path(str(root)).expanduser()
-    candidates = [root_path / FOLDER, root_path]
-    for candidate in candidates:
+    for candidate in (root_path / FOLDER, root_path):
         if (candidate / "wnids.txt").is_file():
             return candidate
-    expected = candidates[1] if root_path.name == FOLDER else candidates[0]
+    expected = root_path if root_path.name == FOLDER else root_path / FOLDER
     # Name the first thing that is missing: the root, the folder, or the class list.
     missing = next(p for p in (root_path, expected, expected / "wnids.txt") if not p.exists())
     raise layout_error(str(root), missing)
@@ -93,16 +92,12 @@ class TinyImageNetDataModule(ImageArrayDataModule):
         self.skipped: list[dict] = []
 
     def _train_source(self) -> SplitSource:
-        files: list[Path] = []
-        labels: list[int] = []
-        for label, wnid in enumerate(self.wnids):
-            folder = self.data_dir / "train" / wnid / "images"
-            names = sorted(e.name for e in os.scandir(folder) if e.name.lower().endswith(IMAGE_SUFFIXES))
-            if not names:
-                raise layout_error(self.root, folder, "no JPEG images in")
-            files += [folder / n for n in names]
-            labels += [label] * len(names)
-        return SplitSource(files, np.asarray(labels, dtype=np.int64))
+        train = self.data_dir / "train"
+        try:
+            samples = make_dataset(train, {w: i for i, w in enumerate(self.wnids)}, extensions=IMAGE_SUFFIXES)
+        except FileNotFoundError as err:  # a class folder without images
+            raise layout_error(self.root, train, f"{err}: in") from None
+        return SplitSource([Path(path) for path, _ in samples], np.asarray([c for _, c in samples], dtype=np.int64))
 
     def _val_source(self) -> SplitSource:
         path = self.data_dir / "val" / "val_annotations.txt"
@@ -133,11 +128,10 @@ class TinyImageNetDataModule(ImageArrayDataModule):
     def prepare_data(self) -> None:
         """Decode the JPEGs into the cache unless one of this exact source exists."""
         sources = {"train": self._train_source(), "val": self._val_source()}
-        label_files = [self.data_dir / "wnids.txt", self.data_dir / "val" / "val_annotations.txt"]
-        files = label_files + [f for s in sources.values() for f in s.files]
-        salt = "".join(hashlib.sha256(p.read_bytes()).hexdigest() for p in label_files)
+        files = [self.data_dir / "wnids.txt", self.data_dir / "val" / "val_annotations.txt"]
+        files += [f for s in sources.values() for f in s.files]
         try:
-            self.meta = self.cache.ensure(fingerprint(files, self.data_dir, salt), sources)
+            self.meta = self.cache.ensure(fingerprint(files, self.data_dir), sources)
         except PermissionError as err:
             raise ConfigError(f"dataset.cache_dir={self.cache_dir_arg}: cannot write the decoded Tiny ImageNet cache "
                               f"({err}); set dataset.cache_dir=<a writable directory>") from err
