@@ -45,12 +45,12 @@ class EpochSampler(DistributedSampler):
                  rank: int = 0, world_size: int = 1, drop_last: bool = False) -> None:
         super().__init__(range(num_samples), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
                          drop_last=drop_last)
-        self.size, self.augment, self.padding = num_samples, augment, padding
+        self.augment, self.padding = augment, padding
 
     def plan(self, epoch: int | None = None) -> EpochPlan:
         """The draws of ``epoch`` (default: the current one) for this rank, on the CPU."""
         epoch = self.epoch if epoch is None else epoch
-        n = self.size
+        n = len(self.dataset)
         gen = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
         order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
         if self.augment:
@@ -74,11 +74,7 @@ class EpochSampler(DistributedSampler):
         return plan
 
     def __iter__(self) -> Iterator[tuple[int, int, int, bool]]:
-        plan = self.take_plan()
-        return iter(zip(plan.indices.tolist(), plan.top.tolist(), plan.left.tolist(), plan.flip.tolist()))
-
-    def __len__(self) -> int:
-        return self.num_samples
+        return zip(*(t.tolist() for t in self.take_plan()))
 
 
 def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:

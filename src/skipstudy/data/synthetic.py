@@ -62,14 +62,13 @@ class SyntheticDataModule(L.LightningDataModule):
     deviation. The images are normalised already: ``mean``/``std`` are 0 and 1."""
 
     def __init__(self, num_classes: int = 10, channels: int = 3, image_size: int = 32, num_train: int = 2048,
-                 num_val: int = 512, batch_size: int = 64, noise: float = 0.5, seed: int = 0,
-                 num_workers: int = 0) -> None:
+                 num_val: int = 512, batch_size: int = 64, noise: float = 0.5, seed: int = 0) -> None:
         super().__init__()
         config.check_args("dataset", self, num_classes=num_classes, channels=channels, image_size=image_size,
                           num_train=num_train, num_val=num_val, batch_size=batch_size, noise=noise)
         self.num_classes, self.channels, self.image_size = num_classes, channels, image_size
         self.num_train, self.num_val, self.batch_size, self.noise = num_train, num_val, batch_size, noise
-        self.seed, self.num_workers = int(seed), num_workers
+        self.seed = int(seed)
         self.mean, self.std = (0.0,) * channels, (1.0,) * channels
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
@@ -83,9 +82,7 @@ class SyntheticDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # The shuffle order follows Lightning's seeded global RNG (seed_everything).
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True,
-                          num_workers=self.num_workers, drop_last=False)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False,
-                          num_workers=self.num_workers)
+        return DataLoader(self.val_set, batch_size=self.batch_size)
