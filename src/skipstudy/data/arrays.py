@@ -87,8 +87,9 @@ class DeviceBatches:
 class ImageArrayDataModule(L.LightningDataModule):
     """The one base of the stored data sets: subclasses set ``name``, ``native_size`` (stored image
     side), ``num_classes``, ``mean``/``std`` (per channel, [0, 1] scale) and implement
-    :meth:`load_split`. The arguments are the ``dataset.*`` keys (conf/dataset/*.yaml); ``device``
-    is where the device path keeps the data (default: the Trainer's device).
+    ``load_split(split) -> (uint8 NHWC images, int64 labels)`` for train, val and test. The
+    arguments are the ``dataset.*`` keys; ``device`` is where the device path keeps the data
+    (default: the Trainer's device).
     """
 
     name = "images"
@@ -112,10 +113,6 @@ class ImageArrayDataModule(L.LightningDataModule):
         self.splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._device_sets: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self.loader_used: str | None = None  # what auto resolved to, for logs and tests
-
-    def load_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """Return ``(images, labels)`` of ``split`` (train, val or test): uint8 NHWC, int64."""
-        raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
         for split in {"validate": ("val",), "test": ("test",)}.get(stage, ("train", "val")):

@@ -74,11 +74,12 @@ class TinyImageNetDataModule(ImageArrayDataModule):
             raise layout_error(self.root, wnids_file, f"duplicate class ids {duplicates[:5]} in" if duplicates
                                else "no class ids in")
         self.num_classes = len(self.wnids)
-        # words.txt lists all of WordNet in the official zip; without it the names are the ids.
-        if not words_file.is_file():
+        names = {}  # words.txt lists all of WordNet in the official zip; without it the names are the ids
+        if words_file.is_file():
+            lines = words_file.read_text(encoding="utf-8", errors="replace").splitlines()
+            names = dict(line.partition("\t")[::2] for line in lines)
+        else:
             log.warning("Tiny ImageNet: %s is missing; class names are the WordNet ids", words_file)
-        lines = words_file.read_text(encoding="utf-8", errors="replace").splitlines() if words_file.is_file() else []
-        names = dict(line.partition("\t")[::2] for line in lines)
         self.class_names = [names.get(w, w).strip() for w in self.wnids]
         required = [self.data_dir / "train" / w / "images" for w in self.wnids]
         for path in required + [self.data_dir / "val" / "val_annotations.txt", self.data_dir / "val" / "images"]:
