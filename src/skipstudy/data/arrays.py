@@ -4,7 +4,7 @@
 (:class:`DeviceBatches`: the split lives on the accelerator, whole batches are built there) or
 ``auto`` (device on a CUDA device with room for the data). Both draw from one
 :class:`~skipstudy.data.augment.EpochSampler` and apply one
-:class:`~skipstudy.data.augment.Transform`, so for one seed they give the same images.
+:func:`~skipstudy.data.augment.transform_batch`, so for one seed they give the same images.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
+from functools import partial
 
 import lightning as L
 import numpy as np
@@ -19,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from skipstudy import config
-from skipstudy.data.augment import EpochPlan, EpochSampler, Transform
+from skipstudy.data.augment import EpochPlan, EpochSampler, Transform, transform_batch
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +175,8 @@ class ImageArrayDataModule(L.LightningDataModule):
         drop_last = train and len(sampler) >= self.batch_size
         log.info("%s %s: %d images, dataset.loader=%s on %s, rank %d of %d", self.name, split, len(labels), kind,
                  device if kind == "device" else "cpu", rank, world)
-        transform = Transform(self.image_size, tuple(self.mean), tuple(self.std), self.crop_padding, self.pad_mode,
-                              augment)
+        bound = partial(transform_batch, size=self.image_size, mean=self.mean, std=self.std, padding=self.crop_padding,
+                        pad_mode=self.pad_mode, augment=augment)
         if kind == "device":
             # The split is uploaded once per device and kept for later epochs and reloads.
             tensors = self._device_sets.get((split, str(device))) if own else None
@@ -184,7 +185,7 @@ class ImageArrayDataModule(L.LightningDataModule):
                 if own:
                     self._device_sets[split, str(device)] = tensors
             return DeviceBatches(*tensors, sampler, batch_size=self.batch_size, drop_last=drop_last,
-                                 transform=transform)
-        return DataLoader(ArrayImages(images, labels, transform), sampler=sampler, batch_size=self.batch_size,
+                                 transform=bound)
+        return DataLoader(ArrayImages(images, labels, bound), sampler=sampler, batch_size=self.batch_size,
                           drop_last=drop_last, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0 and train, pin_memory=device.type == "cuda")

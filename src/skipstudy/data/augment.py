@@ -10,8 +10,7 @@ resize, so a 4 px pad keeps meaning 1/8 of a CIFAR image in the 224 px studies t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 from torch.utils.data.distributed import DistributedSampler
@@ -111,22 +110,17 @@ def crop_flip_batch(images: torch.Tensor, plan: EpochPlan, padding: int, pad_mod
     return out.permute(0, 3, 1, 2)
 
 
-@dataclass(frozen=True)
-class Transform:
+def transform_batch(images: torch.Tensor, plan: EpochPlan, *, size: int, mean: Sequence[float], std: Sequence[float],
+              padding: int, pad_mode: str, augment: bool) -> torch.Tensor:
     """What both pipelines do to ``plan``'s images: crop and flip, then float in [0, 1], a bilinear
     resize to ``size`` (antialias matters only when shrinking) and the normalisation."""
+    # NCHW-contiguous uint8 first: the copy is 4x smaller than after the float conversion.
+    x = crop_flip_batch(images, plan, padding, pad_mode, augment).contiguous()
+    x = TF.to_dtype(x, torch.float32, scale=True)
+    if tuple(x.shape[-2:]) != (size, size):
+        x = TF.resize(x, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    return TF.normalize(x, list(mean), list(std), inplace=True)
 
-    size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    padding: int
-    pad_mode: str
-    augment: bool
 
-    def __call__(self, images: torch.Tensor, plan: EpochPlan) -> torch.Tensor:
-        # NCHW-contiguous uint8 first: the copy is 4x smaller than after the float conversion.
-        x = crop_flip_batch(images, plan, self.padding, self.pad_mode, self.augment).contiguous()
-        x = TF.to_dtype(x, torch.float32, scale=True)
-        if tuple(x.shape[-2:]) != (self.size, self.size):
-            x = TF.resize(x, [self.size, self.size], interpolation=InterpolationMode.BILINEAR, antialias=True)
-        return TF.normalize(x, list(self.mean), list(self.std), inplace=True)
+# transform_batch with all but the images and the plan bound (functools.partial), as the loaders take it.
+Transform = Callable[[torch.Tensor, EpochPlan], torch.Tensor]
