@@ -1,11 +1,7 @@
-"""The base of the stored data sets: uint8 NHWC arrays into batches by one of two pipelines.
-
-``dataset.loader``: ``torch`` (DataLoader workers transform one image each), ``device``
-(:class:`DeviceBatches`: the split lives on the accelerator, whole batches are built there) or
-``auto`` (device on a CUDA device with room for the data). Both draw from one
-:class:`~skipstudy.data.augment.EpochSampler` and apply one
-:func:`~skipstudy.data.augment.transform_batch`, so for one seed they give the same images.
-"""
+"""The base of the stored data sets: uint8 NHWC arrays into batches by ``dataset.loader=torch``
+(DataLoader workers, one image each) or ``device`` (the split on the accelerator, whole batches
+built there). Both draw from one ``EpochSampler`` and apply one ``transform_batch``, so for one
+seed they give the same images."""
 
 from __future__ import annotations
 

@@ -1,11 +1,7 @@
-"""Random crop and flip, drawn once per epoch from a seeded generator and applied by either pipeline.
-
-He et al. 2016's augmentation (sec. 4.2): pad 4 px, random crop of the original size, flip with
-probability 1/2. :class:`EpochSampler` draws an epoch's order, crops and flips on the CPU from a
-generator seeded with ``(seed, epoch)``; workers and the device hold no random state, so both
-pipelines give the same images for a seed. Crops happen at the stored resolution, before any
-resize, so a 4 px pad keeps meaning 1/8 of a CIFAR image in the 224 px studies too.
-"""
+"""He et al. 2016's augmentation (pad, random crop of the original size, flip), drawn once per
+epoch on the CPU from a generator seeded with ``(seed, epoch)``: workers and the device hold no
+random state. Crops happen at the stored resolution, before any resize, so a 4 px pad keeps
+meaning 1/8 of a CIFAR image in the 224 px studies too."""
 
 from __future__ import annotations
 

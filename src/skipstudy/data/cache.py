@@ -1,10 +1,7 @@
-"""Decode images once into memory-mapped uint8 arrays, keyed by a fingerprint of the source.
-
-Decoding Tiny ImageNet's 110k JPEGs with PIL every epoch cost most of the earlier studies'
-173 s epochs. ``meta.json`` holds a fingerprint of the source; when it no longer matches, the
-cache is rebuilt. Files are written under temporary names and renamed into place, ``meta.json``
-last, under a file lock, so DDP ranks never read half a cache and only one of them decodes.
-"""
+"""Decode images once into memory-mapped uint8 arrays (decoding Tiny ImageNet's JPEGs every epoch
+cost most of the earlier studies' 173 s epochs), rebuilt when the source's fingerprint changes.
+Files are renamed into place, ``meta.json`` last, under a file lock, so DDP ranks never read half
+a cache and only one of them decodes."""
 
 from __future__ import annotations
 
@@ -132,7 +129,8 @@ class DecodedCache:
                     del out  # close the memmap before its file is replaced
                     if kept is not None:
                         np.save(tmp, kept)
-                    np.save(self.directory / f"{split}_labels{tag}.npy", np.asarray(source.labels, dtype=np.int64)[keep])
+                    labels = np.asarray(source.labels, dtype=np.int64)[keep]
+                    np.save(self.directory / f"{split}_labels{tag}.npy", labels)
                     counts[split] = int(keep.sum())
             meta = {"version": FORMAT_VERSION, "fingerprint": fingerprint_, "image_size": size, "splits": counts,
                     "skipped": skipped, "decode_seconds": round(time.perf_counter() - start, 2),

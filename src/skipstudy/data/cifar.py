@@ -1,8 +1,7 @@
-"""CIFAR-10 and CIFAR-100 (``dataset=cifar10|cifar100``) through torchvision, which reads the
-official pickles (already uint8 NHWC: no decoded cache) and checks their MD5 sums. Validation is
-the official test set, or with ``dataset.val_split`` a held-out part of the training set (He et
-al. 2016, sec. 4.2: 45k/5k), the same for every run seed so a study validates on one set.
-"""
+"""CIFAR-10 and CIFAR-100 through torchvision, which reads the official pickles (uint8 NHWC already:
+no decoded cache) and checks their MD5 sums. Validation is the official test set, or with
+``dataset.val_split`` a held-out part of the training set (He et al. 2016: 45k/5k), the same for
+every run seed so a study validates on one set."""
 
 from __future__ import annotations
 

@@ -22,7 +22,8 @@ def make_synthetic_images(num_samples: int, num_classes: int, channels: int, ima
     class_gen = torch.Generator().manual_seed(seed)
     # Two gratings per class: the texture is their sum, so no single orientation or
     # frequency names a class, and classes overlap in either one alone.
-    freq = 1.5 + 4.5 * torch.rand(num_classes, 2, generator=class_gen)  # cycles per image (<= 6: no aliasing from 12 px up)
+    # Cycles per image, <= 6: no aliasing from 12 px up.
+    freq = 1.5 + 4.5 * torch.rand(num_classes, 2, generator=class_gen)
     angle = math.pi * torch.rand(num_classes, 2, generator=class_gen)
     colour = torch.randn(num_classes, channels, generator=class_gen)
     colour = colour / colour.norm(dim=1, keepdim=True).clamp_min(1e-6) * math.sqrt(channels)

@@ -1,9 +1,7 @@
-"""Tiny ImageNet (``dataset=tiny_imagenet``) read from the official ``tiny-imagenet-200/`` layout
-(:data:`LAYOUT`): label = line of ``wnids.txt`` (``num_classes`` follows the file: 200 in the
-release, fewer in a subset); validation labels only from ``val/val_annotations.txt``; the
-unlabelled ``test/`` is unused. The 64x64 JPEGs (about 1.8% greyscale, made RGB) are decoded
-once into a memory-mapped cache (``cache.py``) under ``dataset.cache_dir``.
-"""
+"""Tiny ImageNet from the official ``tiny-imagenet-200/`` layout (:data:`LAYOUT`): label = line of
+``wnids.txt`` (a subset may have fewer), validation labels from ``val/val_annotations.txt``, the
+unlabelled ``test/`` unused. The JPEGs (about 1.8% greyscale, made RGB) are decoded once into
+``cache.py``'s cache under ``dataset.cache_dir``."""
 
 from __future__ import annotations
 

@@ -1,11 +1,8 @@
-"""Residual blocks with a removable shortcut, and the stage builder that wires them.
-
-Module names follow torchvision's ``models/resnet.py`` (``conv1``, ``bn1``, ``downsample.0``...),
-so its state dicts load with ``strict=True``. The plain twin is ``skip=False``: no addition and
-no projection parameters (a parameter that never gets a gradient would look like a "vanished"
-layer and breaks DDP). Modules are defined in forward order, since the monitor and the report
-read ``named_modules()`` as the data flow. New block types: docs/architecture.md.
-"""
+"""Residual blocks with a removable shortcut, named as in torchvision's ``models/resnet.py`` (so its
+state dicts load with ``strict=True``). The plain twin is ``skip=False``: no addition and no
+projection parameters (a parameter that never gets a gradient would look like a "vanished" layer
+and breaks DDP). Modules are defined in forward order: the monitor and the report read
+``named_modules()`` as the data flow. New block types: docs/architecture.md."""
 
 from __future__ import annotations
 

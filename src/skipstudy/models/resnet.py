@@ -1,9 +1,6 @@
-"""The networks: ResNet-18..152 and the CIFAR ResNets (one :class:`ResNet`), the mini net, and the
-init schemes (``model.init``).
-
-Each ``conf/model/<name>.yaml`` targets one builder; the options are checked against
-``skipstudy.config`` before any allocation.
-"""
+"""The networks (ResNet-18..152 and the CIFAR ResNets as one :class:`ResNet`, and the mini net),
+the init schemes (``model.init``) and the builders that ``conf/model/<name>.yaml`` target; the
+options are checked against ``skipstudy.config`` before any allocation."""
 
 from __future__ import annotations
 
