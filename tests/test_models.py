@@ -24,7 +24,6 @@ from skipstudy.models.blocks import (
     ZeroPadShortcut,
     identity_shortcut,
     make_stage,
-    no_norm,
 )
 from skipstudy.probes import lesion, paths
 
@@ -330,7 +329,7 @@ def test_trained_fixup_blocks_match_the_papers_equations(block_cls, shortcut):
     block with the reference written from the paper's equations."""
     torch.manual_seed(0)
     # A downsampling block (stride 2, wider) followed by an identity block, as in a stage.
-    stage = make_stage(block_cls, 16, 16, 2, stride=2, skip=True, shortcut=shortcut, norm_layer=no_norm)
+    stage = make_stage(block_cls, 16, 16, 2, stride=2, skip=True, shortcut=shortcut, norm_layer=nn.Identity)
     g = torch.Generator().manual_seed(1)
     for block in stage:
         block.fixup_init(num_branches=len(stage))

@@ -1,19 +1,14 @@
-"""The base of the stored data sets: uint8 NHWC arrays into batches by one of two pipelines.
-
-CIFAR's pickles are uint8 arrays already; Tiny ImageNet's JPEGs are decoded once (``cache.py``).
-``dataset.loader``: ``torch`` (DataLoader workers transform one image each with torchvision v2
-ops), ``device`` (:class:`DeviceBatches`: the split lives on the
-accelerator, whole batches are built there) or ``auto`` (device on a CUDA device with room for
-the data). Both draw from one :class:`~skipstudy.data.augment.EpochSampler`, so for one seed
-they give the same images.
-"""
+"""The base of the stored data sets: uint8 NHWC arrays into batches by ``dataset.loader=torch``
+(DataLoader workers, one image each) or ``device`` (the split on the accelerator, whole batches
+built there). Both draw from one ``EpochSampler`` and apply one ``transform_batch``, so for one
+seed they give the same images."""
 
 from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Iterator
+from functools import partial
 
 import lightning as L
 import numpy as np
@@ -21,8 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from skipstudy import config
-from skipstudy.data.augment import EpochSampler, crop_flip_batch, crop_flip_image, finish
-from skipstudy.errors import ConfigError
+from skipstudy.data.augment import EpochPlan, EpochSampler, Transform, transform_batch
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +26,13 @@ DEVICE_MEMORY_SHARE = 0.25
 
 
 class ArrayImages(Dataset):
-    """One image at a time for the torch path, indexed by the sampler's ``(index, top, left,
-    flip)`` so workers hold no random state. A memmap is reopened by name in each worker instead
-    of being pickled (pickling a memmap copies all of it)."""
+    """The torch path: one image per sampler key ``(index, top, left, flip)``, so workers hold no
+    random state. A memmap is reopened by name in each worker instead of being pickled (pickling
+    a memmap copies all of it)."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, *, image_size: int, mean, std,
-                 padding: int, pad_mode: str, augment: bool) -> None:
-        self.images = images
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Transform) -> None:
+        self.images, self.transform = images, transform
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
-        self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
-        self.padding, self.pad_mode, self.augment = padding, pad_mode, augment
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -60,58 +51,42 @@ class ArrayImages(Dataset):
 
     def __getitem__(self, key: tuple[int, int, int, bool]) -> tuple[torch.Tensor, torch.Tensor]:
         index, top, left, flip = key
-        image = torch.from_numpy(np.array(self.images[index])).permute(2, 0, 1)  # HWC -> CHW
-        if self.augment:
-            image = crop_flip_image(image, top, left, flip, self.padding, self.pad_mode)
-        return finish(image, self.image_size, self.mean, self.std), self.labels[index]
-
-
-def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A host array (possibly a read-only memmap) as a tensor on ``device``, read once."""
-    if device.type == "cpu":
-        return torch.from_numpy(np.array(array))  # own copy: never alias a read-only memmap
-    with warnings.catch_warnings():
-        # from_numpy warns that the memmap is read-only; the tensor is only read and copied.
-        warnings.filterwarnings("ignore", message=".*not writable.*")
-        return torch.from_numpy(np.asarray(array)).to(device)
+        image = torch.from_numpy(np.array(self.images[index : index + 1]))  # a set of one, as the transform takes
+        plan = EpochPlan(torch.zeros(1, dtype=torch.int64), torch.tensor([top]), torch.tensor([left]),
+                         torch.tensor([flip]))
+        return self.transform(image, plan)[0], self.labels[index]
 
 
 class DeviceBatches:
     """``dataset.loader=device``, in the style of Keller Jordan's airbench: the whole uint8 split
-    sits on the device and each batch is one gather (crop + flip), a float conversion, an
-    optional resize and a normalisation there: no workers, no per-batch host copy.
-
-    Lightning treats it like a DataLoader: ``len()`` is the batch count (so
-    ``limit_train_batches`` works), ``sampler.set_epoch`` is called every epoch, and batches
-    already on the model's device are not copied again.
+    sits on the device and each batch is one gather and a transform there: no workers, no
+    per-batch host copy. Lightning treats it like a DataLoader: ``len()`` is the batch count (so
+    ``limit_train_batches`` works), ``sampler.set_epoch`` is called every epoch.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, sampler: EpochSampler, *, batch_size: int,
-                 drop_last: bool, image_size: int, mean, std, padding: int, pad_mode: str, augment: bool) -> None:
-        self.images, self.labels, self.sampler = images, labels, sampler
+                 drop_last: bool, transform: Transform) -> None:
+        self.images, self.labels, self.sampler, self.transform = images, labels, sampler, transform
         self.batch_sampler = None  # Lightning inspects this as a DataLoader's; batches come from sampler
-        self.batch_size, self.drop_last, self.image_size = batch_size, drop_last, image_size
-        self.mean, self.std = tuple(mean), tuple(std)
-        self.padding, self.pad_mode, self.augment = padding, pad_mode, augment
+        self.batch_size, self.drop_last = batch_size, drop_last
 
     def __len__(self) -> int:
         n = len(self.sampler)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        plan = self.sampler.take_plan().to(self.images.device)
+        plan = [t.to(self.images.device, non_blocking=True) for t in self.sampler.take_plan()]
         for b in range(len(self)):
-            part = plan[b * self.batch_size : (b + 1) * self.batch_size]
-            x = crop_flip_batch(self.images, part, self.padding, self.pad_mode, self.augment)
-            # NCHW-contiguous uint8 first: the copy is 4x smaller than after the float conversion.
-            yield finish(x.contiguous(), self.image_size, self.mean, self.std), self.labels[part.indices]
+            part = EpochPlan(*(t[b * self.batch_size : (b + 1) * self.batch_size] for t in plan))
+            yield self.transform(self.images, part), self.labels[part.indices]
 
 
 class ImageArrayDataModule(L.LightningDataModule):
     """The one base of the stored data sets: subclasses set ``name``, ``native_size`` (stored image
     side), ``num_classes``, ``mean``/``std`` (per channel, [0, 1] scale) and implement
-    :meth:`load_split`. The arguments are the ``dataset.*`` keys (conf/dataset/*.yaml); ``device``
-    is where the device path keeps the data (default: the Trainer's device).
+    ``load_split(split) -> (uint8 NHWC images, int64 labels)`` for train, val and test. The
+    arguments are the ``dataset.*`` keys; ``device`` is where the device path keeps the data
+    (default: the Trainer's device).
     """
 
     name = "images"
@@ -120,7 +95,6 @@ class ImageArrayDataModule(L.LightningDataModule):
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    available_splits: tuple[str, ...] = ("train", "val")
 
     def __init__(self, *, batch_size: int = 128, image_size: int | None = None, num_workers: int = 4,
                  augment: bool = True, loader: str = "auto", seed: int = 0, crop_padding: int = 4,
@@ -137,18 +111,11 @@ class ImageArrayDataModule(L.LightningDataModule):
         self._device_sets: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self.loader_used: str | None = None  # what auto resolved to, for logs and tests
 
-    def load_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """Return ``(images, labels)`` of ``split`` (train, val or test): uint8 NHWC, int64."""
-        raise NotImplementedError
-
     def setup(self, stage: str | None = None) -> None:
-        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, self.available_splits)
-        for split in splits:
+        for split in {"validate": ("val",), "test": ("test",)}.get(stage, ("train", "val")):
             self._load(split)
 
     def _load(self, split: str) -> None:
-        if split not in self.available_splits:
-            raise ConfigError(f"{self.name} has no {split!r} split; available: {', '.join(self.available_splits)}")
         if split not in self.splits:
             self.splits[split] = self.load_split(split)
 
@@ -159,8 +126,7 @@ class ImageArrayDataModule(L.LightningDataModule):
         return self.make_loader("val", train=False)
 
     def test_dataloader(self):
-        # Without a labelled test split (Tiny ImageNet), testing reports on the val split.
-        return self.make_loader("test" if "test" in self.available_splits else "val", train=False)
+        return self.make_loader("test", train=False)
 
     def target_device(self) -> torch.device:
         if self.device is not None:
@@ -205,18 +171,17 @@ class ImageArrayDataModule(L.LightningDataModule):
         drop_last = train and len(sampler) >= self.batch_size
         log.info("%s %s: %d images, dataset.loader=%s on %s, rank %d of %d", self.name, split, len(labels), kind,
                  device if kind == "device" else "cpu", rank, world)
-        common = dict(image_size=self.image_size, mean=self.mean, std=self.std, padding=self.crop_padding,
-                      pad_mode=self.pad_mode, augment=augment)
+        bound = partial(transform_batch, size=self.image_size, mean=self.mean, std=self.std, padding=self.crop_padding,
+                        pad_mode=self.pad_mode, augment=augment)
         if kind == "device":
             # The split is uploaded once per device and kept for later epochs and reloads.
-            key = (split, str(device))
-            tensors = self._device_sets.get(key) if own else None
+            tensors = self._device_sets.get((split, str(device))) if own else None
             if tensors is None:
-                tensors = (to_device(images, device), torch.as_tensor(np.asarray(labels), dtype=torch.int64).to(device))
+                tensors = torch.tensor(images, device=device), torch.tensor(labels, dtype=torch.int64, device=device)
                 if own:
-                    self._device_sets[key] = tensors
-            return DeviceBatches(*tensors, sampler, batch_size=self.batch_size, drop_last=drop_last, **common)
-        dataset = ArrayImages(images, labels, **common)
-        return DataLoader(dataset, sampler=sampler, batch_size=self.batch_size, drop_last=drop_last,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0 and train,
-                          pin_memory=device.type == "cuda")
+                    self._device_sets[split, str(device)] = tensors
+            return DeviceBatches(*tensors, sampler, batch_size=self.batch_size, drop_last=drop_last,
+                                 transform=bound)
+        return DataLoader(ArrayImages(images, labels, bound), sampler=sampler, batch_size=self.batch_size,
+                          drop_last=drop_last, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0 and train, pin_memory=device.type == "cuda")

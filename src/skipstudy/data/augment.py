@@ -1,44 +1,27 @@
-"""Random crop and flip, drawn once per epoch from a seeded generator and applied by either pipeline.
-
-:class:`EpochSampler` draws an epoch's order, crop offsets and flip bits on the CPU from a
-generator seeded with ``(seed, epoch)``; workers and the device hold no random state, so both
-pipelines give the same images for a seed, whatever the number of workers or the accelerator.
-The augmentation is He et al. 2016's (sec. 4.2): pad 4 px, random crop of the original size,
-flip with probability 1/2; crops happen at the stored resolution, before any resize, so a 4 px
-pad keeps meaning 1/8 of a CIFAR image in the 224 px studies too.
-"""
+"""He et al. 2016's augmentation (pad, random crop of the original size, flip), drawn once per
+epoch on the CPU from a generator seeded with ``(seed, epoch)``: workers and the device hold no
+random state. Crops happen at the stored resolution, before any resize, so a 4 px pad keeps
+meaning 1/8 of a CIFAR image in the 224 px studies too."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 from torch.utils.data.distributed import DistributedSampler
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-# dataset.pad_mode -> torchvision's padding_mode. "zero" is torchvision's RandomCrop default
-# and what He et al. 2016 describe; "reflect" is what airbench uses.
-PAD_MODES = {"zero": "constant", "reflect": "reflect"}
 
-
-@dataclass(frozen=True)
-class EpochPlan:
-    """This rank's share of one epoch. ``top``/``left``: the crop's corner in the padded image
-    (``0 .. 2*padding``; ``padding`` is the identity crop)."""
+class EpochPlan(NamedTuple):
+    """This rank's share of one epoch; ``top``/``left`` is the crop's corner in the padded image
+    (``padding`` is the identity crop)."""
 
     indices: torch.Tensor  # int64 (n,)
     top: torch.Tensor  # int64 (n,)
     left: torch.Tensor  # int64 (n,)
     flip: torch.Tensor  # bool (n,)
-
-    def to(self, device: torch.device) -> "EpochPlan":
-        return EpochPlan(*(t.to(device, non_blocking=True) for t in (self.indices, self.top, self.left, self.flip)))
-
-    def __getitem__(self, part: slice) -> "EpochPlan":
-        return EpochPlan(self.indices[part], self.top[part], self.left[part], self.flip[part])
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -49,21 +32,20 @@ def epoch_seed(seed: int, epoch: int) -> int:
 class EpochSampler(DistributedSampler):
     """Yields ``(index, top, left, flip)`` for this rank's share of each epoch.
 
-    A ``DistributedSampler`` because it shards by rank as that does (every rank draws the same
-    permutation and takes every ``world_size``-th entry, ``drop_last`` or padding by repetition);
-    Lightning then leaves it in place rather than wrapping the loader, and calls ``set_epoch``.
+    A ``DistributedSampler`` because it shards by rank as that does; Lightning then leaves it in
+    place rather than wrapping the loader, and calls ``set_epoch``.
     """
 
     def __init__(self, num_samples: int, *, shuffle: bool, augment: bool, padding: int, seed: int,
                  rank: int = 0, world_size: int = 1, drop_last: bool = False) -> None:
         super().__init__(range(num_samples), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
                          drop_last=drop_last)
-        self.size, self.augment, self.padding = num_samples, augment, padding
+        self.augment, self.padding = augment, padding
 
     def plan(self, epoch: int | None = None) -> EpochPlan:
         """The draws of ``epoch`` (default: the current one) for this rank, on the CPU."""
         epoch = self.epoch if epoch is None else epoch
-        n = self.size
+        n = len(self.dataset)
         gen = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
         order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
         if self.augment:
@@ -87,22 +69,7 @@ class EpochSampler(DistributedSampler):
         return plan
 
     def __iter__(self) -> Iterator[tuple[int, int, int, bool]]:
-        plan = self.take_plan()
-        return iter(zip(plan.indices.tolist(), plan.top.tolist(), plan.left.tolist(), plan.flip.tolist()))
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-
-def crop_flip_image(image: torch.Tensor, top: int, left: int, flip: bool, padding: int, pad_mode: str) -> torch.Tensor:
-    """One uint8 CHW image: pad, crop back to its size at (top, left), maybe flip (torchvision v2)."""
-    if padding and (top != padding or left != padding):
-        h, w = image.shape[-2:]
-        image = TF.pad(image, [padding] * 4, padding_mode=PAD_MODES[pad_mode])
-        image = TF.crop(image, top, left, h, w)
-    if flip:
-        image = TF.horizontal_flip(image)
-    return image
+        return zip(*(t.tolist() for t in self.take_plan()))
 
 
 def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
@@ -112,10 +79,9 @@ def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def crop_flip_batch(images: torch.Tensor, plan: EpochPlan, padding: int, pad_mode: str, augment: bool) -> torch.Tensor:
-    """:func:`crop_flip_image` for a batch of the whole uint8 NHWC set (``plan`` on its device),
-    without a padded copy: the window's indices are computed in the unpadded image, then
-    reflected or clamped and masked to zero, so one ``index_select`` does pad, crop and flip.
-    Returns uint8 NCHW."""
+    """Pad (``zero`` or ``reflect``), crop and flip ``plan``'s images out of the uint8 NHWC set
+    without a padded copy: the window's indices are computed in the unpadded image, then reflected
+    or clamped and masked to zero, so one ``index_select`` does all three. Returns uint8 NCHW."""
     n, n_rows, n_cols, channels = images.shape
     idx = plan.indices
     if not augment:
@@ -140,10 +106,17 @@ def crop_flip_batch(images: torch.Tensor, plan: EpochPlan, padding: int, pad_mod
     return out.permute(0, 3, 1, 2)
 
 
-def finish(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 (..., C, H, W) -> float32 in [0, 1] -> bilinear resize to ``size`` -> normalised; the
-    same torchvision v2 calls for one image and a batch (antialias matters only when shrinking)."""
-    x = TF.to_dtype(images, torch.float32, scale=True)
+def transform_batch(images: torch.Tensor, plan: EpochPlan, *, size: int, mean: Sequence[float], std: Sequence[float],
+              padding: int, pad_mode: str, augment: bool) -> torch.Tensor:
+    """What both pipelines do to ``plan``'s images: crop and flip, then float in [0, 1], a bilinear
+    resize to ``size`` (antialias matters only when shrinking) and the normalisation."""
+    # NCHW-contiguous uint8 first: the copy is 4x smaller than after the float conversion.
+    x = crop_flip_batch(images, plan, padding, pad_mode, augment).contiguous()
+    x = TF.to_dtype(x, torch.float32, scale=True)
     if tuple(x.shape[-2:]) != (size, size):
         x = TF.resize(x, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
     return TF.normalize(x, list(mean), list(std), inplace=True)
+
+
+# transform_batch with all but the images and the plan bound (functools.partial), as the loaders take it.
+Transform = Callable[[torch.Tensor, EpochPlan], torch.Tensor]

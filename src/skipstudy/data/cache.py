@@ -1,11 +1,7 @@
-"""Decode images once into memory-mapped uint8 arrays, keyed by a fingerprint of the source.
-
-Decoding Tiny ImageNet's 110k JPEGs with PIL every epoch cost most of the earlier studies'
-173 s epochs. ``meta.json`` holds a fingerprint (each file's path, size and mtime, plus the
-label files' contents); when it no longer matches, the cache is rebuilt. Files are written
-under temporary names and renamed into place, ``meta.json`` last, under a file lock, so DDP
-ranks never read half a cache and only one of them decodes.
-"""
+"""Decode images once into memory-mapped uint8 arrays (decoding Tiny ImageNet's JPEGs every epoch
+cost most of the earlier studies' 173 s epochs), rebuilt when the source's fingerprint changes.
+Files are renamed into place, ``meta.json`` last, under a file lock, so DDP ranks never read half
+a cache and only one of them decodes."""
 
 from __future__ import annotations
 
@@ -16,9 +12,8 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image
@@ -50,22 +45,16 @@ def decode_rgb(path: Path, size: int) -> np.ndarray:
     return array
 
 
-def fingerprint(files: Sequence[Path], base: Path, salt: str = "") -> str:
+def fingerprint(files: Sequence[Path], base: Path) -> str:
     """SHA-256 over each file's path relative to ``base``, size and mtime (no contents read)."""
-    digest = hashlib.sha256(f"v{FORMAT_VERSION}\n{salt}\n".encode())
+    digest = hashlib.sha256(f"v{FORMAT_VERSION}\n".encode())
     for path in files:
         st = path.stat()
         digest.update(f"{path.relative_to(base)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
-def _save(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as fh:  # a handle: np.save would add .npy to the temporary name
-        np.save(fh, array)
-
-
-@dataclass
-class SplitSource:
+class SplitSource(NamedTuple):
     """The files of one split, in order, and their labels."""
 
     files: list[Path]
@@ -80,14 +69,10 @@ class DecodedCache:
         self.directory = Path(directory)
         self.image_size = image_size
 
-    @property
-    def meta_path(self) -> Path:
-        return self.directory / "meta.json"
-
     def read_meta(self, fingerprint_: str) -> dict | None:
         """The cache's metadata if it was built from this exact source, else None."""
         try:
-            meta = json.loads(self.meta_path.read_text())
+            meta = json.loads((self.directory / "meta.json").read_text())
         except (OSError, ValueError):
             return None
         complete = all((self.directory / f"{split}_{kind}.npy").is_file() for split in meta.get("splits", ())
@@ -95,7 +80,7 @@ class DecodedCache:
         current = (meta.get("fingerprint"), meta.get("version")) == (fingerprint_, FORMAT_VERSION)
         return meta if complete and current else None
 
-    def ensure(self, fingerprint_: str, sources: dict[str, SplitSource], threads: int | None = None) -> dict:
+    def ensure(self, fingerprint_: str, sources: dict[str, SplitSource]) -> dict:
         """The metadata of a matching cache, or of a new one decoded from ``sources``. Bad images
         are left out and listed under ``meta["skipped"]``; the caller decides if that is an error."""
         meta = self.read_meta(fingerprint_)
@@ -104,19 +89,15 @@ class DecodedCache:
         self.directory.mkdir(parents=True, exist_ok=True)
         with open(self.directory / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same cache
-            meta = self.read_meta(fingerprint_)
-            if meta is None:
-                meta = self._build(fingerprint_, sources, threads)
-        return meta
+            return self.read_meta(fingerprint_) or self._build(fingerprint_, sources)
 
     def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """``(images, labels)``: the images memory-mapped read-only, the labels in memory."""
-        images = np.load(self.directory / f"{split}_images.npy", mmap_mode="r")
-        labels = np.load(self.directory / f"{split}_labels.npy")
-        return images, labels
+        return (np.load(self.directory / f"{split}_images.npy", mmap_mode="r"),
+                np.load(self.directory / f"{split}_labels.npy"))
 
-    def _build(self, fingerprint_: str, sources: dict[str, SplitSource], threads: int | None) -> dict:
-        threads = threads or min(8, os.cpu_count() or 1)
+    def _build(self, fingerprint_: str, sources: dict[str, SplitSource]) -> dict:
+        threads = min(8, os.cpu_count() or 1)
         total = sum(len(s.files) for s in sources.values())
         log.info("Decoding %d images once into %s (%d threads)", total, self.directory, threads)
         start, tag, size = time.perf_counter(), f".tmp{os.getpid()}", self.image_size
@@ -133,7 +114,7 @@ class DecodedCache:
             with ThreadPoolExecutor(threads) as pool:
                 for split, source in sources.items():
                     # Decoded straight into a memory-mapped file: the set never has to fit in RAM.
-                    tmp = self.directory / f"{split}_images.npy{tag}"
+                    tmp = self.directory / f"{split}_images{tag}.npy"
                     shape = (len(source.files), size, size, 3)
                     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
                     keep = np.ones(len(source.files), dtype=bool)
@@ -147,19 +128,19 @@ class DecodedCache:
                     kept = None if keep.all() else out[keep]  # rare: an in-memory copy is fine
                     del out  # close the memmap before its file is replaced
                     if kept is not None:
-                        _save(tmp, kept)
-                    _save(self.directory / f"{split}_labels.npy{tag}", np.asarray(source.labels, dtype=np.int64)[keep])
+                        np.save(tmp, kept)
+                    labels = np.asarray(source.labels, dtype=np.int64)[keep]
+                    np.save(self.directory / f"{split}_labels{tag}.npy", labels)
                     counts[split] = int(keep.sum())
-            for split in counts:
-                for kind in ("images", "labels"):
-                    os.replace(self.directory / f"{split}_{kind}.npy{tag}", self.directory / f"{split}_{kind}.npy")
+            meta = {"version": FORMAT_VERSION, "fingerprint": fingerprint_, "image_size": size, "splits": counts,
+                    "skipped": skipped, "decode_seconds": round(time.perf_counter() - start, 2),
+                    "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+            (self.directory / f"meta{tag}.json").write_text(json.dumps(meta, indent=1))
+            for name in [f"{split}_{kind}" for split in counts for kind in ("images", "labels")]:
+                os.replace(self.directory / f"{name}{tag}.npy", self.directory / f"{name}.npy")
+            os.replace(self.directory / f"meta{tag}.json", self.directory / "meta.json")
         finally:
             for leftover in self.directory.glob(f"*{tag}*"):
                 leftover.unlink(missing_ok=True)
-        meta = {"version": FORMAT_VERSION, "fingerprint": fingerprint_, "image_size": size, "splits": counts,
-                "skipped": skipped, "decode_seconds": round(time.perf_counter() - start, 2),
-                "created": time.strftime("%Y-%m-%d %H:%M:%S")}
-        (self.directory / f"meta.json{tag}").write_text(json.dumps(meta, indent=1))
-        os.replace(self.directory / f"meta.json{tag}", self.meta_path)
         log.info("Decoded %d images in %.1f s (%d unusable)", total, meta["decode_seconds"], len(skipped))
         return meta

@@ -1,8 +1,7 @@
-"""CIFAR-10 and CIFAR-100 (``dataset=cifar10|cifar100``) through torchvision, which reads the
-official pickles (already uint8 NHWC: no decoded cache) and checks their MD5 sums. Validation is
-the official test set, or with ``dataset.val_split`` a held-out part of the training set (He et
-al. 2016, sec. 4.2: 45k/5k), the same for every run seed so a study validates on one set.
-"""
+"""CIFAR-10 and CIFAR-100 through torchvision, which reads the official pickles (uint8 NHWC already:
+no decoded cache) and checks their MD5 sums. Validation is the official test set, or with
+``dataset.val_split`` a held-out part of the training set (He et al. 2016: 45k/5k), the same for
+every run seed so a study validates on one set."""
 
 from __future__ import annotations
 
@@ -22,8 +21,7 @@ SPLIT_SEED = 0
 
 
 def _without_md5_check(cls: type[datasets.CIFAR10]) -> type[datasets.CIFAR10]:
-    """torchvision's CIFAR class with its MD5 check replaced by a presence check
-    (``dataset.verify=false``): torchvision has no switch, a subclass keeps its loading code."""
+    """``dataset.verify=false``: torchvision's class with its MD5 check replaced by a presence check."""
 
     def files_present(self) -> bool:
         folder = Path(self.root) / self.base_folder
@@ -33,36 +31,28 @@ def _without_md5_check(cls: type[datasets.CIFAR10]) -> type[datasets.CIFAR10]:
 
 
 class CIFAR10DataModule(ImageArrayDataModule):
-    """CIFAR-10: 50k training and 10k test images, 32x32 RGB, 10 classes.
-
-    ``root`` holds (or will hold) ``cifar-10-batches-py/``, or is that folder. ``verify=false``
-    accepts a copy whose MD5 sums differ (a subset, a re-packed archive) if every file is there.
-    ``val_split``: 0 validates on the official test set; an integer holds out that many training
-    images (5000 in He et al.), a float in (0, 1) that fraction. Others: the base class.
-    """
+    """CIFAR-10: 50k training and 10k test images, 32x32 RGB, 10 classes. ``root`` holds (or will
+    hold) ``cifar-10-batches-py/``, or is that folder; the other keys: conf/dataset/cifar10.yaml."""
 
     name = "CIFAR-10"
-    folder = "cifar-10-batches-py"
-    url = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
     torchvision_cls = datasets.CIFAR10
     num_classes = 10
     native_size = 32
     # Per-channel mean and standard deviation of the 50k training images, on the [0, 1] scale.
     mean = (0.4914, 0.4822, 0.4465)
     std = (0.2470, 0.2435, 0.2616)
-    available_splits = ("train", "val", "test")
 
     def __init__(self, root: str = "./data", download: bool = True, verify: bool = True, val_split: int | float = 0,
                  seed: int = 0, **common) -> None:
         super().__init__(seed=seed, download=download, verify=verify, val_split=val_split, **common)
         root_path = Path(str(root)).expanduser()
+        self.folder, self.url = self.torchvision_cls.base_folder, self.torchvision_cls.url
         self.root = root_path.parent if root_path.name == self.folder else root_path
         self.root_arg = str(root)
         self.download, self.verify, self.val_split = download, verify, val_split
         self._prepared = False
 
     def _open(self, train: bool, download: bool) -> datasets.VisionDataset:
-        """The torchvision data set, or a ConfigError that says where we looked and the ways out."""
         folder = self.root / self.folder
         try:
             cls = self.torchvision_cls if self.verify else _without_md5_check(self.torchvision_cls)
@@ -90,17 +80,15 @@ class CIFAR10DataModule(ImageArrayDataModule):
             ) from err
 
     def _bad_file(self, folder: Path) -> str:
-        """The first file of ``folder`` that is missing, fails its MD5 sum (with verify) or cannot
-        be unpickled, so a damaged copy names the file to replace."""
+        """The first file that is missing, fails its MD5 sum (with verify) or cannot be unpickled."""
         cls = self.torchvision_cls
-        names = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
-        sums = dict(cls.train_list + cls.test_list, **{cls.meta["filename"]: cls.meta["md5"]})
-        missing = [folder / name for name in names if not (folder / name).is_file()]
+        sums = dict(cls.train_list + cls.test_list + [(cls.meta["filename"], cls.meta["md5"])])
+        missing = [name for name in sums if not (folder / name).is_file()]
         if missing:
-            return f"{missing[0]} is missing"
-        for name in names:
+            return f"{folder / missing[0]} is missing"
+        for name, md5 in sums.items():
             path = folder / name
-            if self.verify and not check_integrity(str(path), sums[name]):
+            if self.verify and not check_integrity(str(path), md5):
                 return f"{path} ({path.stat().st_size} bytes) differs from the release's MD5 sum"
             try:
                 with open(path, "rb") as f:
@@ -110,7 +98,6 @@ class CIFAR10DataModule(ImageArrayDataModule):
         return "no single file to blame"
 
     def prepare_data(self) -> None:
-        """Download if needed and verify the files; a second call does nothing."""
         if self._prepared:
             return
         self._open(train=True, download=self.download)
@@ -141,8 +128,6 @@ class CIFAR100DataModule(CIFAR10DataModule):
     """CIFAR-100: as CIFAR-10 with 100 fine classes (``cifar-100-python/``)."""
 
     name = "CIFAR-100"
-    folder = "cifar-100-python"
-    url = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
     torchvision_cls = datasets.CIFAR100
     num_classes = 100
     mean = (0.5071, 0.4865, 0.4409)

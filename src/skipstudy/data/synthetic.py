@@ -1,10 +1,7 @@
-"""Procedural image classification data: no download, deterministic, learnable.
+"""Procedural image classification data: no download, deterministic from the seed, learnable.
 
-Each class is a texture: the sum of two oriented sinusoidal gratings in its own colour. A sample
-jitters the orientations, frequencies and colour, draws random phases and contrast and adds
-pixel noise, so a two-block net gets clearly above chance within one epoch but far from perfect
-(tests/test_train.py). One seeded ``torch.Generator`` per split: the same seed gives the same
-images bit for bit.
+Each class is a texture: the sum of two oriented sinusoidal gratings in its own colour, jittered
+per sample, so a two-block net gets clearly above chance within one epoch but far from perfect.
 """
 
 from __future__ import annotations
@@ -20,12 +17,13 @@ from skipstudy import config
 
 def make_synthetic_images(num_samples: int, num_classes: int, channels: int, image_size: int, seed: int,
                           noise: float = 0.5, split: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(images, labels)``: float images with zero mean and unit-ish variance. The class patterns
-    depend on ``seed`` only, the samples on ``split`` too (0 train, 1 val): no image repeats."""
+    """``(images, labels)``, zero mean and unit-ish variance. The class patterns depend on ``seed``
+    only, the samples on ``split`` too (0 train, 1 val)."""
     class_gen = torch.Generator().manual_seed(seed)
     # Two gratings per class: the texture is their sum, so no single orientation or
     # frequency names a class, and classes overlap in either one alone.
-    freq = 1.5 + 4.5 * torch.rand(num_classes, 2, generator=class_gen)  # cycles per image (<= 6: no aliasing from 12 px up)
+    # Cycles per image, <= 6: no aliasing from 12 px up.
+    freq = 1.5 + 4.5 * torch.rand(num_classes, 2, generator=class_gen)
     angle = math.pi * torch.rand(num_classes, 2, generator=class_gen)
     colour = torch.randn(num_classes, channels, generator=class_gen)
     colour = colour / colour.norm(dim=1, keepdim=True).clamp_min(1e-6) * math.sqrt(channels)
@@ -61,22 +59,17 @@ def make_synthetic_images(num_samples: int, num_classes: int, channels: int, ima
 
 
 class SyntheticDataModule(L.LightningDataModule):
-    """Synthetic stand-in for CIFAR-10 (3x32x32, 10 classes) or Tiny ImageNet (3x64x64, 200).
-
-    ``noise`` is the standard deviation of the pixel noise (the task gets harder as it grows);
-    ``seed`` (the top-level one) fixes the patterns and the samples. The images are centred and
-    scaled already: ``mean``/``std`` are 0 and 1.
-    """
+    """Synthetic stand-in for CIFAR-10 or Tiny ImageNet; ``noise`` is the pixel noise's standard
+    deviation. The images are normalised already: ``mean``/``std`` are 0 and 1."""
 
     def __init__(self, num_classes: int = 10, channels: int = 3, image_size: int = 32, num_train: int = 2048,
-                 num_val: int = 512, batch_size: int = 64, noise: float = 0.5, seed: int = 0,
-                 num_workers: int = 0) -> None:
+                 num_val: int = 512, batch_size: int = 64, noise: float = 0.5, seed: int = 0) -> None:
         super().__init__()
         config.check_args("dataset", self, num_classes=num_classes, channels=channels, image_size=image_size,
                           num_train=num_train, num_val=num_val, batch_size=batch_size, noise=noise)
         self.num_classes, self.channels, self.image_size = num_classes, channels, image_size
         self.num_train, self.num_val, self.batch_size, self.noise = num_train, num_val, batch_size, noise
-        self.seed, self.num_workers = int(seed), num_workers
+        self.seed = int(seed)
         self.mean, self.std = (0.0,) * channels, (1.0,) * channels
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
@@ -90,9 +83,7 @@ class SyntheticDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # The shuffle order follows Lightning's seeded global RNG (seed_everything).
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True,
-                          num_workers=self.num_workers, drop_last=False)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False,
-                          num_workers=self.num_workers)
+        return DataLoader(self.val_set, batch_size=self.batch_size)

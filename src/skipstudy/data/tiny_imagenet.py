@@ -1,18 +1,16 @@
-"""Tiny ImageNet (``dataset=tiny_imagenet``) read from the official ``tiny-imagenet-200/`` layout
-(:data:`LAYOUT`): label = line of ``wnids.txt`` (``num_classes`` follows the file: 200 in the
-release, fewer in a subset); validation labels only from ``val/val_annotations.txt``; the
-unlabelled ``test/`` is unused. The 64x64 JPEGs (about 1.8% greyscale, made RGB) are decoded
-once into a memory-mapped cache (``cache.py``) under ``dataset.cache_dir``.
-"""
+"""Tiny ImageNet from the official ``tiny-imagenet-200/`` layout (:data:`LAYOUT`): label = line of
+``wnids.txt`` (a subset may have fewer), validation labels from ``val/val_annotations.txt``, the
+unlabelled ``test/`` unused. The JPEGs (about 1.8% greyscale, made RGB) are decoded once into
+``cache.py``'s cache under ``dataset.cache_dir``."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
+from torchvision.datasets.folder import make_dataset
 
 from skipstudy.data.arrays import ImageArrayDataModule
 from skipstudy.data.cache import DecodedCache, SplitSource, fingerprint
@@ -43,45 +41,18 @@ def layout_error(root: str, missing: Path | str, detail: str = "") -> ConfigErro
 def locate(root: str | Path) -> Path:
     """The ``tiny-imagenet-200`` directory under (or at) ``root``; ConfigError otherwise."""
     root_path = Path(str(root)).expanduser()
-    candidates = [root_path / FOLDER, root_path]
-    for candidate in candidates:
+    for candidate in (root_path / FOLDER, root_path):
         if (candidate / "wnids.txt").is_file():
             return candidate
-    expected = candidates[1] if root_path.name == FOLDER else candidates[0]
+    expected = root_path if root_path.name == FOLDER else root_path / FOLDER
     # Name the first thing that is missing: the root, the folder, or the class list.
     missing = next(p for p in (root_path, expected, expected / "wnids.txt") if not p.exists())
     raise layout_error(str(root), missing)
 
 
-def read_wnids(data_dir: Path, root: str) -> list[str]:
-    path = data_dir / "wnids.txt"
-    wnids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not wnids:
-        raise layout_error(root, path, "no class ids in")
-    duplicates = sorted({w for w in wnids if wnids.count(w) > 1})
-    if duplicates:
-        raise layout_error(root, path, f"duplicate class ids {duplicates[:5]} in")
-    return wnids
-
-
-def read_class_names(data_dir: Path, wnids: list[str]) -> list[str]:
-    """Names from ``words.txt`` (it lists all of WordNet in the official zip); wnid if absent."""
-    path = data_dir / "words.txt"
-    if not path.is_file():
-        log.warning("Tiny ImageNet: %s is missing; class names are the WordNet ids", path)
-        return list(wnids)
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        names = dict(line.rstrip("\n").partition("\t")[::2] for line in fh)
-    return [names.get(w, w).strip() for w in wnids]
-
-
 class TinyImageNetDataModule(ImageArrayDataModule):
-    """Tiny ImageNet: 64x64 RGB, 500 training and 50 validation images per class.
-
-    ``root`` holds ``tiny-imagenet-200/`` (or is it); ``skip_corrupt`` leaves out images that
-    cannot be decoded (counted in the log) instead of stopping with an error that names them;
-    ``cache_dir`` takes the decoded arrays (default: beside ``tiny-imagenet-200/``).
-    """
+    """Tiny ImageNet: 64x64 RGB, 500 training and 50 validation images per class; the keys:
+    conf/dataset/tiny_imagenet.yaml (``cache_dir`` default: beside ``tiny-imagenet-200/``)."""
 
     name = "Tiny ImageNet"
     native_size = 64
@@ -94,9 +65,20 @@ class TinyImageNetDataModule(ImageArrayDataModule):
         super().__init__(seed=seed, skip_corrupt=skip_corrupt, **common)
         self.root, self.skip_corrupt, self.cache_dir_arg = str(root), skip_corrupt, cache_dir
         self.data_dir = locate(root)
-        self.wnids = read_wnids(self.data_dir, self.root)
+        wnids_file, words_file = self.data_dir / "wnids.txt", self.data_dir / "words.txt"
+        self.wnids = wnids_file.read_text().split()
+        duplicates = sorted({w for w in self.wnids if self.wnids.count(w) > 1})
+        if duplicates or not self.wnids:
+            raise layout_error(self.root, wnids_file, f"duplicate class ids {duplicates[:5]} in" if duplicates
+                               else "no class ids in")
         self.num_classes = len(self.wnids)
-        self.class_names = read_class_names(self.data_dir, self.wnids)
+        names = {}  # words.txt lists all of WordNet in the official zip; without it the names are the ids
+        if words_file.is_file():
+            lines = words_file.read_text(encoding="utf-8", errors="replace").splitlines()
+            names = dict(line.partition("\t")[::2] for line in lines)
+        else:
+            log.warning("Tiny ImageNet: %s is missing; class names are the WordNet ids", words_file)
+        self.class_names = [names.get(w, w).strip() for w in self.wnids]
         required = [self.data_dir / "train" / w / "images" for w in self.wnids]
         for path in required + [self.data_dir / "val" / "val_annotations.txt", self.data_dir / "val" / "images"]:
             if not path.exists():
@@ -109,16 +91,12 @@ class TinyImageNetDataModule(ImageArrayDataModule):
         self.skipped: list[dict] = []
 
     def _train_source(self) -> SplitSource:
-        files: list[Path] = []
-        labels: list[int] = []
-        for label, wnid in enumerate(self.wnids):
-            folder = self.data_dir / "train" / wnid / "images"
-            names = sorted(e.name for e in os.scandir(folder) if e.name.lower().endswith(IMAGE_SUFFIXES))
-            if not names:
-                raise layout_error(self.root, folder, "no JPEG images in")
-            files += [folder / n for n in names]
-            labels += [label] * len(names)
-        return SplitSource(files, np.asarray(labels, dtype=np.int64))
+        train = self.data_dir / "train"
+        try:
+            samples = make_dataset(train, {w: i for i, w in enumerate(self.wnids)}, extensions=IMAGE_SUFFIXES)
+        except FileNotFoundError as err:  # a class folder without images
+            raise layout_error(self.root, train, f"{err}: in") from None
+        return SplitSource([Path(path) for path, _ in samples], np.asarray([c for _, c in samples], dtype=np.int64))
 
     def _val_source(self) -> SplitSource:
         path = self.data_dir / "val" / "val_annotations.txt"
@@ -126,13 +104,13 @@ class TinyImageNetDataModule(ImageArrayDataModule):
         files: list[Path] = []
         labels: list[int] = []
         for number, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
+            fields = line.split()
+            if not fields:
                 continue
-            fields = line.split("\t") if "\t" in line else line.split()
             if len(fields) < 2:
                 raise layout_error(self.root, f"{path}, line {number}: {line!r}",
                                    "expected <file><TAB><wnid><TAB><box> in")
-            name, wnid = fields[0].strip(), fields[1].strip()
+            name, wnid = fields[:2]
             if wnid not in index:
                 raise ConfigError(f"dataset.root={self.root}: {path}, line {number}: class {wnid!r} of {name} is not "
                                   f"in {self.data_dir / 'wnids.txt'}; the annotations and the class list must come "
@@ -147,14 +125,12 @@ class TinyImageNetDataModule(ImageArrayDataModule):
         return SplitSource(files, np.asarray(labels, dtype=np.int64))
 
     def prepare_data(self) -> None:
-        """Decode the JPEGs into the cache unless one of this exact source exists (later calls
-        only re-check the source fingerprint: a stat per file)."""
+        """Decode the JPEGs into the cache unless one of this exact source exists."""
         sources = {"train": self._train_source(), "val": self._val_source()}
-        label_files = [self.data_dir / "wnids.txt", self.data_dir / "val" / "val_annotations.txt"]
-        files = label_files + [f for s in sources.values() for f in s.files]
-        salt = "".join(hashlib.sha256(p.read_bytes()).hexdigest() for p in label_files)
+        files = [self.data_dir / "wnids.txt", self.data_dir / "val" / "val_annotations.txt"]
+        files += [f for s in sources.values() for f in s.files]
         try:
-            self.meta = self.cache.ensure(fingerprint(files, self.data_dir, salt), sources)
+            self.meta = self.cache.ensure(fingerprint(files, self.data_dir), sources)
         except PermissionError as err:
             raise ConfigError(f"dataset.cache_dir={self.cache_dir_arg}: cannot write the decoded Tiny ImageNet cache "
                               f"({err}); set dataset.cache_dir=<a writable directory>") from err
@@ -174,4 +150,5 @@ class TinyImageNetDataModule(ImageArrayDataModule):
     def load_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         if self.meta is None:
             self.prepare_data()
-        return self.cache.arrays(split)
+        # No labelled test split: testing reports on the val split.
+        return self.cache.arrays("val" if split == "test" else split)

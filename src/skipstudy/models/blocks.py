@@ -1,19 +1,8 @@
-"""Residual blocks with a removable shortcut, and the stage builder that wires them.
-
-As torchvision's ``models/resnet.py`` (He et al. 2016), module names included (``conv1``,
-``bn1``, ``downsample.0``...), so its state dicts load with ``strict=True`` and every log speaks
-one layer vocabulary; ``downsample`` means what it means there (``None``: identity). The plain
-twin is ``skip=False``: no addition and no projection parameters (a parameter that never gets
-a gradient would look like a "vanished" layer and breaks DDP). Modules are defined in forward
-order: the monitor and the report read ``named_modules()`` as the data flow.
-
-A new block type (pre-activation, say) is one module beside this one: a :class:`Block` subclass
-that passes its convs to ``Block.__init__`` and overrides ``forward`` where its order differs,
-plus a builder calling :func:`skipstudy.models.resnet.build` (subclassing ``ResNet`` if the net
-needs more, such as a final norm), and one ``conf/model/<name>.yaml``. The monitor, the probes
-and the init schemes see blocks only through ``shortcut``, ``shortcut_term``, ``branch_convs()``
-and ``branch_norms()``.
-"""
+"""Residual blocks with a removable shortcut, named as in torchvision's ``models/resnet.py`` (so its
+state dicts load with ``strict=True``). The plain twin is ``skip=False``: no addition and no
+projection parameters (a parameter that never gets a gradient would look like a "vanished" layer
+and breaks DDP). Modules are defined in forward order: the monitor and the report read
+``named_modules()`` as the data flow. New block types: docs/architecture.md."""
 
 from __future__ import annotations
 
@@ -25,13 +14,8 @@ from torch.nn import functional as F
 
 NormLayer = Callable[[int], nn.Module]
 
-
-def no_norm(num_features: int) -> nn.Module:
-    """The norm slot of ``norm=none``: parameter-free, so names stay torchvision's."""
-    return nn.Identity()
-
-
-NORMS: dict[str, NormLayer] = {"batch": nn.BatchNorm2d, "none": no_norm}
+# norm=none keeps a parameter-free slot (nn.Identity ignores its argument), so names stay torchvision's.
+NORMS: dict[str, NormLayer] = {"batch": nn.BatchNorm2d, "none": nn.Identity}
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -54,10 +38,8 @@ def identity_shortcut(x: torch.Tensor) -> torch.Tensor:
 
 
 class ZeroPadShortcut(nn.Module):
-    """He et al. 2016 option A: stride-``s`` subsampling and zero-padded new channels.
-
-    Parameter-free, which is why the CIFAR ResNets of Table 6 have 0.27M parameters at depth 20.
-    """
+    """He et al. 2016 option A: stride-``s`` subsampling and zero-padded new channels; parameter-free,
+    which is why the CIFAR ResNets of Table 6 have 0.27M parameters at depth 20."""
 
     def __init__(self, in_planes: int, out_planes: int, stride: int) -> None:
         super().__init__()
@@ -66,9 +48,6 @@ class ZeroPadShortcut(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, 0, self.extra_channels))
-
-    def extra_repr(self) -> str:
-        return f"stride={self.stride}, extra_channels={self.extra_channels}"
 
 
 def make_shortcut(in_planes: int, out_planes: int, stride: int, kind: str, norm_layer: NormLayer) -> nn.Module | None:
@@ -87,7 +66,7 @@ class Block(nn.Module):
 
     The Fixup scalar biases (``bias<i>a`` before conv ``i``, ``bias<i>b`` after its norm) and
     the branch scale (SkipInit, Fixup) are empty parameter slots until an init scheme fills
-    them (``skipstudy.models.init``), so the default block has exactly torchvision's parameters.
+    them, so the default block has exactly torchvision's parameters.
     """
 
     expansion = 1
@@ -118,8 +97,7 @@ class Block(nn.Module):
 
     @property
     def shortcut(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """What the block adds to its branch: None in the plain twin, :func:`identity_shortcut`,
-        or the ``downsample`` module."""
+        """None in the plain twin, :func:`identity_shortcut`, or the ``downsample`` module."""
         if not self.skip:
             return None
         return identity_shortcut if self.downsample is None else self.downsample
@@ -128,12 +106,9 @@ class Block(nn.Module):
         return "" if self.skip else "skip=False"
 
     def shortcut_term(self, x: torch.Tensor) -> torch.Tensor:
-        """The shortcut's part of the output, for the block input ``x``.
-
-        The identity carries the raw ``x``; a downsampling shortcut sees what the first conv
-        sees, ``x + bias1a`` under Fixup, as Zhang et al. 2019's reference code does. The lesion
-        and paths probes call this too, so a deleted branch leaves exactly this path.
-        """
+        """The shortcut's part of the output. A downsampling shortcut sees what the first conv sees,
+        ``x + bias1a`` under Fixup, as Zhang et al. 2019's reference code does; the lesion and paths
+        probes call this too, so a deleted branch leaves exactly this path."""
         return x if self.downsample is None else self.downsample(_shift(x, self.bias1a))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,8 +124,6 @@ class Block(nn.Module):
             out = out + self.shortcut_term(x)
         return self.relu(out)
 
-    # --- per-block parts of the init schemes (skipstudy.models.init) -----------------------
-
     @torch.no_grad()
     def zero_init_last(self) -> None:
         """Zero the branch output (Goyal et al. 2017): the last norm's weight, or without one
@@ -165,8 +138,8 @@ class Block(nn.Module):
     @torch.no_grad()
     def fixup_init(self, num_branches: int) -> None:
         """Fixup (Zhang et al. 2019), after He init: every branch conv but the last scaled by
-        ``L ** (-1 / (2m - 2))`` (L branches in the net, m convs per branch), the last zeroed,
-        the scale (1) and the scalar biases (0) added."""
+        ``L ** (-1 / (2m - 2))`` (L branches, m convs per branch), the last zeroed, the scale and
+        the scalar biases added."""
         convs = self.branch_convs()
         for conv in convs[:-1]:
             conv.weight.mul_(num_branches ** (-1.0 / (2 * self.depth - 2)))
@@ -198,8 +171,7 @@ class Bottleneck(Block):
 
 def make_stage(block: type[Block], in_planes: int, planes: int, num_blocks: int, stride: int,
                skip: bool, shortcut: str, norm_layer: NormLayer) -> nn.Sequential:
-    """One stage (``layerN``): the first block may change stride and width, the rest keep shapes.
-    ``shortcut`` is ``A`` (zero-pad) or ``B`` (1x1 projection + norm) where shapes change."""
+    """One stage (``layerN``): the first block may change stride and width, the rest keep shapes."""
     out_planes = planes * block.expansion
     layers = []
     for i in range(num_blocks):

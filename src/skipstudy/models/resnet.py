@@ -1,10 +1,6 @@
-"""The networks: ResNet-18..152 and the CIFAR ResNets (one :class:`ResNet`), and the mini net.
-
-Each ``conf/model/<name>.yaml`` targets one builder; ``num_classes`` and ``in_channels`` come
-from the dataset; the options are checked against ``skipstudy.config`` before any allocation.
-With ``skip=true, norm=batch, stem=imagenet`` and an init that adds no parameters,
-ResNet-18..152 load torchvision's state dicts with ``strict=True`` and give identical logits.
-"""
+"""The networks (ResNet-18..152 and the CIFAR ResNets as one :class:`ResNet`, and the mini net),
+the init schemes (``model.init``) and the builders that ``conf/model/<name>.yaml`` target; the
+options are checked against ``skipstudy.config`` before any allocation."""
 
 from __future__ import annotations
 
@@ -15,17 +11,12 @@ from torch import nn
 
 from skipstudy import config
 from skipstudy.models.blocks import NORMS, BasicBlock, Block, Bottleneck, _shift, make_shortcut, make_stage
-from skipstudy.models.init import apply_init
 
 
 class ResNet(nn.Module):
-    """A stem, one stage per entry of ``layers`` (each after the first halves the resolution),
-    global average pool and a linear classifier.
-
-    ``stem``: ``imagenet`` 7x7/2 conv + 3x3/2 max-pool; ``cifar`` 3x3/1 conv, no pool. ``widths``
-    are the stages' ``planes`` (output channels ``planes * block.expansion``); ``shortcut`` is
-    ``B`` (1x1 projection + norm) or ``A`` (zero-pad) where shapes change.
-    """
+    """A stem (``imagenet``: 7x7/2 conv + 3x3/2 max-pool; ``cifar``: 3x3/1 conv), one stage per
+    entry of ``layers`` (each after the first halves the resolution), global average pool and a
+    linear classifier. ``widths`` are the stages' ``planes``."""
 
     def __init__(self, block: type[Block], layers: Sequence[int], widths: Sequence[int], num_classes: int,
                  in_channels: int = 3, skip: bool = True, shortcut: str = "B", norm: str = "batch",
@@ -53,10 +44,6 @@ class ResNet(nn.Module):
         # Total stride to the last feature map; check_input_size compares the image size with it.
         self.downsample_factor = (4 if big else 1) * 2 ** (len(layers) - 1)
 
-    def add_fixup_scalars(self) -> None:
-        self.bias1 = nn.Parameter(torch.zeros(()))
-        self.bias2 = nn.Parameter(torch.zeros(()))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(_shift(self.bn1(self.conv1(x)), self.bias1)))
         for i in range(self.num_stages):
@@ -79,18 +66,48 @@ class MiniNet(nn.Module):
         self.register_parameter("bias2", None)  # Fixup's scalar bias before the classifier
         self.arch, self.downsample_factor = "mini", 2
 
-    def add_fixup_scalars(self) -> None:
-        self.bias2 = nn.Parameter(torch.zeros(()))  # no stem, so no bias1
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.block2(self.block1(x))
         return self.fc(_shift(torch.flatten(self.avgpool(x), 1), self.bias2))
 
 
+def apply_init(net: nn.Module, init: str) -> None:
+    """Apply ``model.init`` in place, once, right after the build. ``default``: PyTorch's own;
+    ``kaiming``: torchvision's ResNet init; ``zero_residual`` (Goyal et al. 2017), ``fixup`` (Zhang
+    et al. 2019) and ``skipinit`` (De & Smith 2020) start every block as ``relu(shortcut(x))``
+    (their per-block parts are :class:`Block`'s). Fixup also zeroes the classifier and fills the
+    net's scalar bias slots after the stem and before the classifier (the paper's rule 3)."""
+    blocks = [m for m in net.modules() if isinstance(m, Block)]
+    if init == "default":
+        return
+    if init == "skipinit":
+        for block in blocks:
+            block.add_branch_scale(0.0)
+        return
+    with torch.no_grad():  # kaiming: as torchvision's ResNet
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+    if init == "zero_residual":
+        for block in blocks:
+            block.zero_init_last()
+    elif init == "fixup":
+        for block in blocks:
+            block.fixup_init(num_branches=len(blocks))
+        with torch.no_grad():
+            net.fc.weight.zero_()
+            net.fc.bias.zero_()
+        for name in ("bias1", "bias2"):
+            if hasattr(net, name):  # an empty slot (the mini net has no stem, so no bias1)
+                setattr(net, name, nn.Parameter(torch.zeros(())))
+
+
 def build(target: str, make, options: dict, **defaults) -> nn.Module:
-    """Check ``options`` (over the builder's ``defaults``) against the schema's ``model`` entry for
-    ``target`` (the yaml's ``_target_``; none: the signature is the check), build with
-    ``make(**options)``, then apply the init scheme."""
+    """Check ``options`` (over ``defaults``) against the schema's ``model`` entry for ``target``
+    (the yaml's ``_target_``), build with ``make(**options)``, then apply the init scheme."""
     options = {**defaults, **options}
     config.check_args("model", target, **options)
     init = options.pop("init")
@@ -108,9 +125,8 @@ def mini(num_classes: int, in_channels: int = 3, **options) -> MiniNet:
 
 
 def cifar_resnet(num_classes: int, in_channels: int = 3, **options) -> ResNet:
-    """The CIFAR ResNet of depth 6n+2 (He et al. 2016, sec. 4.2): 3x3 conv with 16 filters, three
-    stages of n BasicBlocks with 16/32/64 filters, GAP, linear. Option A shortcuts (the default)
-    are parameter-free, so the counts match Table 6. Options: conf/model/cifar_resnet.yaml."""
+    """The CIFAR ResNet of depth 6n+2 (He et al. 2016, sec. 4.2): three stages of n BasicBlocks
+    with 16/32/64 filters. Options: conf/model/cifar_resnet.yaml."""
     def make(depth, **o):
         n = (depth - 2) // 6
         return ResNet(BasicBlock, (n, n, n), (16, 32, 64), num_classes, in_channels, stem="cifar", stem_width=16,
