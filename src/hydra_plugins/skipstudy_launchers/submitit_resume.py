@@ -1,11 +1,6 @@
 """``hydra/launcher=slurm`` and ``slurm_local``: submitit's launchers, resuming on requeue.
-
-When SLURM preempts a job or its time limit nears, hydra-submitit-launcher calls its
-``checkpoint`` and requeues what that returns: the same overrides, so the job would train again
-from step 0. Here a job that has written ``checkpoints/last.ckpt`` is requeued as
-``resume=<job dir>`` instead: it continues from that checkpoint, in the same directory, with
-its logs cut back to it. ``checkpoint.every_n_train_steps`` bounds what a preemption costs.
-"""
+hydra-submitit-launcher's ``checkpoint`` requeues a preempted job with its own overrides, to train
+again from step 0; here a job with ``checkpoints/last.ckpt`` is requeued as ``resume=<job dir>``."""
 
 # No `from __future__ import annotations`: Hydra's plugin scan executes this module without
 # registering it in sys.modules.
