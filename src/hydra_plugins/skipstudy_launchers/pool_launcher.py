@@ -191,12 +191,11 @@ class PoolLauncher(Launcher):
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        from skipstudy.config import Int
+
         gpus = visible_gpus(self.gpus)
-        if self.gpus_per_job < 1 or (gpus and self.gpus_per_job > len(gpus)):
-            raise ValueError(f"hydra.launcher.gpus_per_job={self.gpus_per_job} must be between 1 and the number of GPUs "
-                             f"({len(gpus)}: {','.join(gpus)}); lower it or list more in hydra.launcher.gpus")
-        if self.workers is not None and self.workers < 1:
-            raise ValueError(f"hydra.launcher.workers={self.workers} must be a positive integer (or null: one per GPU)")
+        Int(1, eg=2, null=True).check("hydra.launcher.workers", self.workers)  # null: one per GPU
+        Int(1, len(gpus) or None, eg=1).check("hydra.launcher.gpus_per_job", self.gpus_per_job)
         workers = min(self.workers or max(len(gpus) // self.gpus_per_job, 1), len(job_overrides))
         self._cpu_threads = max(1, (os.cpu_count() or 1) // workers)
         self._free_gpus = GpuQueue(gpus, self.gpus_per_job)

@@ -125,10 +125,9 @@ class SweepCheck(Callback):
             return
         params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
         overrides = OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
-        for batch in BasicSweeper.split_arguments(overrides, None):
-            for job in batch:
-                try:
-                    schema.check(compose(config.hydra.job.config_name, overrides=list(job)))
-                except schema.ConfigError as err:
-                    print(f"Error: {err} (sweep job {' '.join(job)})", file=sys.stderr)
-                    sys.exit(2)
+        for job in BasicSweeper.split_arguments(overrides, None)[0]:  # one batch: no max_batch_size
+            try:
+                schema.check(compose(config.hydra.job.config_name, overrides=list(job)))
+            except schema.ConfigError as err:
+                print(f"Error: {err} (sweep job {' '.join(job)})", file=sys.stderr)
+                sys.exit(2)
