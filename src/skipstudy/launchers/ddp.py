@@ -41,7 +41,7 @@ def run_in_own_process(run_dir: str | os.PathLike) -> dict[str, float]:
 
     hc = HydraConfig.get()
     cmd = single_run_command(OmegaConf.to_container(hc.overrides.task), OmegaConf.to_container(hc.overrides.hydra),
-                             str(Path(run_dir).absolute()), job_num=hc.job.get("num"),
+                             str(Path(run_dir).absolute()), job_num=hc.job.num,
                              extra=["hydra.output_subdir=null"])  # the sweep wrote this job's .hydra/ already
     print("[skipstudy] DDP inside a multirun: running this job as a single run in its own process:\n  "
           + " ".join(cmd), file=sys.stderr, flush=True)

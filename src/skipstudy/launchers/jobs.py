@@ -58,14 +58,13 @@ def quote(value: str) -> str:
 
 
 def single_run_command(task_overrides: Sequence[str], hydra_overrides: Sequence[str], run_dir: str, *,
-                       job_num: int | None = None, extra: Sequence[str] = (), argv: Sequence[str] | None = None,
+                       job_num: int, extra: Sequence[str] = (), argv: Sequence[str] | None = None,
                        orig_argv: Sequence[str] | None = None) -> list[str]:
     """The command that runs one job (its ``hydra.overrides.task``) as a single run in ``run_dir``."""
-    cmd = [*program_prefix(argv, orig_argv), *forwarded_flags(argv), *task_overrides,
-           *job_hydra_overrides(hydra_overrides),
-           # hydra.mode=RUN also wins over a preset's hydra.mode=MULTIRUN (he2016_depth).
-           "hydra.mode=RUN", f"hydra.run.dir={quote(run_dir)}"]
-    return cmd + ([f"hydra.job.num={int(job_num)}"] if job_num is not None else []) + list(extra)
+    return [*program_prefix(argv, orig_argv), *forwarded_flags(argv), *task_overrides,
+            *job_hydra_overrides(hydra_overrides),
+            # hydra.mode=RUN also wins over a preset's hydra.mode=MULTIRUN (he2016_depth).
+            "hydra.mode=RUN", f"hydra.run.dir={quote(run_dir)}", f"hydra.job.num={int(job_num)}", *extra]
 
 
 def job_config(hydra_context: Any, sweep_config: DictConfig, overrides: Sequence[str], job_num: int):
