@@ -1,11 +1,7 @@
-"""Every config key's type and valid range, declared once and checked once at entry.
-
-``skipstudy.train``, ``skipstudy.probe``, ``resume=`` and every sweep job call :func:`check`
-before anything is built; models, data modules and the monitor built without Hydra call
-:func:`check_args`. A new key is one line in ``GROUPS`` (nodes told apart by their
-``_target_``), ``PROBES`` or ``TOP``; ``trainer.<name>`` takes any ``lightning.Trainer``
-argument (names and types from its signature, ranges from ``TRAINER``). A leaf module.
-"""
+"""Every config key's type and valid range, declared once (a new key is one line in ``GROUPS``,
+``PROBES`` or ``TOP``) and checked once, by :func:`check` before anything is built, or by
+:func:`check_args` for objects built without Hydra. ``trainer.<name>`` takes any
+``lightning.Trainer`` argument: names and types from its signature, ranges from ``TRAINER``."""
 
 from __future__ import annotations
 
@@ -45,12 +41,10 @@ class Key:
         return (self.null and value is None) or (value is not None and self._accepts(value))
 
     def check(self, key: str, value: Any) -> None:
-        if self.accepts(value):
-            return
-        if self.choices and not self.null:
-            raise ConfigError(f"{key}={value!r} is not one of: {self.valid}; e.g. {key}={show(self.eg)}")
-        raise ConfigError(f"{key}={value!r} must be {self.valid}{' or null' if self.null else ''}; "
-                          f"e.g. {key}={show(self.eg)}")
+        if not self.accepts(value):
+            words = "is not one of:" if self.choices and not self.null else "must be"
+            raise ConfigError(f"{key}={value!r} {words} {self.valid}{' or null' if self.null else ''}; "
+                              f"e.g. {key}={show(self.eg)}")
 
     def __or__(self, other: Key) -> Key:
         oob = [v for v in (self.bad_range, other.bad_range) if v is not None and not (self.accepts(v) or other.accepts(v))]
@@ -73,24 +67,22 @@ def _interval(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool, 
 
 
 def Num(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
-        eg: Any, null: bool = False) -> Key:
-    """A finite number (integers too) in the interval ``lo..hi``."""
-    def ok(v: Any) -> bool:
-        return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                and (lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or (v < hi if hi_open else v <= hi)))
-    bad = (lo if lo_open else lo - 1) if lo is not None else (hi if hi_open else hi + 1) if hi is not None else None
-    return Key(ok, _interval(lo, hi, lo_open, hi_open, "number"), eg, bad, null)
-
-
-def Int(lo: int | None = None, hi: int | None = None, *, eg: Any, null: bool = False,
+        eg: Any, null: bool = False, integer: bool = False,
         rule: tuple[Callable[[int], bool], str, int] | None = None) -> Key:
-    """An integer in ``[lo, hi]``; ``rule`` = (predicate, words for all valid values, a value it refuses)."""
+    """A finite number (an integer if ``integer``) in the interval ``lo..hi``; ``rule`` =
+    (predicate, words for all valid values, a value it refuses)."""
     def ok(v: Any) -> bool:
-        return (isinstance(v, int) and not isinstance(v, bool) and (lo is None or v >= lo) and (hi is None or v <= hi)
-                and (rule is None or rule[0](v)))
-    valid = rule[1] if rule is not None else _interval(lo, hi, False, False, "integer")
-    bad = rule[2] if rule is not None else (lo - 1 if lo is not None else hi + 1 if hi is not None else None)
-    return Key(ok, valid, eg, bad, null)
+        return (isinstance(v, int if integer else (int, float)) and not isinstance(v, bool)
+                and (integer or math.isfinite(v)) and (rule is None or rule[0](v))
+                and (lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or (v < hi if hi_open else v <= hi)))
+    if rule is not None:
+        return Key(ok, rule[1], eg, rule[2], null)
+    bad = (lo if lo_open else lo - 1) if lo is not None else (hi if hi_open else hi + 1) if hi is not None else None
+    return Key(ok, _interval(lo, hi, lo_open, hi_open, "integer" if integer else "number"), eg, bad, null)
+
+
+def Int(lo: int | None = None, hi: int | None = None, **kwargs: Any) -> Key:
+    return Num(lo, hi, integer=True, **kwargs)
 
 
 def Bool(*, eg: bool = True, null: bool = False) -> Key:
@@ -205,6 +197,27 @@ PROBES: dict[str, dict[str, Key]] = {
 }
 _PROBE_NAMES = Choice(*PROBES)
 
+
+def check_probe(name: Any, options: Any, key: str = "probe") -> None:
+    """Probe ``name``'s options against :data:`PROBES`, quoted as ``<key>.<option>``."""
+    _PROBE_NAMES.check(f"{key}.name", name)
+    options = OmegaConf.to_container(options, resolve=True) if isinstance(options, DictConfig) else options
+    _table(key, {"name": Choice(name), **PROBES[name]}, options, f"probe {name}")
+
+
+def _probe(key: str, node: Any) -> None:
+    check_probe(node.get("name") if isinstance(node, Mapping) else node, node, key)
+
+
+def _probe_options(key: str, node: Any) -> None:
+    if not isinstance(node, Mapping):
+        raise ConfigError(f"{key}={node!r} must map probe names to options; e.g. +{key}.landscape.grid=11")
+    for name, options in node.items():
+        _PROBE_NAMES.check(f"{key}.{name}", name)
+        _table(f"{key}.{name}", PROBES[name], options, f"probe {name}")
+
+
+
 # Everything outside the groups: train.yaml (and the probe app's name/ckpt/device/probe).
 TOP: dict[str, Any] = {
     "name": Str(eg="my_study"),
@@ -213,14 +226,14 @@ TOP: dict[str, Any] = {
     "paths": {"log_dir": PATH, "data_dir": PATH},
     "fast": {"channels_last": Choice("auto", True, False), "compile": Bool(eg=False)},
     "probes": {"names": List(_PROBE_NAMES, eg=["feature_maps"], distinct=True),
-               "at_epochs": List(Int(0, eg=0), eg=[0, 10]), "batches": BATCHES, "options": "probe options"},
+               "at_epochs": List(Int(0, eg=0), eg=[0, 10]), "batches": BATCHES, "options": _probe_options},
     "report": {"custom_scalars": Bool(), "figures_to_tensorboard": Bool(eg=False)},
     "checkpoint": {"save_last": Bool(), "save_top_k": Int(-1, eg=1), "monitor": Str(eg="val/acc"),
                    "mode": Choice("max", "min"), "every_n_train_steps": Int(1, eg=500, null=True)},
     # python -m skipstudy.probe
     "ckpt": Str(eg="logs/default/defaults/<time>", null=True),
     "device": Str(eg="cpu", pattern=r"auto|cpu|cuda(:\d+)?|mps", form="auto, cpu, cuda, cuda:<index> or mps"),
-    "probe": "probe",
+    "probe": _probe,
 }
 
 _TIME = r"\d+:\d\d:\d\d:\d\d"
@@ -256,6 +269,8 @@ def _unknown(key: str, known: Any, where: str) -> ConfigError:
 
 
 def _table(key: str, keys: Mapping[str, Any], node: Any, where: str) -> None:
+    """Each key of ``node`` against its declaration: a Key, a nested table, or a function that
+    checks the whole subtree (a group, the trainer, probe options)."""
     if not isinstance(node, Mapping):
         raise ConfigError(f"{key}={node!r} must be a group of keys; valid keys: {', '.join(keys)}")
     for name, value in node.items():
@@ -265,17 +280,16 @@ def _table(key: str, keys: Mapping[str, Any], node: Any, where: str) -> None:
         if name not in keys:
             raise _unknown(full, keys, where)
         spec = keys[name]
-        if spec == "probe options":
-            _probe_options(full, value)
-        elif spec == "probe":
-            check_probe(value.get("name") if isinstance(value, Mapping) else value, value, full)
+        if isinstance(spec, Key):
+            spec.check(full, value)
         elif isinstance(spec, dict):
             _table(full, spec, value, full)
         else:
-            spec.check(full, value)
+            spec(full, value)
 
 
 def _group(group: str, node: Any) -> None:
+    node = {} if node is None else node
     target = node.get("_target_") if isinstance(node, Mapping) else None
     if target in GROUPS[group]:  # else a user's own _target_: its signature is the check
         _table(group, GROUPS[group][target], node, f"{group} {target or '(no _target_)'}")
@@ -294,21 +308,6 @@ def _rules(group: str, node: Mapping) -> None:
     if group == "model" and init == "fixup" and norm != "none":
         raise ConfigError(f"model.init=fixup needs model.norm=none (got model.norm={norm}): Fixup replaces "
                           "normalisation layers; with batch norm use model.init=zero_residual")
-
-
-def check_probe(name: Any, options: Any, key: str = "probe") -> None:
-    """Probe ``name``'s options against :data:`PROBES`, quoted as ``<key>.<option>``."""
-    _PROBE_NAMES.check(f"{key}.name", name)
-    options = OmegaConf.to_container(options, resolve=True) if isinstance(options, DictConfig) else options
-    _table(key, {"name": Choice(name), **PROBES[name]}, options, f"probe {name}")
-
-
-def _probe_options(key: str, node: Any) -> None:
-    if not isinstance(node, Mapping):
-        raise ConfigError(f"{key}={node!r} must map probe names to options; e.g. +{key}.landscape.grid=11")
-    for name, options in node.items():
-        _PROBE_NAMES.check(f"{key}.{name}", name)
-        _table(f"{key}.{name}", PROBES[name], options, f"probe {name}")
 
 
 def _from_hint(hint: Any, default: Any) -> Key | None:
@@ -351,10 +350,11 @@ def _trainer_keys() -> dict[str, Key]:
             for name, p in params.items() if name != "self" and name not in TRAINER_OWN}
 
 
-def _trainer(node: Any) -> None:
-    for name in (name for name in node if name in TRAINER_OWN):
+def _trainer(key: str, node: Any) -> None:
+    for name in (name for name in node or () if name in TRAINER_OWN):
         raise ConfigError(f"trainer.{name}: skipstudy sets {name} itself ({TRAINER_OWN[name]}); drop trainer.{name}")
-    _table("trainer", _trainer_keys(), node, "lightning.Trainer")
+    if node is not None:
+        _table(key, _trainer_keys(), node, "lightning.Trainer")
 
 
 def check_args(group: str, owner: object, **values: Any) -> None:
@@ -377,17 +377,8 @@ def _plain(cfg: DictConfig, key: str) -> Any:
 
 def check(cfg: DictConfig | Mapping) -> None:
     """Refuse the first key of ``cfg`` whose value is outside its declared type or range."""
-    node = {key: _plain(cfg, key) for key in cfg if key != "hydra"} if isinstance(cfg, DictConfig) else cfg
-    known = {*TOP, *GROUPS, "trainer"}
-    for key in node:
-        if key not in known and key != "hydra":
-            raise _unknown(str(key), known, "the config")
-    _table("", TOP, {k: v for k, v in node.items() if k in TOP}, "the config")
-    for group in GROUPS:
-        if group in node:
-            _group(group, node[group] if node[group] is not None else {})
-    if node.get("trainer") is not None:
-        _trainer(node["trainer"])
+    node = {key: _plain(cfg, key) for key in cfg if key != "hydra"}
+    _table("", {**TOP, **dict.fromkeys(GROUPS, _group), "trainer": _trainer}, node, "the config")
 
 
 # trainer.<name>=... for any lightning.Trainer argument, without `+`: conf/trainer/default.yaml

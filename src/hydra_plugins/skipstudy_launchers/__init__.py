@@ -1,3 +1,2 @@
-"""skipstudy's Hydra launchers: ``pool`` (parallel jobs, a free GPU each) and ``slurm``/``slurm_local``
-(submitit's, resuming requeued jobs). Hydra imports every module here whenever any Hydra app
-starts: keep imports light."""
+"""skipstudy's Hydra launchers: ``pool`` and ``slurm``/``slurm_local`` (resuming requeued jobs).
+Hydra imports every module here whenever any Hydra app starts: keep imports light."""

@@ -1,14 +1,8 @@
-"""``hydra/launcher=pool``: a sweep's jobs in parallel on one machine, one free GPU each.
-
-None of Hydra's launchers does that: the basic one runs jobs one after another, joblib cannot
-tell a job which GPU is free (``job % GPUs`` doubles up as soon as run times differ), submitit's
-local executor starts every job at once, and Ray needs a cluster runtime for what is a queue
-and a few processes. Here each job runs as a single run in its own process
-(:mod:`skipstudy.launchers.jobs`: its own CUDA context, a crash that cannot take the sweep down,
-DDP that relaunches that job only); ``workers`` threads take jobs in order, each taking
-``gpus_per_job`` ids from a queue of free GPUs (``CUDA_VISIBLE_DEVICES``) and giving them back at
-the end. A failed job does not stop the others: the sweep lists every failure with its reason
-and exits 1. ``<sweep>/jobs.json`` records every job, ``<sweep>/.pool/job<#>.log`` its output.
+"""``hydra/launcher=pool``: a sweep's jobs in parallel on one machine, one free GPU each (README,
+Launchers). None of Hydra's launchers hands a job the GPU that is free: joblib's ``job % GPUs``
+doubles up once run times differ, submitit's local executor starts every job at once. Each job
+runs as a single run in its own process (:mod:`skipstudy.launchers.jobs`: its own CUDA context,
+a crash that cannot take the sweep down, DDP that relaunches that job only).
 """
 
 # No `from __future__ import annotations`: Hydra's plugin scan executes this module without
@@ -19,9 +13,8 @@ import logging
 import os
 import queue
 import subprocess
-import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import takewhile
@@ -60,20 +53,12 @@ class SweepFailed(SystemExit):
 
 
 class ReturnValueWriter(Callback):
-    """In the job's process: its task function's return value, or the exception's first line,
-    to ``$SKIPSTUDY_POOL_RETURN``."""
+    """In the job's process: its task function's return value to ``$SKIPSTUDY_POOL_RETURN``, for
+    sweepers that use it (a failure's reason comes from the job's log)."""
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        if not (path := os.environ.get(RETURN_ENV)):
-            return
-        value = job_return._return_value
-        doc = {"status": job_return.status.name}
-        if job_return.status == JobStatus.COMPLETED:
-            doc["return_value"] = value
-        else:
-            first = (str(value).strip().splitlines() or [""])[0]
-            doc["error"] = f"{type(value).__name__}: {first}" if first else type(value).__name__
-        Path(path).write_text(json.dumps(doc, default=repr))
+        if (path := os.environ.get(RETURN_ENV)) and job_return.status == JobStatus.COMPLETED:
+            Path(path).write_text(json.dumps({"return_value": job_return._return_value}, default=repr))
 
 
 def visible_gpus(spec: Any = None) -> List[str]:
@@ -115,7 +100,8 @@ class _Job:
     config: DictConfig
     run_dir: Path
     command: List[str]
-    pool_dir: Path
+    log_file: Path
+    return_file: Path
     label: str
     status: str = "pending"
     returncode: Optional[int] = None
@@ -124,14 +110,6 @@ class _Job:
     started: Optional[float] = None
     ended: Optional[float] = None
     return_value: Any = None
-
-    @property
-    def log_file(self) -> Path:
-        return self.pool_dir / f"job{self.idx}.log"
-
-    @property
-    def return_file(self) -> Path:
-        return self.pool_dir / f"job{self.idx}.json"
 
 
 def swept_labels(job_overrides: Sequence[Sequence[str]]) -> List[str]:
@@ -146,8 +124,7 @@ class PoolLauncher(Launcher):
         self.workers = workers
         self.gpus = OmegaConf.to_container(gpus) if OmegaConf.is_config(gpus) else gpus
         self.gpus_per_job = gpus_per_job
-        self._procs: dict = {}
-        self._lock = threading.Lock()
+        self._procs: set = set()
         self._stopping = False
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
@@ -164,10 +141,12 @@ class PoolLauncher(Launcher):
         command = single_run_command(
             list(overrides), OmegaConf.to_container(self.config.hydra.overrides.hydra), str(run_dir), job_num=idx,
             extra=[f"++hydra.callbacks.skipstudy_pool_return._target_={__name__}.ReturnValueWriter"])
-        return _Job(idx, list(overrides), config, run_dir, command, sweep_dir / POOL_DIR, label)
+        pool_dir = sweep_dir / POOL_DIR
+        return _Job(idx, list(overrides), config, run_dir, command, pool_dir / f"job{idx}.log",
+                    pool_dir / f"job{idx}.json", label)
 
-    def _run(self, job: _Job, pool: GpuQueue, cpu_threads: int) -> None:
-        with pool.take() as gpus:
+    def _run(self, job: _Job) -> None:
+        with self._free_gpus.take() as gpus:
             if self._stopping:
                 job.status, job.reason = "cancelled", "sweep interrupted"
                 return
@@ -175,18 +154,16 @@ class PoolLauncher(Launcher):
             log.info(f"\t#{job.idx} : {job.label} : started on {'GPU ' + ','.join(gpus) if gpus else 'CPU'}")
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(gpus),  # "": CPU jobs touch no GPU
                    "PYTHONUNBUFFERED": "1", RETURN_ENV: str(job.return_file)}  # unbuffered: the log is current
-            env.setdefault("OMP_NUM_THREADS", str(cpu_threads))
-            job.pool_dir.mkdir(parents=True, exist_ok=True)
+            env.setdefault("OMP_NUM_THREADS", str(self._cpu_threads))
+            job.log_file.parent.mkdir(parents=True, exist_ok=True)
             job.return_file.unlink(missing_ok=True)
             with open(job.log_file, "ab") as out:
                 out.write(("$ " + " ".join(job.command) + "\n").encode())
                 out.flush()
                 proc = subprocess.Popen(job.command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-                with self._lock:
-                    self._procs[job.idx] = proc
+                self._procs.add(proc)
                 job.returncode = proc.wait()
-                with self._lock:
-                    del self._procs[job.idx]
+                self._procs.discard(proc)
             job.ended = time.time()
         self._finish(job)
 
@@ -194,9 +171,9 @@ class PoolLauncher(Launcher):
         from skipstudy.launchers.jobs import failure_reason
         from skipstudy.runs.stopping import EXIT_DIVERGED
 
-        result = json.loads(job.return_file.read_text()) if job.return_file.is_file() else {}
         seconds = job.ended - job.started
-        if job.returncode == 0 and result.get("status", "COMPLETED") == "COMPLETED":
+        if job.returncode == 0:
+            result = json.loads(job.return_file.read_text()) if job.return_file.is_file() else {}
             job.status, job.return_value = "completed", result.get("return_value")
             log.info(f"\t#{job.idx} : {job.label} : done in {seconds:.1f} s")
             return
@@ -207,8 +184,6 @@ class PoolLauncher(Launcher):
             log.warning(f"\t#{job.idx} : {job.label} : diverged after {seconds:.1f} s: {job.reason}")
             return
         job.status = "failed"
-        if not job.reason.startswith("Error: ") and result.get("error"):
-            job.reason = result["error"]  # the exception itself, as the job's Hydra reported it
         log.error(f"\t#{job.idx} : {job.label} : FAILED after {seconds:.1f} s: {job.reason}")
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
@@ -216,40 +191,29 @@ class PoolLauncher(Launcher):
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        from skipstudy.config import Int
 
         gpus = visible_gpus(self.gpus)
-        if self.gpus_per_job < 1 or (gpus and self.gpus_per_job > len(gpus)):
-            raise ValueError(f"hydra.launcher.gpus_per_job={self.gpus_per_job} must be between 1 and the number of GPUs "
-                             f"({len(gpus)}: {','.join(gpus)}); lower it or list more in hydra.launcher.gpus")
-        slots = len(gpus) // self.gpus_per_job
-        if self.workers is not None and self.workers < 1:
-            raise ValueError(f"hydra.launcher.workers={self.workers} must be a positive integer (or null: one per GPU)")
-        workers = min(self.workers or max(slots, 1), len(job_overrides))
-        cpu_threads = max(1, (os.cpu_count() or 1) // workers)
-        where = (f"{len(gpus)} GPU(s) [{','.join(gpus)}], {self.gpus_per_job} per job" if gpus
-                 else f"CPU only, {cpu_threads} thread(s) per job")
+        Int(1, eg=2, null=True).check("hydra.launcher.workers", self.workers)  # null: one per GPU
+        Int(1, len(gpus) or None, eg=1).check("hydra.launcher.gpus_per_job", self.gpus_per_job)
+        workers = min(self.workers or max(len(gpus) // self.gpus_per_job, 1), len(job_overrides))
+        self._cpu_threads = max(1, (os.cpu_count() or 1) // workers)
+        self._free_gpus = GpuQueue(gpus, self.gpus_per_job)
+        where = (f"{len(gpus)} GPU(s) [{','.join(gpus)}], {self.gpus_per_job} per job (a job waits for a free one)"
+                 if gpus else f"CPU only, {self._cpu_threads} thread(s) per job")
         log.info(f"Pool launcher: {len(job_overrides)} jobs, {workers} at a time, {where}; sweep dir {sweep_dir}")
-        if gpus and workers > slots:
-            log.info(f"{workers} workers for {slots} GPU slot(s): a job waits until a GPU is free")
 
         jobs = [self._plan(initial_job_idx + i, o, sweep_dir, label)
                 for i, (o, label) in enumerate(zip(job_overrides, swept_labels(job_overrides)))]
-        pool = GpuQueue(gpus, self.gpus_per_job)
-        executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pool-job")
-        try:
-            pending = {executor.submit(self._run, job, pool, cpu_threads) for job in jobs}
-            while pending:  # with a timeout, the main thread still sees Ctrl-C
-                done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
-                for future in done:
-                    future.result()
-        except BaseException:
-            self._stopping = True
-            with self._lock:
-                for proc in self._procs.values():
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pool-job") as executor:
+            try:
+                list(executor.map(self._run, jobs))  # raises a job thread's error, or Ctrl-C
+            except BaseException:
+                self._stopping = True
+                for proc in list(self._procs):
                     proc.terminate()
-            executor.shutdown(wait=True, cancel_futures=True)
-            raise
-        executor.shutdown(wait=True)
+                executor.shutdown(cancel_futures=True)
+                raise
 
         self._write_status(sweep_dir / "jobs.json", jobs)
         failed = [job for job in jobs if job.status not in DONE]

@@ -1,11 +1,6 @@
 """``hydra/launcher=slurm`` and ``slurm_local``: submitit's launchers, resuming on requeue.
-
-When SLURM preempts a job or its time limit nears, hydra-submitit-launcher calls its
-``checkpoint`` and requeues what that returns: the same overrides, so the job would train again
-from step 0. Here a job that has written ``checkpoints/last.ckpt`` is requeued as
-``resume=<job dir>`` instead: it continues from that checkpoint, in the same directory, with
-its logs cut back to it. ``checkpoint.every_n_train_steps`` bounds what a preemption costs.
-"""
+hydra-submitit-launcher's ``checkpoint`` requeues a preempted job with its own overrides, to train
+again from step 0; here a job with ``checkpoints/last.ckpt`` is requeued as ``resume=<job dir>``."""
 
 # No `from __future__ import annotations`: Hydra's plugin scan executes this module without
 # registering it in sys.modules.
@@ -19,31 +14,23 @@ from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 
 
-def with_resume(sweep_overrides: List[str], sweep_dir: Path, subdir: str) -> List[str]:
-    """``resume=<run dir>`` once the job has a last checkpoint, else its own overrides. A resumed
-    run takes its config from its ``.hydra/`` and refuses overrides that change what it trains,
-    so the sweep directory and subdirectory are pinned instead."""
-    from skipstudy.launchers.jobs import quote
-
-    if not (sweep_dir / subdir / LAST_CHECKPOINT).is_file():
-        return list(sweep_overrides)
-    return [f"resume={quote(str(sweep_dir / subdir))}", f"hydra.sweep.dir={quote(str(sweep_dir))}",
-            f"hydra.sweep.subdir={quote(subdir)}"]
-
-
 class _ResumeOnRequeue:
     def checkpoint(self, sweep_overrides: List[str], job_dir_key: str, job_num: int, job_id: str,
                    singleton_state: Dict[type, Singleton], *args: Any, **kwargs: Any) -> Any:
-        """In the preempted job's process: the submission SLURM requeues."""
+        """In the preempted job's process: the submission SLURM requeues. A resumed run takes its
+        config from its ``.hydra/`` (and refuses overrides that change what it trains), so only the
+        sweep directory and subdirectory are pinned beside ``resume=``."""
         import submitit
 
-        from skipstudy.launchers.jobs import job_config
+        from skipstudy.launchers.jobs import job_config, quote
 
         Singleton.set_state(singleton_state)
         _, sweep_dir, subdir = job_config(self.hydra_context, self.config, sweep_overrides, job_num)
-        overrides = with_resume(list(sweep_overrides), sweep_dir, subdir)
-        resumed = any(o.startswith("resume=") for o in overrides)
-        how = "from its last checkpoint" if resumed else "from the start (no checkpoint yet)"
+        overrides = list(sweep_overrides)
+        if (sweep_dir / subdir / LAST_CHECKPOINT).is_file():
+            overrides = [f"resume={quote(str(sweep_dir / subdir))}", f"hydra.sweep.dir={quote(str(sweep_dir))}",
+                         f"hydra.sweep.subdir={quote(subdir)}"]
+        how = "from its last checkpoint" if overrides[0].startswith("resume=") else "from the start (no checkpoint yet)"
         print(f"[skipstudy] requeued: job #{job_num} continues {how} in {sweep_dir / subdir}", flush=True)
         return submitit.helpers.DelayedSubmission(self, overrides, job_dir_key, job_num, job_id, singleton_state,
                                                   *args, **kwargs)

@@ -1,12 +1,7 @@
-"""DDP inside a Hydra multirun. Lightning starts ranks > 0 of a ``strategy=ddp`` run by
-re-executing this process's command line, which in a multirun is the whole sweep
-(``python -m skipstudy.train -m a=1,2``): every rank would start the sweep again, in the wrong
-directory. So such a job runs as a single run in a fresh process (:mod:`.jobs`), whose command
-line holds that job alone; its config was checked in the sweep's process already. (``ddp_spawn``
-would pickle the data and net to every rank and return only rank 0's results.) Not affected:
-the pool launcher (every job is a single run), SLURM/torchrun (ranks exist before Python starts)
-and ``ddp_spawn``/``ddp_fork``.
-"""
+"""DDP inside a Hydra multirun. Lightning starts ranks > 0 of ``strategy=ddp`` by re-executing
+this process's command line, in a multirun the whole sweep: every rank would start the sweep
+again. So such a job runs as a single run in a fresh process (:mod:`.jobs`). Not affected: the
+pool launcher, SLURM/torchrun (ranks exist before Python starts), ``ddp_spawn``/``ddp_fork``."""
 
 from __future__ import annotations
 
@@ -46,7 +41,7 @@ def run_in_own_process(run_dir: str | os.PathLike) -> dict[str, float]:
 
     hc = HydraConfig.get()
     cmd = single_run_command(OmegaConf.to_container(hc.overrides.task), OmegaConf.to_container(hc.overrides.hydra),
-                             str(Path(run_dir).absolute()), job_num=hc.job.get("num"),
+                             str(Path(run_dir).absolute()), job_num=hc.job.num,
                              extra=["hydra.output_subdir=null"])  # the sweep wrote this job's .hydra/ already
     print("[skipstudy] DDP inside a multirun: running this job as a single run in its own process:\n  "
           + " ".join(cmd), file=sys.stderr, flush=True)

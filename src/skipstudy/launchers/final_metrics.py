@@ -1,14 +1,5 @@
-"""Per-run numbers for TensorBoard's HParams dashboard, which shows beside a run's overrides the
-last value of its scalar series. Written once at the end of fit, from the run's own event file:
-
-- ``hparams/min_first_layer_grad_rms``: the smallest output-gradient RMS of the first tracked
-  layer, where a vanishing gradient is smallest (the number plain vs residual compares);
-- ``hparams/grad_decay_slope``: the median ``grad_decay/slope``, so runs rank by how fast
-  gradients vanish towards the input;
-- ``hparams/diverged``: 1 after non-finite gradients or a non-finite last loss, else 0.
-
-Only measured values are written: with ``monitor=off`` the dashboard leaves the RMS cell empty.
-"""
+"""Per-run numbers for TensorBoard's HParams dashboard (it shows a scalar series' last value),
+written once at the end of fit from the run's own event file; only measured values are written."""
 
 from __future__ import annotations
 
@@ -19,9 +10,9 @@ import numpy as np
 
 from skipstudy.analysis.logs import Run, load_run
 
-MIN_FIRST_LAYER_GRAD_RMS = "hparams/min_first_layer_grad_rms"
-GRAD_DECAY_SLOPE = "hparams/grad_decay_slope"
-DIVERGED = "hparams/diverged"
+MIN_FIRST_LAYER_GRAD_RMS = "hparams/min_first_layer_grad_rms"  # the first tracked layer, where gradients vanish
+GRAD_DECAY_SLOPE = "hparams/grad_decay_slope"  # median grad_decay/slope: how fast they vanish towards the input
+DIVERGED = "hparams/diverged"  # 1 after non-finite gradients or a non-finite last loss
 TAGS = (MIN_FIRST_LAYER_GRAD_RMS, GRAD_DECAY_SLOPE, DIVERGED)
 
 

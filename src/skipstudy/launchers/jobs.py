@@ -1,12 +1,6 @@
-"""A sweep job as a single run: the command that runs it in a fresh process (the pool launcher
-does so for every job, a DDP job inside a multirun for itself, :mod:`.ddp`), the one-line
-reason a failed job gives, and the check of every job's config before a sweep starts.
-
-The command is what a user would type to rerun the job alone,
-``python -m skipstudy.train <its overrides> hydra.mode=RUN hydra.run.dir=<job dir>``: its
-``sys.argv`` holds that job only, so Lightning's DDP, which re-executes ``sys.argv`` for ranks
-> 0, reruns that job and not the sweep.
-"""
+"""A sweep job as a single run in a fresh process (the pool launcher's jobs, a DDP job inside a
+multirun): the command a user would type to rerun it alone, whose ``sys.argv`` Lightning's DDP
+may re-execute; the one-line reason a failed job gives; every job's config checked up front."""
 
 from __future__ import annotations
 
@@ -64,14 +58,13 @@ def quote(value: str) -> str:
 
 
 def single_run_command(task_overrides: Sequence[str], hydra_overrides: Sequence[str], run_dir: str, *,
-                       job_num: int | None = None, extra: Sequence[str] = (), argv: Sequence[str] | None = None,
+                       job_num: int, extra: Sequence[str] = (), argv: Sequence[str] | None = None,
                        orig_argv: Sequence[str] | None = None) -> list[str]:
     """The command that runs one job (its ``hydra.overrides.task``) as a single run in ``run_dir``."""
-    cmd = [*program_prefix(argv, orig_argv), *forwarded_flags(argv), *task_overrides,
-           *job_hydra_overrides(hydra_overrides),
-           # hydra.mode=RUN also wins over a preset's hydra.mode=MULTIRUN (he2016_depth).
-           "hydra.mode=RUN", f"hydra.run.dir={quote(run_dir)}"]
-    return cmd + ([f"hydra.job.num={int(job_num)}"] if job_num is not None else []) + list(extra)
+    return [*program_prefix(argv, orig_argv), *forwarded_flags(argv), *task_overrides,
+            *job_hydra_overrides(hydra_overrides),
+            # hydra.mode=RUN also wins over a preset's hydra.mode=MULTIRUN (he2016_depth).
+            "hydra.mode=RUN", f"hydra.run.dir={quote(run_dir)}", f"hydra.job.num={int(job_num)}", *extra]
 
 
 def job_config(hydra_context: Any, sweep_config: DictConfig, overrides: Sequence[str], job_num: int):
@@ -99,23 +92,20 @@ _EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*[A-Za-z_]\w*(?:Error|Except
 _NOISE = ("Set the environment variable HYDRA_FULL_ERROR", "Error executing job with overrides")
 
 
-def failure_reason(output: str, returncode: int | None = None) -> str:
+def failure_reason(output: str, returncode: int) -> str:
     """Why a job failed, in one line of its output: skipstudy's own ``Error: ...`` line, else the
     exception ending a traceback, else the signal that killed it, else the last line."""
-    lines = [line.rstrip() for line in output.replace("\r", "\n").splitlines() if line.strip()]
-    for line in reversed(lines):
-        if line.startswith(OWN_PREFIXES):
-            return line
-    for line in reversed(lines):
-        if _EXCEPTION_LINE.match(line.strip()) and not line.startswith(_NOISE):
-            return line.strip()
-    if returncode is not None and returncode < 0:
+    lines = [line.rstrip() for line in output.replace("\r", "\n").splitlines()
+             if line.strip() and not line.startswith(_NOISE)]
+    own = [line for line in lines if line.startswith(OWN_PREFIXES)]
+    raised = [line.strip() for line in lines if _EXCEPTION_LINE.match(line.strip())]
+    if own or raised:
+        return (own or raised)[-1]
+    if returncode < 0:
         name = signal.Signals(-returncode).name
         return f"killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
-    for line in reversed(lines):
-        if not line.startswith(_NOISE) and not line.startswith(" "):
-            return line.strip()
-    return f"exit code {returncode}" if returncode is not None else "failed without output"
+    unindented = [line for line in lines if not line.startswith(" ")]
+    return unindented[-1].strip() if unindented else f"exit code {returncode}"
 
 
 class SweepCheck(Callback):
@@ -134,10 +124,9 @@ class SweepCheck(Callback):
             return
         params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
         overrides = OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
-        for batch in BasicSweeper.split_arguments(overrides, None):
-            for job in batch:
-                try:
-                    schema.check(compose(config.hydra.job.config_name, overrides=list(job)))
-                except schema.ConfigError as err:
-                    print(f"Error: {err} (sweep job {' '.join(job)})", file=sys.stderr)
-                    sys.exit(2)
+        for job in BasicSweeper.split_arguments(overrides, None)[0]:  # one batch: no max_batch_size
+            try:
+                schema.check(compose(config.hydra.job.config_name, overrides=list(job)))
+            except schema.ConfigError as err:
+                print(f"Error: {err} (sweep job {' '.join(job)})", file=sys.stderr)
+                sys.exit(2)
