@@ -53,8 +53,6 @@ def select_layers(net: nn.Module, patterns: str | Iterable[str] | None) -> list[
     weighted = [name for name, mod in modules.items() if isinstance(getattr(mod, "weight", None), nn.Parameter)]
     selected: set[str] = set()
     for pattern in patterns:
-        if not isinstance(pattern, str):
-            raise ConfigError(f"monitor.layers entry {pattern!r} is not a module name; e.g. 'layer1.0.conv1'")
         glob = any(c in "*?[" for c in pattern)
         hits = [n for n in weighted if fnmatch.fnmatchcase(n, pattern)] if glob else [n for n in names if n == pattern]
         if not hits:

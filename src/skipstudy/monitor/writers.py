@@ -1,7 +1,5 @@
 """Where the monitor's host-side numbers go: TensorBoard, a JSON/CSV export, figures.
-
-Everything here receives numpy arrays already on the host. Only rank 0 writes.
-"""
+Everything here receives numpy arrays already on the host; only rank 0 writes."""
 
 from __future__ import annotations
 
@@ -14,23 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from lightning.pytorch.loggers import TensorBoardLogger
-
-
-def run_dir(trainer: Any) -> Path:
-    """``trainer.log_dir`` (the Hydra output dir in skipstudy), else ``default_root_dir``.
-    A collective under DDP: call it on every rank."""
-    return Path(getattr(trainer, "log_dir", None) or trainer.default_root_dir)
-
-
-def find_summary_writer(trainer: Any):
-    """The ``SummaryWriter`` of the trainer's TensorBoardLogger, or None."""
-    return next((lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-
-
-def other_loggers(trainer: Any) -> list:
-    """The other loggers (CSV, W&B...): they get the scalars through ``log_metrics``."""
-    return [lg for lg in trainer.loggers if not isinstance(lg, TensorBoardLogger)]
 
 
 def write_scalars(writer: Any, values: dict[str, float], step: int) -> None:
@@ -70,8 +51,7 @@ class SeriesExport:
         self.steps: list[int] = []
         self.epochs: list[int] = []
         self.rows: list[np.ndarray] = []
-        self.nonfinite_steps: list[int] = []
-        self.diverged_at: tuple[int, str] | None = None
+        self.earlier_nonfinite: list[int] = []  # a resumed run's, before the resumed step
         self._csv_written = 0
 
     def keep_earlier(self, before: int) -> None:
@@ -82,27 +62,28 @@ class SeriesExport:
                 doc = json.loads(self.path.read_text())
                 if doc["layers"] != self.layers or set(doc["series"]) != set(self.tags):
                     return
-                series = [doc["series"][t] for t in self.tags]
-                rows = [(s, e, [col[i] for col in series]) for i, (s, e) in enumerate(zip(doc["step"], doc["epoch"]))]
-                self.nonfinite_steps = [s for s in doc.get("nonfinite_steps", []) if s < before]
+                steps, epochs = doc["step"], doc["epoch"]
+                table = np.array([doc["series"][t] for t in self.tags], dtype=np.float64).T  # null: NaN
+                self.earlier_nonfinite = [s for s in doc["nonfinite_steps"] if s < before]
             else:
                 with self.path.open(newline="") as f:
-                    lines = list(csv.reader(f))
-                if not lines or lines[0] != ["step", "epoch", *self.tags]:
+                    header, *lines = csv.reader(f)
+                if header != ["step", "epoch", *self.tags]:
                     return
-                rows = [(int(r[0]), int(r[1]), [float(v) if v else None for v in r[2:]]) for r in lines[1:]]
+                steps, epochs = [int(r[0]) for r in lines], [int(r[1]) for r in lines]
+                table = np.array([[v or "nan" for v in r[2:]] for r in lines], dtype=np.float64)
         except (OSError, ValueError, KeyError, IndexError):
             return  # no old export, or an unreadable one: replaced, not merged
-        for step, epoch, values in rows:
+        for step, epoch, row in zip(steps, epochs, table):
             if step < before:
-                self.append(step, epoch, np.array([np.nan if v is None else v for v in values], np.float64))
+                self.append(step, epoch, row)
 
     def append(self, step: int, epoch: int, row: np.ndarray) -> None:
         self.steps.append(step)
         self.epochs.append(epoch)
         self.rows.append(row.astype(np.float64))  # a 1e-40 norm survives; TensorBoard keeps float32
 
-    def flush(self) -> None:
+    def flush(self, nonfinite_steps: list[int], diverged_at: tuple[int, str] | None) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.fmt == "csv":
             with self.path.open("a" if self._csv_written else "w", newline="") as f:
@@ -118,9 +99,8 @@ class SeriesExport:
         doc = {"layers": self.layers, "blocks": self.blocks, "step": self.steps, "epoch": self.epochs,
                "series": {tag: [v if math.isfinite(v) else None for v in table[:, j].tolist()]
                           for j, tag in enumerate(self.tags)},
-               "nonfinite_steps": self.nonfinite_steps,
-               "diverged_at": None if self.diverged_at is None
-               else {"step": self.diverged_at[0], "layer": self.diverged_at[1]}}
+               "nonfinite_steps": self.earlier_nonfinite + nonfinite_steps,
+               "diverged_at": None if diverged_at is None else {"step": diverged_at[0], "layer": diverged_at[1]}}
         tmp = self.path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(doc, allow_nan=False))
         os.replace(tmp, self.path)  # a reader never sees half a file
@@ -175,7 +155,7 @@ def gradient_flow_figure(layers: list[str], out_norms: np.ndarray, weight_norms:
     lines = ((out_norms, "output gradient", "tab:blue"), (weight_norms, "weight gradient", "tab:orange"))
     for data, label, color in lines:
         data = np.where(np.isfinite(data), data, np.nan)  # zeros stay: a median can be 0
-        if data.size == 0 or np.all(np.isnan(data)):
+        if np.all(np.isnan(data)):
             continue
         med, lo, hi = _nan_stats(data, 10, 90)
         ax.plot(depth, np.where(med > 0, med, np.nan), marker="o", ms=3, color=color, label=f"{label} norm (median)")
@@ -216,11 +196,9 @@ def signal_propagation_figure(blocks: list[str], data: dict[str, np.ndarray], ti
     sides = ((axes[0], names[:3], "forward (block output)"), (axes[1], names[3:], "backward (output gradient)"))
     for ax, panel, label in sides:
         for name in panel:
-            values = data.get(name)
-            if values is not None and values.size:
-                (med,) = _nan_stats(np.where(np.isfinite(values) & (values > 0), values, np.nan))
-                if not np.all(np.isnan(med)):
-                    ax.plot(np.arange(1, len(blocks) + 1), med, marker="o", ms=3, label=SPP_PANELS[name])
+            (med,) = _nan_stats(np.where(np.isfinite(data[name]) & (data[name] > 0), data[name], np.nan))
+            if not np.all(np.isnan(med)):
+                ax.plot(np.arange(1, len(blocks) + 1), med, marker="o", ms=3, label=SPP_PANELS[name])
         ax.set_title(label, fontsize=9)
         _depth_axis(ax, blocks, "residual block (forward order)", 30, 7)
     fig.suptitle(title)
