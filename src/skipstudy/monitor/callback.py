@@ -24,11 +24,11 @@ from torch import nn
 from skipstudy import config
 from skipstudy.monitor import writers
 from skipstudy.monitor.layers import select_layers
-from skipstudy.monitor.quantities import BINS
 from skipstudy.monitor.sums import SUM_DTYPE
-from skipstudy.monitor.taps import LayerTaps, Recorded
+from skipstudy.monitor.taps import LayerTaps
 
 log = logging.getLogger(__name__)
+
 
 def on_log_schedule(step: int, points_per_decade: int) -> bool:
     """Steps ``floor(10**(k / points_per_decade))`` for k = 0, 1, ... plus step 0:
@@ -89,11 +89,9 @@ class GradientFlowMonitor(Callback):
         self.recording_step: int | None = None
         self.taps: LayerTaps | None = None
         self.series: writers.SeriesExport | None = None
-        self._tb = None  # rank 0's SummaryWriter
-        self._others: list = []
         self._rank_zero = True
-        self._hist_pending = False
-        self._open_step: int | None = None
+        self._tb = None  # rank 0's SummaryWriter
+        self._hist_epoch = self._hist_pending = False  # a run resumed mid-epoch starts no epoch
         self._epoch_nonfinite = 0
 
     def resolve(self, net: nn.Module) -> None:
@@ -120,9 +118,9 @@ class GradientFlowMonitor(Callback):
         self._rank_zero = trainer.is_global_zero
         # trainer.log_dir is the Hydra output dir in skipstudy; a collective under DDP: every rank asks.
         self._run_dir = Path(trainer.log_dir or trainer.default_root_dir)
-        if self._rank_zero:
-            self._tb = next((lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-            self._others = [lg for lg in trainer.loggers if not isinstance(lg, TensorBoardLogger)]
+        loggers = trainer.loggers if self._rank_zero else []
+        self._tb = next((lg.experiment for lg in loggers if isinstance(lg, TensorBoardLogger)), None)
+        self._others = [lg for lg in loggers if not isinstance(lg, TensorBoardLogger)]
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit" and self.taps is not None:
@@ -143,7 +141,7 @@ class GradientFlowMonitor(Callback):
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         n = self.hist_every_n_epochs
-        self._hist_pending = n > 0 and trainer.current_epoch % n == 0
+        self._hist_epoch = self._hist_pending = n > 0 and trainer.current_epoch % n == 0
         self._epoch_nonfinite = 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
@@ -155,10 +153,8 @@ class GradientFlowMonitor(Callback):
         scheduled = on_log_schedule(step, self.points_per_decade) if self.schedule == "log" \
             else step % self.every_n_steps == 0
         self.recording_step = step if hist or scheduled else None
-        if self.recording_step is None:
-            self.taps.armed = False
-        else:
-            self.taps.arm(hist=hist)
+        self.taps.arm(hist=hist)
+        self.taps.armed = self.recording_step is not None
 
     # ------------------------------------------------------------------ one recorded step
 
@@ -180,35 +176,24 @@ class GradientFlowMonitor(Callback):
             self.overflow_steps += 1  # fp16 overflow: the GradScaler skips the update and lowers its scale
             return
         if self._rank_zero:
-            self._write_step(trainer, step, rec)
+            if self.series is None:
+                fmt = self.export if self.export != "none" else "json"
+                self.series = writers.SeriesExport(self._run_dir / f"grad_stats.{fmt}", fmt, self.layer_names,
+                                                   self.taps.tags(), self.taps.block_names)
+                if step > 0 and self.export != "none":
+                    self.series.keep_earlier(before=step)  # resumed run: continue the export
+            self.series.append(step, trainer.current_epoch, rec.row)
+            # Non-finite values are written as such; what does not exist is not written at all.
+            for logger in self._others:
+                logger.log_metrics(rec.scalars, step=step)
+            if self._tb is not None:
+                writers.write_scalars(self._tb, rec.scalars, step)
+                if "hist" in rec.whole:
+                    writers.write_histograms(self._tb, self.layer_names, rec.whole["hist"], rec.scale, step)
         if not finite:
-            self._nonfinite(trainer, pl_module, step, rec)
+            self._nonfinite(trainer, pl_module, step, rec.scalars)
 
-    # ------------------------------------------------------------------ where (rank 0)
-
-    def _write_step(self, trainer, step: int, rec: Recorded) -> None:
-        tags = self.taps.tags()
-        if self.series is None:
-            fmt = self.export if self.export != "none" else "json"
-            self.series = writers.SeriesExport(self._run_dir / f"grad_stats.{fmt}", fmt, self.layer_names, tags,
-                                               self.taps.block_names)
-            if step > 0 and self.export != "none":
-                self.series.keep_earlier(before=step)  # resumed run: continue the export
-        self.series.append(step, trainer.current_epoch, rec.row)
-        # Non-finite values are written as such; what does not exist is not written at all.
-        for logger in self._others:
-            logger.log_metrics(rec.scalars, step=step)
-        if self._tb is None:
-            return
-        writers.write_scalars(self._tb, rec.scalars, step)
-        if "hist" in rec.whole:
-            # Binned from the raw (micro-batch, per-process, loss-scaled) elements: shifting by
-            # log10(scale) makes them elements of the gradient of the optimised loss.
-            shift = math.log10(rec.scale)
-            edges = np.asarray(BINS.edges()) + shift
-            for name, (n, s1, s2, *counts) in zip(self.layer_names, rec.whole["hist"]):
-                writers.write_histogram(self._tb, f"grad_hist/output/{name}", edges, np.asarray(counts),
-                                        s1 + n * shift, s2 + 2 * shift * s1 + n * shift * shift, step)
+    # ------------------------------------------------------------------ epoch summaries (rank 0)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self.on_nonfinite == "warn" and self._epoch_nonfinite > 1 and self._rank_zero:
@@ -216,15 +201,14 @@ class GradientFlowMonitor(Callback):
                         trainer.current_epoch)
         if not self._rank_zero or self.series is None:
             return
-        epoch, n = trainer.current_epoch, self.hist_every_n_epochs
+        epoch = trainer.current_epoch
         rows = [r for r, e in zip(self.series.rows, self.series.epochs) if e == epoch]
-        if n > 0 and epoch % n == 0 and rows:
+        if self._hist_epoch and rows:
             self._write_epoch_summaries(trainer.global_step, epoch, np.stack(rows))
         self._flush()
 
     def _write_epoch_summaries(self, step: int, epoch: int, table: np.ndarray) -> None:
-        names, blocks = self.layer_names, self.taps.block_names
-        tags = self.series.tags
+        names, blocks, tags = self.layer_names, self.taps.block_names, self.series.tags
 
         def columns(name: str, units: list[str]) -> np.ndarray:
             return table[:, [tags.index(f"{name}/{u}") for u in units]]
@@ -243,9 +227,10 @@ class GradientFlowMonitor(Callback):
         figures = {"gradient_flow": writers.gradient_flow_figure(names, norms["output"], norms["weight"],
                                                                  f"Gradient flow, {title}")}
         if blocks:
-            spp = {q: columns(q, blocks) for q in writers.SPP_PANELS}
-            figures["signal_propagation"] = writers.signal_propagation_figure(blocks, spp,
-                                                                              f"Signal propagation, {title}")
+            panels = {side: {label: columns(q, blocks) for q, label in panel.items()}
+                      for side, panel in writers.SPP_PANELS.items()}
+            figures["signal_propagation"] = writers.profile_figure(blocks, panels, f"Signal propagation, {title}",
+                                                                   "residual block (forward order)")
         (self._run_dir / "figures").mkdir(parents=True, exist_ok=True)
         for name, fig in figures.items():
             fig.savefig(self._run_dir / "figures" / f"{name}_epoch{epoch}.png")
@@ -284,8 +269,8 @@ class GradientFlowMonitor(Callback):
         self.diverged_at = (step, layer)
         self._flush()
 
-    def _nonfinite(self, trainer, pl_module, step: int, rec: Recorded) -> None:
-        layer, where = self._origin(rec.scalars)
+    def _nonfinite(self, trainer, pl_module, step: int, scalars: dict[str, float]) -> None:
+        layer, where = self._origin(scalars)
         self.nonfinite_steps.append(step)
         self._epoch_nonfinite += 1
         message = f"non-finite gradient at step {step}, first layer {layer}"
