@@ -40,22 +40,8 @@ def on_log_schedule(step: int, points_per_decade: int) -> bool:
 
 
 class GradientFlowMonitor(Callback):
-    """Per-layer gradient norms, activation statistics and gradient-flow figures.
-
-    Args:
-        layers: ``None`` for every Conv2d and Linear, or module names relative to the tracked
-            network and glob patterns (``layer3.*.conv*``).
-        every_n_steps: record every n-th optimizer step (``schedule=every``).
-        schedule: ``every`` or ``log`` (``points_per_decade`` steps per factor of ten).
-        points_per_decade: density of the log schedule.
-        hist_every_n_epochs: every n-th epoch also record its first step with output-gradient
-            histograms, and write the spread of the epoch's norms and the figures; 0: never.
-        activations: also record ``act/*`` of each tracked layer's output.
-        on_nonfinite: ``warn`` (log, go on) or ``stop`` (log, write ``train/diverged``, skip
-            the poisoned update, end training cleanly).
-        export: ``json`` or ``csv`` (``<run>/grad_stats.<fmt>``) or ``none``.
-        figure: gradient-flow figure, and with ``blocks`` the signal-propagation figure.
-        blocks: also record per residual block ``grad_split/*`` and ``spp/*``.
+    """Per-layer gradient norms, activation statistics and gradient-flow figures; the arguments
+    are the keys of ``conf/monitor/default.yaml``, documented there.
 
     The tracked network is ``pl_module.net`` if there is one, else the LightningModule.
     Scalars go to TensorBoard as one event per step, and through ``log_metrics`` to any

@@ -1,5 +1,4 @@
 """LayerTaps: hooks on any ``nn.Module`` that collect the monitor's statistics, no framework.
-
 A tracked layer's forward hook takes its output's statistics and registers a tensor hook on
 the output for its gradient's: unlike ``register_full_backward_hook`` (an extra autograd node,
 broken by in-place ops), it gets the gradient w.r.t. the output as the layer made it even if
@@ -36,12 +35,6 @@ def _to_host(t: Tensor) -> np.ndarray:
     return t.detach().to("cpu").numpy()
 
 
-def _first_tensor(output: Any) -> Tensor | None:
-    if isinstance(output, (tuple, list)):
-        return next((o for o in output if isinstance(o, Tensor)), None)
-    return output if isinstance(output, Tensor) else None
-
-
 def _stack(accs: list[Tensor | None], width: int, dev: torch.device) -> Tensor:
     """``[units, width or wider]``: zero rows for None, shorter vectors zero-padded."""
     width = max([width, *(a.numel() for a in accs if a is not None)])
@@ -52,8 +45,8 @@ def _stack(accs: list[Tensor | None], width: int, dev: torch.device) -> Tensor:
 class _Unit:
     """A tracked layer or residual block and the current step's sums."""
 
-    def __init__(self, name: str, module: nn.Module, index: int = 0, spec: ResidualBlock | None = None) -> None:
-        self.name, self.module, self.index, self.spec = name, module, index, spec
+    def __init__(self, name: str, module: nn.Module, spec: ResidualBlock | None = None) -> None:
+        self.name, self.module, self.spec = name, module, spec
         self.rank: int | None = None  # a layer's position in the first recorded forward pass
         self.reset()
 
@@ -93,7 +86,7 @@ class LayerTaps:
         net = getattr(model, "_orig_mod", model)
         self.model = model
         modules = dict(net.named_modules())
-        self._layers = [_Unit(name, modules[name], i) for i, name in enumerate(select_layers(net, layers))]
+        self._layers = [_Unit(name, modules[name]) for name in select_layers(net, layers)]
         self._blocks = [_Unit(b.name, b.module, spec=b) for b in find_blocks(net)] if blocks else []
         stats = quantities.STATISTICS  # looked up now: a module may have registered more
         self.statistics = [st for st in stats.values()
@@ -150,39 +143,42 @@ class LayerTaps:
                     old = unit.sums.get(st.name)
                     unit.sums[st.name] = value if old is None else old + value
 
-    def _watch(self, unit: _Unit, site: str, y: Tensor) -> None:
-        """The statistics of ``site`` from ``y``, and of ``<site>_grad`` from its gradient."""
+    def _watch(self, unit: _Unit, site: str, module: nn.Module, output: Any) -> bool:
+        """The statistics of ``site`` from a module's output, and of ``<site>_grad`` from its
+        gradient. A forward hook that returned a value would replace the output."""
+        y = next((o for o in output if isinstance(o, Tensor)), None) if isinstance(output, (tuple, list)) else output
+        if not (isinstance(y, Tensor) and self._active(module)):
+            return False
         self._take(unit, site, y.detach())
         if y.requires_grad and self._sites[site + "_grad"]:
             y.register_hook(partial(self._take, unit, site + "_grad"))
+        return True
+
+    def _alias(self, args: tuple, hook: Callable[[Tensor], None]) -> tuple | None:
+        """The module's input replaced by an alias whose gradient (to ``hook``) is of this use alone."""
+        x = args[0] if args else None
+        if not (isinstance(x, Tensor) and x.requires_grad):
+            return None
+        alias = x.view_as(x)
+        alias.register_hook(hook)
+        return (alias, *args[1:])
 
     def _layer_out(self, layer: _Unit, module: nn.Module, args, output) -> None:
-        y = _first_tensor(output)
-        if y is not None and self._active(module):
-            if layer.rank is None:
-                layer.rank = next(self._calls)
-            self._watch(layer, "output", y)
-        # A forward hook that returned a value would replace the layer's output.
+        if self._watch(layer, "output", module, output) and layer.rank is None:
+            layer.rank = next(self._calls)
 
     def _block_enter(self, block: _Unit, module: nn.Module, args):
         if not self._active(module):
             return None
         block.call = call = {}
-        x = args[0] if args else None
-        if not (isinstance(x, Tensor) and x.requires_grad):
-            return None
-        x_in = x.view_as(x)  # an alias whose gradient is the block's alone: b + s
-        x_in.register_hook(partial(self._block_input_grad, block, call))
-        return (x_in, *args[1:])
+        return self._alias(args, partial(self._block_input_grad, block, call))  # b + s
 
     def _path_enter(self, block: _Unit, path: str, module: nn.Module, args):
-        call, x = block.call, (args[0] if args else None)
-        if call is None or path in call or not (isinstance(x, Tensor) and x.requires_grad):
+        call = block.call
+        if call is None or path in call:
             return None
         call[path] = None
-        alias = x.view_as(x)
-        alias.register_hook(partial(call.__setitem__, path))
-        return (alias, *args[1:])
+        return self._alias(args, partial(call.__setitem__, path))
 
     def _block_input_grad(self, block: _Unit, call: dict, grad: Tensor) -> None:
         b = call.get("b")
@@ -195,14 +191,11 @@ class LayerTaps:
 
     def _block_exit(self, block: _Unit, module: nn.Module, args, output) -> None:
         block.call = None
-        y = _first_tensor(output)
-        if y is not None and self._active(module):
-            self._watch(block, "block", y)
+        self._watch(block, "block", module, output)
 
     def _branch_exit(self, block: _Unit, module: nn.Module, args, output) -> None:
-        y = _first_tensor(output)
-        if block.call is not None and y is not None and self._active(module):
-            self._watch(block, "branch", y)
+        if block.call is not None:
+            self._watch(block, "branch", module, output)
 
     # ------------------------------------------------------------------ one step
 
@@ -237,8 +230,8 @@ class LayerTaps:
         ``.grad`` make ``grad_norm/total``; ``scale``: ``out_grad_scale`` on the device (None:
         1); ``reduce``: an in-place sum over processes (``torch.distributed.all_reduce``)."""
         self.armed = False
-        if not self._ordered:  # forward order; layers that did not run last, as registered
-            self._layers.sort(key=lambda l: (l.rank is None, l.rank or 0, l.index))
+        if not self._ordered:  # forward order; layers that did not run last, as registered (a stable sort)
+            self._layers.sort(key=lambda l: (l.rank is None, l.rank or 0))
             self._ordered = True
         dev = params[0].device
         units = {"layers": self._layers, "blocks": self._blocks}
