@@ -154,10 +154,10 @@ class GradientFlowMonitor(Callback):
         if loss_scale is not None:
             scale = scale / loss_scale.to(SUM_DTYPE)
         reduce = torch.distributed.all_reduce if trainer.world_size > 1 else None
-        rec = self.taps.collect(list(pl_module.parameters()), scale, reduce)
+        scalars, row, whole, out_scale = self.taps.collect(list(pl_module.parameters()), scale, reduce)
         self.layer_names = self.taps.layer_names
         grads = ("grad_norm/output/", "grad_norm/weight/", "grad_norm/total")
-        finite = all(math.isfinite(v) for tag, v in rec.scalars.items() if tag.startswith(grads))
+        finite = all(math.isfinite(v) for tag, v in scalars.items() if tag.startswith(grads))
         if not finite and loss_scale is not None:
             self.overflow_steps += 1  # fp16 overflow: the GradScaler skips the update and lowers its scale
             return
@@ -168,16 +168,16 @@ class GradientFlowMonitor(Callback):
                                                    self.taps.tags(), self.taps.block_names)
                 if step > 0 and self.export != "none":
                     self.series.keep_earlier(before=step)  # resumed run: continue the export
-            self.series.append(step, trainer.current_epoch, rec.row)
+            self.series.append(step, trainer.current_epoch, row)
             # Non-finite values are written as such; what does not exist is not written at all.
             for logger in self._others:
-                logger.log_metrics(rec.scalars, step=step)
+                logger.log_metrics(scalars, step=step)
             if self._tb is not None:
-                writers.write_scalars(self._tb, rec.scalars, step)
-                if "hist" in rec.whole:
-                    writers.write_histograms(self._tb, self.layer_names, rec.whole["hist"], rec.scale, step)
+                writers.write_scalars(self._tb, scalars, step)
+                if "hist" in whole:
+                    writers.write_histograms(self._tb, self.layer_names, whole["hist"], out_scale, step)
         if not finite:
-            self._nonfinite(trainer, pl_module, step, rec.scalars)
+            self._nonfinite(trainer, pl_module, step, scalars)
 
     # ------------------------------------------------------------------ epoch summaries (rank 0)
 

@@ -30,9 +30,9 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# One reusable buffer per (device, dtype) on the CPU: a fresh multi-megabyte tensor there is a
-# fresh mmap whose page faults cost as much as the arithmetic. Hooks run one at a time.
-_SCRATCH: dict[tuple[str, torch.dtype], Tensor] = {}
+# One reusable buffer per dtype on the CPU: a fresh multi-megabyte tensor there is a fresh
+# mmap whose page faults cost as much as the arithmetic. Hooks run one at a time.
+_SCRATCH: dict[torch.dtype, Tensor] = {}
 
 
 def _buffer(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -41,10 +41,9 @@ def _buffer(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     if device.type != "cpu":
         z = torch.empty(size, dtype=dtype, device=device)
     else:
-        held = _SCRATCH.get((str(device), dtype))
-        if held is None or held.numel() < size:
-            held = _SCRATCH[(str(device), dtype)] = torch.empty(size, dtype=dtype, device=device)
-        z = held[:size]
+        if dtype not in _SCRATCH or _SCRATCH[dtype].numel() < size:
+            _SCRATCH[dtype] = torch.empty(size, dtype=dtype)
+        z = _SCRATCH[dtype][:size]
     z[n:].zero_()
     return z
 

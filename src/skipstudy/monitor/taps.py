@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -58,18 +57,6 @@ class _Unit:
     def weight(self) -> nn.Parameter | None:
         w = getattr(self.module, "weight", None)
         return w if isinstance(w, nn.Parameter) and w.requires_grad else None
-
-
-@dataclass
-class Recorded:
-    """One step on the host: ``{tag: value}`` of what exists (not e.g. a ReLU's weight gradient
-    or a plain block's shortcut), the same in :meth:`LayerTaps.tags` order with NaN where
-    absent, the sums of histogram statistics, and the step's ``out_grad_scale``."""
-
-    scalars: dict[str, float]
-    row: np.ndarray
-    whole: dict[str, np.ndarray]
-    scale: float
 
 
 class LayerTaps:
@@ -217,7 +204,7 @@ class LayerTaps:
             yield self
         finally:
             self.armed = False
-        self.values = self.collect(list(self.model.parameters())).scalars
+        self.values = self.collect(list(self.model.parameters()))[0]
 
     def tags(self) -> list[str]:
         """Names of :meth:`collect`'s row: ``<quantity>/<layer or block>``, or ``<quantity>``."""
@@ -225,10 +212,13 @@ class LayerTaps:
         return [q.name if n is None else f"{q.name}/{n}" for q in self.quantities for n in units[q.over]]
 
     def collect(self, params: list[nn.Parameter], scale: Tensor | None = None,
-                reduce: Callable[[Tensor], None] | None = None) -> Recorded:
+                reduce: Callable[[Tensor], None] | None = None) -> tuple:
         """The step's quantities, moved to the host in one transfer. ``params``: those whose
         ``.grad`` make ``grad_norm/total``; ``scale``: ``out_grad_scale`` on the device (None:
-        1); ``reduce``: an in-place sum over processes (``torch.distributed.all_reduce``)."""
+        1); ``reduce``: an in-place sum over processes (``torch.distributed.all_reduce``).
+        Returns ``{tag: value}`` of what exists (not e.g. a ReLU's weight gradient or a plain
+        block's shortcut), the same in :meth:`tags` order with NaN where absent, the sums of the
+        histogram statistics, and ``out_grad_scale`` on the host."""
         self.armed = False
         if not self._ordered:  # forward order; layers that did not run last, as registered (a stable sort)
             self._layers.sort(key=lambda l: (l.rank is None, l.rank or 0))
@@ -267,4 +257,4 @@ class LayerTaps:
         for unit in itertools.chain(self._layers, self._blocks):
             unit.reset()  # the sums are spent; hold no gradients until the next step
         scalars = {tag: float(v) for tag, v, ok in zip(self.tags(), row, mask) if ok}
-        return Recorded(scalars, row, whole, float(host[n + len(stats)][0]))
+        return scalars, row, whole, float(host[n + len(stats)][0])
