@@ -77,7 +77,7 @@ class GradientFlowMonitor(Callback):
         self.series: writers.SeriesExport | None = None
         self._rank_zero = True
         self._tb = None  # rank 0's SummaryWriter
-        self._hist_epoch = self._hist_pending = False  # a run resumed mid-epoch starts no epoch
+        self._hist_pending = False  # a run resumed mid-epoch starts no epoch
         self._epoch_nonfinite = 0
 
     def resolve(self, net: nn.Module) -> None:
@@ -127,7 +127,7 @@ class GradientFlowMonitor(Callback):
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         n = self.hist_every_n_epochs
-        self._hist_epoch = self._hist_pending = n > 0 and trainer.current_epoch % n == 0
+        self._hist_pending = n > 0 and trainer.current_epoch % n == 0
         self._epoch_nonfinite = 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
@@ -187,9 +187,9 @@ class GradientFlowMonitor(Callback):
                         trainer.current_epoch)
         if not self._rank_zero or self.series is None:
             return
-        epoch = trainer.current_epoch
+        epoch, n = trainer.current_epoch, self.hist_every_n_epochs
         rows = [r for r, e in zip(self.series.rows, self.series.epochs) if e == epoch]
-        if self._hist_epoch and rows:
+        if n > 0 and epoch % n == 0 and rows:
             self._write_epoch_summaries(trainer.global_step, epoch, np.stack(rows))
         self._flush()
 
