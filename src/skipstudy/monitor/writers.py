@@ -15,6 +15,7 @@ import numpy as np
 
 from skipstudy.monitor.quantities import BINS
 
+
 def write_scalars(writer: Any, values: dict[str, float], step: int) -> None:
     """A step's scalars as one event: one protobuf, not one ``add_scalar`` per tag (hundreds
     of tags a step would cost milliseconds of Python a step)."""
@@ -102,7 +103,7 @@ class SeriesExport:
                     out.writerow([self.steps[i], self.epochs[i], *cells])
             self._csv_written = len(self.rows)
             return
-        table = np.stack(self.rows) if self.rows else np.zeros((0, len(self.tags)))
+        table = np.stack(self.rows)
         doc = {"layers": self.layers, "blocks": self.blocks, "step": self.steps, "epoch": self.epochs,
                "series": {tag: [v if math.isfinite(v) else None for v in table[:, j].tolist()]
                           for j, tag in enumerate(self.tags)},
