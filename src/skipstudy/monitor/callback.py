@@ -2,37 +2,32 @@
 which steps are recorded, and where their numbers go.
 
 A recorded step is collected in ``on_before_optimizer_step`` (after DDP's all-reduce and AMP
-unscaling, before clipping) with one host transfer. Micro-batches' sums add up, so output
-gradients are those of the loss the optimizer minimises over the whole effective batch.
-Under DDP the sums are all-reduced and divided by the world size (DDP averages): every rank
-computes the global batch's numbers and takes the same stop decision; rank 0 writes. With
-fp16 output gradients are divided by the loss scale, and a step whose gradients overflowed
-is the GradScaler's to skip. Under torch.compile each tracked layer is a graph break.
+unscaling, before clipping) with one host transfer, over all micro-batches of the step. Under
+DDP the sums are all-reduced and divided by the world size, so every rank takes the same stop
+decision; rank 0 writes. fp16 output gradients are divided by the loss scale; a step whose
+gradients overflowed is the GradScaler's to skip. Under torch.compile each tracked layer is a
+graph break.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from skipstudy import config
 from skipstudy.monitor import writers
 from skipstudy.monitor.layers import select_layers
-from skipstudy.monitor.quantities import BINS
 from skipstudy.monitor.sums import SUM_DTYPE
-from skipstudy.monitor.taps import LayerTaps, Recorded
+from skipstudy.monitor.taps import LayerTaps
 
 log = logging.getLogger(__name__)
-
-# Dynamo compiles the code after each graph break once per distinct shape: a ResNet-50 has
-# more than the default limit of 8 per code object, beyond which it silently runs eagerly.
-# The config is global, so the raised limit stays for the process.
-COMPILED_RECOMPILE_LIMIT = 256
 
 
 def on_log_schedule(step: int, points_per_decade: int) -> bool:
@@ -44,45 +39,15 @@ def on_log_schedule(step: int, points_per_decade: int) -> bool:
     return any(math.floor(10 ** (j / points_per_decade) + 1e-9) == step for j in (k - 1, k, k + 1))
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
-    return getattr(module, "_orig_mod", module)  # torch.compile(module) prefixes names with _orig_mod.
-
-
-def _is_compiled(module: nn.Module) -> bool:
-    """By ``torch.compile(module)`` (a wrapper) or ``module.compile()`` (in place)."""
-    return module is not _unwrap(module) or getattr(module, "_compiled_call_impl", None) is not None
-
-
 class GradientFlowMonitor(Callback):
-    """Per-layer gradient norms, activation statistics and gradient-flow figures.
-
-    Args:
-        layers: ``None`` for every Conv2d and Linear, or module names relative to the tracked
-            network and glob patterns (``layer3.*.conv*``).
-        every_n_steps: record every n-th optimizer step (``schedule=every``).
-        schedule: ``every`` or ``log`` (``points_per_decade`` steps per factor of ten).
-        points_per_decade: density of the log schedule.
-        hist_every_n_epochs: every n-th epoch also record its first step with output-gradient
-            histograms, and write the spread of the epoch's norms and the figures; 0: never.
-        activations: also record ``act/*`` of each tracked layer's output.
-        on_nonfinite: ``warn`` (log, go on) or ``stop`` (log, write ``train/diverged``, skip
-            the poisoned update, end training cleanly).
-        export: ``json`` or ``csv`` (``<run>/grad_stats.<fmt>``) or ``none``.
-        figure: gradient-flow figure, and with ``blocks`` the signal-propagation figure.
-        blocks: also record per residual block ``grad_split/*`` and ``spp/*``.
+    """Per-layer gradient norms, activation statistics and gradient-flow figures; the arguments
+    are the keys of ``conf/monitor/default.yaml``, documented there.
 
     The tracked network is ``pl_module.net`` if there is one, else the LightningModule.
     Scalars go to TensorBoard as one event per step, and through ``log_metrics`` to any
-    other logger.
-
-    Attributes:
-        layer_names: tracked layers; forward order once a step is recorded.
-        diverged_at: ``(step, layer)`` of the non-finite step that stopped training, or None.
-        nonfinite_steps: recorded steps whose gradients were non-finite.
-        overflow_steps: fp16 steps the GradScaler skipped (neither recorded nor non-finite).
-        recording_step: the optimizer step now running if it is recorded, else None; the
-            other steps are ``skipstudy.runs.stopping.DivergenceGuard``'s to check.
-        series: rank 0's recorded rows (:class:`~skipstudy.monitor.writers.SeriesExport`).
+    other logger. ``recording_step`` is the running optimizer step if it is recorded (the
+    others are ``skipstudy.runs.stopping.DivergenceGuard``'s to check); ``overflow_steps``
+    counts fp16 steps the GradScaler skipped; ``series`` holds rank 0's recorded rows.
     """
 
     def __init__(self, layers: str | list[str] | None = None, every_n_steps: int = 1, schedule: str = "every",
@@ -110,18 +75,15 @@ class GradientFlowMonitor(Callback):
         self.recording_step: int | None = None
         self.taps: LayerTaps | None = None
         self.series: writers.SeriesExport | None = None
-        self._tb = None  # rank 0's SummaryWriter
-        self._others: list = []
         self._rank_zero = True
-        self._hist_pending = False
-        self._open_step: int | None = None
+        self._tb = None  # rank 0's SummaryWriter
+        self._hist_pending = False  # a run resumed mid-epoch starts no epoch
         self._epoch_nonfinite = 0
 
-    def resolve(self, net: nn.Module) -> list[str]:
-        """Check ``monitor.layers`` against the network (ConfigError naming the closest
-        names); returns the tracked names."""
-        self.layer_names = select_layers(_unwrap(net), self.layers)
-        return list(self.layer_names)
+    def resolve(self, net: nn.Module) -> None:
+        """Check ``monitor.layers`` against the network before training (ConfigError naming
+        the closest names)."""
+        self.layer_names = select_layers(getattr(net, "_orig_mod", net), self.layers)  # torch.compile(net)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -130,19 +92,21 @@ class GradientFlowMonitor(Callback):
             return
         if self.taps is not None:
             self.taps.remove()
-        net = getattr(pl_module, "net", pl_module)
-        if _is_compiled(pl_module) or _is_compiled(net):
-            dynamo = torch._dynamo.config
-            key = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
-            setattr(dynamo, key, max(getattr(dynamo, key), COMPILED_RECOMPILE_LIMIT))
-        self.resolve(net)
-        self.taps = LayerTaps(_unwrap(net), self.layer_names, self.activations, self.blocks)
+        # Under torch.compile, Dynamo compiles the code after each graph break (each hook) once per
+        # distinct shape: a ResNet-50 has more than the default limit of 8 per code object, beyond
+        # which it silently runs eagerly. The config is global: the raised limit stays for the process.
+        dynamo = torch._dynamo.config
+        key = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+        setattr(dynamo, key, max(getattr(dynamo, key), 256))
+        self.taps = LayerTaps(getattr(pl_module, "net", pl_module), self.layers, self.activations, self.blocks)
+        self.layer_names = self.taps.layer_names
         self._open_step = None
         self._rank_zero = trainer.is_global_zero
-        self._run_dir = writers.run_dir(trainer)  # a collective under DDP: every rank asks
-        if self._rank_zero:
-            self._tb = writers.find_summary_writer(trainer)
-            self._others = writers.other_loggers(trainer)
+        # trainer.log_dir is the Hydra output dir in skipstudy; a collective under DDP: every rank asks.
+        self._run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        loggers = trainer.loggers if self._rank_zero else []
+        self._tb = next((lg.experiment for lg in loggers if isinstance(lg, TensorBoardLogger)), None)
+        self._others = [lg for lg in loggers if not isinstance(lg, TensorBoardLogger)]
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit" and self.taps is not None:
@@ -175,67 +139,47 @@ class GradientFlowMonitor(Callback):
         scheduled = on_log_schedule(step, self.points_per_decade) if self.schedule == "log" \
             else step % self.every_n_steps == 0
         self.recording_step = step if hist or scheduled else None
-        if self.recording_step is None:
-            self.taps.armed = False
-        else:
-            self.taps.arm(hist=hist)
+        self.taps.arm(hist=hist)
+        self.taps.armed = self.recording_step is not None
 
     # ------------------------------------------------------------------ one recorded step
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if self.taps is None or not self.taps.armed:
+        if not self.taps.armed:
             return
         step = trainer.global_step
         scale = torch.full((), 1.0 / trainer.world_size, dtype=SUM_DTYPE, device=next(pl_module.parameters()).device)
-        loss_scale = self._loss_scale(trainer)
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        loss_scale = scaler._scale if scaler is not None and scaler.is_enabled() else None  # get_scale() syncs
         if loss_scale is not None:
             scale = scale / loss_scale.to(SUM_DTYPE)
-        distributed = trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
-        reduce = torch.distributed.all_reduce if distributed else None
-        rec = self.taps.collect(list(pl_module.parameters()), scale, reduce)
+        reduce = torch.distributed.all_reduce if trainer.world_size > 1 else None
+        scalars, row, whole, out_scale = self.taps.collect(list(pl_module.parameters()), scale, reduce)
         self.layer_names = self.taps.layer_names
-        grads = ("grad_norm/output", "grad_norm/weight", "grad_norm/total")
-        finite = all(np.isfinite(rec.values[q][rec.present[q]]).all() for q in grads if q in rec.values)
+        grads = ("grad_norm/output/", "grad_norm/weight/", "grad_norm/total")
+        finite = all(math.isfinite(v) for tag, v in scalars.items() if tag.startswith(grads))
         if not finite and loss_scale is not None:
             self.overflow_steps += 1  # fp16 overflow: the GradScaler skips the update and lowers its scale
             return
         if self._rank_zero:
-            self._write_step(trainer, step, rec)
+            if self.series is None:
+                fmt = self.export if self.export != "none" else "json"
+                self.series = writers.SeriesExport(self._run_dir / f"grad_stats.{fmt}", fmt, self.layer_names,
+                                                   self.taps.tags(), self.taps.block_names)
+                if step > 0 and self.export != "none":
+                    self.series.keep_earlier(before=step)  # resumed run: continue the export
+            self.series.append(step, trainer.current_epoch, row)
+            # Non-finite values are written as such; what does not exist is not written at all.
+            for logger in self._others:
+                logger.log_metrics(scalars, step=step)
+            if self._tb is not None:
+                writers.write_scalars(self._tb, scalars, step)
+                if "hist" in whole:
+                    writers.write_histograms(self._tb, self.layer_names, whole["hist"], out_scale, step)
         if not finite:
-            self._nonfinite(trainer, pl_module, step, rec)
+            self._nonfinite(trainer, pl_module, step, scalars)
 
-    @staticmethod
-    def _loss_scale(trainer):
-        """The GradScaler's scale as a device tensor (``get_scale()`` would sync)."""
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        return scaler._scale if scaler is not None and scaler.is_enabled() else None
-
-    # ------------------------------------------------------------------ where (rank 0)
-
-    def _write_step(self, trainer, step: int, rec: Recorded) -> None:
-        tags = self.taps.tags()
-        if self.series is None:
-            fmt = self.export if self.export != "none" else "json"
-            self.series = writers.SeriesExport(self._run_dir / f"grad_stats.{fmt}", fmt, self.layer_names, tags,
-                                               self.taps.block_names)
-            if step > 0 and self.export != "none":
-                self.series.keep_earlier(before=step)  # resumed run: continue the export
-        self.series.append(step, trainer.current_epoch, rec.row)
-        # Non-finite values are written as such; what does not exist is not written at all.
-        scalars = {tag: float(v) for tag, v, ok in zip(tags, rec.row, rec.mask) if ok}
-        for logger in self._others:
-            logger.log_metrics(scalars, step=step)
-        if self._tb is None:
-            return
-        writers.write_scalars(self._tb, scalars, step)
-        if "hist" in rec.whole:
-            # Binned from the raw (micro-batch, per-process, loss-scaled) elements: shifting by
-            # log10(scale) makes them elements of the gradient of the optimised loss.
-            shift = math.log10(rec.scale)
-            edges = np.asarray(BINS.edges()) + shift
-            for name, (n, s1, s2, *counts) in zip(self.layer_names, rec.whole["hist"]):
-                writers.write_histogram(self._tb, f"grad_hist/output/{name}", edges, np.asarray(counts),
-                                        s1 + n * shift, s2 + 2 * shift * s1 + n * shift * shift, step)
+    # ------------------------------------------------------------------ epoch summaries (rank 0)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self.on_nonfinite == "warn" and self._epoch_nonfinite > 1 and self._rank_zero:
@@ -250,8 +194,7 @@ class GradientFlowMonitor(Callback):
         self._flush()
 
     def _write_epoch_summaries(self, step: int, epoch: int, table: np.ndarray) -> None:
-        names, blocks = self.layer_names, self.taps.block_names
-        tags = self.series.tags
+        names, blocks, tags = self.layer_names, self.taps.block_names, self.series.tags
 
         def columns(name: str, units: list[str]) -> np.ndarray:
             return table[:, [tags.index(f"{name}/{u}") for u in units]]
@@ -270,9 +213,10 @@ class GradientFlowMonitor(Callback):
         figures = {"gradient_flow": writers.gradient_flow_figure(names, norms["output"], norms["weight"],
                                                                  f"Gradient flow, {title}")}
         if blocks:
-            spp = {q: columns(q, blocks) for q in writers.SPP_PANELS if f"{q}/{blocks[0]}" in tags}
-            figures["signal_propagation"] = writers.signal_propagation_figure(blocks, spp,
-                                                                              f"Signal propagation, {title}")
+            panels = {side: {label: columns(q, blocks) for q, label in panel.items()}
+                      for side, panel in writers.SPP_PANELS.items()}
+            figures["signal_propagation"] = writers.profile_figure(blocks, panels, f"Signal propagation, {title}",
+                                                                   "residual block (forward order)")
         (self._run_dir / "figures").mkdir(parents=True, exist_ok=True)
         for name, fig in figures.items():
             fig.savefig(self._run_dir / "figures" / f"{name}_epoch{epoch}.png")
@@ -283,29 +227,25 @@ class GradientFlowMonitor(Callback):
         if not self._rank_zero:
             return
         if self.series is not None and self.export != "none":
-            self.series.nonfinite_steps = list(self.nonfinite_steps)
-            self.series.diverged_at = self.diverged_at
-            self.series.flush()
+            self.series.flush(self.nonfinite_steps, self.diverged_at)
         if self._tb is not None:
             self._tb.flush()
 
     # ------------------------------------------------------------------ non-finite
 
-    def _origin(self, rec: Recorded) -> tuple[str, str]:
+    def _origin(self, scalars: dict[str, float]) -> tuple[str, str]:
         """The layer where non-finiteness first appears in computation order, and how."""
 
-        def bad(name: str):
-            if name not in rec.values:
-                return np.zeros(len(self.layer_names), dtype=bool)
-            return rec.present[name] & ~np.isfinite(rec.values[name])
+        def bad(*tags: str) -> bool:
+            return not all(math.isfinite(scalars.get(tag, 0.0)) for tag in tags)
 
-        act = np.flatnonzero(bad("act/mean") | bad("act/std"))
-        if act.size:
-            return self.layer_names[act[0]], "first non-finite output in forward order"
+        for name in self.layer_names:
+            if bad(f"act/mean/{name}", f"act/std/{name}"):
+                return name, "first non-finite output in forward order"
         for kind in ("output", "weight"):
-            hits = np.flatnonzero(bad(f"grad_norm/{kind}"))
-            if hits.size:
-                return self.layer_names[hits[-1]], f"first non-finite {kind} gradient in backward order"
+            for name in reversed(self.layer_names):
+                if bad(f"grad_norm/{kind}/{name}"):
+                    return name, f"first non-finite {kind} gradient in backward order"
         return "(untracked parameters)", "only the total norm over all parameters is non-finite"
 
     def mark_diverged(self, step: int, layer: str) -> None:
@@ -315,8 +255,8 @@ class GradientFlowMonitor(Callback):
         self.diverged_at = (step, layer)
         self._flush()
 
-    def _nonfinite(self, trainer, pl_module, step: int, rec: Recorded) -> None:
-        layer, where = self._origin(rec)
+    def _nonfinite(self, trainer, pl_module, step: int, scalars: dict[str, float]) -> None:
+        layer, where = self._origin(scalars)
         self.nonfinite_steps.append(step)
         self._epoch_nonfinite += 1
         message = f"non-finite gradient at step {step}, first layer {layer}"

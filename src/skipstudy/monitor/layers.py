@@ -1,8 +1,6 @@
 """Which modules the monitor taps: layers named in ``monitor.layers``, and residual blocks.
-
-Names are ``net.named_modules()`` names relative to the network (``conv1``,
-``layer1.0.conv1``, ``fc``), the vocabulary of every tag the monitor writes.
-"""
+Names are ``net.named_modules()`` names relative to the network (``layer1.0.conv1``), the
+vocabulary of every tag the monitor writes."""
 
 from __future__ import annotations
 
@@ -21,22 +19,11 @@ from skipstudy.models.blocks import Block
 DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 
 
-def _closest(name: str, names: list[str], n: int = 3) -> str:
-    scored = [(difflib.SequenceMatcher(None, name, c).ratio(), -i, c) for i, c in enumerate(names)]
-    scored.sort(reverse=True)  # ties in network order
-    return ", ".join(c for _, _, c in scored[:n])
-
-
 def select_layers(net: nn.Module, patterns: str | Iterable[str] | None) -> list[str]:
-    """Resolve ``monitor.layers`` against ``net``; module names in registration order.
-
-    ``None``: every Conv2d and Linear. Otherwise exact module names (any module) and globs
-    (``layer3.*.conv*``), which select only modules owning a ``weight`` parameter, so
-    ``layer3.*`` means the weighted layers of stage 3, not every ReLU and block.
-
-    Raises:
-        ConfigError: a name or pattern matches nothing; the message lists the closest names.
-    """
+    """``monitor.layers`` resolved against ``net``, in registration order: ``None`` for every
+    Conv2d and Linear, else exact module names (any module) and globs (``layer3.*.conv*``) over
+    modules owning a ``weight`` parameter (``layer3.*`` is not every ReLU and block). ConfigError
+    naming the closest names when one matches nothing."""
     modules = {name: mod for name, mod in net.named_modules() if name}
     names = list(modules)
     if patterns is None:
@@ -53,13 +40,11 @@ def select_layers(net: nn.Module, patterns: str | Iterable[str] | None) -> list[
     weighted = [name for name, mod in modules.items() if isinstance(getattr(mod, "weight", None), nn.Parameter)]
     selected: set[str] = set()
     for pattern in patterns:
-        if not isinstance(pattern, str):
-            raise ConfigError(f"monitor.layers entry {pattern!r} is not a module name; e.g. 'layer1.0.conv1'")
         glob = any(c in "*?[" for c in pattern)
         hits = [n for n in weighted if fnmatch.fnmatchcase(n, pattern)] if glob else [n for n in names if n == pattern]
         if not hits:
-            raise ConfigError(f"monitor.layers: {pattern!r} matches no module; "
-                              f"closest: {_closest(pattern, weighted if glob else names)}")
+            closest = difflib.get_close_matches(pattern, weighted if glob else names, n=3, cutoff=0)
+            raise ConfigError(f"monitor.layers: {pattern!r} matches no module; closest: {', '.join(closest)}")
         selected.update(hits)
     return [name for name in names if name in selected]
 
@@ -67,8 +52,8 @@ def select_layers(net: nn.Module, patterns: str | Iterable[str] | None) -> list[
 @dataclass(frozen=True)
 class ResidualBlock:
     """A block computing ``shortcut(x) + branch(x)``: the module whose input is the branch's
-    (``entry``), the shortcut's module (None for identity or none), whether there is a
-    shortcut at all, and the module whose output is the branch's last tensor (``exit``)."""
+    (``entry``), the shortcut's module (None: identity or none), whether there is a shortcut,
+    and the module whose output is the branch's last tensor (``exit``)."""
 
     name: str
     module: nn.Module

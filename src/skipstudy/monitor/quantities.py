@@ -1,16 +1,9 @@
-"""What the monitor computes: statistics the hooks collect, quantities made from them.
-
-After Cockpit (Schneider et al. 2021), computed apart from where it is shown:
-
-1. A *statistic* maps the tensor(s) at one hook site (:data:`SITES`) to a float64 vector of
-   sums whose first element counts what was summed (:mod:`.sums`). The hooks add it over
-   micro-batches and processes; :class:`~.taps.LayerTaps` stacks it over the layers or
-   blocks into ``[units, width]``, zero-padded. ``None`` adds nothing.
-2. A *quantity* maps the step's :class:`StepTensors` to one value per layer, per block or
-   per step, written where its statistic's count is nonzero, as ``<name>/<layer or block>``
-   or ``<name>``.
-
-A new per-layer quantity is one module with both::
+"""What the monitor computes (after Cockpit, Schneider et al. 2021): a *statistic* maps the
+tensor(s) at one hook site (:data:`SITES`) to a float64 vector of sums whose first element
+counts what was summed (``None`` adds nothing); the hooks add it over micro-batches and
+processes, :class:`~.taps.LayerTaps` stacks it into ``[units, width]``, zero-padded. A
+*quantity* maps the step's :class:`StepTensors` to one value per layer, block or step, written
+where its statistic's count is nonzero. A new per-layer quantity is one module with both::
 
     @statistic("out_abs", site="output_grad", width=2)
     def out_abs(g):
@@ -96,8 +89,7 @@ QUANTITIES: dict[str, Quantity] = {}
 
 
 def quantity(name: str, needs: str, fn: Callable[[StepTensors], Tensor] | None = None):
-    """Register ``fn(StepTensors) -> Tensor`` (``[L]``, ``[B]`` or 0-d, as ``needs`` says);
-    without ``fn``, a decorator."""
+    """Register ``fn(StepTensors) -> Tensor`` (``[L]``, ``[B]`` or 0-d); without ``fn``, a decorator."""
 
     def register(fn):
         QUANTITIES[name] = Quantity(name, fn, needs)
@@ -108,16 +100,10 @@ def quantity(name: str, needs: str, fn: Callable[[StepTensors], Tensor] | None =
 
 @dataclass
 class StepTensors:
-    """One optimizer step's data on the device, layers in forward order.
-
-    Attributes:
-        sums: ``{statistic: [units, width]}``, summed over micro-batches and processes.
-        weight_grads: each layer's accumulated ``weight.grad`` (None: no weight or no grad).
-        weight_numel: ``[L]`` weight elements (0: no weight).
-        all_grads: every parameter gradient, for the total norm.
-        out_grad_scale: 0-d factor turning summed gradients into gradients of the loss the
-            optimizer minimises: ``1 / (loss scale * world size)``.
-    """
+    """One optimizer step's data on the device, layers in forward order: ``sums`` per
+    statistic ``[units, width]``, each layer's ``weight.grad`` (None: no weight or grad) and
+    weight size (0: none), every parameter gradient, and ``out_grad_scale``, the factor turning
+    summed gradients into gradients of the loss the optimizer minimises."""
 
     sums: dict[str, Tensor]
     weight_grads: list[Tensor | None] = field(default_factory=list)

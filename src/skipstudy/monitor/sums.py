@@ -1,10 +1,8 @@
-"""The sums the hooks take from one tensor, exact over the whole float32 range.
-
-Each is a float64 vector whose first element counts what was summed; micro-batches and
-processes combine by adding. A float32 accumulator loses both ends of a gradient's range
-(squares below 1e-19 underflow, above 1e19 overflow) and drifts by ~3e-5 over 10^6
-elements: hence float64 sums, power-of-two scaling, and rows of ``_ROW`` reduced first.
-Nothing here reads a device value on the host except :func:`cpu_value` on CPU tensors.
+"""The sums the hooks take from one tensor, exact over the whole float32 range: float64
+vectors whose first element counts what was summed, so micro-batches and processes add. A
+float32 accumulator loses both ends of a gradient's range (squares below 1e-19 underflow,
+above 1e19 overflow) and drifts by ~3e-5 over 10^6 elements: hence float64 sums, power-of-two
+scaling, and rows of ``_ROW`` reduced first. Only :func:`cpu_value` reads a value, on the CPU.
 """
 
 from __future__ import annotations
@@ -23,8 +21,6 @@ _ROW = 1024
 
 def _flat(t: Tensor) -> Tensor:
     """``t`` as 1-D in memory order: a view for the layouts convs produce."""
-    if t.is_contiguous():
-        return t.view(-1)
     if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
         return t.permute(0, 2, 3, 1).reshape(-1)
     return t.reshape(-1)
@@ -34,9 +30,9 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# One reusable buffer per (device, dtype) on the CPU: a fresh multi-megabyte tensor there is a
-# fresh mmap whose page faults cost as much as the arithmetic. Hooks run one at a time.
-_SCRATCH: dict[tuple[str, torch.dtype], Tensor] = {}
+# One reusable buffer per dtype on the CPU: a fresh multi-megabyte tensor there is a fresh
+# mmap whose page faults cost as much as the arithmetic. Hooks run one at a time.
+_SCRATCH: dict[torch.dtype, Tensor] = {}
 
 
 def _buffer(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -45,16 +41,15 @@ def _buffer(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     if device.type != "cpu":
         z = torch.empty(size, dtype=dtype, device=device)
     else:
-        held = _SCRATCH.get((str(device), dtype))
-        if held is None or held.numel() < size:
-            held = _SCRATCH[(str(device), dtype)] = torch.empty(size, dtype=dtype, device=device)
-        z = held[:size]
+        if dtype not in _SCRATCH or _SCRATCH[dtype].numel() < size:
+            _SCRATCH[dtype] = torch.empty(size, dtype=dtype)
+        z = _SCRATCH[dtype][:size]
     z[n:].zero_()
     return z
 
 
 def cpu_value(t: Tensor) -> float:
-    """A CPU tensor's value; on an accelerator that would be a host sync, so it raises."""
+    """A CPU tensor's value; on an accelerator it would be a host sync: it raises."""
     if t.device.type != "cpu":
         raise RuntimeError(f"cpu_value called on a {t.device} tensor: a host sync in the monitor's hot path")
     return float(t)
@@ -73,11 +68,9 @@ def _moments(rows: Tensor, exponent: Tensor | int, plain_sum: bool) -> tuple[Ten
 def _sums(flat: Tensor, shift: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """``(sum(d**2), sum(d))`` of ``d = flat - shift`` (the sum only with a shift), right to
     ~1e-7 for every finite float32, bf16 or fp16 input; non-finite input gives non-finite sums.
-
-    Elements are scaled by the power of two that puts the largest in [0.5, 1): only those
-    2**-63 times smaller can underflow, and their squares are below 1e-38 of the sum. On the
-    CPU the unscaled float32 rows are tried first and kept when the sum is finite and so large
-    that squares flushed below 2**-126 cannot matter (reading it waits for nothing there).
+    Elements are scaled by the power of two that puts the largest in [0.5, 1), so only squares
+    below 1e-38 of the sum can underflow. On the CPU the unscaled float32 rows are tried first,
+    kept when the sum is finite and so large that squares flushed below 2**-126 cannot matter.
     """
     n = flat.numel()
     if flat.device.type == "cpu" and flat.dtype == torch.float32:
@@ -110,7 +103,7 @@ def _sums(flat: Tensor, shift: Tensor | None = None) -> tuple[Tensor, Tensor | N
 
 
 def count(t: Tensor) -> Tensor:
-    """``t.numel()`` as a float64 0-d tensor on ``t``'s device (filled there: no copy)."""
+    """``t.numel()`` as a float64 0-d tensor filled on ``t``'s device (no copy)."""
     return torch.full((), t.numel(), dtype=SUM_DTYPE, device=t.device)
 
 
@@ -122,14 +115,10 @@ def output_grad_sums(grad: Tensor) -> Tensor:
 
 
 def activation_sums(y: Tensor) -> Tensor:
-    """``[numel, sum, M2, sum * mean, nonzeros]`` of a layer's output.
-
-    ``M2 = sum((y - mean)**2)`` about this call's own mean: the one-pass ``sum(y**2) -
-    numel * mean**2`` loses every digit when |mean| >> std. Over calls k the variance is
-    ``(sum_k M2_k + sum_k sum_k * mean_k - (sum_k sum_k)**2 / numel) / numel`` (Chan et al.
-    1979). The centred pass uses a float32 mean whose own rounding cancels out in the
-    corrected two-pass formula (Chan, Golub & LeVeque 1983). ``torch.var_mean`` would do this
-    in one call but is ~50x slower on the CPU.
+    """``[numel, sum, M2, sum * mean, nonzeros]`` of a layer's output, ``M2 = sum((y - mean)**2)``
+    about this call's own mean (the one-pass ``sum(y**2) - numel * mean**2`` loses every digit
+    when |mean| >> std); calls combine as in Chan et al. 1979, the float32 mean's rounding cancels
+    in the corrected two-pass formula. ``torch.var_mean`` is ~50x slower on the CPU.
     """
     flat = _flat(y)
     n = flat.numel()
@@ -164,17 +153,15 @@ def _nonzeros(y: Tensor) -> Tensor:
 
 
 def sq_norm(t: Tensor) -> Tensor:
-    """Sum of squares accumulated in float64 without a float64 copy of ``t``."""
+    """Sum of squares accumulated in float64."""
     return torch.linalg.vector_norm(t.detach(), dtype=SUM_DTYPE).square()
 
 
 def channel_sums(t: Tensor) -> Tensor:
-    """``[elements per channel, numel, sum of squares, per-channel sums (channel = dim 1)...]``.
-
-    The channel count is ``numel / elements per channel`` (both add up), so zero padding
-    after the per-channel sums changes nothing. The average channel variance follows without
-    per-channel squares (``var_mean`` per channel was ~30x slower on the CPU); its relative
-    error is ~1e-7 (mean / std)^2, exact enough for block outputs and their gradients.
+    """``[elements per channel, numel, sum of squares, per-channel sums (channel = dim 1)...]``:
+    the channel count is their ratio, so zero padding changes nothing. The average channel
+    variance follows without per-channel squares (``var_mean`` per channel was ~30x slower on
+    the CPU), to ~1e-7 (mean / std)^2 relative, enough for block outputs and their gradients.
     """
     t = t.detach()
     s1 = t.sum(dim=[d for d in range(t.dim()) if d != 1], dtype=_wide(t.dtype)).to(SUM_DTYPE)
@@ -184,12 +171,9 @@ def channel_sums(t: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class HistogramBins:
-    """Fixed bins over log10|g| so that counts from micro-batches, processes and steps add.
-
-    Zeros (inactive ReLUs) are left out. The range holds every nonzero float32 (1.4e-45 to
-    3.4e38), bf16 and fp16 element; float64 elements below ``10**lo`` go to the first bin,
-    above ``10**hi`` (and +inf) to the last.
-    """
+    """Fixed bins over log10|g|, so that counts from micro-batches, processes and steps add,
+    for every nonzero float32 (1.4e-45 to 3.4e38), bf16 and fp16 element; float64 ones beyond
+    go to the end bins. Zeros (inactive ReLUs) are left out."""
 
     lo: float = -46.0
     hi: float = 39.0
@@ -236,8 +220,8 @@ def log_abs_histogram(grad: Tensor, spec: HistogramBins) -> Tensor:
 
 
 def norms(tensors: list[Tensor | None], like: Tensor) -> Tensor:
-    """L2 norm of each tensor (0 for None), float64, by one fused foreach call: the square of
-    any float32/bf16/fp16 element is a normal float64, so 1e-25 gradients do not read 0."""
+    """L2 norm of each tensor (0 for None) in float64, one fused foreach call: the square of any
+    float32/bf16/fp16 element is a normal float64, so 1e-25 gradients do not read 0."""
     present = [t for t in tensors if t is not None]
     if not present:
         return like.new_zeros(len(tensors), dtype=SUM_DTYPE)

@@ -1,22 +1,13 @@
-"""LayerTaps: hooks on any ``nn.Module`` that collect the monitor's statistics, no framework::
-
-    taps = LayerTaps(model)
-    with taps.record(step):
-        loss_fn(model(x), y).backward()
-    taps.values  # {"grad_norm/output/conv1": ..., "grad_split/cos/layer1.0": ..., ...}
-
+"""LayerTaps: hooks on any ``nn.Module`` that collect the monitor's statistics, no framework.
 A tracked layer's forward hook takes its output's statistics and registers a tensor hook on
-the output for its gradient's. Unlike ``register_full_backward_hook`` (an extra autograd node,
-broken by in-place ops), a tensor hook gets the gradient w.r.t. the output as the layer made
-it even if an in-place op (``ReLU(inplace=True)``) changes it later.
-
-A residual block's gradient split needs no extra backward pass: pre-hooks hand the block,
-its branch's first module and a shortcut module each their own alias of the input, and
-autograd gives each alias the gradient of its own uses: ``b + s`` at the block's, whose hook
-runs last; an identity shortcut has no module, so ``s = grad - b``.
-
-Hooks are ``torch.compiler.disable``-d: under ``torch.compile`` they run eagerly at graph
-breaks. A step's sums stay on the device until one transfer (:func:`_to_host`).
+the output for its gradient's: unlike ``register_full_backward_hook`` (an extra autograd node,
+broken by in-place ops), it gets the gradient w.r.t. the output as the layer made it even if
+``ReLU(inplace=True)`` changes it later. A residual block's gradient split needs no extra
+backward pass: pre-hooks hand the block, its branch's first module and a shortcut module each
+their own alias of the input, and autograd gives each alias the gradient of its own uses
+(``b + s`` at the block's, whose hook runs last; an identity shortcut has ``s = grad - b``).
+Hooks run eagerly at ``torch.compile`` graph breaks; a step's sums stay on the device until
+one transfer (:func:`_to_host`).
 """
 
 from __future__ import annotations
@@ -24,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -44,33 +34,18 @@ def _to_host(t: Tensor) -> np.ndarray:
     return t.detach().to("cpu").numpy()
 
 
-def _first_tensor(output: Any) -> Tensor | None:
-    if isinstance(output, (tuple, list)):
-        return next((o for o in output if isinstance(o, Tensor)), None)
-    return output if isinstance(output, Tensor) else None
-
-
-def _on(dev: torch.device, values: list[float]) -> Tensor:
-    """A float64 vector filled on the device: ``torch.tensor(list, device=cuda)`` would block."""
-    if not values:
-        return torch.zeros(0, dtype=SUM_DTYPE, device=dev)
-    return torch.stack([torch.full((), v, dtype=SUM_DTYPE, device=dev) for v in values])
-
-
 def _stack(accs: list[Tensor | None], width: int, dev: torch.device) -> Tensor:
     """``[units, width or wider]``: zero rows for None, shorter vectors zero-padded."""
     width = max([width, *(a.numel() for a in accs if a is not None)])
     zero = torch.zeros(width, dtype=SUM_DTYPE, device=dev)
-    if not accs:
-        return zero.new_zeros(0, width)
     return torch.stack([zero if a is None else F.pad(a, (0, width - a.numel())) for a in accs])
 
 
 class _Unit:
     """A tracked layer or residual block and the current step's sums."""
 
-    def __init__(self, name: str, module: nn.Module, index: int = 0, spec: ResidualBlock | None = None) -> None:
-        self.name, self.module, self.index, self.spec = name, module, index, spec
+    def __init__(self, name: str, module: nn.Module, spec: ResidualBlock | None = None) -> None:
+        self.name, self.module, self.spec = name, module, spec
         self.rank: int | None = None  # a layer's position in the first recorded forward pass
         self.reset()
 
@@ -84,30 +59,9 @@ class _Unit:
         return w if isinstance(w, nn.Parameter) and w.requires_grad else None
 
 
-@dataclass
-class Recorded:
-    """One step on the host. ``values`` and ``present`` per quantity (False: does not exist,
-    e.g. no weight for a ReLU, no shortcut in a plain block; not written); ``row`` and
-    ``mask`` the same in :meth:`LayerTaps.tags` order (NaN where absent); ``whole`` the sums of
-    histogram statistics; ``scale`` the step's ``out_grad_scale``."""
-
-    values: dict[str, np.ndarray]
-    present: dict[str, np.ndarray]
-    row: np.ndarray
-    mask: np.ndarray
-    whole: dict[str, np.ndarray]
-    scale: float
-
-
 class LayerTaps:
-    """The monitor's hooks on a network.
-
-    Args:
-        model: any ``nn.Module`` (a ``torch.compile``-d one too: names are the eager ones).
-        layers: ``None`` for every Conv2d and Linear, or module names and globs over weighted
-            layers (``layer3.*.conv*``); see :func:`~skipstudy.monitor.layers.select_layers`.
-        activations: also take the statistics of each tracked layer's output (``act/*``).
-        blocks: also take the per-residual-block statistics (``grad_split/*``, ``spp/*``).
+    """The monitor's hooks on ``model`` (a ``torch.compile``-d one too: names are the eager
+    ones); ``layers``, ``activations`` and ``blocks`` as in ``GradientFlowMonitor``.
 
     Use :meth:`record` around one step's forward and backward passes, or :meth:`arm` before
     them and :meth:`collect` after. Hooks are inactive otherwise, in eval mode and under
@@ -118,9 +72,8 @@ class LayerTaps:
                  activations: bool = True, blocks: bool = True) -> None:
         net = getattr(model, "_orig_mod", model)
         self.model = model
-        self.activations = activations
         modules = dict(net.named_modules())
-        self._layers = [_Unit(name, modules[name], i) for i, name in enumerate(select_layers(net, layers))]
+        self._layers = [_Unit(name, modules[name]) for name in select_layers(net, layers)]
         self._blocks = [_Unit(b.name, b.module, spec=b) for b in find_blocks(net)] if blocks else []
         stats = quantities.STATISTICS  # looked up now: a module may have registered more
         self.statistics = [st for st in stats.values()
@@ -177,39 +130,42 @@ class LayerTaps:
                     old = unit.sums.get(st.name)
                     unit.sums[st.name] = value if old is None else old + value
 
-    def _watch(self, unit: _Unit, site: str, y: Tensor) -> None:
-        """The statistics of ``site`` from ``y``, and of ``<site>_grad`` from its gradient."""
+    def _watch(self, unit: _Unit, site: str, module: nn.Module, output: Any) -> bool:
+        """The statistics of ``site`` from a module's output, and of ``<site>_grad`` from its
+        gradient. A forward hook that returned a value would replace the output."""
+        y = next((o for o in output if isinstance(o, Tensor)), None) if isinstance(output, (tuple, list)) else output
+        if not (isinstance(y, Tensor) and self._active(module)):
+            return False
         self._take(unit, site, y.detach())
         if y.requires_grad and self._sites[site + "_grad"]:
             y.register_hook(partial(self._take, unit, site + "_grad"))
+        return True
+
+    def _alias(self, args: tuple, hook: Callable[[Tensor], None]) -> tuple | None:
+        """The module's input replaced by an alias whose gradient (to ``hook``) is of this use alone."""
+        x = args[0] if args else None
+        if not (isinstance(x, Tensor) and x.requires_grad):
+            return None
+        alias = x.view_as(x)
+        alias.register_hook(hook)
+        return (alias, *args[1:])
 
     def _layer_out(self, layer: _Unit, module: nn.Module, args, output) -> None:
-        y = _first_tensor(output)
-        if y is not None and self._active(module):
-            if layer.rank is None:
-                layer.rank = next(self._calls)
-            self._watch(layer, "output", y)
-        # A forward hook that returned a value would replace the layer's output.
+        if self._watch(layer, "output", module, output) and layer.rank is None:
+            layer.rank = next(self._calls)
 
     def _block_enter(self, block: _Unit, module: nn.Module, args):
         if not self._active(module):
             return None
         block.call = call = {}
-        x = args[0] if args else None
-        if not (isinstance(x, Tensor) and x.requires_grad):
-            return None
-        x_in = x.view_as(x)  # an alias whose gradient is the block's alone: b + s
-        x_in.register_hook(partial(self._block_input_grad, block, call))
-        return (x_in, *args[1:])
+        return self._alias(args, partial(self._block_input_grad, block, call))  # b + s
 
     def _path_enter(self, block: _Unit, path: str, module: nn.Module, args):
-        call, x = block.call, (args[0] if args else None)
-        if call is None or path in call or not (isinstance(x, Tensor) and x.requires_grad):
+        call = block.call
+        if call is None or path in call:
             return None
         call[path] = None
-        alias = x.view_as(x)
-        alias.register_hook(partial(call.__setitem__, path))
-        return (alias, *args[1:])
+        return self._alias(args, partial(call.__setitem__, path))
 
     def _block_input_grad(self, block: _Unit, call: dict, grad: Tensor) -> None:
         b = call.get("b")
@@ -222,14 +178,11 @@ class LayerTaps:
 
     def _block_exit(self, block: _Unit, module: nn.Module, args, output) -> None:
         block.call = None
-        y = _first_tensor(output)
-        if y is not None and self._active(module):
-            self._watch(block, "block", y)
+        self._watch(block, "block", module, output)
 
     def _branch_exit(self, block: _Unit, module: nn.Module, args, output) -> None:
-        y = _first_tensor(output)
-        if block.call is not None and y is not None and self._active(module):
-            self._watch(block, "branch", y)
+        if block.call is not None:
+            self._watch(block, "branch", module, output)
 
     # ------------------------------------------------------------------ one step
 
@@ -241,7 +194,7 @@ class LayerTaps:
         self.armed = True
 
     @contextlib.contextmanager
-    def record(self, step: int | None = None, params: list[nn.Parameter] | None = None) -> Iterator[LayerTaps]:
+    def record(self, step: int | None = None) -> Iterator[LayerTaps]:
         """Collect the forward and backward passes run inside the ``with``; on leaving it,
         :attr:`values` holds the step's ``{tag: value}`` and :attr:`step` the step given. One
         backward pass per record: a second one adds to the same sums."""
@@ -251,8 +204,7 @@ class LayerTaps:
             yield self
         finally:
             self.armed = False
-        rec = self.collect(list(self.model.parameters()) if params is None else params)
-        self.values = {tag: float(v) for tag, v, ok in zip(self.tags(), rec.row, rec.mask) if ok}
+        self.values = self.collect(list(self.model.parameters()))[0]
 
     def tags(self) -> list[str]:
         """Names of :meth:`collect`'s row: ``<quantity>/<layer or block>``, or ``<quantity>``."""
@@ -260,20 +212,18 @@ class LayerTaps:
         return [q.name if n is None else f"{q.name}/{n}" for q in self.quantities for n in units[q.over]]
 
     def collect(self, params: list[nn.Parameter], scale: Tensor | None = None,
-                reduce: Callable[[Tensor], None] | None = None) -> Recorded:
-        """The step's quantities, moved to the host in one transfer.
-
-        Args:
-            params: the parameters whose ``.grad`` make ``grad_norm/total``.
-            scale: 0-d device factor turning the summed gradients into gradients of the
-                optimised loss (``1 / (loss scale * world size)``); None for 1.
-            reduce: in-place sum over processes (``torch.distributed.all_reduce``), or None.
-        """
+                reduce: Callable[[Tensor], None] | None = None) -> tuple:
+        """The step's quantities, moved to the host in one transfer. ``params``: those whose
+        ``.grad`` make ``grad_norm/total``; ``scale``: ``out_grad_scale`` on the device (None:
+        1); ``reduce``: an in-place sum over processes (``torch.distributed.all_reduce``).
+        Returns ``{tag: value}`` of what exists (not e.g. a ReLU's weight gradient or a plain
+        block's shortcut), the same in :meth:`tags` order with NaN where absent, the sums of the
+        histogram statistics, and ``out_grad_scale`` on the host."""
         self.armed = False
-        if not self._ordered:  # forward order; layers that did not run last, as registered
-            self._layers.sort(key=lambda l: (l.rank is None, l.rank or 0, l.index))
+        if not self._ordered:  # forward order; layers that did not run last, as registered (a stable sort)
+            self._layers.sort(key=lambda l: (l.rank is None, l.rank or 0))
             self._ordered = True
-        dev = params[0].device if params else torch.device("cpu")
+        dev = params[0].device
         units = {"layers": self._layers, "blocks": self._blocks}
         stats = [st for st in self.statistics if self.hist or not st.hist]
         parts = [_stack([u.sums.get(st.name) for u in units[SITES[st.site]]], st.width, dev) for st in stats]
@@ -285,8 +235,9 @@ class LayerTaps:
 
         weights = [layer.weight for layer in self._layers]
         weight_grads = [w.grad if w is not None else None for w in weights]
-        if self._weight_numel is None or self._weight_numel.device != dev:
-            self._weight_numel = _on(dev, [w.numel() if w is not None else 0 for w in weights])
+        if self._weight_numel is None or self._weight_numel.device != dev:  # a host copy once per fit, not a step
+            self._weight_numel = torch.tensor([w.numel() if w is not None else 0 for w in weights],
+                                              dtype=SUM_DTYPE, device=dev)
         scale = torch.ones((), dtype=SUM_DTYPE, device=dev) if scale is None else scale.to(SUM_DTYPE)
         s = StepTensors(sums, weight_grads, self._weight_numel, [p.grad for p in params if p.grad is not None], scale)
         out = [s.value(q.name).to(SUM_DTYPE).reshape(-1) for q in self.quantities]
@@ -294,17 +245,16 @@ class LayerTaps:
         out += [scale.reshape(1)] + [sums[st.name].flatten() for st in stats if st.hist]
         host = np.split(_to_host(torch.cat(out)), np.cumsum([t.numel() for t in out])[:-1])
 
-        values = {q.name: host[i] for i, q in enumerate(self.quantities)}
-        counted = {st.name: host[len(values) + i] > 0 for i, st in enumerate(stats)}
-        counted["weight"] = np.array([g is not None for g in weight_grads], dtype=bool)
+        n = len(self.quantities)
+        counted = {st.name: host[n + i] > 0 for i, st in enumerate(stats)}
+        counted["weight"] = np.array([g is not None for g in weight_grads])
         counted["params"] = np.ones(1, dtype=bool)
-        present = {q.name: ~np.isnan(values[q.name]) if q.needs == "derived" else counted[q.needs]
-                   for q in self.quantities}
+        mask = np.concatenate([~np.isnan(v) if q.needs == "derived" else counted[q.needs]
+                               for q, v in zip(self.quantities, host)])
+        row = np.where(mask, np.concatenate(host[:n]), np.nan)
         hist = [st for st in stats if st.hist]
-        whole = {st.name: host[len(values) + len(stats) + 1 + i].reshape(sums[st.name].shape)
-                 for i, st in enumerate(hist)}
-        row = np.concatenate([np.where(present[n], v, np.nan) for n, v in values.items()] or [np.zeros(0)])
-        mask = np.concatenate([present[n] for n in values] or [np.zeros(0, dtype=bool)])
+        whole = {st.name: host[n + len(stats) + 1 + i].reshape(sums[st.name].shape) for i, st in enumerate(hist)}
         for unit in itertools.chain(self._layers, self._blocks):
             unit.reset()  # the sums are spent; hold no gradients until the next step
-        return Recorded(values, present, row, mask, whole, float(host[len(values) + len(stats)][0]))
+        scalars = {tag: float(v) for tag, v, ok in zip(self.tags(), row, mask) if ok}
+        return scalars, row, whole, float(host[n + len(stats)][0])

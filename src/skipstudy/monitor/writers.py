@@ -1,7 +1,5 @@
 """Where the monitor's host-side numbers go: TensorBoard, a JSON/CSV export, figures.
-
-Everything here receives numpy arrays already on the host. Only rank 0 writes.
-"""
+Everything here receives numpy arrays already on the host; only rank 0 writes."""
 
 from __future__ import annotations
 
@@ -14,23 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from lightning.pytorch.loggers import TensorBoardLogger
 
-
-def run_dir(trainer: Any) -> Path:
-    """``trainer.log_dir`` (the Hydra output dir in skipstudy), else ``default_root_dir``.
-    A collective under DDP: call it on every rank."""
-    return Path(getattr(trainer, "log_dir", None) or trainer.default_root_dir)
-
-
-def find_summary_writer(trainer: Any):
-    """The ``SummaryWriter`` of the trainer's TensorBoardLogger, or None."""
-    return next((lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-
-
-def other_loggers(trainer: Any) -> list:
-    """The other loggers (CSV, W&B...): they get the scalars through ``log_metrics``."""
-    return [lg for lg in trainer.loggers if not isinstance(lg, TensorBoardLogger)]
+from skipstudy.monitor.quantities import BINS
 
 
 def write_scalars(writer: Any, values: dict[str, float], step: int) -> None:
@@ -42,17 +25,23 @@ def write_scalars(writer: Any, values: dict[str, float], step: int) -> None:
     writer._get_file_writer().add_summary(summary, step)
 
 
-def write_histogram(writer: Any, tag: str, edges: np.ndarray, counts: np.ndarray, s1: float, s2: float,
-                    step: int) -> None:
-    """A histogram from binned counts; ``edges`` has one more entry than ``counts``."""
-    nonzero = np.flatnonzero(counts)
-    if nonzero.size == 0:
-        return
-    first, last = nonzero[0], nonzero[-1]
-    writer.add_histogram_raw(tag, min=float(edges[first]), max=float(edges[last + 1]), num=float(counts.sum()),
-                             sum=float(s1), sum_squares=float(s2),
-                             bucket_limits=[float(e) for e in edges[first + 1 : last + 2]],
-                             bucket_counts=[float(c) for c in counts[first : last + 1]], global_step=step)
+def write_histograms(writer: Any, layers: list[str], rows: np.ndarray, scale: float, step: int) -> None:
+    """``grad_hist/output/<layer>`` from the ``hist`` statistic's rows ``[n, sum, sum of squares,
+    count per bin...]`` over :data:`BINS`. They were binned from the raw (micro-batch,
+    per-process, loss-scaled) elements: shifting by log10(scale) makes them elements of the
+    gradient of the optimised loss."""
+    shift = math.log10(scale)
+    edges = np.asarray(BINS.edges()) + shift
+    for name, (n, s1, s2, *counts) in zip(layers, rows):
+        nonzero = np.flatnonzero(counts)
+        if nonzero.size == 0:
+            continue
+        first, last = nonzero[0], nonzero[-1]
+        writer.add_histogram_raw(f"grad_hist/output/{name}", min=float(edges[first]), max=float(edges[last + 1]),
+                                 num=float(n), sum=float(s1 + n * shift),
+                                 sum_squares=float(s2 + 2 * shift * s1 + n * shift * shift),
+                                 bucket_limits=[float(e) for e in edges[first + 1 : last + 2]],
+                                 bucket_counts=[float(c) for c in counts[first : last + 1]], global_step=step)
 
 
 class SeriesExport:
@@ -70,8 +59,7 @@ class SeriesExport:
         self.steps: list[int] = []
         self.epochs: list[int] = []
         self.rows: list[np.ndarray] = []
-        self.nonfinite_steps: list[int] = []
-        self.diverged_at: tuple[int, str] | None = None
+        self.earlier_nonfinite: list[int] = []  # a resumed run's, before the resumed step
         self._csv_written = 0
 
     def keep_earlier(self, before: int) -> None:
@@ -82,27 +70,28 @@ class SeriesExport:
                 doc = json.loads(self.path.read_text())
                 if doc["layers"] != self.layers or set(doc["series"]) != set(self.tags):
                     return
-                series = [doc["series"][t] for t in self.tags]
-                rows = [(s, e, [col[i] for col in series]) for i, (s, e) in enumerate(zip(doc["step"], doc["epoch"]))]
-                self.nonfinite_steps = [s for s in doc.get("nonfinite_steps", []) if s < before]
+                steps, epochs = doc["step"], doc["epoch"]
+                table = np.array([doc["series"][t] for t in self.tags], dtype=np.float64).T  # null: NaN
+                self.earlier_nonfinite = [s for s in doc["nonfinite_steps"] if s < before]
             else:
                 with self.path.open(newline="") as f:
-                    lines = list(csv.reader(f))
-                if not lines or lines[0] != ["step", "epoch", *self.tags]:
+                    header, *lines = csv.reader(f)
+                if header != ["step", "epoch", *self.tags]:
                     return
-                rows = [(int(r[0]), int(r[1]), [float(v) if v else None for v in r[2:]]) for r in lines[1:]]
+                steps, epochs = [int(r[0]) for r in lines], [int(r[1]) for r in lines]
+                table = np.array([[v or "nan" for v in r[2:]] for r in lines], dtype=np.float64)
         except (OSError, ValueError, KeyError, IndexError):
             return  # no old export, or an unreadable one: replaced, not merged
-        for step, epoch, values in rows:
+        for step, epoch, row in zip(steps, epochs, table):
             if step < before:
-                self.append(step, epoch, np.array([np.nan if v is None else v for v in values], np.float64))
+                self.append(step, epoch, row)
 
     def append(self, step: int, epoch: int, row: np.ndarray) -> None:
         self.steps.append(step)
         self.epochs.append(epoch)
         self.rows.append(row.astype(np.float64))  # a 1e-40 norm survives; TensorBoard keeps float32
 
-    def flush(self) -> None:
+    def flush(self, nonfinite_steps: list[int], diverged_at: tuple[int, str] | None) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.fmt == "csv":
             with self.path.open("a" if self._csv_written else "w", newline="") as f:
@@ -114,13 +103,12 @@ class SeriesExport:
                     out.writerow([self.steps[i], self.epochs[i], *cells])
             self._csv_written = len(self.rows)
             return
-        table = np.stack(self.rows) if self.rows else np.zeros((0, len(self.tags)))
+        table = np.stack(self.rows)
         doc = {"layers": self.layers, "blocks": self.blocks, "step": self.steps, "epoch": self.epochs,
                "series": {tag: [v if math.isfinite(v) else None for v in table[:, j].tolist()]
                           for j, tag in enumerate(self.tags)},
-               "nonfinite_steps": self.nonfinite_steps,
-               "diverged_at": None if self.diverged_at is None
-               else {"step": self.diverged_at[0], "layer": self.diverged_at[1]}}
+               "nonfinite_steps": self.earlier_nonfinite + nonfinite_steps,
+               "diverged_at": None if diverged_at is None else {"step": diverged_at[0], "layer": diverged_at[1]}}
         tmp = self.path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(doc, allow_nan=False))
         os.replace(tmp, self.path)  # a reader never sees half a file
@@ -140,89 +128,65 @@ def mark_zeros(ax, x, values, color, label: str | None = "exactly 0 (at the axis
                 transform=blended_transform_factory(ax.transData, ax.transAxes), clip_on=False, label=label)
 
 
-def _figure(width: float, columns: int = 1):
-    """A Figure on an Agg canvas (no pyplot, no global state) and its axes."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, 4.0), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig, fig.subplots(1, columns, squeeze=False)[0]
-
-
-def _nan_stats(data: np.ndarray, *percentiles: float) -> list[np.ndarray]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: layers without weights
-        return [np.nanmedian(data, axis=0), *np.nanpercentile(data, list(percentiles), axis=0)]
-
-
-def _depth_axis(ax, names: list[str], xlabel: str, ticks: int, legend: float) -> None:
-    ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    step = max(1, math.ceil(len(names) / ticks))
-    ax.set_xticks(np.arange(1, len(names) + 1)[::step], names[::step], rotation=90, fontsize=7)
-    ax.grid(True, which="major", alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=legend)
-
-
-def gradient_flow_figure(layers: list[str], out_norms: np.ndarray, weight_norms: np.ndarray, title: str):
-    """Output and weight gradient norms (``[steps, layers]``) against layer depth, log y: the
-    median over the steps, a band from the 10th to the 90th percentile, a median of exactly 0
-    as a marker on the axis floor (:func:`mark_zeros`)."""
-    fig, (ax,) = _figure(max(6.0, 0.18 * len(layers) + 3))
-    depth = np.arange(1, len(layers) + 1)
-    lines = ((out_norms, "output gradient", "tab:blue"), (weight_norms, "weight gradient", "tab:orange"))
-    for data, label, color in lines:
-        data = np.where(np.isfinite(data), data, np.nan)  # zeros stay: a median can be 0
-        if data.size == 0 or np.all(np.isnan(data)):
-            continue
-        med, lo, hi = _nan_stats(data, 10, 90)
-        ax.plot(depth, np.where(med > 0, med, np.nan), marker="o", ms=3, color=color, label=f"{label} norm (median)")
-        mark_zeros(ax, depth, med, color, label=f"{label} norm exactly 0 (axis floor)")
-        if data.shape[0] > 1:
-            lo, hi = np.where(lo > 0, lo, np.nan), np.where(hi > 0, hi, np.nan)
-            ax.fill_between(depth, lo, hi, color=color, alpha=0.2, lw=0)
-    ax.set_ylabel("L2 norm")
-    ax.set_title(title)
-    _depth_axis(ax, layers, "layer (forward order)", 40, 8)
-    fig.tight_layout()
-    return fig
-
-
 def figure_rgb(fig) -> np.ndarray:
     """The figure as an ``[H, W, 3]`` uint8 array (for ``add_image``)."""
     fig.canvas.draw()
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
-# The signal-propagation figure's panels: forward statistics of the block outputs, then the
-# backward ones of their gradients (Brock et al. 2021, Fig. 1).
-SPP_PANELS = {
-    "spp/mean_sq": "avg channel squared mean",
-    "spp/var": "avg channel variance",
-    "spp/branch_var": "residual branch: avg channel variance",
-    "spp/grad_mean_rms": "gradient: sqrt(avg channel squared mean)",
-    "spp/grad_std": "gradient: sqrt(avg channel variance)",
-    "spp/grad_branch_std": "branch gradient: sqrt(avg channel variance)",
-}
+def _profiles(ax, names: list[str], series: dict[str, np.ndarray], xlabel: str) -> None:
+    """Each ``[steps, units]`` series against depth, log y: the median over the steps, a band
+    from the 10th to the 90th percentile, a median of exactly 0 on the axis floor."""
+    depth = np.arange(1, len(names) + 1)
+    for label, data in series.items():
+        data = np.where(np.isfinite(data), data, np.nan)  # zeros stay: a median can be 0
+        if np.all(np.isnan(data)):
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: layers without weights
+            med, lo, hi = np.nanmedian(data, axis=0), *np.nanpercentile(data, [10, 90], axis=0)
+        (line,) = ax.plot(depth, np.where(med > 0, med, np.nan), marker="o", ms=3, label=f"{label} (median)")
+        mark_zeros(ax, depth, med, line.get_color(), label=f"{label} exactly 0 (axis floor)")
+        if data.shape[0] > 1:
+            lo, hi = np.where(lo > 0, lo, np.nan), np.where(hi > 0, hi, np.nan)
+            ax.fill_between(depth, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    step = max(1, math.ceil(len(names) / 40))
+    ax.set_xticks(depth[::step], names[::step], rotation=90, fontsize=7)
+    ax.grid(True, which="major", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
 
 
-def signal_propagation_figure(blocks: list[str], data: dict[str, np.ndarray], title: str):
-    """Each ``spp/*`` quantity (``[steps, blocks]``) against block depth, median over the
-    steps, log y; forward statistics left, backward right."""
-    fig, axes = _figure(max(9.0, 0.25 * len(blocks) + 6), 2)
-    names = list(SPP_PANELS)
-    sides = ((axes[0], names[:3], "forward (block output)"), (axes[1], names[3:], "backward (output gradient)"))
-    for ax, panel, label in sides:
-        for name in panel:
-            values = data.get(name)
-            if values is not None and values.size:
-                (med,) = _nan_stats(np.where(np.isfinite(values) & (values > 0), values, np.nan))
-                if not np.all(np.isnan(med)):
-                    ax.plot(np.arange(1, len(blocks) + 1), med, marker="o", ms=3, label=SPP_PANELS[name])
-        ax.set_title(label, fontsize=9)
-        _depth_axis(ax, blocks, "residual block (forward order)", 30, 7)
+def profile_figure(names: list[str], panels: dict[str, dict[str, np.ndarray]], title: str, xlabel: str):
+    """One panel per ``{panel title: {label: [steps, units]}}`` (:func:`_profiles`), on an Agg
+    canvas (no pyplot, no global state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(6.0, 0.18 * len(names) + 3) * len(panels), 4.0), dpi=100)
+    FigureCanvasAgg(fig)
+    for ax, (panel, series) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels.items()):
+        _profiles(ax, names, series, xlabel)
+        ax.set_title(panel, fontsize=9)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def gradient_flow_figure(layers: list[str], out_norms: np.ndarray, weight_norms: np.ndarray, title: str):
+    """Output and weight gradient norms (``[steps, layers]``) against layer depth."""
+    series = {"output gradient norm": out_norms, "weight gradient norm": weight_norms}
+    return profile_figure(layers, {"L2 norm": series}, title, "layer (forward order)")
+
+
+# The signal-propagation figure's panels (Brock et al. 2021, Fig. 1): forward statistics of the
+# block outputs, then the backward ones of their gradients.
+SPP_PANELS = {
+    "forward (block output)": {"spp/mean_sq": "avg channel squared mean", "spp/var": "avg channel variance",
+                               "spp/branch_var": "residual branch: avg channel variance"},
+    "backward (output gradient)": {"spp/grad_mean_rms": "gradient: sqrt(avg channel squared mean)",
+                                   "spp/grad_std": "gradient: sqrt(avg channel variance)",
+                                   "spp/grad_branch_std": "branch gradient: sqrt(avg channel variance)"},
+}
