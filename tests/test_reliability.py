@@ -342,9 +342,9 @@ def test_a_new_run_never_writes_into_an_existing_run(tmp_path):
 
 
 def test_two_claims_on_one_directory_one_wins(tmp_path):
-    dirs.claim(tmp_path / "run", resuming=False)
+    dirs.claim(tmp_path / "run")
     with pytest.raises(ConfigError, match="already holds a run|just taken"):
-        dirs.claim(tmp_path / "run", resuming=False)
+        dirs.claim(tmp_path / "run")
 
 
 @pytest.mark.slow

@@ -45,7 +45,7 @@ HPARAM_METRICS = ("val/acc", "val/loss", "train/loss", *FINAL_METRIC_TAGS)
 
 def build_module(cfg: DictConfig, net: torch.nn.Module, num_classes: int, speed: fast.FastSettings) -> LitClassifier:
     scheduler, interval = None, "epoch"
-    if cfg.scheduler and "_target_" in cfg.scheduler:
+    if cfg.get("scheduler") and "_target_" in cfg.scheduler:
         sched_cfg = OmegaConf.to_container(cfg.scheduler, resolve=True)
         interval = sched_cfg.pop("interval", "epoch")
         scheduler = instantiate(sched_cfg)
@@ -115,6 +115,16 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 
+def oom_message(cfg: DictConfig, precision: str) -> str:
+    """The ConfigError text for a CUDA out-of-memory error during training."""
+    batch_size, image_size = cfg.dataset.get("batch_size"), cfg.dataset.get("image_size")
+    size = f", dataset.image_size={image_size}" if image_size is not None else ""
+    fix = (f"try dataset.batch_size={batch_size // 2}" if isinstance(batch_size, int) and batch_size > 1
+           else "use a smaller model or dataset.image_size")
+    return (f"GPU out of memory at dataset.batch_size={batch_size}{size} (trainer.precision={precision}); {fix}, "
+            f"or trainer.precision=bf16-mixed / fast.channels_last=true to save memory")
+
+
 def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
     """Build everything from ``cfg`` and fit in ``run_dir``; returns the final logged metrics."""
     run_dir = Path(run_dir)
@@ -143,12 +153,14 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
         return run_in_own_process(run_dir)
 
     if trainer.is_global_zero:
-        dirs.claim(run_dir, resuming)  # a new run never writes into another run's directory
-        if resuming and ckpt_path is None:  # killed before its first checkpoint: logs start over too
-            cut_logs(run_dir, None)
         info = {**dirs.run_info(), "resolved": fast.record(speed, cfg)}  # the values that ran, no auto left
-        if resuming:
-            info = dirs.with_resumes(run_dir, info, checkpoint_record(ckpt_path)[0] if ckpt_path else None)
+        if not resuming:
+            dirs.claim(run_dir)  # a new run never writes into another run's directory
+        elif ckpt_path is None:  # killed before its first checkpoint: logs start over too
+            cut_logs(run_dir, None)
+            info = dirs.with_resumes(run_dir, info, None)
+        else:
+            info = dirs.with_resumes(run_dir, info, checkpoint_record(ckpt_path)[0])
         (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
         if ckpt_path is None:  # a resumed run keeps the HParams it wrote when it started
             hparams = {**flat_hparams(cfg), **{k: v for k, v in info["resolved"].items() if v is not None}}
@@ -160,8 +172,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     except torch.cuda.OutOfMemoryError as err:
-        raise ConfigError(stopping.oom_message(cfg.dataset.get("batch_size"), speed.precision,
-                                               cfg.dataset.get("image_size"))) from err
+        raise ConfigError(oom_message(cfg, speed.precision)) from err
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if trainer.is_global_zero:
         try:

@@ -170,12 +170,10 @@ def resume_config(cfg: DictConfig, overrides: list[str] | None = None) -> DictCo
     return saved
 
 
-def claim(run_dir: Path, resuming: bool) -> None:
+def claim(run_dir: Path) -> None:
     """Refuse to start a new run in a directory that holds one (``hydra.run.dir=`` at an old run;
     sweep jobs differing only in keys left out of directory names). ``run_info.json`` is created
     exclusively: of two processes racing for one directory exactly one wins."""
-    if resuming:
-        return
     taken = [p.name for p in run_dir.glob(EVENT_PREFIX + "*")][:1] + [
         n for n in ("checkpoints", "run_info.json") if (run_dir / n).exists()]
     if taken:
