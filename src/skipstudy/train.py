@@ -24,6 +24,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from skipstudy import config
 from skipstudy.analysis.callback import build_report_callback
@@ -93,15 +94,6 @@ def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
     return out
 
 
-def write_hparams(logger: TensorBoardLogger, hparams: dict[str, Any]) -> None:
-    """Declare the settings to TensorBoard's HParams plugin. Lightning's ``log_hyperparams(params,
-    metrics)`` would log each metric at step 0, an invented point in every curve."""
-    from torch.utils.tensorboard.summary import hparams as hparams_summary
-
-    for summary in hparams_summary(hparams, {m: 0.0 for m in HPARAM_METRICS}):
-        logger.experiment.file_writer.add_summary(summary)
-
-
 def _no_tips(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("💡 Tip")  # "💡 Tip: ... try installing litlogger"
 
@@ -112,7 +104,8 @@ def quiet_lightning() -> None:
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         if _no_tips not in logging.getLogger(name).filters:
             logging.getLogger(name).addFilter(_no_tips)
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
 
 
 def oom_message(cfg: DictConfig, precision: str) -> str:
@@ -167,7 +160,10 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
             # The job's overrides in one column: what tells the runs of a sweep apart.
             initialized = HydraConfig.initialized()
             hparams["overrides"] = dirs.run_name(HydraConfig.get().job.override_dirname) if initialized else ""
-            write_hparams(logger, hparams)
+            # Not Lightning's log_hyperparams(params, metrics): it logs each metric at step 0, an
+            # invented point in every curve.
+            for summary in hparams_summary(hparams, {m: 0.0 for m in HPARAM_METRICS}):
+                logger.experiment.file_writer.add_summary(summary)
 
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)

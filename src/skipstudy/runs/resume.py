@@ -1,14 +1,9 @@
-"""Resuming a killed run exactly: what a checkpoint holds beyond Lightning's own state, and how
-the run's logs are cut back to the checkpoint.
-
-Lightning restores weights, optimizer, schedulers, loop counters and the module's persistent
-torchmetrics states. :class:`RunState` adds the global RNG states; the data position
-(:class:`EpochLoader`); under DDP each rank's own RNG and metric states; and the size of each
-event file, so that :func:`cut_logs` truncates the files back to the checkpoint and every tag
-keeps each step once (TensorBoard's ``SessionLog.START`` purge is not used: tbparse reads each
-file on its own). The metrics Lightning writes only after the checkpoint hook (the step's
-``train/loss``, the epoch means) travel in the checkpoint and are written again. The gradient
-monitor's export cuts its own later rows (``SeriesExport.keep_earlier``).
+"""Resuming a killed run exactly. Lightning restores weights, optimizer, schedulers, loop
+counters and the persistent torchmetrics states; :class:`RunState` adds the global RNG states,
+the data position (:class:`EpochLoader`), under DDP each rank's own RNG and metric states, and
+the size of each event file, so that :func:`cut_logs` truncates the files back to the
+checkpoint and every tag keeps each step once (TensorBoard's ``SessionLog.START`` purge is not
+used: tbparse reads each file on its own).
 """
 
 from __future__ import annotations
@@ -216,20 +211,17 @@ def pending_metrics(trainer, where: str) -> dict[str, Any] | None:
 
 
 def checkpoint_record(ckpt_path: str | os.PathLike) -> tuple[int, dict[str, int] | None]:
-    """``(global_step, {event file: size})`` of a checkpoint; sizes None when it has none."""
+    """``(global_step, {event file: size})``; sizes None for another tool's checkpoint."""
     ckpt = torch.load(str(ckpt_path), map_location="cpu", mmap=True, weights_only=True)
     state = (ckpt.get("callbacks") or {}).get(STATE_KEY) or {}
     return int(ckpt.get("global_step", 0)), state.get("event_files")
 
 
 def cut_logs(run_dir: str | os.PathLike, ckpt_path: str | os.PathLike | None, keep: set[str] = frozenset()) -> int:
-    """Cut ``run_dir``'s logs back to what they held when ``ckpt_path`` was written; returns its
-    global step (0 without one).
-
-    Event files are truncated to their recorded sizes, and those written after the checkpoint
-    removed; for a checkpoint without the record (another tool's), events at or after its step
-    are dropped. Without a checkpoint the run starts over: event files go. Files in ``keep`` (the resumed run's own) are
-    left alone. Idempotent, so a resume killed while cutting can be rerun.
+    """Cut ``run_dir``'s event files back to what they held when ``ckpt_path`` was written (truncated
+    to the recorded sizes; without the record, events at or after its step dropped); without a
+    checkpoint the run starts over and they go. Files in ``keep`` (the resumed run's own) are left
+    alone. Idempotent, so a resume killed while cutting can be rerun. Returns the checkpoint's step.
     """
     run_dir = Path(run_dir)
     events = sorted(p for p in run_dir.glob(EVENT_PREFIX + "*") if p.is_file() and p.name not in keep)

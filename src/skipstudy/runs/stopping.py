@@ -57,19 +57,15 @@ def checkpoint_callbacks(ckpt: Any, run_dir: Path) -> list[Checkpoint]:
 
 
 class LastCheckpoint(Checkpoint):
-    """``last.ckpt``, what ``resume=`` continues from, and the clean stop on SIGTERM/SIGINT.
+    """``last.ckpt``, what ``resume=`` continues from, and the clean stop on SIGTERM/SIGINT
+    (Lightning meets SIGTERM only to requeue under SLURM).
 
-    Written at every epoch end (after validation and the best checkpoint) and every
-    ``every_n_train_steps`` steps when ``periodic``; after a signal, at the end of the current
-    step, and then training raises :class:`Interrupted` (a second Ctrl-C aborts at once). Never
-    on an epoch's last batch: Lightning would resume it in the next epoch, past the validation
-    and epoch end not reached yet. Not a ModelCheckpoint: that one writes ``last`` at an epoch
-    end only beside a top-k save, and Lightning meets SIGTERM only to requeue under SLURM.
-    Under DDP the ranks agree on a stop by one all-reduce of a flag per step.
-
-    Each of its checkpoints holds the metrics Lightning writes only after the hook that wrote
-    it (the step's ``train/loss``, or the epoch means): a resume writes them once it has cut
-    the logs back to the checkpoint.
+    Written at every epoch end (after validation) and every ``every_n_train_steps`` steps when
+    ``periodic``; after a signal, at the end of the current step, and then training raises
+    :class:`Interrupted` (a second Ctrl-C aborts at once). Never on an epoch's last batch:
+    Lightning would resume it in the next epoch, past the validation and epoch end not reached
+    yet. Each checkpoint holds the metrics Lightning writes only after the hook that wrote it
+    (``pending``), for a resume to write once it has cut the logs back.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -146,13 +142,10 @@ class LastCheckpoint(Checkpoint):
 
 
 class DivergenceGuard(Callback):
-    """``monitor.on_nonfinite`` (``stop`` or ``warn``) on the steps the gradient monitor does not
-    record, and the run's verdict.
-
-    With ``monitor=off`` every step, and with ``stop`` the steps a sparse monitor schedule
-    leaves out: one fused ``torch._foreach_norm`` and one host sync per step, the price of never
-    applying a non-finite update. ``stop`` drops that update (weights and checkpoints stay those
-    of the last good step), writes ``train/diverged = 1`` and ends training; ``warn`` warns once.
+    """``monitor.on_nonfinite`` on the steps the gradient monitor does not record (all with
+    ``monitor=off``): one fused ``torch._foreach_norm`` and one host sync per step, the price of
+    never applying a non-finite update. ``stop`` drops that update, writes ``train/diverged = 1``
+    and ends training; ``warn`` warns once. ``verdict`` is the run's, the monitor's if there is one.
     """
 
     def __init__(self, on_nonfinite: str, monitor: Any) -> None:
@@ -163,7 +156,6 @@ class DivergenceGuard(Callback):
 
     @property
     def verdict(self) -> tuple[int, str] | None:
-        """``(step, layer)`` where training stopped, or None."""
         return self.monitor.diverged_at if self.monitor is not None else self.diverged_at
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
