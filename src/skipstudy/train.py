@@ -61,8 +61,8 @@ def build_callbacks(cfg: DictConfig, net: torch.nn.Module, run_dir: Path) -> tup
     if cfg.get("monitor") and "_target_" in cfg.monitor:
         monitor = build(cfg.monitor)
         monitor.resolve(net)
-    # RunState first: it sees each hook before a checkpoint is written (Lightning runs those
-    # last). trainer.enable_checkpointing=false: no checkpoint at all, not even on SIGTERM
+    # RunState first: a resume restores the RNG states before other callbacks start. (Lightning
+    # runs checkpoint callbacks last.) trainer.enable_checkpointing=false: no checkpoint at all, not even on SIGTERM
     # (Lightning refuses a Checkpoint callback beside it); such a run cannot be resumed.
     callbacks: list[L.Callback] = [RunState(run_dir)]
     if cfg.trainer.get("enable_checkpointing") is not False:
@@ -100,10 +100,9 @@ def _no_tips(record: logging.LogRecord) -> bool:
 
 def quiet_lightning() -> None:
     """Silence start-up noise no user can act on: Lightning's product tips at every fit, and
-    torch's FutureWarning at Lightning's use of ``LeafSpec``. Idempotent."""
+    torch's FutureWarning at Lightning's use of ``LeafSpec``. Idempotent, as addFilter is."""
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        if _no_tips not in logging.getLogger(name).filters:
-            logging.getLogger(name).addFilter(_no_tips)
+        logging.getLogger(name).addFilter(_no_tips)
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning)
 
