@@ -152,7 +152,7 @@ class DivergenceGuard(Callback):
         self.on_nonfinite = on_nonfinite
         self.monitor = monitor
         self.diverged_at: tuple[int, str] | None = None
-        self.warned = False
+        self.nonfinite_steps: list[int] = []
 
     @property
     def verdict(self) -> tuple[int, str] | None:
@@ -171,11 +171,11 @@ class DivergenceGuard(Callback):
             return
         step = trainer.global_step
         layer = _first_layer(named, bad)
+        self.nonfinite_steps.append(step)
         message = f"non-finite gradient at step {step}, first layer {layer}"
         if self.on_nonfinite == "warn":
-            if not self.warned and trainer.is_global_zero:
+            if len(self.nonfinite_steps) == 1 and trainer.is_global_zero:
                 log.warning("%s; monitor.on_nonfinite=warn: training goes on", message)
-            self.warned = True
             return
         self.diverged_at = (step, layer)
         if self.monitor is not None:
