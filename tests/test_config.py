@@ -244,7 +244,7 @@ def test_resume_takes_a_new_trainer_argument_and_checks_it(tmp_path):
     resumed = runs.resume_config(fresh, [f"resume='{run_dir}'", "trainer.enable_checkpointing=false"])
     assert resumed.trainer.enable_checkpointing is False
     with pytest.raises(ConfigError, match=r"^trainer.max_epochs=-5 must be an integer >= -1 or null"):
-        runs.resume_config(fresh, [f"resume='{run_dir}'", "trainer.max_epochs=-5"])
+        config.check(runs.resume_config(fresh, [f"resume='{run_dir}'", "trainer.max_epochs=-5"]))
 
 
 def test_a_damaged_last_checkpoint_is_named(tmp_path):

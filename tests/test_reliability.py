@@ -23,6 +23,7 @@ from tbparse import SummaryReader
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import FAST, PYTHON, cli_env, compose_cfg
+from skipstudy import config
 from skipstudy.errors import ConfigError
 from skipstudy.runs import dirs, stopping
 from skipstudy.runs.resume import STATE_KEY, EpochLoader, cut_logs, rng_states
@@ -342,9 +343,9 @@ def test_a_new_run_never_writes_into_an_existing_run(tmp_path):
 
 
 def test_two_claims_on_one_directory_one_wins(tmp_path):
-    dirs.claim(tmp_path / "run", resuming=False)
+    dirs.claim(tmp_path / "run")
     with pytest.raises(ConfigError, match="already holds a run|just taken"):
-        dirs.claim(tmp_path / "run", resuming=False)
+        dirs.claim(tmp_path / "run")
 
 
 @pytest.mark.slow
@@ -385,7 +386,7 @@ def test_resume_reloads_the_runs_config_and_takes_only_harmless_overrides(tmp_pa
         with pytest.raises(ConfigError, match=rf"{key} would change what it trains.*drop resume="):
             dirs.resume_config(fresh, [bad])
     with pytest.raises(ConfigError, match="trainer.max_epoch is not a key"):
-        dirs.resume_config(fresh, ["trainer.max_epoch=3"])
+        config.check(dirs.resume_config(fresh, ["trainer.max_epoch=3"]))  # train() checks it first
 
 
 def test_resume_refuses_what_is_not_a_run_directory(tmp_path):

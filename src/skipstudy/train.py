@@ -24,6 +24,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from skipstudy import config
 from skipstudy.analysis.callback import build_report_callback
@@ -45,7 +46,7 @@ HPARAM_METRICS = ("val/acc", "val/loss", "train/loss", *FINAL_METRIC_TAGS)
 
 def build_module(cfg: DictConfig, net: torch.nn.Module, num_classes: int, speed: fast.FastSettings) -> LitClassifier:
     scheduler, interval = None, "epoch"
-    if cfg.scheduler and "_target_" in cfg.scheduler:
+    if cfg.get("scheduler") and "_target_" in cfg.scheduler:
         sched_cfg = OmegaConf.to_container(cfg.scheduler, resolve=True)
         interval = sched_cfg.pop("interval", "epoch")
         scheduler = instantiate(sched_cfg)
@@ -60,8 +61,8 @@ def build_callbacks(cfg: DictConfig, net: torch.nn.Module, run_dir: Path) -> tup
     if cfg.get("monitor") and "_target_" in cfg.monitor:
         monitor = build(cfg.monitor)
         monitor.resolve(net)
-    # RunState first: it sees each hook before a checkpoint is written (Lightning runs those
-    # last). trainer.enable_checkpointing=false: no checkpoint at all, not even on SIGTERM
+    # RunState first: a resume restores the RNG states before other callbacks start. (Lightning
+    # runs checkpoint callbacks last.) trainer.enable_checkpointing=false: no checkpoint at all, not even on SIGTERM
     # (Lightning refuses a Checkpoint callback beside it); such a run cannot be resumed.
     callbacks: list[L.Callback] = [RunState(run_dir)]
     if cfg.trainer.get("enable_checkpointing") is not False:
@@ -93,26 +94,27 @@ def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
     return out
 
 
-def write_hparams(logger: TensorBoardLogger, hparams: dict[str, Any]) -> None:
-    """Declare the settings to TensorBoard's HParams plugin. Lightning's ``log_hyperparams(params,
-    metrics)`` would log each metric at step 0, an invented point in every curve."""
-    from torch.utils.tensorboard.summary import hparams as hparams_summary
-
-    for summary in hparams_summary(hparams, {m: 0.0 for m in HPARAM_METRICS}):
-        logger.experiment.file_writer.add_summary(summary)
-
-
 def _no_tips(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("💡 Tip")  # "💡 Tip: ... try installing litlogger"
 
 
 def quiet_lightning() -> None:
     """Silence start-up noise no user can act on: Lightning's product tips at every fit, and
-    torch's FutureWarning at Lightning's use of ``LeafSpec``. Idempotent."""
+    torch's FutureWarning at Lightning's use of ``LeafSpec``. Idempotent, as addFilter is."""
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        if _no_tips not in logging.getLogger(name).filters:
-            logging.getLogger(name).addFilter(_no_tips)
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+        logging.getLogger(name).addFilter(_no_tips)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
+
+
+def oom_message(cfg: DictConfig, precision: str) -> str:
+    """The ConfigError text for a CUDA out-of-memory error during training."""
+    batch_size, image_size = cfg.dataset.get("batch_size"), cfg.dataset.get("image_size")
+    size = f", dataset.image_size={image_size}" if image_size is not None else ""
+    fix = (f"try dataset.batch_size={batch_size // 2}" if isinstance(batch_size, int) and batch_size > 1
+           else "use a smaller model or dataset.image_size")
+    return (f"GPU out of memory at dataset.batch_size={batch_size}{size} (trainer.precision={precision}); {fix}, "
+            f"or trainer.precision=bf16-mixed / fast.channels_last=true to save memory")
 
 
 def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
@@ -143,25 +145,29 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
         return run_in_own_process(run_dir)
 
     if trainer.is_global_zero:
-        dirs.claim(run_dir, resuming)  # a new run never writes into another run's directory
-        if resuming and ckpt_path is None:  # killed before its first checkpoint: logs start over too
-            cut_logs(run_dir, None)
         info = {**dirs.run_info(), "resolved": fast.record(speed, cfg)}  # the values that ran, no auto left
-        if resuming:
-            info = dirs.with_resumes(run_dir, info, checkpoint_record(ckpt_path)[0] if ckpt_path else None)
+        if not resuming:
+            dirs.claim(run_dir)  # a new run never writes into another run's directory
+        elif ckpt_path is None:  # killed before its first checkpoint: logs start over too
+            cut_logs(run_dir, None)
+            info = dirs.with_resumes(run_dir, info, None)
+        else:
+            info = dirs.with_resumes(run_dir, info, checkpoint_record(ckpt_path)[0])
         (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
         if ckpt_path is None:  # a resumed run keeps the HParams it wrote when it started
             hparams = {**flat_hparams(cfg), **{k: v for k, v in info["resolved"].items() if v is not None}}
             # The job's overrides in one column: what tells the runs of a sweep apart.
             initialized = HydraConfig.initialized()
             hparams["overrides"] = dirs.run_name(HydraConfig.get().job.override_dirname) if initialized else ""
-            write_hparams(logger, hparams)
+            # Not Lightning's log_hyperparams(params, metrics): it logs each metric at step 0, an
+            # invented point in every curve.
+            for summary in hparams_summary(hparams, {m: 0.0 for m in HPARAM_METRICS}):
+                logger.experiment.file_writer.add_summary(summary)
 
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     except torch.cuda.OutOfMemoryError as err:
-        raise ConfigError(stopping.oom_message(cfg.dataset.get("batch_size"), speed.precision,
-                                               cfg.dataset.get("image_size"))) from err
+        raise ConfigError(oom_message(cfg, speed.precision)) from err
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if trainer.is_global_zero:
         try:

@@ -4,10 +4,8 @@ network is the one that was trained."""
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
-import hydra
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
@@ -33,8 +31,7 @@ def build(node: Any, **kwargs: Any) -> Any:
 
 
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
-    target = hydra.utils.get_class(cfg.dataset._target_)
-    dm = build(cfg.dataset, **({"seed": cfg.seed} if "seed" in inspect.signature(target).parameters else {}))
+    dm = build(cfg.dataset, seed=cfg.seed)
     dm.prepare_data()  # checks the files: a missing data set fails before training
     return dm
 

@@ -1,8 +1,7 @@
 """Run directories: their names, the guard that keeps a new run out of an old one's, and
-``resume=<run dir>``: Hydra's run directory becomes ``<run dir>``, its files for the resume go
-to ``.hydra/resume-<timestamp>/``, the run's own config is reloaded, and training continues
-from ``checkpoints/last.ckpt`` (or starts over in place). Overrides beside ``resume=`` may
-change how the run is carried out (:data:`RESUMABLE_KEYS`), never what it trains.
+``resume=<run dir>`` (Hydra's resolvers here make ``<run dir>`` the run directory and put the
+resume's Hydra files in ``.hydra/resume-<timestamp>/``; the run's own config is reloaded, and
+overrides beside it may change how the run is carried out, never what it trains).
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from typing import Any, Callable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from skipstudy import config
 from skipstudy.errors import ConfigError
 from skipstudy.runs.layout import CONFIG, EVENT_PREFIX, LAST
 
@@ -48,8 +46,8 @@ def sweep_subdir(override_dirname: str, task_overrides: Any) -> str:
 
 
 def _resumable(resume: Any) -> Path | None:
-    path = Path(str(resume)).expanduser().resolve() if resume not in (None, "") else None
-    return path if path is not None and (path / CONFIG).is_file() else None
+    path = Path(str(resume)).expanduser().resolve()
+    return path if resume and (path / CONFIG).is_file() else None
 
 
 def resume_dir(resume: Any, default: str) -> str:
@@ -102,9 +100,7 @@ def paths_quoted(key: str, existing_only: bool = False) -> Callable[[Callable], 
 def check_run_dir(resume: Any) -> Path:
     """The run directory named by ``resume=``, or a ConfigError saying what is wrong with it."""
     path = Path(str(resume)).expanduser()
-    if not str(resume):
-        problem = "is empty"
-    elif not path.exists():
+    if not path.exists():
         problem = "does not exist"
     elif not path.is_dir():
         problem = "is a file, not a run directory"
@@ -139,16 +135,16 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     return path
 
 
-def resume_config(cfg: DictConfig, overrides: list[str] | None = None) -> DictConfig:
+def resume_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     """The config the run ``cfg.resume`` started with, plus the allowed ``overrides`` (Hydra's
-    ``overrides.task`` of the resume command)."""
+    ``overrides.task`` of the resume command); ``train`` checks it."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     run_dir = check_run_dir(cfg.resume)
     saved = OmegaConf.load(run_dir / CONFIG)
     OmegaConf.set_struct(saved, True)
     allowed = ", ".join(k + "*" if k.endswith(".") else k for k in RESUMABLE_KEYS if k != "resume")
-    for override in OverridesParser.create().parse_overrides(list(overrides or [])):
+    for override in OverridesParser.create().parse_overrides(overrides):
         key = override.key_or_group
         if key == "resume":
             continue
@@ -166,16 +162,13 @@ def resume_config(cfg: DictConfig, overrides: list[str] | None = None) -> DictCo
             raise ConfigError(f"{override.input_line}: {key} is not a key of the run's config "
                               f"({err.__class__.__name__}); the run's keys are in {run_dir / CONFIG}") from None
     OmegaConf.update(saved, "resume", str(run_dir), force_add=True)
-    config.check(saved)
     return saved
 
 
-def claim(run_dir: Path, resuming: bool) -> None:
+def claim(run_dir: Path) -> None:
     """Refuse to start a new run in a directory that holds one (``hydra.run.dir=`` at an old run;
     sweep jobs differing only in keys left out of directory names). ``run_info.json`` is created
     exclusively: of two processes racing for one directory exactly one wins."""
-    if resuming:
-        return
     taken = [p.name for p in run_dir.glob(EVENT_PREFIX + "*")][:1] + [
         n for n in ("checkpoints", "run_info.json") if (run_dir / n).exists()]
     if taken:
@@ -229,11 +222,7 @@ def remove_if_unused(run_dir: Path, resume: Any = None) -> None:
     files, so bad input leaves nothing behind; never the run a ``resume=`` points at."""
     if _resumable(resume) == Path(run_dir).resolve():
         return
-    try:
-        entries = list(run_dir.iterdir())
-    except OSError:
-        return
-    if not entries or any(not (e.name == ".hydra" or (e.is_file() and e.suffix == ".log")) for e in entries):
+    if any(not (e.name == ".hydra" or (e.is_file() and e.suffix == ".log")) for e in run_dir.iterdir()):
         return
     shutil.rmtree(run_dir, ignore_errors=True)
     for parent in (run_dir.parent, run_dir.parent.parent):  # <overrides>/ and <name>/ if now empty

@@ -1,14 +1,7 @@
-"""Fast settings: the speed switches, what their ``auto``/``null`` resolves to, and what a run
-records of them.
-
-``trainer.precision=null``: bf16 autocast on a CUDA GPU with bf16, fp32 elsewhere.
-``trainer.benchmark=null``: cudnn.benchmark when training on CUDA, unless deterministic.
-``fast.channels_last=auto``: on for CUDA and for x86 CPUs with oneDNN (:func:`channels_last_helps`).
-``fast.compile``: ``torch.compile`` the network (the monitor's hooks become graph breaks).
-``dataset.loader=auto``: device-resident batches on CUDA when the data fit (skipstudy.data.arrays).
-
-The resolved values, with those that change what a run computes (precision, effective batch
-size), go into ``run_info.json`` and the HParams, so a comparison never mixes them silently.
+"""Fast settings: what their ``auto``/``null`` resolves to on the device a run trains on (the
+switches are described in conf/train.yaml), and what a run records of them: the values that
+change what it computes (precision, effective batch size) go into ``run_info.json`` and the
+HParams, so a comparison never mixes them silently.
 """
 
 from __future__ import annotations
@@ -31,8 +24,6 @@ def channels_last_helps(on_cuda: bool) -> bool:
 
 @dataclass(frozen=True)
 class FastSettings:
-    """The resolved speed settings of one run (no ``auto`` left)."""
-
     precision: str
     cudnn_benchmark: bool
     channels_last: bool
@@ -41,7 +32,6 @@ class FastSettings:
 
 
 def resolve(cfg: DictConfig) -> FastSettings:
-    """Decide every ``auto``/``null`` speed setting of ``cfg`` for the device it trains on."""
     trainer, fast = cfg.trainer, cfg.get("fast") or {}
     on_cuda = torch.cuda.is_available() and str(trainer.get("accelerator", "auto")).lower() in ("auto", "gpu", "cuda")
     precision = trainer.get("precision")
@@ -60,9 +50,9 @@ def effective_batch_size(cfg: DictConfig) -> int | None:
     """Samples per optimizer step (batch x accumulation x devices x nodes); None when the config
     does not tell (``trainer.devices=auto``)."""
     batch, devices = cfg.dataset.get("batch_size"), cfg.trainer.get("devices", 1)
-    if isinstance(devices, (list, tuple, ListConfig)):
+    if isinstance(devices, ListConfig):
         devices = len(devices)
-    if batch is None or isinstance(devices, bool) or not isinstance(devices, int) or devices <= 0:
+    if batch is None or not isinstance(devices, int) or devices <= 0:  # auto, "0,1", or -1: all of them
         return None
     accumulate = cfg.trainer.get("accumulate_grad_batches") or 1
     return int(batch) * int(accumulate) * devices * int(cfg.trainer.get("num_nodes") or 1)

@@ -21,16 +21,9 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LR
 
 
 class LitClassifier(L.LightningModule):
-    """Cross-entropy classification of ``net``'s logits.
-
-    Args:
-        net: kept as ``self.net``, so monitor layer names are relative to it.
-        optimizer: a partial (``_partial_: true`` in Hydra) completed with the parameters.
-        scheduler: a partial completed with the optimizer, or None; it steps per
-            ``scheduler_interval`` (``epoch`` or ``step``).
-        channels_last: train in the channels_last memory format.
-        compile: ``nn.Module.compile`` in place, so parameter and module names stay the eager ones.
-    """
+    """Cross-entropy classification of ``net``'s logits. ``net`` is kept as ``self.net``, so monitor
+    layer names are relative to it; ``optimizer`` and ``scheduler`` are Hydra partials;
+    ``compile`` compiles ``net`` in place, so parameter and module names stay the eager ones."""
 
     def __init__(self, net: nn.Module, num_classes: int, optimizer: OptimizerFactory,
                  scheduler: SchedulerFactory | None = None, scheduler_interval: str = "epoch",
@@ -41,7 +34,6 @@ class LitClassifier(L.LightningModule):
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
         self.channels_last = channels_last
-        self.compiled = compile
         if compile:
             self.net.compile()
         # The training epoch's running means are checkpointed with the module (persistent), so a

@@ -1,22 +1,14 @@
-"""Resuming a killed run exactly: what a checkpoint holds beyond Lightning's own state, and how
-the run's logs are cut back to the checkpoint.
-
-Lightning restores weights, optimizer, schedulers and loop counters, and the module's epoch
-metrics (persistent torchmetrics states). :class:`RunState` adds the global RNG states; the
-data position (Lightning restarts a half-done epoch of a plain loader from its first batch:
-:class:`EpochLoader` replays the epoch's shuffle and skips the batches done, loading them
-without a forward pass); under DDP each rank's own RNG and metric states; and the size of
-each event file, so that :func:`cut_logs` truncates the files back to the checkpoint and every
-tag keeps each step once (TensorBoard's ``SessionLog.START`` purge is not used: tbparse reads
-each file on its own). The metrics Lightning writes only after the checkpoint hook (the
-step's ``train/loss``, the epoch means) travel in the checkpoint and are written again.
+"""Resuming a killed run exactly. Lightning restores weights, optimizer, schedulers, loop
+counters and the persistent torchmetrics states; :class:`RunState` adds the global RNG states,
+the data position (:class:`EpochLoader`), under DDP each rank's own RNG and metric states, and
+the size of each event file, so that :func:`cut_logs` truncates the files back to the
+checkpoint and every tag keeps each step once (TensorBoard's ``SessionLog.START`` purge is not
+used: tbparse reads each file on its own).
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import json
 import logging
 import os
 import random
@@ -33,8 +25,6 @@ from skipstudy.runs.layout import EVENT_PREFIX
 
 log = logging.getLogger(__name__)
 
-# The gradient monitor's exports (skipstudy.monitor.writers.SeriesExport): one row per recorded step.
-EXPORTS = ("grad_stats.json", "grad_stats.csv")
 STATE_KEY = "RunState"
 RANKS_KEY = "per_rank"
 
@@ -64,12 +54,13 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 
 class EpochLoader:
-    """The training loader, able to resume an epoch part-way through.
+    """The training loader, able to resume an epoch part-way through: Lightning restarts a
+    half-done epoch of a plain loader from its first batch.
 
     Each pass records the RNG states it starts from. A pass that starts with
     ``done_batches() > 0`` (Lightning restored a mid-epoch checkpoint) and has the states of
     that epoch's start replays the epoch from them, without moving the global RNGs, and drops
-    the batches already done.
+    the batches already done, loading them without a forward pass.
     """
 
     def __init__(self, loader: Any, done_batches: Callable[[], int]) -> None:
@@ -116,28 +107,17 @@ class EpochLoader:
 
 
 class RunState(Callback):
-    """Saves and restores what an exact resume needs beyond Lightning's state (module docstring).
-
-    Must come first in the Trainer's callbacks, so that it sees each hook before a checkpoint
-    callback writes (Lightning runs those last).
-    """
+    """Saves and restores what an exact resume needs beyond Lightning's state (module docstring)."""
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir)
         self.loader: EpochLoader | None = None
-        self._where: str | None = None  # the hook a checkpoint written now would be written in
         self._loaded: dict[str, Any] | None = None
         self._trainer = None
-
-    @property
-    def state_key(self) -> str:
-        return STATE_KEY
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self._trainer = trainer  # state_dict() has no trainer argument
         dm = trainer.datamodule
-        if stage != "fit" or dm is None or getattr(dm.train_dataloader, "_epoch_loader", False):
-            return
         make = dm.train_dataloader
 
         def train_dataloader():
@@ -160,28 +140,12 @@ class RunState(Callback):
             warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch")
             return self.loader
 
-        train_dataloader._epoch_loader = True
         dm.train_dataloader = train_dataloader
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        self._where = None
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        self._where = "batch"
-
-    def on_validation_start(self, trainer, pl_module) -> None:
-        self._where = "validation"
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._where = "epoch"
 
     def state_dict(self) -> dict[str, Any]:
         trainer = self._trainer
-        state: dict[str, Any] = {"rng": rng_states(), "epoch_rng": self.loader.epoch_rng if self.loader else None}
-        if trainer is None:
-            return state
-        state["pending"] = pending_metrics(trainer, self._where)
-        own = {"rng": state["rng"], "epoch_rng": state["epoch_rng"]}
+        own = {"rng": rng_states(), "epoch_rng": self.loader.epoch_rng if self.loader else None}
+        state: dict[str, Any] = dict(own)
         if trainer.world_size > 1:
             # The module's state dict holds rank 0's torchmetrics states; each rank has its share.
             own["metrics"] = {k: v.detach().cpu() for k, v in _metric_states(trainer.lightning_module).items()}
@@ -196,26 +160,21 @@ class RunState(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded = dict(state_dict)
         ranks, trainer = self._loaded.pop(RANKS_KEY, None), self._trainer
-        if ranks and trainer is not None:
-            if len(ranks) == trainer.world_size:
-                self._loaded.update(ranks[trainer.global_rank])
-            else:  # the shards differ: rank 0's states (the top-level copy) keep the run going
-                log.warning("resuming a %d-process checkpoint on %d processes: rank 0's RNG and metric states "
-                            "are used", len(ranks), trainer.world_size)
-        if self.loader is not None:
-            self.loader.resume_rng = self._loaded.get("epoch_rng")
+        if ranks and len(ranks) == trainer.world_size:
+            self._loaded.update(ranks[trainer.global_rank])
+        elif ranks:  # the shards differ: rank 0's states (the top-level copy) keep the run going
+            log.warning("resuming a %d-process checkpoint on %d processes: rank 0's RNG and metric states "
+                        "are used", len(ranks), trainer.world_size)
 
     def on_train_start(self, trainer, pl_module) -> None:
         loaded, self._loaded = self._loaded, None
         if not loaded:
             return
         if trainer.is_global_zero and trainer.ckpt_path is not None:
-            # Only now that training really goes on (a finished run resumed keeps its logs): cut
-            # the logs back to the checkpoint, then write what Lightning logged after its hook.
+            # Only now that training really goes on (a finished run resumed keeps its logs); the
+            # checkpoint's pending metrics are written next, by LastCheckpoint (a later callback).
             own = Path(trainer.logger.experiment.file_writer.event_writer._file_name).name
             cut_logs(self.run_dir, trainer.ckpt_path, keep={own})
-            if loaded.get("pending"):
-                trainer.logger.log_metrics(loaded["pending"]["metrics"], step=loaded["pending"]["step"])
         if "metrics" in loaded:
             pl_module.load_state_dict({k: v.to(pl_module.device) for k, v in loaded["metrics"].items()}, strict=False)
         set_rng_states(loaded["rng"])  # last: nothing above may draw after it
@@ -228,13 +187,11 @@ def _metric_states(module) -> dict[str, torch.Tensor]:
             for key, persistent in m._persistent.items() if persistent}
 
 
-def pending_metrics(trainer, where: str | None) -> dict[str, Any] | None:
-    """The scalars Lightning has computed for this step (or epoch) but writes only after the
-    checkpoint hooks, as ``_LoggerConnector.update_train_step_metrics`` (after
+def pending_metrics(trainer, where: str) -> dict[str, Any] | None:
+    """The scalars Lightning has computed for this step (``where="batch"``) or epoch but writes
+    only after the checkpoint hooks, as ``_LoggerConnector.update_train_step_metrics`` (after
     ``on_train_batch_end``) and ``update_train_epoch_metrics`` (after ``on_train_epoch_end``,
     at the last batch's step) would."""
-    if where not in ("batch", "epoch"):
-        return None
     loop = trainer.fit_loop
     step = loop.epoch_loop._batches_that_stepped
     if where == "batch":
@@ -254,29 +211,25 @@ def pending_metrics(trainer, where: str | None) -> dict[str, Any] | None:
 
 
 def checkpoint_record(ckpt_path: str | os.PathLike) -> tuple[int, dict[str, int] | None]:
-    """``(global_step, {event file: size})`` of a checkpoint; sizes None when it has none."""
+    """``(global_step, {event file: size})``; sizes None for another tool's checkpoint."""
     ckpt = torch.load(str(ckpt_path), map_location="cpu", mmap=True, weights_only=True)
     state = (ckpt.get("callbacks") or {}).get(STATE_KEY) or {}
     return int(ckpt.get("global_step", 0)), state.get("event_files")
 
 
 def cut_logs(run_dir: str | os.PathLike, ckpt_path: str | os.PathLike | None, keep: set[str] = frozenset()) -> int:
-    """Cut ``run_dir``'s logs back to what they held when ``ckpt_path`` was written; returns its
-    global step (0 without one).
-
-    Event files are truncated to their recorded sizes, and those written after the checkpoint
-    removed; for a checkpoint without the record (another tool's), events at or after its step
-    are dropped. The monitor's exports keep the rows of earlier steps. Without a checkpoint the
-    run starts over: event files and exports go. Files in ``keep`` (the resumed run's own) are
-    left alone. Idempotent, so a resume killed while cutting can be rerun.
+    """Cut ``run_dir``'s event files back to what they held when ``ckpt_path`` was written (truncated
+    to the recorded sizes; without the record, events at or after its step dropped); without a
+    checkpoint the run starts over and they go. Files in ``keep`` (the resumed run's own) are left
+    alone. Idempotent, so a resume killed while cutting can be rerun. Returns the checkpoint's step.
     """
     run_dir = Path(run_dir)
     events = sorted(p for p in run_dir.glob(EVENT_PREFIX + "*") if p.is_file() and p.name not in keep)
     for tmp in run_dir.glob(".cut-*"):
         tmp.unlink()
     if ckpt_path is None:
-        for path in [*events, *(run_dir / name for name in EXPORTS)]:
-            path.unlink(missing_ok=True)
+        for path in events:
+            path.unlink()
         return 0
     step, sizes = checkpoint_record(ckpt_path)
     for path in events:
@@ -286,9 +239,6 @@ def cut_logs(run_dir: str | os.PathLike, ckpt_path: str | os.PathLike | None, ke
             path.unlink()
         elif path.stat().st_size > sizes[path.name]:
             os.truncate(path, sizes[path.name])
-    for name in EXPORTS:
-        if (run_dir / name).is_file():
-            _cut_export(run_dir / name, step)
     return step
 
 
@@ -306,27 +256,4 @@ def _drop_steps_from(path: Path, step: int) -> None:
             hparams = any(v.metadata.plugin_data.plugin_name == "hparams" for v in event.summary.value)
             if not (event.HasField("summary") and event.step >= step and not hparams):
                 writer.write(raw)
-    os.replace(tmp, path)
-
-
-def _cut_export(path: Path, step: int) -> None:
-    """Keep the rows of steps before ``step`` in the monitor's JSON or CSV export."""
-    tmp = path.with_name(".cut-" + path.name)
-    if path.suffix == ".json":
-        doc = json.loads(path.read_text())
-        keep = [i for i, s in enumerate(doc.get("step", [])) if s < step]
-        for key in ("step", "epoch"):
-            if key in doc:
-                doc[key] = [doc[key][i] for i in keep]
-        doc["series"] = {tag: [values[i] for i in keep] for tag, values in doc.get("series", {}).items()}
-        doc["nonfinite_steps"] = [s for s in doc.get("nonfinite_steps", []) if s < step]
-        if (doc.get("diverged_at") or {}).get("step", -1) >= step:
-            doc["diverged_at"] = None
-        tmp.write_text(json.dumps(doc, allow_nan=False))
-    else:
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
-        with open(tmp, "w", newline="") as f:
-            csv.writer(f).writerows(row for i, row in enumerate(rows)
-                                    if i == 0 or (row and row[0].isdigit() and int(row[0]) < step))
     os.replace(tmp, path)

@@ -31,20 +31,17 @@ class Interrupted(Exception):
     """Training stopped on a signal after writing a checkpoint."""
 
     def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
-        self.signum, self.step, self.checkpoint = int(signum), step, checkpoint
+        self.signum, self.step = int(signum), step
+        self.exit_code = 128 + self.signum
         super().__init__(f"{signal.Signals(self.signum).name} received: stopped after step {step}; checkpoint "
                          f"{checkpoint}; continue with: python -m skipstudy.train resume={checkpoint.parent.parent}")
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
 
 
 class Diverged(Exception):
     """Training stopped at a non-finite loss or gradient (``monitor.on_nonfinite=stop``)."""
 
-    def __init__(self, step: int, layer: str, metrics: dict[str, float] | None = None) -> None:
-        self.step, self.layer, self.metrics = step, layer, metrics or {}
+    def __init__(self, step: int, layer: str, metrics: dict[str, float]) -> None:
+        self.step, self.layer, self.metrics = step, layer, metrics
         super().__init__(f"non-finite gradient at step {step}, first layer {layer}; training stopped and marked "
                          f"{DIVERGED_TAG}=1 (lower optimizer.lr, or monitor.on_nonfinite=warn to train on)")
 
@@ -60,27 +57,37 @@ def checkpoint_callbacks(ckpt: Any, run_dir: Path) -> list[Checkpoint]:
 
 
 class LastCheckpoint(Checkpoint):
-    """``last.ckpt``, what ``resume=`` continues from, and the clean stop on SIGTERM/SIGINT.
+    """``last.ckpt``, what ``resume=`` continues from, and the clean stop on SIGTERM/SIGINT
+    (Lightning meets SIGTERM only to requeue under SLURM).
 
-    Written at every epoch end (after validation and the best checkpoint) and every
-    ``every_n_train_steps`` steps when ``periodic``; after a signal, at the end of the current
-    step, and then training raises :class:`Interrupted` (a second Ctrl-C aborts at once). Never
-    on an epoch's last batch: Lightning would resume it in the next epoch, past the validation
-    and epoch end not reached yet. Not a ModelCheckpoint: that one writes ``last`` at an epoch
-    end only beside a top-k save, and Lightning meets SIGTERM only to requeue under SLURM.
-    Under DDP the ranks agree on a stop by one all-reduce of a flag per step.
+    Written at every epoch end (after validation) and every ``every_n_train_steps`` steps when
+    ``periodic``; after a signal, at the end of the current step, and then training raises
+    :class:`Interrupted` (a second Ctrl-C aborts at once). Never on an epoch's last batch:
+    Lightning would resume it in the next epoch, past the validation and epoch end not reached
+    yet. Each checkpoint holds the metrics Lightning writes only after the hook that wrote it
+    (``pending``), for a resume to write once it has cut the logs back.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, path: Path, every_n_train_steps: int | None = None, periodic: bool = True) -> None:
-        self.path = Path(path)
+    def __init__(self, path: Path, every_n_train_steps: int | None, periodic: bool) -> None:
+        self.path = path
         self.every_n = every_n_train_steps if periodic else None
         self.periodic = periodic
         self.received: int | None = None
+        self.pending: dict[str, Any] | None = None
         self._previous: dict[int, Any] = {}
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"pending": self.pending}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.pending = state_dict["pending"]
+
     def on_train_start(self, trainer, pl_module) -> None:
+        pending, self.pending = self.pending, None
+        if pending and trainer.is_global_zero and trainer.ckpt_path is not None:  # after RunState cut the logs
+            trainer.logger.log_metrics(pending["metrics"], step=pending["step"])
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread
         if trainer.received_sigterm:  # arrived while setting up, to Lightning's handler, which would stop
@@ -95,13 +102,14 @@ class LastCheckpoint(Checkpoint):
         print(f"{signal.Signals(signum).name} received: writing a checkpoint after this step, then stopping"
               + (" (Ctrl-C again to abort)" if signum == signal.SIGINT else ""), file=sys.stderr, flush=True)
 
-    def _restore(self) -> None:
+    def on_train_end(self, trainer, pl_module) -> None:
         for sig, handler in self._previous.items():
-            if handler is not None:
+            if handler is not None:  # None: not set from Python
                 signal.signal(sig, handler)
         self._previous = {}
 
-    on_train_end = on_exception = lambda self, trainer, *args: self._restore()
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.on_train_end(trainer, pl_module)
 
     def _requested(self, trainer) -> bool:
         stop = self.received is not None
@@ -120,13 +128,13 @@ class LastCheckpoint(Checkpoint):
             self._save(trainer, "epoch", stop)
 
     def _save(self, trainer, where: str, stop: bool) -> None:
+        # Every rank computes them (compute() syncs torchmetrics); the logger writes on rank 0.
+        self.pending = pending_metrics(trainer, where)
         trainer.save_checkpoint(str(self.path), weights_only=False)  # to a temporary file, then renamed
+        pending, self.pending = self.pending, None
         if not stop:
             return
-        # What Lightning would write right after this hook (the step's train/loss, or the epoch
-        # means), so the logs end at the step the run stopped; a resume cuts and rewrites them.
-        # Every rank computes them (compute() syncs torchmetrics); the logger writes on rank 0.
-        pending = pending_metrics(trainer, where)
+        # Written now too, so the logs end at the step the run stopped; a resume cuts and rewrites them.
         if pending:
             trainer.logger.log_metrics(pending["metrics"], step=pending["step"])
         trainer.logger.save()  # flushes the event file
@@ -134,16 +142,13 @@ class LastCheckpoint(Checkpoint):
 
 
 class DivergenceGuard(Callback):
-    """``monitor.on_nonfinite`` (``stop`` or ``warn``) on the steps the gradient monitor does not
-    record, and the run's verdict.
-
-    With ``monitor=off`` every step, and with ``stop`` the steps a sparse monitor schedule
-    leaves out: one fused ``torch._foreach_norm`` and one host sync per step, the price of never
-    applying a non-finite update. ``stop`` drops that update (weights and checkpoints stay those
-    of the last good step), writes ``train/diverged = 1`` and ends training; ``warn`` warns once.
+    """``monitor.on_nonfinite`` on the steps the gradient monitor does not record (all with
+    ``monitor=off``): one fused ``torch._foreach_norm`` and one host sync per step, the price of
+    never applying a non-finite update. ``stop`` drops that update, writes ``train/diverged = 1``
+    and ends training; ``warn`` warns once. ``verdict`` is the run's, the monitor's if there is one.
     """
 
-    def __init__(self, on_nonfinite: str = "stop", monitor: Any = None) -> None:
+    def __init__(self, on_nonfinite: str, monitor: Any) -> None:
         self.on_nonfinite = on_nonfinite
         self.monitor = monitor
         self.diverged_at: tuple[int, str] | None = None
@@ -151,14 +156,7 @@ class DivergenceGuard(Callback):
 
     @property
     def verdict(self) -> tuple[int, str] | None:
-        """``(step, layer)`` where training stopped, or None."""
         return self.monitor.diverged_at if self.monitor is not None else self.diverged_at
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"nonfinite_steps": list(self.nonfinite_steps)}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.nonfinite_steps = list(state_dict.get("nonfinite_steps", []))
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self.monitor is not None and (self.on_nonfinite != "stop"
@@ -168,13 +166,11 @@ class DivergenceGuard(Callback):
         if scaler is not None and scaler.is_enabled():
             return  # fp16: the GradScaler skips overflowing steps itself
         named = [(n, p) for n, p in pl_module.named_parameters() if p.grad is not None]
-        if not named:
-            return
         bad = ~torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm([p.grad for _, p in named])]))
         if not bool(bad.any()):  # the one host sync of the check
             return
         step = trainer.global_step
-        layer = _first_layer(pl_module, named, bad)
+        layer = _first_layer(named, bad)
         self.nonfinite_steps.append(step)
         message = f"non-finite gradient at step {step}, first layer {layer}"
         if self.on_nonfinite == "warn":
@@ -194,21 +190,11 @@ class DivergenceGuard(Callback):
         trainer.should_stop = True
 
 
-def _first_layer(pl_module, named: list[tuple[str, torch.nn.Parameter]], bad: torch.Tensor) -> str:
+def _first_layer(named: list[tuple[str, torch.nn.Parameter]], bad: torch.Tensor) -> str:
     """Where non-finiteness shows first in computation order: a non-finite weight (forward
     order) if any, else the non-finite gradient nearest the loss (backward order), as the
-    gradient monitor names it, relative to ``pl_module.net``."""
+    gradient monitor names it, relative to ``LitClassifier.net``."""
     with torch.no_grad():
         weight_bad = ~torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm([p for _, p in named])]))
     index = int(weight_bad.nonzero()[0]) if bool(weight_bad.any()) else int(bad.nonzero()[-1])
-    module = named[index][0].rpartition(".")[0] or named[index][0]
-    return module.removeprefix("net.") if hasattr(pl_module, "net") else module
-
-
-def oom_message(batch_size: Any, precision: str, image_size: Any = None) -> str:
-    """The ConfigError text for a CUDA out-of-memory error during training."""
-    size = f", dataset.image_size={image_size}" if image_size is not None else ""
-    fix = (f"try dataset.batch_size={batch_size // 2}" if isinstance(batch_size, int) and batch_size > 1
-           else "use a smaller model or dataset.image_size")
-    return (f"GPU out of memory at dataset.batch_size={batch_size}{size} (trainer.precision={precision}); {fix}, "
-            f"or trainer.precision=bf16-mixed / fast.channels_last=true to save memory")
+    return named[index][0].rpartition(".")[0].removeprefix("net.")
