@@ -278,10 +278,12 @@ Load average (1 min) before/after: {load_before:.2f}/{load_after:.2f} (other wor
 
 {other_device}: see its own entry below if measured.
 
-Where the monitor's time goes: per layer per step, the activation statistics read the layer's output three times
-(sum, row-wise sum of squares, nonzero count; a layer with mean^2 > 9 var, or on an accelerator every layer, takes a
-centred pass that writes one scaled copy) and the output gradient once (row-wise sum of squares; a scaled copy when
-its squares would leave float32's range, and always on an accelerator); these memory passes dominate on the CPU.
+Where the monitor's time goes: per layer per step, on the CPU the activation statistics read the layer's output
+three times (sum, row-wise sum of squares, nonzero count; a layer with mean^2 > 9 var takes a centred pass that
+writes one scaled copy) and the output gradient once (row-wise sum of squares; a scaled copy when its squares would
+leave float32's range); these memory passes dominate on the CPU. On an accelerator each is a few float64-accumulating
+ops (a float64 sum, a centred float64 copy and its norm, a nonzero count; the gradient's norm), counted per step by
+`scripts/count_monitor_ops.py`.
 Per residual block, the blocks' quantities read the block output, the branch output and both their gradients
 twice (per-channel sums, a float64-accumulated sum of squares) and the two parts of the input gradient and their sum
 once each (float64-accumulated norms); an identity shortcut's part is one subtraction.

@@ -56,6 +56,23 @@ _COMPOSED: dict[tuple[str, ...], DictConfig] = {}
 _LOG_DIR, _DATA_DIR = "/placeholder-log-dir", "/placeholder-data-dir"
 
 
+@pytest.fixture(params=["cpu_path", "accelerator_path"])
+def sums_path(request, monkeypatch) -> str:
+    """Run a monitor test twice: through the sums' CPU paths, and through the accelerator path
+    (``skipstudy.monitor.sums._fast_path`` forced on for CPU tensors), which a CPU-only machine
+    would otherwise never run. On the accelerator path the sums must not read a value on the
+    host (there it would be a device sync): ``cpu_value`` raises."""
+    if request.param == "accelerator_path":
+        from skipstudy.monitor import sums
+
+        def no_host_read(t):
+            raise AssertionError("the accelerator path read a value on the host (cpu_value)")
+
+        monkeypatch.setattr(sums, "_fast_path", lambda t: True)
+        monkeypatch.setattr(sums, "cpu_value", no_host_read)
+    return request.param
+
+
 def compose_cfg(overrides: list[str], tmp_path: Path) -> DictConfig:
     """Compose conf/train.yaml as `python -m skipstudy.train` would, with paths in tmp_path."""
     key = tuple(overrides)

@@ -158,6 +158,7 @@ def events(run: Path) -> EventAccumulator:
 # ----------------------------------------------------------------------------- quantities
 
 
+@pytest.mark.usefixtures("sums_path")  # CPU and accelerator paths (conftest.py)
 @pytest.mark.parametrize("layers", [None, ["conv1", "bn1", "relu", "conv2", "conv3", "fc"]])
 def test_every_quantity_matches_autograd(tmp_path, layers):
     """Step 0 through a real Trainer equals the hand computation, rel err < 1e-5, for conv/linear
@@ -213,6 +214,7 @@ def test_a_new_quantity_is_a_statistic_and_a_quantity(tmp_path, monkeypatch):
     assert {"grad_sq/output/fc", "grad_mean_abs/output/fc"} <= set(events(tmp_path).Tags()["scalars"])
 
 
+@pytest.mark.usefixtures("sums_path")  # CPU and accelerator paths (conftest.py)
 def test_inplace_relu_gives_gradient_wrt_layer_output_before_the_inplace_op(tmp_path):
     """conv2's output is overwritten by ReLU(inplace=True): the recorded gradient is the one
     w.r.t. the pre-ReLU output (what autograd.grad gives on an out-of-place twin), not the
@@ -264,6 +266,7 @@ def test_event_file_holds_the_tags_and_the_exported_values(tmp_path):
         assert np.allclose(tb, doc["series"][tag], rtol=1e-6), tag
 
 
+@pytest.mark.usefixtures("sums_path")  # CPU and accelerator paths (conftest.py)
 def test_output_gradient_histogram_counts_the_elements(tmp_path):
     """grad_hist/output: device-binned log10|g| of the step's output gradient; zeros left out."""
     torch.manual_seed(0)
@@ -501,6 +504,7 @@ class ArmAt(Callback):
             self.action(pl_module.net)
 
 
+@pytest.mark.usefixtures("sums_path")  # CPU and accelerator paths (conftest.py)
 def test_nan_in_backward_stops_names_the_layer_and_keeps_the_last_good_state(tmp_path, caplog):
     """NaN enters the backward pass between conv3 and conv2: conv2's output gradient is the first
     non-finite one in backward order (conv1's follows), so conv2 is named."""
@@ -575,6 +579,7 @@ def test_warn_with_a_sparse_schedule_adds_no_per_step_check(tmp_path):
     assert monitor.nonfinite_steps == [5]  # found at the next recorded step
 
 
+@pytest.mark.usefixtures("sums_path")  # CPU and accelerator paths (conftest.py)
 def test_nan_in_forward_names_the_first_layer_with_a_non_finite_output(tmp_path):
     """An inf weight in conv2 makes its output non-finite; every gradient is NaN then, but the
     forward pass shows where it began."""
@@ -609,6 +614,7 @@ def test_warn_mode_goes_on(tmp_path, caplog):
 # ----------------------------------------------------------------------------- precision, accumulation
 
 
+@pytest.mark.usefixtures("sums_path")  # CPU and accelerator paths (conftest.py)
 def test_bf16_autocast_values_close_to_fp32(tmp_path):
     data = make_data()
     runs = {}
@@ -623,6 +629,7 @@ def test_bf16_autocast_values_close_to_fp32(tmp_path):
             assert math.isclose(bf16[tag], fp32[tag], rel_tol=3e-2), (tag, bf16[tag], fp32[tag])
 
 
+@pytest.mark.usefixtures("sums_path")  # CPU and accelerator paths (conftest.py)
 def test_fp16_gradscaler_output_gradients_are_unscaled(tmp_path):
     """fp16 AMP on the CPU with a GradScaler at scale 1024: output gradients are recorded in
     units of the loss (divided by the scale), like fp32."""
@@ -665,6 +672,7 @@ def test_fp16_overflow_is_the_gradscalers_business_not_a_divergence(tmp_path):
     assert all(torch.isfinite(p).all() for p in net.parameters())
 
 
+@pytest.mark.usefixtures("sums_path")  # CPU and accelerator paths (conftest.py)
 def test_gradient_accumulation_records_the_accumulated_gradient_once_per_optimizer_step(tmp_path):
     """Two micro-batches of 4 per optimizer step equal one batch of 8 (no BN, so the two are the
     same loss): weight gradients are the accumulated ones, output gradients those of the
@@ -684,6 +692,7 @@ def test_gradient_accumulation_records_the_accumulated_gradient_once_per_optimiz
 # ----------------------------------------------------------------------------- validation, host syncs
 
 
+@pytest.mark.usefixtures("sums_path")  # CPU and accelerator paths (conftest.py)
 def test_nothing_recorded_during_validation(tmp_path, monkeypatch):
     """Sanity-check and in-epoch validation run the tracked layers in eval mode without grad:
     no accumulation, no tensor hook, and step 0 still equals the training-batch reference
@@ -743,6 +752,7 @@ class ResidualTiny(nn.Module):
 SYNCING = ("item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool__", "__index__", "__array__")
 
 
+@pytest.mark.usefixtures("sums_path")  # CPU and accelerator paths (conftest.py)
 def test_one_host_transfer_per_recorded_step(tmp_path, monkeypatch):
     """The monitor's code reads device values on the host only inside ``_to_host``, and calls it
     once per recorded step (histogram and epoch-end steps included). Every Tensor method that

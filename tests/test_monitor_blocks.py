@@ -157,6 +157,7 @@ def assert_close(got: dict[str, float], want: dict[str, float], rel: float = REL
     assert not bad, f"{len(bad)} of {len(want)} values differ: {bad}"
 
 
+@pytest.mark.usefixtures("sums_path")  # CPU and accelerator paths (conftest.py)
 @pytest.mark.parametrize("factor", [1.0, 1e-30, 1e30])
 def test_split_spp_and_slope_match_autograd_at_every_magnitude(tmp_path, factor):
     """BN in train mode, every shortcut kind; the loss scaled so gradients are ~1e-30 (their
@@ -183,6 +184,7 @@ def test_split_spp_and_slope_match_autograd_at_every_magnitude(tmp_path, factor)
         assert got["grad_decay/slope"] > 0  # gradients grow towards the loss at init
 
 
+@pytest.mark.usefixtures("sums_path")  # CPU and accelerator paths (conftest.py)
 def test_plain_blocks_have_only_the_branch_part(tmp_path):
     """A plain twin's blocks: branch norms and spp are written; shortcut, ratio and cos are
     absent from TensorBoard and null in grad_stats.json, never zeros."""
@@ -207,6 +209,7 @@ def test_plain_blocks_have_only_the_branch_part(tmp_path):
     assert all(v is not None for v in doc["series"]["grad_split/branch/layer1.0"])
 
 
+@pytest.mark.usefixtures("sums_path")  # CPU and accelerator paths (conftest.py)
 def test_accumulated_micro_batches_equal_the_whole_batch(tmp_path):
     """Without BN two micro-batches of 4 are the loss of one batch of 8: the split's norms and
     cosine, and the channel statistics, are those of the whole batch."""
@@ -220,6 +223,7 @@ def test_accumulated_micro_batches_equal_the_whole_batch(tmp_path):
     assert_close(recorded(monitor), want)
 
 
+@pytest.mark.usefixtures("sums_path")  # CPU and accelerator paths (conftest.py)
 def test_layer_taps_on_a_torchvision_resnet_in_a_plain_loop():
     """torchvision's blocks (downsample=None is identity) through LayerTaps, no Lightning:
     the parts add up to the block's input gradient from autograd."""
@@ -268,6 +272,7 @@ def test_compiled_network_records_the_block_quantities_of_eager(tmp_path):
         torch._dynamo.reset()
 
 
+@pytest.mark.usefixtures("sums_path")  # CPU and accelerator paths (conftest.py)
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 def test_amp_block_quantities_close_to_fp32(tmp_path, precision):

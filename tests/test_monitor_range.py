@@ -5,6 +5,9 @@ for elements from 1e-30 to 1e30 (float32, bf16) and over fp16's whole range, and
 A float32 accumulator loses both ends: the squares of elements near 1e-25 underflow (the
 norm reads 0) and of elements near 1e25 overflow (the norm reads inf); the one-pass variance
 E[y^2] - mean^2 loses every digit when |mean| >> std.
+
+Every value test runs twice (the ``sums_path`` fixture, tests/conftest.py): through the CPU
+paths and through the accelerator path forced on CPU tensors, which a GPU run takes.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import torch
 
 from skipstudy.monitor import GradientFlowMonitor
 from skipstudy.monitor.quantities import StepTensors
-from skipstudy.monitor.sums import HistogramBins, activation_sums, log_abs_histogram, output_grad_sums
+from skipstudy.monitor import sums
+from skipstudy.monitor.sums import HistogramBins, activation_sums, channel_sums, log_abs_histogram, output_grad_sums
 from test_monitor import REL, TinyNet, assert_close, events, fit, make_data, recorded, reference
 
 # (dtype, magnitude): float32 and bf16 share float32's exponent range; fp16 spans 6e-8..65504.
@@ -37,6 +41,7 @@ def rel_err(got, want) -> float:
     return abs(float(got) / float(want) - 1)
 
 
+@pytest.mark.usefixtures("sums_path")
 @pytest.mark.parametrize("dtype,magnitude", MAGNITUDES, ids=str)
 @pytest.mark.parametrize("shape,channels_last", [((5, 7, 9, 3), False), ((4, 16, 8, 8), True), ((33,), False)])
 def test_output_gradient_sum_of_squares_matches_float64(dtype, magnitude, shape, channels_last):
@@ -51,6 +56,7 @@ def test_output_gradient_sum_of_squares_matches_float64(dtype, magnitude, shape,
         assert plain == 0.0 or math.isinf(plain)
 
 
+@pytest.mark.usefixtures("sums_path")
 def test_sum_of_squares_of_a_large_tensor_and_of_mixed_magnitudes():
     # 2M elements: one float32 accumulator drifts by ~3e-5 here, more than the bound.
     big = sample((128, 16, 32, 32), 1.0, torch.float32, channels_last=True)
@@ -64,12 +70,106 @@ def test_sum_of_squares_of_a_large_tensor_and_of_mixed_magnitudes():
     assert math.isnan(output_grad_sums(torch.tensor([1.0, float("nan")]))[1])
 
 
+@pytest.mark.usefixtures("sums_path")
+@pytest.mark.parametrize("dtype,magnitude", MAGNITUDES + [(torch.float32, 1e-40), (torch.float64, 1e-150),
+                                                          (torch.float64, 1e150)], ids=str)
+def test_activation_and_channel_sums_match_float64(dtype, magnitude):
+    """Every element of activation_sums and channel_sums against float64 sums of the same
+    values, float32 subnormals (1e-40) and float64 layers far beyond float32's range (whose
+    sums of squares float64 still holds: the float64 path is the scaled one on both paths); a layer
+    whose mean is 3 std from zero, so that the centred M2 is tested, not only sum(y^2)."""
+    y = sample((4, 8, 6, 5), magnitude, dtype, seed=5, channels_last=True)
+    y = (y.double() + 3 * magnitude).to(dtype)
+    ref = y.double()
+    n, s1, m2, q, nz = activation_sums(y).tolist()
+    assert (n, nz) == (y.numel(), float(torch.count_nonzero(y)))
+    assert rel_err(s1, ref.sum()) < REL
+    assert rel_err(q, ref.sum() ** 2 / y.numel()) < REL
+    assert rel_err(m2, (ref - ref.mean()).square().sum()) < REL
+    c = channel_sums(y)
+    assert c[:2].tolist() == [y.numel() / y.shape[1], y.numel()]
+    assert rel_err(c[2], ref.square().sum()) < REL
+    per_channel = ref.sum(dim=(0, 2, 3))
+    assert torch.allclose(c[3:], per_channel, rtol=REL, atol=0), (c[3:], per_channel)
+
+
+@pytest.mark.usefixtures("sums_path")
+def test_zero_and_non_finite_layers():
+    """An all-zero layer gives exact zeros (zero_frac 1, std 0); one inf or NaN element makes
+    the layer's mean and its gradient norm non-finite, as the divergence check needs."""
+    z = torch.zeros(2, 3, 4, 4)
+    assert activation_sums(z).tolist() == [96.0, 0.0, 0.0, 0.0, 0.0]
+    assert channel_sums(z).tolist() == [32.0, 96.0, 0.0, 0.0, 0.0, 0.0]
+    assert output_grad_sums(z).tolist() == [96.0, 0.0]
+    for bad in (float("inf"), float("nan")):
+        y = torch.ones(2, 3, 4, 4)
+        y[1, 2, 3, 0] = bad
+        s = step_of([[y]])
+        assert not math.isfinite(float(s.value("act/mean")[0]))
+        assert not math.isfinite(float(output_grad_sums(y)[1]))
+        assert not math.isfinite(float(channel_sums(y)[2]))
+
+
+def test_accelerator_path_is_exact_from_the_smallest_subnormal_to_float32_max(monkeypatch):
+    """The accelerator path squares in float64 inside the reduction: 1.4e-45 (whose square,
+    2e-90, is far below float32) and 3e38 (whose square, 9e76, is far above it) are summed
+    exactly, as are their sums (n * 3e38 overflows float32); bf16 and fp16 likewise."""
+    monkeypatch.setattr(sums, "_fast_path", lambda t: True)
+    tiny = torch.full((3, 1000), 1.4e-45)
+    tiny[1] = 0.0
+    tiny[2, ::2] = 2.8e-45
+    huge = torch.linspace(-3.0e38, 3.0e38, 999, dtype=torch.float64).to(torch.float32).reshape(3, 333)
+    assert torch.isfinite(huge).all()
+    def close(got, want) -> bool:  # exact where the float64 value is 0 (a constant layer's M2)
+        return rel_err(got, want) < 1e-12 if want else got == 0.0
+
+    fp16 = torch.tensor([6e-8, 6e-8, 1e-7, 0.0], dtype=torch.float16), torch.tensor([6e4, -6e4, 3e4, 1.0]).half()
+    for t in (tiny, huge, huge.to(torch.bfloat16), *fp16):
+        ref = t.double()
+        assert close(float(output_grad_sums(t)[1]), ref.square().sum())
+        n, s1, m2, _, nz = activation_sums(t).tolist()
+        assert close(s1, ref.sum()) and close(m2, (ref - ref.mean()).square().sum())
+        assert nz == float((ref != 0).sum())
+
+
+def test_accelerator_path_issues_few_ops_and_reads_nothing_on_the_host(monkeypatch):
+    """What the accelerator path is for: per tensor a handful of ATen ops (each a kernel launch
+    on a GPU), against 18 and 34 on the CPU paths, and no host read."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    def ops(fn, t):
+        Count.n = 0
+        with Count():
+            fn(t)
+        return Count.n
+
+    y = sample((4, 8, 6, 6), 1e-30, torch.float32, channels_last=True)
+    cpu = [ops(fn, y) for fn in (output_grad_sums, activation_sums)]
+
+    def no_host_read(t):
+        raise AssertionError("host read")
+
+    monkeypatch.setattr(sums, "_fast_path", lambda t: True)
+    monkeypatch.setattr(sums, "cpu_value", no_host_read)
+    fast = [ops(output_grad_sums, y), ops(activation_sums, y), ops(channel_sums, y)]
+    assert fast[0] <= 4 and fast[1] <= 12 and fast[2] <= 9, fast
+    assert fast[0] < cpu[0] / 3 and fast[1] < cpu[1] / 2, (fast, cpu)
+
+
 def step_of(acts: list[torch.Tensor] | None = None, weights=None) -> StepTensors:
     act = torch.stack([sum(activation_sums(y) for y in group) for group in acts]) if acts else torch.zeros(1, 5)
     return StepTensors({"activation": act}, weight_grads=weights or [], weight_numel=torch.zeros(0),
                        all_grads=weights or [])
 
 
+@pytest.mark.usefixtures("sums_path")
 @pytest.mark.parametrize("offset", [0.0, 1e2, 1e3, 1e4])
 @pytest.mark.parametrize("dtype,magnitude", [(torch.float32, 1.0), (torch.float32, 1e-30), (torch.float32, 1e30),
                                              (torch.bfloat16, 1e-30), (torch.float16, 1e-3)], ids=str)
@@ -86,7 +186,8 @@ def test_activation_std_matches_float64_when_the_mean_dwarfs_the_std(dtype, magn
         s = step_of([group])
         ref = torch.cat([t.flatten() for t in group]).double()
         assert rel_err(s.value("act/std")[0], ref.std(correction=0)) < REL
-        assert abs(float(s.value("act/mean")[0]) - float(ref.mean())) <= REL * float(ref.std(correction=0)) + 1e-6 * abs(float(ref.mean()))
+        bound = REL * float(ref.std(correction=0)) + 1e-6 * abs(float(ref.mean()))
+        assert abs(float(s.value("act/mean")[0]) - float(ref.mean())) <= bound
     if offset >= 1e3 and dtype == torch.float32 and magnitude == 1.0:
         # The one-pass form E[y^2] - mean^2 in float32, as before: far off.
         n, s1, s2 = a.numel(), a.sum(), torch.linalg.vector_norm(a).square()
@@ -94,6 +195,7 @@ def test_activation_std_matches_float64_when_the_mean_dwarfs_the_std(dtype, magn
         assert rel_err(naive, a.double().std(correction=0)) > 1e-2
 
 
+@pytest.mark.usefixtures("sums_path")
 @pytest.mark.parametrize("dtype,magnitude", MAGNITUDES, ids=str)
 def test_weight_and_total_norms_match_float64(dtype, magnitude):
     grads = [sample((16, 8, 3, 3), magnitude, dtype, seed=3), None, sample((10, 16), magnitude, dtype, seed=4),
@@ -108,6 +210,7 @@ def test_weight_and_total_norms_match_float64(dtype, magnitude):
     assert rel_err(s.value("grad_norm/total"), total) < REL
 
 
+@pytest.mark.usefixtures("sums_path")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_histogram_bins_every_magnitude_like_float64(dtype):
     spec = HistogramBins()
@@ -125,6 +228,7 @@ def test_histogram_bins_every_magnitude_like_float64(dtype):
     assert math.isclose(s1, x.sum(), rel_tol=1e-3) and math.isclose(s2, (x * x).sum(), rel_tol=1e-3)
 
 
+@pytest.mark.usefixtures("sums_path")
 @pytest.mark.parametrize("c", [1e-25, 1e25, 0.0])
 def test_monitor_logs_vanishing_exploding_and_zero_gradients_exactly(tmp_path, c):
     """Through a real Trainer, the loss times c: every gradient scales by c, so the float64

@@ -3,6 +3,14 @@ vectors whose first element counts what was summed, so micro-batches and process
 float32 accumulator loses both ends of a gradient's range (squares below 1e-19 underflow,
 above 1e19 overflow) and drifts by ~3e-5 over 10^6 elements: hence float64 sums, power-of-two
 scaling, and rows of ``_ROW`` reduced first. Only :func:`cpu_value` reads a value, on the CPU.
+
+Two paths, chosen by :func:`_fast_path`. On an accelerator the step is host-bound: what costs
+is the number of ops the hooks issue (each a kernel launch and dispatcher time), not their
+arithmetic, and float64 reductions are cheap. There a float32, bf16 or fp16 tensor is reduced
+in float64 inside one op (``vector_norm(..., dtype=float64)``, ``sum(dtype=float64)``): the
+square of any such element, even the subnormal 1.4e-45, is a normal float64, so no scaling is
+needed. float64 tensors, whose squares can leave float64's range, keep the scaled path, and the
+CPU keeps its paths below, tuned because float64 is slow there.
 """
 
 from __future__ import annotations
@@ -17,6 +25,18 @@ SUM_DTYPE = torch.float64
 
 # Rows of 1024 reduced in float32, then the rows in float64: within ~1e-9 of a float64 sum.
 _ROW = 1024
+
+
+def _fast_path(t: Tensor) -> bool:
+    """Whether ``t`` takes the accelerator path (few float64 reductions, no host reads). One
+    predicate, so that tests can force it on CPU tensors and check both paths without a GPU."""
+    return t.device.type != "cpu"
+
+
+def _sq64(t: Tensor) -> Tensor:
+    """Sum of squares of a float32/bf16/fp16 tensor, any layout, squared and summed in float64
+    within one reduction: right to float64 rounding from 1.4e-45 to 3.4e38 (sqrt, then square)."""
+    return torch.linalg.vector_norm(t, dtype=SUM_DTYPE).square()
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -109,6 +129,8 @@ def count(t: Tensor) -> Tensor:
 
 def output_grad_sums(grad: Tensor) -> Tensor:
     """``[numel, sum of squares]`` of the gradient w.r.t. a layer's output."""
+    if _fast_path(grad) and grad.dtype != torch.float64:
+        return torch.stack((count(grad), _sq64(grad)))
     flat = _flat(grad)
     sq = _sums(flat)[0] if flat.numel() else torch.zeros((), dtype=SUM_DTYPE, device=grad.device)
     return torch.stack((count(grad), sq))
@@ -120,6 +142,8 @@ def activation_sums(y: Tensor) -> Tensor:
     when |mean| >> std); calls combine as in Chan et al. 1979, the float32 mean's rounding cancels
     in the corrected two-pass formula. ``torch.var_mean`` is ~50x slower on the CPU.
     """
+    if _fast_path(y) and y.dtype != torch.float64 and y.numel():
+        return _activation_sums_fast(y)
     flat = _flat(y)
     n = flat.numel()
     if n == 0:
@@ -137,6 +161,20 @@ def activation_sums(y: Tensor) -> Tensor:
     d2, d1 = _sums(flat, shift)
     s1 = shift.to(SUM_DTYPE) * n + d1
     return torch.stack((count(flat), s1, d2 - d1 * d1 / n, s1 * s1 / n, _nonzeros(flat)))
+
+
+def _activation_sums_fast(y: Tensor) -> Tensor:
+    """:func:`activation_sums` in a dozen ops: float64 sum, a centred float64 copy, its norm.
+    The shift is this call's mean in float64, off the exact mean by d ~ 1e-16 |mean|; M2 about
+    it exceeds M2 about the exact mean by numel * d**2, ~1e-32 (mean / std)**2 relative, so the
+    correction term of the two-pass formula (sum of the centred copy) is left out. Every
+    centred element and its square are normal float64 numbers or exactly 0 (nothing underflows)."""
+    # keepdim: a shift with dimensions promotes ``y - shift`` to float64; a 0-d one would not.
+    total = y.sum(dim=tuple(range(y.dim())), keepdim=True, dtype=SUM_DTYPE)
+    shift = total / y.numel()
+    m2 = _sq64(y - shift)  # float64 input: vector_norm's dtype cast is a no-op
+    s1 = total.reshape(())
+    return torch.stack((count(y), s1, m2, s1 * shift.reshape(()), torch.count_nonzero(y).to(SUM_DTYPE)))
 
 
 # float32 sums of ones are exact below 2**24.
@@ -164,8 +202,14 @@ def channel_sums(t: Tensor) -> Tensor:
     the CPU), to ~1e-7 (mean / std)^2 relative, enough for block outputs and their gradients.
     """
     t = t.detach()
-    s1 = t.sum(dim=[d for d in range(t.dim()) if d != 1], dtype=_wide(t.dtype)).to(SUM_DTYPE)
-    head = torch.stack((count(t) / t.shape[1], count(t), sq_norm(t)))
+    dims = [d for d in range(t.dim()) if d != 1]
+    if _fast_path(t):
+        s1 = t.sum(dim=dims, dtype=SUM_DTYPE)  # float64 accumulation costs nothing extra there
+    else:
+        s1 = t.sum(dim=dims, dtype=_wide(t.dtype)).to(SUM_DTYPE)
+    # numel // channels is exact: one fill instead of a fill and a division.
+    per_channel = torch.full((), t.numel() // t.shape[1], dtype=SUM_DTYPE, device=t.device)
+    head = torch.stack((per_channel, count(t), sq_norm(t)))
     return torch.cat((head, s1))
 
 
@@ -213,7 +257,10 @@ def log_abs_histogram(grad: Tensor, spec: HistogramBins) -> Tensor:
         x = g.to(torch.float32).log10_()
     x = x.clamp_(max=spec.hi).flatten()
     binned = _bincount_histogram if x.is_cuda and torch.are_deterministic_algorithms_enabled() else _histc
-    counts = sum(binned(c, spec).to(SUM_DTYPE) for c in x.split(_HIST_CHUNK))
+    parts = [binned(c, spec).to(SUM_DTYPE) for c in x.split(_HIST_CHUNK)]
+    counts = parts[0]  # not sum(parts): its 0 + parts[0] is one more op per layer
+    for part in parts[1:]:
+        counts = counts + part
     inside = torch.where(x >= spec.lo, x, 0.0).to(SUM_DTYPE)  # finite, >= lo: what histc counted
     head = torch.stack((counts.sum(), inside.sum(), inside.square().sum()))
     return torch.cat((head, counts))

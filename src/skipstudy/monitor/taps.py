@@ -38,7 +38,9 @@ def _stack(accs: list[Tensor | None], width: int, dev: torch.device) -> Tensor:
     """``[units, width or wider]``: zero rows for None, shorter vectors zero-padded."""
     width = max([width, *(a.numel() for a in accs if a is not None)])
     zero = torch.zeros(width, dtype=SUM_DTYPE, device=dev)
-    return torch.stack([zero if a is None else F.pad(a, (0, width - a.numel())) for a in accs])
+    # Only vectors shorter than the row are padded: a pad of 0 is still one op per unit and step.
+    return torch.stack([zero if a is None else a if a.numel() == width else F.pad(a, (0, width - a.numel()))
+                        for a in accs])
 
 
 class _Unit:
