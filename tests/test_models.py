@@ -443,3 +443,36 @@ def test_check_input_size_message_for_resnet50():
     assert str(info.value) == (
         "dataset.image_size=8 is too small for resnet50 (downsamples by 32); use >= 32 or model.stem=cifar"
     )
+
+
+# -- a user's own data module and network -----------------------------------------------------
+
+class OwnData:
+    """A data module of the user's own, without a ``seed`` argument."""
+
+    num_classes, channels, image_size = 4, 1, 8
+
+    def __init__(self, size: int = 8) -> None:
+        self.image_size = size
+
+    def prepare_data(self) -> None:
+        pass
+
+
+def own_net(num_classes: int, in_channels: int) -> nn.Module:
+    """A network of the user's own, without ``arch`` or ``downsample_factor``."""
+    return nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))
+
+
+def test_a_users_own_data_module_and_network_are_built_as_they_are():
+    from skipstudy.runs.build import build_datamodule, build_network
+
+    cfg = OmegaConf.create({"seed": 3, "dataset": {"_target_": "test_models.OwnData", "size": 2},
+                            "model": {"_target_": "test_models.own_net"}})
+    dm = build_datamodule(cfg)
+    assert isinstance(dm, OwnData) and dm.image_size == 2  # no seed passed to a class without one
+    net = build_network(cfg, dm)
+    assert net(torch.zeros(2, 1, 2, 2)).shape == (2, 4)
+    # Skipstudy's own networks are still checked against the image size.
+    with pytest.raises(ConfigError, match=r"dataset.image_size=2 is too small for resnet18 \(downsamples by 32\)"):
+        models.check_input_size(models.resnet18(num_classes=4), 2)

@@ -173,6 +173,28 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly_then_resumes_exactly(refe
     assert_same_run(run_dir, reference)
 
 
+@pytest.mark.slow
+def test_a_checkpoint_written_before_last_checkpoint_held_pending_metrics_resumes_exactly(reference, tmp_path):
+    """Checkpoints of earlier versions kept the metrics Lightning writes after the checkpoint in
+    RunState's state, and LastCheckpoint had none: a resume from one still writes them."""
+    killer = tmp_path / "killer.py"
+    killer.write_text(KILLER)
+    run_dir = tmp_path / "run"
+    proc = cli([*RUN, f"hydra.run.dir={run_dir}"], tmp_path, {"KILL_AT": "save", "KILL_STEP": "4"}, killer)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    path = run_dir / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(path, weights_only=False)
+    (last,) = [k for k in ckpt["callbacks"] if k.startswith("LastCheckpoint")]
+    pending = ckpt["callbacks"].pop(last)["pending"]
+    assert pending and "train/loss" in pending["metrics"]  # the case: step 4's metrics are not in the log yet
+    ckpt["callbacks"][STATE_KEY]["pending"] = pending
+    torch.save(ckpt, path)
+
+    proc = cli([f"resume={run_dir}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_run(run_dir, reference)
+
+
 # The same run with DDP on the CPU (gloo): 2 processes x batch 16, 6 steps per epoch. The
 # synthetic data set uses a bare shuffled DataLoader, into which Lightning puts its own
 # DistributedSampler: the case the resume wrapper must not lose.

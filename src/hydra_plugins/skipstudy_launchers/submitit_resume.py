@@ -26,11 +26,12 @@ class _ResumeOnRequeue:
 
         Singleton.set_state(singleton_state)
         _, sweep_dir, subdir = job_config(self.hydra_context, self.config, sweep_overrides, job_num)
-        overrides = list(sweep_overrides)
-        if (sweep_dir / subdir / LAST_CHECKPOINT).is_file():
+        overrides = list(sweep_overrides)  # may be empty: a sweep over hydra/... choices only
+        resumed = (sweep_dir / subdir / LAST_CHECKPOINT).is_file()
+        if resumed:
             overrides = [f"resume={quote(str(sweep_dir / subdir))}", f"hydra.sweep.dir={quote(str(sweep_dir))}",
                          f"hydra.sweep.subdir={quote(subdir)}"]
-        how = "from its last checkpoint" if overrides[0].startswith("resume=") else "from the start (no checkpoint yet)"
+        how = "from its last checkpoint" if resumed else "from the start (no checkpoint yet)"
         print(f"[skipstudy] requeued: job #{job_num} continues {how} in {sweep_dir / subdir}", flush=True)
         return submitit.helpers.DelayedSubmission(self, overrides, job_dir_key, job_num, job_id, singleton_state,
                                                   *args, **kwargs)

@@ -11,10 +11,12 @@ from skipstudy.models.resnet import cifar_resnet, mini, resnet18, resnet34, resn
 
 def check_input_size(model: nn.Module, image_size: int) -> None:
     """Refuse images smaller than the network's total downsampling (its last map would be < 1 px)."""
-    factor = model.downsample_factor
+    # A user's own network (any _target_ is allowed) may lack these attributes: nothing to check.
+    factor = getattr(model, "downsample_factor", 1)
     if image_size < factor:
         hint = " or model.stem=cifar" if getattr(model, "stem", None) == "imagenet" else ""
-        raise ConfigError(f"dataset.image_size={image_size} is too small for {model.arch} (downsamples by {factor}); "
+        name = getattr(model, "arch", type(model).__name__)
+        raise ConfigError(f"dataset.image_size={image_size} is too small for {name} (downsamples by {factor}); "
                           f"use >= {factor}{hint}")
 
 

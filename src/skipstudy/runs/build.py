@@ -4,12 +4,13 @@ network is the one that was trained."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
 from skipstudy import models
@@ -31,7 +32,9 @@ def build(node: Any, **kwargs: Any) -> Any:
 
 
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
-    dm = build(cfg.dataset, seed=cfg.seed)
+    # A user's own data module (any _target_ is allowed) need not take a seed.
+    target = get_class(cfg.dataset._target_)
+    dm = build(cfg.dataset, **({"seed": cfg.seed} if "seed" in inspect.signature(target).parameters else {}))
     dm.prepare_data()  # checks the files: a missing data set fails before training
     return dm
 

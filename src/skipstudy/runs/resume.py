@@ -175,6 +175,8 @@ class RunState(Callback):
             # checkpoint's pending metrics are written next, by LastCheckpoint (a later callback).
             own = Path(trainer.logger.experiment.file_writer.event_writer._file_name).name
             cut_logs(self.run_dir, trainer.ckpt_path, keep={own})
+            if loaded.get("pending"):  # a checkpoint from before LastCheckpoint held them
+                trainer.logger.log_metrics(loaded["pending"]["metrics"], step=loaded["pending"]["step"])
         if "metrics" in loaded:
             pl_module.load_state_dict({k: v.to(pl_module.device) for k, v in loaded["metrics"].items()}, strict=False)
         set_rng_states(loaded["rng"])  # last: nothing above may draw after it
