@@ -378,6 +378,34 @@ def test_submitit_local_launcher_runs_a_two_job_sweep_and_requeues_with_resume(t
 
 
 @pytest.mark.slow
+def test_requeue_before_the_first_checkpoint_starts_the_job_again_with_its_overrides(tmp_path):
+    """Preempted before its first checkpoint, a job is resubmitted as it was, also one whose task
+    overrides are empty (a multirun over launcher settings only)."""
+    cmd = [PYTHON, "-m", "skipstudy.train", "-m", "hydra/launcher=slurm_local", *FAST, "trainer.limit_train_batches=1",
+           "monitor=off", "trainer.enable_progress_bar=false", "name=bare", f"paths.log_dir={tmp_path / 'logs'}"]
+    proc = run(cmd, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep,) = sweep_dirs(tmp_path / "logs", "bare")
+    (pickle,) = sorted((sweep / ".submitit").glob("*/*_submitted.pkl"))
+    for ckpt in sweep.rglob("last.ckpt"):
+        ckpt.unlink()  # as if preempted before the first checkpoint
+    requeue = textwrap.dedent(f"""
+        import json
+        from submitit.core.utils import DelayedSubmission
+        delayed = DelayedSubmission.load({str(pickle)!r})
+        job, (overrides, *rest) = delayed.function, delayed.args
+        for given in (overrides, []):
+            print("OVERRIDES", json.dumps([given, job.checkpoint(given, *rest, **delayed.kwargs).args[0]]))
+    """)
+    proc = run([PYTHON, "-c", requeue], tmp_path, cli_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("continues from the start (no checkpoint yet)") == 2
+    pairs = [json.loads(line[len("OVERRIDES "):]) for line in proc.stdout.splitlines() if line.startswith("OVERRIDES")]
+    assert len(pairs) == 2 and pairs[0][0] and pairs[1] == [[], []]
+    assert all(given == requeued for given, requeued in pairs)
+
+
+@pytest.mark.slow
 def test_quickstart_compares_plain_and_residual_and_fills_the_hparams_dashboard(tmp_path):
     """The quickstart is a sweep by itself: plain-56 and ResNet-56, then both side by side."""
     cmd = [PYTHON, "-m", "skipstudy.train", "experiment=quickstart", "trainer.max_epochs=1", "trainer.limit_train_batches=4",
