@@ -56,20 +56,24 @@ _COMPOSED: dict[tuple[str, ...], DictConfig] = {}
 _LOG_DIR, _DATA_DIR = "/placeholder-log-dir", "/placeholder-data-dir"
 
 
+def force_accelerator_path(monkeypatch) -> None:
+    """``skipstudy.monitor.sums._fast_path`` forced on for CPU tensors, which a CPU-only machine
+    would otherwise never run; there the sums must not read a value on the host (on a GPU it
+    would be a device sync): ``cpu_value`` raises."""
+    from skipstudy.monitor import sums
+
+    def no_host_read(t):
+        raise AssertionError("the accelerator path read a value on the host (cpu_value)")
+
+    monkeypatch.setattr(sums, "_fast_path", lambda t: True)
+    monkeypatch.setattr(sums, "cpu_value", no_host_read)
+
+
 @pytest.fixture(params=["cpu_path", "accelerator_path"])
 def sums_path(request, monkeypatch) -> str:
-    """Run a monitor test twice: through the sums' CPU paths, and through the accelerator path
-    (``skipstudy.monitor.sums._fast_path`` forced on for CPU tensors), which a CPU-only machine
-    would otherwise never run. On the accelerator path the sums must not read a value on the
-    host (there it would be a device sync): ``cpu_value`` raises."""
+    """Run a monitor test twice: through the sums' CPU paths and through the accelerator path."""
     if request.param == "accelerator_path":
-        from skipstudy.monitor import sums
-
-        def no_host_read(t):
-            raise AssertionError("the accelerator path read a value on the host (cpu_value)")
-
-        monkeypatch.setattr(sums, "_fast_path", lambda t: True)
-        monkeypatch.setattr(sums, "cpu_value", no_host_read)
+        force_accelerator_path(monkeypatch)
     return request.param
 
 

@@ -21,8 +21,8 @@ import torch
 
 from skipstudy.monitor import GradientFlowMonitor
 from skipstudy.monitor.quantities import StepTensors
-from skipstudy.monitor import sums
 from skipstudy.monitor.sums import HistogramBins, activation_sums, channel_sums, log_abs_histogram, output_grad_sums
+from conftest import force_accelerator_path
 from test_monitor import REL, TinyNet, assert_close, events, fit, make_data, recorded, reference
 
 # (dtype, magnitude): float32 and bf16 share float32's exponent range; fp16 spans 6e-8..65504.
@@ -114,7 +114,7 @@ def test_accelerator_path_is_exact_from_the_smallest_subnormal_to_float32_max(mo
     """The accelerator path squares in float64 inside the reduction: 1.4e-45 (whose square,
     2e-90, is far below float32) and 3e38 (whose square, 9e76, is far above it) are summed
     exactly, as are their sums (n * 3e38 overflows float32); bf16 and fp16 likewise."""
-    monkeypatch.setattr(sums, "_fast_path", lambda t: True)
+    force_accelerator_path(monkeypatch)
     tiny = torch.full((3, 1000), 1.4e-45)
     tiny[1] = 0.0
     tiny[2, ::2] = 2.8e-45
@@ -153,11 +153,7 @@ def test_accelerator_path_issues_few_ops_and_reads_nothing_on_the_host(monkeypat
     y = sample((4, 8, 6, 6), 1e-30, torch.float32, channels_last=True)
     cpu = [ops(fn, y) for fn in (output_grad_sums, activation_sums)]
 
-    def no_host_read(t):
-        raise AssertionError("host read")
-
-    monkeypatch.setattr(sums, "_fast_path", lambda t: True)
-    monkeypatch.setattr(sums, "cpu_value", no_host_read)
+    force_accelerator_path(monkeypatch)
     fast = [ops(output_grad_sums, y), ops(activation_sums, y), ops(channel_sums, y)]
     assert fast[0] <= 4 and fast[1] <= 12 and fast[2] <= 9, fast
     assert fast[0] < cpu[0] / 3 and fast[1] < cpu[1] / 2, (fast, cpu)

@@ -15,6 +15,7 @@ CPU keeps its paths below, tuned because float64 is slow there.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -31,12 +32,6 @@ def _fast_path(t: Tensor) -> bool:
     """Whether ``t`` takes the accelerator path (few float64 reductions, no host reads). One
     predicate, so that tests can force it on CPU tensors and check both paths without a GPU."""
     return t.device.type != "cpu"
-
-
-def _sq64(t: Tensor) -> Tensor:
-    """Sum of squares of a float32/bf16/fp16 tensor, any layout, squared and summed in float64
-    within one reduction: right to float64 rounding from 1.4e-45 to 3.4e38 (sqrt, then square)."""
-    return torch.linalg.vector_norm(t, dtype=SUM_DTYPE).square()
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -130,7 +125,7 @@ def count(t: Tensor) -> Tensor:
 def output_grad_sums(grad: Tensor) -> Tensor:
     """``[numel, sum of squares]`` of the gradient w.r.t. a layer's output."""
     if _fast_path(grad) and grad.dtype != torch.float64:
-        return torch.stack((count(grad), _sq64(grad)))
+        return torch.stack((count(grad), sq_norm(grad)))
     flat = _flat(grad)
     sq = _sums(flat)[0] if flat.numel() else torch.zeros((), dtype=SUM_DTYPE, device=grad.device)
     return torch.stack((count(grad), sq))
@@ -172,7 +167,7 @@ def _activation_sums_fast(y: Tensor) -> Tensor:
     # keepdim: a shift with dimensions promotes ``y - shift`` to float64; a 0-d one would not.
     total = y.sum(dim=tuple(range(y.dim())), keepdim=True, dtype=SUM_DTYPE)
     shift = total / y.numel()
-    m2 = _sq64(y - shift)  # float64 input: vector_norm's dtype cast is a no-op
+    m2 = sq_norm(y - shift)  # float64 input: vector_norm's dtype cast is a no-op
     s1 = total.reshape(())
     return torch.stack((count(y), s1, m2, s1 * shift.reshape(()), torch.count_nonzero(y).to(SUM_DTYPE)))
 
@@ -191,8 +186,10 @@ def _nonzeros(y: Tensor) -> Tensor:
 
 
 def sq_norm(t: Tensor) -> Tensor:
-    """Sum of squares accumulated in float64."""
-    return torch.linalg.vector_norm(t.detach(), dtype=SUM_DTYPE).square()
+    """Sum of squares of any layout, squared and summed in float64 within one reduction: for a
+    float32/bf16/fp16 tensor right to float64 rounding from 1.4e-45 to 3.4e38. The hooks detach
+    what they take (``LayerTaps._take``), so no ``detach`` here: it would be one more op a call."""
+    return torch.linalg.vector_norm(t, dtype=SUM_DTYPE).square()
 
 
 def channel_sums(t: Tensor) -> Tensor:
@@ -257,10 +254,8 @@ def log_abs_histogram(grad: Tensor, spec: HistogramBins) -> Tensor:
         x = g.to(torch.float32).log10_()
     x = x.clamp_(max=spec.hi).flatten()
     binned = _bincount_histogram if x.is_cuda and torch.are_deterministic_algorithms_enabled() else _histc
-    parts = [binned(c, spec).to(SUM_DTYPE) for c in x.split(_HIST_CHUNK)]
-    counts = parts[0]  # not sum(parts): its 0 + parts[0] is one more op per layer
-    for part in parts[1:]:
-        counts = counts + part
+    # reduce, not sum(): sum's 0 + first part would be one more op per layer
+    counts = functools.reduce(torch.add, [binned(c, spec).to(SUM_DTYPE) for c in x.split(_HIST_CHUNK)])
     inside = torch.where(x >= spec.lo, x, 0.0).to(SUM_DTYPE)  # finite, >= lo: what histc counted
     head = torch.stack((counts.sum(), inside.sum(), inside.square().sum()))
     return torch.cat((head, counts))
