@@ -30,6 +30,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from benchmarks_doc import append_entry  # scripts/benchmarks_doc.py, beside this script
+from skipstudy.overrides import register
 from skipstudy.probes import get_probe
 from skipstudy.probes.context import ProbeContext
 from skipstudy.runs.build import build_datamodule, build_network
@@ -70,6 +71,7 @@ def main() -> None:
         get_probe(name, key="--probes")
     overrides = ["model=cifar_resnet", f"model.depth={args.depth}", f"model.skip={args.skip}", "dataset=synthetic",
                  f"dataset.batch_size={args.batch_size}", "dataset.num_train=512", "dataset.num_val=256"]
+    register()  # what the entry point registers before Hydra composes
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="probe", overrides=overrides)
     L.seed_everything(0, verbose=False)

@@ -199,6 +199,9 @@ def compose(spec: dict):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict, read_write
 
+    from skipstudy.overrides import register
+
+    register()  # what the entry point registers before Hydra composes
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = hydra_compose(config_name="train", return_hydra_config=True, overrides=spec["overrides"])

@@ -22,7 +22,10 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-import skipstudy.config  # noqa: F401 - registers the trainer node the configs start from
+from skipstudy import overrides
+
+# What the entry points register before Hydra composes (the trainer node, the directory resolvers).
+overrides.register()
 
 # The tests' tensors are tiny: a second torch thread costs more in synchronisation than it
 # gains, several times more while other work keeps the 2 cores busy. Subprocesses likewise.

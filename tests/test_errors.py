@@ -8,13 +8,14 @@ seconds of interpreter start per case), and once as a real subprocess (the trace
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import FAST, PYTHON, SHARED_DATA, cli_env
+from conftest import FAST, PYTHON, REPO, SHARED_DATA, cli_env
 from conftest import run_in_process
 
 TINY = SHARED_DATA / "tiny-imagenet-mini" / "tiny-imagenet-200"
@@ -72,9 +73,9 @@ def small_tiny_imagenet(dest: Path) -> Path:
 
 # (overrides, texts stderr must hold): the key, the value, and the choices or the fix.
 CASES = {
-    "unknown model": (["model=resnet51"], ["model/resnet51", "resnet50", "resnet18"]),
-    "unknown dataset": (["dataset=imagenet"], ["dataset/imagenet", "cifar10", "tiny_imagenet"]),
-    "unknown optimizer": (["optimizer=adamw"], ["optimizer/adamw", "adam", "sgd"]),
+    "unknown model": (["model=resnet51"], ["model=resnet51 is not an option of model", "resnet50", "resnet18"]),
+    "unknown dataset": (["dataset=imagenet"], ["dataset=imagenet", "cifar10", "tiny_imagenet"]),
+    "unknown optimizer": (["optimizer=adamw"], ["optimizer=adamw", "did you mean optimizer=adam?", "sgd"]),
     "wrong type": (["model.skip=maybe"], ["model.skip='maybe'", "true or false"]),
     "wrong trainer type": (["trainer.max_epochs=ten"], ["trainer.max_epochs='ten'", "integer"]),
     "invalid depth": (["model=cifar_resnet", "model.depth=21"], ["model.depth=21", "6n+2", "20, 32, 44"]),
@@ -87,6 +88,41 @@ CASES = {
     "bad on_nonfinite": (["monitor=off", "monitor.on_nonfinite=maybe"], ["monitor.on_nonfinite='maybe'", "warn, stop"]),
     "resume missing": (["resume=/nonexistent/run"], ["resume=/nonexistent/run", "does not exist", ".hydra/"]),
 }
+
+
+# Misspelt keys and options, in every group: one line with the closest valid names, exit status 2,
+# never Hydra's "To append to your config use +model.skp=false" (which advises the wrong fix).
+TYPOS = {
+    "model.skp=false": "did you mean model.skip?",
+    "optimizer.lrr=0.1": "did you mean optimizer.lr?",
+    "dataset.batchsize=8": "did you mean dataset.batch_size?",
+    "monitor.every_n_step=2": "did you mean monitor.every_n_steps?",
+    "scheduler=cosin": "did you mean scheduler=cosine?",
+    "experiment=quickstrat": "did you mean experiment=quickstart?",
+    "model=resnet_50": "did you mean model=resnet50",
+    "checkpoint.save_lst=false": "did you mean checkpoint.save_last",
+    "fast.compiled=true": "did you mean fast.compile?",
+    "trainer.max_stepz=3": "did you mean trainer.max_steps",
+    "paths.logdir=/tmp": "did you mean paths.log_dir?",
+}
+
+
+@pytest.mark.parametrize("typo", list(TYPOS))
+def test_a_misspelt_key_or_option_is_one_line_naming_the_closest(typo, tmp_path):
+    proc = run_cli([*FAST, typo], tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == [lines[0]] and lines[0].startswith(f"Error: {typo.split('=')[0]}"), proc.stderr
+    assert TYPOS[typo] in lines[0] and "+" not in lines[0], proc.stderr
+    assert_refused(proc, tmp_path)
+
+
+def test_a_sweep_with_a_misspelt_key_is_refused_before_its_first_job(tmp_path):
+    # The key exists only in one of the swept models: known when any job of the sweep has it.
+    proc = run_cli(["-m", *FAST, "model=mini,cifar_resnet", "model.depth=8", "model.skp=true,false"], tmp_path)
+    assert proc.returncode == 2 and "model.skp is not a key of model; did you mean model.skip?" in proc.stderr
+    assert_refused(proc, tmp_path)
+    assert not list(tmp_path.rglob("multirun.yaml"))
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -138,3 +174,22 @@ def test_full_error_shows_the_traceback(tmp_path):
     proc = run_subprocess([*FAST, "model.skip=maybe"], tmp_path, {"HYDRA_FULL_ERROR": "1"})
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr and "model.skip='maybe'" in proc.stderr
+
+
+def test_help_lists_only_what_a_user_can_choose(tmp_path):
+    proc = run_cli(["--help"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    choices = proc.stdout.split("== Config ==")[0]
+    groups = {line.split(": ", 1)[0]: line.split(": ", 1)[1].split(", ") for line in choices.splitlines() if ": " in line}
+    assert groups["trainer"] == ["ddp", "default"] and "resnet50" in groups["model"], proc.stdout
+    assert "lightning" not in choices and "skipstudy_open_node" not in proc.stdout
+
+
+def test_readme_typo_examples_print_what_the_readme_shows(tmp_path):
+    readme = (REPO / "README.md").read_text()
+    examples = re.findall(r"^\$ python -m skipstudy\.train (\S+)\n(Error: .*)$", readme, flags=re.M)
+    assert len(examples) == 2, examples
+    for override, shown in examples:
+        proc = run_cli([override], tmp_path)
+        pattern = ".*".join(re.escape(part) for part in shown.split("..."))
+        assert proc.returncode == 2 and re.fullmatch(pattern, proc.stderr.strip()), (shown, proc.stderr)

@@ -67,3 +67,24 @@ def test_no_import_cycles():
     assert "skipstudy.runs.layout" in graph["skipstudy.runs.resume"]  # the graph sees real edges
     assert cycles(graph) == []
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_importing_the_package_registers_nothing_with_hydra_or_omegaconf():
+    """Entry points register what Hydra needs (skipstudy.overrides.register); an import does not,
+    so a user's own Hydra app that imports skipstudy composes as it would without it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import pkgutil, importlib, skipstudy\n"
+        "for m in pkgutil.walk_packages(skipstudy.__path__, 'skipstudy.'): importlib.import_module(m.name)\n"
+        "from omegaconf import OmegaConf\n"
+        "from hydra.core.config_store import ConfigStore\n"
+        "names = ['skipstudy.resume_dir', 'skipstudy.run_name', 'skipstudy.sweep_subdir', 'skipstudy.probe_dir']\n"
+        "print([n for n in names if OmegaConf.has_resolver(n)], 'skipstudy_open_node.yaml' in ConfigStore.instance().list(''))\n"
+        "from skipstudy.overrides import register\n"
+        "register()\n"
+        "print([n for n in names if OmegaConf.has_resolver(n)], 'skipstudy_open_node.yaml' in ConfigStore.instance().list(''))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == ["[] False", f"{['skipstudy.resume_dir', 'skipstudy.run_name', 'skipstudy.sweep_subdir', 'skipstudy.probe_dir']} True"]

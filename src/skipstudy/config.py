@@ -15,7 +15,6 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from skipstudy.errors import ConfigError
@@ -379,11 +378,3 @@ def check(cfg: DictConfig | Mapping) -> None:
     """Refuse the first key of ``cfg`` whose value is outside its declared type or range."""
     node = {key: _plain(cfg, key) for key in cfg if key != "hydra"}
     _table("", {**TOP, **dict.fromkeys(GROUPS, _group), "trainer": _trainer}, node, "the config")
-
-
-# trainer.<name>=... for any lightning.Trainer argument, without `+`: conf/trainer/default.yaml
-# starts from this node, whose struct flag is off, so Hydra lets an override add keys to it
-# (they are then checked by _trainer against Lightning's signature).
-_open = OmegaConf.create({})
-OmegaConf.set_struct(_open, False)
-ConfigStore.instance().store(group="trainer", name="lightning", node=_open)

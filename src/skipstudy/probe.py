@@ -21,20 +21,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
-from skipstudy import config
+from skipstudy import config, overrides
 from skipstudy.errors import ConfigError
 from skipstudy.probes import NEEDS_CHECKPOINT, get_probe
-from skipstudy.probes.checkpoint import load_run, run_dir_or_none
+from skipstudy.probes.checkpoint import load_run
 from skipstudy.probes.context import ProbeContext
 from skipstudy.runs import dirs
 from skipstudy.runs.build import build_datamodule, build_network
 from skipstudy.runs.layout import conf_dir
-
-# With ckpt, Hydra's files go into <run>/probes/ (and no .hydra/ there: it is not a run of its own).
-OmegaConf.register_new_resolver("skipstudy.probe_dir", lambda ckpt, default: str(Path(run_dir_or_none(ckpt)) / "probes")
-                                if run_dir_or_none(ckpt) else default, replace=True)
-OmegaConf.register_new_resolver("skipstudy.probe_subdir", lambda ckpt: None if run_dir_or_none(ckpt) else ".hydra",
-                                replace=True)
 
 
 def run_probe(cfg: DictConfig, output_dir: str | os.PathLike, overrides: list[str] = ()) -> dict[str, float]:
@@ -82,6 +76,7 @@ def run_probe(cfg: DictConfig, output_dir: str | os.PathLike, overrides: list[st
 
 
 @dirs.paths_quoted("ckpt", existing_only=True)
+@overrides.entry("probe")
 @hydra.main(config_path=conf_dir(), config_name="probe", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()

@@ -26,7 +26,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-from skipstudy import config
+from skipstudy import config, overrides
 from skipstudy.analysis.callback import build_report_callback
 from skipstudy.analysis.summary import run_summary
 from skipstudy.errors import ConfigError
@@ -180,6 +180,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
 
 
 @dirs.paths_quoted("resume")
+@overrides.entry("train")
 @hydra.main(config_path=conf_dir(), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()

@@ -15,6 +15,14 @@ LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 
 
 class _ResumeOnRequeue:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """In the job's process, which composes the job's config: what skipstudy's entry points
+        register before Hydra composes (the process did not start at one)."""
+        from skipstudy.overrides import register
+
+        register()
+        return super().__call__(*args, **kwargs)
+
     def checkpoint(self, sweep_overrides: List[str], job_dir_key: str, job_num: int, job_id: str,
                    singleton_state: Dict[type, Singleton], *args: Any, **kwargs: Any) -> Any:
         """In the preempted job's process: the submission SLURM requeues. A resumed run takes its

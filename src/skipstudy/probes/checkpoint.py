@@ -50,6 +50,15 @@ def run_dir_or_none(ckpt: Any) -> str | None:
         return None
 
 
+# conf/probe.yaml's directories: with ckpt, Hydra's files go into <run>/probes/ (and no .hydra/
+# there: it is not a run of its own). Registered by skipstudy.overrides.register.
+RESOLVERS = {
+    "skipstudy.probe_dir": lambda ckpt, default: str(Path(run_dir_or_none(ckpt)) / "probes")
+    if run_dir_or_none(ckpt) else default,
+    "skipstudy.probe_subdir": lambda ckpt: None if run_dir_or_none(ckpt) else ".hydra",
+}
+
+
 @dataclass
 class LoadedRun:
     cfg: DictConfig

@@ -62,10 +62,12 @@ def resume_subdir(resume: Any, stamp: str) -> str:
     return f".hydra/resume-{stamp}" if _resumable(resume) is not None else ".hydra"
 
 
-for _name, _fn in (("skipstudy.resume_dir", resume_dir), ("skipstudy.resume_subdir", resume_subdir),
-                   ("skipstudy.run_name", run_name), ("skipstudy.sweep_subdir", sweep_subdir)):
-    if not OmegaConf.has_resolver(_name):
-        OmegaConf.register_new_resolver(_name, _fn)
+def register_resolvers(extra: dict[str, Callable[..., Any]] | None = None) -> None:
+    """The resolvers ``conf/train.yaml`` names its directories with, and ``extra`` ones (called by
+    the entry points through :func:`skipstudy.overrides.register`, not at import)."""
+    for name, fn in {"skipstudy.resume_dir": resume_dir, "skipstudy.resume_subdir": resume_subdir,
+                     "skipstudy.run_name": run_name, "skipstudy.sweep_subdir": sweep_subdir, **(extra or {})}.items():
+        OmegaConf.register_new_resolver(name, fn, replace=True)
 
 
 def quote_path(argv: list[str], key: str, existing_only: bool = False) -> list[str]:
