@@ -25,7 +25,15 @@ def test_a_run_ends_with_its_summary(make_cfg, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     cfg = make_cfg([*FAST, "trainer.enable_progress_bar=false"])
     run_dir = Path(cfg.hydra.runtime.output_dir)
+    # The run's event file is read once at its end: the HParams numbers and the summary share it.
+    import tbparse
+
+    reads = []
+    monkeypatch.setattr(tbparse, "SummaryReader", lambda *a, **k: reads.append(a) or SummaryReader(*a, **k))
     train(cfg, run_dir)
+    assert len(reads) == 1 and list(run_dir.glob("events.out.tfevents.*")) == [Path(reads[0][0])], reads
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
     out = capsys.readouterr().out
     lines = out[out.index("Run ok: "):].splitlines()[:4]
 

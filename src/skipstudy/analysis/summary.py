@@ -210,8 +210,9 @@ def _ratio(pair: tuple[float, float]) -> float:
     return a / b if math.isfinite(a) and math.isfinite(b) and b > 0 else math.nan
 
 
-def run_summary(run_dir: str | Path) -> str:
-    run = load_run(run_dir)
+def run_summary(run_dir: str | Path, run: Run | None = None) -> str:
+    """The lines a finished run prints; ``run``: the run already read from ``run_dir``'s logs."""
+    run = run or load_run(run_dir)
     row = summary_rows([run])[0]
     val_loss = run.series("val/loss")
     lines = [f"Run {row['status']}: {_shown(run_dir)}",

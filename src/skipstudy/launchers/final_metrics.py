@@ -31,8 +31,12 @@ def final_metrics(run: Run) -> dict[str, float]:
 
 
 class FinalMetrics(L.Callback):
+    """Also keeps the run it read (``run``), so the end-of-run summary reads the event file no
+    second time."""
+
     def __init__(self) -> None:
         self.trained = False
+        self.run: Run | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.trained = True
@@ -44,6 +48,7 @@ class FinalMetrics(L.Callback):
         if not trainer.is_global_zero or not self.trained:
             return
         trainer.logger.experiment.flush()  # read back what was logged
-        if values := final_metrics(load_run(run_dir)):
+        self.run = load_run(run_dir)
+        if values := final_metrics(self.run):
             trainer.logger.log_metrics(values, step=trainer.global_step)
             trainer.logger.save()
