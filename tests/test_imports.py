@@ -88,3 +88,56 @@ def test_importing_the_package_registers_nothing_with_hydra_or_omegaconf():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
     assert out == ["[] False", f"{['skipstudy.resume_dir', 'skipstudy.run_name', 'skipstudy.sweep_subdir', 'skipstudy.probe_dir']} True"]
+
+
+# Reaches into other libraries' private names still in src/, each with why no public API does it.
+# A new one fails the test below; one that goes must leave this list too.
+PRIVATE_REACHES = {
+    # Exact mid-epoch resume: Lightning writes a step's logged metrics only after the checkpoint
+    # hooks; these read them, the loader being trained from and its DDP sampler set-up.
+    ("runs/resume.py", "trainer.fit_loop._combined_loader"), ("runs/resume.py", "trainer.fit_loop._should_reload_train_dl"),
+    ("runs/resume.py", "trainer._data_connector"), ("runs/resume.py", "trainer._data_connector._prepare_dataloader"),
+    ("runs/resume.py", "trainer.logger.experiment.file_writer.event_writer._file_name"),
+    ("runs/resume.py", "m._persistent"), ("runs/resume.py", "loop.epoch_loop._batches_that_stepped"),
+    ("runs/resume.py", "loop._should_accumulate"), ("runs/resume.py", "trainer._logger_connector"),
+    ("runs/resume.py", "loop.epoch_loop._results"),
+    # A SIGTERM that reached Lightning's handler during set-up: taken over so a checkpoint is written.
+    ("runs/stopping.py", "trainer._signal_connector"), ("runs/stopping.py", "trainer.fit_loop._should_accumulate"),
+    # One fused kernel for all gradient norms (torch has no public multi-tensor norm).
+    ("runs/stopping.py", "torch._foreach_norm"), ("monitor/sums.py", "torch._foreach_norm"),
+    # The loss scale without a host sync (GradScaler.get_scale() reads it back).
+    ("monitor/callback.py", "scaler._scale"),
+    # Dynamo's recompile limit for the monitor's graph breaks under fast.compile.
+    ("monitor/callback.py", "torch._dynamo"),
+    # Raw histogram protos into the run's own event file.
+    ("monitor/writers.py", "writer._get_file_writer"),
+    # Replacing a child module in place by name.
+    ("probes/lesion.py", "net.get_submodule(parent_name)._modules"),
+    # Only Lightning's script launcher re-executes the command line (the whole sweep) in ranks > 0.
+    ("launchers/ddp.py", "lightning.pytorch.strategies.launchers.subprocess_script._SubprocessScriptLauncher"),
+}
+
+
+def private_reaches() -> set[tuple[str, str]]:
+    """``(file under src/skipstudy or src/hydra_plugins, expression)`` for each attribute of another
+    object whose name starts with one underscore, and each import of such a name from a library."""
+    found = set()
+    for path in SRC.rglob("*.py"):
+        where = str(path.relative_to(SRC / path.relative_to(SRC).parts[0]))
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__") \
+                    and not node.attr.endswith("_") and not (isinstance(node.value, ast.Name)
+                                                             and node.value.id in ("self", "cls")):
+                found.add((where, ast.unparse(node)))
+            elif isinstance(node, ast.ImportFrom) and not (node.module or "").startswith("skipstudy"):
+                for alias in node.names:
+                    parts = [*(node.module or "").split("."), alias.name]
+                    if any(p.startswith("_") and not p.startswith("__") for p in parts):
+                        found.add((where, ".".join(parts)))
+    return found
+
+
+def test_no_new_reach_into_a_librarys_private_names():
+    found = private_reaches()
+    assert not found - PRIVATE_REACHES, f"new private reaches (use a public API): {sorted(found - PRIVATE_REACHES)}"
+    assert not PRIVATE_REACHES - found, f"gone: drop them from PRIVATE_REACHES: {sorted(PRIVATE_REACHES - found)}"

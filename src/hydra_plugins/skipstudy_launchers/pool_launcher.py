@@ -58,7 +58,7 @@ class ReturnValueWriter(Callback):
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if (path := os.environ.get(RETURN_ENV)) and job_return.status == JobStatus.COMPLETED:
-            Path(path).write_text(json.dumps({"return_value": job_return._return_value}, default=repr))
+            Path(path).write_text(json.dumps({"return_value": job_return.return_value}, default=repr))
 
 
 def visible_gpus(spec: Any = None) -> List[str]:

@@ -113,18 +113,25 @@ class SweepCheck(Callback):
     job 7 is refused before job 1 trains (basic sweeper only; others have their own syntax)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        import itertools
+
         from hydra import compose
-        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
         from skipstudy import config as schema
 
         sweeper = config.hydra.sweeper
-        if sweeper.get("_target_") != "hydra._internal.core_plugins.basic_sweeper.BasicSweeper":
+        if str(sweeper.get("_target_", "")).rpartition(".")[2] != "BasicSweeper":
             return
         params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
-        overrides = OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
-        for job in BasicSweeper.split_arguments(overrides, None)[0]:  # one batch: no max_batch_size
+        # The basic sweeper's jobs: the product of each key's values, a later override of a key
+        # (the command line after the sweeper's params) replacing an earlier one, as it does.
+        values: dict[str, list[str]] = {}
+        for o in OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task]):
+            key = o.get_key_element()
+            values[key] = [f"{key}={v}" for v in (o.sweep_string_iterator() if o.is_sweep_override()
+                                                  else [o.get_value_element_as_str()])]
+        for job in itertools.product(*values.values()):
             try:
                 schema.check(compose(config.hydra.job.config_name, overrides=list(job)))
             except schema.ConfigError as err:

@@ -20,7 +20,6 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from skipstudy.errors import ConfigError
 from skipstudy.models.blocks import Block
@@ -28,6 +27,8 @@ from skipstudy.probes.comparison import label
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 STAGE_NAME = re.compile(r"(layer|block|stage)\d+")
+# torch's public batch-norm classes (their common base is private); SyncBatchNorm is what DDP converts to.
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 @dataclass
@@ -175,7 +176,7 @@ def kept_state(net: nn.Module) -> Iterator[nn.Module]:
     """``net`` in eval mode inside; afterwards every train/eval flag, BN buffer and momentum as before."""
     modes = [(m, m.training) for m in net.modules()]
     saved = [(m, m.momentum, {k: v.clone() for k, v in m.named_buffers(recurse=False)})
-             for m in net.modules() if isinstance(m, _BatchNorm)]
+             for m in net.modules() if isinstance(m, BATCH_NORMS)]
     net.eval()
     try:
         yield net
@@ -194,7 +195,7 @@ def calibrated_bn(net: nn.Module, inputs: torch.Tensor, chunk: int = 64) -> Iter
     """Eval mode with BN running statistics averaged over ``inputs``, all restored afterwards."""
     with kept_state(net):
         for m in net.modules():
-            if isinstance(m, _BatchNorm):
+            if isinstance(m, BATCH_NORMS):
                 m.reset_running_stats()
                 m.momentum = None  # cumulative average over the chunks
         net.train()
@@ -222,7 +223,7 @@ def bn_mode(ctx: ProbeContext, options: Any, inputs: torch.Tensor | None = None,
     and a trained network uses its own."""
     bn = options.bn
     if bn == "auto":
-        has_bn = any(isinstance(m, _BatchNorm) for m in ctx.net.modules())
+        has_bn = any(isinstance(m, BATCH_NORMS) for m in ctx.net.modules())
         bn = "calibrate" if has_bn and not ctx.trained else "eval"
     if bn != "eval" and syncs_across_ranks(ctx.net):
         bn = "eval"
