@@ -40,7 +40,8 @@ def routed(net: nn.Module, branches: Iterable[str]) -> Iterator[nn.Module]:
                 vars(block)["shortcut_term"] = lambda x, term=block.shortcut_term: term(x.detach())
                 undo.callback(vars(block).pop, "shortcut_term")
             else:
-                undo.enter_context(block.branch_convs()[0].register_forward_pre_hook(
+                # The branch's entry as the block declares it (conv1 post-activation, bn1 pre-activation).
+                undo.enter_context(block.block_contract().entry.register_forward_pre_hook(
                     lambda _m, args: (args[0].detach(), *args[1:])))
         yield net
 
