@@ -104,28 +104,34 @@ def by_hand(block: nn.Module, x: torch.Tensor, route: tuple[bool, bool] = (True,
     return (*_recombine(block, t if route[0] else t.detach(), t if route[1] else t.detach()), t)
 
 
-def reference(net: Tiny, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+def reference(net: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str] | None = None,
+              reads=None, recombine=None) -> dict[str, float]:
+    """Every per-block quantity of the blocks ``names`` (default: ``blocks.<i>``), by autograd
+    through ``recombine(block, v, u)`` -> (output, branch term, shortcut term), the block written
+    by hand with its branch reading ``v`` and its shortcut ``u``, both detached copies of
+    ``reads(block, x)``."""
+    reads, recombine = reads or _reads, recombine or _recombine
     net = copy.deepcopy(net).train()
     for m in net.modules():
         if isinstance(m, nn.ReLU):
             m.inplace = False
+    if names is None:
+        names = [n for n, _ in net.named_modules() if n.startswith("blocks.") and n.count(".") == 1]
     ins, outs = {}, {}
-    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: ins.__setitem__(n, a[0]))
-             for n, m in net.named_modules() if n.startswith("blocks.") and n.count(".") == 1]
-    hooks += [m.register_forward_hook(lambda mod, a, o, n=n: outs.__setitem__(n, o))
-              for n, m in net.named_modules() if n.startswith("blocks.") and n.count(".") == 1]
+    hooks = [net.get_submodule(n).register_forward_pre_hook(lambda mod, a, n=n: ins.__setitem__(n, a[0]))
+             for n in names]
+    hooks += [net.get_submodule(n).register_forward_hook(lambda mod, a, o, n=n: outs.__setitem__(n, o)) for n in names]
     loss = F.cross_entropy(net(x), y)
     for h in hooks:
         h.remove()
-    names = sorted(ins)
     g_out = dict(zip(names, torch.autograd.grad(loss, [outs[n] for n in names])))
     ref = {}
     for n in names:
         block = copy.deepcopy(net.get_submodule(n))
         # Two detached copies of what the paths read, recomputed by hand.
-        t = by_hand(block, ins[n])[3].detach()
+        t = reads(block, ins[n].detach()).detach()
         leaf_b, leaf_s = t.clone().requires_grad_(), t.clone().requires_grad_()
-        out, branch, short = _recombine(block, leaf_b, leaf_s)
+        out, branch, short = recombine(block, leaf_b, leaf_s)
         torch.testing.assert_close(out, outs[n], rtol=1e-5, atol=1e-6)  # the hand-written block is the block
         g_sum = torch.autograd.grad(out, branch, g_out[n], retain_graph=True)[0]  # dL/d(branch term)
         b = torch.autograd.grad(branch, leaf_b, g_sum, retain_graph=True)[0].double()
@@ -143,6 +149,21 @@ def reference(net: Tiny, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     return ref
 
 
+def recorded(taps: LayerTaps, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    with taps.record(step=0):
+        F.cross_entropy(net(x), y).backward()
+    return taps.values
+
+
+def assert_same(got: dict[str, float], want: dict[str, float], blocks: list[str]) -> None:
+    assert_close(got, {k: v for k, v in want.items() if "/cos/" not in k})
+    for n in blocks:
+        if f"grad_split/cos/{n}" in want:
+            # The cosine comes from three norms (quantities.split_shortcut): within ~1e-7 (r + 1/r).
+            r = want[f"grad_split/ratio/{n}"]
+            assert math.isclose(got[f"grad_split/cos/{n}"], want[f"grad_split/cos/{n}"], abs_tol=1e-6 * (r + 1 / r))
+
+
 CASES = [(k, skip, sc) for k in OURS for skip, sc in [(True, "B"), (True, "A"), (False, "B")]] + \
         [(k, True, "B") for k in TORCHVISION]
 
@@ -157,15 +178,8 @@ def test_split_and_spp_of_every_block_type_match_the_papers_equations(kind, skip
         warnings.simplefilter("error")  # every block here is declared: no warning
         taps = LayerTaps(net, blocks=True)
     assert taps.block_names == ["blocks.0", "blocks.1"]
-    with taps.record(step=0):
-        F.cross_entropy(net(x), y).backward()
-    got = taps.values
-    assert_close(got, {k: v for k, v in want.items() if "/cos/" not in k})
-    for n in taps.block_names:
-        if f"grad_split/cos/{n}" in want:
-            # The cosine comes from three norms (quantities.split_shortcut): within ~1e-7 (r + 1/r).
-            r = want[f"grad_split/ratio/{n}"]
-            assert math.isclose(got[f"grad_split/cos/{n}"], want[f"grad_split/cos/{n}"], abs_tol=1e-6 * (r + 1 / r))
+    got = recorded(taps, net, x, y)
+    assert_same(got, want, taps.block_names)
     # A plain twin has no shortcut part: absent, never a zero.
     assert skip == ("grad_split/shortcut/blocks.1" in got)
 
