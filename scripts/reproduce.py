@@ -16,6 +16,9 @@ their logs with `skipstudy.analysis` (the reader of `python -m skipstudy.report`
 4. The shattering probe against depth at initialisation, with fitted 2^-L and 1/sqrt(L)
    reference curves (Balduzzi et al. 2017).
 5. The lesion probe on the residual net trained in 3 (Veit et al. 2016).
+6. Post- against pre-activation ResNet-110 (He et al. 2016b) at initialisation and after a short
+   training on the CIFAR-10 subset: gradient RMS per layer and the shortcut/branch split per
+   block (``scripts/reproduce_preact.py``).
 
 Outputs: ``<out>/results.md`` and ``<out>/results/*.png`` (small PNGs), default ``docs/``; the
 runs themselves go to ``--work`` (default: a fresh ``logs/reproduce_<time>/``).
@@ -39,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+import reproduce_preact  # beside this script (section 6)
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CIFAR = REPO.parent / "shared" / "data" / "cifar10-mini"
 MAX_PNG_BYTES = 100_000
@@ -58,14 +63,20 @@ class Settings:
     shatter_depths: str
     shatter_points: int
     lesion_samples: int
+    preact_depth: int
+    preact_steps: int
 
 
 FULL = Settings(vanish_image_size=64, vanish_norms="batch,none", vanish_inits="default,kaiming",
                 profile_depths="20,56,110", train_depths="20,56", train_steps=200, train_batch=64,
-                shatter_depths="8,14,20,32,56,110", shatter_points=256, lesion_samples=2)
+                shatter_depths="8,14,20,32,56,110", shatter_points=256, lesion_samples=2,
+                preact_depth=110, preact_steps=100)
 QUICK = Settings(vanish_image_size=32, vanish_norms="none", vanish_inits="default",
                  profile_depths="8", train_depths="8,14", train_steps=4, train_batch=250,
-                 shatter_depths="8,14,20", shatter_points=16, lesion_samples=1)
+                 shatter_depths="8,14,20", shatter_points=16, lesion_samples=1, preact_depth=20, preact_steps=4)
+# Section 6: the paper's warm-up rate for ResNet-110 (0.01 at batch 128), doubled: 100 steps at 0.1 send
+# a 110-layer net's loss up before it comes down, and the section is about gradients, not accuracy.
+PREACT_LR = 0.02
 
 
 # ---------------------------------------------------------------------- running the tools
@@ -496,6 +507,10 @@ def write_results(out: Path, args, s: Settings, runner: Runner, sections: dict, 
            "about 93%; this net was trained for minutes on 1,000 images"
            + (", so its accuracy is low to begin with and the comparison is weak." if les["acc_intact"] < 0.6 else ".")]
 
+    # 6
+    results, preact_png = sections["preact"]
+    md += reproduce_preact.markdown(results, rel(preact_png), s.preact_steps, s.train_batch, PREACT_LR, _fmt)
+
     md += ["", "## Commands", "", "Run from the repository root, in this order (`$WORK`: the folder the runs go "
            "to, `--work`):", "", "```"]
     md += [portable(c, runner.work, args.cifar_root.resolve()) for c in runner.commands]
@@ -548,6 +563,10 @@ def main(argv: list[str] | None = None) -> int:
     deepest_res = max((d for d in sections["training"][1] if d["skip"]), key=lambda d: d["depth"])
     sections["shattering"] = shattering(run, s, work, cifar, figs)
     sections["lesion"] = lesion(run, s, deepest_res["path"], deepest_res["depth"], figs)
+    runs = reproduce_preact.run_section(run, work, s.preact_depth, s.preact_steps, s.train_batch, PREACT_LR,
+                                        cifar_args(cifar), COMMON, NO_CHECKPOINTS, NUMBERED)
+    results = [reproduce_preact.measure(r) for r in runs]
+    sections["preact"] = results, reproduce_preact.figure(results, new_figure, save_png, figs / "preact.png")
     path = write_results(out, args, s, run, sections, started)
     print(f"wrote {path} and {len(list(figs.glob('*.png')))} figures in {figs}; runs in {work}")
     return 0

@@ -23,12 +23,13 @@ def test_reproduce_quick_writes_results_with_numbers_from_the_runs(tmp_path, sha
 
     # Command, versions and date.
     assert "`python scripts/reproduce.py --quick`" in md and "torch 2." in md and re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", md)
-    for title in ("1. Vanishing", "2. Output-gradient RMS", "3. Training", "4. Shattered", "5. Lesion"):
+    for title in ("1. Vanishing", "2. Output-gradient RMS", "3. Training", "4. Shattered", "5. Lesion", "6. Post- against"):
         assert f"## {title}" in md
 
     # Every figure it links exists and is small.
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert sorted(links) == ["results/depth_profile.png", "results/lesion.png", "results/shattering.png", "results/training.png"]
+    assert sorted(links) == ["results/depth_profile.png", "results/lesion.png", "results/preact.png",
+                             "results/shattering.png", "results/training.png"]
     for link in links:
         png = out / link
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 100_000
@@ -53,6 +54,11 @@ def test_reproduce_quick_writes_results_with_numbers_from_the_runs(tmp_path, sha
     block = md[md.index("## Commands"):]
     assert str(work) not in block and "$WORK/training" in block
     assert "python -m skipstudy.probe probe=lesion ckpt=$WORK/training/" in block
+    assert "python -m skipstudy.train hydra.sweep.dir=$WORK/preact" in block and "experiment=he2016b_preact" in block
+    # Section 6's check of He et al. 2016b: in the pre-activation net the shortcut part of a block's
+    # input gradient is the next block's input gradient (nothing after the addition).
+    (row,) = re.findall(r"^\| pre-activation \| 0 \| .* \| (\S+)-(\S+) \(\d+ pairs\) \|$", md, flags=re.M)
+    assert float(row[0]) == pytest.approx(1, abs=1e-4) and float(row[1]) == pytest.approx(1, abs=1e-4)
 
 
 @pytest.mark.parametrize("args,needle", [(["--cifar-root", "/nonexistent"], "--cifar-root=/nonexistent holds no cifar-10-batches-py/"),
