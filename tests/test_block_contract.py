@@ -257,3 +257,19 @@ def test_init_schemes_zero_the_declared_branch_exit():
         for b in find_blocks(net):
             assert not b.exit.weight.any()
             assert b.module.branch_convs()[0].weight.any()
+
+
+def test_monitor_blocks_true_refuses_an_undeclared_block_before_training():
+    """``GradientFlowMonitor.resolve`` (train.py calls it before anything is written) refuses
+    with ``monitor.blocks=true`` and only warns with the default ``monitor.blocks=null``."""
+    from skipstudy.monitor import GradientFlowMonitor
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), UndeclaredPreAct(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, 3))
+    with pytest.raises(ConfigError, match=r"^monitor.blocks=true: 1 block\(s\) of type UndeclaredPreAct \(1\)"):
+        GradientFlowMonitor(blocks=True).resolve(net)
+    with pytest.warns(UserWarning, match="UndeclaredPreAct"):
+        GradientFlowMonitor().resolve(net)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GradientFlowMonitor(blocks=False).resolve(net)
