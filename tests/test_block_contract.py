@@ -273,3 +273,12 @@ def test_monitor_blocks_true_refuses_an_undeclared_block_before_training():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         GradientFlowMonitor(blocks=False).resolve(net)
+
+
+@pytest.mark.parametrize("probe", [lesion, paths], ids=["lesion", "paths"])
+def test_lesion_and_paths_refuse_a_block_that_declares_nothing(probe):
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), UndeclaredPreAct(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, 3))
+    with pytest.raises(ConfigError, match=rf"^probe={probe.NAME}: 1 block\(s\) of type UndeclaredPreAct \(1\) declare "
+                                          "no block contract"):
+        probe.check(net, None)

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from skipstudy.errors import ConfigError
+
 SHORTCUTS = ("identity", "projection", "none")
 AFTER = ("relu", "none")
 
@@ -145,3 +147,13 @@ def read_blocks(net: nn.Module) -> tuple[list[tuple[str, nn.Module, BlockContrac
 def _children_declared(module: nn.Module):
     """Declared blocks below ``module`` (a stage named ``...Block...`` holding real blocks)."""
     return (m for m in module.modules() if m is not module and contract_of(m) is not None)
+
+
+def require_declared(net: nn.Module, probe: str) -> None:
+    """Refuse ``probe`` on a net with residual-looking blocks that declare nothing: deleting or
+    routing around a branch needs to know where it starts and what the shortcut reads."""
+    undeclared = read_blocks(net)[1]
+    if undeclared:
+        kinds = ", ".join(sorted({type(net.get_submodule(n)).__name__ for n in undeclared}))
+        raise ConfigError(f"probe={probe}: {len(undeclared)} block(s) of type {kinds} ({', '.join(undeclared[:3])}) "
+                          "declare no block contract; give the class a block_contract() (skipstudy.models.contract)")

@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from skipstudy.models.blocks import Block
+from skipstudy.models.contract import require_declared
 from skipstudy.probes.context import Batches, ProbeContext, kept_state, panels, require_skips, residual_blocks, titled
 
 NAME = "lesion"
@@ -23,6 +24,7 @@ NAME = "lesion"
 def check(net: nn.Module, options: Any = None) -> None:
     require_skips(net, NAME, "deleting a block of a plain net cuts the only path through it, so there is "
                   "nothing to measure")
+    require_declared(net, NAME)
 
 
 def is_downsampling(block: Block) -> bool:

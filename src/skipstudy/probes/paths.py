@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import nn
 
+from skipstudy.models.contract import require_declared
 from skipstudy.probes.context import (Batches, ProbeContext, bn_mode, cross_entropy, panels, require_skips,
                                       residual_blocks, titled)
 
@@ -25,6 +26,7 @@ NAME = "paths"
 def check(net: nn.Module, options: Any) -> None:
     require_skips(net, NAME, "a plain net has a single path through its blocks, so there is no distribution "
                   "of path lengths")
+    require_declared(net, NAME)
 
 
 @contextlib.contextmanager
