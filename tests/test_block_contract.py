@@ -282,3 +282,40 @@ def test_lesion_and_paths_refuse_a_block_that_declares_nothing(probe):
     with pytest.raises(ConfigError, match=rf"^probe={probe.NAME}: 1 block\(s\) of type UndeclaredPreAct \(1\) declare "
                                           "no block contract"):
         probe.check(net, None)
+
+
+class LayerScaleBlock(nn.Module):
+    """A user's ConvNeXt-style block, ``x + drop_path(gamma * pw(gelu(pw(norm(dw(x))))))``,
+    declaring itself: no skipstudy base class, no adapter."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
+        self.norm = nn.GroupNorm(1, channels)
+        self.pw1, self.pw2 = nn.Conv2d(channels, 2 * channels, 1), nn.Conv2d(2 * channels, channels, 1)
+        self.gamma = nn.Parameter(torch.full((channels,), 0.5))
+        self.drop_path = nn.Identity()
+
+    def block_contract(self):
+        from skipstudy.models.contract import BlockContract
+
+        return BlockContract(self.dw, self.drop_path, "identity", after="none")
+
+    def forward(self, x):
+        out = self.pw2(F.gelu(self.pw1(self.norm(self.dw(x)))))
+        return x + self.drop_path(out * self.gamma.view(1, -1, 1, 1))
+
+
+def test_a_users_own_block_declares_itself():
+    def recombine(block, v, u):
+        branch = block.pw2(F.gelu(block.pw1(block.norm(block.dw(v))))) * block.gamma.view(1, -1, 1, 1)
+        return u + branch, branch, u
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), LayerScaleBlock(4), LayerScaleBlock(4), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(4, 3))
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
+    want = reference(net, x, y, ["1", "2"], lambda block, z: z, recombine)
+    taps = LayerTaps(net, blocks=True)
+    assert taps.block_names == ["1", "2"]
+    assert_same(recorded(taps, net, x, y), want, taps.block_names)
