@@ -141,3 +141,26 @@ def markdown(results: list[dict], png: str, steps: int, batch: int, lr: float, f
            f"These are {steps} steps of one seed on 1,000 images; He et al.'s accuracy claim (6.37% against 6.61% "
            f"error for ResNet-110, 4.92% against 7.61% at depth 1001) needs the full 64k-step schedule."]
     return md
+
+
+def replace_section(results_md: Path, section: list[str], runner, portable, started, command: str) -> Path:
+    """Put ``section`` into an existing results.md in place of its section 6 (or before
+    "## Commands"), saying which invocation wrote it, and list its commands with the others."""
+    if not results_md.is_file():
+        raise SystemExit(f"reproduce: --only-preact needs an existing {results_md}; run without it first")
+    text = results_md.read_text()
+    head, sep, commands = text.partition("\n## Commands")
+    head = head.split("\n## 6. ")[0].rstrip("\n")
+    note = (f"Section 6 written by `{command}` on {started:%Y-%m-%d %H:%M} UTC, apart from the sections above "
+            "(its commands are the last ones listed at the end).")
+    section = [*section[:3], note, "", *section[3:]]
+    shown = [portable(c) for c in runner.commands]
+    if sep:
+        block_end = commands.index("```", commands.index("```") + 3)
+        old = [line for line in commands[:block_end].split("\n") if line.startswith("python -m skipstudy.train hydra.sweep.dir=$WORK/preact")]
+        body = commands[:block_end]
+        for line in old:
+            body = body.replace(line + "\n", "")
+        commands = body + "\n".join(shown) + "\n" + commands[block_end:]
+    results_md.write_text(head + "\n" + "\n".join(section) + "\n" + sep + commands)
+    return results_md
