@@ -1,6 +1,6 @@
 """Reproduce the project's headline results on a CPU and write them to docs/results.md.
 
-    python scripts/reproduce.py            # the full set: about 15 minutes on 2 idle cores
+    python scripts/reproduce.py            # the full set: about 20 minutes on 2 idle cores
     python scripts/reproduce.py --quick    # the same steps on tiny settings (a smoke test)
 
 Every number comes from the project's own command-line tools, run as a user would run them

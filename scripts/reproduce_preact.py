@@ -130,15 +130,24 @@ def markdown(results: list[dict], png: str, steps: int, batch: int, lr: float, f
 
     pre_dev, post_dev = max(spread(pre, "init"), spread(pre, "last")), max(spread(post, "init"), spread(post, "last"))
     post_mean = float(np.nanmean(np.concatenate([post["init"]["pairs"], post["last"]["pairs"]])))
-    keep = {res["name"]: res["init"]["input"][0] / res["init"]["input"][-1] for res in results}
+    keep = {(res["name"], w): res[w]["input"][0] / res[w]["input"][-1] for res in results for w in ("init", "last")}
+    conv1 = {res["name"]: res["last"]["rms"][0] / res["last"]["fc"] for res in results}
+    last_step = pre["last"]["step"]
     md += ["", "What the run shows. The last column tests the claim block by block: in the pre-activation net the "
            f"shortcut part of each block's input gradient equals the next block's input gradient to within "
            f"{fmt(pre_dev, 2)} (relative, worst pair, both steps), the identity path carrying the gradient unchanged; in "
            f"the post-activation net it is on average {fmt(post_mean)} of it (worst deviation {fmt(post_dev, 2)}): the "
            "ReLU after each addition zeroes the gradient wherever the sum was negative. Across the whole net, the "
-           f"gradient at the first block's input is {fmt(keep['pre-activation'])} times that at the last block's in the "
-           f"pre-activation net and {fmt(keep['post-activation'])} times in the post-activation one at step 0. "
-           f"These are {steps} steps of one seed on 1,000 images; He et al.'s accuracy claim (6.37% against 6.61% "
+           f"gradient at the first block's input is {fmt(keep['pre-activation', 'init'])} times that at the last block's "
+           f"in the pre-activation net and {fmt(keep['post-activation', 'init'])} times in the post-activation one at "
+           f"step 0; at step {last_step}, {fmt(keep['pre-activation', 'last'])} and "
+           f"{fmt(keep['post-activation', 'last'])} times, and conv1's output-gradient RMS is "
+           f"{fmt(conv1['pre-activation'])} of fc's against {fmt(conv1['post-activation'])}"
+           + (f": after this short training the post-activation net passes {fmt(conv1['pre-activation'] / conv1['post-activation'])} "
+              "times less gradient (relative to fc) to its first layer, consistent with the paper's argument. "
+              if conv1["post-activation"] < conv1["pre-activation"] else
+              ": here the post-activation net's first layer gets no less gradient, not what the paper's argument suggests. ")
+           + f"These are {steps} steps of one seed on 1,000 images; He et al.'s accuracy claim (6.37% against 6.61% "
            f"error for ResNet-110, 4.92% against 7.61% at depth 1001) needs the full 64k-step schedule."]
     return md
 
@@ -151,8 +160,9 @@ def replace_section(results_md: Path, section: list[str], runner, portable, star
     text = results_md.read_text()
     head, sep, commands = text.partition("\n## Commands")
     head = head.split("\n## 6. ")[0].rstrip("\n")
-    note = (f"Section 6 written by `{command}` on {started:%Y-%m-%d %H:%M} UTC, apart from the sections above "
-            "(its commands are the last ones listed at the end).")
+    took = sum(runner.timings.values()) / 60 if getattr(runner, "timings", None) else math.nan
+    note = (f"Section 6 written by `{command}` on {started:%Y-%m-%d %H:%M} UTC (its runs took {took:.1f} min), apart "
+            "from the sections above (its commands are the last ones listed at the end).")
     section = [*section[:3], note, "", *section[3:]]
     shown = [portable(c) for c in runner.commands]
     if sep:
