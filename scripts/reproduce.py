@@ -1,6 +1,6 @@
 """Reproduce the project's headline results on a CPU and write them to docs/results.md.
 
-    python scripts/reproduce.py            # the full set: about 15 minutes on 2 idle cores
+    python scripts/reproduce.py            # the full set: about 20 minutes on 2 idle cores
     python scripts/reproduce.py --quick    # the same steps on tiny settings (a smoke test)
 
 Every number comes from the project's own command-line tools, run as a user would run them
@@ -16,6 +16,9 @@ their logs with `skipstudy.analysis` (the reader of `python -m skipstudy.report`
 4. The shattering probe against depth at initialisation, with fitted 2^-L and 1/sqrt(L)
    reference curves (Balduzzi et al. 2017).
 5. The lesion probe on the residual net trained in 3 (Veit et al. 2016).
+6. Post- against pre-activation ResNet-110 (He et al. 2016b) at initialisation and after a short
+   training on the CIFAR-10 subset: gradient RMS per layer and the shortcut/branch split per
+   block (``scripts/reproduce_preact.py``).
 
 Outputs: ``<out>/results.md`` and ``<out>/results/*.png`` (small PNGs), default ``docs/``; the
 runs themselves go to ``--work`` (default: a fresh ``logs/reproduce_<time>/``).
@@ -39,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+import reproduce_preact  # beside this script (section 6)
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CIFAR = REPO.parent / "shared" / "data" / "cifar10-mini"
 MAX_PNG_BYTES = 100_000
@@ -58,14 +63,20 @@ class Settings:
     shatter_depths: str
     shatter_points: int
     lesion_samples: int
+    preact_depth: int
+    preact_steps: int
 
 
 FULL = Settings(vanish_image_size=64, vanish_norms="batch,none", vanish_inits="default,kaiming",
                 profile_depths="20,56,110", train_depths="20,56", train_steps=200, train_batch=64,
-                shatter_depths="8,14,20,32,56,110", shatter_points=256, lesion_samples=2)
+                shatter_depths="8,14,20,32,56,110", shatter_points=256, lesion_samples=2,
+                preact_depth=110, preact_steps=60)
 QUICK = Settings(vanish_image_size=32, vanish_norms="none", vanish_inits="default",
                  profile_depths="8", train_depths="8,14", train_steps=4, train_batch=250,
-                 shatter_depths="8,14,20", shatter_points=16, lesion_samples=1)
+                 shatter_depths="8,14,20", shatter_points=16, lesion_samples=1, preact_depth=20, preact_steps=4)
+# Section 6: the paper's warm-up rate for ResNet-110 (0.01 at batch 128), doubled: 60 steps at 0.1 send
+# a 110-layer net's loss up before it comes down, and the section is about gradients, not accuracy.
+PREACT_LR = 0.02
 
 
 # ---------------------------------------------------------------------- running the tools
@@ -343,6 +354,18 @@ def lesion(run, s: Settings, run_dir: Path, depth: int, out: Path) -> tuple[Path
     return save_png(fig, out / "lesion.png", dpi=64), record
 
 
+# ---------------------------------------------------------------------- 6. post against pre-activation
+
+
+def preact_section(run, s: Settings, work: Path, cifar: Path, figs: Path) -> list[str]:
+    """Section 6's runs, figure and text (``scripts/reproduce_preact.py``)."""
+    runs = reproduce_preact.run_section(run, work, s.preact_depth, s.preact_steps, s.train_batch, PREACT_LR,
+                                        [*cifar_args(cifar), "dataset.num_workers=0"], COMMON, NO_CHECKPOINTS, NUMBERED)
+    results = [reproduce_preact.measure(r) for r in runs]
+    png = reproduce_preact.figure(results, new_figure, save_png, figs / "preact.png")
+    return reproduce_preact.markdown(results, f"results/{png.name}", s.preact_steps, s.train_batch, PREACT_LR, _fmt)
+
+
 # ---------------------------------------------------------------------- the document
 
 
@@ -359,6 +382,13 @@ def versions() -> dict:
     return run_info()
 
 
+def cmd_line(args) -> str:
+    return " ".join(["python scripts/reproduce.py", *(["--quick"] if args.quick else []),
+                     *(["--only-preact"] if args.only_preact else []),
+                     *([f"--train-steps {args.train_steps}"] if args.train_steps is not None else []),
+                     *([f"--threads {args.threads}"] if args.threads else [])])
+
+
 def write_results(out: Path, args, s: Settings, runner: Runner, sections: dict, started: dt.datetime) -> Path:
     info = versions()
     v_lines, v_rows = sections["vanishing"]
@@ -367,9 +397,7 @@ def write_results(out: Path, args, s: Settings, runner: Runner, sections: dict, 
     shat_png, shat, fits = sections["shattering"]
     les_png, les = sections["lesion"]
     rel = lambda p: Path(p).relative_to(out).as_posix()  # noqa: E731
-    cmd = " ".join(["python scripts/reproduce.py", *(["--quick"] if args.quick else []),
-                    *([f"--train-steps {args.train_steps}"] if args.train_steps is not None else []),
-                    *([f"--threads {args.threads}"] if args.threads else [])])
+    cmd = cmd_line(args)
     pk = info["packages"]
     md = [
         "# Results",
@@ -496,6 +524,8 @@ def write_results(out: Path, args, s: Settings, runner: Runner, sections: dict, 
            "about 93%; this net was trained for minutes on 1,000 images"
            + (", so its accuracy is low to begin with and the comparison is weak." if les["acc_intact"] < 0.6 else ".")]
 
+    md += sections["preact"]  # 6
+
     md += ["", "## Commands", "", "Run from the repository root, in this order (`$WORK`: the folder the runs go "
            "to, `--work`):", "", "```"]
     md += [portable(c, runner.work, args.cifar_root.resolve()) for c in runner.commands]
@@ -516,6 +546,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"steps of the CIFAR-10 training in section 3 (default: {FULL.train_steps}; --quick: {QUICK.train_steps})")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per run (OMP_NUM_THREADS); 1 helps on a machine other jobs keep busy")
+    p.add_argument("--only-preact", action="store_true",
+                   help="run section 6 alone and put it into the existing <out>/results.md in place of its old one")
     p.add_argument("--cifar-root", type=Path, default=DEFAULT_CIFAR,
                    help=f"a folder holding cifar-10-batches-py/ (default: {DEFAULT_CIFAR})")
     return p.parse_args(argv)
@@ -542,12 +574,18 @@ def main(argv: list[str] | None = None) -> int:
         s = dataclasses.replace(s, train_steps=args.train_steps)
     run = Runner(work, args.threads)
     figs = out / "results"
+    if args.only_preact:
+        path = reproduce_preact.replace_section(out / "results.md", preact_section(run, s, work, cifar, figs), run,
+                                                lambda c: portable(c, work, cifar), started, cmd_line(args))
+        print(f"wrote section 6 of {path} and {figs / 'preact.png'}; runs in {work}")
+        return 0
     sections = {"vanishing": vanishing(run, s, work)}
     sections["depth_profile"] = depth_profile(run, s, work, cifar, figs)
     sections["training"] = training(run, s, work, cifar, figs)
     deepest_res = max((d for d in sections["training"][1] if d["skip"]), key=lambda d: d["depth"])
     sections["shattering"] = shattering(run, s, work, cifar, figs)
     sections["lesion"] = lesion(run, s, deepest_res["path"], deepest_res["depth"], figs)
+    sections["preact"] = preact_section(run, s, work, cifar, figs)
     path = write_results(out, args, s, run, sections, started)
     print(f"wrote {path} and {len(list(figs.glob('*.png')))} figures in {figs}; runs in {work}")
     return 0

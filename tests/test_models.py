@@ -51,11 +51,14 @@ def _build(name: str, **options) -> nn.Module:
 # (label, builder, options) of one instance of every builder; all take 32 px inputs.
 NETS = [("mini", "mini", {}), ("cifar_resnet20", "cifar_resnet", {"depth": 20})] + [
     (name, name, {}) for name in IMAGENET_BUILDERS
-]
+] + [("preact_resnet20", "preact_resnet", {"depth": 20}),
+     ("preact_resnet29_bottleneck", "preact_resnet", {"depth": 29, "block": "bottleneck"}),
+     ("preact_resnet18", "preact_resnet", {"family": "imagenet", "depth": 18}),
+     ("wrn_10_2", "wide_resnet", {"depth": 10, "width": 2, "dropout": 0.3})]
 
 
 # The deepest nets take seconds each to build and run on 2 cores: their cases run with -m slow.
-DEEPEST = {"resnet101", "resnet152"}
+DEEPEST = {"resnet101", "resnet152", "wide_resnet"}
 
 
 # --- every config builds, at every dataset's shape ------------------------------------------

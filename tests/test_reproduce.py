@@ -23,12 +23,13 @@ def test_reproduce_quick_writes_results_with_numbers_from_the_runs(tmp_path, sha
 
     # Command, versions and date.
     assert "`python scripts/reproduce.py --quick`" in md and "torch 2." in md and re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", md)
-    for title in ("1. Vanishing", "2. Output-gradient RMS", "3. Training", "4. Shattered", "5. Lesion"):
+    for title in ("1. Vanishing", "2. Output-gradient RMS", "3. Training", "4. Shattered", "5. Lesion", "6. Post- against"):
         assert f"## {title}" in md
 
     # Every figure it links exists and is small.
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert sorted(links) == ["results/depth_profile.png", "results/lesion.png", "results/shattering.png", "results/training.png"]
+    assert sorted(links) == ["results/depth_profile.png", "results/lesion.png", "results/preact.png",
+                             "results/shattering.png", "results/training.png"]
     for link in links:
         png = out / link
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 100_000
@@ -53,6 +54,11 @@ def test_reproduce_quick_writes_results_with_numbers_from_the_runs(tmp_path, sha
     block = md[md.index("## Commands"):]
     assert str(work) not in block and "$WORK/training" in block
     assert "python -m skipstudy.probe probe=lesion ckpt=$WORK/training/" in block
+    assert "python -m skipstudy.train hydra.sweep.dir=$WORK/preact" in block and "experiment=he2016b_preact" in block
+    # Section 6's check of He et al. 2016b: in the pre-activation net the shortcut part of a block's
+    # input gradient is the next block's input gradient (nothing after the addition).
+    (row,) = re.findall(r"^\| pre-activation \| 0 \| .* \| (\S+)-(\S+) \(\d+ pairs\) \|$", md, flags=re.M)
+    assert float(row[0]) == pytest.approx(1, abs=1e-4) and float(row[1]) == pytest.approx(1, abs=1e-4)
 
 
 @pytest.mark.parametrize("args,needle", [(["--cifar-root", "/nonexistent"], "--cifar-root=/nonexistent holds no cifar-10-batches-py/"),
@@ -63,3 +69,30 @@ def test_bad_arguments_are_refused_before_anything_runs(tmp_path, shared_data, a
     proc = subprocess.run(cmd, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "work").exists() and not (tmp_path / "docs").exists()
+
+
+def test_only_preact_replaces_section_6_and_its_commands(tmp_path):
+    """``--only-preact`` writes section 6 into an existing results.md: before "## Commands", in
+    place of an older section 6, its command listed once with the others, the rest untouched."""
+    import datetime as dt
+    import sys
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import reproduce_preact
+
+    doc = tmp_path / "results.md"
+    doc.write_text("# Results\n\n## 5. Lesion\n\ntext five\n\n## Commands\n\nRun from the root:\n\n```\n"
+                   "python -m skipstudy.train hydra.sweep.dir=$WORK/training x\n```\n\nSeconds per section: ...\n")
+    when = dt.datetime(2026, 1, 2, 3, 4, tzinfo=dt.timezone.utc)
+    for text in ("first", "second"):
+        runner = SimpleNamespace(commands=[f"python -m skipstudy.train hydra.sweep.dir=$WORK/preact {text}"])
+        section = ["", "## 6. Post- against pre-activation ResNet-110 (He et al. 2016b)", "", f"body {text}"]
+        reproduce_preact.replace_section(doc, section, runner, lambda c: c, when, "python scripts/reproduce.py --only-preact")
+    md = doc.read_text()
+    assert md.count("## 6. ") == 1 and "body second" in md and "body first" not in md
+    assert md.index("text five") < md.index("## 6. ") < md.index("## Commands")
+    assert "Section 6 written by `python scripts/reproduce.py --only-preact` on 2026-01-02 03:04 UTC" in md
+    block = md[md.index("```"):md.rindex("```")]
+    assert block.count("$WORK/preact") == 1 and "$WORK/preact second" in block and "$WORK/training x" in block
+    assert md.endswith("Seconds per section: ...\n")

@@ -153,6 +153,14 @@ GROUPS: dict[str, dict[str | None, dict[str, Key]]] = {
             "depth": Int(8, eg=20, rule=(lambda d: (d - 2) % 6 == 0, "6n+2 >= 8; the paper's: 20, 32, 44, 56, 110, 1202", 21))},
         "skipstudy.models.mini": _MODEL,
         **{f"skipstudy.models.resnet{d}": _RESNET for d in (18, 34, 50, 101, 152)},
+        # Depth against family and block: _preact_depth.
+        "skipstudy.models.preact_resnet": {
+            **_MODEL, "shortcut": Choice("A", "B"), "family": Choice("cifar", "imagenet"),
+            "block": Choice("basic", "bottleneck", null=True), "stem": Choice("imagenet", "cifar", null=True),
+            "depth": Int(8, eg=164)},
+        "skipstudy.models.wide_resnet": {
+            **_MODEL, "shortcut": Choice("B", "A"), "width": Int(1, eg=10), "dropout": Num(0, 1, hi_open=True, eg=0.3),
+            "depth": Int(10, eg=28, rule=(lambda d: (d - 4) % 6 == 0, "6n+4 >= 10; the paper's: 16, 22, 28, 40", 27))},
     },
     "optimizer": {
         "torch.optim.SGD": {"lr": Num(0, lo_open=True, eg=0.1), "momentum": Num(0, 1, hi_open=True, eg=0.9),
@@ -174,7 +182,7 @@ GROUPS: dict[str, dict[str | None, dict[str, Key]]] = {
             "layers": (Str(eg="conv1") | List(Str(eg="conv1"), eg=["conv1", "fc"])).nullable(),
             "schedule": Choice("every", "log"), "every_n_steps": Int(1, eg=10), "points_per_decade": Int(1, eg=10),
             "hist_every_n_epochs": Int(0, eg=1), "activations": Bool(), "on_nonfinite": _NONFINITE,
-            "export": Choice("json", "csv", "none"), "figure": Bool(), "blocks": Bool()},
+            "export": Choice("json", "csv", "none"), "figure": Bool(), "blocks": Bool(null=True)},
     },
 }
 
@@ -304,9 +312,40 @@ def _rules(group: str, node: Mapping) -> None:
     if group == "model" and node.get("skip") is False and init in ("zero_residual", "fixup", "skipinit"):
         raise ConfigError(f"model.init={init} needs model.skip=true: without a shortcut a zeroed branch makes "
                           "every block output a constant; use model.init=default or model.init=kaiming")
+    if group == "model" and init == "fixup" and node.get("_target_") in _PREACT:
+        raise ConfigError(f"model.init=fixup is defined for post-activation blocks (Zhang et al. 2019), not "
+                          f"{node['_target_'].rpartition('.')[2]}'s pre-activation ones; use model.init=skipinit "
+                          "(De & Smith 2020 used it in pre-activation Wide ResNets) or model.init=zero_residual")
+    if group == "model" and node.get("_target_") == "skipstudy.models.preact_resnet":
+        _preact_depth(node.get("depth", 164), node.get("family", "cifar"), node.get("block"))
     if group == "model" and init == "fixup" and norm != "none":
         raise ConfigError(f"model.init=fixup needs model.norm=none (got model.norm={norm}): Fixup replaces "
                           "normalisation layers; with batch norm use model.init=zero_residual")
+
+
+_PREACT = ("skipstudy.models.preact_resnet", "skipstudy.models.wide_resnet")
+_PREACT_IMAGENET = {18: "basic", 34: "basic", 50: "bottleneck", 101: "bottleneck", 152: "bottleneck"}
+
+
+def _preact_depth(depth: int, family: str, block: str | None) -> None:
+    """model.depth of a pre-activation ResNet against model.family and model.block."""
+    if family == "imagenet":
+        if depth not in _PREACT_IMAGENET:
+            raise ConfigError(f"model.depth={depth} is not an ImageNet ResNet depth (model.family=imagenet); "
+                              "valid: 18, 34, 50, 101, 152; e.g. model.depth=50, or model.family=cifar")
+        if block not in (None, _PREACT_IMAGENET[depth]):
+            raise ConfigError(f"model.block={block} does not fit model.depth={depth} (model.family=imagenet uses "
+                              f"{_PREACT_IMAGENET[depth]}); e.g. model.block=null")
+        return
+    rules = {"basic": (6, "6n+2; the paper's: 110"), "bottleneck": (9, "9n+2; the paper's: 164, 1001")}
+    chosen = block or ("bottleneck" if depth >= 164 and (depth - 2) % 9 == 0 else "basic")  # preact.cifar_block
+    step, words = rules[chosen]
+    if (depth - 2) % step or depth < step + 2:
+        if block is None:
+            raise ConfigError(f"model.depth={depth} must be 6n+2 (basic blocks) or 9n+2 >= 164 (bottlenecks) "
+                              "for model.family=cifar; e.g. model.depth=110, model.depth=164 or model.depth=1001")
+        raise ConfigError(f"model.depth={depth} must be {words} with model.block={block}; "
+                          f"e.g. model.depth={110 if block == 'basic' else 164}")
 
 
 def _from_hint(hint: Any, default: Any) -> Key | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from skipstudy.errors import ConfigError
+from skipstudy.models.preact import preact_resnet, wide_resnet
 from skipstudy.models.resnet import cifar_resnet, mini, resnet18, resnet34, resnet50, resnet101, resnet152
 
 
@@ -20,4 +21,5 @@ def check_input_size(model: nn.Module, image_size: int) -> None:
                           f"use >= {factor}{hint}")
 
 
-__all__ = ["check_input_size", "cifar_resnet", "mini", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+__all__ = ["check_input_size", "cifar_resnet", "mini", "preact_resnet", "resnet18", "resnet34", "resnet50", "resnet101",
+           "resnet152", "wide_resnet"]

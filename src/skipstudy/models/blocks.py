@@ -2,7 +2,8 @@
 state dicts load with ``strict=True``). The plain twin is ``skip=False``: no addition and no
 projection parameters (a parameter that never gets a gradient would look like a "vanished" layer
 and breaks DDP). Modules are defined in forward order: the monitor and the report read
-``named_modules()`` as the data flow. New block types: docs/architecture.md."""
+``named_modules()`` as the data flow. Every block declares its structure in
+:meth:`Block.block_contract` (``models/contract.py``); new block types: docs/architecture.md."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Callable
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from skipstudy.models.contract import BlockContract
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -61,15 +64,28 @@ def make_shortcut(in_planes: int, out_planes: int, stride: int, kind: str, norm_
     return nn.Sequential(conv1x1(in_planes, out_planes, stride), *([] if isinstance(norm, nn.Identity) else [norm]))
 
 
+def _redefines_forward(cls: type) -> bool:
+    """A subclass that overrides ``forward`` below the class declaring ``block_contract``: its
+    declaration may no longer be true, so it declares nothing (the monitor names it)."""
+    owner = {attr: next(c for c in cls.__mro__ if attr in vars(c)) for attr in ("forward", "block_contract")}
+    return owner["forward"] is not owner["block_contract"] and issubclass(owner["forward"], owner["block_contract"])
+
+
 class Block(nn.Module):
     """``relu(branch(x) + shortcut(x))``, the branch being conv-norm pairs with ReLUs between.
 
     The Fixup scalar biases (``bias<i>a`` before conv ``i``, ``bias<i>b`` after its norm) and
     the branch scale (SkipInit, Fixup) are empty parameter slots until an init scheme fills
     them, so the default block has exactly torchvision's parameters.
+
+    A subclass whose ``forward`` computes something else overrides :meth:`block_contract`,
+    :meth:`shortcut_term` and :meth:`without_branch` with it (see ``preact.py``).
     """
 
     expansion = 1
+    # Whether a projection shortcut carries its own norm (He et al. 2016: conv + BN); a
+    # pre-activation block's shortcut reads a normalised tensor already.
+    shortcut_norm = True
 
     def __init__(self, convs: list[nn.Conv2d], norm_layer: NormLayer, downsample: nn.Module | None,
                  stride: int, skip: bool) -> None:
@@ -105,6 +121,30 @@ class Block(nn.Module):
     def extra_repr(self) -> str:
         return "" if self.skip else "skip=False"
 
+    @property
+    def shortcut_kind(self) -> str:
+        return "none" if not self.skip else "identity" if self.downsample is None else "projection"
+
+    def branch_exit(self) -> nn.Module:
+        """The module whose output is the branch's last tensor, before SkipInit's or Fixup's
+        scalars: the last norm, or without one (``norm=none``) the last conv."""
+        norm = self.branch_norms()[-1]
+        return self.branch_convs()[-1] if isinstance(norm, nn.Identity) else norm
+
+    def block_contract(self) -> BlockContract | None:
+        """This block's structure (``models/contract.py``): the branch from ``conv1`` to
+        :meth:`branch_exit`, the shortcut on the block input, a ReLU after the addition."""
+        if _redefines_forward(type(self)):
+            return None
+        return BlockContract(self.conv1, self.branch_exit(), self.shortcut_kind,
+                             self.downsample if self.skip else None, shared=False, after="relu")
+
+    def without_branch(self, x: torch.Tensor) -> torch.Tensor:
+        """What the block computes with its branch deleted (the lesion probe): ``relu`` of the
+        shortcut term, the ReLU after the addition being outside the branch. Not in place:
+        with an identity shortcut it would overwrite ``x``."""
+        return torch.relu(self.shortcut_term(x))
+
     def shortcut_term(self, x: torch.Tensor) -> torch.Tensor:
         """The shortcut's part of the output. A downsampling shortcut sees what the first conv sees,
         ``x + bias1a`` under Fixup, as Zhang et al. 2019's reference code does; the lesion and paths
@@ -126,10 +166,9 @@ class Block(nn.Module):
 
     @torch.no_grad()
     def zero_init_last(self) -> None:
-        """Zero the branch output (Goyal et al. 2017): the last norm's weight, or without one
-        (``norm=none``) the last conv's, which is the same function at init."""
-        weight = getattr(self.branch_norms()[-1], "weight", None)
-        (self.branch_convs()[-1].weight if weight is None else weight).zero_()
+        """Zero the branch output (Goyal et al. 2017): the weight of the branch's exit module,
+        the last norm's, or without one (``norm=none``) the last conv's, the same function at init."""
+        self.branch_exit().weight.zero_()
 
     def add_branch_scale(self, value: float) -> None:
         """A learnable scalar multiplying the branch output (SkipInit: 0, Fixup: 1)."""
@@ -170,12 +209,14 @@ class Bottleneck(Block):
 
 
 def make_stage(block: type[Block], in_planes: int, planes: int, num_blocks: int, stride: int,
-               skip: bool, shortcut: str, norm_layer: NormLayer) -> nn.Sequential:
-    """One stage (``layerN``): the first block may change stride and width, the rest keep shapes."""
+               skip: bool, shortcut: str, norm_layer: NormLayer, **block_options) -> nn.Sequential:
+    """One stage (``layerN``): the first block may change stride and width, the rest keep shapes.
+    ``block_options`` go to every block (a Wide ResNet's ``dropout``)."""
     out_planes = planes * block.expansion
+    shortcut_norm = norm_layer if block.shortcut_norm else NORMS["none"]
     layers = []
     for i in range(num_blocks):
         block_in, block_stride = (in_planes, stride) if i == 0 else (out_planes, 1)
-        down = make_shortcut(block_in, out_planes, block_stride, shortcut, norm_layer) if skip else None
-        layers.append(block(block_in, planes, block_stride, down, norm_layer, skip=skip))
+        down = make_shortcut(block_in, out_planes, block_stride, shortcut, shortcut_norm) if skip else None
+        layers.append(block(block_in, planes, block_stride, down, norm_layer, skip=skip, **block_options))
     return nn.Sequential(*layers)

@@ -23,7 +23,7 @@ from torch import nn
 
 from skipstudy import config
 from skipstudy.monitor import writers
-from skipstudy.monitor.layers import select_layers
+from skipstudy.monitor.layers import find_blocks, select_layers
 from skipstudy.monitor.sums import SUM_DTYPE
 from skipstudy.monitor.taps import LayerTaps
 
@@ -52,7 +52,7 @@ class GradientFlowMonitor(Callback):
 
     def __init__(self, layers: str | list[str] | None = None, every_n_steps: int = 1, schedule: str = "every",
                  points_per_decade: int = 10, hist_every_n_epochs: int = 1, activations: bool = True,
-                 on_nonfinite: str = "stop", export: str = "json", figure: bool = True, blocks: bool = True) -> None:
+                 on_nonfinite: str = "stop", export: str = "json", figure: bool = True, blocks: bool | None = None) -> None:
         super().__init__()
         # The config check's own declaration (skipstudy/config.py), also without Hydra.
         config.check_args("monitor", self, every_n_steps=every_n_steps, points_per_decade=points_per_decade,
@@ -82,8 +82,10 @@ class GradientFlowMonitor(Callback):
 
     def resolve(self, net: nn.Module) -> None:
         """Check ``monitor.layers`` against the network before training (ConfigError naming
-        the closest names)."""
+        the closest names), and ``monitor.blocks`` (undeclared blocks: a warning, refused if true)."""
         self.layer_names = select_layers(getattr(net, "_orig_mod", net), self.layers)  # torch.compile(net)
+        if self.blocks is not False:  # monitor.blocks=true: a block that declares nothing is refused now
+            find_blocks(getattr(net, "_orig_mod", net), strict=self.blocks is True)
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from torch import nn
 
 from skipstudy.errors import ConfigError
-from skipstudy.models.blocks import Block
+from skipstudy.models.contract import read_blocks
 
 # ``monitor.layers: null``: the weighted layers whose count gives a ResNet its depth, the
 # classifier ``fc`` last.
@@ -51,9 +52,12 @@ def select_layers(net: nn.Module, patterns: str | Iterable[str] | None) -> list[
 
 @dataclass(frozen=True)
 class ResidualBlock:
-    """A block computing ``shortcut(x) + branch(x)``: the module whose input is the branch's
-    (``entry``), the shortcut's module (None: identity or none), whether there is a shortcut,
-    and the module whose output is the branch's last tensor (``exit``)."""
+    """A block computing ``shortcut(u) + branch(v)``, as its contract declares
+    (``models/contract.py``): the module whose input is the branch's (``entry``), the
+    shortcut's module (None: an identity the block adds itself, or none), whether there is a
+    shortcut, the module whose output is the branch's last tensor (``exit``), and whether
+    branch and shortcut read a tensor computed inside the block (``shared``: the split is
+    then that tensor's gradient, ``b + s``)."""
 
     name: str
     module: nn.Module
@@ -61,24 +65,24 @@ class ResidualBlock:
     shortcut: nn.Module | None
     has_shortcut: bool
     exit: nn.Module | None
+    shared: bool = False
 
 
-def find_blocks(net: nn.Module) -> list[ResidualBlock]:
-    """Every residual block of ``net`` in registration order: skipstudy's
-    :class:`~skipstudy.models.blocks.Block` (``shortcut`` None = plain twin), and torchvision's
-    BasicBlock/Bottleneck or blocks written like them (a ``conv1`` and a ``downsample``,
-    None = identity; the branch ends at ``bn3`` or ``bn2``). The exit of a SkipInit/Fixup
-    branch is its last norm, before the learnable scalars."""
-    blocks = []
-    for name, m in net.named_modules():
-        if isinstance(m, Block):
-            sc = m.shortcut
-            exit_module = m.branch_norms()[-1]
-            if isinstance(exit_module, nn.Identity):  # norm=none: the last conv ends the branch
-                exit_module = m.branch_convs()[-1]
-            blocks.append(ResidualBlock(name, m, m.conv1, sc if isinstance(sc, nn.Module) else None,
-                                        sc is not None, exit_module))
-        elif hasattr(m, "downsample") and isinstance(getattr(m, "conv1", None), nn.Module):
-            exit_module = getattr(m, "bn3", None) or getattr(m, "bn2", None)
-            blocks.append(ResidualBlock(name, m, m.conv1, m.downsample, True, exit_module))
-    return blocks
+def find_blocks(net: nn.Module, strict: bool = False) -> list[ResidualBlock]:
+    """Every residual block of ``net`` that declares its structure, in registration order:
+    skipstudy's blocks, modules with a ``block_contract()``, and the adapted blocks of
+    torchvision and timm (``models.contract.ADAPTERS``). A module that looks like a residual
+    block but declares nothing is not measured: named in one warning, or with ``strict``
+    (``monitor.blocks=true``) refused."""
+    declared, undeclared = read_blocks(net)
+    if undeclared:
+        kinds = sorted({type(net.get_submodule(n)).__name__ for n in undeclared})
+        shown = ", ".join(undeclared[:3]) + (f" and {len(undeclared) - 3} more" if len(undeclared) > 3 else "")
+        message = (f"{len(undeclared)} block(s) of type {', '.join(kinds)} ({shown}) declare no block contract, so "
+                   "grad_split/* and spp/* cannot be measured for them; give the class a block_contract() "
+                   "(skipstudy.models.contract)")
+        if strict:
+            raise ConfigError(f"monitor.blocks=true: {message}, or use monitor.blocks=null to skip them")
+        warnings.warn(f"monitor: {message}", stacklevel=2)
+    return [ResidualBlock(name, module, c.entry, c.projection, c.has_shortcut, c.exit, c.shared)
+            for name, module, c in declared]

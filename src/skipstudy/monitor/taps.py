@@ -71,12 +71,14 @@ class LayerTaps:
     """
 
     def __init__(self, model: nn.Module, layers: str | list[str] | None = None,
-                 activations: bool = True, blocks: bool = True) -> None:
+                 activations: bool = True, blocks: bool | None = None) -> None:
         net = getattr(model, "_orig_mod", model)
         self.model = model
         modules = dict(net.named_modules())
         self._layers = [_Unit(name, modules[name]) for name in select_layers(net, layers)]
-        self._blocks = [_Unit(b.name, b.module, spec=b) for b in find_blocks(net)] if blocks else []
+        # blocks=None: the declared ones, the rest named in a warning; True: refuse undeclared ones.
+        self._blocks = [] if blocks is False else [_Unit(b.name, b.module, spec=b)
+                                                   for b in find_blocks(net, strict=blocks is True)]
         stats = quantities.STATISTICS  # looked up now: a module may have registered more
         self.statistics = [st for st in stats.values()
                            if (activations or st.site != "output") and (self._blocks or SITES[st.site] == "layers")]
@@ -175,6 +177,10 @@ class LayerTaps:
             return  # the branch was not entered through its entry module: nothing to split
         spec = block.spec
         s = call.get("s") if spec.shortcut is not None else (grad - b if spec.has_shortcut else None)
+        if spec.shared:  # both paths read a tensor inside the block: the split is of its gradient
+            if s is None:
+                return
+            grad = b + s
         self._take(block, "split", grad, b, s)
         call.clear()  # drop the two gradients now
 

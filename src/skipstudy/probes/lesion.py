@@ -1,6 +1,8 @@
 """Lesion study (Veit et al. 2016): validation accuracy with residual branches deleted; it decays
-smoothly with the number deleted, as for an ensemble. A deleted block computes ``relu(shortcut(x))``;
-downsampling blocks keep their lossy or learned shortcut and are flagged."""
+smoothly with the number deleted, as for an ensemble. A deleted block computes what its class
+declares (``Block.without_branch``: ``relu(shortcut(x))`` post-activation, ``x`` or the projection
+of ``relu(bn1(x))`` pre-activation); downsampling blocks keep their lossy or learned shortcut and
+are flagged."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from skipstudy.models.blocks import Block, identity_shortcut
+from skipstudy.models.blocks import Block
+from skipstudy.models.contract import require_declared
 from skipstudy.probes.context import Batches, ProbeContext, kept_state, panels, require_skips, residual_blocks, titled
 
 NAME = "lesion"
@@ -21,23 +24,24 @@ NAME = "lesion"
 def check(net: nn.Module, options: Any = None) -> None:
     require_skips(net, NAME, "deleting a block of a plain net cuts the only path through it, so there is "
                   "nothing to measure")
+    require_declared(net, NAME)
 
 
 def is_downsampling(block: Block) -> bool:
-    return block.shortcut is not identity_shortcut
+    return block.block_contract().shortcut == "projection"
 
 
 class DeletedBranch(nn.Module):
-    """Stands in for a block whose residual branch is deleted: ``relu(shortcut_term(x))``, the ReLU
-    after the addition being outside the branch (Fixup's ``bias1a`` stays where a projection sees it)."""
+    """Stands in for a block whose residual branch is deleted: the block's ``without_branch(x)``,
+    which keeps what follows the addition (post-activation: the ReLU) and what the shortcut reads
+    (Fixup's ``bias1a``; a pre-activation projection's ``relu(bn1(x))``)."""
 
     def __init__(self, block: Block) -> None:
         super().__init__()
         object.__setattr__(self, "block", block)  # out of the module tree: lives for one evaluation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Not in place: with an identity shortcut the output would otherwise overwrite x.
-        return torch.relu(self.block.shortcut_term(x))
+        return self.block.without_branch(x)
 
 
 @contextlib.contextmanager

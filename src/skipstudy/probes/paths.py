@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import nn
 
+from skipstudy.models.contract import require_declared
 from skipstudy.probes.context import (Batches, ProbeContext, bn_mode, cross_entropy, panels, require_skips,
                                       residual_blocks, titled)
 
@@ -25,6 +26,7 @@ NAME = "paths"
 def check(net: nn.Module, options: Any) -> None:
     require_skips(net, NAME, "a plain net has a single path through its blocks, so there is no distribution "
                   "of path lengths")
+    require_declared(net, NAME)
 
 
 @contextlib.contextmanager
@@ -40,7 +42,8 @@ def routed(net: nn.Module, branches: Iterable[str]) -> Iterator[nn.Module]:
                 vars(block)["shortcut_term"] = lambda x, term=block.shortcut_term: term(x.detach())
                 undo.callback(vars(block).pop, "shortcut_term")
             else:
-                undo.enter_context(block.branch_convs()[0].register_forward_pre_hook(
+                # The branch's entry as the block declares it (conv1 post-activation, bn1 pre-activation).
+                undo.enter_context(block.block_contract().entry.register_forward_pre_hook(
                     lambda _m, args: (args[0].detach(), *args[1:])))
         yield net
 
