@@ -115,7 +115,7 @@ def List(item: Key, *, eg: list, size: int | None = None, distinct: bool = False
 
 BATCH = Int(1, eg=64)
 IMAGE = Int(1, eg=32)
-WORKERS = Int(0, eg=4)
+WORKERS = Int(0, eg=4, null=True)  # null: the cores available, less one, at most 4
 LOADER = Choice("auto", "torch", "device")
 PAD = Choice("zero", "reflect")
 PATH = Str(eg="/data")

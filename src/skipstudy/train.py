@@ -65,8 +65,10 @@ def build_callbacks(cfg: DictConfig, net: torch.nn.Module, run_dir: Path) -> tup
     # runs checkpoint callbacks last.) trainer.enable_checkpointing=false: no checkpoint at all, not even on SIGTERM
     # (Lightning refuses a Checkpoint callback beside it); such a run cannot be resumed.
     callbacks: list[L.Callback] = [RunState(run_dir)]
+    validates = cfg.trainer.get("limit_val_batches") not in (0, 0.0)
     if cfg.trainer.get("enable_checkpointing") is not False:
-        callbacks += checkpoint_callbacks(cfg.checkpoint, run_dir)
+        callbacks += checkpoint_callbacks(cfg.checkpoint, run_dir, validates)
+    callbacks.append(stopping.ValidateAtMaxSteps())
     guard = stopping.DivergenceGuard((cfg.get("monitor") or {}).get("on_nonfinite", "stop"), monitor)
     callbacks += [c for c in (monitor, guard) if c is not None]
     probes = cfg.get("probes")

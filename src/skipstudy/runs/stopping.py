@@ -46,14 +46,27 @@ class Diverged(Exception):
                          f"{DIVERGED_TAG}=1 (lower optimizer.lr, or monitor.on_nonfinite=warn to train on)")
 
 
-def checkpoint_callbacks(ckpt: Any, run_dir: Path) -> list[Checkpoint]:
-    """``<run>/checkpoints/``: the best by ``checkpoint.monitor``, and ``last.ckpt``."""
+def checkpoint_callbacks(ckpt: Any, run_dir: Path, validates: bool = True) -> list[Checkpoint]:
+    """``<run>/checkpoints/``: the best by ``checkpoint.monitor``, and ``last.ckpt``. Without
+    validation (``validates=False``) there is no best by a ``val/`` metric: Lightning would warn
+    at every epoch end that it cannot find the monitored key."""
     out: list[Checkpoint] = []
-    if ckpt.monitor and ckpt.save_top_k:
+    if ckpt.monitor and ckpt.save_top_k and (validates or not str(ckpt.monitor).startswith("val/")):
         out.append(ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="best-{epoch}-{step}",
                                    monitor=ckpt.monitor, mode=ckpt.mode, save_top_k=ckpt.save_top_k,
                                    auto_insert_metric_name=False))
     return [*out, LastCheckpoint(run_dir / "checkpoints" / "last.ckpt", ckpt.every_n_train_steps, ckpt.save_last)]
+
+
+class ValidateAtMaxSteps(Callback):
+    """A run that reaches ``trainer.max_steps`` inside an epoch validates once before it ends.
+    Lightning validates at epoch ends only, so a short run (``max_steps`` below one epoch) would
+    end with no ``val/*`` at all; asking it to stop is what makes its epoch loop validate now
+    (as early stopping does). The run ends at that step in any case."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step and trainer.enable_validation:
+            trainer.should_stop = True
 
 
 class LastCheckpoint(Checkpoint):
