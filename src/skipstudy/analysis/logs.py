@@ -145,6 +145,18 @@ def declared(over: str) -> list[str]:
     return [q.name for q in QUANTITIES.values() if q.over == over]
 
 
+def is_monitor_tag(tag: str) -> bool:
+    """A tag the gradient monitor writes: a declared quantity (``grad_norm/total``) or one of its
+    per-layer or per-block series (``grad_norm/output/conv1``)."""
+    return any(tag == q or tag.startswith(q + "/") for q in QUANTITIES)
+
+
+def read_export(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The monitor's ``grad_stats.json`` (``monitor.export=json``, the default), or None."""
+    doc = _read(Path(run_dir) / "grad_stats.json", json.loads)
+    return doc if isinstance(doc, dict) else None
+
+
 def final_train_loss(run: Run) -> float:
     """The last epoch-mean training loss, else the last per-step one."""
     s = run.series("train/loss_epoch") or run.series("train/loss")
@@ -305,7 +317,7 @@ def load_run(run_dir: str | os.PathLike) -> Run:
             if items:
                 run.histograms[str(tag)] = items
 
-    export = _read(run_dir / "grad_stats.json", json.loads) or {}
+    export = read_export(run_dir) or {}
     # Without the export, the names after the first quantity present, in the order first written.
     layers = (export.get("layers") or _first_named(tag_order, declared("layers"))
               or _suffixes(run.histograms, HIST_QUANTITY))
