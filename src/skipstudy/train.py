@@ -21,7 +21,6 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard.summary import hparams as hparams_summary
@@ -33,6 +32,7 @@ from skipstudy.errors import ConfigError
 from skipstudy.runs import dirs, fast, stopping
 from skipstudy.runs.build import build, build_datamodule, build_network
 from skipstudy.runs.layout import conf_dir
+from skipstudy.runs.loggers import build_loggers, close_loggers, log_hyperparams
 from skipstudy.runs.module import LitClassifier
 from skipstudy.runs.resume import RunState, checkpoint_record, cut_logs
 from skipstudy.runs.stopping import checkpoint_callbacks
@@ -134,11 +134,15 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
     net = build_network(cfg, dm)
     callbacks, guard = build_callbacks(cfg, net, run_dir)
     module = build_module(cfg, net, dm.num_classes, speed)
-    logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
+    initialized = HydraConfig.initialized()
+    # The job's overrides: what tells the runs of a sweep apart (HParams column, logger run names).
+    overrides = dirs.run_name(HydraConfig.get().job.override_dirname) if initialized else ""
+    loggers = build_loggers(cfg.get("logger"), run_dir, overrides or run_dir.name)
+    logger = loggers[0]  # TensorBoard: what resume, the report and the HParams read
     trainer_kwargs = {**OmegaConf.to_container(cfg.trainer, resolve=True),
                       "precision": speed.precision, "benchmark": speed.cudnn_benchmark}
     try:
-        trainer = L.Trainer(**trainer_kwargs, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir))
+        trainer = L.Trainer(**trainer_kwargs, logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir))
     except (TypeError, ValueError, MisconfigurationException) as err:  # a trainer.<key> Lightning refuses
         raise ConfigError(f"trainer: {err} (conf/trainer/default.yaml lists the keys)") from err
     if needs_own_process(trainer):
@@ -158,9 +162,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
         (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
         if ckpt_path is None:  # a resumed run keeps the HParams it wrote when it started
             hparams = {**flat_hparams(cfg), **{k: v for k, v in info["resolved"].items() if v is not None}}
-            # The job's overrides in one column: what tells the runs of a sweep apart.
-            initialized = HydraConfig.initialized()
-            hparams["overrides"] = dirs.run_name(HydraConfig.get().job.override_dirname) if initialized else ""
+            hparams["overrides"] = overrides
+            log_hyperparams(loggers, hparams)
             # Not Lightning's log_hyperparams(params, metrics): it logs each metric at step 0, an
             # invented point in every curve.
             for summary in hparams_summary(hparams, {m: 0.0 for m in HPARAM_METRICS}):
@@ -170,6 +173,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     except torch.cuda.OutOfMemoryError as err:
         raise ConfigError(oom_message(cfg, speed.precision)) from err
+    finally:
+        close_loggers(loggers)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if trainer.is_global_zero:
         try:

@@ -25,7 +25,7 @@ from skipstudy.runs.layout import EVENT_PREFIX
 HIST_QUANTITY = "grad_hist/output"  # the monitor's histogram tag prefix (not a registered quantity)
 # Overrides that locate or name a run but do not change what it computes, so they never make
 # two runs different groups (train.yaml leaves the same keys out of directory names).
-LOCATING_KEYS = ("name", "experiment", "resume", "paths.", "hydra.", "dataset.root", "seed")
+LOCATING_KEYS = ("name", "experiment", "resume", "paths.", "hydra.", "dataset.root", "seed", "logger", "logger.")
 
 
 @dataclass

@@ -45,5 +45,6 @@ class FinalMetrics(L.Callback):
             return
         trainer.logger.experiment.flush()  # read back what was logged
         if values := final_metrics(load_run(run_dir)):
-            trainer.logger.log_metrics(values, step=trainer.global_step)
-            trainer.logger.save()
+            for logger in trainer.loggers:  # TensorBoard first; CSV, MLflow, W&B get them too
+                logger.log_metrics(values, step=trainer.global_step)
+                logger.save()
