@@ -125,3 +125,61 @@ def test_readme_pandas_snippet_compares_depths(depth_sweep):
         assert table.loc[depth, skip] == pytest.approx(expected, rel=1e-6)
     printed = out.getvalue()
     assert "model.skip" in printed and "grad_decay/slope" in printed
+
+
+def _hparams_order(run_dir: Path) -> list[str]:
+    """The HParams tab's column order for this run, as TensorBoard's backend sorts it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import backend_context, plugin_data_pb2
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    data = plugin_data_pb2.HParamsPluginData.FromString(acc.PluginTagToContent("hparams")["_hparams_/experiment"])
+    backend_context._sort_and_reduce_to_hparams_limit(data.experiment)
+    return [info.name for info in data.experiment.hparam_infos]
+
+
+def test_hparams_of_a_single_run_lead_with_the_model(session_run):
+    order = _hparams_order(session_run[0])
+    lead = ["model._target_", "model.init", "model.norm", "model.skip", "overrides"]
+    assert order[:len(lead)] == lead
+    assert len(order) > 40 and "checkpoint.monitor" in order  # the rest kept, after them
+
+
+@pytest.mark.slow  # a real 4-job sweep
+def test_hparams_of_a_sweep_lead_with_its_varied_keys_and_the_model(depth_sweep):
+    for run_dir in (p.parent.parent for p in depth_sweep.glob("*/.hydra/overrides.yaml")):
+        order = _hparams_order(run_dir)
+        # The swept keys (model.depth, model.skip) are model keys here; with seed=0,1 seed would lead too.
+        assert order[:7] == ["model._target_", "model.depth", "model.init", "model.norm", "model.shortcut",
+                             "model.skip", "overrides"], order[:8]
+        assert order.index("checkpoint.monitor") > order.index("model.skip")
+
+
+def test_sweep_keys_come_from_the_command_line_and_the_preset(tmp_path):
+    """The keys a sweep varies, read from its multirun.yaml (saved here from a composed config as
+    Hydra saves it): a preset's hydra.sweeper.params and a command-line sweep."""
+    from omegaconf import OmegaConf
+
+    from conftest import compose_cfg
+    from skipstudy.launchers.hparams import hparams_summaries, lead_keys, sweep_keys
+
+    cfg = compose_cfg(["experiment=he2016_depth", "optimizer.lr=0.1"], tmp_path)
+    doc = OmegaConf.to_container(cfg, resolve=False)
+    doc["hydra"]["overrides"]["task"] += ["seed=0,1", "optimizer.momentum=range(1,3)"]
+    OmegaConf.save(OmegaConf.create(doc), tmp_path / "multirun.yaml")
+    varied = sweep_keys(tmp_path / "job0")
+    assert sorted(varied) == ["model.depth", "model.skip", "optimizer.momentum", "seed"]
+    hparams = {"checkpoint.monitor": "val/acc", "model.depth": 20, "model.skip": True, "model.init": "default",
+               "optimizer.momentum": 1, "overrides": "x", "seed": 0, "trainer.max_epochs": 3}
+    lead = lead_keys(hparams, varied)
+    assert set(lead) == set(hparams) - {"checkpoint.monitor", "trainer.max_epochs"}
+    summaries = hparams_summaries(hparams, {"val/acc": 0.0}, lead)
+    from tensorboard.plugins.hparams import backend_context, plugin_data_pb2
+
+    data = plugin_data_pb2.HParamsPluginData.FromString(summaries[0].value[0].metadata.plugin_data.content)
+    backend_context._sort_and_reduce_to_hparams_limit(data.experiment)
+    assert [i.name for i in data.experiment.hparam_infos] == [
+        "model.depth", "model.init", "model.skip", "optimizer.momentum", "overrides", "seed",
+        "checkpoint.monitor", "trainer.max_epochs"]
+    assert sweep_keys(tmp_path / "elsewhere" / "run") == []  # a single run: no sweep file

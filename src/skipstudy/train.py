@@ -23,7 +23,6 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from skipstudy import config
 from skipstudy.analysis.callback import build_report_callback
@@ -39,6 +38,7 @@ from skipstudy.runs.stopping import checkpoint_callbacks
 from skipstudy.launchers.ddp import needs_own_process, run_in_own_process
 from skipstudy.launchers.final_metrics import TAGS as FINAL_METRIC_TAGS
 from skipstudy.launchers.final_metrics import FinalMetrics
+from skipstudy.launchers.hparams import hparams_summaries, lead_keys, sweep_keys
 
 # Metrics the HParams dashboard shows beside each run's settings, read from the run's own series.
 HPARAM_METRICS = ("val/acc", "val/loss", "train/loss", *FINAL_METRIC_TAGS)
@@ -163,10 +163,11 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
         if ckpt_path is None:  # a resumed run keeps the HParams it wrote when it started
             hparams = {**flat_hparams(cfg), **{k: v for k, v in info["resolved"].items() if v is not None}}
             hparams["overrides"] = overrides
-            log_hyperparams(loggers, hparams)
-            # Not Lightning's log_hyperparams(params, metrics): it logs each metric at step 0, an
-            # invented point in every curve.
-            for summary in hparams_summary(hparams, {m: 0.0 for m in HPARAM_METRICS}):
+            log_hyperparams(loggers, hparams)  # CSV, MLflow, W&B
+            # TensorBoard: not Lightning's log_hyperparams(params, metrics), which logs each metric
+            # at step 0, an invented point in every curve; the study's keys lead the HParams tab.
+            lead = lead_keys(hparams, sweep_keys(run_dir))
+            for summary in hparams_summaries(hparams, {m: 0.0 for m in HPARAM_METRICS}, lead):
                 logger.experiment.file_writer.add_summary(summary)
 
     try:
