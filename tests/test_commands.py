@@ -10,7 +10,6 @@ import tomllib
 from importlib import metadata
 from pathlib import Path
 
-import pytest
 
 from conftest import PYTHON, REPO, cli_env
 

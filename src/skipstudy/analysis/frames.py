@@ -7,34 +7,14 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
-from skipstudy.analysis import logs
+from skipstudy.analysis import logs, settings
 
 LEADING = ("run", "path")
 TRAILING = ("step", "epoch", "tag", "value")
-
-
-def override_key(override: str) -> str:
-    return override.lstrip("+~").split("=", 1)[0]
-
-
-def _value(run: logs.Run, override: str) -> Any:
-    """The run's value of an override's key: from its composed config when the key is a leaf
-    there (so a run that left the key at its default still has it), else the override's text
-    (a group choice such as ``model=cifar_resnet``), as YAML reads it (numbers as numbers)."""
-    key, _, text = override.lstrip("+~").partition("=")
-    value = run.option(key)
-    if value is None or isinstance(value, (dict, list)):
-        try:
-            value = yaml.safe_load(text) if text else None
-        except yaml.YAMLError:
-            value = text
-    return value if isinstance(value, (bool, int, float, str)) or value is None else str(value)
 
 
 def _as_runs(path: str | os.PathLike | list) -> list[logs.Run]:
@@ -54,11 +34,11 @@ def load_runs(path: str | os.PathLike | list[str | os.PathLike]) -> pd.DataFrame
     (float; NaN and inf kept). Raises ConfigError when there is no run, as the report does.
     """
     runs = _as_runs(path)
-    keys = list(dict.fromkeys(override_key(o) for run in runs for o in run.overrides))
+    keys = list(dict.fromkeys(settings.override_key(o) for run in runs for o in run.overrides))
     frames = []
     for run in runs:
-        given = {override_key(o): o for o in run.overrides}
-        settings = {k: _value(run, given.get(k, f"{k}=")) for k in keys}
+        given = {settings.override_key(o): o for o in run.overrides}
+        settings = {k: settings.setting(run, given.get(k, f"{k}=")) for k in keys}
         for tag, series in run.scalars.items():
             frames.append(pd.DataFrame({
                 "run": run.name, "path": str(run.path), **settings,

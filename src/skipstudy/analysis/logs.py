@@ -18,14 +18,12 @@ from typing import Any
 import numpy as np
 import yaml
 
+from skipstudy.analysis.settings import is_locating, natural_order
 from skipstudy.errors import ConfigError
 from skipstudy.monitor import QUANTITIES
 from skipstudy.runs.layout import EVENT_PREFIX
 
 HIST_QUANTITY = "grad_hist/output"  # the monitor's histogram tag prefix (not a registered quantity)
-# Overrides that locate or name a run but do not change what it computes, so they never make
-# two runs different groups (train.yaml leaves the same keys out of directory names).
-LOCATING_KEYS = ("name", "experiment", "resume", "paths.", "hydra.", "dataset.root", "seed", "logger", "logger.")
 
 
 @dataclass
@@ -88,7 +86,7 @@ class Run:
     @property
     def group(self) -> tuple[str, ...]:
         """The overrides that change what the run computes: seeds and reruns share a group."""
-        return tuple(o for o in self.overrides if not _is_locating(o))
+        return tuple(o for o in self.overrides if not is_locating(o))
 
     def series(self, tag: str) -> Series | None:
         return self.scalars.get(tag)
@@ -166,11 +164,6 @@ def final_train_loss(run: Run) -> float:
 def final_val_acc(run: Run) -> float:
     s = run.series("val/acc")
     return s.last() if s is not None else math.nan
-
-
-def _is_locating(override: str) -> bool:
-    key = override.lstrip("+~").split("=", 1)[0]
-    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in LOCATING_KEYS)
 
 
 def _event_files(directory: Path) -> list[Path]:
@@ -361,7 +354,8 @@ def assign_labels(runs: list[Run]) -> None:
 
 
 def load_runs(paths: list[str | os.PathLike]) -> tuple[list[Run], list[str]]:
-    """Every run at or below ``paths``, sorted by group then name, and notes for the reader."""
+    """Every run at or below ``paths``, sorted by group (numbers as numbers) then name, and notes
+    for the reader."""
     found: dict[Path, None] = {}
     notes: list[str] = []
     for p in paths:
@@ -377,5 +371,5 @@ def load_runs(paths: list[str | os.PathLike]) -> tuple[list[Run], list[str]]:
     notes += [f"{run.path}: event files hold no scalars yet; listed without numbers"
               for run in runs if not run.has_data and not run.damaged]
     assign_labels(runs)
-    runs.sort(key=lambda r: (r.group, r.name))
+    runs.sort(key=natural_order)
     return runs, notes
