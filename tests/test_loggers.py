@@ -183,3 +183,26 @@ def test_each_job_of_a_sweep_is_its_own_wandb_and_mlflow_run(tmp_path):
     client = MlflowClient((tmp_path / "logs" / "mlruns").resolve().as_uri())
     runs = client.search_runs([client.get_experiment_by_name("default").experiment_id])
     assert sorted(r.info.run_name for r in runs) == sorted(job.name for job in jobs)
+
+
+@pytest.mark.slow  # a real run and its resume, two processes
+def test_a_resumed_run_keeps_its_earlier_csv_rows(tmp_path):
+    import subprocess
+
+    from conftest import PYTHON, cli_env
+
+    run_dir = tmp_path / "run"
+    first = subprocess.run([PYTHON, "-m", "skipstudy.train", *RUN, "logger=[tensorboard,csv]",
+                            f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
+                           timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = subprocess.run([PYTHON, "-m", "skipstudy.train", f"resume={run_dir}", "trainer.max_epochs=2"],
+                           cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    before = pd.read_csv(run_dir / "csv" / "metrics.csv")
+    after = pd.read_csv(run_dir / "csv" / "resume-1" / "metrics.csv")
+    assert sorted(before["train/loss"].dropna().index.map(before["step"])) == [0, 1, 2]
+    assert sorted(after["train/loss"].dropna().index.map(after["step"])) == [3, 4, 5]
+    run = load_run(run_dir)  # TensorBoard holds the whole run, as the two CSV files together do
+    both = pd.concat([before, after]).set_index("step")["train/loss"].dropna().sort_index()
+    np.testing.assert_allclose(both.to_numpy(), run.scalars["train/loss"].values, rtol=1e-6)

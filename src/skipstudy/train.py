@@ -137,7 +137,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
     initialized = HydraConfig.initialized()
     # The job's overrides: what tells the runs of a sweep apart (HParams column, logger run names).
     overrides = dirs.run_name(HydraConfig.get().job.override_dirname) if initialized else ""
-    loggers = build_loggers(cfg.get("logger"), run_dir, overrides or run_dir.name)
+    loggers = build_loggers(cfg.get("logger"), run_dir, overrides or run_dir.name, resumed=resuming)
     logger = loggers[0]  # TensorBoard: what resume, the report and the HParams read
     trainer_kwargs = {**OmegaConf.to_container(cfg.trainer, resolve=True),
                       "precision": speed.precision, "benchmark": speed.cudnn_benchmark}

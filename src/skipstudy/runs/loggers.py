@@ -17,22 +17,26 @@ from skipstudy.runs.build import build
 PRIMARY = "tensorboard"
 
 
-def build_loggers(node: DictConfig | None, run_dir: Path, run_name: str) -> list[Logger]:
+def build_loggers(node: DictConfig | None, run_dir: Path, run_name: str, resumed: bool = False) -> list[Logger]:
     """``node`` is ``cfg.logger`` (``{name: {_target_, options}}``), already checked by
-    ``config.check``; ``run_name`` names the run where a logger keeps runs side by side."""
+    ``config.check``; ``run_name`` names the run where a logger keeps runs side by side. A
+    ``resumed`` run continues its TensorBoard record; the CSV logger starts a file of its own
+    beside the earlier ones (Lightning's would delete them), MLflow and W&B a new run."""
     options = OmegaConf.to_container(node, resolve=True) if node is not None else {PRIMARY: {}}
     # TensorBoard writes straight into the run directory (no name/version subfolders).
     tb = {"_target_": "lightning.pytorch.loggers.TensorBoardLogger", **(options.pop(PRIMARY, None) or {})}
     loggers = [build(tb, save_dir=str(run_dir), name="", version="", default_hp_metric=False)]
     for name, spec in options.items():
-        loggers.append(build(spec, **_placed(name, spec, run_dir, run_name)))
+        loggers.append(build(spec, **_placed(name, spec, run_dir, run_name, resumed)))
     return loggers
 
 
-def _placed(name: str, spec: dict[str, Any], run_dir: Path, run_name: str) -> dict[str, Any]:
+def _placed(name: str, spec: dict[str, Any], run_dir: Path, run_name: str, resumed: bool) -> dict[str, Any]:
     """Where each logger writes: into the run directory, or (MLflow) a store shared by runs."""
     if name == "csv":
-        return {"save_dir": str(run_dir), "name": "csv", "version": ""}
+        # <run>/csv/metrics.csv; after the n-th resume <run>/csv/resume-<n>/metrics.csv.
+        n = len(list((run_dir / "csv").glob("resume-*"))) + 1 if resumed else 0
+        return {"save_dir": str(run_dir), "name": "csv", "version": f"resume-{n}" if n else ""}
     if name == "wandb":
         return {"save_dir": str(run_dir), "name": run_name}
     if name == "mlflow":

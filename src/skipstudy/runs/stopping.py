@@ -148,9 +148,10 @@ class LastCheckpoint(Checkpoint):
         if not stop:
             return
         # Written now too, so the logs end at the step the run stopped; a resume cuts and rewrites them.
-        if pending:
-            trainer.logger.log_metrics(pending["metrics"], step=pending["step"])
-        trainer.logger.save()  # flushes the event file
+        for logger in trainer.loggers:  # TensorBoard first; CSV, MLflow, W&B too
+            if pending:
+                logger.log_metrics(pending["metrics"], step=pending["step"])
+            logger.save()  # flushes the event file
         raise Interrupted(self.received or signal.SIGTERM, trainer.global_step, self.path)
 
 
@@ -196,8 +197,9 @@ class DivergenceGuard(Callback):
             self.monitor.mark_diverged(step, layer)
         if trainer.is_global_zero:
             log.error(message)
-            trainer.logger.log_metrics({DIVERGED_TAG: 1.0}, step=step)
-            trainer.logger.save()
+            for logger in trainer.loggers:
+                logger.log_metrics({DIVERGED_TAG: 1.0}, step=step)
+                logger.save()
         for p in pl_module.parameters():  # skip the poisoned update
             p.grad = None
         trainer.should_stop = True
