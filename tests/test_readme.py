@@ -37,6 +37,7 @@ EXERCISED = {
         "test_config.py::test_readme_trainer_argument_line",
     "python -m skipstudy.train -m model.skip=true,false": "test_train.py::test_multirun_makes_one_directory_per_job",
     "tensorboard --logdir logs": "test_readme.py::test_tensorboard_lists_every_run",
+    "python -m skipstudy.train 'logger=[tensorboard,csv,mlflow,wandb]'": "test_loggers.py::test_readme_logger_line",
     "python -m skipstudy.report logs/default --out report":
         "test_report.py::test_cli_with_a_diverged_run_and_different_tracked_layers",
     "python -m skipstudy.probe probe=feature_maps ckpt=$RUN": "test_probes.py::test_readme_probe_commands",

@@ -114,7 +114,7 @@ def List(item: Key, *, eg: list, size: int | None = None, distinct: bool = False
 
 BATCH = Int(1, eg=64)
 IMAGE = Int(1, eg=32)
-WORKERS = Int(0, eg=4)
+WORKERS = Int(0, eg=4, null=True)  # null: the cores available, less one, at most 4
 LOADER = Choice("auto", "torch", "device")
 PAD = Choice("zero", "reflect")
 PATH = Str(eg="/data")
@@ -212,6 +212,29 @@ def check_probe(name: Any, options: Any, key: str = "probe") -> None:
     _table(key, {"name": Choice(name), **PROBES[name]}, options, f"probe {name}")
 
 
+# The logger group (conf/logger/): options by logger name; where each writes is the run's (runs/loggers.py).
+LOGGERS: dict[str, dict[str, Key]] = {
+    "tensorboard": {},
+    "csv": {"flush_logs_every_n_steps": Int(1, eg=100)},
+    "mlflow": {"experiment_name": Str(eg="my_study"), "save_dir": PATH,
+               "tracking_uri": Str(eg="sqlite:///mlflow.db", null=True)},
+    "wandb": {"project": Str(eg="my_study"), "offline": Bool(), "entity": Str(eg="my_team", null=True)},
+}
+
+
+def _loggers(key: str, node: Any) -> None:
+    if not isinstance(node, Mapping) or not node:
+        raise ConfigError(f"{key}={node!r} must name loggers; e.g. {key}=[tensorboard,csv] "
+                          f"(choices: {', '.join(LOGGERS)})")
+    for name, options in node.items():
+        Choice(*LOGGERS).check(f"{key}.{name}", name)
+        _table(f"{key}.{name}", LOGGERS[name], options or {}, f"logger {name}")
+    if "tensorboard" not in node:
+        names = ",".join(node)
+        raise ConfigError(f"{key}=[{names}] leaves out tensorboard, the run's own record that resume, the report "
+                          f"and the HParams read; use {key}=[tensorboard,{names}]")
+
+
 def _probe(key: str, node: Any) -> None:
     check_probe(node.get("name") if isinstance(node, Mapping) else node, node, key)
 
@@ -235,6 +258,7 @@ TOP: dict[str, Any] = {
     "probes": {"names": List(_PROBE_NAMES, eg=["feature_maps"], distinct=True),
                "at_epochs": List(Int(0, eg=0), eg=[0, 10]), "batches": BATCHES, "options": _probe_options},
     "report": {"custom_scalars": Bool(), "figures_to_tensorboard": Bool(eg=False)},
+    "logger": _loggers,
     "checkpoint": {"save_last": Bool(), "save_top_k": Int(-1, eg=1), "monitor": Str(eg="val/acc"),
                    "mode": Choice("max", "min"), "every_n_train_steps": Int(1, eg=500, null=True)},
     # python -m skipstudy.probe
@@ -261,7 +285,7 @@ TRAINER: dict[str, Key] = {
     "num_sanity_val_steps": Int(-1, eg=2, null=True), "reload_dataloaders_every_n_epochs": Int(0, eg=1),
 }
 # Arguments train.py passes itself.
-TRAINER_OWN = {"logger": "the run's TensorBoard logger", "callbacks": "the monitor, checkpoints and guards",
+TRAINER_OWN = {"logger": "from the logger group", "callbacks": "the monitor, checkpoints and guards",
                "default_root_dir": "the run directory"}
 
 
@@ -390,6 +414,9 @@ def _trainer_keys() -> dict[str, Key]:
 
 def _trainer(key: str, node: Any) -> None:
     for name in (name for name in node or () if name in TRAINER_OWN):
+        if name == "logger":
+            raise ConfigError("trainer.logger: skipstudy builds the loggers from the logger group; drop trainer.logger "
+                              f"and choose them with e.g. logger=[tensorboard,csv] (choices: {', '.join(LOGGERS)})")
         raise ConfigError(f"trainer.{name}: skipstudy sets {name} itself ({TRAINER_OWN[name]}); drop trainer.{name}")
     if node is not None:
         _table(key, _trainer_keys(), node, "lightning.Trainer")

@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from skipstudy.analysis import figures as F
+from skipstudy.analysis import histograms as H
 from skipstudy.analysis import summary as S
 from skipstudy.analysis.logs import Run, load_runs
+from skipstudy.analysis.settings import varying_keys
 from skipstudy.errors import ConfigError
 
 # Figure stem -> (section title, what it shows, why it may be missing).
@@ -64,9 +66,12 @@ SECTIONS = {
 }
 STYLE = """
 body { font-family: sans-serif; margin: 1.5em; max-width: 1400px; color: #222; }
+.scroll { overflow-x: auto; }
 table { border-collapse: collapse; font-size: 0.85em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: left; vertical-align: top; }
-td code { font-size: 0.9em; word-break: break-all; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: left; vertical-align: top; white-space: nowrap; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.path { white-space: normal; min-width: 16em; }
+td.path code { font-size: 0.8em; word-break: break-all; color: #555; }
 img { max-width: 100%; border: 1px solid #eee; }
 figure { display: inline-block; margin: 0.5em; vertical-align: top; max-width: 48%; }
 figcaption, .small { font-size: 0.85em; color: #555; }
@@ -83,15 +88,19 @@ class Report:
     notes: list[str] = field(default_factory=list)
     probe_images: list[tuple[str, str]] = field(default_factory=list)  # (file in out, caption)
     probe_rows: list[dict] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)  # the overrides that differ between the runs
 
 
 def _slug(text: str, n: int = 50) -> str:
     return (re.sub(r"[^A-Za-z0-9._=-]+", "_", text).strip("_.")[:n] or "run").replace("=", "-")
 
 
-def build_report(paths: list[str | os.PathLike], out: str | os.PathLike | None = None) -> Report:
+def build_report(paths: list[str | os.PathLike], out: str | os.PathLike | None = None,
+                 relative_depth: bool = False) -> Report:
     """Write the report of the runs at or below ``paths`` into ``out`` (default ``DIR/report``
-    for one directory, ``./report`` for several). Raises ConfigError when there is no run."""
+    for one directory, ``./report`` for several). ``relative_depth``: depth profiles against
+    layer index / (layers - 1), so nets of different depth overlay. Raises ConfigError when
+    there is no run."""
     paths = [str(p) for p in paths]
     runs, notes = load_runs(paths)
     if out is None:
@@ -100,22 +109,25 @@ def build_report(paths: list[str | os.PathLike], out: str | os.PathLike | None =
     report = Report(out=Path(out), runs=runs, notes=notes)
     report.out.mkdir(parents=True, exist_ok=True)
 
-    for stem, fig in F.run_figures(runs).items():
+    for stem, fig in F.run_figures(runs, relative_depth=relative_depth).items():
         fig.savefig(report.out / f"{stem}.png")
         report.files.append(f"{stem}.png")
-    grid = F.HistogramGrid(runs)
+    grid = H.HistogramGrid(runs)
     for i, run in enumerate(runs, start=1):
         name = f"grad_hist_{i:02d}_{_slug(run.label)}.gif"  # the number keeps names apart
-        if frames := F.write_histogram_gif(grid, run, report.out / name):
+        if frames := H.write_histogram_gif(grid, run, report.out / name):
             report.files.append(name)
             report.gif_frames[run.name] = name, frames
 
-    rows = S.summary_rows(runs)
-    S.write_csv(rows, report.out / "summary.csv")
-    S.write_markdown(S.COLUMNS, S.cells(rows), [f"- `{c}`: {note}" for c, note in S.COLUMN_NOTES.items()],
+    # Tables show only the overrides that tell these runs apart, one typed column each.
+    report.keys = varying_keys(runs)
+    rows = S.summary_rows(runs, report.keys)
+    S.write_csv(rows, report.out / "summary.csv", S.csv_columns(report.keys))
+    columns = S.table_columns(report.keys)
+    S.write_markdown(columns, S.cells(rows, columns), [f"- `{c}`: {note}" for c, note in S.COLUMN_NOTES.items()],
                      report.out / "summary.md")
     report.files += ["summary.csv", "summary.md"]
-    slopes = S.slope_by_setting(runs)
+    slopes = S.slope_by_setting(runs, report.keys)
     if slopes:
         S.write_markdown(S.SLOPE_COLUMNS, S.cells(slopes, S.SLOPE_COLUMNS),
                          ["- grad_decay_slope per run as in summary.md; mean over a setting's seeds, 95% Student-t "
@@ -151,27 +163,41 @@ def copy_probe_images(paths: list[str], out: Path) -> list[tuple[str, str]]:
     return found
 
 
+def _number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _table(header, rows: list[list[str]]) -> str:
     def cell(column: str, text: str) -> str:
-        bad = ' class="bad"' if column == "status" and text.startswith("diverged") else ""
+        kind = ("bad" if column == "status" and text.startswith("diverged") else "path" if column in ("run", "overrides")
+                else "num" if _number(text) else "")
+        attr = f' class="{kind}"' if kind else ""
         text = html.escape(text)
-        return f"<td{bad}><code>{text}</code></td>" if column in S.CODE_COLUMNS and text else f"<td{bad}>{text}</td>"
+        return f"<td{attr}><code>{text}</code></td>" if column in S.CODE_COLUMNS and text else f"<td{attr}>{text}</td>"
 
-    return ("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
-            + "".join("<tr>" + "".join(cell(c, t) for c, t in zip(header, row)) + "</tr>" for row in rows) + "</table>")
+    return ("<div class='scroll'><table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
+            + "".join("<tr>" + "".join(cell(c, t) for c, t in zip(header, row)) + "</tr>" for row in rows)
+            + "</table></div>")
 
 
 def write_index(report: Report, rows, paths: list[str], slopes) -> None:
     """Relative file names only: works offline."""
     esc = html.escape
     notes = "".join(f"<li><b>{esc(c)}</b>: {esc(n)}</li>" for c, n in S.COLUMN_NOTES.items())
+    columns = S.table_columns(report.keys)
+    keys = (f"<li>{', '.join(f'<b>{esc(k)}</b>' for k in report.keys)}: the overrides that differ between these "
+            "runs (all overrides: summary.csv)</li>" if report.keys else "")
     parts = [
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>skipstudy report</title>',
         f"<style>{STYLE}</style></head><body>\n<h1>skipstudy report</h1>",
         f"<p class='small'>{len(report.runs)} run(s) from {esc(', '.join(paths))}; "
         f"written {esc(time.strftime('%Y-%m-%d %H:%M:%S'))}. Line style: solid = skip connections, "
         "dashed = plain twin (model.skip=false); colour = setting.</p>",
-        f"<h2>Summary</h2>{_table(S.COLUMNS, S.cells(rows))}<ul class='small'>{notes}</ul>",
+        f"<h2>Summary</h2>{_table(columns, S.cells(rows, columns))}<ul class='small'>{keys}{notes}</ul>",
         "<p class='small'>Also as <a href='summary.csv'>summary.csv</a> and <a href='summary.md'>summary.md</a>.</p>",
     ]
     if slopes:
@@ -187,7 +213,7 @@ def write_index(report: Report, rows, paths: list[str], slopes) -> None:
         if stem == "grad_hist_epochs":
             labels = {run.name: esc(run.label) for run in report.runs}
             parts += [f'<figure><img src="{esc(gif)}" alt="histogram animation of {labels[name]}">'
-                      f"<figcaption>{labels[name]} ({frames} epochs)</figcaption></figure>"
+                      f"<figcaption>{labels[name]} ({frames} epoch{'s' if frames != 1 else ''})</figcaption></figure>"
                       for name, (gif, frames) in report.gif_frames.items()]
     if report.probe_images or report.probe_rows:
         parts.append("<h2>Probes</h2><p class='small'>Written by <code>python -m skipstudy.probe</code> "
@@ -211,10 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dirs", nargs="+", metavar="RUN_OR_SWEEP_DIR",
                         help="run directories, or directories with runs below them (sweeps)")
     parser.add_argument("--out", default=None, help="output folder (default: DIR/report for one DIR, ./report for several)")
+    parser.add_argument("--relative-depth", action="store_true",
+                        help="draw depth profiles against relative depth, layer index / (layers - 1), so that nets of "
+                             "different depth overlay (default: the layers by name, in forward order)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
-        report = build_report(args.dirs, args.out)
+        report = build_report(args.dirs, args.out, relative_depth=args.relative_depth)
     except ConfigError as err:
         print(f"Error: {err}", file=sys.stderr)
         return 2

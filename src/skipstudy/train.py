@@ -21,10 +21,8 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from skipstudy import config, overrides
 from skipstudy.analysis.callback import build_report_callback
@@ -33,12 +31,14 @@ from skipstudy.errors import ConfigError
 from skipstudy.runs import dirs, fast, stopping
 from skipstudy.runs.build import build, build_datamodule, build_network
 from skipstudy.runs.layout import conf_dir
+from skipstudy.runs.loggers import build_loggers, close_loggers, log_hyperparams
 from skipstudy.runs.module import LitClassifier
 from skipstudy.runs.resume import RunState, checkpoint_record, cut_logs
 from skipstudy.runs.stopping import checkpoint_callbacks
 from skipstudy.launchers.ddp import needs_own_process, run_in_own_process
 from skipstudy.launchers.final_metrics import TAGS as FINAL_METRIC_TAGS
 from skipstudy.launchers.final_metrics import FinalMetrics
+from skipstudy.launchers.hparams import hparams_summaries, lead_keys, sweep_keys
 
 # Metrics the HParams dashboard shows beside each run's settings, read from the run's own series.
 HPARAM_METRICS = ("val/acc", "val/loss", "train/loss", *FINAL_METRIC_TAGS)
@@ -65,8 +65,10 @@ def build_callbacks(cfg: DictConfig, net: torch.nn.Module, run_dir: Path) -> tup
     # runs checkpoint callbacks last.) trainer.enable_checkpointing=false: no checkpoint at all, not even on SIGTERM
     # (Lightning refuses a Checkpoint callback beside it); such a run cannot be resumed.
     callbacks: list[L.Callback] = [RunState(run_dir)]
+    validates = cfg.trainer.get("limit_val_batches") not in (0, 0.0)
     if cfg.trainer.get("enable_checkpointing") is not False:
-        callbacks += checkpoint_callbacks(cfg.checkpoint, run_dir)
+        callbacks += checkpoint_callbacks(cfg.checkpoint, run_dir, validates)
+    callbacks.append(stopping.ValidateAtMaxSteps())
     guard = stopping.DivergenceGuard((cfg.get("monitor") or {}).get("on_nonfinite", "stop"), monitor)
     callbacks += [c for c in (monitor, guard) if c is not None]
     probes = cfg.get("probes")
@@ -132,11 +134,15 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
     net = build_network(cfg, dm)
     callbacks, guard = build_callbacks(cfg, net, run_dir)
     module = build_module(cfg, net, dm.num_classes, speed)
-    logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
+    initialized = HydraConfig.initialized()
+    # The job's overrides: what tells the runs of a sweep apart (HParams column, logger run names).
+    run_overrides = dirs.run_name(HydraConfig.get().job.override_dirname) if initialized else ""
+    loggers = build_loggers(cfg.get("logger"), run_dir, run_overrides or run_dir.name, resumed=resuming)
+    logger = loggers[0]  # TensorBoard: what resume, the report and the HParams read
     trainer_kwargs = {**OmegaConf.to_container(cfg.trainer, resolve=True),
                       "precision": speed.precision, "benchmark": speed.cudnn_benchmark}
     try:
-        trainer = L.Trainer(**trainer_kwargs, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir))
+        trainer = L.Trainer(**trainer_kwargs, logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir))
     except (TypeError, ValueError, MisconfigurationException) as err:  # a trainer.<key> Lightning refuses
         raise ConfigError(f"trainer: {err} (conf/trainer/default.yaml lists the keys)") from err
     if needs_own_process(trainer):
@@ -156,18 +162,20 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
         (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
         if ckpt_path is None:  # a resumed run keeps the HParams it wrote when it started
             hparams = {**flat_hparams(cfg), **{k: v for k, v in info["resolved"].items() if v is not None}}
-            # The job's overrides in one column: what tells the runs of a sweep apart.
-            initialized = HydraConfig.initialized()
-            hparams["overrides"] = dirs.run_name(HydraConfig.get().job.override_dirname) if initialized else ""
-            # Not Lightning's log_hyperparams(params, metrics): it logs each metric at step 0, an
-            # invented point in every curve.
-            for summary in hparams_summary(hparams, {m: 0.0 for m in HPARAM_METRICS}):
+            hparams["overrides"] = run_overrides
+            log_hyperparams(loggers, hparams)  # CSV, MLflow, W&B
+            # TensorBoard: not Lightning's log_hyperparams(params, metrics), which logs each metric
+            # at step 0, an invented point in every curve; the study's keys lead the HParams tab.
+            lead = lead_keys(hparams, sweep_keys(run_dir))
+            for summary in hparams_summaries(hparams, {m: 0.0 for m in HPARAM_METRICS}, lead):
                 logger.experiment.file_writer.add_summary(summary)
 
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     except torch.cuda.OutOfMemoryError as err:
         raise ConfigError(oom_message(cfg, speed.precision)) from err
+    finally:
+        close_loggers(loggers)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if trainer.is_global_zero:
         try:

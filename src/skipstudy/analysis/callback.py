@@ -51,7 +51,8 @@ class ReportCallback(Callback):
         run_dir = trainer.log_dir  # broadcasts under DDP: every rank must ask
         if not trainer.is_global_zero:
             return
-        from skipstudy.analysis.figures import figure_rgb, run_figures
+        from skipstudy.analysis.figures import run_figures
+        from skipstudy.monitor.writers import figure_rgb
         from skipstudy.analysis.logs import assign_labels, load_run
 
         writer = trainer.logger.experiment

@@ -18,14 +18,12 @@ from typing import Any
 import numpy as np
 import yaml
 
+from skipstudy.analysis.settings import is_locating, natural_order
 from skipstudy.errors import ConfigError
 from skipstudy.monitor import QUANTITIES
 from skipstudy.runs.layout import EVENT_PREFIX
 
 HIST_QUANTITY = "grad_hist/output"  # the monitor's histogram tag prefix (not a registered quantity)
-# Overrides that locate or name a run but do not change what it computes, so they never make
-# two runs different groups (train.yaml leaves the same keys out of directory names).
-LOCATING_KEYS = ("name", "experiment", "resume", "paths.", "hydra.", "dataset.root", "seed")
 
 
 @dataclass
@@ -88,7 +86,7 @@ class Run:
     @property
     def group(self) -> tuple[str, ...]:
         """The overrides that change what the run computes: seeds and reruns share a group."""
-        return tuple(o for o in self.overrides if not _is_locating(o))
+        return tuple(o for o in self.overrides if not is_locating(o))
 
     def series(self, tag: str) -> Series | None:
         return self.scalars.get(tag)
@@ -145,6 +143,18 @@ def declared(over: str) -> list[str]:
     return [q.name for q in QUANTITIES.values() if q.over == over]
 
 
+def is_monitor_tag(tag: str) -> bool:
+    """A tag the gradient monitor writes: a declared quantity (``grad_norm/total``) or one of its
+    per-layer or per-block series (``grad_norm/output/conv1``)."""
+    return any(tag == q or tag.startswith(q + "/") for q in QUANTITIES)
+
+
+def read_export(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The monitor's ``grad_stats.json`` (``monitor.export=json``, the default), or None."""
+    doc = _read(Path(run_dir) / "grad_stats.json", json.loads)
+    return doc if isinstance(doc, dict) else None
+
+
 def final_train_loss(run: Run) -> float:
     """The last epoch-mean training loss, else the last per-step one."""
     s = run.series("train/loss_epoch") or run.series("train/loss")
@@ -154,11 +164,6 @@ def final_train_loss(run: Run) -> float:
 def final_val_acc(run: Run) -> float:
     s = run.series("val/acc")
     return s.last() if s is not None else math.nan
-
-
-def _is_locating(override: str) -> bool:
-    key = override.lstrip("+~").split("=", 1)[0]
-    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in LOCATING_KEYS)
 
 
 def _event_files(directory: Path) -> list[Path]:
@@ -305,7 +310,7 @@ def load_run(run_dir: str | os.PathLike) -> Run:
             if items:
                 run.histograms[str(tag)] = items
 
-    export = _read(run_dir / "grad_stats.json", json.loads) or {}
+    export = read_export(run_dir) or {}
     # Without the export, the names after the first quantity present, in the order first written.
     layers = (export.get("layers") or _first_named(tag_order, declared("layers"))
               or _suffixes(run.histograms, HIST_QUANTITY))
@@ -349,7 +354,8 @@ def assign_labels(runs: list[Run]) -> None:
 
 
 def load_runs(paths: list[str | os.PathLike]) -> tuple[list[Run], list[str]]:
-    """Every run at or below ``paths``, sorted by group then name, and notes for the reader."""
+    """Every run at or below ``paths``, sorted by group (numbers as numbers) then name, and notes
+    for the reader."""
     found: dict[Path, None] = {}
     notes: list[str] = []
     for p in paths:
@@ -365,5 +371,5 @@ def load_runs(paths: list[str | os.PathLike]) -> tuple[list[Run], list[str]]:
     notes += [f"{run.path}: event files hold no scalars yet; listed without numbers"
               for run in runs if not run.has_data and not run.damaged]
     assign_labels(runs)
-    runs.sort(key=lambda r: (r.group, r.name))
+    runs.sort(key=natural_order)
     return runs, notes

@@ -14,10 +14,12 @@ import numpy as np
 from hydra.experimental.callback import Callback
 
 from skipstudy.analysis.logs import Run, final_train_loss, final_val_acc, load_run, load_runs
+from skipstudy.analysis.settings import override_key, setting
 from skipstudy.errors import ConfigError
 
-COLUMNS = ("run", "overrides", "skip", "depth", "epochs", "steps", "final_train_loss", "final_val_acc",
-           "grad_attenuation", "grad_decay_slope", "nonfinite_steps", "wall_time_s", "status")
+METRICS = ("epochs", "steps", "final_train_loss", "final_val_acc", "grad_attenuation", "grad_decay_slope",
+           "nonfinite_steps", "wall_time_s", "status")
+COLUMNS = ("run", "overrides", "skip", "depth", *METRICS)  # summary.csv, before the varying keys
 # Shown under the Markdown table and in index.html.
 COLUMN_NOTES = {
     "epochs": "completed epochs",
@@ -71,8 +73,9 @@ def t_quantile(p: float, df: int) -> float:
     return float(np.interp(p, cdf, x))
 
 
-def slope_by_setting(runs: list[Run]) -> list[dict[str, Any]]:
-    """``grad_decay_slope`` over the seeds of each setting: mean and 95% Student-t interval."""
+def slope_by_setting(runs: list[Run], keys: list[str] | None = None) -> list[dict[str, Any]]:
+    """``grad_decay_slope`` over the seeds of each setting: mean and 95% Student-t interval. A
+    setting is named by its overrides of ``keys`` (default: all of its group)."""
     groups: dict[tuple[str, ...], list[float]] = {}
     for run in runs:
         if math.isfinite(value := decay_slope(run)):
@@ -81,7 +84,8 @@ def slope_by_setting(runs: list[Run]) -> list[dict[str, Any]]:
     for group, values in groups.items():
         v = np.asarray(values)
         half = t_quantile(0.975, v.size - 1) * float(v.std(ddof=1)) / math.sqrt(v.size) if v.size > 1 else math.nan
-        rows.append({"setting": " ".join(group) or "(defaults)", "seeds": int(v.size), "mean": float(v.mean()),
+        shown = [o for o in group if keys is None or override_key(o) in keys]
+        rows.append({"setting": ", ".join(shown) or "(all runs)", "seeds": int(v.size), "mean": float(v.mean()),
                      "ci95_low": float(v.mean()) - half, "ci95_high": float(v.mean()) + half})
     return rows
 
@@ -100,8 +104,22 @@ def run_status(run: Run) -> str:
     return "ok"
 
 
-def summary_rows(runs: list[Run]) -> list[dict[str, Any]]:
+def csv_columns(keys: list[str]) -> tuple[str, ...]:
+    """summary.csv: every column, the varying keys' after the full ``overrides``."""
+    return (*COLUMNS[:2], *keys, *COLUMNS[2:])
+
+
+def table_columns(keys: list[str]) -> tuple[str, ...]:
+    """summary.md and index.html: the keys that vary across the runs (their values typed), the
+    numbers, and the run's directory last; ``skip``/``depth`` only when no key says them already."""
+    derived = [c for c, key in (("skip", "model.skip"), ("depth", "model.depth")) if key not in keys]
+    return (*keys, *derived, *METRICS, "run")
+
+
+def summary_rows(runs: list[Run], keys: list[str] = ()) -> list[dict[str, Any]]:
+    """A row per run; ``keys``: override keys to add as columns (:func:`settings.varying_keys`)."""
     return [{
+        **{key: setting(run, next((o for o in run.overrides if override_key(o) == key), f"{key}=")) for key in keys},
         "run": run.name, "overrides": " ".join(run.overrides), "skip": run.skip, "depth": run.depth,
         "epochs": run.epochs_done, "steps": run.num_steps,
         # None (blank) when nothing was logged; NaN (shown) when the loss itself is NaN.

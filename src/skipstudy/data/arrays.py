@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterator
 from functools import partial
 
@@ -23,6 +24,15 @@ log = logging.getLogger(__name__)
 # loader=auto keeps the device-resident set under this share of the free accelerator memory,
 # leaving the rest to activations (a 224 px ResNet-50 batch needs several GiB).
 DEVICE_MEMORY_SHARE = 0.25
+MAX_WORKERS = 4
+
+
+def default_workers() -> int:
+    """``dataset.num_workers=null``: one worker per core this process may use, less one for the
+    training loop itself, at most :data:`MAX_WORKERS`; more than the cores would make PyTorch
+    warn of over-subscription and the workers wait on each other."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(MAX_WORKERS, cores - 1))
 
 
 class ArrayImages(Dataset):
@@ -96,13 +106,14 @@ class ImageArrayDataModule(L.LightningDataModule):
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
-    def __init__(self, *, batch_size: int = 128, image_size: int | None = None, num_workers: int = 4,
+    def __init__(self, *, batch_size: int = 128, image_size: int | None = None, num_workers: int | None = None,
                  augment: bool = True, loader: str = "auto", seed: int = 0, crop_padding: int = 4,
                  pad_mode: str = "zero", device: str | torch.device | None = None, **own) -> None:
         super().__init__()
         image_size = self.native_size if image_size is None else image_size
         config.check_args("dataset", self, batch_size=batch_size, image_size=image_size, num_workers=num_workers,
                           augment=augment, loader=loader, crop_padding=crop_padding, pad_mode=pad_mode, **own)
+        num_workers = default_workers() if num_workers is None else num_workers
         self.batch_size, self.image_size, self.num_workers = batch_size, image_size, num_workers
         self.augment, self.loader, self.pad_mode, self.crop_padding = augment, loader, pad_mode, crop_padding
         self.seed = int(seed)

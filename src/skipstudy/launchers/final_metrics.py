@@ -50,5 +50,6 @@ class FinalMetrics(L.Callback):
         trainer.logger.experiment.flush()  # read back what was logged
         self.run = load_run(run_dir)
         if values := final_metrics(self.run):
-            trainer.logger.log_metrics(values, step=trainer.global_step)
-            trainer.logger.save()
+            for logger in trainer.loggers:  # TensorBoard first; CSV, MLflow, W&B get them too
+                logger.log_metrics(values, step=trainer.global_step)
+                logger.save()

@@ -46,14 +46,27 @@ class Diverged(Exception):
                          f"{DIVERGED_TAG}=1 (lower optimizer.lr, or monitor.on_nonfinite=warn to train on)")
 
 
-def checkpoint_callbacks(ckpt: Any, run_dir: Path) -> list[Checkpoint]:
-    """``<run>/checkpoints/``: the best by ``checkpoint.monitor``, and ``last.ckpt``."""
+def checkpoint_callbacks(ckpt: Any, run_dir: Path, validates: bool = True) -> list[Checkpoint]:
+    """``<run>/checkpoints/``: the best by ``checkpoint.monitor``, and ``last.ckpt``. Without
+    validation (``validates=False``) there is no best by a ``val/`` metric: Lightning would warn
+    at every epoch end that it cannot find the monitored key."""
     out: list[Checkpoint] = []
-    if ckpt.monitor and ckpt.save_top_k:
+    if ckpt.monitor and ckpt.save_top_k and (validates or not str(ckpt.monitor).startswith("val/")):
         out.append(ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="best-{epoch}-{step}",
                                    monitor=ckpt.monitor, mode=ckpt.mode, save_top_k=ckpt.save_top_k,
                                    auto_insert_metric_name=False))
     return [*out, LastCheckpoint(run_dir / "checkpoints" / "last.ckpt", ckpt.every_n_train_steps, ckpt.save_last)]
+
+
+class ValidateAtMaxSteps(Callback):
+    """A run that reaches ``trainer.max_steps`` inside an epoch validates once before it ends.
+    Lightning validates at epoch ends only, so a short run (``max_steps`` below one epoch) would
+    end with no ``val/*`` at all; asking it to stop is what makes its epoch loop validate now
+    (as early stopping does). The run ends at that step in any case."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step and trainer.enable_validation:
+            trainer.should_stop = True
 
 
 class LastCheckpoint(Checkpoint):
@@ -135,9 +148,10 @@ class LastCheckpoint(Checkpoint):
         if not stop:
             return
         # Written now too, so the logs end at the step the run stopped; a resume cuts and rewrites them.
-        if pending:
-            trainer.logger.log_metrics(pending["metrics"], step=pending["step"])
-        trainer.logger.save()  # flushes the event file
+        for logger in trainer.loggers:  # TensorBoard first; CSV, MLflow, W&B too
+            if pending:
+                logger.log_metrics(pending["metrics"], step=pending["step"])
+            logger.save()  # flushes the event file
         raise Interrupted(self.received or signal.SIGTERM, trainer.global_step, self.path)
 
 
@@ -183,8 +197,9 @@ class DivergenceGuard(Callback):
             self.monitor.mark_diverged(step, layer)
         if trainer.is_global_zero:
             log.error(message)
-            trainer.logger.log_metrics({DIVERGED_TAG: 1.0}, step=step)
-            trainer.logger.save()
+            for logger in trainer.loggers:
+                logger.log_metrics({DIVERGED_TAG: 1.0}, step=step)
+                logger.save()
         for p in pl_module.parameters():  # skip the poisoned update
             p.grad = None
         trainer.should_stop = True
