@@ -23,7 +23,8 @@ def _num(text: str) -> float:
 
 def test_a_run_ends_with_its_summary(make_cfg, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    cfg = make_cfg([*FAST, "trainer.enable_progress_bar=false"])
+    # The progress bar on, as a user has it: Lightning adds its own callbacks to the run's.
+    cfg = make_cfg([*FAST, "trainer.enable_progress_bar=true"])
     run_dir = Path(cfg.hydra.runtime.output_dir)
     # The run's event file is read once at its end: the HParams numbers and the summary share it.
     import tbparse

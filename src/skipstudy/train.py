@@ -78,7 +78,7 @@ def build_callbacks(cfg: DictConfig, net: torch.nn.Module, run_dir: Path) -> tup
         callbacks.append(build_probe_callback(probes, net, seed=cfg.seed, model=cfg.model))
     report = build_report_callback(cfg.get("report"))  # custom-scalars layout; figures as images (opt-in)
     # HParams summary scalars at the end of fit, read back from the run's event file.
-    return [*callbacks, *([report] if report else []), FinalMetrics()], guard  # FinalMetrics last: train() reads it
+    return [*callbacks, *([report] if report else []), FinalMetrics()], guard
 
 
 def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
@@ -179,7 +179,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if trainer.is_global_zero:
         try:
-            print(run_summary(run_dir, callbacks[-1].run), flush=True)  # the logs FinalMetrics read
+            final = next(c for c in trainer.callbacks if isinstance(c, FinalMetrics))
+            print(run_summary(run_dir, final.run), flush=True)  # the logs FinalMetrics read
         except Exception as err:  # noqa: BLE001 - a summary that cannot be read must not fail a finished run
             print(f"Run finished: {run_dir} (summary unavailable: {err})", flush=True)
     if guard.verdict is not None:
