@@ -6,14 +6,20 @@ the defaults of ``conf/probe/<name>.yaml`` through :class:`~skipstudy.probes.con
 One row per probe: its headline value, the accuracy it reports beside it (a residual or a standard
 error), whether it converged, the operator products it spent and the wall time. ``--power`` adds
 what the former default, 20 steps of power iteration stopped when the value moves by less than
-1e-3 of itself, reads for the Hessian on the same batches.
+1e-3 of itself, reads for the Hessian on the same batches. Without --no-write the table is appended
+to the "Probe accuracy" section of docs/benchmarks.md.
 
-    python scripts/probe_accuracy.py --depth 20 56 --data ../shared/data/cifar10-mini
+    python scripts/probe_accuracy.py --depth 20 56 --power --data ../shared/data/cifar10-mini
+    python scripts/probe_accuracy.py --depth 8 --no-write dataset.batch_size=32   # Hydra overrides last
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import os
+import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,10 +29,18 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from benchmarks_doc import append_entry  # scripts/benchmarks_doc.py, beside this script
 from skipstudy.probes import get_probe
 from skipstudy.probes.context import ProbeContext, bn_mode, cross_entropy
 
 REPO = Path(__file__).resolve().parents[1]
+DOC = REPO / "docs" / "benchmarks.md"
+SECTION = "## Probe accuracy"
+INTRO = """What each iterative or sampled probe reports about its own accuracy at the defaults of
+`conf/probe/<name>.yaml`, on CIFAR ResNets at initialisation (seed 0, real CIFAR-10 images), by
+`scripts/probe_accuracy.py`: the headline value, the accuracy written beside it (a residual
+`|Av - lv| / |l|` for the eigenvalue probes, a standard error or a resolution error for the
+sampled ones), whether the probe converged within its `iters`, and the operator products it spent."""
 # The headline value and the accuracy written beside it, per probe.
 COLUMNS = {"hessian": ("top_eig", "top_eig_residual"), "jacobian": ("sigma_max", "sigma_max_residual"),
            "grad_snr": ("snr_all", "snr_all_se"), "paths": ("mean_length", "mean_length_se"),
@@ -64,11 +78,15 @@ def main() -> None:
     p.add_argument("--probes", default="hessian,jacobian,grad_snr,paths,shattering", help="comma-separated names")
     p.add_argument("--device", default="cpu")
     p.add_argument("--power", action="store_true", help="also the former 20-step power iteration (Hessian)")
+    p.add_argument("--no-write", action="store_true", help="print only, leave docs/benchmarks.md alone")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides of the model and data, e.g. dataset.batch_size=32")
     args = p.parse_args()
-    print("| model | probe | value | accuracy | converged | products | wall (s) |\n|---|---|---:|---:|---|---:|---:|")
+    rows = ["| model | probe | value | accuracy | converged | products | wall (s) |", "|---|---|---:|---:|---|---:|---:|"]
+    print("\n".join(rows))
     for depth in args.depth:
         overrides = ["model=cifar_resnet", f"model.depth={depth}", "dataset=cifar10", f"dataset.root={args.data}",
-                     "dataset.verify=false", "dataset.download=false", "dataset.loader=torch", "dataset.num_workers=0"]
+                     "dataset.verify=false", "dataset.download=false", "dataset.loader=torch", "dataset.num_workers=0",
+                     *args.overrides]
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
             cfg = compose(config_name="probe", overrides=overrides)
         from skipstudy.runs.build import build_datamodule, build_network
@@ -87,14 +105,30 @@ def main() -> None:
                 result = get_probe(name).run(ctx, options)
                 wall = time.perf_counter() - start
                 value, accuracy = COLUMNS[name]
-                print(f"| ResNet-{depth} | {name} | {result[value]:.4g} | {accuracy} {result[accuracy]:.2g} | "
-                      f"{'yes' if result.get('converged', 1.0) else 'NO'} | {int(result.get('products', 0)) or ''} | "
-                      f"{wall:.0f} |", flush=True)
+                rows.append(f"| ResNet-{depth} | {name} | {result[value]:.4g} | {accuracy} {result[accuracy]:.2g} | "
+                            f"{'yes' if result.get('converged', 1.0) else 'NO'} | "
+                            f"{int(result.get('products', 0)) or ''} | {wall:.0f} |")
+                print(rows[-1], flush=True)
                 if name == "hessian" and args.power:
                     start = time.perf_counter()
                     old, steps = power_iteration(ctx, options)
-                    print(f"| ResNet-{depth} | hessian, former default (power, 20 steps) | {old:.4g} | | | {steps} | "
-                          f"{time.perf_counter() - start:.0f} |", flush=True)
+                    rows.append(f"| ResNet-{depth} | hessian, former default (power, 20 steps) | {old:.4g} | | | "
+                                f"{steps} | {time.perf_counter() - start:.0f} |")
+                    print(rows[-1], flush=True)
+    if args.no_write:
+        return
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
+        f"CPU {platform.processor() or platform.machine()}"
+    command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
+    entry = f"""### {dt.date.today().isoformat()}: {device}, {torch.get_num_threads()} torch thread(s)
+
+Command: `{command}`  
+Versions: python {platform.python_version()}, torch {torch.__version__}
+
+{chr(10).join(rows)}
+"""
+    append_entry(DOC, SECTION, entry, INTRO)
+    print(f"appended to {DOC}")
 
 
 if __name__ == "__main__":

@@ -243,3 +243,25 @@ def test_shattering_resolution_error_covers_a_finer_lines_length():
         frac[points] = (length / (points - 1), shattering.resolution_error(grads, length) / (points - 1))
     assert frac[65][1] > frac[1025][1] > 0
     assert abs(frac[65][0] - frac[1025][0]) <= frac[65][1]
+
+
+@pytest.mark.slow
+def test_probe_accuracy_script_reports_every_probe_converged(shared_data, tmp_path):
+    """The script behind docs/benchmarks.md's "Probe accuracy" table, on ResNet-8 and small batches."""
+    import subprocess
+
+    from conftest import PYTHON, REPO, cli_env
+
+    cmd = [PYTHON, str(REPO / "scripts" / "probe_accuracy.py"), "--depth", "8", "--power", "--no-write",
+           "--data", str(shared_data / "cifar10-mini"), "dataset.batch_size=32"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split(" | ")[1]: line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| ResNet-8")}
+    assert set(rows) == {"hessian", "hessian, former default (power, 20 steps)", "jacobian", "grad_snr", "paths",
+                         "shattering"}
+    for name in ("hessian", "jacobian"):
+        accuracy = float(rows[name][3].split()[-1])
+        assert rows[name][4] == "yes" and 0 <= accuracy < 1e-3 and int(rows[name][5]) > 1
+    for name in ("grad_snr", "paths", "shattering"):
+        assert 0 < float(rows[name][3].split()[-1]) < abs(float(rows[name][2]))  # an error smaller than the value
+    assert "WARNING" not in proc.stderr
