@@ -262,6 +262,6 @@ def test_probe_accuracy_script_reports_every_probe_converged(shared_data, tmp_pa
     for name in ("hessian", "jacobian"):
         accuracy = float(rows[name][3].split()[-1])
         assert rows[name][4] == "yes" and 0 <= accuracy < 1e-3 and int(rows[name][5]) > 1
-    for name in ("grad_snr", "paths", "shattering"):
-        assert 0 < float(rows[name][3].split()[-1]) < abs(float(rows[name][2]))  # an error smaller than the value
-    assert "WARNING" not in proc.stderr
+    for name in ("grad_snr", "paths", "shattering"):  # an error smaller than the value; paths: 0, all 2^3 taken
+        assert 0 <= float(rows[name][3].split()[-1]) < abs(float(rows[name][2])), rows[name]
+    assert "probe=" not in proc.stderr  # no probe warned (logging's last resort prints to stderr)
