@@ -12,6 +12,8 @@ on a moving value. Every value comes back with its own residual ``|A v - l v| / 
 with one more product (ARPACK's estimate is float64 arithmetic on products that may be float32):
 for a symmetric ``A`` an eigenvalue lies within ``|A v - l v|`` of ``l`` (Parlett, "The Symmetric
 Eigenvalue Problem", thm 4.5.1), so the residual bounds the relative error of the value.
+ARPACK keeps its ``ncv`` (20) Lanczos vectors in float64 host memory: 160 bytes per parameter, about
+140 MB for a CIFAR ResNet-56's Hessian and 4 GB for an ImageNet ResNet-50's.
 """
 
 from __future__ import annotations
