@@ -19,6 +19,7 @@ ARPACK keeps its ``ncv`` (20) Lanczos vectors in float64 host memory: 160 bytes 
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,11 +28,14 @@ import torch
 from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]
+WINDOW = 40               # products kept for an unconverged estimate: two of ARPACK's restart cycles
+RECENT_BYTES = 1 << 30    # at most this much host memory for them (float32 pairs); above it, NaN
 
 
 @dataclass
 class Eigenpairs:
-    """``values``: largest magnitude first (float64, NaN where ARPACK found none); ``vectors``:
+    """``values``: largest magnitude first (float64; where ARPACK stopped unconverged, Ritz values
+    of its last products, NaN for networks too large to keep them); ``vectors``:
     ``(k, n)`` unit rows on the operator's device; ``residuals``: ``|A v - l v| / |l|`` per value;
     ``products``: operator products spent, the residuals' included; ``converged``: ARPACK met ``tol``
     for every value within its restarts."""
@@ -56,14 +60,20 @@ def top_eigenpairs(matvec: MatVec, n: int, k: int, tol: float, restarts: int, ge
     larger than the ``k``-th value; what it does find takes that place, until nothing is missed."""
     k = min(k, n - 1)  # ARPACK's limit; the probes ask for far fewer than their operators' size
     count = [0]
+    # The last products, for an estimate where ARPACK stops unconverged (it returns only what converged).
+    recent: deque = deque(maxlen=WINDOW if n * WINDOW * 8 <= RECENT_BYTES else 0)
 
     def apply(x: np.ndarray) -> np.ndarray:
         count[0] += 1
         v = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64).reshape(1, n)).to(like)
-        return matvec(v).detach().double().cpu().numpy().reshape(x.shape)
+        y = matvec(v).detach().double().cpu().numpy().reshape(-1)
+        recent.append((x.reshape(-1).astype(np.float32), y.astype(np.float32)))
+        return y.reshape(x.shape)
 
     v0 = torch.randn(n, generator=generator, dtype=torch.float64).numpy()
     values, vectors, converged = lanczos(apply, n, k, tol, restarts, v0)
+    if len(values) < k and len(recent) > k:
+        values, vectors = rayleigh_ritz(recent, k)
     for _ in range(k if k >= 2 and converged and len(values) == k else 0):
         basis = vectors
 
@@ -87,10 +97,24 @@ def top_eigenpairs(matvec: MatVec, n: int, k: int, tol: float, restarts: int, ge
                       np.concatenate([residuals, np.full(missing, np.nan)]), count[0], converged)
 
 
+def rayleigh_ritz(products: deque, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` largest-magnitude Ritz pairs of ``A`` on the span of the vectors ``x`` of the
+    products ``(x, A x)``: an unconverged estimate, whose residual is then measured like any other."""
+    x = np.stack([p[0] for p in products], axis=1).astype(np.float64)
+    ax = np.stack([p[1] for p in products], axis=1).astype(np.float64)
+    u, sv, vt = np.linalg.svd(x, full_matrices=False)
+    keep = sv > 1e-6 * sv[0]  # Lanczos vectors of different restarts may be nearly dependent
+    q, aq = u[:, keep], ax @ vt[keep].T / sv[keep]
+    t = q.T @ aq
+    theta, w = np.linalg.eigh((t + t.T) / 2)
+    order = np.argsort(-np.abs(theta), kind="stable")[:k]
+    return theta[order], q @ w[:, order]
+
+
 def lanczos(apply: Callable[[np.ndarray], np.ndarray], n: int, k: int, tol: float, restarts: int,
             v0: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
     """``(values, vectors as columns, converged)`` from ARPACK, largest magnitude first; when it
-    runs out of restarts, only the pairs that did converge."""
+    runs out of restarts, only the pairs that did converge (perhaps none)."""
     operator = LinearOperator((n, n), matvec=apply, dtype=np.float64)
     try:
         values, vectors = eigsh(operator, k=k, which="LM", tol=tol, maxiter=restarts, v0=v0)
