@@ -49,10 +49,9 @@ def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
                                       torch.Generator().manual_seed(options.seed))
     values, residuals = eig.values.tolist(), eig.residuals.tolist()
     if not eig.converged:
-        log.warning("probe=hessian stopped before converging: top_eig=%.4g with residual %.2g (probe.tol=%g) after "
-                    "%d Hessian-vector products, %d of %d eigenvalues converged; raise probe.iters (now %d)",
-                    values[0], residuals[0], options.tol, eig.products, int(np.isfinite(eig.values).sum()),
-                    len(values), options.iters)
+        log.warning("probe=hessian stopped before converging: top_eig=%.4g with residual %.2g (probe.tol=%g, worst "
+                    "of %d: %.2g) after %d Hessian-vector products; raise probe.iters (now %d)", values[0],
+                    residuals[0], options.tol, len(values), np.nanmax(eig.residuals), eig.products, options.iters)
     result = {"top_eig": values[0], "top_eig_residual": residuals[0], "products": float(eig.products),
               "converged": float(eig.converged)}
     record = {"bn": bn, "images": sum(len(y) for _, y in batches), "eigenvalues": values, "residuals": residuals}
