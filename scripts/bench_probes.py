@@ -41,7 +41,8 @@ SECTION = "## Probes"
 INTRO = """Seconds per probe run on a freshly initialised network (`scripts/bench_probes.py`), each probe with the
 defaults of `conf/probe/<name>.yaml` (the table lists what sets its cost), on synthetic data: median wall time over
 the repeats and the process CPU time of that run. A probe's cost scales with its batches and, for the iterative ones,
-with `iters` (an early stop at `tol` makes it less); `paths` costs one forward and backward pass per sampled path,
+with the operator products Lanczos needs to reach `tol` (`iters` caps its restarts; entries before 2026-12-06 ran
+power iteration for at most `iters` steps); `paths` costs one forward and backward pass per sampled path,
 `(n + 1) * samples` at most for n blocks."""
 
 # What each probe's cost depends on (its options), shown beside the time.

@@ -69,10 +69,32 @@ def run_probe(cfg: DictConfig, output_dir: str | os.PathLike, overrides: list[st
             net=net.to(device), datamodule=dm, run_dir=Path(run_dir), step=step, device=device, writer=writer,
             trained=bool(ckpt), model=OmegaConf.to_container(run_cfg.model, resolve=True), seed=int(run_cfg.seed),
             batches=options.batches), options)
-    for key, value in result.items():
-        print(f"  {key}: {value:.4g}")
+    for line in summary_lines(result):
+        print(line)
     print(f"  outputs: {Path(run_dir) / 'probes' / options.name}")
     return result
+
+
+# A probe's accuracy keys (its summary's ``<key>_residual``, ``<key>_se``, ``<key>_error``, per stage
+# ``<key>_se/<stage>``) are printed on their value's line, as the reader compares them.
+ACCURACY = {"_se": "± {:.2g}", "_error": "(error {:.2g})", "_residual": "(residual {:.2g})"}
+
+
+def summary_lines(result: dict[str, float]) -> list[str]:
+    """One line per value of ``result``, its accuracy beside it: ``  top_eig: -18.63 (residual 4.1e-04)``."""
+    def accuracy_key(key: str, suffix: str) -> str:
+        base, slash, stage = key.partition("/")
+        return f"{base}{suffix}{slash}{stage}"
+
+    beside = {accuracy_key(key, suffix) for key in result for suffix in ACCURACY} & set(result)
+    lines = []
+    for key, value in result.items():
+        if key in beside:
+            continue
+        extra = [form.format(result[accuracy_key(key, suffix)]) for suffix, form in ACCURACY.items()
+                 if accuracy_key(key, suffix) in result]
+        lines.append(" ".join([f"  {key}: {value:.4g}", *extra]))
+    return lines
 
 
 @dirs.paths_quoted("ckpt", existing_only=True)

@@ -16,6 +16,7 @@ from torch import nn
 from skipstudy.errors import ConfigError
 from skipstudy.monitor.layers import select_layers
 from skipstudy.probes.context import Batches, ProbeContext, bn_mode, cross_entropy, panels, titled
+from skipstudy.probes.spectra import jackknife_se
 
 
 def layer_parameters(net: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -38,28 +39,52 @@ def micro_batches(batches: Batches, splits: int) -> Batches:
 
 
 def split_statistics(net: nn.Module, parts: Batches) -> dict[str, dict[str, float]]:
-    """Per layer ``mean``, ``noise`` and ``snr`` over the gradients of each part's mean loss, taken
-    in the network's current mode. Welford's update keeps a small noise on a large mean from
-    being lost to cancellation."""
+    """Per layer ``mean``, ``noise``, ``snr`` and ``snr_se`` over the gradients of each part's mean
+    loss, taken in the network's current mode. Two passes over the parts (the textbook stable
+    variance: deviations from the finished mean, so a small noise on a large mean is not lost to
+    cancellation); the second keeps two numbers per part and layer, from which the leave-one-part-out
+    SNRs, and so the jackknife's standard error, follow exactly without storing any gradient."""
     layers = layer_parameters(net)
     params = layers["all"]
     index = {id(p): i for i, p in enumerate(params)}
+    s = len(parts)
+
+    def gradients(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with torch.inference_mode(False), torch.enable_grad():
+            return torch.autograd.grad(cross_entropy(net, x, y), params, materialize_grads=True)
+
     mean = [torch.zeros_like(p, dtype=torch.float64) for p in params]
-    m2 = torch.zeros(len(params), dtype=torch.float64, device=params[0].device)
-    with torch.inference_mode(False), torch.enable_grad():
-        for count, (x, y) in enumerate(parts, start=1):
-            for i, g in enumerate(torch.autograd.grad(cross_entropy(net, x, y), params, materialize_grads=True)):
-                delta = g.double() - mean[i]
-                mean[i] += delta / count
-                m2[i] += (delta * (g.double() - mean[i])).sum()
-    m2, sq_mean = m2.cpu(), torch.stack([m.pow(2).sum() for m in mean]).cpu()
+    for x, y in parts:
+        for m, g in zip(mean, gradients(x, y)):
+            m += g.double() / s
+    # Per part i and parameter: e = |g_i - m|^2 and c = <m, m - g_i>.
+    e = torch.zeros(s, len(params), dtype=torch.float64, device=params[0].device)
+    c = torch.zeros_like(e)
+    for i, (x, y) in enumerate(parts):
+        for j, (m, g) in enumerate(zip(mean, gradients(x, y))):
+            d = m - g.double()
+            e[i, j], c[i, j] = d.pow(2).sum(), (m * d).sum()
+    e, c, sq_mean = e.cpu().numpy(), c.cpu().numpy(), torch.stack([m.pow(2).sum() for m in mean]).cpu().numpy()
     out = {}
     for name, ps in layers.items():
         idx = [index[id(p)] for p in ps]
-        signal, var = float(sq_mean[idx].sum()), float(m2[idx].sum()) / (len(parts) - 1)
-        snr = signal / var if var > 0 else (math.inf if signal > 0 else math.nan)
-        out[name] = {"mean": math.sqrt(signal), "noise": math.sqrt(var), "snr": snr}
+        signal, e_l, c_l = float(sq_mean[idx].sum()), e[:, idx].sum(axis=1), c[:, idx].sum(axis=1)
+        m2 = float(e_l.sum())
+        out[name] = {"mean": math.sqrt(signal), "noise": math.sqrt(m2 / (s - 1)), "snr": ratio(signal, m2 / (s - 1))}
+        # Without part i: m_-i = m + (m - g_i) / (s - 1), and the deviations' sum of squares
+        # loses e_i * s / (s - 1) (the mean moves too); the SNR of s - 1 parts follows.
+        if s >= 3:
+            signal_out = signal + 2 * c_l / (s - 1) + e_l / (s - 1) ** 2
+            var_out = np.clip(m2 - e_l * s / (s - 1), 0.0, None) / (s - 2)
+            leave_out = np.array([ratio(a, b) for a, b in zip(signal_out, var_out)])
+            out[name]["snr_se"] = float(jackknife_se(leave_out)) if np.isfinite(leave_out).all() else math.nan
+        else:  # the jackknife's s - 1 parts need two for a variance
+            out[name]["snr_se"] = math.nan
     return out
+
+
+def ratio(signal: float, var: float) -> float:
+    return signal / var if var > 0 else (math.inf if signal > 0 else math.nan)
 
 
 def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
@@ -68,21 +93,24 @@ def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
     with mode:
         stats = split_statistics(ctx.net, parts)
     layers = [name for name in stats if name != "all"]
-    result = {"snr_all": stats["all"]["snr"], "snr_first": stats[layers[0]]["snr"],
-              "snr_last": stats[layers[-1]]["snr"], "snr_median": float(np.median([stats[n]["snr"] for n in layers]))}
+    result = {}
+    for key, name in (("snr_all", "all"), ("snr_first", layers[0]), ("snr_last", layers[-1])):
+        result |= {key: stats[name]["snr"], f"{key}_se": stats[name]["snr_se"]}  # each value beside its error
+    result["snr_median"] = float(np.median([stats[n]["snr"] for n in layers]))
     record = {"micro_batch": len(parts[0][1]), "micro_batches": len(parts), "bn": bn,
               "layers": [{"name": name, **stats[name]} for name in layers], "all": stats["all"]}
     ctx.publish(options, record, result,
                 lambda title: plot(record["layers"], f"{title}, {len(parts)} micro-batches of {record['micro_batch']}"),
-                scalars={f"snr/{name}": stats[name]["snr"] for name in layers})
+                scalars={f"{key}/{name}": stats[name][key] for name in layers for key in ("snr", "snr_se")})
     return result
 
 
 def plot(layers: list[dict], title: str = "") -> Figure:
-    """Left: SNR per layer (forward order). Right: the mean gradient's norm and the noise per layer."""
+    """Left: SNR per layer (forward order) with its standard error. Right: the mean gradient's norm and the noise per layer."""
     fig, (ax_snr, ax_parts) = panels(max(9.0, 4 + 0.12 * len(layers)), 3.6, 1, 2)
     x = np.arange(len(layers))
-    ax_snr.plot(x, [r["snr"] for r in layers], marker="o", ms=3, color="C0")
+    ax_snr.errorbar(x, [r["snr"] for r in layers], yerr=[r["snr_se"] for r in layers], marker="o", ms=3, color="C0",
+                    capsize=2)  # bars: the jackknife's standard error over the micro-batches
     ax_snr.axhline(1.0, color="gray", ls=":", lw=0.8)
     ax_snr.set(title="gradient signal-to-noise ratio", ylabel="|mean gradient|^2 / tr(covariance)")
     ax_parts.plot(x, [r["mean"] for r in layers], marker="o", ms=3, label="|mean gradient|")

@@ -98,6 +98,15 @@ def profile(magnitude: np.ndarray, mass: float) -> dict[str, Any]:
             "peak_length": int(np.argmax(share))}
 
 
+def mean_length_se(stats: dict[str, Any], by_k: list[dict]) -> float:
+    """Standard error of the mean path length from each length's sampling error (independent
+    draws per length), to first order: ``d mean / d log m_k = share_k (k - mean)``."""
+    mean = stats["mean_length"]
+    terms = [(share * (r["k"] - mean) * r["se"] / r["mean"]) ** 2 if r["mean"] > 0 else 0.0
+             for share, r in zip(stats["share"], by_k)]
+    return float(math.sqrt(sum(terms)))
+
+
 def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
     net, batches = ctx.net, ctx.fixed_batches(options.split)
     names = [name for name, _ in residual_blocks(net)]
@@ -109,11 +118,16 @@ def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
         for k in range(n + 1):
             sets = path_sets(n, k, options.samples, rng)
             norms = [float(path_gradient_norms(net, batches, [names[i] for i in s]).mean()) for s in sets]
-            by_k.append({"k": k, "mean": float(np.mean(norms)), "std": float(np.std(norms)), "paths": len(sets),
-                         "exact": len(sets) == math.comb(n, k)})
+            exact = len(sets) == math.comb(n, k)
+            # Standard error of the mean over the sampled paths; none where every path was taken.
+            se = 0.0 if exact else float(np.std(norms, ddof=1) / math.sqrt(len(norms))) if len(norms) > 1 else math.nan
+            by_k.append({"k": k, "mean": float(np.mean(norms)), "std": float(np.std(norms)), "se": se,
+                         "paths": len(sets), "exact": exact})
     stats = profile(np.array([r["mean"] for r in by_k]), options.mass)
+    stats["mean_length_se"] = mean_length_se(stats, by_k)
     result = {"effective_lo": float(stats["effective_lo"]), "effective_hi": float(stats["effective_hi"]),
-              "mean_length": stats["mean_length"], "blocks": float(n), "grad_full": full}
+              "mean_length": stats["mean_length"], "mean_length_se": stats["mean_length_se"], "blocks": float(n),
+              "grad_full": full}
     record = {"blocks": names, "bn": bn, "images": sum(len(y) for _, y in batches), "magnitude": by_k, **stats}
     ctx.publish(options, record, result, lambda title: plot(by_k, stats, options.mass, title))
     return result

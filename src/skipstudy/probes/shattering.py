@@ -4,6 +4,7 @@ first lag where ``R(k) = sum_i <g_i, g_{i+k}> / sum_i |g_i|^2`` (line mean remov
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -17,7 +18,10 @@ from skipstudy.errors import ConfigError
 from skipstudy.probes.comparison import by_depth, is_plain, label
 from skipstudy.probes.context import ProbeContext, bn_mode, panels, titled
 
+log = logging.getLogger(__name__)
+
 THRESHOLD = math.exp(-1.0)
+RESOLVED = 0.1  # a warning when halving the points moves the length by more than this share of it
 COMPARISON_COLUMNS = ("corr_length", "corr_length_frac", "acf_lag1")
 
 
@@ -62,6 +66,15 @@ def correlation_length(acf: torch.Tensor | np.ndarray, threshold: float = THRESH
     return float(k - 1 + (r[k - 1] - threshold) / (r[k - 1] - r[k]))
 
 
+def resolution_error(grads: torch.Tensor, length: float) -> float:
+    """How far the correlation length (in points) moves when every other point of the line is left
+    out (lags of the coarse line are two points): the error of reading the length off a sampled,
+    linearly interpolated autocorrelation, taken as the coarse estimate's (conservative: linear
+    interpolation's error falls with the square of the spacing)."""
+    coarse = correlation_length(autocorrelation(grads[::2]))
+    return abs(length - 2 * coarse) if coarse < (len(grads) + 1) // 2 else math.inf
+
+
 def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
     pair = list(options.pair)
     images = ctx.val_images(max(pair) + 1, f"probe.pair={pair}")
@@ -71,7 +84,16 @@ def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
         grads = input_gradients(ctx.net, inputs, options.logit, options.chunk)
     acf = autocorrelation(grads)
     length = correlation_length(acf)
-    result = {"corr_length": length, "corr_length_frac": length / (options.points - 1), "acf_lag1": float(acf[1])}
+    error = resolution_error(grads, length)
+    if length >= len(acf):
+        log.warning("probe=shattering: the gradients stay correlated along the whole line (autocorrelation never "
+                    "below 1/e), so corr_length=%.0f points is only a lower bound",
+                    length)
+    elif not error <= RESOLVED * length:
+        log.warning("probe=shattering did not resolve the correlation length: %.3g points, and halving the points "
+                    "moves it by %.2g; raise probe.points (now %d)", length, error, options.points)
+    result = {"corr_length": length, "corr_length_error": error, "corr_length_frac": length / (options.points - 1),
+              "corr_length_frac_error": error / (options.points - 1), "acf_lag1": float(acf[1])}
     record = {"bn": bn, "threshold": THRESHOLD, **result, "grad_norm_mean": float(grads.norm(dim=1).mean()),
               "acf": acf.tolist()}
     stem = ctx.publish(options, record, result, lambda title: plot_run(grads, acf, length, title))
