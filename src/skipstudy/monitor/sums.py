@@ -50,15 +50,20 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
 _SCRATCH: dict[torch.dtype, Tensor] = {}
 
 
+def _scratch(n: int, dtype: torch.dtype) -> Tensor:
+    """``n`` elements of the CPU scratch buffer of ``dtype`` (contents undefined)."""
+    if dtype not in _SCRATCH or _SCRATCH[dtype].numel() < n:
+        _SCRATCH[dtype] = torch.empty(n, dtype=dtype)
+    return _SCRATCH[dtype][:n]
+
+
 def _buffer(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """``ceil(n / _ROW) * _ROW`` elements whose tail after ``n`` is zero."""
     size = -(-n // _ROW) * _ROW
     if device.type != "cpu":
         z = torch.empty(size, dtype=dtype, device=device)
     else:
-        if dtype not in _SCRATCH or _SCRATCH[dtype].numel() < size:
-            _SCRATCH[dtype] = torch.empty(size, dtype=dtype)
-        z = _SCRATCH[dtype][:size]
+        z = _scratch(size, dtype)
     z[n:].zero_()
     return z
 
@@ -197,16 +202,25 @@ def channel_sums(t: Tensor) -> Tensor:
     the channel count is their ratio, so zero padding changes nothing. The average channel
     variance follows without per-channel squares (``var_mean`` per channel was ~30x slower on
     the CPU), to ~1e-7 (mean / std)^2 relative, enough for block outputs and their gradients.
+    Per-channel sums are float64 on every path: float32 ones overflow for gradients of ~3e33
+    of one sign (128x32x32 elements a channel) and are rounding noise where a channel's
+    elements cancel (the gradient into a train-mode BN), which read as a vanished gradient.
     """
     t = t.detach()
     dims = [d for d in range(t.dim()) if d != 1]
-    if _fast_path(t):
-        s1 = t.sum(dim=dims, dtype=SUM_DTYPE)  # float64 accumulation costs nothing extra there
-    else:
-        s1 = t.sum(dim=dims, dtype=_wide(t.dtype)).to(SUM_DTYPE)
     # numel // channels is exact: one fill instead of a fill and a division.
     per_channel = torch.full((), t.numel() // t.shape[1], dtype=SUM_DTYPE, device=t.device)
-    head = torch.stack((per_channel, count(t), sq_norm(t)))
+    if not _fast_path(t) and t.dtype != torch.float64 and t.dim() >= 2:
+        # One float64 copy, channels last, in the reusable scratch: its per-channel sums and its
+        # sum of squares cost what a float32 sum and a float64-accumulated norm cost before.
+        moved = t.movedim(1, -1)
+        z = _scratch(t.numel(), SUM_DTYPE).view(moved.shape)
+        z.copy_(moved)
+        rows = z.view(-1, t.shape[1])
+        s1, sq = rows.sum(0), torch.linalg.vector_norm(rows).square()
+    else:
+        s1, sq = t.sum(dim=dims, dtype=SUM_DTYPE), sq_norm(t)
+    head = torch.stack((per_channel, count(t), sq))
     return torch.cat((head, s1))
 
 
