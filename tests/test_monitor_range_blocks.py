@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from skipstudy.monitor.quantities import STATISTICS, StepTensors
-from skipstudy.monitor.sums import channel_sums
+from skipstudy.monitor.sums import assemble, channel_sums
 from test_monitor_range import MAGNITUDES, rel_err, sample
 
 REL = 1e-5
@@ -104,7 +104,7 @@ def test_every_grad_split_quantity_matches_float64(dtype, magnitude):
     b = sample((4, 8, 5, 5), magnitude, dtype, seed=11)
     s = (sample((4, 8, 5, 5), magnitude, torch.float64, seed=12) * 3 + b.double() * 0.5).to(dtype)
     g = s + b
-    sums = {name: STATISTICS[name].fn(g, b, s).unsqueeze(0) for name in ("split_branch", "split_shortcut")}
+    sums = {name: assemble(STATISTICS[name].fn(g, b, s), g.device).unsqueeze(0) for name in ("split_branch", "split_shortcut")}
     step = StepTensors(sums)
     bd, sd = b.double().flatten(), s.double().flatten()
     want = {"grad_split/branch": float(bd.norm()), "grad_split/shortcut": float(sd.norm()),
