@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -44,6 +44,15 @@ class PendingStep:
     host: np.ndarray
     event: Any
     finish: Callable[[np.ndarray], StepValues]
+    packed: Tensor | None = None  # the device vector (for grads_nonfinite)
+    grad_norms: slice = field(default_factory=lambda: slice(0, 0))  # where the parameters' gradient norms are in it
+    epoch: int = 0
+    fp16: bool = False
+
+    def grads_nonfinite(self) -> Tensor:
+        """1.0 on the device where a parameter's gradient is not finite, else 0.0 (float32, what
+        fused optimizers take as ``found_inf``): no host read."""
+        return torch.isfinite(self.packed[self.grad_norms].sum()).logical_not().to(torch.float32)
 
     def ready(self) -> bool:
         """Whether the copy has landed (never waits)."""
@@ -282,7 +291,9 @@ class LayerTaps:
         for unit in itertools.chain(self._layers, self._blocks):
             unit.reset()  # the parts are packed; hold no gradients until the next step
         host, event = _to_host(packed)
-        return PendingStep(self.step, host, event, partial(self._on_host, layout, stats))
+        grad_norms = slice(layout.grad_base, layout.grad_base + layout.n_grads)
+        return PendingStep(self.step, host, event, partial(self._on_host, layout, stats),
+                           packed, grad_norms)
 
     def _on_host(self, layout: Layout, stats: list, h: np.ndarray) -> StepValues:
         """The quantities from the host copy of a packed step: CPU float64 tensors only, so the
