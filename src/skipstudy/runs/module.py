@@ -60,11 +60,13 @@ class LitClassifier(L.LightningModule):
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)
-        # Tensors passed to self.log stay on the device until Lightning writes them. Per-step
-        # series carry the plain tag, epoch means an `_epoch` suffix.
+        # Tensors passed to self.log stay on the device until Lightning writes them (every
+        # trainer.log_every_n_steps). Per-step series carry the plain tag, epoch means an `_epoch`
+        # suffix. Only the epoch mean goes to the progress bar: a per-step prog_bar value is read
+        # (.item()) at every step whatever the log interval, a host-device sync on a GPU.
         self.train_loss(loss.detach(), weight=y.numel())
-        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
-        self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True)
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False)
+        self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc(logits.detach(), y), on_step=True, on_epoch=False)
         self.log("train/acc_epoch", self.train_acc, on_step=False, on_epoch=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
