@@ -40,7 +40,9 @@ class LitClassifier(L.LightningModule):
         # run resumed mid-epoch averages over the whole epoch. NaN stays NaN: a diverged run's
         # mean must not skip its bad batches.
         self.train_loss = MeanMetric(nan_strategy="disable")
-        self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        # validate_args checks every batch's labels on the host (a host-device sync per step on
+        # a GPU); the training labels come from skipstudy's own data modules. Validation keeps it.
+        self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro", validate_args=False)
         self.train_loss.persistent(True)
         self.train_acc.persistent(True)
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
