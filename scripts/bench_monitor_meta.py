@@ -56,9 +56,17 @@ def main() -> None:
     p.add_argument("--target", type=float, default=1.5, help="the ratio the issue asks for at most")
     args = p.parse_args()
     torch.set_num_threads(1)
-    taps_module._to_host = lambda t: (np.zeros(t.shape), None)  # meta tensors hold no values to copy
+    # meta tensors hold no values to copy; code from before the deferred copy (a checkout on
+    # PYTHONPATH, for a before/after) returned the array itself
+    if hasattr(taps_module, "PendingStep"):
+        taps_module._to_host = lambda t: (np.zeros(t.shape), None)
+    else:
+        taps_module._to_host = lambda t: np.zeros(t.numel())
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()
+    source = Path(taps_module.__file__).parents[2]
+    if source != Path(__file__).resolve().parents[1] / "src":
+        commit += f" (skipstudy imported from {source})"
     print(f"meta device, host time per step; python {platform.python_version()}, torch {torch.__version__}, "
           f"commit {commit}, CPU {platform.processor() or platform.machine()}, 1 torch thread, batch {args.batch_size}")
     ok = True

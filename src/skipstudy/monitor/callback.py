@@ -159,7 +159,9 @@ class GradientFlowMonitor(Callback):
     # ------------------------------------------------------------------ one recorded step
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        self._drain(trainer, pl_module, wait=False)  # earlier steps whose copies have landed
+        # Earlier steps whose copies have landed; under DDP all earlier steps, so that every rank
+        # handles (and stops at) the same step whatever its copies' timing.
+        self._drain(trainer, pl_module, wait=trainer.world_size > 1)
         if not self.taps.armed or trainer.should_stop:
             return
         step = trainer.global_step
@@ -172,7 +174,8 @@ class GradientFlowMonitor(Callback):
         pending = self.taps.pack(list(pl_module.parameters()), scale, reduce)
         pending.step, pending.epoch, pending.fp16 = step, trainer.current_epoch, loss_scale is not None
         self._pending.append(pending)
-        if self.on_nonfinite == "stop" and loss_scale is None and not pending.ready():
+        late = not pending.ready() if trainer.world_size == 1 else pending.event is not None  # the same on every rank
+        if self.on_nonfinite == "stop" and loss_scale is None and late:
             if getattr(optimizer, "defaults", {}).get("fused"):
                 # Non-finite gradients: the fused kernel skips this update on the device.
                 optimizer.found_inf = pending.grads_nonfinite()
@@ -189,7 +192,10 @@ class GradientFlowMonitor(Callback):
     def _drain(self, trainer, pl_module, wait: bool) -> None:
         """Handle the recorded steps whose values have reached the host, in step order (all of
         them, waiting for the copies, with ``wait``)."""
-        while self._pending and (wait or self._pending[0].ready()):
+        def ready(pending) -> bool:  # under DDP only what is there at once (the CPU), the same on every rank
+            return pending.ready() if trainer.world_size == 1 else pending.event is None
+
+        while self._pending and (wait or ready(self._pending[0])):
             pending = self._pending.pop(0)
             self._record(trainer, pl_module, pending, *pending.read())
 

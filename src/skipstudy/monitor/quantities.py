@@ -202,9 +202,10 @@ def split_shortcut(grad: Tensor, branch: Tensor, shortcut: Tensor | None) -> tup
     elementwise product; g is s + b rounded once per element by autograd, so the cosine is
     within about 1e-7 (ratio + 1 / ratio) of the exact one in float32."""
     if shortcut is None:
+        _SPLIT[0] = None  # the last user (registered after split_branch): hold no gradients
         return None
     _, s, g = _split_norms(grad, branch, shortcut)
-    _SPLIT[0] = None  # the last user: hold no gradients
+    _SPLIT[0] = None
     return grad.numel(), Sq(s), Sq(g)
 
 
