@@ -162,8 +162,8 @@ class GradientFlowMonitor(Callback):
         # Earlier steps whose copies have landed; under DDP all earlier steps, so that every rank
         # handles (and stops at) the same step whatever its copies' timing.
         self._drain(trainer, pl_module, wait=trainer.world_size > 1)
-        if not self.taps.armed or trainer.should_stop:
-            return
+        if not self.taps.armed or (self.diverged_at is not None and self.on_nonfinite == "stop"):
+            return  # stopping: this step's gradients were just dropped
         step = trainer.global_step
         scale = torch.full((), 1.0 / trainer.world_size, dtype=SUM_DTYPE, device=next(pl_module.parameters()).device)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
