@@ -11,6 +11,10 @@ in float64 inside one op (``_foreach_norm(..., dtype=float64)``, ``sum(dtype=flo
 square of any such element, even the subnormal 1.4e-45, is a normal float64, so no scaling is
 needed. float64 tensors, whose squares can leave float64's range, keep the scaled path, and the
 CPU keeps its paths below, tuned because float64 is slow there.
+
+The hooks take ``*_parts`` (:class:`Sq`, ``Part``): element counts stay host numbers and norms
+are squared once a step for all tensors (``skipstudy.monitor.packing``), so a hook issues only
+its reductions; ``*_sums`` assemble the same parts into one vector.
 """
 
 from __future__ import annotations
@@ -238,11 +242,6 @@ def _nonzeros(y: Tensor) -> Tensor:
     # on a post-ReLU 128x16x32x32 tensor (1 thread).
     ones = torch.sign(y).abs_().reshape(-1)
     return torch.stack([c.sum(dtype=torch.float32) for c in ones.split(_COUNT_CHUNK)]).to(SUM_DTYPE).sum()
-
-
-def sq_norm(t: Tensor) -> Tensor:
-    """Sum of squares of any layout in float64 (:func:`norm64` squared)."""
-    return norm64(t).square()
 
 
 def channel_parts(t: Tensor) -> tuple[Part, ...]:
