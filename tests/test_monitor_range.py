@@ -289,3 +289,48 @@ def test_the_cpu_shortcut_never_reads_an_accelerator_tensor():
     assert cpu_value(torch.tensor(2.5)) == 2.5
     with pytest.raises(RuntimeError, match="host sync"):
         cpu_value(torch.zeros((), device="meta"))
+
+
+def test_a_recorded_step_issues_at_most_6_device_ops_a_layer_and_12_a_block(monkeypatch):
+    """On the meta device (every non-CPU branch, as on a GPU) the monitor at its defaults adds at
+    most 6 ops a tracked layer plus 12 a residual block to a training step, the budget of a
+    host-bound GPU step (scripts/count_monitor_ops.py prints the breakdown for ResNet-50/56)."""
+    import numpy as np
+    import torch.nn.functional as F
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from skipstudy import models
+    from skipstudy.monitor import taps as monitor_taps
+
+    class DeviceOps(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            leaves = torch.utils._pytree.tree_leaves((args, kwargs, out))
+            DeviceOps.n += any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in leaves)
+            return out
+
+    monkeypatch.setattr(monitor_taps, "_to_host", lambda t: (np.zeros(t.shape), None))  # meta holds no values
+    net = models.cifar_resnet(10, depth=20).train().to("meta").to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32, device="meta").contiguous(memory_format=torch.channels_last)
+    y = torch.zeros(2, dtype=torch.long, device="meta")
+    taps = monitor_taps.LayerTaps(net)
+
+    def ops(record: bool) -> int:
+        net.zero_grad(set_to_none=True)
+        DeviceOps.n = 0
+        with DeviceOps():
+            if record:
+                with taps.record(0):
+                    F.cross_entropy(net(x), y).backward()
+            else:
+                taps.armed = False
+                F.cross_entropy(net(x), y).backward()
+        return DeviceOps.n
+
+    ops(True)  # first-step work (forward order, constants)
+    added = ops(True) - ops(False)
+    layers, blocks = len(taps.layer_names), len(taps.block_names)
+    assert (layers, blocks) == (20, 9)
+    assert added <= 6 * layers + 12 * blocks == 228, added
