@@ -66,12 +66,16 @@ class LitClassifier(L.LightningModule):
         # trainer.log_every_n_steps). Per-step series carry the plain tag, epoch means an `_epoch`
         # suffix. Only the epoch mean goes to the progress bar: a per-step prog_bar value is read
         # (.item()) at every step whatever the log interval, a host-device sync on a GPU.
-        self.train_loss(loss.detach(), weight=y.numel())
+        # Numbers made on the device (fill kernels): a Python number becomes a device tensor by
+        # a blocking host-to-device copy, a sync each step on a GPU (torchmetrics' weight, self.log).
+        self.train_loss(loss.detach(), weight=torch.full_like(loss.detach(), y.numel()))
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=False)
         self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc(logits.detach(), y), on_step=True, on_epoch=False)
         self.log("train/acc_epoch", self.train_acc, on_step=False, on_epoch=True)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        lr = lr.detach() if isinstance(lr, torch.Tensor) else torch.full((), lr, device=loss.device)
+        self.log("train/lr", lr, on_step=True, on_epoch=False)
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
