@@ -121,8 +121,8 @@ class Timer(Callback):
 def build_net(model: str) -> nn.Module:
     from skipstudy import models
 
-    if model == "cifar_resnet20":
-        return models.cifar_resnet(10, depth=20)
+    if model.startswith("cifar_resnet"):  # cifar_resnet20, cifar_resnet56, ...: depth 6n+2
+        return models.cifar_resnet(10, depth=int(model.removeprefix("cifar_resnet")))
     return getattr(models, model)(1000 if model.startswith("resnet") else 10)
 
 
@@ -145,7 +145,7 @@ def run_once(kind: str, net0: nn.Module, batches, args, tmp: Path) -> list[tuple
         accelerator=args.device, devices=1, precision=args.precision, max_steps=args.warmup + args.steps,
         logger=TensorBoardLogger(str(run_dir), name="", version=""), callbacks=callbacks,
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-        log_every_n_steps=1, limit_val_batches=0, num_sanity_val_steps=0,
+        log_every_n_steps=args.log_every_n_steps, limit_val_batches=0, num_sanity_val_steps=0,
     )
     trainer.fit(Lit(net, args.channels_last), batches)
     return timer.times
@@ -177,7 +177,7 @@ def environment(args) -> dict[str, str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="cifar_resnet20", help="cifar_resnet20 or a skipstudy.models builder (resnet50)")
+    p.add_argument("--model", default="cifar_resnet20", help="cifar_resnet<depth> (20, 56, ...) or a skipstudy.models builder (resnet50)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--image-size", type=int, default=None, help="default: 32 for CIFAR nets, 224 otherwise")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -190,6 +190,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true",
                    help="add none_compiled and monitor_compiled rows (torch.compile; raise --warmup to cover compiling)")
     p.add_argument("--no-write", action="store_true", help="print only, leave docs/benchmarks.md alone")
+    p.add_argument("--log-every-n-steps", type=int, default=1,
+                   help="Lightning's; each logged step reads the loss on the host (a sync on a GPU)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -237,7 +239,7 @@ def main() -> None:
         table.append(f"| {kind} | {1 / wall:.3f} | {wall * 1e3:.0f} | {cpu * 1e3:.0f} | {len(step_times[kind])} "
                      f"| {over[0]} | {over[1]} |")
     command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
-    label = "CIFAR ResNet-20" if args.model == "cifar_resnet20" else args.model
+    label = f"CIFAR ResNet-{args.model.removeprefix('cifar_resnet')}" if args.model.startswith("cifar_resnet") else args.model
     print("\n".join(table))
     if args.no_write:
         return

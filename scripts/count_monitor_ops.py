@@ -13,8 +13,14 @@ CPU tensors. ``--device meta`` runs the step on meta tensors (shapes, no data): 
 ``_fast_path`` (an older checkout on PYTHONPATH) is counted too; the one host transfer is
 replaced by zeros there. Counts, not times: nothing here says how long the ops take on a GPU.
 
+Dispatched ops are split by where they run: on the step's device (on a GPU each one a kernel
+launch) and on CPU tensors the monitor makes on the host from the transferred values (the
+quantities, one step late during training). With ``--device meta`` the device ops are judged
+against the budget of the issue: at most 6 a tracked layer plus 12 a residual block.
+
     python scripts/count_monitor_ops.py --model resnet50 --batch-size 2 --image-size 32
     python scripts/count_monitor_ops.py --model resnet50 --batch-size 2 --image-size 32 --device meta
+    python scripts/count_monitor_ops.py --model resnet56 --device meta   # CIFAR ResNet-56
 """
 
 from __future__ import annotations
@@ -34,13 +40,22 @@ from skipstudy.monitor.taps import LayerTaps
 
 
 class Count(TorchDispatchMode):
-    def __init__(self) -> None:
+    """Ops by name; ``on_host`` those whose tensors are all CPU ones while the step runs elsewhere."""
+
+    def __init__(self, device: str) -> None:
         super().__init__()
+        self.device = device
         self.ops: Counter[str] = Counter()
+        self.on_host: Counter[str] = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs, out))
+        devices = {t.device.type for t in leaves if isinstance(t, torch.Tensor)}
         self.ops[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
+        if self.device != "cpu" and devices <= {"cpu"}:
+            self.on_host[str(func.overloadpacket)] += 1
+        return out
 
 
 def step(net, x, y, taps: LayerTaps | None) -> None:
@@ -52,19 +67,25 @@ def step(net, x, y, taps: LayerTaps | None) -> None:
         F.cross_entropy(net(x), y).backward()
 
 
-def measure(net, x, y, taps: LayerTaps | None) -> tuple[Counter, int]:
+def measure(net, x, y, taps: LayerTaps | None, device: str) -> tuple[Count, int]:
     step(net, x, y, taps)  # warm-up: one-off work (first-call ordering, the weight sizes' copy)
-    with Count() as mode:
+    with Count(device) as mode:
         step(net, x, y, taps)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step(net, x, y, taps)
     profiled = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
-    return mode.ops, profiled
+    return mode, profiled
+
+
+def build(name: str, device: str):
+    if not hasattr(models, name) and name.startswith("resnet") and name[6:].isdigit():  # resnet20, 56, 110: CIFAR
+        return models.cifar_resnet(10, depth=int(name[6:])).train().to(device)
+    return getattr(models, name)(1000 if name.startswith("resnet") else 10).train().to(device)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="resnet50", help="a skipstudy.models builder")
+    p.add_argument("--model", default="resnet50", help="a skipstudy.models builder, or resnet<6n+2> for a CIFAR ResNet")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--device", default="cpu", choices=["cpu", "meta"])
@@ -75,15 +96,17 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    net = getattr(models, args.model)(1000 if args.model.startswith("resnet") else 10).train().to(args.device)
+    net = build(args.model, args.device)
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=args.device)
     y = torch.randint(0, 10, (args.batch_size,), device=args.device)
     if args.device == "meta":  # a meta tensor has no values to copy out
-        taps_module._to_host = lambda t: np.zeros(t.numel())
+        taps_module._to_host = lambda t: (np.zeros(t.shape), None)
     if args.channels_last:
         net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    base, base_prof = measure(net, x, y, None)
+    base_mode, base_prof = measure(net, x, y, None, args.device)
+    base = base_mode.ops
     print(f"plain step: {sum(base.values())} dispatched ops, {base_prof} profiler aten events")
+    ok = True
     real = getattr(sums, "_fast_path", None)  # None: code from before it existed
     for path in ("cpu", "accelerator") if args.device == "cpu" else ("meta",):
         if path == "accelerator":
@@ -93,7 +116,8 @@ def main() -> None:
             sums._fast_path = lambda t: True
         taps = LayerTaps(net, activations=not args.no_activations, blocks=not args.no_blocks)
         try:
-            ops, prof = measure(net, x, y, taps)
+            mode, prof = measure(net, x, y, taps, args.device)
+            ops = mode.ops
         finally:
             taps.remove()
             if real is not None:
@@ -103,6 +127,15 @@ def main() -> None:
         print(f"{path:11s} path: monitor adds {sum(ops.values()) - sum(base.values())} dispatched ops, "
               f"{prof - base_prof} profiler aten events per step ({units[0]} layers, {units[1]} blocks)")
         print("   top: " + ", ".join(f"{k.replace('aten.', '')} {v}" for k, v in extra.most_common(args.top)))
+        if args.device == "meta":
+            host = sum(mode.on_host.values())
+            on_device = sum(extra.values()) - host
+            budget = 6 * units[0] + 12 * units[1]
+            ok &= on_device <= budget
+            print(f"   on the device: {on_device} ops ({on_device / (units[0] + units[1]):.1f} per unit); budget 6 a layer "
+                  f"+ 12 a block = {budget}: {'met' if on_device <= budget else 'MISSED'}")
+            print(f"   on the host (quantities from the transferred values, CPU tensors): {host} ops")
+    raise SystemExit(0 if ok else 1)
 
 
 if __name__ == "__main__":

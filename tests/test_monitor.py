@@ -758,7 +758,8 @@ def test_one_host_transfer_per_recorded_step(tmp_path, monkeypatch):
     once per recorded step (histogram and epoch-end steps included). Every Tensor method that
     waits for the device is wrapped; calls from monitor code outside ``_to_host`` are counted.
     ``sums.cpu_value`` is exempt: it reads CPU tensors only (it raises on any other
-    device, checked here too), where nothing waits."""
+    device, checked here too), where nothing waits; so is ``LayerTaps._on_host``, which computes
+    the quantities from the transferred array (its tensors are checked to be CPU ones)."""
     monitor_dir = str(Path(monitor_callback.__file__).parent)
     stray: list[str] = []
     transfers: list[int] = []
@@ -771,6 +772,9 @@ def test_one_host_transfer_per_recorded_step(tmp_path, monkeypatch):
                 return None
             if frame.f_code.co_name == "cpu_value":
                 assert frame.f_locals["t"].device.type == "cpu"
+                return None
+            if frame.f_code.co_name == "_on_host":
+                assert isinstance(frame.f_locals["h"], np.ndarray)
                 return None
             if where is None and frame.f_code.co_filename.startswith(monitor_dir):
                 where = f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno}"

@@ -1,12 +1,21 @@
 """GradientFlowMonitor: the Lightning adapter of :class:`~skipstudy.monitor.taps.LayerTaps`:
 which steps are recorded, and where their numbers go.
 
-A recorded step is collected in ``on_before_optimizer_step`` (after DDP's all-reduce and AMP
-unscaling, before clipping) with one host transfer, over all micro-batches of the step. Under
-DDP the sums are all-reduced and divided by the world size, so every rank takes the same stop
-decision; rank 0 writes. fp16 output gradients are divided by the loss scale; a step whose
-gradients overflowed is the GradScaler's to skip. Under torch.compile each tracked layer is a
-graph break.
+A recorded step is packed in ``on_before_optimizer_step`` (after DDP's all-reduce and AMP
+unscaling, before clipping) over all micro-batches of the step, and its one host transfer starts
+without blocking. On a GPU its values are read when the copy has landed, normally at the next
+step's ``on_before_optimizer_step`` (at the latest at an epoch end, a checkpoint or the end of
+fit, which wait for it): the host never waits for the device inside a step. On the CPU they are
+read at once. Under DDP the sums are all-reduced and divided by the world size, so every rank
+takes the same stop decision; rank 0 writes. fp16 output gradients are divided by the loss
+scale; a step whose gradients overflowed is the GradScaler's to skip. Under torch.compile each
+tracked layer is a graph break.
+
+``on_nonfinite=stop`` read a step late still names the step and layer where it started, and no
+update with a non-finite gradient is applied: an optimizer built with ``fused=True`` gets a
+device-side ``found_inf`` (what the GradScaler gives it), so it skips that update itself; with
+any other optimizer the values are read before its update, which on a GPU waits for the device
+once a recorded step (the price of the guarantee; ``on_nonfinite=warn`` does not pay it).
 """
 
 from __future__ import annotations
@@ -79,6 +88,8 @@ class GradientFlowMonitor(Callback):
         self._tb = None  # rank 0's SummaryWriter
         self._hist_pending = False  # a run resumed mid-epoch starts no epoch
         self._epoch_nonfinite = 0
+        self._pending: list = []  # recorded steps whose values are on their way to the host
+        self._guarded = None  # the optimizer given a device-side found_inf this step
 
     def resolve(self, net: nn.Module) -> None:
         """Check ``monitor.layers`` against the network before training (ConfigError naming
@@ -115,14 +126,17 @@ class GradientFlowMonitor(Callback):
             self.taps.remove()
 
     def on_fit_end(self, trainer, pl_module) -> None:
+        self._drain(trainer, pl_module, wait=True)
         self._flush()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._pending = []  # values of a failed step are not trusted
         self._flush()
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         # The export then holds every step the checkpoint has trained: a run killed after it
         # resumes with the export whole (skipstudy/runs/resume.py cuts later rows).
+        self._drain(trainer, pl_module, wait=True)
         self._flush()
 
     # ------------------------------------------------------------------ when
@@ -147,8 +161,11 @@ class GradientFlowMonitor(Callback):
     # ------------------------------------------------------------------ one recorded step
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if not self.taps.armed:
-            return
+        # Earlier steps whose copies have landed; under DDP all earlier steps, so that every rank
+        # handles (and stops at) the same step whatever its copies' timing.
+        self._drain(trainer, pl_module, wait=trainer.world_size > 1)
+        if not self.taps.armed or (self.diverged_at is not None and self.on_nonfinite == "stop"):
+            return  # stopping: this step's gradients were just dropped
         step = trainer.global_step
         scale = torch.full((), 1.0 / trainer.world_size, dtype=SUM_DTYPE, device=next(pl_module.parameters()).device)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
@@ -156,11 +173,40 @@ class GradientFlowMonitor(Callback):
         if loss_scale is not None:
             scale = scale / loss_scale.to(SUM_DTYPE)
         reduce = torch.distributed.all_reduce if trainer.world_size > 1 else None
-        scalars, row, whole, out_scale = self.taps.collect(list(pl_module.parameters()), scale, reduce)
+        pending = self.taps.pack(list(pl_module.parameters()), scale, reduce)
+        pending.step, pending.epoch, pending.fp16 = step, trainer.current_epoch, loss_scale is not None
+        self._pending.append(pending)
+        late = not pending.ready() if trainer.world_size == 1 else pending.event is not None  # the same on every rank
+        if self.on_nonfinite == "stop" and loss_scale is None and late:
+            if getattr(optimizer, "defaults", {}).get("fused"):
+                # Non-finite gradients: the fused kernel skips this update on the device.
+                optimizer.found_inf = pending.grads_nonfinite()
+                self._guarded = optimizer
+            else:
+                self._drain(trainer, pl_module, wait=True)  # read before the update: waits for the device
+        self._drain(trainer, pl_module, wait=False)  # on the CPU: now
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self._guarded is not None:
+            del self._guarded.found_inf  # this step's flag must not reach the next update
+            self._guarded = None
+
+    def _drain(self, trainer, pl_module, wait: bool) -> None:
+        """Handle the recorded steps whose values have reached the host, in step order (all of
+        them, waiting for the copies, with ``wait``)."""
+        def ready(pending) -> bool:  # under DDP only what is there at once (the CPU), the same on every rank
+            return pending.ready() if trainer.world_size == 1 else pending.event is None
+
+        while self._pending and (wait or ready(self._pending[0])):
+            pending = self._pending.pop(0)
+            self._record(trainer, pl_module, pending, *pending.read())
+
+    def _record(self, trainer, pl_module, pending, scalars, row, whole, out_scale) -> None:
+        step = pending.step
         self.layer_names = self.taps.layer_names
         grads = ("grad_norm/output/", "grad_norm/weight/", "grad_norm/total")
         finite = all(math.isfinite(v) for tag, v in scalars.items() if tag.startswith(grads))
-        if not finite and loss_scale is not None:
+        if not finite and pending.fp16:
             self.overflow_steps += 1  # fp16 overflow: the GradScaler skips the update and lowers its scale
             return
         if self._rank_zero:
@@ -170,7 +216,7 @@ class GradientFlowMonitor(Callback):
                                                    self.taps.tags(), self.taps.block_names)
                 if step > 0 and self.export != "none":
                     self.series.keep_earlier(before=step)  # resumed run: continue the export
-            self.series.append(step, trainer.current_epoch, row)
+            self.series.append(step, pending.epoch, row)
             # Non-finite values are written as such; what does not exist is not written at all.
             for logger in self._others:
                 logger.log_metrics(scalars, step=step)
@@ -184,6 +230,7 @@ class GradientFlowMonitor(Callback):
     # ------------------------------------------------------------------ epoch summaries (rank 0)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._drain(trainer, pl_module, wait=True)  # the epoch's summaries need all its rows
         if self.on_nonfinite == "warn" and self._epoch_nonfinite > 1 and self._rank_zero:
             log.warning("%d recorded steps of epoch %d had non-finite gradients", self._epoch_nonfinite,
                         trainer.current_epoch)

@@ -1,9 +1,11 @@
 """What the monitor computes (after Cockpit, Schneider et al. 2021): a *statistic* maps the
 tensor(s) at one hook site (:data:`SITES`) to a float64 vector of sums whose first element
-counts what was summed (``None`` adds nothing); the hooks add it over micro-batches and
-processes, :class:`~.taps.LayerTaps` stacks it into ``[units, width]``, zero-padded. A
-*quantity* maps the step's :class:`StepTensors` to one value per layer, block or step, written
-where its statistic's count is nonzero. A new per-layer quantity is one module with both::
+counts what was summed (``None`` adds nothing), either one tensor or a tuple of parts
+(``skipstudy.monitor.sums.Part``: host-known numbers, device tensors, norms to square), which
+the hot path packs for a whole step at once. The sums are added over micro-batches and
+processes into ``[units, width]``, zero-padded. A *quantity* maps the step's
+:class:`StepTensors` to one value per layer, block or step, written where its statistic's count
+is nonzero. A new per-layer quantity is one module with both::
 
     @statistic("out_abs", site="output_grad", width=2)
     def out_abs(g):
@@ -11,7 +13,9 @@ where its statistic's count is nonzero. A new per-layer quantity is one module w
 
     quantity("grad_mean_abs/output", "out_abs", lambda s: s["out_abs"][:, 1] / s["out_abs"][:, 0] * s.out_grad_scale)
 
-Everything stays on the device: no ``.item()``, ``.cpu()``, ``float()`` or boolean mask.
+Quantities run on the sums once they reached the host (CPU float64 tensors, one step late on
+an accelerator: ``skipstudy.monitor.packing``); statistics run in the hooks, on the device,
+where an ``.item()``, ``.cpu()``, ``float()`` or boolean mask would be a host sync.
 """
 
 from __future__ import annotations
@@ -26,13 +30,13 @@ from torch import Tensor
 from skipstudy.monitor.sums import (
     SUM_DTYPE,
     HistogramBins,
-    activation_sums,
-    channel_sums,
-    count,
+    Sq,
+    activation_parts,
+    channel_parts,
     log_abs_histogram,
+    norm64,
     norms,
-    output_grad_sums,
-    sq_norm,
+    output_grad_parts,
 )
 
 # Hook sites and what their statistics get. Layers: a tracked layer's output (``output``) and
@@ -47,7 +51,7 @@ SITES = {"output": "layers", "output_grad": "layers", "block": "blocks", "block_
 class Statistic:
     name: str
     site: str
-    fn: Callable[..., Tensor | None]
+    fn: Callable[..., Tensor | tuple | None]
     width: int  # at least; the same on every process, or their sums could not be added
     hist: bool = False  # only on histogram steps; its sums go to the host whole
 
@@ -100,16 +104,19 @@ def quantity(name: str, needs: str, fn: Callable[[StepTensors], Tensor] | None =
 
 @dataclass
 class StepTensors:
-    """One optimizer step's data on the device, layers in forward order: ``sums`` per
-    statistic ``[units, width]``, each layer's ``weight.grad`` (None: no weight or grad) and
-    weight size (0: none), every parameter gradient, and ``out_grad_scale``, the factor turning
-    summed gradients into gradients of the loss the optimizer minimises."""
+    """One optimizer step's data, layers in forward order: ``sums`` per statistic ``[units,
+    width]``, each layer's ``weight.grad`` (None: no weight or grad) and weight size (0: none),
+    every parameter gradient, and ``out_grad_scale``, the factor turning summed gradients into
+    gradients of the loss the optimizer minimises. The hot path passes the gradients' norms
+    instead (``weight_norm`` per layer, ``grad_norms`` of every parameter), taken on the device."""
 
     sums: dict[str, Tensor]
     weight_grads: list[Tensor | None] = field(default_factory=list)
     weight_numel: Tensor | None = None
     all_grads: list[Tensor] = field(default_factory=list)
     out_grad_scale: Tensor = field(default_factory=lambda: torch.ones((), dtype=SUM_DTYPE))
+    weight_norm: Tensor | None = None
+    grad_norms: Tensor | None = None
     _values: dict = field(default_factory=dict, repr=False)
 
     def __getitem__(self, name: str) -> Tensor:
@@ -127,15 +134,17 @@ class StepTensors:
 # accumulated loss w.r.t. the layer's output over the whole effective batch.
 
 BINS = HistogramBins()
-statistic("output", "output_grad", width=2)(output_grad_sums)
-statistic("activation", "output", width=5)(activation_sums)
+statistic("output", "output_grad", width=2)(output_grad_parts)
+statistic("activation", "output", width=5)(activation_parts)
 statistic("hist", "output_grad", width=3 + BINS.bins, hist=True)(partial(log_abs_histogram, spec=BINS))
 
 quantity("grad_norm/output", "output", lambda s: s["output"][:, 1].sqrt() * s.out_grad_scale)
 quantity("grad_rms/output", "output", lambda s: s.value("grad_norm/output") / s["output"][:, 0].sqrt())
-quantity("grad_norm/weight", "weight", lambda s: norms(s.weight_grads, s.out_grad_scale))
+quantity("grad_norm/weight", "weight",
+         lambda s: s.weight_norm if s.weight_norm is not None else norms(s.weight_grads, s.out_grad_scale))
 quantity("grad_rms/weight", "weight", lambda s: s.value("grad_norm/weight") / s.weight_numel.sqrt())
-quantity("grad_norm/total", "params", lambda s: torch.linalg.vector_norm(norms(s.all_grads, s.out_grad_scale)))
+quantity("grad_norm/total", "params", lambda s: torch.linalg.vector_norm(
+    s.grad_norms if s.grad_norms is not None else norms(s.all_grads, s.out_grad_scale)))
 quantity("act/mean", "activation", lambda s: s["activation"][:, 1] / s["activation"][:, 0])
 
 
@@ -168,20 +177,36 @@ def grad_decay_slope(s: StepTensors) -> Tensor:
 # has no s: its shortcut, ratio and cos are not written, never a fake 0.
 
 
+_SPLIT: list = [None]  # the last split's tensors and norms: both statistics below share one op
+
+
+def _split_norms(grad: Tensor, branch: Tensor, shortcut: Tensor | None) -> list[Tensor]:
+    """``[||b||, ||s||, ||g||]`` (``[||b||]`` without a shortcut) in float64 from one fused
+    ``torch._foreach_norm`` (one op, not three), computed once for the two split statistics."""
+    last = _SPLIT[0]
+    if last is None or last[0] is not grad or last[1] is not branch or last[2] is not shortcut:
+        tensors = [branch] if shortcut is None else [branch, shortcut, grad]
+        last = _SPLIT[0] = (grad, branch, shortcut, torch._foreach_norm(tensors, 2, dtype=SUM_DTYPE))
+    return last[3]
+
+
 @statistic("split_branch", "split", width=2)
-def split_branch(grad: Tensor, branch: Tensor, shortcut: Tensor | None) -> Tensor:
+def split_branch(grad: Tensor, branch: Tensor, shortcut: Tensor | None) -> tuple:
     """``[numel, ||b||^2]``."""
-    return torch.stack((count(branch), sq_norm(branch)))
+    return branch.numel(), Sq(_split_norms(grad, branch, shortcut)[0])
 
 
 @statistic("split_shortcut", "split", width=3)
-def split_shortcut(grad: Tensor, branch: Tensor, shortcut: Tensor | None) -> Tensor | None:
+def split_shortcut(grad: Tensor, branch: Tensor, shortcut: Tensor | None) -> tuple | None:
     """``[numel, ||s||^2, ||g||^2]``: <s, b> = (||g||^2 - ||s||^2 - ||b||^2) / 2 needs no
     elementwise product; g is s + b rounded once per element by autograd, so the cosine is
     within about 1e-7 (ratio + 1 / ratio) of the exact one in float32."""
     if shortcut is None:
+        _SPLIT[0] = None  # the last user (registered after split_branch): hold no gradients
         return None
-    return torch.stack((count(grad), sq_norm(shortcut), sq_norm(grad)))
+    _, s, g = _split_norms(grad, branch, shortcut)
+    _SPLIT[0] = None
+    return grad.numel(), Sq(s), Sq(g)
 
 
 quantity("grad_split/shortcut", "split_shortcut", lambda s: s["split_shortcut"][:, 1].sqrt() * s.out_grad_scale)
@@ -201,7 +226,7 @@ def grad_split_cos(s: StepTensors) -> Tensor:
 # branch output and their gradients, averaged over channels. The gradients' as square roots:
 # gradients of 1e-30 have variances of 1e-60, below float32, TensorBoard's precision.
 for _site in ("block", "block_grad", "branch", "branch_grad"):
-    statistic(_site, _site, width=4)(channel_sums)  # padded to the widest block's channels
+    statistic(_site, _site, width=4)(channel_parts)  # padded to the widest block's channels
 
 
 def _channel_stats(sums: Tensor) -> tuple[Tensor, Tensor]:

@@ -7,10 +7,14 @@ scaling, and rows of ``_ROW`` reduced first. Only :func:`cpu_value` reads a valu
 Two paths, chosen by :func:`_fast_path`. On an accelerator the step is host-bound: what costs
 is the number of ops the hooks issue (each a kernel launch and dispatcher time), not their
 arithmetic, and float64 reductions are cheap. There a float32, bf16 or fp16 tensor is reduced
-in float64 inside one op (``vector_norm(..., dtype=float64)``, ``sum(dtype=float64)``): the
+in float64 inside one op (``_foreach_norm(..., dtype=float64)``, ``sum(dtype=float64)``): the
 square of any such element, even the subnormal 1.4e-45, is a normal float64, so no scaling is
 needed. float64 tensors, whose squares can leave float64's range, keep the scaled path, and the
 CPU keeps its paths below, tuned because float64 is slow there.
+
+The hooks take ``*_parts`` (:class:`Sq`, ``Part``): element counts stay host numbers and norms
+are squared once a step for all tensors (``skipstudy.monitor.packing``), so a hook issues only
+its reductions; ``*_sums`` assemble the same parts into one vector.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import NamedTuple, Union
 
 import torch
 from torch import Tensor
@@ -50,15 +55,20 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
 _SCRATCH: dict[torch.dtype, Tensor] = {}
 
 
+def _scratch(n: int, dtype: torch.dtype) -> Tensor:
+    """``n`` elements of the CPU scratch buffer of ``dtype`` (contents undefined)."""
+    if dtype not in _SCRATCH or _SCRATCH[dtype].numel() < n:
+        _SCRATCH[dtype] = torch.empty(n, dtype=dtype)
+    return _SCRATCH[dtype][:n]
+
+
 def _buffer(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """``ceil(n / _ROW) * _ROW`` elements whose tail after ``n`` is zero."""
     size = -(-n // _ROW) * _ROW
     if device.type != "cpu":
         z = torch.empty(size, dtype=dtype, device=device)
     else:
-        if dtype not in _SCRATCH or _SCRATCH[dtype].numel() < size:
-            _SCRATCH[dtype] = torch.empty(size, dtype=dtype)
-        z = _SCRATCH[dtype][:size]
+        z = _scratch(size, dtype)
     z[n:].zero_()
     return z
 
@@ -122,27 +132,70 @@ def count(t: Tensor) -> Tensor:
     return torch.full((), t.numel(), dtype=SUM_DTYPE, device=t.device)
 
 
-def output_grad_sums(grad: Tensor) -> Tensor:
+class Sq(NamedTuple):
+    """A part of a statistic standing for ``factor * norm**2``: the hot path squares every
+    step's norms in one op, not one op a tensor. ``norm`` is float64 with one element."""
+
+    norm: Tensor
+    factor: float = 1.0
+
+
+# A statistic's parts, concatenated in order, are its float64 vector: host-known numbers
+# (element counts: no op, no copy), device tensors (flattened), and Sq.
+Part = Union[int, float, Tensor, Sq]
+
+
+def assemble(parts: tuple[Part, ...], device: torch.device) -> Tensor:
+    """The float64 vector that ``parts`` stand for, one tensor (the hot path packs the parts of a
+    whole step at once instead: ``skipstudy.monitor.packing``)."""
+    out = []
+    for p in parts:
+        if isinstance(p, Sq):
+            out.append((p.norm.to(SUM_DTYPE).square() * p.factor).reshape(1))
+        elif isinstance(p, Tensor):
+            out.append(p.to(SUM_DTYPE).reshape(-1))
+        else:
+            out.append(torch.full((1,), float(p), dtype=SUM_DTYPE, device=device))
+    return torch.cat(out)
+
+
+def norm64(t: Tensor) -> Tensor:
+    """L2 norm with the squares summed in float64 within one reduction: for a float32/bf16/fp16
+    tensor right to float64 rounding from 1.4e-45 to 3.4e38 (the square of any such element is
+    a normal float64), so no scaling is needed. ``torch._foreach_norm`` is underscored but is the
+    norm behind ``clip_grad_norm_`` and the optimizers' foreach paths; with ``dtype`` its CUDA
+    kernel accumulates in that dtype (``LpNormFunctor``'s ``opmath_type<out_t>``), as the CPU
+    path does. One op like ``linalg.vector_norm``, with less host time: on the meta device
+    (shapes only) 32 us against 640 us for a 128x256x56x56 tensor."""
+    return torch._foreach_norm([t], 2, dtype=SUM_DTYPE)[0]
+
+
+def output_grad_parts(grad: Tensor) -> tuple[Part, ...]:
     """``[numel, sum of squares]`` of the gradient w.r.t. a layer's output."""
     if _fast_path(grad) and grad.dtype != torch.float64:
-        return torch.stack((count(grad), sq_norm(grad)))
+        return grad.numel(), Sq(norm64(grad))
     flat = _flat(grad)
-    sq = _sums(flat)[0] if flat.numel() else torch.zeros((), dtype=SUM_DTYPE, device=grad.device)
-    return torch.stack((count(grad), sq))
+    return grad.numel(), (_sums(flat)[0] if flat.numel() else 0.0)
 
 
-def activation_sums(y: Tensor) -> Tensor:
+def output_grad_sums(grad: Tensor) -> Tensor:
+    """:func:`output_grad_parts` as one vector."""
+    with torch.no_grad():
+        return assemble(output_grad_parts(grad), grad.device)
+
+
+def activation_parts(y: Tensor) -> tuple[Part, ...]:
     """``[numel, sum, M2, sum * mean, nonzeros]`` of a layer's output, ``M2 = sum((y - mean)**2)``
     about this call's own mean (the one-pass ``sum(y**2) - numel * mean**2`` loses every digit
     when |mean| >> std); calls combine as in Chan et al. 1979, the float32 mean's rounding cancels
     in the corrected two-pass formula. ``torch.var_mean`` is ~50x slower on the CPU.
     """
     if _fast_path(y) and y.dtype != torch.float64 and y.numel():
-        return _activation_sums_fast(y)
+        return _activation_parts_fast(y)
     flat = _flat(y)
     n = flat.numel()
     if n == 0:
-        return torch.zeros(5, dtype=SUM_DTYPE, device=y.device)
+        return (torch.zeros(5, dtype=SUM_DTYPE, device=y.device),)
     total = flat.sum(dtype=_wide(y.dtype))
     if flat.device.type == "cpu" and flat.dtype == torch.float32:
         # The one-pass form is right to ~1e-6 while sum(y**2) <= 10 * M2 (post-ReLU and conv
@@ -151,25 +204,31 @@ def activation_sums(y: Tensor) -> Tensor:
         s1 = total.to(SUM_DTYPE)
         m2 = sq - s1 * s1 / n
         if 10 * cpu_value(m2) >= cpu_value(sq):
-            return torch.stack((count(flat), s1, m2, s1 * s1 / n, _nonzeros(flat)))
+            return (torch.stack((count(flat), s1, m2, s1 * s1 / n, _nonzeros(flat))),)
     shift = total / n
     d2, d1 = _sums(flat, shift)
     s1 = shift.to(SUM_DTYPE) * n + d1
-    return torch.stack((count(flat), s1, d2 - d1 * d1 / n, s1 * s1 / n, _nonzeros(flat)))
+    return (torch.stack((count(flat), s1, d2 - d1 * d1 / n, s1 * s1 / n, _nonzeros(flat))),)
 
 
-def _activation_sums_fast(y: Tensor) -> Tensor:
-    """:func:`activation_sums` in a dozen ops: float64 sum, a centred float64 copy, its norm.
-    The shift is this call's mean in float64, off the exact mean by d ~ 1e-16 |mean|; M2 about
-    it exceeds M2 about the exact mean by numel * d**2, ~1e-32 (mean / std)**2 relative, so the
-    correction term of the two-pass formula (sum of the centred copy) is left out. Every
-    centred element and its square are normal float64 numbers or exactly 0 (nothing underflows)."""
-    # keepdim: a shift with dimensions promotes ``y - shift`` to float64; a 0-d one would not.
+def activation_sums(y: Tensor) -> Tensor:
+    """:func:`activation_parts` as one vector."""
+    with torch.no_grad():
+        return assemble(activation_parts(y), y.device)
+
+
+def _activation_parts_fast(y: Tensor) -> tuple[Part, ...]:
+    """:func:`activation_parts` in four ops: a float64 sum, a centred float64 copy, its norm and
+    ``count_nonzero``. The shift is the sum times 1/numel in float64, off the exact mean by
+    d ~ 2e-16 |mean|; M2 about it exceeds M2 about the exact mean by numel * d**2, ~1e-31
+    (mean / std)**2 relative, so the correction term of the two-pass formula (sum of the centred
+    copy) is left out. Every centred element and its square are normal float64 numbers or
+    exactly 0 (nothing underflows). ``sum * mean`` is ``sum**2 / numel``: an Sq of the sum."""
+    n = y.numel()
+    # keepdim: a sum with dimensions promotes ``y - sum / n`` to float64; a 0-d one would not.
     total = y.sum(dim=tuple(range(y.dim())), keepdim=True, dtype=SUM_DTYPE)
-    shift = total / y.numel()
-    m2 = sq_norm(y - shift)  # float64 input: vector_norm's dtype cast is a no-op
-    s1 = total.reshape(())
-    return torch.stack((count(y), s1, m2, s1 * shift.reshape(()), torch.count_nonzero(y).to(SUM_DTYPE)))
+    centred = torch.sub(y, total, alpha=1.0 / n)  # y - mean, one op
+    return n, total, Sq(norm64(centred)), Sq(total, 1.0 / n), torch.count_nonzero(y)
 
 
 # float32 sums of ones are exact below 2**24.
@@ -185,29 +244,32 @@ def _nonzeros(y: Tensor) -> Tensor:
     return torch.stack([c.sum(dtype=torch.float32) for c in ones.split(_COUNT_CHUNK)]).to(SUM_DTYPE).sum()
 
 
-def sq_norm(t: Tensor) -> Tensor:
-    """Sum of squares of any layout, squared and summed in float64 within one reduction: for a
-    float32/bf16/fp16 tensor right to float64 rounding from 1.4e-45 to 3.4e38. The hooks detach
-    what they take (``LayerTaps._take``), so no ``detach`` here: it would be one more op a call."""
-    return torch.linalg.vector_norm(t, dtype=SUM_DTYPE).square()
-
-
-def channel_sums(t: Tensor) -> Tensor:
+def channel_parts(t: Tensor) -> tuple[Part, ...]:
     """``[elements per channel, numel, sum of squares, per-channel sums (channel = dim 1)...]``:
     the channel count is their ratio, so zero padding changes nothing. The average channel
     variance follows without per-channel squares (``var_mean`` per channel was ~30x slower on
     the CPU), to ~1e-7 (mean / std)^2 relative, enough for block outputs and their gradients.
+    Per-channel sums are float64 on every path: float32 ones overflow for gradients of ~3e33
+    of one sign (128x32x32 elements a channel) and are rounding noise where a channel's
+    elements cancel (the gradient into a train-mode BN), which read as a vanished gradient.
     """
-    t = t.detach()
+    head = (t.numel() // t.shape[1], t.numel())  # numel // channels is exact
+    if not _fast_path(t) and t.dtype != torch.float64 and t.dim() >= 2:
+        # One float64 copy, channels last, in the reusable scratch: its per-channel sums and its
+        # sum of squares cost what a float32 sum and a float64-accumulated norm cost before.
+        moved = t.movedim(1, -1)
+        z = _scratch(t.numel(), SUM_DTYPE).view(moved.shape)
+        z.copy_(moved)
+        rows = z.view(-1, t.shape[1])
+        return (*head, torch.linalg.vector_norm(rows).square(), rows.sum(0))
     dims = [d for d in range(t.dim()) if d != 1]
-    if _fast_path(t):
-        s1 = t.sum(dim=dims, dtype=SUM_DTYPE)  # float64 accumulation costs nothing extra there
-    else:
-        s1 = t.sum(dim=dims, dtype=_wide(t.dtype)).to(SUM_DTYPE)
-    # numel // channels is exact: one fill instead of a fill and a division.
-    per_channel = torch.full((), t.numel() // t.shape[1], dtype=SUM_DTYPE, device=t.device)
-    head = torch.stack((per_channel, count(t), sq_norm(t)))
-    return torch.cat((head, s1))
+    return (*head, Sq(norm64(t)), t.sum(dim=dims, dtype=SUM_DTYPE))
+
+
+def channel_sums(t: Tensor) -> Tensor:
+    """:func:`channel_parts` as one vector."""
+    with torch.no_grad():
+        return assemble(channel_parts(t), t.device)
 
 
 @dataclass(frozen=True)

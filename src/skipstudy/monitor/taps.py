@@ -6,8 +6,11 @@ broken by in-place ops), it gets the gradient w.r.t. the output as the layer mad
 backward pass: pre-hooks hand the block, its branch's first module and a shortcut module each
 their own alias of the input, and autograd gives each alias the gradient of its own uses
 (``b + s`` at the block's, whose hook runs last; an identity shortcut has ``s = grad - b``).
-Hooks run eagerly at ``torch.compile`` graph breaks; a step's sums stay on the device until
-one transfer (:func:`_to_host`).
+Hooks run eagerly at ``torch.compile`` graph breaks. A hook issues only the reductions of its
+statistics (parts, ``skipstudy.monitor.sums.Part``); a step's parts are packed into one device
+vector (``skipstudy.monitor.packing``) whose copy to the host starts without blocking
+(:func:`_to_host`) and is read where the values are needed (:meth:`PendingStep.read`): on a GPU
+one step later, when the copy has long landed, so the host never waits for the device in a step.
 """
 
 from __future__ import annotations
@@ -15,32 +18,68 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from skipstudy.monitor.layers import ResidualBlock, find_blocks, select_layers
 from skipstudy.monitor import quantities
+from skipstudy.monitor.packing import Layout, Packer
 from skipstudy.monitor.quantities import SITES, StepTensors
 from skipstudy.monitor.sums import SUM_DTYPE
 
-
-def _to_host(t: Tensor) -> np.ndarray:
-    """The monitor's only device-to-host transfer (and so its only sync): once per recorded step."""
-    return t.detach().to("cpu").numpy()
+StepValues = tuple[dict[str, float], np.ndarray, dict[str, np.ndarray], float]
 
 
-def _stack(accs: list[Tensor | None], width: int, dev: torch.device) -> Tensor:
-    """``[units, width or wider]``: zero rows for None, shorter vectors zero-padded."""
-    width = max([width, *(a.numel() for a in accs if a is not None)])
-    zero = torch.zeros(width, dtype=SUM_DTYPE, device=dev)
-    # Only vectors shorter than the row are padded: a pad of 0 is still one op per unit and step.
-    return torch.stack([zero if a is None else a if a.numel() == width else F.pad(a, (0, width - a.numel()))
-                        for a in accs])
+@dataclass
+class PendingStep:
+    """A recorded step whose packed values are on their way to the host: ``host`` holds them
+    once ``event`` has passed (None: already there, as on the CPU)."""
+
+    step: int | None
+    host: np.ndarray
+    event: Any
+    finish: Callable[[np.ndarray], StepValues]
+    packed: Tensor | None = None  # the device vector (for grads_nonfinite)
+    grad_norms: slice = field(default_factory=lambda: slice(0, 0))  # where the parameters' gradient norms are in it
+    epoch: int = 0
+    fp16: bool = False
+
+    def grads_nonfinite(self) -> Tensor:
+        """1.0 on the device where a parameter's gradient is not finite, else 0.0 (float32, what
+        fused optimizers take as ``found_inf``): no host read."""
+        return torch.isfinite(self.packed[self.grad_norms].sum()).logical_not().to(torch.float32)
+
+    def ready(self) -> bool:
+        """Whether the copy has landed (never waits)."""
+        return self.event is None or self.event.query()
+
+    def read(self) -> StepValues:
+        """The step's values; waits for the copy only if it has not landed yet (a step later it
+        has)."""
+        if self.event is not None:
+            self.event.synchronize()
+        return self.finish(self.host)
+
+
+def _to_host(t: Tensor) -> tuple[np.ndarray, Any]:
+    """The monitor's only device-to-host transfer, once per recorded step, started without
+    blocking: on a CUDA device into pinned memory, with an event that marks its end (the array
+    holds the values once the event has passed); a CPU tensor is already on the host; other
+    devices copy at once."""
+    if t.device.type == "cpu":
+        return t.numpy(), None
+    if t.device.type != "cuda":
+        return t.to("cpu").numpy(), None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host.numpy(), event
 
 
 class _Unit:
@@ -52,7 +91,7 @@ class _Unit:
         self.reset()
 
     def reset(self) -> None:
-        self.sums: dict[str, Tensor] = {}
+        self.sums: dict[str, list[tuple]] = {}  # per statistic, the parts of each call
         self.call: dict | None = None  # a block's forward call in flight: its paths' gradients
 
     @property
@@ -92,6 +131,7 @@ class LayerTaps:
         self._ordered = False
         self._calls = itertools.count()
         self._weight_numel: Tensor | None = None
+        self._packer = Packer()
         off = torch.compiler.disable  # Dynamo runs the hooks eagerly at a graph break
         h = self._handles = [layer.module.register_forward_hook(off(partial(self._layer_out, layer)))
                              for layer in self._layers]
@@ -127,12 +167,14 @@ class LayerTaps:
         return self.armed and module.training and torch.is_grad_enabled()
 
     def _take(self, unit: _Unit, site: str, *tensors: Tensor | None) -> None:
-        for st in self._sites[site]:
-            if self.hist or not st.hist:
-                value = st.fn(*tensors)
-                if value is not None:
-                    old = unit.sums.get(st.name)
-                    unit.sums[st.name] = value if old is None else old + value
+        # no_grad instead of detach: no op, and nothing recorded for autograd. Each call's parts
+        # are kept, not added: micro-batches cost no op here, they add on the host.
+        with torch.no_grad():
+            for st in self._sites[site]:
+                if self.hist or not st.hist:
+                    value = st.fn(*tensors)
+                    if value is not None:
+                        unit.sums.setdefault(st.name, []).append(value if isinstance(value, tuple) else (value,))
 
     def _watch(self, unit: _Unit, site: str, module: nn.Module, output: Any) -> bool:
         """The statistics of ``site`` from a module's output, and of ``<site>_grad`` from its
@@ -140,7 +182,7 @@ class LayerTaps:
         y = next((o for o in output if isinstance(o, Tensor)), None) if isinstance(output, (tuple, list)) else output
         if not (isinstance(y, Tensor) and self._active(module)):
             return False
-        self._take(unit, site, y.detach())
+        self._take(unit, site, y)
         if y.requires_grad and self._sites[site + "_grad"]:
             y.register_hook(partial(self._take, unit, site + "_grad"))
         return True
@@ -150,7 +192,7 @@ class LayerTaps:
         x = args[0] if args else None
         if not (isinstance(x, Tensor) and x.requires_grad):
             return None
-        alias = x.view_as(x)
+        alias = torch.ops.aten.alias(x)  # like view_as(x), but its backward issues no op
         alias.register_hook(hook)
         return (alias, *args[1:])
 
@@ -220,13 +262,20 @@ class LayerTaps:
         return [q.name if n is None else f"{q.name}/{n}" for q in self.quantities for n in units[q.over]]
 
     def collect(self, params: list[nn.Parameter], scale: Tensor | None = None,
-                reduce: Callable[[Tensor], None] | None = None) -> tuple:
-        """The step's quantities, moved to the host in one transfer. ``params``: those whose
-        ``.grad`` make ``grad_norm/total``; ``scale``: ``out_grad_scale`` on the device (None:
-        1); ``reduce``: an in-place sum over processes (``torch.distributed.all_reduce``).
-        Returns ``{tag: value}`` of what exists (not e.g. a ReLU's weight gradient or a plain
-        block's shortcut), the same in :meth:`tags` order with NaN where absent, the sums of the
-        histogram statistics, and ``out_grad_scale`` on the host."""
+                reduce: Callable[[Tensor], None] | None = None) -> StepValues:
+        """The step's quantities on the host now: :meth:`pack`, then read (on a GPU that waits for
+        the device; the callback reads a step later instead)."""
+        return self.pack(params, scale, reduce).read()
+
+    def pack(self, params: list[nn.Parameter], scale: Tensor | None = None,
+             reduce: Callable[[Tensor], None] | None = None) -> PendingStep:
+        """End the step: pack its sums and start their copy to the host, without waiting for it.
+        ``params``: those whose ``.grad`` make ``grad_norm/total``; ``scale``: ``out_grad_scale``
+        on the device (None: 1); ``reduce``: an in-place sum over processes
+        (``torch.distributed.all_reduce``). ``read()`` of the result gives ``{tag: value}``
+        of what exists (not e.g. a ReLU's weight gradient or a plain block's shortcut), the same
+        in :meth:`tags` order with NaN where absent, the sums of the histogram statistics, and
+        ``out_grad_scale``."""
         self.armed = False
         if not self._ordered:  # forward order; layers that did not run last, as registered (a stable sort)
             self._layers.sort(key=lambda l: (l.rank is None, l.rank or 0))
@@ -234,35 +283,38 @@ class LayerTaps:
         dev = params[0].device
         units = {"layers": self._layers, "blocks": self._blocks}
         stats = [st for st in self.statistics if self.hist or not st.hist]
-        parts = [_stack([u.sums.get(st.name) for u in units[SITES[st.site]]], st.width, dev) for st in stats]
-        local = torch.cat([p.flatten() for p in parts])
-        if reduce is not None:
-            reduce(local)  # sums over processes; the same step on every rank
-        pieces = local.split([p.numel() for p in parts])
-        sums = {st.name: piece.view_as(p) for st, p, piece in zip(stats, parts, pieces)}
-
+        parts = {st.name: [u.sums.get(st.name, ()) for u in units[SITES[st.site]]] for st in stats}
+        with_grad = [p for p in params if p.grad is not None]
+        index = {id(p): i for i, p in enumerate(with_grad)}
         weights = [layer.weight for layer in self._layers]
-        weight_grads = [w.grad if w is not None else None for w in weights]
-        if self._weight_numel is None or self._weight_numel.device != dev:  # a host copy once per fit, not a step
-            self._weight_numel = torch.tensor([w.numel() if w is not None else 0 for w in weights],
-                                              dtype=SUM_DTYPE, device=dev)
+        weight_pos = [index.get(id(w), -1) if w is not None else -1 for w in weights]
+        if self._weight_numel is None:  # host numbers, once per fit
+            self._weight_numel = torch.tensor([w.numel() if w is not None else 0 for w in weights], dtype=SUM_DTYPE)
         scale = torch.ones((), dtype=SUM_DTYPE, device=dev) if scale is None else scale.to(SUM_DTYPE)
-        s = StepTensors(sums, weight_grads, self._weight_numel, [p.grad for p in params if p.grad is not None], scale)
-        out = [s.value(q.name).to(SUM_DTYPE).reshape(-1) for q in self.quantities]
-        out += [sums[st.name][:, 0] for st in stats]
-        out += [scale.reshape(1)] + [sums[st.name].flatten() for st in stats if st.hist]
-        host = np.split(_to_host(torch.cat(out)), np.cumsum([t.numel() for t in out])[:-1])
+        with torch.no_grad():
+            packed, layout = self._packer.pack(parts, {st.name: st.width for st in stats},
+                                               [p.grad for p in with_grad], weight_pos, scale, reduce)
+        for unit in itertools.chain(self._layers, self._blocks):
+            unit.reset()  # the parts are packed; hold no gradients until the next step
+        host, event = _to_host(packed)
+        grad_norms = slice(layout.grad_base, layout.grad_base + layout.n_grads)
+        return PendingStep(self.step, host, event, partial(self._on_host, layout, stats),
+                           packed, grad_norms)
 
-        n = len(self.quantities)
-        counted = {st.name: host[n + i] > 0 for i, st in enumerate(stats)}
-        counted["weight"] = np.array([g is not None for g in weight_grads])
+    def _on_host(self, layout: Layout, stats: list, h: np.ndarray) -> StepValues:
+        """The quantities from the host copy of a packed step: CPU float64 tensors only, so the
+        conversions here wait for nothing."""
+        tables, weight_norm, grad_norms, scale = layout.unpack(h)
+        s = StepTensors({name: torch.from_numpy(t) for name, t in tables.items()},
+                        weight_numel=self._weight_numel, out_grad_scale=torch.tensor(scale, dtype=SUM_DTYPE),
+                        weight_norm=torch.from_numpy(weight_norm), grad_norms=torch.from_numpy(grad_norms))
+        values = [s.value(q.name).to(SUM_DTYPE).reshape(-1).numpy() for q in self.quantities]
+        counted = {st.name: tables[st.name][:, 0] > 0 for st in stats}
+        counted["weight"] = layout.weight_pos >= 0
         counted["params"] = np.ones(1, dtype=bool)
         mask = np.concatenate([~np.isnan(v) if q.needs == "derived" else counted[q.needs]
-                               for q, v in zip(self.quantities, host)])
-        row = np.where(mask, np.concatenate(host[:n]), np.nan)
-        hist = [st for st in stats if st.hist]
-        whole = {st.name: host[n + len(stats) + 1 + i].reshape(sums[st.name].shape) for i, st in enumerate(hist)}
-        for unit in itertools.chain(self._layers, self._blocks):
-            unit.reset()  # the sums are spent; hold no gradients until the next step
+                               for q, v in zip(self.quantities, values)])
+        row = np.where(mask, np.concatenate(values), np.nan)
+        whole = {st.name: tables[st.name] for st in stats if st.hist}
         scalars = {tag: float(v) for tag, v, ok in zip(self.tags(), row, mask) if ok}
-        return scalars, row, whole, float(host[n + len(stats)][0])
+        return scalars, row, whole, scale

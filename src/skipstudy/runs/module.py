@@ -40,7 +40,9 @@ class LitClassifier(L.LightningModule):
         # run resumed mid-epoch averages over the whole epoch. NaN stays NaN: a diverged run's
         # mean must not skip its bad batches.
         self.train_loss = MeanMetric(nan_strategy="disable")
-        self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        # validate_args checks every batch's labels on the host (a host-device sync per step on
+        # a GPU); the training labels come from skipstudy's own data modules. Validation keeps it.
+        self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro", validate_args=False)
         self.train_loss.persistent(True)
         self.train_acc.persistent(True)
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
@@ -60,14 +62,20 @@ class LitClassifier(L.LightningModule):
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)
-        # Tensors passed to self.log stay on the device until Lightning writes them. Per-step
-        # series carry the plain tag, epoch means an `_epoch` suffix.
-        self.train_loss(loss.detach(), weight=y.numel())
-        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
-        self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True)
+        # Tensors passed to self.log stay on the device until Lightning writes them (every
+        # trainer.log_every_n_steps). Per-step series carry the plain tag, epoch means an `_epoch`
+        # suffix. Only the epoch mean goes to the progress bar: a per-step prog_bar value is read
+        # (.item()) at every step whatever the log interval, a host-device sync on a GPU.
+        # Numbers made on the device (fill kernels): a Python number becomes a device tensor by
+        # a blocking host-to-device copy, a sync each step on a GPU (torchmetrics' weight, self.log).
+        self.train_loss(loss.detach(), weight=torch.full_like(loss.detach(), y.numel()))
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False)
+        self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc(logits.detach(), y), on_step=True, on_epoch=False)
         self.log("train/acc_epoch", self.train_acc, on_step=False, on_epoch=True)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        lr = lr.detach() if isinstance(lr, torch.Tensor) else torch.full((), lr, device=loss.device)
+        self.log("train/lr", lr, on_step=True, on_epoch=False)
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
