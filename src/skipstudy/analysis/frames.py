@@ -38,10 +38,10 @@ def load_runs(path: str | os.PathLike | list[str | os.PathLike]) -> pd.DataFrame
     frames = []
     for run in runs:
         given = {settings.override_key(o): o for o in run.overrides}
-        settings = {k: settings.setting(run, given.get(k, f"{k}=")) for k in keys}
+        own = {k: settings.setting(run, given.get(k, f"{k}=")) for k in keys}
         for tag, series in run.scalars.items():
             frames.append(pd.DataFrame({
-                "run": run.name, "path": str(run.path), **settings,
+                "run": run.name, "path": str(run.path), **own,
                 "step": series.steps, "epoch": run.epoch_at(series.steps), "tag": tag, "value": series.values}))
     columns = [*LEADING, *keys, *TRAILING]
     if not frames:
