@@ -9,7 +9,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from skipstudy.monitor import GradientFlowMonitor, LayerTaps
 from test_block_contract import assert_same, recorded, reference

@@ -159,7 +159,7 @@ def test_readme_logger_line(logged):
 
 
 @pytest.mark.slow  # a real 2-job sweep in one process (Hydra's basic launcher)
-def test_each_job_of_a_sweep_is_its_own_wandb_and_mlflow_run(tmp_path):
+def test_each_job_of_a_sweep_is_its_own_wandb_and_mlflow_run(tmp_path, monkeypatch):
     import subprocess
 
     from conftest import PYTHON, cli_env
@@ -180,6 +180,7 @@ def test_each_job_of_a_sweep_is_its_own_wandb_and_mlflow_run(tmp_path):
         assert steps == [0, 1, 2]  # this job's three steps only, not the other job's too
         ids.add(offline.parent.name)
     assert len(ids) == 2
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # as a reader of the file store must (README)
     client = MlflowClient((tmp_path / "logs" / "mlruns").resolve().as_uri())
     runs = client.search_runs([client.get_experiment_by_name("default").experiment_id])
     assert sorted(r.info.run_name for r in runs) == sorted(job.name for job in jobs)

@@ -34,7 +34,6 @@ from skipstudy.monitor.sums import (
     activation_parts,
     channel_parts,
     log_abs_histogram,
-    norm64,
     norms,
     output_grad_parts,
 )
