@@ -30,6 +30,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from benchmarks_doc import append_entry  # scripts/benchmarks_doc.py, beside this script
+from skipstudy.overrides import register
 from skipstudy.probes import get_probe
 from skipstudy.probes.context import ProbeContext, bn_mode, cross_entropy
 
@@ -87,6 +88,7 @@ def main() -> None:
         overrides = ["model=cifar_resnet", f"model.depth={depth}", "dataset=cifar10", f"dataset.root={args.data}",
                      "dataset.verify=false", "dataset.download=false", "dataset.loader=torch", "dataset.num_workers=0",
                      *args.overrides]
+        register()  # what the entry point registers before Hydra composes
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
             cfg = compose(config_name="probe", overrides=overrides)
         from skipstudy.runs.build import build_datamodule, build_network
