@@ -184,12 +184,17 @@ def test_split_and_spp_of_every_block_type_match_the_papers_equations(kind, skip
     assert skip == ("grad_split/shortcut/blocks.1" in got)
 
 
-@pytest.mark.parametrize("kind", list(OURS))
-@pytest.mark.parametrize("shortcut", ["A", "B"])
+LESION_CASES = [(k, sc) for k in OURS for sc in ("A", "B")] + [(k, "B") for k in TORCHVISION]
+
+
+@pytest.mark.parametrize("kind,shortcut", LESION_CASES, ids=[f"{k}-{c}" for k, c in LESION_CASES])
 def test_lesion_and_path_weights_match_the_papers_equations(kind, shortcut):
-    """A deleted branch leaves ``relu(shortcut(x))`` (post-activation) or ``shortcut(x or
-    relu(bn1(x)))`` (pre-activation); each path's gradient (Veit et al. 2016) is autograd through
-    the hand-written blocks with the unchosen part of every block reading a detached input."""
+    """A deleted branch leaves ``relu(shortcut(x))`` (post-activation: skipstudy's and
+    torchvision's, which declare no ``without_branch`` and are deleted from their contract) or
+    ``shortcut(x or relu(bn1(x)))`` (pre-activation); each path's gradient (Veit et al. 2016) is
+    autograd through the hand-written blocks with the unchosen part of every block reading a
+    detached input. torchvision's identity block adds its own input (``identity = x``), so its
+    branch-only route is the probe's swap of the block's input, checked here against the equations."""
     torch.manual_seed(0)
     net = Tiny(kind, True, shortcut).train()
     x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from skipstudy.errors import ConfigError
-from skipstudy.models.blocks import Block
+from skipstudy.models.contract import read_blocks
 from skipstudy.probes.comparison import label
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
@@ -140,16 +140,17 @@ def require_stages(net: nn.Module, probe: str) -> None:
                           "for children named layer1.. or block1..; use a model from skipstudy.models")
 
 
-def residual_blocks(net: nn.Module) -> list[tuple[str, Block]]:
-    """The blocks with a shortcut, in forward order (names relative to ``net``)."""
-    return [(name, m) for name, m in net.named_modules() if isinstance(m, Block) and m.shortcut is not None]
+def residual_blocks(net: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The declared blocks (``models/contract.py``) with a shortcut, in forward order (names
+    relative to ``net``): skipstudy's, torchvision's and timm's, and any declaring itself."""
+    return [(name, m) for name, m, contract in read_blocks(net)[0] if contract.has_shortcut]
 
 
 def require_skips(net: nn.Module, probe: str, why: str) -> None:
     arch = getattr(net, "arch", type(net).__name__)
-    if not any(isinstance(m, Block) for m in net.modules()):
+    if not read_blocks(net)[0]:
         raise ConfigError(f"probe={probe} needs a network of residual blocks; {arch} has none "
-                          "(use a model from skipstudy.models)")
+                          "(use a model from skipstudy.models, or declare its blocks: skipstudy.models.contract)")
     if not residual_blocks(net):
         raise ConfigError(f"probe={probe} needs skip connections, but this {arch} is a plain twin "
                           f"(model.skip=false): {why}; probe a model.skip=true run")

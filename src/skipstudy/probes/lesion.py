@@ -1,8 +1,9 @@
 """Lesion study (Veit et al. 2016): validation accuracy with residual branches deleted; it decays
 smoothly with the number deleted, as for an ensemble. A deleted block computes what its class
-declares (``Block.without_branch``: ``relu(shortcut(x))`` post-activation, ``x`` or the projection
-of ``relu(bn1(x))`` pre-activation); downsampling blocks keep their lossy or learned shortcut and
-are flagged."""
+declares (``without_branch``: skipstudy's ``relu(shortcut(x))`` post-activation, ``x`` or the
+projection of ``relu(bn1(x))`` pre-activation), else what its block contract implies,
+``after(projection(x) or x)`` (torchvision's and timm's blocks); downsampling blocks keep their
+lossy or learned shortcut and are flagged."""
 
 from __future__ import annotations
 
@@ -14,34 +15,53 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from skipstudy.models.blocks import Block
-from skipstudy.models.contract import require_declared
+from skipstudy.errors import ConfigError
+from skipstudy.models.contract import BlockContract, contract_of, require_declared
 from skipstudy.probes.context import Batches, ProbeContext, kept_state, panels, require_skips, residual_blocks, titled
 
 NAME = "lesion"
 
 
 def check(net: nn.Module, options: Any = None) -> None:
+    require_declared(net, NAME)  # first: an undeclared block is named as such, not as "no blocks"
     require_skips(net, NAME, "deleting a block of a plain net cuts the only path through it, so there is "
                   "nothing to measure")
-    require_declared(net, NAME)
+    for name, block in residual_blocks(net):
+        _deletable(name, block)
 
 
-def is_downsampling(block: Block) -> bool:
-    return block.block_contract().shortcut == "projection"
+def _deletable(name: str, block: nn.Module) -> BlockContract:
+    """The block's contract, refusing a block whose shortcut reads a tensor only its own
+    ``forward`` computes (``shared=True``) and that does not say what it is without its branch."""
+    contract = contract_of(block)
+    if contract.shared and not callable(getattr(block, "without_branch", None)):
+        raise ConfigError(f"probe={NAME}: block {name or type(block).__name__} ({type(block).__name__}) declares "
+                          "shared=True (its shortcut reads a tensor its forward computes), so deleting its branch "
+                          "is undefined; give the class a without_branch(x) method")
+    return contract
+
+
+def is_downsampling(block: nn.Module) -> bool:
+    return contract_of(block).shortcut == "projection"
 
 
 class DeletedBranch(nn.Module):
-    """Stands in for a block whose residual branch is deleted: the block's ``without_branch(x)``,
-    which keeps what follows the addition (post-activation: the ReLU) and what the shortcut reads
-    (Fixup's ``bias1a``; a pre-activation projection's ``relu(bn1(x))``)."""
+    """Stands in for a block whose residual branch is deleted: the block's ``without_branch(x)``
+    where it has one, which keeps what follows the addition (post-activation: the ReLU) and what
+    the shortcut reads (Fixup's ``bias1a``; a pre-activation projection's ``relu(bn1(x))``); else
+    its contract's ``after(projection(x) or x)``."""
 
-    def __init__(self, block: Block) -> None:
+    def __init__(self, block: nn.Module) -> None:
         super().__init__()
         object.__setattr__(self, "block", block)  # out of the module tree: lives for one evaluation
+        object.__setattr__(self, "contract", _deletable("", block))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block.without_branch(x)
+        own = getattr(self.block, "without_branch", None)
+        if callable(own):
+            return own(x)
+        out = x if self.contract.projection is None else self.contract.projection(x)
+        return torch.relu(out) if self.contract.after == "relu" else out  # not in place: out may be x
 
 
 @contextlib.contextmanager

@@ -1,7 +1,9 @@
 """Path lengths and effective depth (Veit et al. 2016, section 4.2): a block's Jacobian is
 ``D (S + B)``, so the gradient is the sum over the ``2^n`` paths of shortcut-or-branch choices. One
 path's gradient is the backward pass routed through its blocks' branches and the other blocks'
-shortcuts, forward values unchanged, as Veit et al. did; totals are summed in log space."""
+shortcuts, forward values unchanged, as Veit et al. did; totals are summed in log space. Any
+declared block (``models/contract.py``) is routed from its contract: the unchosen part reads a
+detached copy of its input, the forward values being the same tensors'."""
 
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import nn
 
-from skipstudy.models.contract import require_declared
+from skipstudy.errors import ConfigError
+from skipstudy.models.contract import contract_of, require_declared
 from skipstudy.probes.context import (Batches, ProbeContext, bn_mode, cross_entropy, panels, require_skips,
                                       residual_blocks, titled)
 
@@ -24,9 +27,38 @@ NAME = "paths"
 
 
 def check(net: nn.Module, options: Any) -> None:
+    require_declared(net, NAME)  # first: an undeclared block is named as such, not as "no blocks"
     require_skips(net, NAME, "a plain net has a single path through its blocks, so there is no distribution "
                   "of path lengths")
-    require_declared(net, NAME)
+
+
+def _detach_input(_module: nn.Module, args: tuple) -> tuple:
+    return (args[0].detach(), *args[1:])
+
+
+@contextlib.contextmanager
+def _identity_detached(block: nn.Module, entry: nn.Module) -> Iterator[None]:
+    """Gradient through the branch only, for a block adding its own input ``x`` (no shortcut
+    module to hook, as torchvision's ``identity = x``): the block receives ``x.detach()``, the
+    identity term with it, and the branch's entry gets the real ``x`` back in its place. Exact
+    where the entry reads the block's input itself, as the contract declares; checked each pass."""
+    held: dict[str, torch.Tensor] = {}
+
+    def block_reads_detached(_module, args):
+        held["x"], held["detached"] = args[0], args[0].detach()
+        return (held["detached"], *args[1:])
+
+    def entry_reads_real(_module, args):
+        if args[0] is not held.get("detached"):
+            raise ConfigError(f"probe={NAME}: the branch entry {type(entry).__name__} of {type(block).__name__} does "
+                              "not read the block's input, as its contract (identity shortcut, no projection) "
+                              "declares; declare the entry that does, or the shortcut's module as projection")
+        return (held["x"], *args[1:])
+
+    with contextlib.ExitStack() as undo:
+        undo.enter_context(block.register_forward_pre_hook(block_reads_detached))
+        undo.enter_context(entry.register_forward_pre_hook(entry_reads_real))
+        yield
 
 
 @contextlib.contextmanager
@@ -36,15 +68,21 @@ def routed(net: nn.Module, branches: Iterable[str]) -> Iterator[nn.Module]:
     chosen = set(branches)
     with contextlib.ExitStack() as undo:
         for name, block in residual_blocks(net):
-            if name in chosen:
-                # An instance attribute shadows the method, the module tree is untouched; the
-                # shortcut_term, not the shortcut module, so a Fixup block's input shift stays put.
+            contract = contract_of(block)
+            if name not in chosen:
+                # The branch's entry as the block declares it (conv1 post-activation, bn1 pre-activation).
+                undo.enter_context(contract.entry.register_forward_pre_hook(_detach_input))
+            elif callable(getattr(block, "shortcut_term", None)):
+                # skipstudy's blocks: an instance attribute shadows the method, the module tree is
+                # untouched; the shortcut_term, not the shortcut module, so a Fixup block's input
+                # shift stays put.
                 vars(block)["shortcut_term"] = lambda x, term=block.shortcut_term: term(x.detach())
                 undo.callback(vars(block).pop, "shortcut_term")
+            elif contract.projection is not None:
+                # The module computing the shortcut (a projection, or an nn.Identity the block calls).
+                undo.enter_context(contract.projection.register_forward_pre_hook(_detach_input))
             else:
-                # The branch's entry as the block declares it (conv1 post-activation, bn1 pre-activation).
-                undo.enter_context(block.block_contract().entry.register_forward_pre_hook(
-                    lambda _m, args: (args[0].detach(), *args[1:])))
+                undo.enter_context(_identity_detached(block, contract.entry))
         yield net
 
 
