@@ -324,3 +324,4 @@ def test_a_users_own_block_declares_itself():
     taps = LayerTaps(net, blocks=True)
     assert taps.block_names == ["1", "2"]
     assert_same(recorded(taps, net, x, y), want, taps.block_names)
+
