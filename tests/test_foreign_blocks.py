@@ -1,4 +1,4 @@
-"""Other people's blocks handed to the monitor as they are: timm's ResNet blocks and ConvNeXt
+"""Other people's blocks handed to the monitor and the lesion and paths probes as they are: timm's ResNet blocks and ConvNeXt
 blocks (``shortcut + drop_path(gamma * branch(x))``), each through its declared adapter
 (``skipstudy.models.contract.ADAPTERS``), against autograd through the block written by hand
 from timm's own ``forward``. Skipped where timm (a dev extra) is not installed."""
@@ -98,3 +98,65 @@ def test_monitor_finds_convnext_blocks_in_a_timm_model():
     taps = LayerTaps(net, blocks=True)
     assert len(taps.block_names) == 2 + 2 + 6 + 2
     taps.remove()
+
+
+def _path_reference(net, cls, recombine, x, y, chosen):
+    """Per image, the gradient norm at the first block's input through the path taking the
+    branches of ``chosen``: each block's output replaced by its hand-written equation with the
+    part not taken reading a detached copy of the block's input."""
+    names, leaf = _names(net, cls), {}
+
+    def first_input(_module, args):
+        leaf["x"] = args[0].detach().requires_grad_()
+        return (leaf["x"],)
+
+    def by_equation(name):
+        def hook(block, args, _out):
+            z = args[0]
+            v, u = (z, z.detach()) if name in chosen else (z.detach(), z)
+            return recombine(block, v, u)[0]
+        return hook
+
+    handles = [net.get_submodule(names[0]).register_forward_pre_hook(first_input)]
+    handles += [net.get_submodule(n).register_forward_hook(by_equation(n)) for n in names]
+    loss = torch.nn.functional.cross_entropy(net(x), y, reduction="sum")
+    for h in handles:
+        h.remove()
+    return torch.autograd.grad(loss, leaf["x"])[0].flatten(1).double().norm(dim=1)
+
+
+@pytest.mark.parametrize("kind", ["basic", "bottleneck", "convnext"])
+def test_timm_blocks_lesion_and_paths_match_their_equations(kind):
+    """The lesion probe deletes a timm block as ``act(shortcut(x))`` (ResNet) or ``shortcut(x)``
+    (ConvNeXt, its shortcut an ``nn.Identity`` it calls); the paths probe's gradient of a path
+    equals autograd through the blocks written from timm's ``forward``."""
+    from timm.models.convnext import ConvNeXtBlock
+
+    from skipstudy.probes import lesion, paths
+
+    torch.manual_seed(0)
+    if kind == "convnext":
+        cls, recombine = ConvNeXtBlock, _convnext
+        net = ConvNeXt(num_classes=3, depths=(2, 1, 1, 1), dims=(8, 16, 16, 16), ls_init_value=0.5)
+    else:
+        cls, recombine = {"basic": BasicBlock, "bottleneck": Bottleneck}[kind], _timm_resnet
+        net = ResNet(cls, (1, 2, 1, 1), num_classes=3, channels=(4, 8, 8, 8), zero_init_last=False)
+    net = net.train()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    names = _names(net, cls)
+    assert [n for n, _ in paths.residual_blocks(net)] == names
+    lesion.check(net)
+    paths.check(net, None)
+    with torch.no_grad():
+        for n in names:
+            block = net.get_submodule(n)
+            z = torch.randn(2, (block.conv_dw if kind == "convnext" else block.conv1).in_channels, 8, 8)
+            short = recombine(block, z, z)[2]
+            want = short if kind == "convnext" else (block.act3 if kind == "bottleneck" else block.act2)(short.clone())
+            torch.testing.assert_close(lesion.DeletedBranch(block)(z), want, rtol=0, atol=0)
+    n = len(names)
+    for chosen in [(), tuple(range(n)), (0,), (n - 1,), (1, n - 2)]:
+        picked = [names[i] for i in chosen]
+        got = paths.path_gradient_norms(net, [(x, y)], picked)
+        want = _path_reference(net, cls, recombine, x, y, set(picked))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
