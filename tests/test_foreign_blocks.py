@@ -160,3 +160,14 @@ def test_timm_blocks_lesion_and_paths_match_their_equations(kind):
         got = paths.path_gradient_norms(net, [(x, y)], picked)
         want = _path_reference(net, cls, recombine, x, y, set(picked))
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+
+
+def test_a_timm_resnet_with_another_activation_declares_nothing():
+    """The adapter's ``after="relu"`` would be false for a GELU after the addition: such a
+    block declares nothing, so the lesion probe refuses it instead of applying a ReLU."""
+    from skipstudy.errors import ConfigError
+    from skipstudy.probes import lesion
+
+    net = ResNet(BasicBlock, (1, 1, 1, 1), num_classes=3, channels=(4, 8, 8, 8), act_layer="gelu")
+    with pytest.raises(ConfigError, match=r"^probe=lesion: 4 block\(s\) of type BasicBlock"):
+        lesion.check(net)

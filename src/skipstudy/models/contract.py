@@ -68,11 +68,13 @@ def _torchvision_resnet(block: nn.Module) -> BlockContract:
                          "identity" if down is None else "projection", down)
 
 
-def _timm_resnet(block: nn.Module) -> BlockContract:
+def _timm_resnet(block: nn.Module) -> BlockContract | None:
     """timm's ResNet BasicBlock and Bottleneck: the branch ends at ``drop_path``, else the
     squeeze-excitation, else the last norm; ``act2``/``act3`` after the addition (a ReLU in
-    every timm ResNet; another activation would still be named ``relu`` here, which only
-    the lesion probe reads and that takes skipstudy's blocks alone)."""
+    every timm ResNet model). A block built with another ``act_layer`` declares nothing: the
+    lesion probe would otherwise apply a ReLU where the block applies something else."""
+    if not isinstance(getattr(block, "act3", None) or block.act2, nn.ReLU):
+        return None
     down = block.downsample
     last_norm = getattr(block, "bn3", None) or block.bn2
     return BlockContract(block.conv1, _first(block.drop_path, block.se, last_norm),
@@ -89,7 +91,7 @@ def _timm_convnext(block: nn.Module) -> BlockContract:
 
 # Declared adapters for other people's blocks, by the block's module and class name (no import
 # of timm needed to declare them).
-ADAPTERS: dict[str, Callable[[nn.Module], BlockContract]] = {
+ADAPTERS: dict[str, Callable[[nn.Module], BlockContract | None]] = {
     "torchvision.models.resnet.BasicBlock": _torchvision_resnet,
     "torchvision.models.resnet.Bottleneck": _torchvision_resnet,
     "timm.models.resnet.BasicBlock": _timm_resnet,
