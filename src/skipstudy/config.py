@@ -196,11 +196,17 @@ TRAINER_OWN = {"logger": "from the logger group", "callbacks": "the monitor, che
                "default_root_dir": "the run directory"}
 
 
-def _unknown(key: str, known: Any, where: str) -> ConfigError:
+def closest(name: str, known: Any) -> list[str]:
+    """Up to three of ``known`` that ``name`` may have meant: those it begins, else the nearest."""
+    return [k for k in sorted(known) if k.startswith(name) and name][:3] or \
+        difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
+
+
+def unknown_key(key: str, known: Any, where: str) -> ConfigError:
+    """The refusal of ``key``, not among ``known`` (the keys of ``where``), with the closest."""
     name = key.rsplit(".", 1)[-1]
     prefix = key[: -len(name)]
-    close = [k for k in sorted(known) if k.startswith(name) and name][:3] or \
-        difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
+    close = closest(name, known)
     hint = f"did you mean {', '.join(prefix + c for c in close)}? " if close else ""
     valid = ", ".join(sorted(known)) if len(known) <= 20 else f"the arguments of {where}"
     return ConfigError(f"{key} is not a key of {where}; {hint}valid: {valid}")
@@ -216,7 +222,7 @@ def _table(key: str, keys: Mapping[str, Any], node: Any, where: str) -> None:
         if name in ("_target_", "_partial_", "_recursive_", "_convert_") and key:
             continue
         if name not in keys:
-            raise _unknown(full, keys, where)
+            raise unknown_key(full, keys, where)
         spec = keys[name]
         if isinstance(spec, Key):
             spec.check(full, value)

@@ -10,10 +10,9 @@ before anything is built or written. Overrides this check cannot judge are left 
 
 from __future__ import annotations
 
-import difflib
 import functools
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
+from skipstudy.config import closest, unknown_key
 from skipstudy.errors import ConfigError
 from skipstudy.runs.layout import conf_dir
 
@@ -56,11 +56,6 @@ def _options(group: str) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
 
 
-def _close(name: str, known: Iterable[str]) -> list[str]:
-    known = sorted(known)
-    return [k for k in known if name and k.startswith(name)][:3] or difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-
-
 def _values(override: Any) -> list[Any]:
     if override.is_sweep_override():
         return list(override.sweep_string_iterator())
@@ -86,12 +81,7 @@ def _missing_key(cfgs: Sequence[DictConfig], key: str) -> ConfigError | None:
                 return None
         else:
             return None
-    parent, _, name = key.rpartition(".")
-    where = parent or "the config"
-    close = _close(name, siblings)
-    hint = f"did you mean {', '.join(f'{parent}.{c}' if parent else c for c in close)}? " if close else ""
-    valid = ", ".join(sorted(siblings)) if len(siblings) <= 20 else f"the keys of {where}"
-    return ConfigError(f"{key} is not a key of {where}; {hint}valid: {valid}")
+    return unknown_key(key, siblings, key.rpartition(".")[0] or "the config")
 
 
 def check(args: Sequence[str], config_name: str) -> None:
@@ -116,7 +106,7 @@ def check(args: Sequence[str], config_name: str) -> None:
         known = _options(o.key_or_group)
         for value in _values(o):
             if isinstance(value, str) and value != "null" and value not in known:
-                close = _close(value, known)
+                close = closest(value, known)
                 hint = f"did you mean {', '.join(f'{o.key_or_group}={c}' for c in close)}? " if close else ""
                 raise ConfigError(f"{o.key_or_group}={value} is not an option of {o.key_or_group}; {hint}"
                                   f"valid: {', '.join(known)}")
