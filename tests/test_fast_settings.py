@@ -171,7 +171,9 @@ def quick_compile(monkeypatch):
 
 
 @pytest.mark.slow
-def test_compiled_network_matches_eager_and_trains_with_the_monitor(tmp_path, quick_compile):
+def test_compiled_network_matches_eager_and_trains_with_the_monitor(tmp_path, quick_compile, monkeypatch):
+    # The monitor's hooks are graph breaks, recompiled per shape: it raises Dynamo's default limit.
+    monkeypatch.setattr(torch.compiler.config, "recompile_limit", 8)
     net = tiny_resnet()
     compiled = LitClassifier(copy.deepcopy(net), 10, sgd, compile=True)
     eager = LitClassifier(copy.deepcopy(net), 10, sgd)
@@ -192,6 +194,7 @@ def test_compiled_network_matches_eager_and_trains_with_the_monitor(tmp_path, qu
         assert json.loads((run_dir / "run_info.json").read_text())["resolved"]["fast.compile"] is (compile_ == "true")
         rows[compile_] = json.loads((run_dir / "grad_stats.json").read_text())
     compiled, eager = rows["true"], rows["false"]
+    assert torch.compiler.config.recompile_limit == 256
     assert compiled["step"] == eager["step"] and len(compiled["step"]) == 2
     def series(rows, tag):  # null: not recorded that step (block1's input, the image, has no gradient)
         return np.array([np.nan if v is None else v for v in rows["series"][tag]], np.float64)

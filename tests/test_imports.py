@@ -103,19 +103,11 @@ PRIVATE_REACHES = {
     ("runs/resume.py", "loop.epoch_loop._results"),
     # A SIGTERM that reached Lightning's handler during set-up: taken over so a checkpoint is written.
     ("runs/stopping.py", "trainer._signal_connector"), ("runs/stopping.py", "trainer.fit_loop._should_accumulate"),
-    # One fused kernel for all gradient norms (torch has no public multi-tensor norm).
+    # One fused kernel for the norms of many tensors, one norm each: torch 2.14 has no public
+    # multi-tensor norm (torch.nn.utils.get_total_norm gives only their total; torch.linalg
+    # norms one tensor per op).
     ("runs/stopping.py", "torch._foreach_norm"), ("monitor/sums.py", "torch._foreach_norm"),
     ("monitor/packing.py", "torch._foreach_norm"), ("monitor/quantities.py", "torch._foreach_norm"),
-    # The loss scale without a host sync (GradScaler.get_scale() reads it back).
-    ("monitor/callback.py", "scaler._scale"),
-    # Dynamo's recompile limit for the monitor's graph breaks under fast.compile.
-    ("monitor/callback.py", "torch._dynamo"),
-    # Raw histogram protos into the run's own event file.
-    ("monitor/writers.py", "writer._get_file_writer"),
-    # Replacing a child module in place by name.
-    ("probes/lesion.py", "net.get_submodule(parent_name)._modules"),
-    # Only Lightning's script launcher re-executes the command line (the whole sweep) in ranks > 0.
-    ("launchers/ddp.py", "lightning.pytorch.strategies.launchers.subprocess_script._SubprocessScriptLauncher"),
 }
 
 

@@ -309,6 +309,46 @@ def test_pool_sweep_goes_on_past_a_failing_job(tmp_path):
     assert "Error: dataset.image_size=16 is too small" in Path(bad["log"]).read_text()
 
 
+# TorchElastic's variables: torchrun started the ranks before Python did.
+TORCHRUN = {"TORCHELASTIC_RUN_ID": "x", "RANK": "0", "LOCAL_RANK": "0", "GROUP_RANK": "0", "WORLD_SIZE": "2",
+            "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"}
+
+
+@pytest.mark.parametrize("strategy, devices, env, own", [
+    ("ddp", 2, {}, True),  # Lightning's script launcher re-executes the command line in rank 1
+    ("ddp_spawn", 2, {}, True),  # a fresh interpreter too: harmless, one process start
+    ("ddp_fork", 2, {}, False),  # the forked rank runs trainer.fit, not the command line
+    ("ddp", 1, {}, False),
+    ("ddp", 2, TORCHRUN, False),
+])
+def test_a_multirun_job_gets_its_own_process_when_its_ranks_start_as_fresh_interpreters(
+        tmp_path, monkeypatch, strategy, devices, env, own):
+    """Real Trainers (built, never fitted): the public ``launcher.is_interactive_compatible``,
+    the cluster environment and the device count decide; a single run never moves."""
+    import copy
+
+    import lightning as L
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import read_write
+
+    from skipstudy.launchers.ddp import needs_own_process
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=devices, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    cfg = compose_cfg([], tmp_path)  # a single run's Hydra config
+    assert needs_own_process(trainer) is False
+    multirun = copy.deepcopy(cfg)
+    with read_write(multirun.hydra):
+        multirun.hydra.mode = "MULTIRUN"
+    HydraConfig.instance().set_config(multirun)
+    try:
+        assert needs_own_process(trainer) is own
+    finally:
+        HydraConfig.instance().set_config(cfg)
+
+
 @pytest.mark.slow
 def test_ddp_inside_a_multirun_runs_each_job_once(tmp_path):
     """Two jobs, each DDP on the CPU with 2 processes (gloo). Rank 1 must not restart the

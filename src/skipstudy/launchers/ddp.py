@@ -1,7 +1,7 @@
 """DDP inside a Hydra multirun. Lightning starts ranks > 0 of ``strategy=ddp`` by re-executing
 this process's command line, in a multirun the whole sweep: every rank would start the sweep
 again. So such a job runs as a single run in a fresh process (:mod:`.jobs`). Not affected: the
-pool launcher, SLURM/torchrun (ranks exist before Python starts), ``ddp_spawn``/``ddp_fork``."""
+pool launcher, SLURM/torchrun (ranks exist before Python starts), ``ddp_fork``."""
 
 from __future__ import annotations
 
@@ -18,15 +18,18 @@ class JobProcessFailed(RuntimeError):
 
 
 def needs_own_process(trainer: Any) -> bool:
-    """A multirun job whose ``trainer.fit`` would start ranks > 0 by re-executing ``sys.argv``."""
+    """A multirun job whose ``trainer.fit`` would start ranks > 0 as fresh interpreters.
+    Lightning says so publicly only as ``launcher.is_interactive_compatible`` (False for its
+    script launcher, which re-executes ``sys.argv``, and for ``ddp_spawn``/``forkserver``, which
+    would not restart the sweep: for them the price is one process start)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
-    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
     launcher = getattr(trainer.strategy, "launcher", None)
+    environment = getattr(trainer.strategy, "cluster_environment", None)
     return (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-            and isinstance(launcher, _SubprocessScriptLauncher)
-            and not launcher.cluster_environment.creates_processes_externally and launcher.num_processes > 1)
+            and launcher is not None and not launcher.is_interactive_compatible
+            and not (environment is not None and environment.creates_processes_externally) and trainer.num_devices > 1)
 
 
 def run_in_own_process(run_dir: str | os.PathLike) -> dict[str, float]:

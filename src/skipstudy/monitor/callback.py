@@ -108,9 +108,7 @@ class GradientFlowMonitor(Callback):
         # Under torch.compile, Dynamo compiles the code after each graph break (each hook) once per
         # distinct shape: a ResNet-50 has more than the default limit of 8 per code object, beyond
         # which it silently runs eagerly. The config is global: the raised limit stays for the process.
-        dynamo = torch._dynamo.config
-        key = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
-        setattr(dynamo, key, max(getattr(dynamo, key), 256))
+        torch.compiler.config.recompile_limit = max(torch.compiler.config.recompile_limit, 256)
         self.taps = LayerTaps(getattr(pl_module, "net", pl_module), self.layers, self.activations, self.blocks)
         self.layer_names = self.taps.layer_names
         self._open_step = None
@@ -169,15 +167,15 @@ class GradientFlowMonitor(Callback):
         step = trainer.global_step
         scale = torch.full((), 1.0 / trainer.world_size, dtype=SUM_DTYPE, device=next(pl_module.parameters()).device)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        loss_scale = scaler._scale if scaler is not None and scaler.is_enabled() else None  # get_scale() syncs
-        if loss_scale is not None:
-            scale = scale / loss_scale.to(SUM_DTYPE)
+        fp16 = scaler is not None and scaler.is_enabled()
+        if fp16:  # scaler.scale(1) is the loss scale on the device (in float64); get_scale() would sync
+            scale = scale / scaler.scale(torch.ones_like(scale))
         reduce = torch.distributed.all_reduce if trainer.world_size > 1 else None
         pending = self.taps.pack(list(pl_module.parameters()), scale, reduce)
-        pending.step, pending.epoch, pending.fp16 = step, trainer.current_epoch, loss_scale is not None
+        pending.step, pending.epoch, pending.fp16 = step, trainer.current_epoch, fp16
         self._pending.append(pending)
         late = not pending.ready() if trainer.world_size == 1 else pending.event is not None  # the same on every rank
-        if self.on_nonfinite == "stop" and loss_scale is None and late:
+        if self.on_nonfinite == "stop" and not fp16 and late:
             if getattr(optimizer, "defaults", {}).get("fused"):
                 # Non-finite gradients: the fused kernel skips this update on the device.
                 optimizer.found_inf = pending.grads_nonfinite()

@@ -18,11 +18,13 @@ from skipstudy.monitor.quantities import BINS
 
 def write_scalars(writer: Any, values: dict[str, float], step: int) -> None:
     """A step's scalars as one event: one protobuf, not one ``add_scalar`` per tag (hundreds
-    of tags a step would cost milliseconds of Python a step)."""
+    of tags a step would cost milliseconds of Python a step). ``file_writer`` is the open
+    writer's public attribute (torch's own ``add_hparams`` writes summaries through it); the
+    monitor writes only while the logger is open, before Lightning's ``finalize`` closes it."""
     from tensorboard.compat.proto.summary_pb2 import Summary
 
     summary = Summary(value=[Summary.Value(tag=tag, simple_value=value) for tag, value in values.items()])
-    writer._get_file_writer().add_summary(summary, step)
+    writer.file_writer.add_summary(summary, step)
 
 
 def write_histograms(writer: Any, layers: list[str], rows: np.ndarray, scale: float, step: int) -> None:

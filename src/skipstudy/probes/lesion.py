@@ -69,10 +69,9 @@ def deleted(net: nn.Module, names: Iterable[str]) -> Iterator[nn.Module]:
     """Inside the ``with``, the named blocks of ``net`` have their branches deleted."""
     with contextlib.ExitStack() as undo:
         for name in names:
-            parent_name, _, child = name.rpartition(".")
-            modules = net.get_submodule(parent_name)._modules
-            undo.callback(modules.__setitem__, child, modules[child])
-            modules[child] = DeletedBranch(modules[child])
+            block = net.get_submodule(name)
+            undo.callback(net.set_submodule, name, block)
+            net.set_submodule(name, DeletedBranch(block))
         yield net
 
 
