@@ -18,10 +18,9 @@ class JobProcessFailed(RuntimeError):
 
 
 def needs_own_process(trainer: Any) -> bool:
-    """A multirun job whose ``trainer.fit`` would start ranks > 0 as fresh interpreters.
-    Lightning says so publicly only as ``launcher.is_interactive_compatible`` (False for its
-    script launcher, which re-executes ``sys.argv``, and for ``ddp_spawn``/``forkserver``, which
-    would not restart the sweep: for them the price is one process start)."""
+    """A multirun job whose ``trainer.fit`` would start ranks > 0 as fresh interpreters: Lightning's
+    public ``launcher.is_interactive_compatible`` is False for its script launcher (re-executes
+    ``sys.argv``) and for ``ddp_spawn``, which would not restart the sweep (one process start)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
