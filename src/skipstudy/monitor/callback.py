@@ -107,8 +107,9 @@ class GradientFlowMonitor(Callback):
             self.taps.remove()
         # Under torch.compile, Dynamo compiles the code after each graph break (each hook) once per
         # distinct shape: a ResNet-50 has more than the default limit of 8 per code object, beyond
-        # which it silently runs eagerly. The config is global: the raised limit stays for the process.
-        torch.compiler.config.recompile_limit = max(torch.compiler.config.recompile_limit, 256)
+        # which it silently runs eagerly. A global, kept for the process (an older torch without it: slower).
+        if hasattr(config := getattr(torch.compiler, "config", None), "recompile_limit"):
+            config.recompile_limit = max(config.recompile_limit, 256)
         self.taps = LayerTaps(getattr(pl_module, "net", pl_module), self.layers, self.activations, self.blocks)
         self.layer_names = self.taps.layer_names
         self._open_step = None
