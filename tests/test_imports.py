@@ -112,8 +112,6 @@ PRIVATE_REACHES = {
     ("monitor/callback.py", "torch._dynamo"),
     # Raw histogram protos into the run's own event file.
     ("monitor/writers.py", "writer._get_file_writer"),
-    # Replacing a child module in place by name.
-    ("probes/lesion.py", "net.get_submodule(parent_name)._modules"),
     # Only Lightning's script launcher re-executes the command line (the whole sweep) in ranks > 0.
     ("launchers/ddp.py", "lightning.pytorch.strategies.launchers.subprocess_script._SubprocessScriptLauncher"),
 }

@@ -70,9 +70,9 @@ def deleted(net: nn.Module, names: Iterable[str]) -> Iterator[nn.Module]:
     with contextlib.ExitStack() as undo:
         for name in names:
             parent_name, _, child = name.rpartition(".")
-            modules = net.get_submodule(parent_name)._modules
-            undo.callback(modules.__setitem__, child, modules[child])
-            modules[child] = DeletedBranch(modules[child])
+            parent, block = net.get_submodule(parent_name), net.get_submodule(name)
+            undo.callback(setattr, parent, child, block)  # nn.Module's setattr replaces a child by name
+            setattr(parent, child, DeletedBranch(block))
         yield net
 
 
