@@ -58,6 +58,22 @@ def test_one_run_is_a_tidy_table_of_its_event_file(session_run):
     assert (epochs.value.astype(int) == epochs.epoch).all()
 
 
+def test_a_run_without_hydra_files_reads_its_config_from_the_hparams(session_run, tmp_path):
+    """In-process runs (notebooks) have no .hydra/: the run's options come from the flattened
+    config train.py wrote as HParams, nested again."""
+    from skipstudy.analysis.logs import load_run
+
+    run_dir, _, cfg = session_run
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for event_file in run_dir.glob("events.out.tfevents.*"):
+        shutil.copy(event_file, bare)
+    run = load_run(bare)
+    model = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())["model"]
+    assert run.config["model"] == model and run.skip is bool(cfg.model.skip)
+    assert run.option("dataset.batch_size") == cfg.dataset.batch_size and run.option("no.such.key", 3) == 3
+
+
 def test_grad_stats_are_the_monitor_export_and_its_tensorboard_copy(session_run, tmp_path):
     run_dir = session_run[0]
     export = json.loads((run_dir / "grad_stats.json").read_text())

@@ -226,6 +226,41 @@ def test_cache_is_built_once_and_rebuilt_when_the_source_changes(tiny_src, tmp_p
     assert len(calls) == 9 and len(dm4.splits["train"][1]) == 5
 
 
+def _prepare_after(barrier, data_root: Path, tmp_path: Path, record: Path) -> None:
+    real_decode = cache_mod.decode_rgb
+
+    def decode(path, size):
+        with open(record, "a") as f:
+            f.write(f"{os.getpid()} {path}\n")
+        return real_decode(path, size)
+
+    cache_mod.decode_rgb = decode  # this child process only
+    barrier.wait()
+    make(data_root, tmp_path).prepare_data()
+
+
+def test_two_processes_starting_together_decode_the_cache_once(tiny_src, tmp_path):
+    """DDP ranks (here two forked processes released at once) share one cache: the file lock lets
+    one decode while the other waits, then reads the finished cache."""
+    import multiprocessing
+
+    data_dir = small_copy(tiny_src, tmp_path / "data", classes=2, per_class=3, val=4)
+    record = tmp_path / "decoded.txt"
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_prepare_after, args=(barrier, data_dir.parent, tmp_path, record)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    decoders = {line.split()[0] for line in record.read_text().splitlines()}
+    assert len(record.read_text().splitlines()) == 6 + 4 and len(decoders) == 1
+    dm = make(data_dir.parent, tmp_path)
+    dm.setup("fit")
+    assert len(dm.splits["train"][1]) == 6 and len(dm.splits["val"][1]) == 4
+
+
 def test_unwritable_cache_dir_is_a_config_error(tiny_src, tmp_path, monkeypatch):
     data_dir = small_copy(tiny_src, tmp_path / "data", classes=2, per_class=2, val=2)
     dm = make(data_dir.parent, tmp_path, cache_dir="/read-only/cache")

@@ -134,6 +134,16 @@ def test_feature_maps_from_a_checkpoint_write_png_arrays_and_tensorboard(trained
     scalars = SummaryReader(str(run_dir)).scalars
     rows = scalars[scalars.tag == "probe/feature_maps/spatial_contrast/block2"]
     assert list(rows.step) == [3]  # the checkpoint's global step
+    # The figure in TensorBoard is the PNG's picture, pixel for pixel.
+    import io
+
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (event,) = EventAccumulator(str(run_dir), size_guidance={"images": 0}).Reload().Images("probe/feature_maps")
+    shown = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"))
+    assert event.step == 3
+    np.testing.assert_array_equal(shown, np.asarray(Image.open(out / "feature_maps_step3.png").convert("RGB")))
 
 
 # -- shattered gradients -------------------------------------------------------------------

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import PYTHON, cli_env
-from skipstudy.analysis.canvas import outside_canvas, silent_empty_panels
+from figure_checks import outside_canvas, silent_empty_panels
 from skipstudy.analysis.figures import layer_profiles, run_figures
 from skipstudy.analysis.logs import load_runs
 from skipstudy.report import build_report

@@ -17,12 +17,6 @@ LEADING = ("run", "path")
 TRAILING = ("step", "epoch", "tag", "value")
 
 
-def _as_runs(path: str | os.PathLike | list) -> list[logs.Run]:
-    paths = list(path) if isinstance(path, (list, tuple)) else [path]
-    runs, _ = logs.load_runs(paths)
-    return runs
-
-
 def load_runs(path: str | os.PathLike | list[str | os.PathLike]) -> pd.DataFrame:
     """Every scalar of every run at or below ``path`` (a run directory, a sweep, a whole
     experiment folder, or a list of them) as one tidy table, a row per (run, tag, step):
@@ -33,7 +27,7 @@ def load_runs(path: str | os.PathLike | list[str | os.PathLike]) -> pd.DataFrame
     numbers and booleans as such), ``step`` (global step), ``epoch``, ``tag`` and ``value``
     (float; NaN and inf kept). Raises ConfigError when there is no run, as the report does.
     """
-    runs = _as_runs(path)
+    runs, _ = logs.load_runs(list(path) if isinstance(path, (list, tuple)) else [path])
     keys = list(dict.fromkeys(settings.override_key(o) for run in runs for o in run.overrides))
     frames = []
     for run in runs:

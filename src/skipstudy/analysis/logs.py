@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import yaml
+from omegaconf import OmegaConf
 
 from skipstudy.analysis.settings import is_locating, natural_order
 from skipstudy.errors import ConfigError
@@ -263,17 +264,6 @@ def _read(path: Path, parse) -> Any:
         return None
 
 
-def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    nested: dict[str, Any] = {}
-    for key, value in flat.items():
-        *parents, leaf = str(key).split(".")
-        node = nested
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return nested
-
-
 def _suffixes(tags, quantity: str) -> list[str]:
     return [t[len(quantity) + 1:] for t in tags if t.startswith(quantity + "/")]
 
@@ -287,8 +277,12 @@ def load_run(run_dir: str | os.PathLike) -> Run:
     run = Run(path=run_dir, name=run_dir.name)
     scalars, hists, hparams, run.damaged = _read_events(run_dir)
     config = _read(run_dir / ".hydra" / "config.yaml", yaml.safe_load)
-    # Without .hydra/, the flattened config train.py wrote as HParams gives model.skip and depth.
-    run.config = config if isinstance(config, dict) else _unflatten(hparams)
+    if not isinstance(config, dict):  # no .hydra/: the flattened config train.py wrote as HParams
+        nested = OmegaConf.create()
+        for key, value in hparams.items():
+            OmegaConf.update(nested, str(key), value, force_add=True)
+        config = OmegaConf.to_container(nested)  # unresolved, as .hydra/config.yaml is read
+    run.config = config
     overrides = _read(run_dir / ".hydra" / "overrides.yaml", yaml.safe_load)
     run.overrides = [str(o) for o in overrides] if isinstance(overrides, list) else []
 

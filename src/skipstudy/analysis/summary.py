@@ -64,18 +64,11 @@ def decay_slope(run: Run) -> float:
     return math.nan if s is None else _last_epoch_median(run, s.steps, s.values)
 
 
-def t_quantile(p: float, df: int) -> float:
-    """Quantile ``p`` (> 0.5) of Student's t: its closed-form density integrated numerically."""
-    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-    x = np.linspace(0.0, 200.0 if df < 3 else 40.0, 400_001)
-    pdf = np.exp(log_c - (df + 1) / 2 * np.log1p(x * x / df))
-    cdf = 0.5 + np.concatenate(([0.0], np.cumsum((pdf[1:] + pdf[:-1]) / 2 * np.diff(x))))
-    return float(np.interp(p, cdf, x))
-
-
 def slope_by_setting(runs: list[Run], keys: list[str] | None = None) -> list[dict[str, Any]]:
     """``grad_decay_slope`` over the seeds of each setting: mean and 95% Student-t interval. A
     setting is named by its overrides of ``keys`` (default: all of its group)."""
+    from scipy.stats import t as student_t  # here: scipy.stats takes a while to import, and training never needs it
+
     groups: dict[tuple[str, ...], list[float]] = {}
     for run in runs:
         if math.isfinite(value := decay_slope(run)):
@@ -83,7 +76,7 @@ def slope_by_setting(runs: list[Run], keys: list[str] | None = None) -> list[dic
     rows = []
     for group, values in groups.items():
         v = np.asarray(values)
-        half = t_quantile(0.975, v.size - 1) * float(v.std(ddof=1)) / math.sqrt(v.size) if v.size > 1 else math.nan
+        half = float(student_t.ppf(0.975, v.size - 1)) * float(v.std(ddof=1)) / math.sqrt(v.size) if v.size > 1 else math.nan
         shown = [o for o in group if keys is None or override_key(o) in keys]
         rows.append({"setting": ", ".join(shown) or "(all runs)", "seeds": int(v.size), "mean": float(v.mean()),
                      "ci95_low": float(v.mean()) - half, "ci95_high": float(v.mean()) + half})

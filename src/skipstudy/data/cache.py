@@ -5,7 +5,6 @@ a cache and only one of them decodes."""
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import numpy as np
+from filelock import FileLock
 from PIL import Image
 
 log = logging.getLogger(__name__)
@@ -87,8 +87,7 @@ class DecodedCache:
         if meta is not None:
             return meta
         self.directory.mkdir(parents=True, exist_ok=True)
-        with open(self.directory / ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same cache
+        with FileLock(self.directory / ".lock"):  # another process may be building the same cache
             return self.read_meta(fingerprint_) or self._build(fingerprint_, sources)
 
     def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:

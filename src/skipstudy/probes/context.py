@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -23,6 +22,7 @@ from torch import nn
 
 from skipstudy.errors import ConfigError
 from skipstudy.models.contract import read_blocks
+from skipstudy.monitor.writers import figure_rgb
 from skipstudy.probes.comparison import label
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
@@ -89,12 +89,10 @@ class ProbeContext:
         title = f"{label(record, with_depth=True)}, step {self.step}"
         for part, draw in (plot.items() if isinstance(plot, dict) else [("", plot)]):
             fig = draw(title)
-            canvas = FigureCanvasAgg(fig)  # no pyplot: the training process keeps no global figure state
+            FigureCanvasAgg(fig)  # no pyplot: the training process keeps no global figure state
             fig.savefig(out / f"{stem.name}_{part}.png" if part else stem.with_suffix(".png"), dpi=fig.dpi)
             if self.writer is not None:
-                canvas.draw()
-                image = np.asarray(canvas.buffer_rgba())[..., :3].copy()
-                self.writer.add_image(f"probe/{name}/{part}".rstrip("/"), image, self.step, dataformats="HWC")
+                self.writer.add_image(f"probe/{name}/{part}".rstrip("/"), figure_rgb(fig), self.step, dataformats="HWC")
         if self.writer is not None:
             for key, value in (summary | (scalars or {})).items():
                 self.writer.add_scalar(f"probe/{name}/{key}", float(value), self.step)
