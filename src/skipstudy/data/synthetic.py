@@ -10,7 +10,7 @@ import math
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from skipstudy import config
 
@@ -82,8 +82,14 @@ class SyntheticDataModule(L.LightningDataModule):
             self.val_set = TensorDataset(*make_synthetic_images(self.num_val, *args, self.seed, self.noise, split=1))
 
     def train_dataloader(self) -> DataLoader:
-        # The shuffle order follows Lightning's seeded global RNG (seed_everything).
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
+        # The shuffle order follows Lightning's seeded global RNG (seed_everything). Under DDP the
+        # sampler Lightning would put in (its seed is the run's), here so the loader can be wrapped.
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.world_size == 1:
+            return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
+        sampler = DistributedSampler(self.train_set, trainer.world_size, trainer.global_rank, shuffle=True,
+                                     seed=self.seed)
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size)
