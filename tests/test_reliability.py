@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -26,7 +27,7 @@ from conftest import FAST, PYTHON, cli_env, compose_cfg
 from skipstudy import config
 from skipstudy.errors import ConfigError
 from skipstudy.runs import dirs, stopping
-from skipstudy.runs.resume import STATE_KEY, EpochLoader, cut_logs, rng_states
+from skipstudy.runs.resume import STATE_KEY, EpochLoader, RunState, cut_logs, rng_states
 from skipstudy.train import train
 
 # 6 steps per epoch, 2 epochs, last.ckpt every 2 steps; the gradient monitor on (its tags
@@ -254,7 +255,7 @@ class SignalAt(Callback):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_saves_last_ckpt_and_restores_handlers(tmp_path, monkeypatch, sig):
+def test_signal_saves_last_ckpt_and_restores_handlers(tmp_path, monkeypatch, caplog, sig):
     import skipstudy.train as T
 
     build = T.checkpoint_callbacks
@@ -269,6 +270,17 @@ def test_signal_saves_last_ckpt_and_restores_handlers(tmp_path, monkeypatch, sig
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)
     assert ckpt["global_step"] == 3
     assert {s: signal.getsignal(s) for s in before} == before
+    # Lightning keeps the training loader's state (the epoch's RNG states) with its loops; a
+    # mid-epoch checkpoint without it (another tool's) resumes with a warning.
+    (loader_state,) = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert set(loader_state["epoch_rng"]) >= {"torch", "numpy", "python"}
+    caplog.clear()
+    caplog.set_level(logging.WARNING, "skipstudy.runs.resume")
+    RunState(run_dir).on_load_checkpoint(None, None, ckpt)
+    assert "data position" not in caplog.text
+    del ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    RunState(run_dir).on_load_checkpoint(None, None, ckpt)
+    assert "without the data position" in caplog.text
 
 
 class SignalAtTrainStart(Callback):

@@ -162,10 +162,10 @@ class RunState(Callback):
                         "are used", len(ranks), trainer.world_size)
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        fit = (checkpoint.get("loops") or {}).get("fit_loop") or {}
-        batches = fit.get("epoch_loop.batch_progress") or {}
-        if (batches.get("current") or {}).get("completed") and not batches.get("is_last_batch") \
-                and not (fit.get("state_dict") or {}).get("combined_loader"):
+        fit = checkpoint.get("loops", {}).get("fit_loop", {})  # Lightning keeps the loader's state there
+        batches = fit.get("epoch_loop.batch_progress", {})
+        if batches.get("current", {}).get("completed") and not batches.get("is_last_batch") \
+                and not fit.get("state_dict", {}).get("combined_loader"):
             log.warning("resuming mid-epoch from a checkpoint without the data position; the epoch's data restarts")
 
     def on_train_start(self, trainer, pl_module) -> None:
