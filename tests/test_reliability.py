@@ -283,6 +283,23 @@ def test_signal_saves_last_ckpt_and_restores_handlers(tmp_path, monkeypatch, cap
     assert "without the data position" in caplog.text
 
 
+def test_signal_under_gradient_accumulation_stops_after_a_step_not_mid_accumulation(tmp_path, monkeypatch):
+    import skipstudy.train as T
+
+    build = T.checkpoint_callbacks
+    monkeypatch.setattr(T, "checkpoint_callbacks", lambda *a, **k: [SignalAt(2, signal.SIGTERM), *build(*a, **k)])
+    cfg = compose_cfg([*FAST, "trainer.limit_train_batches=8", "dataset.num_train=160",
+                       "trainer.accumulate_grad_batches=2", "monitor=off"], tmp_path)
+    run_dir = Path(cfg.hydra.runtime.output_dir)
+    with pytest.raises(stopping.Interrupted) as info:
+        train(cfg, run_dir)
+    # The signal comes before batch 4, which only accumulates; batch 5 steps, then it stops.
+    assert info.value.step == 3
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)
+    assert ckpt["global_step"] == 3
+    assert ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"] == 6  # of 8
+
+
 class SignalAtTrainStart(Callback):
     """SIGTERM after Lightning installed its handler and before skipstudy's (callbacks run before
     the checkpoint callbacks): what a preemption during set-up meets."""

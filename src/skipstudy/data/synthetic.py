@@ -82,14 +82,12 @@ class SyntheticDataModule(L.LightningDataModule):
             self.val_set = TensorDataset(*make_synthetic_images(self.num_val, *args, self.seed, self.noise, split=1))
 
     def train_dataloader(self) -> DataLoader:
-        # The shuffle order follows Lightning's seeded global RNG (seed_everything). Under DDP the
+        # The shuffle order follows Lightning's seeded global RNG (seed_everything). Under DDP, the
         # sampler Lightning would put in (its seed is the run's), here so the loader can be wrapped.
-        trainer = getattr(self, "trainer", None)
-        if trainer is None or trainer.world_size == 1:
-            return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
-        sampler = DistributedSampler(self.train_set, trainer.world_size, trainer.global_rank, shuffle=True,
-                                     seed=self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler)
+        world = self.trainer.world_size if self.trainer is not None else 1
+        sampler = None if world == 1 else DistributedSampler(self.train_set, world, self.trainer.global_rank,
+                                                             seed=self.seed)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=sampler is None, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size)
