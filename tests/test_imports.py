@@ -94,15 +94,8 @@ def test_importing_the_package_registers_nothing_with_hydra_or_omegaconf():
 # A new one fails the test below; one that goes must leave this list too.
 PRIVATE_REACHES = {
     # Exact mid-epoch resume: Lightning writes a step's logged metrics only after the checkpoint
-    # hooks; these read them, the loader being trained from and its DDP sampler set-up.
-    ("runs/resume.py", "trainer.fit_loop._combined_loader"), ("runs/resume.py", "trainer.fit_loop._should_reload_train_dl"),
-    ("runs/resume.py", "trainer._data_connector"), ("runs/resume.py", "trainer._data_connector._prepare_dataloader"),
-    ("runs/resume.py", "trainer.logger.experiment.file_writer.event_writer._file_name"),
-    ("runs/resume.py", "m._persistent"), ("runs/resume.py", "loop.epoch_loop._batches_that_stepped"),
-    ("runs/resume.py", "loop._should_accumulate"), ("runs/resume.py", "trainer._logger_connector"),
-    ("runs/resume.py", "loop.epoch_loop._results"),
-    # A SIGTERM that reached Lightning's handler during set-up: taken over so a checkpoint is written.
-    ("runs/stopping.py", "trainer._signal_connector"), ("runs/stopping.py", "trainer.fit_loop._should_accumulate"),
+    # hooks and has no public view of them (trainer.logged_metrics mixes in earlier steps' values).
+    ("runs/resume.py", "trainer.fit_loop.epoch_loop._results"),
     # One fused kernel for the norms of many tensors, one norm each: torch 2.14 has no public
     # multi-tensor norm (torch.nn.utils.get_total_norm gives only their total; torch.linalg
     # norms one tensor per op).

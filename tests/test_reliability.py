@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -26,7 +27,7 @@ from conftest import FAST, PYTHON, cli_env, compose_cfg
 from skipstudy import config
 from skipstudy.errors import ConfigError
 from skipstudy.runs import dirs, stopping
-from skipstudy.runs.resume import STATE_KEY, EpochLoader, cut_logs, rng_states
+from skipstudy.runs.resume import STATE_KEY, EpochLoader, RunState, cut_logs, rng_states
 from skipstudy.train import train
 
 # 6 steps per epoch, 2 epochs, last.ckpt every 2 steps; the gradient monitor on (its tags
@@ -254,7 +255,7 @@ class SignalAt(Callback):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_saves_last_ckpt_and_restores_handlers(tmp_path, monkeypatch, sig):
+def test_signal_saves_last_ckpt_and_restores_handlers(tmp_path, monkeypatch, caplog, sig):
     import skipstudy.train as T
 
     build = T.checkpoint_callbacks
@@ -269,6 +270,57 @@ def test_signal_saves_last_ckpt_and_restores_handlers(tmp_path, monkeypatch, sig
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)
     assert ckpt["global_step"] == 3
     assert {s: signal.getsignal(s) for s in before} == before
+    # Lightning keeps the training loader's state (the epoch's RNG states) with its loops; a
+    # mid-epoch checkpoint without it (another tool's) resumes with a warning.
+    (loader_state,) = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert set(loader_state["epoch_rng"]) >= {"torch", "numpy", "python"}
+    caplog.clear()
+    caplog.set_level(logging.WARNING, "skipstudy.runs.resume")
+    RunState(run_dir).on_load_checkpoint(None, None, ckpt)
+    assert "data position" not in caplog.text
+    del ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    RunState(run_dir).on_load_checkpoint(None, None, ckpt)
+    assert "without the data position" in caplog.text
+
+
+def test_signal_under_gradient_accumulation_stops_after_a_step_not_mid_accumulation(tmp_path, monkeypatch):
+    import skipstudy.train as T
+
+    build = T.checkpoint_callbacks
+    monkeypatch.setattr(T, "checkpoint_callbacks", lambda *a, **k: [SignalAt(2, signal.SIGTERM), *build(*a, **k)])
+    cfg = compose_cfg([*FAST, "trainer.limit_train_batches=8", "dataset.num_train=160",
+                       "trainer.accumulate_grad_batches=2", "monitor=off"], tmp_path)
+    run_dir = Path(cfg.hydra.runtime.output_dir)
+    with pytest.raises(stopping.Interrupted) as info:
+        train(cfg, run_dir)
+    # The signal comes before batch 4, which only accumulates; batch 5 steps, then it stops.
+    assert info.value.step == 3
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)
+    assert ckpt["global_step"] == 3
+    assert ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"] == 6  # of 8
+
+
+class SignalAtTrainStart(Callback):
+    """SIGTERM after Lightning installed its handler and before skipstudy's (callbacks run before
+    the checkpoint callbacks): what a preemption during set-up meets."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_during_set_up_stops_before_training(tmp_path, monkeypatch):
+    import skipstudy.train as T
+
+    build = T.checkpoint_callbacks
+    monkeypatch.setattr(T, "checkpoint_callbacks", lambda *a, **k: [SignalAtTrainStart(), *build(*a, **k)])
+    cfg = compose_cfg([*FAST, "monitor=off"], tmp_path)
+    run_dir = Path(cfg.hydra.runtime.output_dir)
+    with pytest.raises(stopping.Interrupted, match=rf"SIGTERM received: stopped after step 0; no checkpoint yet.*"
+                                                   rf"resume={run_dir}") as info:
+        train(cfg, run_dir)
+    assert info.value.exit_code == 128 + signal.SIGTERM
+    assert not (run_dir / "checkpoints" / "last.ckpt").exists()
+    assert "train/loss" not in scalar_series(run_dir)  # not a step trained
 
 
 # ---------------------------------------------------------------------------- reproducibility
@@ -457,24 +509,27 @@ def test_cut_logs_truncates_event_files_to_the_checkpoint(tmp_path):
 def test_epoch_loader_replays_the_epoch_and_skips_done_batches():
     data = TensorDataset(torch.arange(40).float())
     torch.manual_seed(0)
-    done = [0]
-    loader = EpochLoader(DataLoader(data, batch_size=4, shuffle=True), lambda: done[0])
-    epoch_rng = rng_states()
+    loader = EpochLoader(DataLoader(data, batch_size=4, shuffle=True), lambda: 3)
     full = [b[0].tolist() for b in loader]  # draws the shuffle from the global RNG
+    state = loader.state_dict()  # what Lightning keeps in the checkpoint for a stateful loader
     after_epoch = torch.get_rng_state()
 
     # Resumed after 3 batches: same order, the first 3 batches skipped, global RNG untouched.
     torch.manual_seed(123)
     checkpoint_rng = rng_states()
     resumed = EpochLoader(DataLoader(data, batch_size=4, shuffle=True), lambda: 3)
-    resumed.resume_rng = epoch_rng
+    resumed.load_state_dict(state)
     assert [b[0].tolist() for b in resumed] == full[3:]
     assert torch.equal(torch.get_rng_state(), checkpoint_rng["torch"])
     assert not torch.equal(after_epoch, checkpoint_rng["torch"])
+    # The next pass is a new epoch, whole; so is a pass of a loader whose state was not restored.
+    assert len([b for b in resumed]) == 10
+    assert len([b for b in EpochLoader(DataLoader(data, batch_size=4, shuffle=True), lambda: 3)]) == 10
 
 
-def test_only_the_training_loader_is_wrapped(tmp_path, monkeypatch):
-    """A probe asking the data module for training batches mid-run gets the plain loader, whole."""
+def test_training_batches_asked_for_mid_run_are_a_whole_epoch(tmp_path, monkeypatch):
+    """A probe asking the data module for training batches mid-run gets the whole epoch: only the
+    loader whose state Lightning restored skips the batches already done."""
     import skipstudy.train as T
 
     seen = []
@@ -482,11 +537,12 @@ def test_only_the_training_loader_is_wrapped(tmp_path, monkeypatch):
     class AskForBatches(Callback):
         def on_train_epoch_end(self, trainer, pl_module):
             loader = trainer.datamodule.train_dataloader()
-            seen.append((type(loader).__name__, len(list(loader))))
+            seen.append(len(list(loader)))
             assert isinstance(trainer.train_dataloader, EpochLoader)
+            assert trainer.fit_loop.epoch_loop.batch_progress.current.ready == 3  # skipped, were it restored
 
     build = T.checkpoint_callbacks
     monkeypatch.setattr(T, "checkpoint_callbacks", lambda *a, **k: [AskForBatches(), *build(*a, **k)])
     cfg = compose_cfg([*FAST, "monitor=off"], tmp_path)
     train(cfg, cfg.hydra.runtime.output_dir)
-    assert seen == [("DataLoader", 6)]  # 96 samples / 16, not limited and not skipped
+    assert seen == [6]  # 96 samples / 16, not limited and not skipped

@@ -10,7 +10,7 @@ import math
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from skipstudy import config
 
@@ -82,8 +82,12 @@ class SyntheticDataModule(L.LightningDataModule):
             self.val_set = TensorDataset(*make_synthetic_images(self.num_val, *args, self.seed, self.noise, split=1))
 
     def train_dataloader(self) -> DataLoader:
-        # The shuffle order follows Lightning's seeded global RNG (seed_everything).
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
+        # The shuffle order follows Lightning's seeded global RNG (seed_everything). Under DDP, the
+        # sampler Lightning would put in (its seed is the run's), here so the loader can be wrapped.
+        world = self.trainer.world_size if self.trainer is not None else 1
+        sampler = None if world == 1 else DistributedSampler(self.train_set, world, self.trainer.global_rank,
+                                                             seed=self.seed)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=sampler is None, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size)

@@ -1,9 +1,9 @@
 """Resuming a killed run exactly. Lightning restores weights, optimizer, schedulers, loop
-counters and the persistent torchmetrics states; :class:`RunState` adds the global RNG states,
-the data position (:class:`EpochLoader`), under DDP each rank's own RNG and metric states, and
-the size of each event file, so that :func:`cut_logs` truncates the files back to the
-checkpoint and every tag keeps each step once (TensorBoard's ``SessionLog.START`` purge is not
-used: tbparse reads each file on its own).
+counters, the persistent torchmetrics states and the state of a stateful training loader
+(:class:`EpochLoader`: the data position); :class:`RunState` adds the global RNG states, under
+DDP each rank's own RNG and metric states, and the size of each event file, so that
+:func:`cut_logs` truncates the files back to the checkpoint and every tag keeps each step once
+(TensorBoard's ``SessionLog.START`` purge is not used: tbparse reads each file on its own).
 """
 
 from __future__ import annotations
@@ -12,14 +12,13 @@ import contextlib
 import logging
 import os
 import random
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from skipstudy.runs.layout import EVENT_PREFIX
 
@@ -54,20 +53,29 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 
 class EpochLoader:
-    """The training loader, able to resume an epoch part-way through: Lightning restarts a
-    half-done epoch of a plain loader from its first batch.
+    """The training loader, able to resume an epoch part-way through. Lightning saves and
+    restores it as any stateful loader (``state_dict``/``load_state_dict``, kept in the fit
+    loop's checkpoint state), and restarts a half-done epoch of a plain loader from its first
+    batch.
 
-    Each pass records the RNG states it starts from. A pass that starts with
-    ``done_batches() > 0`` (Lightning restored a mid-epoch checkpoint) and has the states of
-    that epoch's start replays the epoch from them, without moving the global RNGs, and drops
-    the batches already done, loading them without a forward pass.
+    Each pass records the global RNG states it starts from: they are the state. A pass that
+    starts after Lightning restored them and its progress counters mid-epoch
+    (``done_batches() > 0``) replays the epoch from them, without moving the global RNGs, and
+    drops the batches already done, loading them without a forward pass. A pass started
+    without a restored state (a probe reading training batches mid-run) is whole.
     """
 
     def __init__(self, loader: Any, done_batches: Callable[[], int]) -> None:
         self.loader = loader
         self._done_batches = done_batches
         self.epoch_rng: dict[str, Any] | None = None  # states at the start of the current pass
-        self.resume_rng: dict[str, Any] | None = None  # from a checkpoint, for the first pass
+        self.resume_rng: dict[str, Any] | None = None  # restored, for the first pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch_rng": self.epoch_rng}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.resume_rng = state_dict.get("epoch_rng")
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -87,21 +95,18 @@ class EpochLoader:
 
     def __iter__(self) -> Iterator[Any]:
         # A generator: the body runs at the first next(), after Lightning has restored the
-        # progress counters and called set_epoch.
-        skip = int(self._done_batches())
+        # progress counters and called set_epoch, and its RNG draws come after RunState's restore.
         resume_rng, self.resume_rng = self.resume_rng, None
-        replay = bool(skip) and resume_rng is not None
-        if skip and not replay:  # a checkpoint from another tool: the order may differ
-            log.warning("resuming mid-epoch without the epoch's RNG states; the data order may differ")
+        skip = int(self._done_batches()) if resume_rng is not None else 0
         saved = rng_states()
-        self.epoch_rng = resume_rng if replay else saved
-        if replay:
+        self.epoch_rng = resume_rng if skip else saved
+        if skip:
             set_rng_states(resume_rng)
         it = iter(self.loader)
         for _ in range(skip):
             if next(it, None) is None:
                 break
-        if replay:  # what the replayed shuffle and skipped batches drew must not move the RNGs
+        if skip:  # what the replayed shuffle and skipped batches drew must not move the RNGs
             set_rng_states(saved)
         yield from it
 
@@ -111,7 +116,8 @@ class RunState(Callback):
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir)
-        self.loader: EpochLoader | None = None
+        # Built before the loggers: event files not listed here are this run's own.
+        self.earlier_events = {p.name for p in self.run_dir.glob(EVENT_PREFIX + "*")}
         self._loaded: dict[str, Any] | None = None
         self._trainer = None
 
@@ -122,33 +128,22 @@ class RunState(Callback):
 
         def train_dataloader():
             loader = make()
-            # Only the loader Lightning trains from is wrapped; a probe reading a few training
-            # batches mid-run gets the data module's own.
-            if not (trainer.fit_loop._combined_loader is None or trainer.fit_loop._should_reload_train_dl):
-                return loader
             if trainer.world_size > 1 and isinstance(loader, DataLoader) and not isinstance(
-                    loader.sampler, torch.utils.data.DistributedSampler):
-                # Lightning puts its DistributedSampler only into a bare DataLoader: let it do so
-                # before wrapping, with its own seed and arguments, so the shards are Lightning's.
-                from lightning.pytorch.trainer.states import RunningStage
-
-                loader = trainer._data_connector._prepare_dataloader(loader, shuffle=True, mode=RunningStage.TRAINING)
-            self.loader = EpochLoader(loader, lambda: trainer.fit_loop.epoch_loop.batch_progress.current.ready)
-            if self._loaded is not None:
-                self.loader.resume_rng = self._loaded.get("epoch_rng")
-            # Lightning warns that a mid-epoch resume of a plain loader is unreliable; this one is exact.
-            warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch")
-            return self.loader
+                    loader.sampler, DistributedSampler):
+                # Lightning shards only a bare DataLoader: left to it (skipstudy's data modules shard
+                # their own), its mid-epoch resume restarts the epoch's data, as Lightning warns.
+                return loader
+            return EpochLoader(loader, lambda: trainer.fit_loop.epoch_loop.batch_progress.current.ready)
 
         dm.train_dataloader = train_dataloader
 
     def state_dict(self) -> dict[str, Any]:
         trainer = self._trainer
-        own = {"rng": rng_states(), "epoch_rng": self.loader.epoch_rng if self.loader else None}
+        own: dict[str, Any] = {"rng": rng_states()}
         state: dict[str, Any] = dict(own)
         if trainer.world_size > 1:
             # The module's state dict holds rank 0's torchmetrics states; each rank has its share.
-            own["metrics"] = {k: v.detach().cpu() for k, v in _metric_states(trainer.lightning_module).items()}
+            own["metrics"] = _metric_states(trainer.lightning_module)
             gathered: list[Any] = [None] * trainer.world_size
             torch.distributed.all_gather_object(gathered, own)  # every rank builds the checkpoint
             state[RANKS_KEY] = gathered
@@ -166,6 +161,13 @@ class RunState(Callback):
             log.warning("resuming a %d-process checkpoint on %d processes: rank 0's RNG and metric states "
                         "are used", len(ranks), trainer.world_size)
 
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        fit = checkpoint.get("loops", {}).get("fit_loop", {})  # Lightning keeps the loader's state there
+        batches = fit.get("epoch_loop.batch_progress", {})
+        if batches.get("current", {}).get("completed") and not batches.get("is_last_batch") \
+                and not fit.get("state_dict", {}).get("combined_loader"):
+            log.warning("resuming mid-epoch from a checkpoint without the data position; the epoch's data restarts")
+
     def on_train_start(self, trainer, pl_module) -> None:
         loaded, self._loaded = self._loaded, None
         if not loaded:
@@ -173,8 +175,8 @@ class RunState(Callback):
         if trainer.is_global_zero and trainer.ckpt_path is not None:
             # Only now that training really goes on (a finished run resumed keeps its logs); the
             # checkpoint's pending metrics are written next, by LastCheckpoint (a later callback).
-            own = Path(trainer.logger.experiment.file_writer.event_writer._file_name).name
-            cut_logs(self.run_dir, trainer.ckpt_path, keep={own})
+            own = {p.name for p in self.run_dir.glob(EVENT_PREFIX + "*")} - self.earlier_events
+            cut_logs(self.run_dir, trainer.ckpt_path, keep=own)
             if loaded.get("pending"):  # a checkpoint from before LastCheckpoint held them
                 trainer.logger.log_metrics(loaded["pending"]["metrics"], step=loaded["pending"]["step"])
         if "metrics" in loaded:
@@ -183,33 +185,33 @@ class RunState(Callback):
 
 
 def _metric_states(module) -> dict[str, torch.Tensor]:
+    """The persistent torchmetrics states of ``module``, as its state dict names them."""
     from torchmetrics import Metric
 
-    return {f"{name}.{key}": getattr(m, key) for name, m in module.named_modules() if isinstance(m, Metric)
-            for key, persistent in m._persistent.items() if persistent}
+    return {f"{name}.{key}": value.detach().cpu() for name, m in module.named_modules() if isinstance(m, Metric)
+            for key, value in m.state_dict().items()}
 
 
 def pending_metrics(trainer, where: str) -> dict[str, Any] | None:
-    """The scalars Lightning has computed for this step (``where="batch"``) or epoch but writes
-    only after the checkpoint hooks, as ``_LoggerConnector.update_train_step_metrics`` (after
-    ``on_train_batch_end``) and ``update_train_epoch_metrics`` (after ``on_train_epoch_end``,
-    at the last batch's step) would."""
-    loop = trainer.fit_loop
-    step = loop.epoch_loop._batches_that_stepped
+    """The scalars Lightning has computed for this step (``where="batch"``, called only on a batch
+    that stepped the optimizer) or epoch but writes only after the checkpoint hooks, at the step
+    and under the condition its logger connector uses (``update_train_step_metrics``, after
+    ``on_train_batch_end``; ``update_train_epoch_metrics``, after ``on_train_epoch_end``, at the
+    last batch's step). Lightning has no public view of them: ``trainer.logged_metrics`` mixes in
+    the values of earlier steps, so its result collection is read (``_results``)."""
+    results = trainer.fit_loop.epoch_loop._results
     if where == "batch":
-        if loop._should_accumulate() and trainer.lightning_module.automatic_optimization:
+        every = trainer.log_every_n_steps
+        if not (trainer.fast_dev_run or (every and (trainer.global_step % every == 0 or trainer.should_stop))):
             return None
-        if not (trainer._logger_connector.should_update_logs or trainer.fast_dev_run):
-            return None
-        metrics = loop.epoch_loop._results.metrics(True)["log"]
+        metrics = results.metrics(True)["log"]
     else:
-        step -= 1
-        metrics = loop.epoch_loop._results.metrics(False)["log"]
+        metrics = results.metrics(False)["log"]
     if not metrics:
         return None
     scalars = {k: float(v) for k, v in metrics.items()}
     scalars.setdefault("epoch", trainer.current_epoch)  # as Lightning's log_metrics does
-    return {"step": int(step), "metrics": scalars}
+    return {"step": trainer.global_step - 1, "metrics": scalars}
 
 
 def checkpoint_record(ckpt_path: str | os.PathLike) -> tuple[int, dict[str, int] | None]:

@@ -2,8 +2,8 @@
 ``last.ckpt``, or at a non-finite gradient without applying it.
 
 Exit status of ``python -m skipstudy.train``: 2 refused input, 3 diverged and stopped,
-128 + N stopped by signal N after writing a checkpoint (the shell's convention, so a scheduler
-sees the job as not finished).
+128 + N stopped by signal N after writing a checkpoint, or during set-up before the first step
+(the shell's convention, so a scheduler sees the job as not finished).
 """
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ DIVERGED_TAG = "train/diverged"
 
 
 class Interrupted(Exception):
-    """Training stopped on a signal after writing a checkpoint."""
+    """Training stopped on a signal: after writing a checkpoint, or during set-up before training."""
 
     def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
         self.signum, self.step = int(signum), step
         self.exit_code = 128 + self.signum
-        super().__init__(f"{signal.Signals(self.signum).name} received: stopped after step {step}; checkpoint "
-                         f"{checkpoint}; continue with: python -m skipstudy.train resume={checkpoint.parent.parent}")
+        where = f"checkpoint {checkpoint}" if checkpoint.is_file() else "no checkpoint yet (the run starts over)"
+        super().__init__(f"{signal.Signals(self.signum).name} received: stopped after step {step}; {where}; "
+                         f"continue with: python -m skipstudy.train resume={checkpoint.parent.parent}")
 
 
 class Diverged(Exception):
@@ -90,6 +91,7 @@ class LastCheckpoint(Checkpoint):
         self.received: int | None = None
         self.pending: dict[str, Any] | None = None
         self._previous: dict[int, Any] = {}
+        self._step_before = -1
 
     def state_dict(self) -> dict[str, Any]:
         return {"pending": self.pending}
@@ -101,11 +103,12 @@ class LastCheckpoint(Checkpoint):
         pending, self.pending = self.pending, None
         if pending and trainer.is_global_zero and trainer.ckpt_path is not None:  # after RunState cut the logs
             trainer.logger.log_metrics(pending["metrics"], step=pending["step"])
+        # A SIGTERM during set-up reached Lightning's handler, which would stop at a later batch
+        # without a checkpoint: stop now, before training; last.ckpt (if any) holds this state.
+        if trainer.strategy.reduce_boolean_decision(trainer.received_sigterm, all=False):
+            raise Interrupted(signal.SIGTERM, trainer.global_step, self.path)
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread
-        if trainer.received_sigterm:  # arrived while setting up, to Lightning's handler, which would stop
-            self.received = signal.SIGTERM  # without a checkpoint
-            trainer._signal_connector.received_sigterm = False
         self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum: int, frame) -> None:
@@ -128,8 +131,12 @@ class LastCheckpoint(Checkpoint):
         stop = self.received is not None
         return trainer.strategy.reduce_boolean_decision(stop, all=False) if trainer.world_size > 1 else stop
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self._step_before = trainer.global_step
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or trainer.fit_loop._should_accumulate():
+        # Only after a batch that stepped the optimizer (not one that accumulates gradients).
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or trainer.global_step == self._step_before:
             return
         stop = self._requested(trainer)
         if stop or (self.every_n and trainer.global_step % self.every_n == 0):
