@@ -323,12 +323,10 @@ def log_abs_histogram(grad: Tensor, spec: HistogramBins) -> Tensor:
     return torch.cat((head, counts))
 
 
-def norms(tensors: list[Tensor | None], like: Tensor) -> Tensor:
+def norms(tensors: list[Tensor | None]) -> list[float]:
     """L2 norm of each tensor (0 for None) in float64, one fused foreach call: the square of any
-    float32/bf16/fp16 element is a normal float64, so 1e-25 gradients do not read 0."""
+    float32/bf16/fp16 element is a normal float64, so 1e-25 gradients do not read 0. Reads the
+    values: not for the hot path, which packs the norms (``skipstudy.monitor.packing``)."""
     present = [t for t in tensors if t is not None]
-    if not present:
-        return like.new_zeros(len(tensors), dtype=SUM_DTYPE)
-    it = iter(torch._foreach_norm(present, 2, dtype=SUM_DTYPE))
-    zero = like.new_zeros((), dtype=SUM_DTYPE)
-    return torch.stack([next(it) if t is not None else zero for t in tensors])
+    it = iter(torch._foreach_norm(present, 2, dtype=SUM_DTYPE) if present else [])
+    return [float(next(it)) if t is not None else 0.0 for t in tensors]
