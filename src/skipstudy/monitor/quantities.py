@@ -33,12 +33,13 @@ from torch import Tensor
 from skipstudy.monitor.sums import (
     SUM_DTYPE,
     HistogramBins,
-    Sq,
+    Part,
     activation_parts,
     channel_parts,
     log_abs_histogram,
     norms,
     output_grad_parts,
+    squares,
 )
 
 # Hook sites and what their statistics get. Layers: a tracked layer's output (``output``) and
@@ -194,23 +195,22 @@ def grad_decay_slope(s: StepTensors) -> np.ndarray:
 # has no s: its shortcut, ratio and cos are not written, never a fake 0.
 
 
-_SPLIT: list = [None]  # the last split's tensors and norms: both statistics below share one op
+_SPLIT: list = [None]  # the last split's tensors and squared norms: both statistics below share them
 
 
-def _split_norms(grad: Tensor, branch: Tensor, shortcut: Tensor | None) -> list[Tensor]:
-    """``[||b||, ||s||, ||g||]`` (``[||b||]`` without a shortcut) in float64 from one fused
-    ``torch._foreach_norm`` (one op, not three), computed once for the two split statistics."""
+def _split_squares(grad: Tensor, branch: Tensor, shortcut: Tensor | None) -> list[Part]:
+    """``[||b||^2, ||s||^2, ||g||^2]`` (``[||b||^2]`` without a shortcut) in float64, on an
+    accelerator from one fused op (``sums.squares``), computed once for the two split statistics."""
     last = _SPLIT[0]
     if last is None or last[0] is not grad or last[1] is not branch or last[2] is not shortcut:
-        tensors = [branch] if shortcut is None else [branch, shortcut, grad]
-        last = _SPLIT[0] = (grad, branch, shortcut, torch._foreach_norm(tensors, 2, dtype=SUM_DTYPE))
+        last = _SPLIT[0] = (grad, branch, shortcut, squares([branch] if shortcut is None else [branch, shortcut, grad]))
     return last[3]
 
 
 @statistic("split_branch", "split", width=2)
 def split_branch(grad: Tensor, branch: Tensor, shortcut: Tensor | None) -> tuple:
     """``[numel, ||b||^2]``."""
-    return branch.numel(), Sq(_split_norms(grad, branch, shortcut)[0])
+    return branch.numel(), _split_squares(grad, branch, shortcut)[0]
 
 
 @statistic("split_shortcut", "split", width=3)
@@ -221,9 +221,9 @@ def split_shortcut(grad: Tensor, branch: Tensor, shortcut: Tensor | None) -> tup
     if shortcut is None:
         _SPLIT[0] = None  # the last user (registered after split_branch): hold no gradients
         return None
-    _, s, g = _split_norms(grad, branch, shortcut)
+    _, s, g = _split_squares(grad, branch, shortcut)
     _SPLIT[0] = None
-    return grad.numel(), Sq(s), Sq(g)
+    return grad.numel(), s, g
 
 
 quantity("grad_split/shortcut", "split_shortcut", lambda s: np.sqrt(s["split_shortcut"][:, 1]) * s.out_grad_scale)

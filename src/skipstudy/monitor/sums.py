@@ -170,6 +170,22 @@ def norm64(t: Tensor) -> Tensor:
     return torch._foreach_norm([t], 2, dtype=SUM_DTYPE)[0]
 
 
+# On the CPU, tensors this large take float32 rows (_sums): each row's float32 rounding (~1e-7)
+# is independent of the others', so over >= 64 rows the sum is within ~1e-8; smaller ones, cheap
+# anyway, are reduced in float64.
+_ROWS_FROM = 64 * _ROW
+
+
+def squares(tensors: list[Tensor]) -> list[Part]:
+    """``||t||**2`` of each tensor as parts: on an accelerator one fused float64
+    ``_foreach_norm`` (Sq parts, squared when packed); on the CPU, where a float64-accumulated
+    reduction of a large float32 tensor costs ~10x a float32 pass (163 against 15 ms a CIFAR
+    ResNet-20 step at batch 128), :func:`_sums`'s rows."""
+    if _fast_path(tensors[0]):
+        return [Sq(n) for n in torch._foreach_norm(tensors, 2, dtype=SUM_DTYPE)]
+    return [_sums(_flat(t))[0] if t.numel() >= _ROWS_FROM else Sq(norm64(t)) for t in tensors]
+
+
 def output_grad_parts(grad: Tensor) -> tuple[Part, ...]:
     """``[numel, sum of squares]`` of the gradient w.r.t. a layer's output."""
     if _fast_path(grad) and grad.dtype != torch.float64:
