@@ -105,7 +105,7 @@ PRIVATE_REACHES = {
     ("runs/stopping.py", "trainer._signal_connector"), ("runs/stopping.py", "trainer.fit_loop._should_accumulate"),
     # One fused kernel for all gradient norms (torch has no public multi-tensor norm).
     ("runs/stopping.py", "torch._foreach_norm"), ("monitor/sums.py", "torch._foreach_norm"),
-    ("monitor/packing.py", "torch._foreach_norm"), ("monitor/quantities.py", "torch._foreach_norm"),
+    ("monitor/packing.py", "torch._foreach_norm"),
     # The loss scale without a host sync (GradScaler.get_scale() reads it back).
     ("monitor/callback.py", "scaler._scale"),
     # Dynamo's recompile limit for the monitor's graph breaks under fast.compile.
