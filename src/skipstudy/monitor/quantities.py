@@ -13,11 +13,9 @@ is nonzero. A new per-layer quantity is one module with both::
 
     quantity("grad_mean_abs/output", "out_abs", lambda s: s["out_abs"][:, 1] / s["out_abs"][:, 0] * s.out_grad_scale)
 
-Quantities run on the sums once they reached the host, as float64 numpy arrays (one step late
-on an accelerator: ``skipstudy.monitor.packing``): numpy, not torch, so that they dispatch no
-torch op (``scripts/count_monitor_ops.py`` counts the monitor's); division by zero gives inf or
-NaN silently, as torch would. Statistics run in the hooks, on the device, where an ``.item()``,
-``.cpu()``, ``float()`` or boolean mask would be a host sync.
+Quantities run on the sums once they reached the host (one step late on an accelerator:
+``skipstudy.monitor.packing``), in numpy (float64 arrays: no torch op); statistics run in the
+hooks, on the device, where an ``.item()``, ``.cpu()``, ``float()`` or boolean mask would be a host sync.
 """
 
 from __future__ import annotations
@@ -27,11 +25,9 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from skipstudy.monitor.sums import (
-    SUM_DTYPE,
     HistogramBins,
     Part,
     activation_parts,
@@ -105,13 +101,6 @@ def quantity(name: str, needs: str, fn: Callable[[StepTensors], np.ndarray] | No
     return register if fn is None else register(fn)
 
 
-def _host(x) -> np.ndarray:
-    """A float64 numpy array of ``x`` (a CPU tensor, e.g. from a test, or an array already)."""
-    if isinstance(x, Tensor):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x, dtype=np.float64)
-
-
 @dataclass
 class StepTensors:
     """One optimizer step's data on the host, layers in forward order: ``sums`` per statistic
@@ -131,10 +120,10 @@ class StepTensors:
     _values: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        self.sums = {name: _host(t) for name, t in self.sums.items()}
+        self.sums = {name: np.asarray(t, dtype=np.float64) for name, t in self.sums.items()}
         for key in ("weight_numel", "out_grad_scale", "weight_norm", "grad_norms"):
             if getattr(self, key) is not None:
-                setattr(self, key, _host(getattr(self, key)))
+                setattr(self, key, np.asarray(getattr(self, key), dtype=np.float64))
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.sums[name]
@@ -158,11 +147,10 @@ statistic("hist", "output_grad", width=3 + BINS.bins, hist=True)(partial(log_abs
 
 quantity("grad_norm/output", "output", lambda s: np.sqrt(s["output"][:, 1]) * s.out_grad_scale)
 quantity("grad_rms/output", "output", lambda s: s.value("grad_norm/output") / np.sqrt(s["output"][:, 0]))
-quantity("grad_norm/weight", "weight", lambda s: s.weight_norm if s.weight_norm is not None
-         else _host(norms(s.weight_grads)))
+quantity("grad_norm/weight", "weight", lambda s: s.weight_norm if s.weight_norm is not None else norms(s.weight_grads))
 quantity("grad_rms/weight", "weight", lambda s: s.value("grad_norm/weight") / np.sqrt(s.weight_numel))
 quantity("grad_norm/total", "params", lambda s: np.linalg.norm(
-    s.grad_norms if s.grad_norms is not None else _host(norms(s.all_grads))))
+    s.grad_norms if s.grad_norms is not None else norms(s.all_grads)))
 quantity("act/mean", "activation", lambda s: s["activation"][:, 1] / s["activation"][:, 0])
 
 
