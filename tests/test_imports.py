@@ -100,7 +100,7 @@ PRIVATE_REACHES = {
     # multi-tensor norm (torch.nn.utils.get_total_norm gives only their total; torch.linalg
     # norms one tensor per op).
     ("runs/stopping.py", "torch._foreach_norm"), ("monitor/sums.py", "torch._foreach_norm"),
-    ("monitor/packing.py", "torch._foreach_norm"), ("monitor/quantities.py", "torch._foreach_norm"),
+    ("monitor/packing.py", "torch._foreach_norm"),
 }
 
 

@@ -198,7 +198,7 @@ def test_a_new_quantity_is_a_statistic_and_a_quantity(tmp_path, monkeypatch):
 
     @quantities.quantity("grad_sq/output", needs="output")
     def grad_sq_output(s):
-        return s["output"][:, 1] * s.out_grad_scale.square()
+        return s["output"][:, 1] * s.out_grad_scale ** 2
 
     torch.manual_seed(0)
     net = TinyNet()

@@ -291,10 +291,11 @@ def test_the_cpu_shortcut_never_reads_an_accelerator_tensor():
         cpu_value(torch.zeros((), device="meta"))
 
 
-def test_a_recorded_step_issues_at_most_6_device_ops_a_layer_and_12_a_block(monkeypatch):
+def test_a_recorded_step_issues_at_most_6_ops_a_layer_and_12_a_block(monkeypatch):
     """On the meta device (every non-CPU branch, as on a GPU) the monitor at its defaults adds at
-    most 6 ops a tracked layer plus 12 a residual block to a training step, the budget of a
-    host-bound GPU step (scripts/count_monitor_ops.py prints the breakdown for ResNet-50/56)."""
+    most 6 torch ops a tracked layer plus 12 a residual block to a training step, the budget of a
+    host-bound GPU step: the device's ops and those on CPU tensors (the quantities are numpy on the
+    host copy) together (scripts/count_monitor_ops.py prints the breakdown for ResNet-50/56)."""
     import numpy as np
     import torch.nn.functional as F
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -306,10 +307,8 @@ def test_a_recorded_step_issues_at_most_6_device_ops_a_layer_and_12_a_block(monk
         n = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            leaves = torch.utils._pytree.tree_leaves((args, kwargs, out))
-            DeviceOps.n += any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in leaves)
-            return out
+            DeviceOps.n += 1  # on any device: host work in torch counts too
+            return func(*args, **(kwargs or {}))
 
     monkeypatch.setattr(monitor_taps, "_to_host", lambda t: (np.zeros(t.shape), None))  # meta holds no values
     net = models.cifar_resnet(10, depth=20).train().to("meta").to(memory_format=torch.channels_last)

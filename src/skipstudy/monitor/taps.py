@@ -289,7 +289,7 @@ class LayerTaps:
         weights = [layer.weight for layer in self._layers]
         weight_pos = [index.get(id(w), -1) if w is not None else -1 for w in weights]
         if self._weight_numel is None:  # host numbers, once per fit
-            self._weight_numel = torch.tensor([w.numel() if w is not None else 0 for w in weights], dtype=SUM_DTYPE)
+            self._weight_numel = np.array([w.numel() if w is not None else 0 for w in weights], dtype=np.float64)
         scale = torch.ones((), dtype=SUM_DTYPE, device=dev) if scale is None else scale.to(SUM_DTYPE)
         with torch.no_grad():
             packed, layout = self._packer.pack(parts, {st.name: st.width for st in stats},
@@ -302,13 +302,11 @@ class LayerTaps:
                            packed, grad_norms)
 
     def _on_host(self, layout: Layout, stats: list, h: np.ndarray) -> StepValues:
-        """The quantities from the host copy of a packed step: CPU float64 tensors only, so the
-        conversions here wait for nothing."""
+        """The quantities from the host copy of a packed step, in numpy: no torch op, no wait."""
         tables, weight_norm, grad_norms, scale = layout.unpack(h)
-        s = StepTensors({name: torch.from_numpy(t) for name, t in tables.items()},
-                        weight_numel=self._weight_numel, out_grad_scale=torch.tensor(scale, dtype=SUM_DTYPE),
-                        weight_norm=torch.from_numpy(weight_norm), grad_norms=torch.from_numpy(grad_norms))
-        values = [s.value(q.name).to(SUM_DTYPE).reshape(-1).numpy() for q in self.quantities]
+        s = StepTensors(tables, weight_numel=self._weight_numel, out_grad_scale=np.float64(scale),
+                        weight_norm=weight_norm, grad_norms=grad_norms)
+        values = [s.value(q.name).reshape(-1) for q in self.quantities]
         counted = {st.name: tables[st.name][:, 0] > 0 for st in stats}
         counted["weight"] = layout.weight_pos >= 0
         counted["params"] = np.ones(1, dtype=bool)
