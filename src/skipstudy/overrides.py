@@ -23,7 +23,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-from skipstudy.config import closest, unknown_key
+from skipstudy.config import GROUPS
+from skipstudy.keys import closest, defaults, unknown_key
+from skipstudy.probes.options import PROBE_OPTIONS
 from skipstudy.errors import ConfigError
 from skipstudy.runs.layout import conf_dir
 
@@ -36,13 +38,17 @@ _LEAVE_TO_HYDRA = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-comp
 
 def register() -> None:
     """What Hydra needs from skipstudy before it composes: the resolvers of the run and probe
-    directories and the open ``trainer`` node. Called by the entry points, the SLURM launcher's job
+    directories, the open ``trainer`` node and each option's defaults. Called by the entry points, the SLURM launcher's job
     process and the tests' compose fixture, never at import. The node is a top-level config, not a
     group option, so ``--help`` does not offer it."""
     from skipstudy.probes.checkpoint import RESOLVERS
     from skipstudy.runs.dirs import register_resolvers
 
     register_resolvers(RESOLVERS)
+    # Each option's defaults, from its one declaration (a pydantic model beside its code), as a
+    # top-level node its yaml extends: `- /skipstudy.models.options.CifarResNet@_here_`.
+    for schema in {*PROBE_OPTIONS.values(), *(s for options in GROUPS.values() for s in options.values())}:
+        ConfigStore.instance().store(name=f"{schema.__module__}.{schema.__name__}", node=defaults(schema))
     # trainer.<name>=... for any lightning.Trainer argument, without `+`: conf/trainer/default.yaml
     # starts from this node, whose struct flag is off, so Hydra lets an override add keys to it
     # (config.check then holds them against Lightning's signature).

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from skipstudy import config
 from skipstudy.data.augment import EpochPlan, EpochSampler, Transform, transform_batch
 
 log = logging.getLogger(__name__)
@@ -108,11 +107,9 @@ class ImageArrayDataModule(L.LightningDataModule):
 
     def __init__(self, *, batch_size: int = 128, image_size: int | None = None, num_workers: int | None = None,
                  augment: bool = True, loader: str = "auto", seed: int = 0, crop_padding: int = 4,
-                 pad_mode: str = "zero", device: str | torch.device | None = None, **own) -> None:
+                 pad_mode: str = "zero", device: str | torch.device | None = None) -> None:
         super().__init__()
         image_size = self.native_size if image_size is None else image_size
-        config.check_args("dataset", self, batch_size=batch_size, image_size=image_size, num_workers=num_workers,
-                          augment=augment, loader=loader, crop_padding=crop_padding, pad_mode=pad_mode, **own)
         num_workers = default_workers() if num_workers is None else num_workers
         self.batch_size, self.image_size, self.num_workers = batch_size, image_size, num_workers
         self.augment, self.loader, self.pad_mode, self.crop_padding = augment, loader, pad_mode, crop_padding

@@ -44,7 +44,7 @@ class CIFAR10DataModule(ImageArrayDataModule):
 
     def __init__(self, root: str = "./data", download: bool = True, verify: bool = True, val_split: int | float = 0,
                  seed: int = 0, **common) -> None:
-        super().__init__(seed=seed, download=download, verify=verify, val_split=val_split, **common)
+        super().__init__(seed=seed, **common)
         root_path = Path(str(root)).expanduser()
         self.folder, self.url = self.torchvision_cls.base_folder, self.torchvision_cls.url
         self.root = root_path.parent if root_path.name == self.folder else root_path

@@ -12,7 +12,6 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from skipstudy import config
 
 
 def make_synthetic_images(num_samples: int, num_classes: int, channels: int, image_size: int, seed: int,
@@ -65,8 +64,6 @@ class SyntheticDataModule(L.LightningDataModule):
     def __init__(self, num_classes: int = 10, channels: int = 3, image_size: int = 32, num_train: int = 2048,
                  num_val: int = 512, batch_size: int = 64, noise: float = 0.5, seed: int = 0) -> None:
         super().__init__()
-        config.check_args("dataset", self, num_classes=num_classes, channels=channels, image_size=image_size,
-                          num_train=num_train, num_val=num_val, batch_size=batch_size, noise=noise)
         self.num_classes, self.channels, self.image_size = num_classes, channels, image_size
         self.num_train, self.num_val, self.batch_size, self.noise = num_train, num_val, batch_size, noise
         self.seed = int(seed)

@@ -62,7 +62,7 @@ class TinyImageNetDataModule(ImageArrayDataModule):
 
     def __init__(self, root: str = "./data", skip_corrupt: bool = False, cache_dir: str | None = None,
                  seed: int = 0, **common) -> None:
-        super().__init__(seed=seed, skip_corrupt=skip_corrupt, **common)
+        super().__init__(seed=seed, **common)
         self.root, self.skip_corrupt, self.cache_dir_arg = str(root), skip_corrupt, cache_dir
         self.data_dir = locate(root)
         wnids_file, words_file = self.data_dir / "wnids.txt", self.data_dir / "words.txt"

@@ -18,7 +18,8 @@ from torch import nn
 from skipstudy.errors import ConfigError
 from skipstudy.models.blocks import NORMS, Block, NormLayer, _redefines_forward, conv1x1, conv3x3, make_stage
 from skipstudy.models.contract import BlockContract
-from skipstudy.models.resnet import _DEFAULTS, build
+from skipstudy.models import options as declared
+from skipstudy.models.resnet import build
 
 
 class PreActBlock(Block):
@@ -177,8 +178,7 @@ def preact_resnet(num_classes: int, in_channels: int = 3, **options) -> PreActRe
         n = (depth - 2) // (6 if kind == "basic" else 9)
         return PreActResNet(BLOCKS[kind], (n, n, n), (16, 32, 64), num_classes, in_channels, stem=stem or "cifar",
                             stem_width=16, arch=f"preact_resnet{depth}", **o)
-    return build("skipstudy.models.preact_resnet", make, options, depth=164, family="cifar", block=None,
-                 stem=None, shortcut="B", **_DEFAULTS)
+    return build(declared.PreActResNet, make, options)
 
 
 def wide_resnet(num_classes: int, in_channels: int = 3, **options) -> PreActResNet:
@@ -188,5 +188,4 @@ def wide_resnet(num_classes: int, in_channels: int = 3, **options) -> PreActResN
         n = (depth - 4) // 6
         return PreActResNet(PreActBasicBlock, (n, n, n), (16 * width, 32 * width, 64 * width), num_classes,
                             in_channels, stem="cifar", stem_width=16, arch=f"wrn_{depth}_{width}", **o)
-    return build("skipstudy.models.wide_resnet", make, options, depth=28, width=10, dropout=0.0, shortcut="B",
-                 **_DEFAULTS)
+    return build(declared.WideResNet, make, options)

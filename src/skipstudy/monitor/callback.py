@@ -30,7 +30,6 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from skipstudy import config
 from skipstudy.monitor import writers
 from skipstudy.monitor.layers import find_blocks, select_layers
 from skipstudy.monitor.sums import SUM_DTYPE
@@ -63,10 +62,6 @@ class GradientFlowMonitor(Callback):
                  points_per_decade: int = 10, hist_every_n_epochs: int = 1, activations: bool = True,
                  on_nonfinite: str = "stop", export: str = "json", figure: bool = True, blocks: bool | None = None) -> None:
         super().__init__()
-        # The config check's own declaration (skipstudy/config.py), also without Hydra.
-        config.check_args("monitor", self, every_n_steps=every_n_steps, points_per_decade=points_per_decade,
-                          hist_every_n_epochs=hist_every_n_epochs, schedule=schedule, on_nonfinite=on_nonfinite,
-                          export=export, activations=activations, figure=figure, blocks=blocks)
         self.layers = layers if layers is None or isinstance(layers, str) else [str(x) for x in layers]
         self.every_n_steps = every_n_steps
         self.schedule = schedule

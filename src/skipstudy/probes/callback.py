@@ -16,7 +16,8 @@ from skipstudy import config
 from skipstudy.errors import ConfigError
 from skipstudy.probes import PROBES, get_probe
 from skipstudy.probes.context import ProbeContext
-from skipstudy.runs.layout import conf_dir
+from skipstudy.keys import defaults
+from skipstudy.probes.options import PROBE_OPTIONS
 
 
 class ProbeCallback(L.Callback):
@@ -67,8 +68,7 @@ def build_probe_callback(cfg: Any, net: torch.nn.Module, seed: int = 0, model: A
     options = {}
     for name in names:
         module = get_probe(name, key="probes.names")
-        options[name] = OmegaConf.merge(OmegaConf.load(Path(conf_dir()) / "probe" / f"{name}.yaml"),
-                                        all_options.get(name) or {})
+        options[name] = OmegaConf.merge({**defaults(PROBE_OPTIONS[name]), "name": name}, all_options.get(name) or {})
         if cfg.get("batches") is not None:
             options[name].batches = cfg.batches
         config.check_probe(name, options[name], key=f"probes.options.{name}")  # unknown keys too
