@@ -121,35 +121,29 @@ def words(s: dict) -> tuple[str, bool, bool]:
         False, False
 
 
-def example(s: dict, default: Any) -> Any:
+def example(s: dict, field: Any) -> Any:
     """The value a refusal offers as the fix: the declared example, else the default, else a valid one."""
-    if s.get("examples"):
-        return s["examples"][0]
-    if default is not None and default is not ... and not str(default).startswith("${"):
-        return default
+    default = None if field is None or field.is_required() else field.get_default()
+    if s.get("examples") or (default is not None and not str(default).startswith("${")):
+        return s["examples"][0] if s.get("examples") else default
     for part in s.get("anyOf", [s]):
         if "enum" in part or "const" in part:
             return part.get("enum", [part.get("const")])[0]
-        kind = part.get("type")
-        if kind in ("boolean", "integer", "number", "string"):
-            return {"boolean": True, "integer": 1, "number": 1.0, "string": "auto"}[kind]
+        if part.get("type") in ("boolean", "integer", "number", "string"):
+            return {"boolean": True, "integer": 1, "number": 1.0, "string": "auto"}[part["type"]]
     return None
 
 
 def validate(model: type[BaseModel], node: Mapping, prefix: str, where: str) -> BaseModel:
-    """``node`` as ``model``, or the one-line refusal of its first bad key (quoted ``<prefix><key>``)."""
+    """``node`` as ``model``, or pydantic's first error as one line, quoted ``<prefix><key>``: the
+    dotted key, the value, the valid range, a fix."""
     try:
         return model.model_validate(dict(node))
     except ValidationError as err:
-        raise refusal(err, model, node, prefix, where) from None
-
-
-def refusal(err: ValidationError, model: type[BaseModel], node: Any, prefix: str, where: str) -> ConfigError:
-    """Pydantic's first error as one line: the dotted key, the value, the valid range, a fix."""
-    first = err.errors()[0]
+        first = err.errors()[0]
     cause = (first.get("ctx") or {}).get("error")
     if isinstance(cause, ConfigError):  # a rule across keys (a model validator) words its own refusal
-        return cause
+        raise cause from None
     path, value, inner = [], node, model
     for part in first["loc"]:  # down through nested models, to the key the user wrote
         if inner is None or not isinstance(part, str) or part not in inner.model_fields:
@@ -161,16 +155,14 @@ def refusal(err: ValidationError, model: type[BaseModel], node: Any, prefix: str
     full = prefix + ".".join(path)
     if first["type"] == "extra_forbidden":
         name = str(first["loc"][len(path)])
-        return unknown_key(f"{full}.{name}" if path else prefix + name, inner.model_fields,
-                           full if path else where)
+        raise unknown_key(f"{full}.{name}" if path else prefix + name, inner.model_fields, full if path else where)
     if not path:
-        return ConfigError(f"{prefix.rstrip('.')}: {first['msg']}")
+        raise ConfigError(f"{prefix.rstrip('.')}: {first['msg']}")
     if inner is not None:
-        return ConfigError(f"{full}={value!r} must be a group of keys; valid keys: {', '.join(inner.model_fields)}")
+        raise ConfigError(f"{full}={value!r} must be a group of keys; valid keys: {', '.join(inner.model_fields)}")
     s, field = field_schema(owner, path[-1]), owner.model_fields[path[-1]]
     valid, null, choices = words(s)
     if first["type"] == "missing":
-        return ConfigError(f"{full} is missing; e.g. {full}={show(example(s, None))}")
+        raise ConfigError(f"{full} is missing; e.g. {full}={show(example(s, None))}")
     verb = "is not one of:" if choices and not null else "must be"
-    return ConfigError(f"{full}={value!r} {verb} {valid}{' or null' if null else ''}; "
-                       f"e.g. {full}={show(example(s, field.get_default() if not field.is_required() else None))}")
+    raise ConfigError(f"{full}={value!r} {verb} {valid}{' or null' if null else ''}; e.g. {full}={show(example(s, field))}")

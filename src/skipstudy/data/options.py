@@ -13,7 +13,6 @@ Batch = Annotated[int, Field(ge=1)]
 
 
 class Images(Options):
-    """The split base's keys (``arrays.ImageArrayDataModule``)."""
     root: Text = key("./data", eg="/data")
     batch_size: Batch = key(128, eg=64)
     image_size: Annotated[int, Field(ge=1)] | None = key(None, eg=32)  # null: the stored size
@@ -42,7 +41,6 @@ class TinyImageNet(Images):
 
 
 class Synthetic(Options):
-    """Procedural textures: no download, deterministic from the seed, learnable."""
     num_classes: int = key(10, ge=2)
     channels: int = key(3, ge=1)
     image_size: int = key(32, ge=1)

@@ -36,20 +36,17 @@ class Net(Options):
 
 
 class ImageNetResNet(Net):
-    """ResNet-18..152 (He et al. 2016), torchvision's layout and module names."""
     # imagenet: 7x7/2 conv + max-pool (downsamples by 32) | cifar: 3x3/1 conv, no pool (by 8)
     stem: Literal["imagenet", "cifar"] = "imagenet"
 
 
 class CifarResNet(Net):
-    """The CIFAR ResNet of depth 6n+2 (He et al. 2016, section 4.2)."""
     depth: Annotated[int, rule(lambda d: d >= 8 and (d - 2) % 6 == 0)] = key(
         20, valid="6n+2 >= 8; the paper's: 20, 32, 44, 56, 110, 1202", bad=21)
     shortcut: Literal["A", "B"] = "A"  # A: zero-padded identity (the paper's, no parameters) | B: 1x1 projection
 
 
 class PreActResNet(Net):
-    """Pre-activation ResNet (He et al. 2016b); the depth must fit the family and block (_depth_fits)."""
     family: Literal["cifar", "imagenet"] = "cifar"  # cifar: 16/32/64 planes | imagenet: 64..512, depths 18-152
     depth: int = key(164, ge=8)    # cifar: 6n+2 (basic) or 9n+2 (bottleneck); the paper's: 110, 164, 1001
     block: Literal["basic", "bottleneck"] | None = None  # null: the paper's (preact.cifar_block)
@@ -82,7 +79,6 @@ IMAGENET_BLOCKS = {18: "basic", 34: "basic", 50: "bottleneck", 101: "bottleneck"
 
 
 class WideResNet(Net):
-    """WRN-d-k (Zagoruyko & Komodakis 2016)."""
     depth: Annotated[int, rule(lambda d: d >= 10 and (d - 4) % 6 == 0)] = key(
         28, valid="6n+4 >= 10; the paper's: 16, 22, 28, 40", bad=27)
     width: int = key(10, ge=1)             # k; the paper's: 1, 2, 4, 8, 10, 12

@@ -12,7 +12,6 @@ NonFinite = Literal["warn", "stop"]
 
 
 class Monitor(Options):
-    """Per-layer gradient-flow monitor (``monitor.GradientFlowMonitor``)."""
     # null: every Conv2d and Linear, in forward order. Or names relative to the network and globs
     # over weighted layers, e.g. [conv1, layer1.0.conv1, "layer3.*.conv*", fc].
     layers: Text | list[Text] | None = key(None, eg=["conv1", "fc"])
@@ -31,7 +30,6 @@ class Monitor(Options):
 
 
 class Off(Options):
-    """No monitor: training checks the gradients itself (runs/stopping.py)."""
     on_nonfinite: NonFinite = "stop"
 
 

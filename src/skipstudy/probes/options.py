@@ -27,13 +27,11 @@ class Probe(Options):
 
 
 class FeatureMaps(Probe):
-    """Channel-mean activation map after each stage, next to the input image."""
     batches: Batches = key(None, eg=4)
     images: int = key(4, ge=1)    # fixed validation images (the first ones), one row each
 
 
 class Landscape(Probe):
-    """Loss-landscape slices (Li et al. 2018): filter-normalised random directions, BN in eval mode."""
     split: Split = "train"
     steps: Odd = key(51, valid=ODD, bad=4)   # points of the 1-D slice
     grid: Odd = key(21, valid=ODD, bad=4)    # points per axis of the 2-D slice
@@ -42,14 +40,12 @@ class Landscape(Probe):
 
 
 class Lesion(Probe):
-    """Lesion study (Veit et al. 2016): val accuracy with residual branches deleted (shortcut kept)."""
     samples: int = key(10, ge=1)             # random sets of k deleted blocks per k
     max_k: Annotated[int, Field(ge=1)] | None = key(None, eg=3)  # largest k (null: every block)
     seed: Seed = 0
 
 
 class Shattering(Probe):
-    """Shattered gradients (Balduzzi et al. 2017): autocorrelation of d logit / d input along a line."""
     batches: Batches = key(None, eg=4)
     points: int = key(256, ge=4)             # inputs on the line x(t) = (1 - t) x0 + t x1
     pair: Annotated[list[Annotated[int, Field(ge=0)]], rule(lambda p: len(p) == 2 and p[0] != p[1])] = key(
@@ -60,7 +56,6 @@ class Shattering(Probe):
 
 
 class Paths(Probe):
-    """Path lengths and effective depth (Veit et al. 2016)."""
     batches: Batches = key(1, eg=4)
     split: Split = "train"
     samples: int = key(10, ge=1)             # random paths per length k
@@ -70,7 +65,6 @@ class Paths(Probe):
 
 
 class Jacobian(Probe):
-    """Input-output Jacobian per stage (Pennington et al. 2017)."""
     batches: Batches = key(1, eg=4)
     samples: int = key(2, ge=1)              # images, one Jacobian each (per stage)
     k: int = key(4, ge=1)                    # top singular values per stage (Lanczos on J^T J)
@@ -82,13 +76,11 @@ class Jacobian(Probe):
 
 
 class GradSNR(Probe):
-    """Gradient signal-to-noise ratio per layer, from micro-batch splits of the training batches."""
     splits: int = key(4, ge=2)               # micro-batches per batch
     bn: LossBN = "train"
 
 
 class Hessian(Probe):
-    """Largest-magnitude eigenvalues of the training loss's Hessian (Lanczos on Hessian-vector products)."""
     batches: Batches = key(2, eg=4)
     k: int = key(1, ge=1)
     iters: int = key(30, ge=1)

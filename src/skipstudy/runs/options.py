@@ -39,14 +39,12 @@ Interval = Literal["epoch", "step"]
 
 
 class MultiStep(Options):
-    """lr x gamma at each milestone (epochs, or optimizer steps with interval: step)."""
     milestones: list[Annotated[int, Field(ge=1)]] = [100, 150]
     gamma: float = key(0.1, gt=0)
     interval: Interval = "epoch"
 
 
 class Cosine(Options):
-    """Cosine decay to eta_min over T_max epochs (or steps); conf/scheduler/cosine.yaml sets T_max."""
     T_max: int = key(..., ge=1, eg=200)
     eta_min: float = key(0.0, ge=0)
     interval: Interval = "epoch"
