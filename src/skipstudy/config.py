@@ -3,12 +3,13 @@ option's pydantic model, declared beside the code that uses it (``models/options
 ``data/options.py``, ``monitor/options.py``, ``runs/options.py``, ``probes/options.py``) and told
 apart by the node's ``_target_``; the keys outside the groups against :class:`Top` (their
 defaults are ``conf/train.yaml``'s); ``trainer.*`` and ``logger.*`` against the types of
-Lightning's own signatures (their ranges are Lightning's to check, when the Trainer is built)."""
+Lightning's own signatures (their ranges are Lightning's: a Trainer is built to check them)."""
 
 from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -122,6 +123,7 @@ TRAINER_OWN = {"logger": "from the logger group", "callbacks": "the monitor, che
 def _trainer(node: Mapping) -> None:
     # Lightning's own class: scripts/benchmark.py swaps lightning.Trainer for a timing subclass.
     from lightning.pytorch.trainer.trainer import Trainer
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
     for name in (name for name in node if name in TRAINER_OWN):
         if name == "logger":
@@ -129,6 +131,22 @@ def _trainer(node: Mapping) -> None:
                               "and choose them with e.g. logger=[tensorboard,csv] (conf/logger/)")
         raise ConfigError(f"trainer.{name}: skipstudy sets {name} itself ({TRAINER_OWN[name]}); drop trainer.{name}")
     validate(signature_model(Trainer, tuple(TRAINER_OWN)), node, "trainer.", "lightning.Trainer")
+    # The ranges are Lightning's, checked when a Trainer is built: one is built now (it writes
+    # nothing; its device report is silenced), before the data, the network or the run directory.
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = rank_zero.level
+    rank_zero.setLevel(logging.WARNING)
+    try:
+        Trainer(**node, logger=False)
+    except (TypeError, ValueError, MisconfigurationException) as err:
+        raise lightning_refusal(err) from None
+    finally:
+        rank_zero.setLevel(level)
+
+
+def lightning_refusal(err: Exception) -> ConfigError:
+    """Lightning's refusal of a ``trainer.*`` value, in one line."""
+    return ConfigError(f"trainer: {str(err).splitlines()[0]} (conf/trainer/default.yaml lists the keys)")
 
 
 def _loggers(node: Any) -> None:

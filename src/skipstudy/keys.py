@@ -122,10 +122,13 @@ def words(s: dict) -> tuple[str, bool, bool]:
 
 
 def example(s: dict, field: Any) -> Any:
-    """The value a refusal offers as the fix: the declared example, else the default, else a valid one."""
+    """The value a refusal offers as the fix: the declared example, else the default, else null if
+    valid, else a value of the declared type."""
     default = None if field is None or field.is_required() else field.get_default()
     if s.get("examples") or (default is not None and not str(default).startswith("${")):
         return s["examples"][0] if s.get("examples") else default
+    if any(part.get("type") == "null" for part in s.get("anyOf", [])):
+        return None
     for part in s.get("anyOf", [s]):
         if "enum" in part or "const" in part:
             return part.get("enum", [part.get("const")])[0]

@@ -55,12 +55,11 @@ def build_module(cfg: DictConfig, net: torch.nn.Module, num_classes: int, speed:
 
 
 def make_trainer(trainer_kwargs: dict[str, Any], **own: Any) -> L.Trainer:
-    """``lightning.Trainer(**trainer_kwargs, **own)``: the ranges of ``trainer.*`` are Lightning's
-    to check (config.check holds only their names and types), its refusal reported in one line."""
+    """``lightning.Trainer(**trainer_kwargs, **own)``, its refusal of a ``trainer.*`` value in one line."""
     try:
         return L.Trainer(**trainer_kwargs, **own)
-    except (TypeError, ValueError, MisconfigurationException) as err:  # a trainer.<key> Lightning refuses
-        raise ConfigError(f"trainer: {str(err).splitlines()[0]} (conf/trainer/default.yaml lists the keys)") from err
+    except (TypeError, ValueError, MisconfigurationException) as err:
+        raise config.lightning_refusal(err) from err
 
 
 def build_callbacks(cfg: DictConfig, net: torch.nn.Module, run_dir: Path) -> tuple[list[L.Callback], Any]:
