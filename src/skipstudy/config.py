@@ -75,10 +75,10 @@ class Top(Options):
     probes: ProbeRuns
     report: Report
     checkpoint: Checkpoint
-    # python -m skipstudy.probe
+    # python -m skipstudy.probe (None: absent, in training; probe.yaml holds their defaults)
     ckpt: Text | None = key(None, eg="logs/default/defaults/<time>")
-    device: str = key("auto", pattern=r"auto|cpu|cuda(:\d+)?|mps", valid="auto, cpu, cuda, cuda:<index> or mps",
-                      eg="cpu", bad="abc!")
+    device: str | None = key(None, pattern=r"auto|cpu|cuda(:\d+)?|mps", valid="auto, cpu, cuda, cuda:<index> or mps",
+                              eg="cpu", bad="abc!")
     probe: dict | None = None  # check_probe
 
 
