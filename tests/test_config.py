@@ -395,3 +395,24 @@ def test_cli_resume_names_a_damaged_checkpoint(tmp_path):
         f"Error: resume={run_dir}: {run_dir / 'checkpoints' / 'last.ckpt'} is damaged (14 bytes; BadZipFile: "
         "File is not a zip file); move it away to start the run over"]
     assert not list(run_dir.rglob("events.out.tfevents.*")) and not (run_dir / "run_info.json").exists()
+
+
+def test_each_default_lives_in_one_place():
+    """A group option's yaml takes its keys and defaults from the option's declared model (its
+    defaults list names the model's node) and sets only what it wires or changes."""
+    checked = 0
+    for group in ("dataset", "model", "optimizer", "scheduler", "monitor", "probe"):
+        for path in sorted((CONF_DIR / group).glob("*.yaml")):
+            raw = OmegaConf.to_container(OmegaConf.load(path)) or {}
+            models = PROBE_OPTIONS if group == "probe" else config.GROUPS[group]
+            model = models[raw.get("name") if group == "probe" else raw.get("_target_")]
+            if not model.model_fields:  # scheduler=none: no keys
+                continue
+            assert raw["defaults"][0] == f"/{model.__module__}.{model.__name__}@_here_", path
+            for name, value in raw.items():
+                if name in ("defaults", "name", *config.HYDRA_KEYS):
+                    continue
+                field = model.model_fields[name]
+                assert str(value).startswith("${") or field.is_required() or value != field.default, (path, name)
+                checked += 1
+    assert checked >= 4  # the wiring left: data roots, the cache directory, T_max
