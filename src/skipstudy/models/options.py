@@ -65,7 +65,7 @@ class PreActResNet(Net):
                                   f"uses {IMAGENET_BLOCKS[depth]}); e.g. model.block=null")
             return self
         steps = {"basic": (6, "6n+2; the paper's: 110"), "bottleneck": (9, "9n+2; the paper's: 164, 1001")}
-        step, words = steps[block or ("bottleneck" if depth >= 164 and (depth - 2) % 9 == 0 else "basic")]
+        step, words = steps[cifar_block(depth, block)]
         if (depth - 2) % step or depth < step + 2:
             if block is None:
                 raise ConfigError(f"model.depth={depth} must be 6n+2 (basic blocks) or 9n+2 >= 164 (bottlenecks) "
@@ -76,6 +76,12 @@ class PreActResNet(Net):
 
 
 IMAGENET_BLOCKS = {18: "basic", 34: "basic", 50: "bottleneck", 101: "bottleneck", 152: "bottleneck"}
+
+
+def cifar_block(depth: int, block: str | None) -> str:
+    """``model.block`` of a CIFAR pre-activation net: as given, or (null) the paper's: bottleneck
+    for 9n+2 >= 164 (ResNet-164, -1001), else basic for 6n+2 (ResNet-110)."""
+    return block or ("bottleneck" if depth >= 164 and (depth - 2) % 9 == 0 else "basic")
 
 
 class WideResNet(Net):

@@ -151,18 +151,9 @@ class PreActResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-# torchvision's stage layouts of the ImageNet depths.
-IMAGENET_LAYOUTS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)),
-                    101: ("bottleneck", (3, 4, 23, 3)), 152: ("bottleneck", (3, 8, 36, 3))}
+# torchvision's stage layouts of the ImageNet depths (their blocks: declared.IMAGENET_BLOCKS).
+IMAGENET_LAYERS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 BLOCKS = {"basic": PreActBasicBlock, "bottleneck": PreActBottleneck}
-
-
-def cifar_block(depth: int, block: str | None) -> str:
-    """``model.block`` of a CIFAR pre-activation net: as given, or (null) the paper's: bottleneck
-    for 9n+2 >= 164 (ResNet-164, -1001), else basic for 6n+2 (ResNet-110)."""
-    if block is not None:
-        return block
-    return "bottleneck" if depth >= 164 and (depth - 2) % 9 == 0 else "basic"
 
 
 def preact_resnet(num_classes: int, in_channels: int = 3, **options) -> PreActResNet:
@@ -171,10 +162,10 @@ def preact_resnet(num_classes: int, in_channels: int = 3, **options) -> PreActRe
     depths 18-152 with torchvision's layouts. Options: conf/model/preact_resnet.yaml."""
     def make(depth, family, block, stem, **o):
         if family == "imagenet":
-            kind, layers = IMAGENET_LAYOUTS[depth]
+            kind, layers = declared.IMAGENET_BLOCKS[depth], IMAGENET_LAYERS[depth]
             return PreActResNet(BLOCKS[kind], layers, (64, 128, 256, 512), num_classes, in_channels,
                                 stem=stem or "imagenet", stem_width=64, arch=f"preact_resnet{depth}", **o)
-        kind = cifar_block(depth, block)
+        kind = declared.cifar_block(depth, block)
         n = (depth - 2) // (6 if kind == "basic" else 9)
         return PreActResNet(BLOCKS[kind], (n, n, n), (16, 32, 64), num_classes, in_channels, stem=stem or "cifar",
                             stem_width=16, arch=f"preact_resnet{depth}", **o)
