@@ -46,7 +46,8 @@ class Fast(Options):
 
 class ProbeRuns(Options):
     names: Annotated[list[ProbeName], rule(lambda v: len(set(v)) == len(v))] = key(
-        eg=["feature_maps"], valid=f"a list of different values, each one of: {', '.join(PROBE_OPTIONS)}", bad=["nosuch"])
+        eg=["feature_maps"], bad=["nosuch"],
+        valid=f"a list of different values, each one of: {', '.join(PROBE_OPTIONS)}")
     at_epochs: list[Annotated[int, Field(ge=0)]] = key(eg=[0, 10])
     batches: Batches = key(eg=4)
     options: dict[str, dict] = key(eg={})  # each probe's against its own model (check_probe)
@@ -193,7 +194,8 @@ def check(cfg: DictConfig | Mapping) -> None:
     unknown = [k for k in node if k not in Top.model_fields and k not in own]
     if unknown:
         raise unknown_key(str(unknown[0]), [*Top.model_fields, *own], "the config")
-    top = validate(Top, {k: v for k, v in node.items() if k not in own and (k != "probe" or v is None)}, "", "the config")
+    top = validate(Top, {k: v for k, v in node.items() if k not in own and (k != "probe" or v is None)}, "",
+                   "the config")
     if node.get("probe") is not None:
         probe = node["probe"]
         check_probe(probe.get("name") if isinstance(probe, Mapping) else probe, probe, "probe")

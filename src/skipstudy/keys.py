@@ -168,4 +168,5 @@ def validate(model: type[BaseModel], node: Mapping, prefix: str, where: str) -> 
     if first["type"] == "missing":
         raise ConfigError(f"{full} is missing; e.g. {full}={show(example(s, None))}")
     verb = "is not one of:" if choices and not null else "must be"
-    raise ConfigError(f"{full}={value!r} {verb} {valid}{' or null' if null else ''}; e.g. {full}={show(example(s, field))}")
+    raise ConfigError(f"{full}={value!r} {verb} {valid}{' or null' if null else ''}; "
+                      f"e.g. {full}={show(example(s, field))}")

@@ -37,9 +37,9 @@ _LEAVE_TO_HYDRA = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-comp
 
 def register() -> None:
     """What Hydra needs from skipstudy before it composes: the resolvers of the run and probe
-    directories, the open ``trainer`` node and each option's defaults. Called by the entry points, the SLURM launcher's job
-    process and the tests' compose fixture, never at import. The node is a top-level config, not a
-    group option, so ``--help`` does not offer it."""
+    directories, the open ``trainer`` node and each option's defaults. Called by the entry points,
+    the SLURM launcher's job process and the tests' compose fixture, never at import. The nodes are
+    top-level configs, not group options, so ``--help`` does not offer them."""
     from skipstudy.probes.checkpoint import RESOLVERS
     from skipstudy.runs.dirs import register_resolvers
 

@@ -34,7 +34,7 @@ def _without_md5_check(cls: type[datasets.CIFAR10]) -> type[datasets.CIFAR10]:
 
 class CIFAR10DataModule(ImageArrayDataModule):
     """CIFAR-10: 50k training and 10k test images, 32x32 RGB, 10 classes. ``root`` holds (or will
-    hold) ``cifar-10-batches-py/``, or is that folder; the other keys: conf/dataset/cifar10.yaml."""
+    hold) ``cifar-10-batches-py/``, or is that folder; the other keys: data/options.py Cifar."""
 
     name = "CIFAR-10"
     torchvision_cls = datasets.CIFAR10

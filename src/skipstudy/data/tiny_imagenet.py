@@ -54,7 +54,7 @@ def locate(root: str | Path) -> Path:
 
 class TinyImageNetDataModule(ImageArrayDataModule):
     """Tiny ImageNet: 64x64 RGB, 500 training and 50 validation images per class; the keys:
-    conf/dataset/tiny_imagenet.yaml (``cache_dir`` default: beside ``tiny-imagenet-200/``)."""
+    data/options.py TinyImageNet (``cache_dir`` default: beside ``tiny-imagenet-200/``)."""
 
     name = "Tiny ImageNet"
     native_size = 64

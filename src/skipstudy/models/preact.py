@@ -159,7 +159,7 @@ BLOCKS = {"basic": PreActBasicBlock, "bottleneck": PreActBottleneck}
 def preact_resnet(num_classes: int, in_channels: int = 3, **options) -> PreActResNet:
     """Pre-activation ResNet (He et al. 2016b). ``family=cifar``: 3 stages of 16/32/64 planes,
     depth 6n+2 (basic blocks) or 9n+2 (bottlenecks, 64/128/256 channels out); ``family=imagenet``:
-    depths 18-152 with torchvision's layouts. Options: conf/model/preact_resnet.yaml."""
+    depths 18-152 with torchvision's layouts. Options: models/options.py PreActResNet."""
     def make(depth, family, block, stem, **o):
         if family == "imagenet":
             kind, layers = declared.IMAGENET_BLOCKS[depth], IMAGENET_LAYERS[depth]
@@ -174,7 +174,7 @@ def preact_resnet(num_classes: int, in_channels: int = 3, **options) -> PreActRe
 
 def wide_resnet(num_classes: int, in_channels: int = 3, **options) -> PreActResNet:
     """WRN-d-k (Zagoruyko & Komodakis 2016): depth 6n+4, 3 stages of n pre-activation basic
-    blocks with 16k/32k/64k filters, dropout between the convs. Options: conf/model/wide_resnet.yaml."""
+    blocks with 16k/32k/64k filters, dropout between the convs. Options: models/options.py WideResNet."""
     def make(depth, width, **o):
         n = (depth - 4) // 6
         return PreActResNet(PreActBasicBlock, (n, n, n), (16 * width, 32 * width, 64 * width), num_classes,

@@ -116,13 +116,13 @@ def build(schema: type[Options], make, options: dict) -> nn.Module:
 
 
 def mini(num_classes: int, in_channels: int = 3, **options) -> MiniNet:
-    """The mini net; options ``skip``, ``norm``, ``init`` (see conf/model/mini.yaml)."""
+    """The mini net; options ``skip``, ``norm``, ``init`` (models/options.py Net)."""
     return build(Net, lambda **o: MiniNet(num_classes, in_channels, **o), options)
 
 
 def cifar_resnet(num_classes: int, in_channels: int = 3, **options) -> ResNet:
     """The CIFAR ResNet of depth 6n+2 (He et al. 2016, sec. 4.2): three stages of n BasicBlocks
-    with 16/32/64 filters. Options: conf/model/cifar_resnet.yaml."""
+    with 16/32/64 filters. Options: models/options.py CifarResNet."""
     def make(depth, **o):
         n = (depth - 2) // 6
         return ResNet(BasicBlock, (n, n, n), (16, 32, 64), num_classes, in_channels, stem="cifar", stem_width=16,
@@ -137,7 +137,7 @@ def _imagenet(arch: str, block: type[Block], layers: tuple[int, ...]):
         return build(ImageNetResNet, make, options)
     builder.__name__ = builder.__qualname__ = arch
     builder.__doc__ = (f"ResNet-{arch[6:]} (He et al. 2016): {block.__name__}, stages {'-'.join(map(str, layers))}; "
-                       f"options skip, norm, init, stem (see conf/model/{arch}.yaml).")
+                       f"options skip, norm, init, stem (models/options.py ImageNetResNet).")
     return builder
 
 

@@ -51,7 +51,7 @@ def on_log_schedule(step: int, points_per_decade: int) -> bool:
 
 class GradientFlowMonitor(Callback):
     """Per-layer gradient norms, activation statistics and gradient-flow figures; the arguments
-    are the keys of ``conf/monitor/default.yaml``, documented there.
+    are the keys of ``monitor/options.py``'s ``Monitor``, documented there.
 
     The tracked network is ``pl_module.net`` if there is one, else the LightningModule.
     Scalars go to TensorBoard as one event per step, and through ``log_metrics`` to any
