@@ -80,6 +80,16 @@ def sums_path(request, monkeypatch) -> str:
     return request.param
 
 
+def group_option(group: str, name: str, config_name: str = "train") -> DictConfig:
+    """``conf/<group>/<name>.yaml`` as Hydra composes it: its keys and defaults come from the
+    option's declared model (e.g. skipstudy/models/options.py), its yaml adds what it sets."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=[f"{group}={name}"])
+    GlobalHydra.instance().clear()
+    return cfg[group]
+
+
 def compose_cfg(overrides: list[str], tmp_path: Path) -> DictConfig:
     """Compose conf/train.yaml as `python -m skipstudy.train` would, with paths in tmp_path."""
     key = tuple(overrides)

@@ -108,7 +108,7 @@ def test_lesion_and_paths_run_on_torchvision_resnet18(tmp_path):
     import torchvision
     from omegaconf import OmegaConf
 
-    from conftest import CONF_DIR
+    from conftest import group_option
     from skipstudy.data.synthetic import SyntheticDataModule
     from skipstudy.probes.context import ProbeContext
 
@@ -117,7 +117,7 @@ def test_lesion_and_paths_run_on_torchvision_resnet18(tmp_path):
     dm = SyntheticDataModule(num_classes=4, image_size=16, num_train=8, num_val=8, batch_size=4)
     dm.setup("fit")
     ctx = ProbeContext(net=net, datamodule=dm, run_dir=tmp_path, batches=2, trained=True)
-    opts = {name: OmegaConf.merge(OmegaConf.load(CONF_DIR / "probe" / f"{name}.yaml"), {"samples": 1, "batches": 2})
+    opts = {name: OmegaConf.merge(group_option("probe", name, "probe"), {"samples": 1, "batches": 2})
             for name in ("lesion", "paths")}
     lesion.run(ctx, opts["lesion"])
     record = json.loads((tmp_path / "probes" / "lesion" / "lesion_step0.json").read_text())

@@ -13,6 +13,7 @@ import pytest
 from torchvision import datasets
 
 from skipstudy.data.cifar import CIFAR10DataModule, CIFAR100DataModule
+from skipstudy import config
 from skipstudy.errors import ConfigError
 
 
@@ -70,7 +71,7 @@ def test_val_split_holds_out_training_images_fixed_across_seeds(cifar_root):
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "5000"])
 def test_bad_val_split(cifar_root, bad):
     with pytest.raises(ConfigError, match=r"dataset.val_split=.* must be an integer >= 0 or a number in \(0, 1\); e.g. dataset.val_split=5000"):
-        make(cifar_root, val_split=bad)
+        config.check_group("dataset", "skipstudy.data.cifar.CIFAR10DataModule", {"val_split": bad})
 
 
 def test_val_split_larger_than_the_training_set(cifar_root):
@@ -162,7 +163,7 @@ def test_verify_false_accepts_a_copy_whose_sums_differ_and_still_needs_every_fil
     with pytest.raises(ConfigError, match="dataset.root="):
         make(tmp_path, verify=False).prepare_data()
     with pytest.raises(ConfigError, match="dataset.verify='no' must be true or false"):
-        make(mini, verify="no")
+        config.check_group("dataset", "skipstudy.data.cifar.CIFAR10DataModule", {"root": str(mini), "verify": "no"})
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from torchvision import datasets
 
 from skipstudy.data.augment import EpochSampler, crop_flip_batch
 from skipstudy.data.cifar import CIFAR10DataModule
+from skipstudy import config
 from skipstudy.errors import ConfigError
 
 
@@ -149,10 +150,11 @@ def test_loader_choice(cifar_root, monkeypatch):
     dm = make_dm(cifar_root, loader="auto")
     assert dm.resolve_loader(torch.device("cpu")) == "torch"
     assert isinstance(dm.train_dataloader(), torch.utils.data.DataLoader)
+    target = "skipstudy.data.cifar.CIFAR10DataModule"  # the declared options (data/options.py), as the CLI checks them
     with pytest.raises(ConfigError, match=r"dataset.loader='gpu' is not one of: auto, torch, device"):
-        make_dm(cifar_root, loader="gpu")
+        config.check_group("dataset", target, {"loader": "gpu"})
     with pytest.raises(ConfigError, match=r"dataset.pad_mode='edge' is not one of: zero, reflect"):
-        make_dm(cifar_root, pad_mode="edge")
+        config.check_group("dataset", target, {"pad_mode": "edge"})
     # On CUDA, auto picks the device path when the data fits in a share of the free memory.
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * 2**30, 80 * 2**30))
     assert dm.resolve_loader(torch.device("cuda")) == "device"

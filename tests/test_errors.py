@@ -117,6 +117,74 @@ def test_a_misspelt_key_or_option_is_one_line_naming_the_closest(typo, tmp_path)
     assert_refused(proc, tmp_path)
 
 
+def _misspelt(name: str) -> str:
+    """A short name with its last letter twice (lr -> lrr), a longer one with its last letter changed."""
+    return name + name[-1] if len(name) <= 3 else name[:-1] + ("z" if name[-1] != "z" else "y")
+
+
+def _leaves(node, prefix: str):
+    for k, v in node.items():
+        if not str(k).startswith("_"):
+            yield from _leaves(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [f"{prefix}{k}"]
+
+
+def _refusal(args: list[str], config_name: str, tmp_path) -> str:
+    """What the entry point says to ``args``: overrides.check, else (keys Hydra lets through, as
+    the open trainer node does) the composed config's check."""
+    from omegaconf import OmegaConf
+
+    from conftest import compose_cfg
+    from skipstudy import config, overrides
+    from skipstudy.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        overrides.check(args, config_name)
+        config.check(OmegaConf.to_container(compose_cfg(args, tmp_path), resolve=False)
+                     if config_name == "train" else None)
+    return str(err.value)
+
+
+def test_every_group_refuses_each_misspelt_option_and_key_in_one_line(tmp_path):
+    """Every option of every group (Hydra's own list: yaml files, stored nodes, plugins'), and every
+    key of every group's default option, misspelt: one line naming the closest, no `+` advice."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from conftest import CONF_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        groups = {g: loader.get_group_options(g) for g in [*loader.list_groups(""), "hydra/launcher"] if g != "hydra"}
+        cfg = compose("probe", overrides=[])
+    GlobalHydra.instance().clear()
+    assert {"model", "optimizer", "experiment", "logger", "probe", "hydra/launcher"} <= groups.keys(), groups
+    checked = 0
+    for group, options in groups.items():
+        app = "probe" if group == "probe" else "train"
+        for option in options:
+            msg = _refusal([f"{group}={_misspelt(option)}"], app, tmp_path)
+            assert msg.startswith(f"{group}={_misspelt(option)} is not an option of {group}; did you mean"), msg
+            assert f"{group}={option}" in msg.split("valid:")[0] and "\n" not in msg, msg
+            checked += 1
+        if group in ("experiment", "hydra/launcher", "paths"):
+            continue  # presets and launchers set other groups' keys; paths is walked below
+        for key in _leaves(cfg[group], f"{group}."):
+            parent, _, name = key.rpartition(".")
+            typo = f"{parent}.{_misspelt(name)}"
+            msg = _refusal([f"{typo}=1"], app, tmp_path)
+            assert msg.startswith(f"{typo} is not a key of ") and "did you mean" in msg, msg
+            assert key in msg.split("valid:")[0] and "+" not in msg and "\n" not in msg, msg
+            checked += 1
+    for key in [k for k in _leaves(cfg, "") if k.split(".")[0] not in groups and k.split(".")[0] != "hydra"]:
+        parent, _, name = key.rpartition(".")
+        typo = f"{parent}.{_misspelt(name)}" if parent else _misspelt(name)
+        msg = _refusal([f"{typo}=1"], "probe", tmp_path)
+        assert msg.startswith(f"{typo} is not a key of ") and key in msg.split("valid:")[0], msg
+        checked += 1
+    assert checked > 100, checked
+
+
 def test_a_sweep_with_a_misspelt_key_is_refused_before_its_first_job(tmp_path):
     # The key exists only in one of the swept models: known when any job of the sweep has it.
     proc = run_cli(["-m", *FAST, "model=mini,cifar_resnet", "model.depth=8", "model.skp=true,false"], tmp_path)

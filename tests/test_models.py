@@ -10,12 +10,12 @@ import torch
 import torchvision
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 from torch import nn
 from torch.nn import functional as F
 
-from skipstudy import models
+from conftest import group_option
+from skipstudy import config, models
 from skipstudy.errors import ConfigError
 from skipstudy.models.blocks import (
     BasicBlock,
@@ -36,7 +36,7 @@ def _dataset_shapes() -> list[tuple[int, int, int]]:
     """(channels, image_size, num_classes) of every dataset config, plus CIFAR and Tiny ImageNet."""
     shapes = {(3, 32, 10), (3, 64, 200)}
     for path in sorted((CONF / "dataset").glob("*.yaml")):
-        cfg = OmegaConf.load(path)
+        cfg = group_option("dataset", path.stem)
         size, classes = cfg.get("image_size"), cfg.get("num_classes", 10)
         channels = cfg.get("channels", 3)
         if all(isinstance(v, int) for v in (size, classes, channels)):
@@ -68,7 +68,7 @@ DEEPEST = {"resnet101", "resnet152", "wide_resnet"}
 @pytest.mark.parametrize("yaml", [pytest.param(p, marks=pytest.mark.slow) if p.stem in DEEPEST else p
                                   for p in MODEL_YAMLS], ids=lambda p: p.stem)
 def test_every_model_config_gives_logits_at_dataset_shape(yaml, channels, size, classes):
-    cfg = OmegaConf.load(yaml)
+    cfg = group_option("model", yaml.stem)
     assert "num_classes" not in cfg and "in_channels" not in cfg, "these come from the dataset"
     net = hydra.utils.instantiate(cfg, num_classes=classes, in_channels=channels).eval()
     models.check_input_size(net, size)
@@ -89,11 +89,10 @@ def test_cli_overrides_compose_and_build():
     assert all(b.shortcut is None for b in net.modules() if isinstance(b, Block))
     assert net.downsample_factor == 8
     assert sum(isinstance(b, Block) for b in hydra.utils.instantiate(deep.model, num_classes=10).modules()) == 27
-    # Hydra wraps builder errors; the ConfigError (with the key to change) is the cause.
-    with pytest.raises(InstantiationException) as info:
-        hydra.utils.instantiate(bad.model, num_classes=10)
-    assert isinstance(info.value.__cause__, ConfigError)
-    assert str(info.value.__cause__) == "model.skip='maybe' must be true or false; e.g. model.skip=true"
+    # The builders take checked values: the check, before any build, names the key to change.
+    with pytest.raises(ConfigError) as info:
+        config.check_group("model", bad.model._target_, bad.model)
+    assert str(info.value) == "model.skip='maybe' must be true or false; e.g. model.skip=true"
 
 
 # --- He et al. 2016, Table 6 --------------------------------------------------------------
@@ -396,34 +395,35 @@ def test_named_modules_are_in_forward_order(name):
 # --- refusals, with the message a user sees --------------------------------------------------
 
 
-# The builders check their options against skipstudy.config, the schema the CLI checks too.
-@pytest.mark.parametrize("call,message", [
-    (lambda: models.cifar_resnet(10, depth=21),
+# The model group's declared options (models/options.py), checked as the command line checks them;
+# the builders take checked values.
+@pytest.mark.parametrize("builder,options,message", [
+    ("cifar_resnet", dict(depth=21),
      "model.depth=21 must be 6n+2 >= 8; the paper's: 20, 32, 44, 56, 110, 1202; e.g. model.depth=20"),
-    (lambda: models.cifar_resnet(10, depth=2), "model.depth=2 must be 6n+2 >= 8"),
-    (lambda: models.cifar_resnet(10, depth="20"), "model.depth='20' must be 6n+2 >= 8"),
-    (lambda: models.resnet50(10, skip="maybe"), "model.skip='maybe' must be true or false; e.g. model.skip=true"),
-    (lambda: models.mini(10, skip=1), "model.skip=1 must be true or false"),
-    (lambda: models.resnet18(10, norm="layer"), "model.norm='layer' is not one of: batch, none; e.g. model.norm=batch"),
-    (lambda: models.resnet18(10, init="xavier"),
+    ("cifar_resnet", dict(depth=2), "model.depth=2 must be 6n+2 >= 8"),
+    ("cifar_resnet", dict(depth="20"), "model.depth='20' must be 6n+2 >= 8"),
+    ("resnet50", dict(skip="maybe"), "model.skip='maybe' must be true or false; e.g. model.skip=true"),
+    ("mini", dict(skip=1), "model.skip=1 must be true or false"),
+    ("resnet18", dict(norm="layer"), "model.norm='layer' is not one of: batch, none; e.g. model.norm=batch"),
+    ("resnet18", dict(init="xavier"),
      "model.init='xavier' is not one of: default, kaiming, zero_residual, fixup, skipinit; e.g. model.init=default"),
-    (lambda: models.resnet18(10, stem="tiny"), "model.stem='tiny' is not one of: imagenet, cifar"),
-    (lambda: models.cifar_resnet(10, shortcut="C"), "model.shortcut='C' is not one of: A, B"),
-    (lambda: models.resnet18(10, depth=20), "model.depth is not a key of model skipstudy.models.resnet18; "
+    ("resnet18", dict(stem="tiny"), "model.stem='tiny' is not one of: imagenet, cifar"),
+    ("cifar_resnet", dict(shortcut="C"), "model.shortcut='C' is not one of: A, B"),
+    ("resnet18", dict(depth=20), "model.depth is not a key of model skipstudy.models.resnet18; "
                                             "valid: init, norm, skip, stem"),
-    (lambda: models.resnet50(10, skip=False, init="zero_residual"),
+    ("resnet50", dict(skip=False, init="zero_residual"),
      "model.init=zero_residual needs model.skip=true: without a shortcut a zeroed branch makes every block "
      "output a constant; use model.init=default or model.init=kaiming"),
-    (lambda: models.cifar_resnet(10, skip=False, init="skipinit"), "model.init=skipinit needs model.skip=true"),
-    (lambda: models.mini(10, skip=False, norm="none", init="fixup"), "model.init=fixup needs model.skip=true"),
-    (lambda: models.resnet18(10, init="fixup"),
+    ("cifar_resnet", dict(skip=False, init="skipinit"), "model.init=skipinit needs model.skip=true"),
+    ("mini", dict(skip=False, norm="none", init="fixup"), "model.init=fixup needs model.skip=true"),
+    ("resnet18", dict(init="fixup"),
      "model.init=fixup needs model.norm=none (got model.norm=batch): Fixup replaces normalisation layers; "
      "with batch norm use model.init=zero_residual"),
 ])
-def test_refusals_name_the_key_the_value_and_the_fix(call, message):
+def test_refusals_name_the_key_the_value_and_the_fix(builder, options, message):
     with pytest.raises(ConfigError) as info:
-        call()
-    assert str(info.value).startswith(message)
+        config.check_group("model", f"skipstudy.models.{builder}", options)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize("name,options,size,factor", [

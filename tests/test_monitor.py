@@ -21,6 +21,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from skipstudy import config
 from skipstudy.errors import ConfigError
 from skipstudy.monitor import GradientFlowMonitor
 from skipstudy.monitor import callback as monitor_callback
@@ -387,24 +388,26 @@ def test_unknown_layer_name_lists_the_closest_names():
     ],
 )
 def test_bad_config_values_are_config_errors(kwargs, key):
-    with pytest.raises(ConfigError) as err:
-        GradientFlowMonitor(**kwargs)
+    with pytest.raises(ConfigError) as err:  # the declared options (monitor/options.py), as the CLI checks them
+        config.check_group("monitor", "skipstudy.monitor.GradientFlowMonitor", kwargs)
     assert str(err.value).startswith(key)
 
 
 def test_conf_yaml_builds_the_monitor_and_off_builds_nothing():
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
-    conf = Path(__file__).resolve().parents[1] / "conf" / "monitor"
-    cfg = OmegaConf.load(conf / "default.yaml")
+    from conftest import group_option
+
+    cfg = group_option("monitor", "default")
     monitor = instantiate(cfg)
     assert isinstance(monitor, GradientFlowMonitor)
     assert (monitor.layers, monitor.every_n_steps, monitor.on_nonfinite) == (None, 1, "stop")
-    assert "_target_" not in OmegaConf.load(conf / "off.yaml")
-    # Every key in the yaml is a constructor argument.
-    params = inspect.signature(GradientFlowMonitor).parameters
-    assert set(cfg) - {"_target_"} <= set(params)
+    assert "_target_" not in group_option("monitor", "off")
+    # The composed keys are the declared ones, each read by the monitor with its declared default.
+    from skipstudy.monitor.options import Monitor
+
+    assert set(cfg) - {"_target_"} == set(Monitor.model_fields)
+    assert all(getattr(GradientFlowMonitor(), k) == f.default for k, f in Monitor.model_fields.items())
 
 
 @pytest.mark.parametrize("how", ["torch.compile(net)", "net.compile()"])

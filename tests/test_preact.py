@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from skipstudy import models
+from skipstudy import config
 from skipstudy.errors import ConfigError
 from skipstudy.models.preact import PreActBasicBlock, PreActBlock, PreActBottleneck
 
@@ -110,29 +111,31 @@ def test_wide_resnet_dropout_sits_between_the_convs():
     assert not torch.equal(net(x), net(x))
 
 
-@pytest.mark.parametrize("call,message", [
-    (lambda: models.preact_resnet(10, depth=21),
+# The declared options (models/options.py), checked as the command line checks them.
+@pytest.mark.parametrize("builder,options,message", [
+    ("preact_resnet", dict(depth=21),
      "model.depth=21 must be 6n+2 (basic blocks) or 9n+2 >= 164 (bottlenecks) for model.family=cifar"),
-    (lambda: models.preact_resnet(10, depth=32, block="bottleneck"),
+    ("preact_resnet", dict(depth=32, block="bottleneck"),
      "model.depth=32 must be 9n+2; the paper's: 164, 1001 with model.block=bottleneck"),
-    (lambda: models.preact_resnet(10, depth=164, block="basic"), None),
-    (lambda: models.preact_resnet(10, family="imagenet", depth=20),
+    ("preact_resnet", dict(depth=164, block="basic"), None),
+    ("preact_resnet", dict(family="imagenet", depth=20),
      "model.depth=20 is not an ImageNet ResNet depth (model.family=imagenet); valid: 18, 34, 50, 101, 152"),
-    (lambda: models.preact_resnet(10, family="imagenet", depth=50, block="basic"),
+    ("preact_resnet", dict(family="imagenet", depth=50, block="basic"),
      "model.block=basic does not fit model.depth=50 (model.family=imagenet uses bottleneck)"),
-    (lambda: models.preact_resnet(10, depth=20, norm="none", init="fixup"),
+    ("preact_resnet", dict(depth=20, norm="none", init="fixup"),
      "model.init=fixup is defined for post-activation blocks (Zhang et al. 2019), not preact_resnet's "
      "pre-activation ones; use model.init=skipinit"),
-    (lambda: models.wide_resnet(10, norm="none", init="fixup"), "model.init=fixup is defined for post-activation"),
-    (lambda: models.wide_resnet(10, depth=27), "model.depth=27 must be 6n+4 >= 10; the paper's: 16, 22, 28, 40"),
-    (lambda: models.wide_resnet(10, dropout=1.0), "model.dropout=1.0 must be a number in [0, 1)"),
-    (lambda: models.wide_resnet(10, skip=False, init="zero_residual"), "model.init=zero_residual needs model.skip=true"),
+    ("wide_resnet", dict(norm="none", init="fixup"), "model.init=fixup is defined for post-activation"),
+    ("wide_resnet", dict(depth=27), "model.depth=27 must be 6n+4 >= 10; the paper's: 16, 22, 28, 40"),
+    ("wide_resnet", dict(dropout=1.0), "model.dropout=1.0 must be a number in [0, 1)"),
+    ("wide_resnet", dict(skip=False, init="zero_residual"), "model.init=zero_residual needs model.skip=true"),
 ])
-def test_refusals_name_the_key_the_value_and_the_fix(call, message):
+def test_refusals_name_the_key_the_value_and_the_fix(builder, options, message):
     if message is None:  # 164 = 6 * 27 + 2: a valid basic-block net, not the paper's bottleneck one
+        config.check_group("model", f"skipstudy.models.{builder}", options)
         with torch.device("meta"):
-            assert isinstance(call().layer1[0], PreActBasicBlock)
+            assert isinstance(getattr(models, builder)(10, **options).layer1[0], PreActBasicBlock)
         return
     with pytest.raises(ConfigError) as info:
-        call()
+        config.check_group("model", f"skipstudy.models.{builder}", options)
     assert str(info.value).startswith(message) and "\n" not in str(info.value)

@@ -20,6 +20,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from conftest import CONF_DIR, FAST, PYTHON, cli_env, compose_cfg
+from skipstudy import config
 from skipstudy.errors import ConfigError
 from skipstudy.models import cifar_resnet, mini, resnet18
 from skipstudy.probe import run_probe
@@ -340,7 +341,7 @@ def test_probe_callback_runs_at_chosen_epochs_without_changing_training(trained,
     assert record["trained"] is False and record["bn"] == "calibrate" and record["model"]["skip"] is True
 
 
-def test_probe_callback_refuses_bad_settings_before_training():
+def test_probe_callback_refuses_bad_settings_before_training(tmp_path):
     net = mini(10, skip=False)
     probes = OmegaConf.create({"names": ["lesion"], "at_epochs": [1], "batches": None, "options": {}})
     with pytest.raises(ConfigError, match="plain twin"):
@@ -349,9 +350,10 @@ def test_probe_callback_refuses_bad_settings_before_training():
     with pytest.raises(ConfigError, match=r"probes.names='lesions' is not a probe; valid: feature_maps"):
         build_probe_callback(probes, net)
     probes.names = ["landscape"]
-    probes.options = {"landscape": {"gird": 5}}
+    probes.options = {"landscape": {"gird": 5}}  # config.check, which train() runs first, refuses it
     with pytest.raises(ConfigError, match="probes.options.landscape.gird is not a key of probe landscape; did you mean probes.options.landscape.grid"):
-        build_probe_callback(probes, net)
+        config.check(compose_cfg(["probes.names=[landscape]", "probes.at_epochs=[1]", "+probes.options.landscape.gird=5"],
+                                 tmp_path))
     probes.options = {}
     probes.at_epochs = []
     with pytest.raises(ConfigError, match="needs probes.at_epochs"):

@@ -1,14 +1,53 @@
-"""A declared config key: its type, valid range and an example, and the one-line refusal
-(``key=value must be ...; e.g. key=...``) that every check of :mod:`skipstudy.config` prints."""
+"""What a declared config key is: a field of a pydantic model (:class:`Options`), whose default,
+type and range are that key's one declaration, and the one-line refusal every check prints
+(``key=value must be ...; e.g. key=...``): a pydantic ``ValidationError``'s location becomes the
+dotted key, the field's JSON schema (its type and range) the words, its example or default the fix."""
 
 from __future__ import annotations
 
-import math
-import re
-from collections.abc import Callable
-from typing import Any
+import difflib
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 
 from skipstudy.errors import ConfigError
+
+
+class Options(BaseModel):
+    """The keys of one config group option. Strict, as a command line is: ``1`` is not ``true``
+    and ``"abc"`` no number; an unknown key is refused with the closest known ones."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+def _text(value: Any) -> Any:
+    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+Text = Annotated[str, BeforeValidator(_text)]  # a path or a name: numbers pass as their text
+
+
+def key(default: Any = ..., *, eg: Any = None, valid: str | None = None, bad: Any = None, **limits: Any) -> Any:
+    """A field: ``eg`` the example a refusal offers (else the default), ``valid`` words for a range
+    that a rule decides (with ``bad``, a value it refuses), ``limits`` pydantic's (``ge``, ``lt``...)."""
+    return Field(default, examples=None if eg is None else [eg], description=valid,
+                 json_schema_extra=None if bad is None else {"bad": bad}, **limits)
+
+
+def rule(accepts: Callable[[Any], bool]) -> AfterValidator:
+    """A range no bound states (6n+2, odd); its words are the field's ``valid``."""
+    def check(value: Any) -> Any:
+        if not accepts(value):
+            raise ValueError("outside the declared range")
+        return value
+    return AfterValidator(check)
+
+
+def defaults(model: type[BaseModel]) -> dict:
+    """``model``'s keys and defaults as a config node (``???``: a key the yaml must set)."""
+    return {name: "???" if field.is_required() else field.get_default(call_default_factory=True)
+            for name, field in model.model_fields.items()}
 
 
 def show(value: Any) -> str:
@@ -18,34 +57,38 @@ def show(value: Any) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-class Key:
-    """One key: ``accepts(value)``, words for the valid range, an example value, and
-    ``bad_range``: a value of the right type outside the range, for the test that walks every key."""
-
-    def __init__(self, accepts: Callable[[Any], bool], valid: str, eg: Any, bad_range: Any = None,
-                 null: bool = False, choices: tuple = ()) -> None:
-        self._accepts, self.valid, self.eg, self.null, self.choices = accepts, valid, eg, null, choices
-        self.bad_range = bad_range
-
-    def accepts(self, value: Any) -> bool:
-        return (self.null and value is None) or (value is not None and self._accepts(value))
-
-    def check(self, key: str, value: Any) -> None:
-        if not self.accepts(value):
-            words = "is not one of:" if self.choices and not self.null else "must be"
-            raise ConfigError(f"{key}={value!r} {words} {self.valid}{' or null' if self.null else ''}; "
-                              f"e.g. {key}={show(self.eg)}")
-
-    def __or__(self, other: Key) -> Key:
-        oob = [v for v in (self.bad_range, other.bad_range) if v is not None and not (self.accepts(v) or other.accepts(v))]
-        return Key(lambda v: self.accepts(v) or other.accepts(v), f"{self.valid} or {other.valid}", self.eg,
-                   oob[0] if oob else None, self.null or other.null)
-
-    def nullable(self) -> Key:
-        return Key(self._accepts, self.valid, self.eg, self.bad_range, True, self.choices)
+def closest(name: str, known: Any) -> list[str]:
+    """Up to three of ``known`` that ``name`` may have meant: those it begins, else the nearest."""
+    return [k for k in sorted(known) if k.startswith(name) and name][:3] or \
+        difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
 
 
-def _interval(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool, noun: str) -> str:
+def unknown_key(key: str, known: Any, where: str) -> ConfigError:
+    """The refusal of ``key``, not among ``known`` (the keys of ``where``), with the closest."""
+    name = key.rsplit(".", 1)[-1]
+    prefix = key[: -len(name)]
+    close = closest(name, known)
+    hint = f"did you mean {', '.join(prefix + c for c in close)}? " if close else ""
+    valid = ", ".join(sorted(known)) if len(known) <= 20 else f"the arguments of {where}"
+    return ConfigError(f"{key} is not a key of {where}; {hint}valid: {valid}")
+
+
+def field_schema(model: type[BaseModel], name: str) -> dict:
+    """The JSON schema of one field (its type and range), with its ``valid`` words and example;
+    empty for a type JSON cannot describe (a Trainer argument that takes a callable)."""
+    field = model.model_fields[name]
+    try:
+        hint = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+        schema = TypeAdapter(hint).json_schema()
+    except Exception:  # noqa: BLE001 - pydantic's PydanticSchemaGenerationError and kin
+        schema = {}
+    return {**schema, **(field.json_schema_extra or {}), "description": field.description,
+            "examples": field.examples}
+
+
+def _interval(s: dict, noun: str) -> str:
+    lo, hi = s.get("minimum", s.get("exclusiveMinimum")), s.get("maximum", s.get("exclusiveMaximum"))
+    lo_open, hi_open = "exclusiveMinimum" in s, "exclusiveMaximum" in s
     a = f"{'an' if noun == 'integer' else 'a'} {noun}"
     if hi is None and lo is not None and ((lo == 0 and lo_open) or (noun == "integer" and lo == 1)):
         return f"a positive {noun}"
@@ -56,48 +99,74 @@ def _interval(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool, 
     return f"{a} in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
 
 
-def Num(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
-        eg: Any, null: bool = False, integer: bool = False,
-        rule: tuple[Callable[[int], bool], str, int] | None = None) -> Key:
-    """A finite number (an integer if ``integer``) in the interval ``lo..hi``; ``rule`` =
-    (predicate, words for all valid values, a value it refuses)."""
-    def ok(v: Any) -> bool:
-        return (isinstance(v, int if integer else (int, float)) and not isinstance(v, bool)
-                and (integer or math.isfinite(v)) and (rule is None or rule[0](v))
-                and (lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or (v < hi if hi_open else v <= hi)))
-    if rule is not None:
-        return Key(ok, rule[1], eg, rule[2], null)
-    bad = (lo if lo_open else lo - 1) if lo is not None else (hi if hi_open else hi + 1) if hi is not None else None
-    return Key(ok, _interval(lo, hi, lo_open, hi_open, "integer" if integer else "number"), eg, bad, null)
+def words(s: dict) -> tuple[str, bool, bool]:
+    """(the valid values in words, whether null is valid, whether they are a list of choices)."""
+    if s.get("description"):
+        return s["description"], False, False
+    if "anyOf" in s:
+        parts = [words(p) for p in s["anyOf"] if p.get("type") != "null"]
+        null = len(parts) < len(s["anyOf"])
+        return " or ".join(w for w, _, _ in parts), null, len(parts) == 1 and parts[0][2] and not null
+    if "enum" in s or "const" in s:
+        return ", ".join(show(v) for v in s.get("enum", [s.get("const")])), False, True
+    kind = s.get("type")
+    if kind in ("integer", "number"):
+        return _interval(s, "integer" if kind == "integer" else "number"), False, False
+    if kind == "array":
+        item, _, choices = words(s.get("items", {}))
+        size = f"{s['minItems']} " if s.get("minItems") is not None and s.get("minItems") == s.get("maxItems") else ""
+        different = "different " if s.get("uniqueItems") else ""
+        return f"a list of {size}{different}values, each {'one of: ' if choices else ''}{item}", False, False
+    return {"boolean": "true or false", "string": "a string", "object": "a group of keys"}.get(kind, "a valid value"), \
+        False, False
 
 
-def Int(lo: int | None = None, hi: int | None = None, **kwargs: Any) -> Key:
-    return Num(lo, hi, integer=True, **kwargs)
+def example(s: dict, field: Any) -> Any:
+    """The value a refusal offers as the fix: the declared example, else the default, else null if
+    valid, else a value of the declared type."""
+    default = None if field is None or field.is_required() else field.get_default()
+    if s.get("examples") or (default is not None and not str(default).startswith("${")):
+        return s["examples"][0] if s.get("examples") else default
+    if any(part.get("type") == "null" for part in s.get("anyOf", [])):
+        return None
+    for part in s.get("anyOf", [s]):
+        if "enum" in part or "const" in part:
+            return part.get("enum", [part.get("const")])[0]
+        if part.get("type") in ("boolean", "integer", "number", "string"):
+            return {"boolean": True, "integer": 1, "number": 1.0, "string": "auto"}[part["type"]]
+    return None
 
 
-def Bool(*, eg: bool = True, null: bool = False) -> Key:
-    return Key(lambda v: isinstance(v, bool), "true or false", eg, None, null)
-
-
-def Choice(*choices: Any, null: bool = False) -> Key:
-    return Key(lambda v: any(v == c and type(v) is type(c) for c in choices), ", ".join(show(c) for c in choices),
-               choices[0], "nosuch", null, choices)
-
-
-def Str(*, eg: str, null: bool = False, pattern: str | None = None, form: str = "a string") -> Key:
-    """A string (a path, a name; numbers pass as their text), or one of the form ``pattern``."""
-    def ok(v: Any) -> bool:
-        if pattern is not None:
-            return isinstance(v, str) and re.fullmatch(pattern, v) is not None
-        return isinstance(v, (str, int, float)) and not isinstance(v, bool)
-    return Key(ok, form, eg, "abc!" if pattern else None, null)
-
-
-def List(item: Key, *, eg: list, size: int | None = None, distinct: bool = False, null: bool = False) -> Key:
-    """A list of ``item`` values (``size`` of them if given)."""
-    def ok(v: Any) -> bool:
-        return isinstance(v, (list, tuple)) and all(item.accepts(x) for x in v) and \
-            (size is None or len(v) == size) and (not distinct or len(set(map(str, v))) == len(v))
-    words = f"a list of {size} " if size else "a list of "
-    valid = f"{words}{'different ' if distinct else ''}values, each {'one of: ' if item.choices else ''}{item.valid}"
-    return Key(ok, valid, eg, [item.bad_range if item.bad_range is not None else [[]]], null)
+def validate(model: type[BaseModel], node: Mapping, prefix: str, where: str) -> BaseModel:
+    """``node`` as ``model``, or pydantic's first error as one line, quoted ``<prefix><key>``: the
+    dotted key, the value, the valid range, a fix."""
+    try:
+        return model.model_validate(dict(node))
+    except ValidationError as err:
+        first = err.errors()[0]
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, ConfigError):  # a rule across keys (a model validator) words its own refusal
+        raise cause from None
+    path, value, inner = [], node, model
+    for part in first["loc"]:  # down through nested models, to the key the user wrote
+        if inner is None or not isinstance(part, str) or part not in inner.model_fields:
+            break
+        path.append(part)
+        owner, value = inner, value.get(part) if isinstance(value, Mapping) else None
+        ann = inner.model_fields[part].annotation
+        inner = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    full = prefix + ".".join(path)
+    if first["type"] == "extra_forbidden":
+        name = str(first["loc"][len(path)])
+        raise unknown_key(f"{full}.{name}" if path else prefix + name, inner.model_fields, full if path else where)
+    if not path:
+        raise ConfigError(f"{prefix.rstrip('.')}: {first['msg']}")
+    if inner is not None:
+        raise ConfigError(f"{full}={value!r} must be a group of keys; valid keys: {', '.join(inner.model_fields)}")
+    s, field = field_schema(owner, path[-1]), owner.model_fields[path[-1]]
+    valid, null, choices = words(s)
+    if first["type"] == "missing":
+        raise ConfigError(f"{full} is missing; e.g. {full}={show(example(s, None))}")
+    verb = "is not one of:" if choices and not null else "must be"
+    raise ConfigError(f"{full}={value!r} {verb} {valid}{' or null' if null else ''}; "
+                      f"e.g. {full}={show(example(s, field))}")

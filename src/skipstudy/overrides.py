@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
@@ -23,7 +22,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-from skipstudy.config import closest, unknown_key
+from skipstudy.config import GROUPS
+from skipstudy.keys import closest, defaults, unknown_key
+from skipstudy.probes.options import PROBE_OPTIONS
 from skipstudy.errors import ConfigError
 from skipstudy.runs.layout import conf_dir
 
@@ -36,24 +37,23 @@ _LEAVE_TO_HYDRA = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-comp
 
 def register() -> None:
     """What Hydra needs from skipstudy before it composes: the resolvers of the run and probe
-    directories and the open ``trainer`` node. Called by the entry points, the SLURM launcher's job
-    process and the tests' compose fixture, never at import. The node is a top-level config, not a
-    group option, so ``--help`` does not offer it."""
+    directories, the open ``trainer`` node and each option's defaults. Called by the entry points,
+    the SLURM launcher's job process and the tests' compose fixture, never at import. The nodes are
+    top-level configs, not group options, so ``--help`` does not offer them."""
     from skipstudy.probes.checkpoint import RESOLVERS
     from skipstudy.runs.dirs import register_resolvers
 
     register_resolvers(RESOLVERS)
+    # Each option's defaults, from its one declaration (a pydantic model beside its code), as a
+    # top-level node its yaml extends: `- /skipstudy.models.options.CifarResNet@_here_`.
+    for schema in {*PROBE_OPTIONS.values(), *(s for options in GROUPS.values() for s in options.values())}:
+        ConfigStore.instance().store(name=f"{schema.__module__}.{schema.__name__}", node=defaults(schema))
     # trainer.<name>=... for any lightning.Trainer argument, without `+`: conf/trainer/default.yaml
     # starts from this node, whose struct flag is off, so Hydra lets an override add keys to it
     # (config.check then holds them against Lightning's signature).
     node = OmegaConf.create({})
     OmegaConf.set_struct(node, False)
     ConfigStore.instance().store(name="skipstudy_open_node", node=node)
-
-
-def _options(group: str) -> list[str]:
-    folder = Path(conf_dir()) / group
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
 
 
 def _values(override: Any) -> list[Any]:
@@ -96,31 +96,30 @@ def check(args: Sequence[str], config_name: str) -> None:
         parsed = OverridesParser.create().parse_overrides(overrides_text)
     except HydraException:
         return  # a grammar error: Hydra's own message quotes it best
-    groups, keys = [], []
-    for o in parsed:
-        name = o.key_or_group
-        if name.startswith("hydra") or o.is_delete() or o.is_add() or o.is_force_add() or o.package:
-            continue
-        (groups if (Path(conf_dir()) / name).is_dir() else keys).append(o)
-    for o in groups:
-        known = _options(o.key_or_group)
-        for value in _values(o):
-            if isinstance(value, str) and value != "null" and value not in known:
-                close = closest(value, known)
-                hint = f"did you mean {', '.join(f'{o.key_or_group}={c}' for c in close)}? " if close else ""
-                raise ConfigError(f"{o.key_or_group}={value} is not an option of {o.key_or_group}; {hint}"
-                                  f"valid: {', '.join(known)}")
-    if not keys:
-        return
-    # One composition per value of each swept group (the others at their first value): a key
-    # counts as known when any job of the sweep has it.
-    first = {o.key_or_group: _values(o) for o in groups}
-    variants = [[f"{g}={v[0]}" for g, v in first.items()]]
-    variants += [[f"{g}={x if g2 == g else v2[0]}" for g2, v2 in first.items()]
-                 for g, v in first.items() for x in v[1:]]
-    cfgs = []
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        # Hydra's own list of a group's options: the yaml files, the nodes skipstudy stores, its plugins'.
+        options = GlobalHydra.instance().config_loader().get_group_options
+        groups = [o for o in parsed if not o.is_delete() and not o.package and options(o.key_or_group)]
+        keys = [o for o in parsed if o not in groups and not o.key_or_group.startswith("hydra")
+                and not (o.is_delete() or o.is_add() or o.is_force_add() or o.package)]
+        for o in groups:
+            known = options(o.key_or_group)
+            for value in _values(o):
+                if isinstance(value, str) and value != "null" and value not in known:
+                    close = closest(value, known)
+                    hint = f"did you mean {', '.join(f'{o.key_or_group}={c}' for c in close)}? " if close else ""
+                    raise ConfigError(f"{o.key_or_group}={value} is not an option of {o.key_or_group}; {hint}"
+                                      f"valid: {', '.join(known)}")
+        if not keys:
+            return
+        # One composition per value of each swept group (the others at their first value): a key
+        # counts as known when any job of the sweep has it.
+        first = {("+" if o.is_add() else "") + o.key_or_group: _values(o) for o in groups}
+        variants = [[f"{g}={v[0]}" for g, v in first.items()]]
+        variants += [[f"{g}={x if g2 == g else v2[0]}" for g2, v2 in first.items()]
+                     for g, v in first.items() for x in v[1:]]
+        cfgs = []
         for variant in variants:
             try:
                 cfgs.append(compose(config_name, overrides=variant))

@@ -54,6 +54,14 @@ def build_module(cfg: DictConfig, net: torch.nn.Module, num_classes: int, speed:
                          channels_last=speed.channels_last, compile=speed.compile)
 
 
+def make_trainer(trainer_kwargs: dict[str, Any], **own: Any) -> L.Trainer:
+    """``lightning.Trainer(**trainer_kwargs, **own)``, its refusal of a ``trainer.*`` value in one line."""
+    try:
+        return L.Trainer(**trainer_kwargs, **own)
+    except (TypeError, ValueError, MisconfigurationException) as err:
+        raise config.lightning_refusal(err) from err
+
+
 def build_callbacks(cfg: DictConfig, net: torch.nn.Module, run_dir: Path) -> tuple[list[L.Callback], Any]:
     """The Trainer's callbacks, and the one that holds the divergence verdict. Unknown monitor
     layers or probes, and probes that cannot work on ``net``, fail here."""
@@ -141,10 +149,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
     logger = loggers[0]  # TensorBoard: what resume, the report and the HParams read
     trainer_kwargs = {**OmegaConf.to_container(cfg.trainer, resolve=True),
                       "precision": speed.precision, "benchmark": speed.cudnn_benchmark}
-    try:
-        trainer = L.Trainer(**trainer_kwargs, logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir))
-    except (TypeError, ValueError, MisconfigurationException) as err:  # a trainer.<key> Lightning refuses
-        raise ConfigError(f"trainer: {err} (conf/trainer/default.yaml lists the keys)") from err
+    trainer = make_trainer(trainer_kwargs, logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir))
     if needs_own_process(trainer):
         # DDP would re-execute this multirun's command line (the whole sweep) in ranks > 0;
         # the job runs as a single run in a fresh process instead (skipstudy/launchers/ddp.py).

@@ -191,11 +191,14 @@ class PoolLauncher(Launcher):
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        from skipstudy.config import Int
+        from pydantic import create_model
+
+        from skipstudy.keys import Options, key, validate
 
         gpus = visible_gpus(self.gpus)
-        Int(1, eg=2, null=True).check("hydra.launcher.workers", self.workers)  # null: one per GPU
-        Int(1, len(gpus) or None, eg=1).check("hydra.launcher.gpus_per_job", self.gpus_per_job)
+        ranges = create_model("PoolLauncher", __base__=Options, workers=(Optional[int], key(None, ge=1, eg=2)),
+                              gpus_per_job=(int, key(1, ge=1, le=len(gpus) or None)))
+        validate(ranges, {"workers": self.workers, "gpus_per_job": self.gpus_per_job}, "hydra.launcher.", "the launcher")
         workers = min(self.workers or max(len(gpus) // self.gpus_per_job, 1), len(job_overrides))
         self._cpu_threads = max(1, (os.cpu_count() or 1) // workers)
         self._free_gpus = GpuQueue(gpus, self.gpus_per_job)

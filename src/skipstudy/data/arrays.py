@@ -10,14 +10,15 @@ import math
 import os
 from collections.abc import Iterator
 from functools import partial
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from skipstudy import config
 from skipstudy.data.augment import EpochPlan, EpochSampler, Transform, transform_batch
+from skipstudy.data.options import Images
 
 log = logging.getLogger(__name__)
 
@@ -100,22 +101,20 @@ class ImageArrayDataModule(L.LightningDataModule):
     """
 
     name = "images"
+    declared: type[Images] = Images  # the options' declaration (data/options.py)
     channels = 3
     native_size: int
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
-    def __init__(self, *, batch_size: int = 128, image_size: int | None = None, num_workers: int | None = None,
-                 augment: bool = True, loader: str = "auto", seed: int = 0, crop_padding: int = 4,
-                 pad_mode: str = "zero", device: str | torch.device | None = None, **own) -> None:
+    def __init__(self, *, seed: int = 0, device: str | torch.device | None = None, **options: Any) -> None:
         super().__init__()
-        image_size = self.native_size if image_size is None else image_size
-        config.check_args("dataset", self, batch_size=batch_size, image_size=image_size, num_workers=num_workers,
-                          augment=augment, loader=loader, crop_padding=crop_padding, pad_mode=pad_mode, **own)
-        num_workers = default_workers() if num_workers is None else num_workers
-        self.batch_size, self.image_size, self.num_workers = batch_size, image_size, num_workers
-        self.augment, self.loader, self.pad_mode, self.crop_padding = augment, loader, pad_mode, crop_padding
+        # The keys, their defaults and ranges: data/options.py (checked there, by config.check).
+        self.options = o = self.declared.model_construct(**options)
+        self.batch_size, self.image_size = o.batch_size, self.native_size if o.image_size is None else o.image_size
+        self.num_workers = default_workers() if o.num_workers is None else o.num_workers
+        self.augment, self.loader, self.pad_mode, self.crop_padding = o.augment, o.loader, o.pad_mode, o.crop_padding
         self.seed = int(seed)
         self.device = torch.device(device) if device is not None else None
         self.splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}

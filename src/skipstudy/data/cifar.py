@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,6 +15,7 @@ from torchvision import datasets
 from torchvision.datasets.utils import check_integrity
 
 from skipstudy.data.arrays import ImageArrayDataModule
+from skipstudy.data.options import Cifar
 from skipstudy.errors import ConfigError
 
 # The held-out validation images are drawn with this seed, independent of the run seed.
@@ -32,7 +34,7 @@ def _without_md5_check(cls: type[datasets.CIFAR10]) -> type[datasets.CIFAR10]:
 
 class CIFAR10DataModule(ImageArrayDataModule):
     """CIFAR-10: 50k training and 10k test images, 32x32 RGB, 10 classes. ``root`` holds (or will
-    hold) ``cifar-10-batches-py/``, or is that folder; the other keys: conf/dataset/cifar10.yaml."""
+    hold) ``cifar-10-batches-py/``, or is that folder; the other keys: data/options.py Cifar."""
 
     name = "CIFAR-10"
     torchvision_cls = datasets.CIFAR10
@@ -42,14 +44,16 @@ class CIFAR10DataModule(ImageArrayDataModule):
     mean = (0.4914, 0.4822, 0.4465)
     std = (0.2470, 0.2435, 0.2616)
 
-    def __init__(self, root: str = "./data", download: bool = True, verify: bool = True, val_split: int | float = 0,
-                 seed: int = 0, **common) -> None:
-        super().__init__(seed=seed, download=download, verify=verify, val_split=val_split, **common)
+    declared = Cifar
+
+    def __init__(self, *, seed: int = 0, **options: Any) -> None:
+        super().__init__(seed=seed, **options)
+        root = self.options.root
         root_path = Path(str(root)).expanduser()
         self.folder, self.url = self.torchvision_cls.base_folder, self.torchvision_cls.url
         self.root = root_path.parent if root_path.name == self.folder else root_path
         self.root_arg = str(root)
-        self.download, self.verify, self.val_split = download, verify, val_split
+        self.download, self.verify, self.val_split = self.options.download, self.options.verify, self.options.val_split
         self._prepared = False
 
     def _open(self, train: bool, download: bool) -> datasets.VisionDataset:

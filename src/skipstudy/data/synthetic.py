@@ -7,12 +7,14 @@ per sample, so a two-block net gets clearly above chance within one epoch but fa
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from skipstudy import config
+from skipstudy.data.options import Synthetic
+
 
 
 def make_synthetic_images(num_samples: int, num_classes: int, channels: int, image_size: int, seed: int,
@@ -62,15 +64,14 @@ class SyntheticDataModule(L.LightningDataModule):
     """Synthetic stand-in for CIFAR-10 or Tiny ImageNet; ``noise`` is the pixel noise's standard
     deviation. The images are normalised already: ``mean``/``std`` are 0 and 1."""
 
-    def __init__(self, num_classes: int = 10, channels: int = 3, image_size: int = 32, num_train: int = 2048,
-                 num_val: int = 512, batch_size: int = 64, noise: float = 0.5, seed: int = 0) -> None:
+    def __init__(self, *, seed: int = 0, **options: Any) -> None:
         super().__init__()
-        config.check_args("dataset", self, num_classes=num_classes, channels=channels, image_size=image_size,
-                          num_train=num_train, num_val=num_val, batch_size=batch_size, noise=noise)
-        self.num_classes, self.channels, self.image_size = num_classes, channels, image_size
-        self.num_train, self.num_val, self.batch_size, self.noise = num_train, num_val, batch_size, noise
+        # The keys, their defaults and ranges: data/options.py (checked there, by config.check).
+        o = Synthetic.model_construct(**options)
+        self.num_classes, self.channels, self.image_size = o.num_classes, o.channels, o.image_size
+        self.num_train, self.num_val, self.batch_size, self.noise = o.num_train, o.num_val, o.batch_size, o.noise
         self.seed = int(seed)
-        self.mean, self.std = (0.0,) * channels, (1.0,) * channels
+        self.mean, self.std = (0.0,) * o.channels, (1.0,) * o.channels
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
 

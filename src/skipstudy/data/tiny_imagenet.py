@@ -8,12 +8,14 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from torchvision.datasets.folder import make_dataset
 
 from skipstudy.data.arrays import ImageArrayDataModule
 from skipstudy.data.cache import DecodedCache, SplitSource, fingerprint
+from skipstudy.data.options import TinyImageNet
 from skipstudy.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,7 @@ def locate(root: str | Path) -> Path:
 
 class TinyImageNetDataModule(ImageArrayDataModule):
     """Tiny ImageNet: 64x64 RGB, 500 training and 50 validation images per class; the keys:
-    conf/dataset/tiny_imagenet.yaml (``cache_dir`` default: beside ``tiny-imagenet-200/``)."""
+    data/options.py TinyImageNet (``cache_dir`` default: beside ``tiny-imagenet-200/``)."""
 
     name = "Tiny ImageNet"
     native_size = 64
@@ -60,10 +62,12 @@ class TinyImageNetDataModule(ImageArrayDataModule):
     mean = (0.4802, 0.4481, 0.3975)
     std = (0.2770, 0.2691, 0.2821)
 
-    def __init__(self, root: str = "./data", skip_corrupt: bool = False, cache_dir: str | None = None,
-                 seed: int = 0, **common) -> None:
-        super().__init__(seed=seed, skip_corrupt=skip_corrupt, **common)
-        self.root, self.skip_corrupt, self.cache_dir_arg = str(root), skip_corrupt, cache_dir
+    declared = TinyImageNet
+
+    def __init__(self, *, seed: int = 0, **options: Any) -> None:
+        super().__init__(seed=seed, **options)
+        root = self.options.root
+        self.root, self.skip_corrupt, self.cache_dir_arg = str(root), self.options.skip_corrupt, self.options.cache_dir
         self.data_dir = locate(root)
         wnids_file, words_file = self.data_dir / "wnids.txt", self.data_dir / "words.txt"
         self.wnids = wnids_file.read_text().split()
@@ -83,6 +87,7 @@ class TinyImageNetDataModule(ImageArrayDataModule):
         for path in required + [self.data_dir / "val" / "val_annotations.txt", self.data_dir / "val" / "images"]:
             if not path.exists():
                 raise layout_error(self.root, path)
+        cache_dir = self.cache_dir_arg
         base = Path(str(cache_dir)).expanduser() if cache_dir else self.data_dir.parent
         # One cache folder per source directory, so two copies never overwrite each other's.
         source_id = hashlib.sha1(str(self.data_dir.resolve()).encode()).hexdigest()[:10]

@@ -18,7 +18,8 @@ from torch import nn
 from skipstudy.errors import ConfigError
 from skipstudy.models.blocks import NORMS, Block, NormLayer, _redefines_forward, conv1x1, conv3x3, make_stage
 from skipstudy.models.contract import BlockContract
-from skipstudy.models.resnet import _DEFAULTS, build
+from skipstudy.models import options as declared
+from skipstudy.models.resnet import build
 
 
 class PreActBlock(Block):
@@ -150,43 +151,32 @@ class PreActResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-# torchvision's stage layouts of the ImageNet depths.
-IMAGENET_LAYOUTS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)),
-                    101: ("bottleneck", (3, 4, 23, 3)), 152: ("bottleneck", (3, 8, 36, 3))}
+# torchvision's stage layouts of the ImageNet depths (their blocks: declared.IMAGENET_BLOCKS).
+IMAGENET_LAYERS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 BLOCKS = {"basic": PreActBasicBlock, "bottleneck": PreActBottleneck}
-
-
-def cifar_block(depth: int, block: str | None) -> str:
-    """``model.block`` of a CIFAR pre-activation net: as given, or (null) the paper's: bottleneck
-    for 9n+2 >= 164 (ResNet-164, -1001), else basic for 6n+2 (ResNet-110)."""
-    if block is not None:
-        return block
-    return "bottleneck" if depth >= 164 and (depth - 2) % 9 == 0 else "basic"
 
 
 def preact_resnet(num_classes: int, in_channels: int = 3, **options) -> PreActResNet:
     """Pre-activation ResNet (He et al. 2016b). ``family=cifar``: 3 stages of 16/32/64 planes,
     depth 6n+2 (basic blocks) or 9n+2 (bottlenecks, 64/128/256 channels out); ``family=imagenet``:
-    depths 18-152 with torchvision's layouts. Options: conf/model/preact_resnet.yaml."""
+    depths 18-152 with torchvision's layouts. Options: models/options.py PreActResNet."""
     def make(depth, family, block, stem, **o):
         if family == "imagenet":
-            kind, layers = IMAGENET_LAYOUTS[depth]
+            kind, layers = declared.IMAGENET_BLOCKS[depth], IMAGENET_LAYERS[depth]
             return PreActResNet(BLOCKS[kind], layers, (64, 128, 256, 512), num_classes, in_channels,
                                 stem=stem or "imagenet", stem_width=64, arch=f"preact_resnet{depth}", **o)
-        kind = cifar_block(depth, block)
+        kind = declared.cifar_block(depth, block)
         n = (depth - 2) // (6 if kind == "basic" else 9)
         return PreActResNet(BLOCKS[kind], (n, n, n), (16, 32, 64), num_classes, in_channels, stem=stem or "cifar",
                             stem_width=16, arch=f"preact_resnet{depth}", **o)
-    return build("skipstudy.models.preact_resnet", make, options, depth=164, family="cifar", block=None,
-                 stem=None, shortcut="B", **_DEFAULTS)
+    return build(declared.PreActResNet, make, options)
 
 
 def wide_resnet(num_classes: int, in_channels: int = 3, **options) -> PreActResNet:
     """WRN-d-k (Zagoruyko & Komodakis 2016): depth 6n+4, 3 stages of n pre-activation basic
-    blocks with 16k/32k/64k filters, dropout between the convs. Options: conf/model/wide_resnet.yaml."""
+    blocks with 16k/32k/64k filters, dropout between the convs. Options: models/options.py WideResNet."""
     def make(depth, width, **o):
         n = (depth - 4) // 6
         return PreActResNet(PreActBasicBlock, (n, n, n), (16 * width, 32 * width, 64 * width), num_classes,
                             in_channels, stem="cifar", stem_width=16, arch=f"wrn_{depth}_{width}", **o)
-    return build("skipstudy.models.wide_resnet", make, options, depth=28, width=10, dropout=0.0, shortcut="B",
-                 **_DEFAULTS)
+    return build(declared.WideResNet, make, options)

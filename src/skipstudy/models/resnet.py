@@ -1,6 +1,6 @@
 """The networks (ResNet-18..152 and the CIFAR ResNets as one :class:`ResNet`, and the mini net),
-the init schemes (``model.init``) and the builders that ``conf/model/<name>.yaml`` target; the
-options are checked against ``skipstudy.config`` before any allocation."""
+the init schemes (``model.init``) and the builders that ``conf/model/<name>.yaml`` target; their
+options' defaults, types and ranges are ``models/options.py``'s, checked by ``skipstudy.config``."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from skipstudy import config
 from skipstudy.models.blocks import NORMS, BasicBlock, Block, Bottleneck, _shift, make_shortcut, make_stage
+from skipstudy.models.options import CifarResNet, ImageNetResNet, Net, Options
 
 
 class ResNet(nn.Module):
@@ -105,43 +105,39 @@ def apply_init(net: nn.Module, init: str) -> None:
                 setattr(net, name, nn.Parameter(torch.zeros(())))
 
 
-def build(target: str, make, options: dict, **defaults) -> nn.Module:
-    """Check ``options`` (over ``defaults``) against the schema's ``model`` entry for ``target``
-    (the yaml's ``_target_``), build with ``make(**options)``, then apply the init scheme."""
-    options = {**defaults, **options}
-    config.check_args("model", target, **options)
+def build(schema: type[Options], make, options: dict) -> nn.Module:
+    """Build with ``make(**options)`` over ``schema``'s defaults (the values are checked already,
+    by skipstudy.config), then apply the init scheme."""
+    options = dict(schema.model_construct(**options))
     init = options.pop("init")
     net = make(**options)
     apply_init(net, init)
     return net
 
 
-_DEFAULTS = dict(skip=True, norm="batch", init="default")
-
-
 def mini(num_classes: int, in_channels: int = 3, **options) -> MiniNet:
-    """The mini net; options ``skip``, ``norm``, ``init`` (see conf/model/mini.yaml)."""
-    return build("skipstudy.models.mini", lambda **o: MiniNet(num_classes, in_channels, **o), options, **_DEFAULTS)
+    """The mini net; options ``skip``, ``norm``, ``init`` (models/options.py Net)."""
+    return build(Net, lambda **o: MiniNet(num_classes, in_channels, **o), options)
 
 
 def cifar_resnet(num_classes: int, in_channels: int = 3, **options) -> ResNet:
     """The CIFAR ResNet of depth 6n+2 (He et al. 2016, sec. 4.2): three stages of n BasicBlocks
-    with 16/32/64 filters. Options: conf/model/cifar_resnet.yaml."""
+    with 16/32/64 filters. Options: models/options.py CifarResNet."""
     def make(depth, **o):
         n = (depth - 2) // 6
         return ResNet(BasicBlock, (n, n, n), (16, 32, 64), num_classes, in_channels, stem="cifar", stem_width=16,
                       arch=f"cifar_resnet{depth}", **o)
-    return build("skipstudy.models.cifar_resnet", make, options, depth=20, shortcut="A", **_DEFAULTS)
+    return build(CifarResNet, make, options)
 
 
 def _imagenet(arch: str, block: type[Block], layers: tuple[int, ...]):
     def builder(num_classes: int, in_channels: int = 3, **options) -> ResNet:
         def make(**o) -> ResNet:
             return ResNet(block, layers, (64, 128, 256, 512), num_classes, in_channels, arch=arch, **o)
-        return build(f"skipstudy.models.{arch}", make, options, stem="imagenet", **_DEFAULTS)
+        return build(ImageNetResNet, make, options)
     builder.__name__ = builder.__qualname__ = arch
     builder.__doc__ = (f"ResNet-{arch[6:]} (He et al. 2016): {block.__name__}, stages {'-'.join(map(str, layers))}; "
-                       f"options skip, norm, init, stem (see conf/model/{arch}.yaml).")
+                       f"options skip, norm, init, stem (models/options.py ImageNetResNet).")
     return builder
 
 

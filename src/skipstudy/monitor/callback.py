@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,9 +31,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from skipstudy import config
 from skipstudy.monitor import writers
 from skipstudy.monitor.layers import find_blocks, select_layers
+from skipstudy.monitor.options import Monitor
 from skipstudy.monitor.sums import SUM_DTYPE
 from skipstudy.monitor.taps import LayerTaps
 
@@ -50,7 +51,7 @@ def on_log_schedule(step: int, points_per_decade: int) -> bool:
 
 class GradientFlowMonitor(Callback):
     """Per-layer gradient norms, activation statistics and gradient-flow figures; the arguments
-    are the keys of ``conf/monitor/default.yaml``, documented there.
+    are the keys of ``monitor/options.py``'s ``Monitor``, documented there.
 
     The tracked network is ``pl_module.net`` if there is one, else the LightningModule.
     Scalars go to TensorBoard as one event per step, and through ``log_metrics`` to any
@@ -59,24 +60,14 @@ class GradientFlowMonitor(Callback):
     counts fp16 steps the GradScaler skipped; ``series`` holds rank 0's recorded rows.
     """
 
-    def __init__(self, layers: str | list[str] | None = None, every_n_steps: int = 1, schedule: str = "every",
-                 points_per_decade: int = 10, hist_every_n_epochs: int = 1, activations: bool = True,
-                 on_nonfinite: str = "stop", export: str = "json", figure: bool = True, blocks: bool | None = None) -> None:
+    def __init__(self, **options: Any) -> None:
         super().__init__()
-        # The config check's own declaration (skipstudy/config.py), also without Hydra.
-        config.check_args("monitor", self, every_n_steps=every_n_steps, points_per_decade=points_per_decade,
-                          hist_every_n_epochs=hist_every_n_epochs, schedule=schedule, on_nonfinite=on_nonfinite,
-                          export=export, activations=activations, figure=figure, blocks=blocks)
-        self.layers = layers if layers is None or isinstance(layers, str) else [str(x) for x in layers]
-        self.every_n_steps = every_n_steps
-        self.schedule = schedule
-        self.points_per_decade = points_per_decade
-        self.hist_every_n_epochs = hist_every_n_epochs
-        self.activations = activations
-        self.on_nonfinite = on_nonfinite
-        self.export = export
-        self.figure = figure
-        self.blocks = blocks
+        # The keys, their defaults and ranges: monitor/options.py (checked there, by config.check).
+        o = Monitor.model_construct(**options)
+        self.layers = o.layers if o.layers is None or isinstance(o.layers, str) else [str(x) for x in o.layers]
+        self.every_n_steps, self.schedule, self.points_per_decade = o.every_n_steps, o.schedule, o.points_per_decade
+        self.hist_every_n_epochs, self.activations, self.on_nonfinite = o.hist_every_n_epochs, o.activations, o.on_nonfinite
+        self.export, self.figure, self.blocks = o.export, o.figure, o.blocks
         self.layer_names: list[str] | None = None
         self.diverged_at: tuple[int, str] | None = None
         self.nonfinite_steps: list[int] = []

@@ -8,8 +8,9 @@ import importlib
 from types import ModuleType
 
 from skipstudy.errors import ConfigError
+from skipstudy.probes.options import PROBE_OPTIONS
 
-PROBES = ("feature_maps", "shattering", "lesion", "landscape", "paths", "jacobian", "grad_snr", "hessian")
+PROBES = tuple(PROBE_OPTIONS)
 # Probes that mean nothing on an untrained network when run from the app without a checkpoint.
 NEEDS_CHECKPOINT = ("lesion",)
 

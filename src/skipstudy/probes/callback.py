@@ -12,11 +12,11 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from skipstudy import config
 from skipstudy.errors import ConfigError
 from skipstudy.probes import PROBES, get_probe
 from skipstudy.probes.context import ProbeContext
-from skipstudy.runs.layout import conf_dir
+from skipstudy.keys import defaults
+from skipstudy.probes.options import PROBE_OPTIONS
 
 
 class ProbeCallback(L.Callback):
@@ -49,8 +49,8 @@ class ProbeCallback(L.Callback):
 
 def build_probe_callback(cfg: Any, net: torch.nn.Module, seed: int = 0, model: Any = None) -> ProbeCallback | None:
     """The callback for the ``probes`` node of train.yaml, None while it is off. Refuses, before
-    training starts, what the config schema cannot see: a half-set node, options of probes not
-    named, and what a probe refuses on ``net`` (a lesion study of a plain twin)."""
+    training starts, what config.check (which checked each option) cannot see: a half-set node,
+    options of probes not named, and what a probe refuses on ``net`` (a lesion study of a plain twin)."""
     names, at_epochs = list(cfg.get("names") or []), list(cfg.get("at_epochs") or [])
     if not names and not at_epochs:
         return None
@@ -67,11 +67,9 @@ def build_probe_callback(cfg: Any, net: torch.nn.Module, seed: int = 0, model: A
     options = {}
     for name in names:
         module = get_probe(name, key="probes.names")
-        options[name] = OmegaConf.merge(OmegaConf.load(Path(conf_dir()) / "probe" / f"{name}.yaml"),
-                                        all_options.get(name) or {})
+        options[name] = OmegaConf.merge({**defaults(PROBE_OPTIONS[name]), "name": name}, all_options.get(name) or {})
         if cfg.get("batches") is not None:
             options[name].batches = cfg.batches
-        config.check_probe(name, options[name], key=f"probes.options.{name}")  # unknown keys too
         if hasattr(module, "check"):
             module.check(net, options[name])
     return ProbeCallback(options, at_epochs, seed, OmegaConf.to_container(model, resolve=True) if model else None)

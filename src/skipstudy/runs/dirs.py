@@ -157,7 +157,7 @@ def resume_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         if override.is_delete():
             raise ConfigError(f"{override.input_line}: deleting keys is not possible with resume=")
         try:
-            # Any lightning.Trainer argument may be added (checked by skipstudy/config.py).
+            # Any lightning.Trainer argument may be added (names and types: skipstudy/config.py; ranges: Lightning's).
             add = override.is_force_add() or override.is_add() or key.startswith("trainer.")
             OmegaConf.update(saved, key, override.value(), merge=True, force_add=add)
         except Exception as err:  # noqa: BLE001 - OmegaConf raises several types for a bad key
