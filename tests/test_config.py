@@ -199,7 +199,7 @@ CASES = {
     "seed not a number": (["seed=abc"], "seed='abc' must be an integer in [0, 4294967295]; e.g. seed=0"),
     "typo in a group key": (["+optimizer.momentun=0.9"],
                             "optimizer.momentun is not a key of optimizer torch.optim.SGD; did you mean "
-                            "optimizer.momentum? valid: lr, momentum, nesterov, weight_decay"),
+                            "optimizer.momentum? valid: fused, lr, momentum, nesterov, weight_decay"),
     "typo in a trainer key": (["trainer.max_epoch=3"],
                               "trainer.max_epoch is not a key of lightning.Trainer; did you mean trainer.max_epochs"),
     "trainer type from Lightning's signature": (["trainer.enable_checkpointing=maybe"],

@@ -207,6 +207,27 @@ def test_compiled_network_matches_eager_and_trains_with_the_monitor(tmp_path, qu
     assert not any("_orig_mod" in k for k in state), sorted(state)[:5]
 
 
+@pytest.mark.parametrize("overrides, fused", [([], None), (["optimizer.fused=true"], True),
+                                               (["optimizer=adam", "optimizer.fused=true"], True)])
+def test_the_optimizer_is_fused_on_the_cpu_only_when_asked(make_cfg, overrides, fused):
+    """optimizer.fused=null leaves torch's choice on the CPU (a CUDA run gets fused: the GPU
+    test); true builds torch's fused kernel, and training with it matches torch's own class."""
+    import lightning as L
+    from hydra.utils import instantiate
+    from torch.utils.data import DataLoader, TensorDataset
+
+    cfg = make_cfg([*FAST, *overrides])
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g))
+    torch.manual_seed(0)
+    lit = LitClassifier(cifar_resnet(10, depth=8), 10, instantiate(cfg.optimizer))
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0)
+    trainer.fit(lit, DataLoader(data, batch_size=4))
+    assert trainer.optimizers[0].defaults["fused"] is fused
+    assert all(torch.isfinite(p).all() for p in lit.parameters())
+
+
 # ------------------------------------------------------------------ GPU
 
 

@@ -109,7 +109,7 @@ class SyncGuard(Callback):
 
 @pytest.mark.parametrize("on_nonfinite", ["stop", "warn"])
 def test_training_with_the_monitor_at_its_defaults_has_no_sync_in_a_step(tmp_path, on_nonfinite):
-    """A real Trainer, bf16, LitClassifier with fused SGD (a device-side found_inf for the stop),
+    """A real Trainer, bf16, LitClassifier with SGD as shipped (fused=null: fused on CUDA, a device-side found_inf for the stop),
     the monitor at its defaults (every layer every step, activations, blocks, a histogram step),
     batches already on the GPU, log_every_n_steps=50: no sync from the start of a step to its
     end, and the monitor recorded every step."""
@@ -117,13 +117,14 @@ def test_training_with_the_monitor_at_its_defaults_has_no_sync_in_a_step(tmp_pat
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(64, 3, 32, 32, generator=g).cuda(), torch.randint(0, 10, (64,), generator=g).cuda())
     net = models.cifar_resnet(10, depth=20)
-    lit = LitClassifier(net, 10, partial(torch.optim.SGD, lr=0.05, momentum=0.9, fused=True), channels_last=True)
+    lit = LitClassifier(net, 10, partial(torch.optim.SGD, lr=0.05, momentum=0.9, fused=None), channels_last=True)
     monitor = GradientFlowMonitor(on_nonfinite=on_nonfinite)
     SyncGuard.steps = 0
     trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=6, log_every_n_steps=50,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                         limit_val_batches=0, default_root_dir=tmp_path, callbacks=[monitor, SyncGuard()])
     trainer.fit(lit, DataLoader(data, batch_size=8))
+    assert trainer.optimizers[0].defaults["fused"] is True  # optimizer.fused=null chose it on CUDA
     assert SyncGuard.steps == 6
     assert monitor.series.steps == list(range(6))
     assert all(math.isfinite(v) for v in monitor.series.rows[-1][:10])

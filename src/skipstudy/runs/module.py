@@ -7,6 +7,7 @@ plain twin or a mini net without a branch on the model type.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Iterable
 
 import lightning as L
@@ -86,7 +87,13 @@ class LitClassifier(L.LightningModule):
         self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.parameters())
+        factory = self.optimizer_factory
+        # optimizer.fused=null: fused on a CUDA device, where one kernel updates every tensor and the
+        # monitor's non-finite stop skips a poisoned update on the device (found_inf) instead of
+        # waiting for the host each recorded step; torch's own choice (foreach) elsewhere.
+        if getattr(factory, "keywords", {}).get("fused", False) is None and self.device.type == "cuda":
+            factory = functools.partial(factory, fused=True)
+        optimizer = factory(self.parameters())
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer),

@@ -19,6 +19,8 @@ class SGD(Options):
     momentum: Rate = 0.9
     weight_decay: float = key(5e-4, ge=0)
     nesterov: bool = key(False, eg=False)
+    # null: fused on a CUDA device (no host wait for the non-finite stop), torch's choice elsewhere
+    fused: bool | None = key(None, eg=True)
 
     @model_validator(mode="after")
     def _nesterov_needs_momentum(self) -> SGD:
@@ -32,6 +34,8 @@ class Adam(Options):
     lr: float = key(1e-3, gt=0)
     betas: list[Rate] = key([0.9, 0.999], min_length=2, max_length=2)
     weight_decay: float = key(0.0, ge=0)
+    # null: fused on a CUDA device (no host wait for the non-finite stop), torch's choice elsewhere
+    fused: bool | None = key(None, eg=True)
 
 
 # epoch: the scheduler steps at each epoch end | step: at each optimizer step
