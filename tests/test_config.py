@@ -206,6 +206,10 @@ CASES = {
                                                "trainer.enable_checkpointing='maybe' must be true or false or null"),
     # The ranges of trainer.* are Lightning's, its refusal on one line.
     "trainer range": (["trainer.max_epochs=-5"], "trainer: `max_epochs` must be a non-negative integer or -1. You passed in -5."),
+    # Lightning checks it only when fit starts; refused up front with its own check.
+    "accumulation factor": (["trainer.accumulate_grad_batches=0"],
+                            "trainer.accumulate_grad_batches=0: Accumulation factor should be an int greater than 0. "
+                            "Got [0]. e.g. trainer.accumulate_grad_batches=1"),
     "trainer choice from Lightning's registry": (["trainer.accelerator=gpus"],
                                                  "trainer: You selected an invalid accelerator name: `accelerator='gpus'`"),
     "trainer argument skipstudy sets": (["trainer.callbacks=null"], "trainer.callbacks: skipstudy sets callbacks itself"),

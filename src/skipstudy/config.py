@@ -123,6 +123,7 @@ TRAINER_OWN = {"logger": "from the logger group", "callbacks": "the monitor, che
 
 def _trainer(node: Mapping) -> None:
     # Lightning's own class: scripts/benchmark.py swaps lightning.Trainer for a timing subclass.
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
     from lightning.pytorch.trainer.trainer import Trainer
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -141,6 +142,13 @@ def _trainer(node: Mapping) -> None:
         Trainer(**node, logger=False)
     except (TypeError, ValueError, MisconfigurationException) as err:
         raise lightning_refusal(err) from None
+    # Lightning checks the accumulation factor only when fit starts, with this callback's own check.
+    accumulate = node.get("accumulate_grad_batches", 1)
+    try:
+        GradientAccumulationScheduler({0: accumulate})
+    except (TypeError, MisconfigurationException) as err:
+        raise ConfigError(f"trainer.accumulate_grad_batches={accumulate}: {str(err).splitlines()[0]} "
+                          "e.g. trainer.accumulate_grad_batches=1") from None
     finally:
         rank_zero.setLevel(level)
 
