@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' figure checks
     from figure_checks import outside_canvas, silent_empty_panels
     from skipstudy.analysis.figures import run_figures
-    from skipstudy.analysis.logs import load_runs
+    from skipstudy.analysis.logs import read_runs
     from skipstudy.report import build_report
 
     shots = args.work / "screenshots"
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     for name in LENGTHS:
         out = sweep(args.work, name)
-        runs, _ = load_runs([out])
+        runs, _ = read_runs([out])
         for relative in (False, True):
             for stem, fig in run_figures(runs, relative_depth=relative).items():
                 failed += [f"{name} {stem}: {p}" for p in outside_canvas(fig) + silent_empty_panels(fig)]

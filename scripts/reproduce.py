@@ -182,9 +182,9 @@ def vanishing(run, s: Settings, work: Path) -> tuple[list[str], list[dict]]:
         "model.skip=false,true", f"model.norm={s.vanish_norms}", f"model.init={s.vanish_inits}",
         "dataset=synthetic", f"dataset.image_size={s.vanish_image_size}", "dataset.num_train=8",
         "dataset.num_val=8", "dataset.batch_size=8", "monitor.layers=[conv1,fc]", *AT_INIT, *COMMON)
-    from skipstudy.analysis.logs import load_runs
+    from skipstudy.analysis.logs import read_runs
 
-    runs, _ = load_runs([sweep])
+    runs, _ = read_runs([sweep])
     rows = []
     for r in runs:
         conv1 = r.series("grad_norm/output/conv1").values[0]
@@ -211,9 +211,9 @@ def depth_profile(run, s: Settings, work: Path, cifar: Path, out: Path) -> tuple
     run("depth_profile", "skipstudy.train", "-m", f"hydra.sweep.dir={sweep}", NUMBERED, "model=cifar_resnet",
         f"model.depth={s.profile_depths}", "model.skip=false,true", "model.norm=batch,none", "model.init=kaiming",
         *cifar_args(cifar), "dataset.batch_size=32", *AT_INIT, *COMMON)
-    from skipstudy.analysis.logs import load_runs
+    from skipstudy.analysis.logs import read_runs
 
-    runs, _ = load_runs([sweep])
+    runs, _ = read_runs([sweep])
     depths = sorted({r.depth for r in runs})
     colours = {d: f"C{i}" for i, d in enumerate(depths)}
     fig = new_figure(10, 3.6)
@@ -260,9 +260,9 @@ def training(run, s: Settings, work: Path, cifar: Path, out: Path) -> tuple[Path
         f"model.depth={s.train_depths}", *cifar_args(cifar),
         f"dataset.batch_size={s.train_batch}", f"optimizer.lr={train_lr(s):g}", f"trainer.max_steps={s.train_steps}", *COMMON)
     from skipstudy.analysis.figures import training_curves
-    from skipstudy.analysis.logs import final_train_loss, final_val_acc, load_runs
+    from skipstudy.analysis.logs import final_train_loss, final_val_acc, read_runs
 
-    runs, _ = load_runs([sweep])
+    runs, _ = read_runs([sweep])
     fig = training_curves(runs)
     png = save_png(fig, out / "training.png", dpi=56)
     rows = []

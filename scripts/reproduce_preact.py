@@ -27,9 +27,9 @@ def run_section(run, work: Path, depth: int, steps: int, batch: int, lr: float, 
         f"model.depth={depth}", *data_args, f"dataset.batch_size={batch}", f"optimizer.lr={lr:g}",
         f"trainer.max_steps={steps}", "monitor.schedule=every", f"monitor.every_n_steps={max(1, steps - 1)}",
         "monitor.hist_every_n_epochs=0", "monitor.figure=false", *no_checkpoints, *common)
-    from skipstudy.analysis.logs import load_runs
+    from skipstudy.analysis.logs import read_runs
 
-    runs, _ = load_runs([sweep])
+    runs, _ = read_runs([sweep])
     return sorted(runs, key=lambda r: "preact" in str(r.option("model._target_")))
 
 

@@ -15,7 +15,7 @@ import pytest
 from conftest import PYTHON, cli_env
 from figure_checks import outside_canvas, silent_empty_panels
 from skipstudy.analysis.figures import layer_profiles, run_figures
-from skipstudy.analysis.logs import load_runs
+from skipstudy.analysis.logs import read_runs
 from skipstudy.report import build_report
 
 SMALL = ["trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "dataset.num_val=16", "dataset.batch_size=8",
@@ -36,12 +36,12 @@ def check_figures(runs) -> None:
 
 
 def test_one_run_figures_keep_their_text_inside(session_run):
-    runs, _ = load_runs([session_run[0]])
+    runs, _ = read_runs([session_run[0]])
     check_figures(runs)
 
 
 def test_relative_depth_puts_each_net_on_zero_to_one(session_run):
-    runs, _ = load_runs([session_run[0]])
+    runs, _ = read_runs([session_run[0]])
     fig = layer_profiles(runs, "t", {"grad_rms/output": "rms"}, relative_depth=True)
     (line,) = [ln for ln in fig.axes[0].get_lines() if ln.get_label() and not ln.get_label().startswith("_")]
     x = np.asarray(line.get_xdata(), dtype=float)
@@ -52,7 +52,7 @@ def test_relative_depth_puts_each_net_on_zero_to_one(session_run):
 
 def test_a_figure_with_a_long_title_and_legend_is_wrapped_not_cut(session_run):
     """A label as long as a sweep's (many overrides) still fits the narrow one-epoch figure."""
-    runs, _ = load_runs([session_run[0]])
+    runs, _ = read_runs([session_run[0]])
     runs[0].label = ", ".join(f"model.option_{i}=value_{i}" for i in range(12))
     fig = layer_profiles(runs, "A title much longer than the figure is wide, " * 4, {"grad_rms/output": "rms"})
     assert fig.get_size_inches()[0] < 8 and not outside_canvas(fig)
@@ -76,7 +76,7 @@ def sweeps(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.slow  # two real 4-job sweeps
 @pytest.mark.parametrize("length", ["one", "three"])
 def test_sweep_figures_keep_their_text_inside_and_name_empty_panels(sweeps, length):
-    runs, _ = load_runs([sweeps[length]])
+    runs, _ = read_runs([sweeps[length]])
     assert len(runs) == 4
     check_figures(runs)
     if length == "one":  # validation off: the val panels say so

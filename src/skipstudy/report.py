@@ -18,7 +18,7 @@ from pathlib import Path
 from skipstudy.analysis import figures as F
 from skipstudy.analysis import histograms as H
 from skipstudy.analysis import summary as S
-from skipstudy.analysis.logs import Run, load_runs
+from skipstudy.analysis.logs import Run, read_runs
 from skipstudy.analysis.settings import varying_keys
 from skipstudy.errors import ConfigError
 
@@ -102,7 +102,7 @@ def build_report(paths: list[str | os.PathLike], out: str | os.PathLike | None =
     layer index / (layers - 1), so nets of different depth overlay. Raises ConfigError when
     there is no run."""
     paths = [str(p) for p in paths]
-    runs, notes = load_runs(paths)
+    runs, notes = read_runs(paths)
     if out is None:
         first = Path(paths[0])
         out = (first.parent if first.is_file() else first) / "report" if len(paths) == 1 else "report"

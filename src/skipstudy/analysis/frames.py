@@ -27,7 +27,7 @@ def load_runs(path: str | os.PathLike | list[str | os.PathLike]) -> pd.DataFrame
     numbers and booleans as such), ``step`` (global step), ``epoch``, ``tag`` and ``value``
     (float; NaN and inf kept). Raises ConfigError when there is no run, as the report does.
     """
-    runs, _ = logs.load_runs(list(path) if isinstance(path, (list, tuple)) else [path])
+    runs, _ = logs.read_runs(list(path) if isinstance(path, (list, tuple)) else [path])
     keys = list(dict.fromkeys(settings.override_key(o) for run in runs for o in run.overrides))
     frames = []
     for run in runs:

@@ -347,7 +347,7 @@ def assign_labels(runs: list[Run]) -> None:
             run.label = f"{run.label} ({_short(run.path.name)})"
 
 
-def load_runs(paths: list[str | os.PathLike]) -> tuple[list[Run], list[str]]:
+def read_runs(paths: list[str | os.PathLike]) -> tuple[list[Run], list[str]]:
     """Every run at or below ``paths``, sorted by group (numbers as numbers) then name, and notes
     for the reader."""
     found: dict[Path, None] = {}

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from hydra.experimental.callback import Callback
 
-from skipstudy.analysis.logs import Run, final_train_loss, final_val_acc, load_run, load_runs
+from skipstudy.analysis.logs import Run, final_train_loss, final_val_acc, load_run, read_runs
 from skipstudy.analysis.settings import override_key, setting
 from skipstudy.errors import ConfigError
 
@@ -240,7 +240,7 @@ def run_summary(run_dir: str | Path, run: Run | None = None) -> str:
 def sweep_summary(sweep_dir: str | Path) -> str | None:
     """None before any run logged."""
     try:
-        runs, _ = load_runs([sweep_dir])
+        runs, _ = read_runs([sweep_dir])
     except ConfigError:
         return None
     table = [("run", "train loss", "val acc", "first/last layer", "grad RMS first", "grad RMS last",
