@@ -85,7 +85,9 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            options = OmegaConf.load(REPO / "conf" / "probe" / f"{name}.yaml")
+            with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+                # The probe's options as the probe command composes them (defaults: probes/options.py).
+                options = compose(config_name="probe", overrides=[*overrides, f"probe={name}"]).probe
             walls, cpus = [], []
             for _ in range(args.repeats):
                 ctx = ProbeContext(net=net, datamodule=dm, run_dir=Path(tmp), device=torch.device(args.device),

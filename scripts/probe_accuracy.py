@@ -2,7 +2,7 @@
 
 The network and data are built as ``python -m skipstudy.probe`` builds them without a checkpoint
 (seed 0, ``model=cifar_resnet``, real CIFAR-10 images from ``--data``), and each probe runs with
-the defaults of ``conf/probe/<name>.yaml`` through :class:`~skipstudy.probes.context.ProbeContext`.
+the defaults of each probe (``probes/options.py``) through :class:`~skipstudy.probes.context.ProbeContext`.
 One row per probe: its headline value, the accuracy it reports beside it (a residual or a standard
 error), whether it converged, the operator products it spent and the wall time. ``--power`` adds
 what the former default, 20 steps of power iteration stopped when the value moves by less than
@@ -98,7 +98,9 @@ def main() -> None:
         net = build_network(cfg, dm).to(args.device)
         dm.setup("fit")
         for name in args.probes.split(","):
-            options = OmegaConf.load(REPO / "conf" / "probe" / f"{name}.yaml")
+            with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+                # The probe's options as the probe command composes them (defaults: probes/options.py).
+                options = compose(config_name="probe", overrides=[*overrides, f"probe={name}"]).probe
             with tempfile.TemporaryDirectory() as tmp:
                 ctx = ProbeContext(net=net, datamodule=dm, run_dir=Path(tmp), device=torch.device(args.device),
                                    trained=False, model=OmegaConf.to_container(cfg.model), seed=cfg.seed,
