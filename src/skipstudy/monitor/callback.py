@@ -111,6 +111,7 @@ class GradientFlowMonitor(Callback):
         self.taps = LayerTaps(getattr(pl_module, "net", pl_module), self.layers, self.activations, self.blocks)
         self.layer_names = self.taps.layer_names
         self._open_step = None
+        self._trainer = trainer  # state_dict() has no trainer argument
         self._rank_zero = trainer.is_global_zero
         # trainer.log_dir is the Hydra output dir in skipstudy; a collective under DDP: every rank asks.
         self._run_dir = Path(trainer.log_dir or trainer.default_root_dir)
@@ -130,11 +131,15 @@ class GradientFlowMonitor(Callback):
         self._pending = []  # values of a failed step are not trusted
         self._flush()
 
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        # The export then holds every step the checkpoint has trained: a run killed after it
-        # resumes with the export whole (skipstudy/runs/resume.py cuts later rows).
-        self._drain(trainer, pl_module, wait=True)
-        self._flush()
+    def state_dict(self) -> dict[str, Any]:
+        # The event files and the export then hold every step the checkpoint has trained: a run
+        # killed after it resumes with them whole (skipstudy/runs/resume.py cuts later rows).
+        # Lightning asks every callback's state_dict before any on_save_checkpoint, where
+        # RunState takes the event files' sizes.
+        if self.taps is not None:
+            self._drain(self._trainer, self._trainer.lightning_module, wait=True)
+            self._flush()
+        return {}
 
     # ------------------------------------------------------------------ when
 
