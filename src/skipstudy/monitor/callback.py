@@ -17,12 +17,9 @@ device-side ``found_inf`` (what the GradScaler gives it), so it skips that updat
 any other optimizer the values are read before its update, which on a GPU waits for the device
 once a recorded step (the price of the guarantee; ``on_nonfinite=warn`` does not pay it).
 
-A module with a ``step_metrics`` attribute (``LitClassifier``) hands its per-step scalars to the
-monitor instead of ``self.log``: the monitor sets it to a dict at each step's start, the module
-puts its detached device scalars there, and on the steps Lightning would write them the monitor
-copies them to the host without blocking (every step, recorded or not) and writes them when
-they have landed, to every logger as Lightning would (same tags and step, with ``epoch``),
-without Lightning's per-step ``.item()``.
+A module with a ``step_metrics`` attribute (``LitClassifier``) puts its per-step device scalars
+there instead of ``self.log``; on each step Lightning would log, recorded or not, the monitor
+copies them to the host the same way and writes them to every logger as Lightning would.
 """
 
 from __future__ import annotations
