@@ -10,14 +10,22 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import partial
 
+import lightning as L
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.data import DataLoader
 
 from skipstudy.monitor import GradientFlowMonitor
 from skipstudy.monitor import taps as monitor_taps
+from skipstudy.runs.module import LitClassifier
+from conftest import force_accelerator_path
 from test_monitor import ArmAt, Lit, PoisonGrad, TinyNet, events, fit, make_data
 
 
@@ -92,3 +100,110 @@ def test_a_late_stop_names_the_step_and_layer_and_applies_no_poisoned_update(tmp
     doc = json.loads((tmp_path / "grad_stats.json").read_text())
     assert doc["diverged_at"] == {"step": 2, "layer": "conv2"} and doc["nonfinite_steps"] == [2]
     assert [(e.step, e.value) for e in events(tmp_path).Scalars("train/diverged")] == [(2, 1.0)]
+
+
+# ----------------------------------------------------------------------------- LitClassifier's per-step scalars
+
+STEP_TAGS = ("train/loss", "train/acc", "train/lr")
+
+
+def train_classifier(run, monitor=None, callbacks=(), log_every: int = 1, progress_bar: bool = False) -> L.Trainer:
+    """LitClassifier on TinyNet, 6 steps over two epochs (4 batches each), a learning rate that
+    halves every step, TensorBoard and CSV loggers."""
+    torch.manual_seed(0)
+    net = TinyNet()
+    lit = LitClassifier(net, 3, partial(torch.optim.SGD, lr=0.1, momentum=0.9),
+                        partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5), scheduler_interval="step")
+    if monitor is not None:
+        monitor.resolve(net)
+    loggers = [TensorBoardLogger(str(run), name="", version=""), CSVLogger(str(run), name="", version="")]
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=6, log_every_n_steps=log_every, logger=loggers,
+                        enable_progress_bar=progress_bar, enable_model_summary=False, enable_checkpointing=False,
+                        limit_val_batches=0, callbacks=[c for c in (monitor, *callbacks) if c is not None])
+    trainer.fit(lit, DataLoader(make_data(16), batch_size=4))
+    return trainer
+
+
+def step_series(run) -> dict[str, list]:
+    """Each per-step tag's (step, value) pairs from the event files (float32) and from the CSV
+    (the Python floats the loggers got), plus the epoch tags; sorted, duplicates kept."""
+    acc = events(run)
+    out = {tag: sorted((e.step, e.value) for e in acc.Scalars(tag))
+           for tag in (*STEP_TAGS, "epoch", "train/loss_epoch", "train/acc_epoch")}
+    table = pd.read_csv(run / "metrics.csv")
+    for tag in STEP_TAGS:
+        rows = table[table[tag].notna()]
+        out["csv " + tag] = sorted(zip(rows["step"].tolist(), rows[tag].tolist()))
+    return out
+
+
+@pytest.mark.parametrize("log_every", [1, 2])
+def test_the_per_step_loss_accuracy_and_lr_reach_every_logger_as_with_the_monitor_off(tmp_path, late, log_every):
+    """On the steps the monitor records, LitClassifier's train/loss, train/acc and train/lr go in
+    the monitor's copy instead of through self.log: read at once, read a step late (as on a GPU),
+    or every other step recorded, every logger gets the same values at the same steps, once
+    each, as with the monitor off (bitwise: TensorBoard's float32 and the CSV's float64)."""
+    off = train_classifier(tmp_path / "off", log_every=log_every)
+    want = step_series(tmp_path / "off")
+    logged = list(range(6)) if log_every == 1 else [1, 3, 5]
+    for tag in STEP_TAGS:
+        assert [s for s, _ in want[tag]] == logged, tag
+    assert len(set(v for _, v in want["train/lr"])) == len(logged)  # the schedule moves it every step
+    runs = {"at once": (GradientFlowMonitor(), ()), "late": (GradientFlowMonitor(), (late,)),
+            "every other step": (GradientFlowMonitor(every_n_steps=2), ())}
+    for name, (monitor, callbacks) in runs.items():
+        trainer = train_classifier(tmp_path / name, monitor, callbacks, log_every=log_every)
+        assert monitor.series.steps == ([0, 2, 4] if name == "every other step" else list(range(6)))
+        got = step_series(tmp_path / name)
+        for tag, series in want.items():
+            assert got[tag] == series, (name, tag)
+        for tag in STEP_TAGS:  # what trainer.fit leaves for callbacks and train() returns
+            assert torch.equal(trainer.callback_metrics[tag], off.callback_metrics[tag]), (name, tag)
+
+
+class HostReads(Callback):
+    """``aten._local_scalar_dense`` calls (``.item()``, ``float(t)``, ``bool(t)``: a host-device
+    sync each on a GPU) from each step's start to the next's, so Lightning's logging after
+    ``on_train_batch_end`` is counted with its step."""
+
+    def __init__(self) -> None:
+        self.per_step: list[int] = []
+        self._mode = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._close()
+        self.per_step.append(0)
+        target, counts = torch.ops.aten._local_scalar_dense.default, self.per_step
+
+        class Count(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                counts[-1] += func is target
+                return func(*args, **(kwargs or {}))
+
+        self._mode = Count()
+        self._mode.__enter__()
+
+    def _close(self) -> None:
+        if self._mode is not None:
+            self._mode.__exit__(None, None, None)
+            self._mode = None
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._close()
+
+    def on_exception(self, trainer, pl_module, exception):
+        self._close()
+
+
+@pytest.mark.parametrize("monitor, reads", [(None, [3] * 6), ({}, [0] * 6), ({"every_n_steps": 2}, [0] * 6)])
+def test_host_reads_per_step_through_lightnings_logging(tmp_path, monkeypatch, monitor, reads):
+    """trainer.log_every_n_steps=1 (shipped) with the progress bar: with the monitor off Lightning
+    reads the loss, accuracy and learning rate (3) every step; with it none, whether it records the
+    step or not. The monitor's sums take their accelerator path (on the CPU they read CPU values,
+    which is no sync). Printed for docs/benchmarks.md (pytest -s)."""
+    force_accelerator_path(monkeypatch)
+    count = HostReads()
+    train_classifier(tmp_path, monitor if monitor is None else GradientFlowMonitor(**monitor), [count],
+                     progress_bar=True)
+    print(f"host reads per step, monitor={monitor}: {count.per_step}")
+    assert count.per_step == reads

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader, TensorDataset
 
 from skipstudy import models
@@ -92,7 +93,10 @@ def test_a_recorded_step_issues_no_sync_and_equals_the_cpu(exact_convs):
 
 
 class SyncGuard(Callback):
-    """Sync debug mode "error" from the start of each training step to its end."""
+    """Sync debug mode "error" from the start of the first training step to the epoch's end, so
+    what runs between steps (Lightning's logging of each step's metrics after
+    ``on_train_batch_end``, the next batch) is covered too. Put it before the monitor: its
+    epoch-end hook turns the mode off before the monitor's waits for the last copies."""
 
     steps = 0
 
@@ -100,19 +104,24 @@ class SyncGuard(Callback):
         torch.cuda.set_sync_debug_mode("error")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        torch.cuda.set_sync_debug_mode(0)
         SyncGuard.steps += 1
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        torch.cuda.set_sync_debug_mode(0)
 
     def on_exception(self, trainer, pl_module, exception):
         torch.cuda.set_sync_debug_mode(0)
 
 
+@pytest.mark.parametrize("log_every_n_steps", [1, 50])
 @pytest.mark.parametrize("on_nonfinite", ["stop", "warn"])
-def test_training_with_the_monitor_at_its_defaults_has_no_sync_in_a_step(tmp_path, on_nonfinite):
+def test_training_with_the_monitor_at_its_defaults_has_no_sync_in_a_step(tmp_path, on_nonfinite, log_every_n_steps):
     """A real Trainer, bf16, LitClassifier with SGD as shipped (fused=null: fused on CUDA, a device-side found_inf for the stop),
     the monitor at its defaults (every layer every step, activations, blocks, a histogram step),
-    batches already on the GPU, log_every_n_steps=50: no sync from the start of a step to its
-    end, and the monitor recorded every step."""
+    batches already on the GPU, log_every_n_steps=1 (shipped: the per-step loss, accuracy and
+    learning rate go through the monitor's deferred copy) and 50: no sync from the start of the
+    first step to the epoch's end, the monitor recorded every step, and train/loss is in the
+    event file at every logged step."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(64, 3, 32, 32, generator=g).cuda(), torch.randint(0, 10, (64,), generator=g).cuda())
@@ -120,11 +129,16 @@ def test_training_with_the_monitor_at_its_defaults_has_no_sync_in_a_step(tmp_pat
     lit = LitClassifier(net, 10, partial(torch.optim.SGD, lr=0.05, momentum=0.9, fused=None), channels_last=True)
     monitor = GradientFlowMonitor(on_nonfinite=on_nonfinite)
     SyncGuard.steps = 0
-    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=6, log_every_n_steps=50,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        limit_val_batches=0, default_root_dir=tmp_path, callbacks=[monitor, SyncGuard()])
+    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=6,
+                        log_every_n_steps=log_every_n_steps, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, limit_val_batches=0, default_root_dir=tmp_path,
+                        callbacks=[SyncGuard(), monitor])
     trainer.fit(lit, DataLoader(data, batch_size=8))
     assert trainer.optimizers[0].defaults["fused"] is True  # optimizer.fused=null chose it on CUDA
     assert SyncGuard.steps == 6
     assert monitor.series.steps == list(range(6))
     assert all(math.isfinite(v) for v in monitor.series.rows[-1][:10])
+    acc = EventAccumulator(trainer.logger.log_dir)
+    acc.Reload()
+    losses = acc.Scalars("train/loss") if "train/loss" in acc.Tags()["scalars"] else []
+    assert [e.step for e in losses] == (list(range(6)) if log_every_n_steps == 1 else [])

@@ -12,6 +12,7 @@ import collections
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import textwrap
@@ -546,3 +547,26 @@ def test_training_batches_asked_for_mid_run_are_a_whole_epoch(tmp_path, monkeypa
     cfg = compose_cfg([*FAST, "monitor=off"], tmp_path)
     train(cfg, cfg.hydra.runtime.output_dir)
     assert seen == [6]  # 96 samples / 16, not limited and not skipped
+
+
+def test_a_checkpoint_holds_every_logged_step_when_the_copies_land_late(tmp_path, monkeypatch):
+    """As on a slow GPU: the monitor's copies (its statistics and the per-step train/loss) land
+    only when waited for. A SIGTERM checkpoint at step 3 must still record event files that hold
+    steps 0-2 of both, so a resume cut back to it keeps them (they are written before the sizes
+    are taken)."""
+    import skipstudy.train as T
+    from skipstudy.monitor import taps as monitor_taps
+
+    monkeypatch.setattr(monitor_taps.PendingStep, "ready", lambda self: False)
+    build = T.checkpoint_callbacks
+    monkeypatch.setattr(T, "checkpoint_callbacks", lambda *a, **k: [SignalAt(2, signal.SIGTERM), *build(*a, **k)])
+    cfg = compose_cfg([*FAST, "trainer.limit_train_batches=5"], tmp_path)
+    run_dir = Path(cfg.hydra.runtime.output_dir)
+    with pytest.raises(stopping.Interrupted):
+        train(cfg, run_dir)
+    cut = tmp_path / "cut"
+    shutil.copytree(run_dir, cut)
+    assert cut_logs(cut, cut / "checkpoints" / "last.ckpt") == 3
+    series = scalar_series(cut)
+    for tag in ("train/loss", "train/acc", "train/lr", "grad_norm/total"):
+        assert [s for s, _ in series[tag]] == [0, 1, 2], tag

@@ -16,6 +16,10 @@ update with a non-finite gradient is applied: an optimizer built with ``fused=Tr
 device-side ``found_inf`` (what the GradScaler gives it), so it skips that update itself; with
 any other optimizer the values are read before its update, which on a GPU waits for the device
 once a recorded step (the price of the guarantee; ``on_nonfinite=warn`` does not pay it).
+
+A module with a ``step_metrics`` attribute (``LitClassifier``) puts its per-step device scalars
+there instead of ``self.log``; on each step Lightning would log, recorded or not, the monitor
+copies them to the host the same way and writes them to every logger as Lightning would.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from skipstudy.monitor import writers
 from skipstudy.monitor.layers import find_blocks, select_layers
 from skipstudy.monitor.options import Monitor
 from skipstudy.monitor.sums import SUM_DTYPE
-from skipstudy.monitor.taps import LayerTaps
+from skipstudy.monitor.taps import LayerTaps, PendingStep, _to_host
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +108,7 @@ class GradientFlowMonitor(Callback):
         self.taps = LayerTaps(getattr(pl_module, "net", pl_module), self.layers, self.activations, self.blocks)
         self.layer_names = self.taps.layer_names
         self._open_step = None
+        self._trainer = trainer  # state_dict() has no trainer argument
         self._rank_zero = trainer.is_global_zero
         # trainer.log_dir is the Hydra output dir in skipstudy; a collective under DDP: every rank asks.
         self._run_dir = Path(trainer.log_dir or trainer.default_root_dir)
@@ -123,11 +128,15 @@ class GradientFlowMonitor(Callback):
         self._pending = []  # values of a failed step are not trusted
         self._flush()
 
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        # The export then holds every step the checkpoint has trained: a run killed after it
-        # resumes with the export whole (skipstudy/runs/resume.py cuts later rows).
-        self._drain(trainer, pl_module, wait=True)
-        self._flush()
+    def state_dict(self) -> dict[str, Any]:
+        # The event files and the export then hold every step the checkpoint has trained: a run
+        # killed after it resumes with them whole (skipstudy/runs/resume.py cuts later rows).
+        # Lightning asks every callback's state_dict before any on_save_checkpoint, where
+        # RunState takes the event files' sizes.
+        if self.taps is not None:
+            self._drain(self._trainer, self._trainer.lightning_module, wait=True)
+            self._flush()
+        return {}
 
     # ------------------------------------------------------------------ when
 
@@ -145,6 +154,8 @@ class GradientFlowMonitor(Callback):
         scheduled = on_log_schedule(step, self.points_per_decade) if self.schedule == "log" \
             else step % self.every_n_steps == 0
         self.recording_step = step if hist or scheduled else None
+        if hasattr(pl_module, "step_metrics"):
+            pl_module.step_metrics = {}  # the module's per-step scalars come here (on_train_batch_end)
         self.taps.arm(hist=hist)
         self.taps.armed = self.recording_step is not None
 
@@ -180,6 +191,19 @@ class GradientFlowMonitor(Callback):
         if self._guarded is not None:
             del self._guarded.found_inf  # this step's flag must not reach the next update
             self._guarded = None
+        metrics = getattr(pl_module, "step_metrics", None)
+        if not metrics or trainer.global_step == self._open_step:
+            return  # a micro-batch that only accumulated: the step's last one is logged, as by self.log
+        trainer.callback_metrics.update(metrics)  # as Lightning has them after a step: device tensors
+        every = trainer.log_every_n_steps  # Lightning's condition for writing a step's self.log values
+        if not (trainer.fast_dev_run or (every > 0 and trainer.global_step % every == 0) or trainer.should_stop):
+            return
+        trainer.logged_metrics.update(metrics)
+        host, event = _to_host(torch.stack([t.reshape(()) for t in metrics.values()]))  # stack: exact promotion
+        tags = tuple(metrics)
+        self._pending.append(PendingStep(self._open_step, host, event, lambda h: dict(zip(tags, h.tolist())),
+                                         epoch=trainer.current_epoch, metrics=True))
+        self._drain(trainer, pl_module, wait=False)  # on the CPU: now
 
     def _drain(self, trainer, pl_module, wait: bool) -> None:
         """Handle the recorded steps whose values have reached the host, in step order (all of
@@ -189,7 +213,11 @@ class GradientFlowMonitor(Callback):
 
         while self._pending and (wait or ready(self._pending[0])):
             pending = self._pending.pop(0)
-            self._record(trainer, pl_module, pending, *pending.read())
+            if pending.metrics:  # the module's scalars, to every logger as Lightning's logger connector writes them
+                for logger in trainer.loggers if self._rank_zero else []:
+                    logger.log_metrics({**pending.read(), "epoch": pending.epoch}, step=pending.step)
+            else:
+                self._record(trainer, pl_module, pending, *pending.read())
 
     def _record(self, trainer, pl_module, pending, scalars, row, whole, out_scale) -> None:
         step = pending.step

@@ -48,6 +48,7 @@ class PendingStep:
     grad_norms: slice = field(default_factory=lambda: slice(0, 0))  # where the parameters' gradient norms are in it
     epoch: int = 0
     fp16: bool = False
+    metrics: bool = False  # the module's per-step scalars (``finish`` gives ``{tag: value}``), not statistics
 
     def grads_nonfinite(self) -> Tensor:
         """1.0 on the device where a parameter's gradient is not finite, else 0.0 (float32, what

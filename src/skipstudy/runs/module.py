@@ -47,6 +47,11 @@ class LitClassifier(L.LightningModule):
         self.train_loss.persistent(True)
         self.train_acc.persistent(True)
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        # A dict on the steps the gradient monitor records and Lightning would log: the step's
+        # scalars stay there on the device, and the monitor writes them with its own values
+        # (packed into its one deferred copy), so Lightning's per-step .item() (a host-device
+        # sync on a GPU) is not paid. None otherwise: they go through self.log.
+        self.step_metrics: dict[str, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -70,13 +75,17 @@ class LitClassifier(L.LightningModule):
         # Numbers made on the device (fill kernels): a Python number becomes a device tensor by
         # a blocking host-to-device copy, a sync each step on a GPU (torchmetrics' weight, self.log).
         self.train_loss(loss.detach(), weight=torch.full_like(loss.detach(), y.numel()))
-        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False)
+        acc = self.train_acc(logits.detach(), y)
         self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
-        self.log("train/acc", self.train_acc(logits.detach(), y), on_step=True, on_epoch=False)
         self.log("train/acc_epoch", self.train_acc, on_step=False, on_epoch=True)
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]
         lr = lr.detach() if isinstance(lr, torch.Tensor) else torch.full((), lr, device=loss.device)
-        self.log("train/lr", lr, on_step=True, on_epoch=False)
+        step = {"train/loss": loss.detach(), "train/acc": acc, "train/lr": lr}
+        if self.step_metrics is not None:
+            self.step_metrics.update(step)  # the monitor writes them (the last micro-batch's, as self.log)
+        else:
+            for tag, value in step.items():
+                self.log(tag, value, on_step=True, on_epoch=False)
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:

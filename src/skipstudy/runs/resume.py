@@ -147,10 +147,15 @@ class RunState(Callback):
             gathered: list[Any] = [None] * trainer.world_size
             torch.distributed.all_gather_object(gathered, own)  # every rank builds the checkpoint
             state[RANKS_KEY] = gathered
+        return state
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        # After every callback's state_dict, where the gradient monitor writes the values still on
+        # their way from the device: the sizes then cover every step the checkpoint has trained.
         if trainer.is_global_zero:
             trainer.logger.experiment.flush()
-            state["event_files"] = {p.name: p.stat().st_size for p in self.run_dir.glob(EVENT_PREFIX + "*")}
-        return state
+            checkpoint["callbacks"][self.state_key]["event_files"] = {
+                p.name: p.stat().st_size for p in self.run_dir.glob(EVENT_PREFIX + "*")}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded = dict(state_dict)
