@@ -67,6 +67,26 @@ def test_values_read_a_step_late_equal_the_values_read_at_once(tmp_path, late):
     assert [h.step for h in hist] == [0] and hist[0].histogram_value.num > 0
 
 
+class FailAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("failed at the start of a step")
+
+
+def test_a_failed_run_keeps_the_steps_whose_values_had_landed(tmp_path, late):
+    """Read late (as on a GPU), step 2's values land as step 3 starts and fails: they are a whole
+    step's and are written. (on_nonfinite=warn: stop would read each step before its update.)"""
+    torch.manual_seed(0)
+    monitor = GradientFlowMonitor(on_nonfinite="warn")
+    with pytest.raises(RuntimeError, match="failed at the start"):
+        fit(tmp_path, TinyNet(), monitor, data=make_data(32), max_steps=6, callbacks=[late, FailAt(3)])
+    assert monitor.series.steps == [0, 1, 2]
+    assert [e.step for e in events(tmp_path).Scalars("grad_norm/total")] == [0, 1, 2]
+
+
 class FusedLit(Lit):
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, fused=True)

@@ -24,6 +24,7 @@ copies them to the host the same way and writes them to every logger as Lightnin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from pathlib import Path
@@ -125,7 +126,12 @@ class GradientFlowMonitor(Callback):
         self._flush()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        self._pending = []  # values of a failed step are not trusted
+        # Copies that have landed are whole earlier steps (on a GPU the last good step's values and
+        # its train/loss land a step late): written. The rest, the failed step's, are dropped; a
+        # device in an error state may refuse even the question, which must not hide the exception.
+        with contextlib.suppress(Exception):
+            self._drain(trainer, pl_module, wait=False)
+        self._pending = []
         self._flush()
 
     def state_dict(self) -> dict[str, Any]:
