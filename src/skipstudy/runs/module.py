@@ -47,10 +47,10 @@ class LitClassifier(L.LightningModule):
         self.train_loss.persistent(True)
         self.train_acc.persistent(True)
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
-        # A dict on the steps the gradient monitor records and Lightning would log: the step's
-        # scalars stay there on the device, and the monitor writes them with its own values
-        # (packed into its one deferred copy), so Lightning's per-step .item() (a host-device
-        # sync on a GPU) is not paid. None otherwise: they go through self.log.
+        # A dict while the gradient monitor is attached (it empties it at each step's start): the
+        # step's scalars stay there on the device and the monitor copies them to the host without
+        # blocking and writes them on each step Lightning would log, so Lightning's per-step
+        # .item() (a host-device sync on a GPU) is not paid. None without a monitor: self.log.
         self.step_metrics: dict[str, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
