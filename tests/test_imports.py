@@ -101,19 +101,47 @@ PRIVATE_REACHES = {
     # norms one tensor per op).
     ("runs/stopping.py", "torch._foreach_norm"), ("monitor/sums.py", "torch._foreach_norm"),
     ("monitor/packing.py", "torch._foreach_norm"),
+    # The module torch.compile wraps: OptimizedModule exposes it only as _orig_mod, and the
+    # monitor names layers as the user's network does (no "_orig_mod." prefix).
+    ("monitor/callback.py", "net._orig_mod"), ("monitor/taps.py", "model._orig_mod"),
+    # WandbLogger starts a W&B run on the first read of .experiment; only _experiment tells
+    # whether this training started one, without starting one to finish it.
+    ("runs/loggers.py", "logger._experiment"),
 }
+
+
+def private(name: object) -> bool:
+    """One leading underscore and none trailing (Hydra's ``_target_`` keys are public)."""
+    return isinstance(name, str) and name.startswith("_") and not name.startswith("__") and not name.endswith("_")
+
+
+def string_reaches(node: ast.AST) -> list[str]:
+    """Private names reached through a string: ``getattr(obj, "_x")`` (also set-, has-, delattr)
+    and ``type(name, (cls,), {"_x": ...})``, a subclass overriding a private method, as
+    ``obj._x`` and ``cls._x``."""
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
+        return []
+    args = node.args
+    if node.func.id in ("getattr", "setattr", "hasattr", "delattr") and len(args) >= 2 \
+            and isinstance(args[1], ast.Constant) and private(args[1].value):
+        return [f"{ast.unparse(args[0])}.{args[1].value}"]
+    if node.func.id == "type" and len(args) == 3 and isinstance(args[1], ast.Tuple) and isinstance(args[2], ast.Dict):
+        bases = " | ".join(ast.unparse(b) for b in args[1].elts)
+        return [f"{bases}.{k.value}" for k in args[2].keys if isinstance(k, ast.Constant) and private(k.value)]
+    return []
 
 
 def private_reaches() -> set[tuple[str, str]]:
     """``(file under src/skipstudy or src/hydra_plugins, expression)`` for each attribute of another
-    object whose name starts with one underscore, and each import of such a name from a library."""
+    object whose name starts with one underscore, the same reached through a string
+    (:func:`string_reaches`), and each import of such a name from a library."""
     found = set()
     for path in SRC.rglob("*.py"):
         where = str(path.relative_to(SRC / path.relative_to(SRC).parts[0]))
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__") \
-                    and not node.attr.endswith("_") and not (isinstance(node.value, ast.Name)
-                                                             and node.value.id in ("self", "cls")):
+            found |= {(where, reach) for reach in string_reaches(node)}
+            if isinstance(node, ast.Attribute) and private(node.attr) and not (isinstance(node.value, ast.Name)
+                                                                                and node.value.id in ("self", "cls")):
                 found.add((where, ast.unparse(node)))
             elif isinstance(node, ast.ImportFrom) and not (node.module or "").startswith("skipstudy"):
                 for alias in node.names:
@@ -121,6 +149,14 @@ def private_reaches() -> set[tuple[str, str]]:
                     if any(p.startswith("_") and not p.startswith("__") for p in parts):
                         found.add((where, ".".join(parts)))
     return found
+
+
+def test_private_names_reached_through_strings_are_found():
+    code = ("getattr(net, '_orig_mod', net); setattr(m, '_scale', 1); getattr(m, '_target_'); getattr(m, 'weight')\n"
+            "type('Unverified', (datasets.CIFAR10,), {'_check_integrity': f, 'url': u})\n"
+            "d = {'_se': 1}")
+    reaches = [r for node in ast.walk(ast.parse(code)) for r in string_reaches(node)]
+    assert sorted(reaches) == ["datasets.CIFAR10._check_integrity", "m._scale", "net._orig_mod"]
 
 
 def test_no_new_reach_into_a_librarys_private_names():

@@ -22,16 +22,6 @@ from skipstudy.errors import ConfigError
 SPLIT_SEED = 0
 
 
-def _without_md5_check(cls: type[datasets.CIFAR10]) -> type[datasets.CIFAR10]:
-    """``dataset.verify=false``: torchvision's class with its MD5 check replaced by a presence check."""
-
-    def files_present(self) -> bool:
-        folder = Path(self.root) / self.base_folder
-        return all((folder / name).is_file() for name, _ in self.train_list + self.test_list)
-
-    return type(f"Unverified{cls.__name__}", (cls,), {"_check_integrity": files_present})
-
-
 class CIFAR10DataModule(ImageArrayDataModule):
     """CIFAR-10: 50k training and 10k test images, 32x32 RGB, 10 classes. ``root`` holds (or will
     hold) ``cifar-10-batches-py/``, or is that folder; the other keys: data/options.py Cifar."""
@@ -56,19 +46,33 @@ class CIFAR10DataModule(ImageArrayDataModule):
         self.download, self.verify, self.val_split = self.options.download, self.options.verify, self.options.val_split
         self._prepared = False
 
-    def _open(self, train: bool, download: bool) -> datasets.VisionDataset:
-        folder = self.root / self.folder
+    def _arrays(self, train: bool, download: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """The split as uint8 NHWC images and int64 labels. ``dataset.verify=true``, or files still to
+        download: through torchvision's class (its download, its MD5 check). ``verify=false``: the
+        official python batches read directly in their documented format (pickled dicts, ``data``
+        channel-planar N x 3072), so a subset or re-packed copy needs no checksum to be bypassed."""
+        cls, folder = self.torchvision_cls, self.root / self.folder
+        fetch = download and (self.verify or not all((folder / n).is_file() for n, _ in cls.train_list + cls.test_list))
         try:
-            cls = self.torchvision_cls if self.verify else _without_md5_check(self.torchvision_cls)
-            return cls(str(self.root), train=train, download=download)
+            if self.verify or fetch:
+                data = cls(str(self.root), train=train, download=fetch)
+                return np.ascontiguousarray(data.data), np.asarray(data.targets, dtype=np.int64)
+            batches = []
+            for name, _md5 in cls.train_list if train else cls.test_list:
+                with open(folder / name, "rb") as f:
+                    batches.append(pickle.load(f, encoding="latin1"))
+            images = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+            # CIFAR-100 names its (fine) labels differently.
+            labels = np.concatenate([b["labels"] if "labels" in b else b["fine_labels"] for b in batches])
+            return np.ascontiguousarray(images), labels.astype(np.int64)
         except Exception as err:  # noqa: BLE001 - any failure to get the files ends the same way
             check = "fail torchvision's MD5 check" if self.verify else "cannot all be read"
             if folder.is_dir():
                 problem = (f"{folder} exists but its files {check}: {self._bad_file(folder)} "
                            "(a damaged or partial download, or a subset)")
-                if download:
+                if fetch:
                     problem += f", and downloading a fresh copy failed ({type(err).__name__}: {err})"
-            elif download:
+            elif fetch:
                 problem = f"{folder} does not exist and the download failed ({type(err).__name__}: {err})"
             else:
                 problem = f"{folder} does not exist (dataset.download=false)"
@@ -104,13 +108,9 @@ class CIFAR10DataModule(ImageArrayDataModule):
     def prepare_data(self) -> None:
         if self._prepared:
             return
-        self._open(train=True, download=self.download)
-        self._open(train=False, download=False)
+        self._arrays(train=True, download=self.download)
+        self._arrays(train=False)
         self._prepared = True
-
-    def _arrays(self, train: bool) -> tuple[np.ndarray, np.ndarray]:
-        data = self._open(train=train, download=False)
-        return np.ascontiguousarray(data.data), np.asarray(data.targets, dtype=np.int64)
 
     def load_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         if split == "test" or (split == "val" and not self.val_split):
