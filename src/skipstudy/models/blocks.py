@@ -12,6 +12,8 @@ from typing import Callable
 import torch
 from torch import nn
 from torch.nn import functional as F
+# No bias in either: the norm layer or Fixup's scalar bias follows.
+from torchvision.models.resnet import conv1x1, conv3x3
 
 from skipstudy.models.contract import BlockContract
 
@@ -19,15 +21,6 @@ NormLayer = Callable[[int], nn.Module]
 
 # norm=none keeps a parameter-free slot (nn.Identity ignores its argument), so names stay torchvision's.
 NORMS: dict[str, NormLayer] = {"batch": nn.BatchNorm2d, "none": nn.Identity}
-
-
-def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
-    # No bias: the norm layer or Fixup's scalar bias follows.
-    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
-
-
-def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
 
 
 def _shift(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

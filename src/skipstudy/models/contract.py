@@ -100,17 +100,13 @@ ADAPTERS: dict[str, Callable[[nn.Module], BlockContract | None]] = {
 }
 
 
-def _class_name(module: nn.Module) -> str:
-    return f"{type(module).__module__}.{type(module).__qualname__}"
-
-
 def contract_of(module: nn.Module) -> BlockContract | None:
     """The module's declared contract: its own ``block_contract()``, else its class's adapter,
     else None (not a declared residual block)."""
     declare = getattr(module, "block_contract", None)
     if callable(declare):
         return declare()
-    adapter = ADAPTERS.get(_class_name(module))
+    adapter = ADAPTERS.get(f"{type(module).__module__}.{type(module).__qualname__}")
     return adapter(module) if adapter is not None else None
 
 
@@ -140,15 +136,11 @@ def read_blocks(net: nn.Module) -> tuple[list[tuple[str, nn.Module, BlockContrac
         if contract is not None:
             declared.append((name, module, contract))
             inside.add(name)
-        elif looks_residual(module) and not any(True for _ in _children_declared(module)):
+        # Not a stage named "...Block..." that holds declared blocks.
+        elif looks_residual(module) and not any(contract_of(m) for m in module.modules() if m is not module):
             undeclared.append(name)
             inside.add(name)
     return declared, undeclared
-
-
-def _children_declared(module: nn.Module):
-    """Declared blocks below ``module`` (a stage named ``...Block...`` holding real blocks)."""
-    return (m for m in module.modules() if m is not module and contract_of(m) is not None)
 
 
 def require_declared(net: nn.Module, probe: str) -> None:

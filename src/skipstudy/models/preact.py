@@ -14,9 +14,10 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torchvision.models.resnet import conv1x1, conv3x3
 
 from skipstudy.errors import ConfigError
-from skipstudy.models.blocks import NORMS, Block, NormLayer, _redefines_forward, conv1x1, conv3x3, make_stage
+from skipstudy.models.blocks import NORMS, Block, NormLayer, _redefines_forward, make_stage
 from skipstudy.models.contract import BlockContract
 from skipstudy.models import options as declared
 from skipstudy.models.resnet import build
