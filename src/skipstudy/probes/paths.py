@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from scipy.special import softmax
+from scipy.stats import binom
 from torch import nn
 
 from skipstudy.errors import ConfigError
@@ -125,13 +127,11 @@ def profile(magnitude: np.ndarray, mass: float) -> dict[str, Any]:
     each length's share of the total magnitude, and the effective range."""
     n = len(magnitude) - 1
     k = np.arange(n + 1)
-    log_count = np.array([math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) for i in k])
+    log_share = binom.logpmf(k, n, 0.5)  # C(n, k) / 2^n, in log space: C(1000, 500) overflows a float
     with np.errstate(divide="ignore"):
-        log_total = log_count + np.log(magnitude)
-    share = np.exp(log_total - np.max(log_total))
-    share = share / share.sum()
+        share = softmax(log_share + np.log(magnitude))
     lo, hi = effective_range(share, mass)
-    return {"distribution": np.exp(log_count - n * math.log(2)).tolist(), "share": share.tolist(),
+    return {"distribution": np.exp(log_share).tolist(), "share": share.tolist(),
             "effective_lo": lo, "effective_hi": hi, "mean_length": float((k * share).sum()),
             "peak_length": int(np.argmax(share))}
 
