@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from skipstudy.errors import ConfigError
-from skipstudy.models.contract import read_blocks
+from skipstudy.models.contract import read_blocks, require_declared
 from skipstudy.monitor.writers import figure_rgb
 from skipstudy.probes.comparison import label
 
@@ -145,6 +145,7 @@ def residual_blocks(net: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def require_skips(net: nn.Module, probe: str, why: str) -> None:
+    require_declared(net, probe)  # first: an undeclared block is named as such, not as "no blocks"
     arch = getattr(net, "arch", type(net).__name__)
     if not read_blocks(net)[0]:
         raise ConfigError(f"probe={probe} needs a network of residual blocks; {arch} has none "

@@ -16,14 +16,13 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from skipstudy.errors import ConfigError
-from skipstudy.models.contract import BlockContract, contract_of, require_declared
+from skipstudy.models.contract import BlockContract, contract_of
 from skipstudy.probes.context import Batches, ProbeContext, kept_state, panels, require_skips, residual_blocks, titled
 
 NAME = "lesion"
 
 
 def check(net: nn.Module, options: Any = None) -> None:
-    require_declared(net, NAME)  # first: an undeclared block is named as such, not as "no blocks"
     require_skips(net, NAME, "deleting a block of a plain net cuts the only path through it, so there is "
                   "nothing to measure")
     for name, block in residual_blocks(net):

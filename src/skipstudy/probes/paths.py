@@ -21,7 +21,7 @@ from scipy.stats import binom
 from torch import nn
 
 from skipstudy.errors import ConfigError
-from skipstudy.models.contract import contract_of, require_declared
+from skipstudy.models.contract import contract_of
 from skipstudy.probes.context import (Batches, ProbeContext, bn_mode, cross_entropy, panels, require_skips,
                                       residual_blocks, titled)
 
@@ -29,7 +29,6 @@ NAME = "paths"
 
 
 def check(net: nn.Module, options: Any) -> None:
-    require_declared(net, NAME)  # first: an undeclared block is named as such, not as "no blocks"
     require_skips(net, NAME, "a plain net has a single path through its blocks, so there is no distribution "
                   "of path lengths")
 
