@@ -22,30 +22,26 @@ an adapter in :data:`ADAPTERS`, keyed by the exact class (a subclass may change 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Literal
 
+from pydantic import ConfigDict
+from pydantic.dataclasses import dataclass
 from torch import nn
 
 from skipstudy.errors import ConfigError
 
-SHORTCUTS = ("identity", "projection", "none")
-AFTER = ("relu", "none")
 
-
-@dataclass(frozen=True)
+# pydantic checks the fields' types and values (the modules are nn.Modules, the names valid).
+@dataclass(frozen=True, config=ConfigDict(arbitrary_types_allowed=True))
 class BlockContract:
     entry: nn.Module
     exit: nn.Module
-    shortcut: str
+    shortcut: Literal["identity", "projection", "none"]
     projection: nn.Module | None = None
     shared: bool = False
-    after: str = "relu"
+    after: Literal["relu", "none"] = "relu"
 
     def __post_init__(self) -> None:
-        if self.shortcut not in SHORTCUTS:
-            raise ValueError(f"BlockContract.shortcut={self.shortcut!r}; valid: {', '.join(SHORTCUTS)}")
-        if self.after not in AFTER:
-            raise ValueError(f"BlockContract.after={self.after!r}; valid: {', '.join(AFTER)}")
         if self.shortcut == "projection" and self.projection is None:
             raise ValueError("BlockContract: a projection shortcut needs its module (projection=...)")
         if self.shared and self.projection is None:
