@@ -139,12 +139,9 @@ class ImageArrayDataModule(L.LightningDataModule):
         return self.make_loader("test", train=False)
 
     def target_device(self) -> torch.device:
-        if self.device is not None:
-            return self.device
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None:
-            return torch.device(trainer.strategy.root_device)
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device is None and self.trainer is not None:
+            return torch.device(self.trainer.strategy.root_device)
+        return self.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     def resolve_loader(self, device: torch.device) -> str:
         """``dataset.loader`` with ``auto`` decided: device on CUDA when the data fits."""
@@ -171,8 +168,7 @@ class ImageArrayDataModule(L.LightningDataModule):
         device = self.target_device()
         kind = kind or self.resolve_loader(device)
         self.loader_used = kind
-        trainer = getattr(self, "trainer", None)
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
         augment = self.augment and train
         sampler = EpochSampler(len(labels), shuffle=train, augment=augment, padding=self.crop_padding,
                                seed=self.seed, rank=rank, world_size=world, drop_last=train)
