@@ -16,7 +16,6 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from skipstudy.data.options import Synthetic
 
 
-
 def make_synthetic_images(num_samples: int, num_classes: int, channels: int, image_size: int, seed: int,
                           noise: float = 0.5, split: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(images, labels)``, zero mean and unit-ish variance. The class patterns depend on ``seed``

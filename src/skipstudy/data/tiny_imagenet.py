@@ -83,12 +83,11 @@ class TinyImageNetDataModule(ImageArrayDataModule):
         else:
             log.warning("Tiny ImageNet: %s is missing; class names are the WordNet ids", words_file)
         self.class_names = [names.get(w, w).strip() for w in self.wnids]
-        required = [self.data_dir / "train" / w / "images" for w in self.wnids]
-        for path in required + [self.data_dir / "val" / "val_annotations.txt", self.data_dir / "val" / "images"]:
+        for path in [*(self.data_dir / "train" / w / "images" for w in self.wnids),
+                     self.data_dir / "val" / "val_annotations.txt", self.data_dir / "val" / "images"]:
             if not path.exists():
                 raise layout_error(self.root, path)
-        cache_dir = self.cache_dir_arg
-        base = Path(str(cache_dir)).expanduser() if cache_dir else self.data_dir.parent
+        base = Path(str(self.cache_dir_arg)).expanduser() if self.cache_dir_arg else self.data_dir.parent
         # One cache folder per source directory, so two copies never overwrite each other's.
         source_id = hashlib.sha1(str(self.data_dir.resolve()).encode()).hexdigest()[:10]
         self.cache = DecodedCache(base / f"{FOLDER}-decoded-{source_id}", self.native_size)
@@ -106,8 +105,7 @@ class TinyImageNetDataModule(ImageArrayDataModule):
     def _val_source(self) -> SplitSource:
         path = self.data_dir / "val" / "val_annotations.txt"
         index = {w: i for i, w in enumerate(self.wnids)}
-        files: list[Path] = []
-        labels: list[int] = []
+        files, labels = [], []
         for number, line in enumerate(path.read_text().splitlines(), start=1):
             fields = line.split()
             if not fields:
