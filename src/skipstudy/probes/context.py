@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -163,14 +164,6 @@ def cross_entropy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: s
     return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), y, reduction=reduction)
 
 
-def syncs_across_ranks(net: nn.Module) -> bool:
-    """A train-mode SyncBatchNorm pass on rank 0 alone (where probes run) would wait for the others forever."""
-    import torch.distributed as dist
-
-    return (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-            and any(isinstance(m, nn.SyncBatchNorm) for m in net.modules()))
-
-
 @contextlib.contextmanager
 def kept_state(net: nn.Module) -> Iterator[nn.Module]:
     """``net`` in eval mode inside; afterwards every train/eval flag, BN buffer and momentum as before."""
@@ -225,6 +218,8 @@ def bn_mode(ctx: ProbeContext, options: Any, inputs: torch.Tensor | None = None,
     if bn == "auto":
         has_bn = any(isinstance(m, BATCH_NORMS) for m in ctx.net.modules())
         bn = "calibrate" if has_bn and not ctx.trained else "eval"
-    if bn != "eval" and syncs_across_ranks(ctx.net):
+    # A train-mode SyncBatchNorm pass on rank 0 alone (where probes run) would wait for the others forever.
+    if bn != "eval" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 \
+            and any(isinstance(m, nn.SyncBatchNorm) for m in ctx.net.modules()):
         bn = "eval"
     return bn, (calibrated_bn(ctx.net, inputs, chunk) if bn == "calibrate" else loss_mode(ctx.net, bn))
