@@ -20,7 +20,7 @@ from skipstudy.errors import ConfigError
 from skipstudy.models.blocks import NORMS, Block, NormLayer, _redefines_forward, make_stage
 from skipstudy.models.contract import BlockContract
 from skipstudy.models import options as declared
-from skipstudy.models.resnet import build
+from skipstudy.models.resnet import IMAGENET_LAYERS, build
 
 
 class PreActBlock(Block):
@@ -152,8 +152,6 @@ class PreActResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-# torchvision's stage layouts of the ImageNet depths (their blocks: declared.IMAGENET_BLOCKS).
-IMAGENET_LAYERS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 BLOCKS = {"basic": PreActBasicBlock, "bottleneck": PreActBottleneck}
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from skipstudy.models.blocks import NORMS, BasicBlock, Block, Bottleneck, _shift, make_shortcut, make_stage
-from skipstudy.models.options import CifarResNet, ImageNetResNet, Net, Options
+from skipstudy.models.options import IMAGENET_BLOCKS, CifarResNet, ImageNetResNet, Net, Options
 
 
 class ResNet(nn.Module):
@@ -130,19 +130,23 @@ def cifar_resnet(num_classes: int, in_channels: int = 3, **options) -> ResNet:
     return build(CifarResNet, make, options)
 
 
-def _imagenet(arch: str, block: type[Block], layers: tuple[int, ...]):
+# torchvision's stage layouts of the ImageNet depths (their blocks: options.IMAGENET_BLOCKS), which
+# the pre-activation nets of family=imagenet share.
+IMAGENET_LAYERS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+
+
+def _imagenet(depth: int):
+    arch, layers = f"resnet{depth}", IMAGENET_LAYERS[depth]
+    block = BasicBlock if IMAGENET_BLOCKS[depth] == "basic" else Bottleneck
+
     def builder(num_classes: int, in_channels: int = 3, **options) -> ResNet:
         def make(**o) -> ResNet:
             return ResNet(block, layers, (64, 128, 256, 512), num_classes, in_channels, arch=arch, **o)
         return build(ImageNetResNet, make, options)
     builder.__name__ = builder.__qualname__ = arch
-    builder.__doc__ = (f"ResNet-{arch[6:]} (He et al. 2016): {block.__name__}, stages {'-'.join(map(str, layers))}; "
+    builder.__doc__ = (f"ResNet-{depth} (He et al. 2016): {block.__name__}, stages {'-'.join(map(str, layers))}; "
                        f"options skip, norm, init, stem (models/options.py ImageNetResNet).")
     return builder
 
 
-resnet18 = _imagenet("resnet18", BasicBlock, (2, 2, 2, 2))
-resnet34 = _imagenet("resnet34", BasicBlock, (3, 4, 6, 3))
-resnet50 = _imagenet("resnet50", Bottleneck, (3, 4, 6, 3))
-resnet101 = _imagenet("resnet101", Bottleneck, (3, 4, 23, 3))
-resnet152 = _imagenet("resnet152", Bottleneck, (3, 8, 36, 3))
+resnet18, resnet34, resnet50, resnet101, resnet152 = (_imagenet(depth) for depth in IMAGENET_LAYERS)

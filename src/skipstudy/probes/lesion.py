@@ -40,6 +40,10 @@ def _deletable(name: str, block: nn.Module) -> BlockContract:
     return contract
 
 
+def is_downsampling(block: nn.Module) -> bool:
+    return contract_of(block).shortcut == "projection"
+
+
 class DeletedBranch(nn.Module):
     """Stands in for a block whose residual branch is deleted: the block's ``without_branch(x)``
     where it has one, which keeps what follows the addition (post-activation: the ReLU) and what
@@ -77,7 +81,7 @@ def accuracy(net: nn.Module, batches: Batches) -> float:
 
 def run(ctx: ProbeContext, options: Any) -> dict[str, float]:
     net, batches = ctx.net, ctx.fixed_batches("val")
-    names, down = zip(*[(name, contract_of(b).shortcut == "projection") for name, b in residual_blocks(net)])
+    names, down = zip(*[(name, is_downsampling(b)) for name, b in residual_blocks(net)])
     n, rng = len(names), np.random.default_rng(options.seed)
 
     def accuracy_without(blocks: list[str]) -> float:
