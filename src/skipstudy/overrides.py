@@ -58,10 +58,9 @@ def register() -> None:
 
 
 def help_groups(groups: Sequence[str]) -> str:
-    """``--help``'s groups, as Hydra lists them (``group: option, ...``): ``groups``, names or a
-    command's ``hydra.runtime.choices`` (its defaults list). Hydra's ``$APP_CONFIG_GROUPS`` lists
-    every folder of ``conf/``, so ``skipstudy.train --help`` would offer the probe command's ``probe``.
-    Read from ``conf/`` alone: a config resolved outside Hydra (the tests' compose) resolves it too."""
+    """``--help``'s ``group: option, ...`` lines for ``groups`` (names, or a command's ``hydra.runtime.choices``):
+    Hydra's ``$APP_CONFIG_GROUPS`` lists every folder of ``conf/``, the probe command's ``probe`` in
+    ``skipstudy.train --help`` too. Read from ``conf/`` alone, so a config resolved outside Hydra resolves."""
     names = sorted(str(g) for g in groups if not str(g).startswith("hydra/"))
     return "\n".join(f"{g}: {', '.join(sorted(p.stem for p in (Path(conf_dir()) / g).glob('*.yaml')))}"
                      for g in names)
