@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
@@ -37,13 +38,13 @@ _LEAVE_TO_HYDRA = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-comp
 
 def register() -> None:
     """What Hydra needs from skipstudy before it composes: the resolvers of the run and probe
-    directories, the open ``trainer`` node and each option's defaults. Called by the entry points,
+    directories and of ``--help``'s groups, the open ``trainer`` node and each option's defaults. Called by the entry points,
     the SLURM launcher's job process and the tests' compose fixture, never at import. The nodes are
     top-level configs, not group options, so ``--help`` does not offer them."""
     from skipstudy.probes.checkpoint import RESOLVERS
     from skipstudy.runs.dirs import register_resolvers
 
-    register_resolvers(RESOLVERS)
+    register_resolvers({**RESOLVERS, "skipstudy.help_groups": help_groups})
     # Each option's defaults, from its one declaration (a pydantic model beside its code), as a
     # top-level node its yaml extends: `- /skipstudy.models.options.CifarResNet@_here_`.
     for schema in {*PROBE_OPTIONS.values(), *(s for options in GROUPS.values() for s in options.values())}:
@@ -54,6 +55,15 @@ def register() -> None:
     node = OmegaConf.create({})
     OmegaConf.set_struct(node, False)
     ConfigStore.instance().store(name="skipstudy_open_node", node=node)
+
+
+def help_groups(groups: Sequence[str]) -> str:
+    """``--help``'s ``group: option, ...`` lines for ``groups`` (names, or a command's ``hydra.runtime.choices``):
+    Hydra's ``$APP_CONFIG_GROUPS`` lists every folder of ``conf/``, the probe command's ``probe`` in
+    ``skipstudy.train --help`` too. Read from ``conf/`` alone, so a config resolved outside Hydra resolves."""
+    names = sorted(str(g) for g in groups if not str(g).startswith("hydra/"))
+    return "\n".join(f"{g}: {', '.join(sorted(p.stem for p in (Path(conf_dir()) / g).glob('*.yaml')))}"
+                     for g in names)
 
 
 def _values(override: Any) -> list[Any]:

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.seed import isolate_rng
 from torch.utils.data import DataLoader, DistributedSampler
 
 from skipstudy.runs.layout import EVENT_PREFIX
@@ -98,16 +99,15 @@ class EpochLoader:
         # progress counters and called set_epoch, and its RNG draws come after RunState's restore.
         resume_rng, self.resume_rng = self.resume_rng, None
         skip = int(self._done_batches()) if resume_rng is not None else 0
-        saved = rng_states()
-        self.epoch_rng = resume_rng if skip else saved
-        if skip:
-            set_rng_states(resume_rng)
-        it = iter(self.loader)
-        for _ in range(skip):
-            if next(it, None) is None:
-                break
-        if skip:  # what the replayed shuffle and skipped batches drew must not move the RNGs
-            set_rng_states(saved)
+        self.epoch_rng = resume_rng if skip else rng_states()
+        # What the replayed shuffle and the skipped batches draw must not move the RNGs.
+        with isolate_rng(include_cuda=torch.cuda.is_initialized()) if skip else contextlib.nullcontext():
+            if skip:
+                set_rng_states(resume_rng)
+            it = iter(self.loader)
+            for _ in range(skip):
+                if next(it, None) is None:
+                    break
         yield from it
 
 
