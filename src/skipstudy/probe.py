@@ -97,8 +97,7 @@ def summary_lines(result: dict[str, float]) -> list[str]:
     return lines
 
 
-@dirs.paths_quoted("ckpt", existing_only=True)
-@overrides.entry("probe")
+@overrides.entry("probe", "ckpt", existing_only=True)
 @hydra.main(config_path=conf_dir(), config_name="probe", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()

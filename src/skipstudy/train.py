@@ -54,14 +54,6 @@ def build_module(cfg: DictConfig, net: torch.nn.Module, num_classes: int, speed:
                          channels_last=speed.channels_last, compile=speed.compile)
 
 
-def make_trainer(trainer_kwargs: dict[str, Any], **own: Any) -> L.Trainer:
-    """``lightning.Trainer(**trainer_kwargs, **own)``, its refusal of a ``trainer.*`` value in one line."""
-    try:
-        return L.Trainer(**trainer_kwargs, **own)
-    except (TypeError, ValueError, MisconfigurationException) as err:
-        raise config.lightning_refusal(err) from err
-
-
 def build_callbacks(cfg: DictConfig, net: torch.nn.Module, run_dir: Path) -> tuple[list[L.Callback], Any]:
     """The Trainer's callbacks, and the one that holds the divergence verdict. Unknown monitor
     layers or probes, and probes that cannot work on ``net``, fail here."""
@@ -89,19 +81,11 @@ def build_callbacks(cfg: DictConfig, net: torch.nn.Module, run_dir: Path) -> tup
     return [*callbacks, *([report] if report else []), FinalMetrics()], guard
 
 
-def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
-    """The config flattened to TensorBoard-friendly scalars and strings."""
-    out: dict[str, Any] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-        else:
-            out[prefix] = node if isinstance(node, (bool, int, float, str)) else str(node)
-
-    walk("", OmegaConf.to_container(cfg, resolve=True))
-    return out
+def flat_hparams(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A plain config (``OmegaConf.to_container``) flattened to TensorBoard-friendly scalars and strings."""
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in flat_hparams(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node if isinstance(node, (bool, int, float, str)) else str(node)}
 
 
 def _no_tips(record: logging.LogRecord) -> bool:
@@ -149,7 +133,10 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
     logger = loggers[0]  # TensorBoard: what resume, the report and the HParams read
     trainer_kwargs = {**OmegaConf.to_container(cfg.trainer, resolve=True),
                       "precision": speed.precision, "benchmark": speed.cudnn_benchmark}
-    trainer = make_trainer(trainer_kwargs, logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir))
+    try:  # Lightning's refusal of a trainer.* value, in one line
+        trainer = L.Trainer(**trainer_kwargs, logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir))
+    except (TypeError, ValueError, MisconfigurationException) as err:
+        raise config.lightning_refusal(err) from err
     if needs_own_process(trainer):
         # DDP would re-execute this multirun's command line (the whole sweep) in ranks > 0;
         # the job runs as a single run in a fresh process instead (skipstudy/launchers/ddp.py).
@@ -166,8 +153,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
             info = dirs.with_resumes(run_dir, info, checkpoint_record(ckpt_path)[0])
         (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
         if ckpt_path is None:  # a resumed run keeps the HParams it wrote when it started
-            hparams = {**flat_hparams(cfg), **{k: v for k, v in info["resolved"].items() if v is not None}}
-            hparams["overrides"] = run_overrides
+            resolved = {k: v for k, v in info["resolved"].items() if v is not None}
+            hparams = {**flat_hparams(OmegaConf.to_container(cfg, resolve=True)), **resolved, "overrides": run_overrides}
             log_hyperparams(loggers, hparams)  # CSV, MLflow, W&B
             # TensorBoard: not Lightning's log_hyperparams(params, metrics), which logs each metric
             # at step 0, an invented point in every curve; the study's keys lead the HParams tab.
@@ -193,8 +180,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
     return metrics
 
 
-@dirs.paths_quoted("resume")
-@overrides.entry("train")
+@overrides.entry("train", "resume")
 @hydra.main(config_path=conf_dir(), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()

@@ -6,13 +6,11 @@ overrides beside it may change how the run is carried out, never what it trains)
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import platform
 import shutil
 import subprocess
-import sys
 import time
 import zipfile
 from importlib import metadata
@@ -83,20 +81,6 @@ def quote_path(argv: list[str], key: str, existing_only: bool = False) -> list[s
             arg = f"{name}='" + value.replace("'", "\\'") + "'"
         out.append(arg)
     return out
-
-
-def paths_quoted(key: str, existing_only: bool = False) -> Callable[[Callable], Callable]:
-    """Decorator for a Hydra entry point: :func:`quote_path` on ``sys.argv`` first."""
-
-    def decorate(entry: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(entry)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            sys.argv[1:] = quote_path(sys.argv[1:], key, existing_only)
-            return entry(*args, **kwargs)
-
-        return wrapper
-
-    return decorate
 
 
 def check_run_dir(resume: Any) -> Path:
@@ -187,23 +171,18 @@ def claim(run_dir: Path) -> None:
 
 def run_info() -> dict[str, Any]:
     """What produced a run: git commit, package versions, machine."""
-    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform()}
     try:
-        repo = Path(__file__).resolve().parents[3]
-        info["git_commit"] = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
-                                            text=True, timeout=10).stdout.strip() or None
+        commit = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[3]), "rev-parse", "HEAD"],
+                                capture_output=True, text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
-        info["git_commit"] = None
-    versions = {}
-    for pkg in ("skipstudy", "torch", "torchvision", "lightning", "torchmetrics", "hydra-core", "numpy"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
-    info["packages"] = versions
-    info["cuda"] = torch.version.cuda if torch.cuda.is_available() else None
-    info["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
-    return info
+        commit = None
+    installed = {d.metadata["Name"].lower(): d.version for d in metadata.distributions()}
+    cuda = torch.cuda.is_available()
+    return {"python": platform.python_version(), "platform": platform.platform(), "git_commit": commit,
+            "packages": {pkg: installed.get(pkg) for pkg in
+                         ("skipstudy", "torch", "torchvision", "lightning", "torchmetrics", "hydra-core", "numpy")},
+            "cuda": torch.version.cuda if cuda else None,
+            "device": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu"}
 
 
 def with_resumes(run_dir: Path, info: dict[str, Any], step: int | None) -> dict[str, Any]:
