@@ -93,13 +93,6 @@ def check_probe(name: Any, options: Any, key: str = "probe") -> Options:
     return validate(PROBE_OPTIONS[name], {"name": name, **options}, f"{key}.", f"probe {name}")
 
 
-def _probe_options(node: Any) -> None:
-    for name, options in node.items():
-        if name not in PROBE_OPTIONS:
-            raise unknown_key(f"probes.options.{name}", PROBE_OPTIONS, "probes.options")
-        check_probe(name, options or {}, f"probes.options.{name}")
-
-
 @functools.cache
 def signature_model(target: Any, leave_out: tuple[str, ...] = ()) -> type[Options]:
     """A pydantic model of ``target``'s keyword arguments, typed by its own annotations (lax: a
@@ -207,10 +200,11 @@ def check(cfg: DictConfig | Mapping) -> None:
     if node.get("probe") is not None:
         probe = node["probe"]
         check_probe(probe.get("name") if isinstance(probe, Mapping) else probe, probe, "probe")
-    _probe_options(top.probes.options)
-    for group, options in GROUPS.items():
-        if group not in node:
-            continue
+    for name, options in top.probes.options.items():
+        if name not in PROBE_OPTIONS:
+            raise unknown_key(f"probes.options.{name}", PROBE_OPTIONS, "probes.options")
+        check_probe(name, options or {}, f"probes.options.{name}")
+    for group in (group for group in GROUPS if group in node):
         group_node = node[group] or {}
         if not isinstance(group_node, Mapping):
             raise ConfigError(f"{group}={group_node!r} must be a group of keys; e.g. {group}=<option> (conf/{group}/)")

@@ -126,15 +126,14 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
     net = build_network(cfg, dm)
     callbacks, guard = build_callbacks(cfg, net, run_dir)
     module = build_module(cfg, net, dm.num_classes, speed)
-    initialized = HydraConfig.initialized()
     # The job's overrides: what tells the runs of a sweep apart (HParams column, logger run names).
-    run_overrides = dirs.run_name(HydraConfig.get().job.override_dirname) if initialized else ""
+    run_overrides = dirs.run_name(HydraConfig.get().job.override_dirname) if HydraConfig.initialized() else ""
     loggers = build_loggers(cfg.get("logger"), run_dir, run_overrides or run_dir.name, resumed=resuming)
     logger = loggers[0]  # TensorBoard: what resume, the report and the HParams read
-    trainer_kwargs = {**OmegaConf.to_container(cfg.trainer, resolve=True),
-                      "precision": speed.precision, "benchmark": speed.cudnn_benchmark}
     try:  # Lightning's refusal of a trainer.* value, in one line
-        trainer = L.Trainer(**trainer_kwargs, logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir))
+        trainer = L.Trainer(**{**OmegaConf.to_container(cfg.trainer, resolve=True), "precision": speed.precision,
+                               "benchmark": speed.cudnn_benchmark},
+                            logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir))
     except (TypeError, ValueError, MisconfigurationException) as err:
         raise config.lightning_refusal(err) from err
     if needs_own_process(trainer):
@@ -146,11 +145,10 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
         info = {**dirs.run_info(), "resolved": fast.record(speed, cfg)}  # the values that ran, no auto left
         if not resuming:
             dirs.claim(run_dir)  # a new run never writes into another run's directory
-        elif ckpt_path is None:  # killed before its first checkpoint: logs start over too
-            cut_logs(run_dir, None)
-            info = dirs.with_resumes(run_dir, info, None)
         else:
-            info = dirs.with_resumes(run_dir, info, checkpoint_record(ckpt_path)[0])
+            if ckpt_path is None:  # killed before its first checkpoint: logs start over too
+                cut_logs(run_dir, None)
+            info = dirs.with_resumes(run_dir, info, ckpt_path and checkpoint_record(ckpt_path)[0])
         (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
         if ckpt_path is None:  # a resumed run keeps the HParams it wrote when it started
             resolved = {k: v for k, v in info["resolved"].items() if v is not None}
@@ -189,12 +187,7 @@ def main(cfg: DictConfig) -> float | None:
             cfg = dirs.resume_config(cfg, list(hc.overrides.task))
         return train(cfg, hc.runtime.output_dir).get("val/acc")
     except ConfigError as err:
-        # In a sweep the launcher records the failure and goes on; alone, one short line.
-        if hc.mode == RunMode.MULTIRUN or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"Error: {err}", file=sys.stderr)
-        dirs.remove_if_unused(Path(hc.runtime.output_dir), cfg.get("resume"))
-        sys.exit(stopping.EXIT_CONFIG)
+        dirs.refuse(err, cfg.get("resume"))
     except stopping.Diverged as err:
         print(f"Diverged: {err}", file=sys.stderr)
         if hc.mode == RunMode.MULTIRUN:

@@ -11,6 +11,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import time
 import zipfile
 from importlib import metadata
@@ -198,16 +199,23 @@ def with_resumes(run_dir: Path, info: dict[str, Any], step: int | None) -> dict[
     return old
 
 
-def remove_if_unused(run_dir: Path, resume: Any = None) -> None:
-    """After a refused start, remove the run directory Hydra made if it holds only Hydra's own
-    files, so bad input leaves nothing behind; never the run a ``resume=`` points at."""
-    if _resumable(resume) == Path(run_dir).resolve():
-        return
-    if any(not (e.name == ".hydra" or (e.is_file() and e.suffix == ".log")) for e in run_dir.iterdir()):
-        return
-    shutil.rmtree(run_dir, ignore_errors=True)
-    for parent in (run_dir.parent, run_dir.parent.parent):  # <overrides>/ and <name>/ if now empty
-        try:
-            parent.rmdir()
-        except OSError:
-            break
+def refuse(err: ConfigError, resume: Any = None) -> None:
+    """A refused start: in a sweep raised (the launcher records it and goes on); alone one line,
+    exit status 2, and no run directory left behind (never the run ``resume=`` points at)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise err
+    print(f"Error: {err}", file=sys.stderr)
+    run_dir = Path(hc.runtime.output_dir)
+    unused = all(e.name == ".hydra" or (e.is_file() and e.suffix == ".log") for e in run_dir.iterdir())
+    if unused and _resumable(resume) != run_dir.resolve():  # only Hydra's own files
+        shutil.rmtree(run_dir, ignore_errors=True)
+        for parent in (run_dir.parent, run_dir.parent.parent):  # <overrides>/ and <name>/ if now empty
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+    sys.exit(2)

@@ -22,7 +22,6 @@ from skipstudy.runs.resume import pending_metrics
 
 log = logging.getLogger(__name__)
 
-EXIT_CONFIG = 2
 EXIT_DIVERGED = 3
 DIVERGED_TAG = "train/diverged"
 
