@@ -135,6 +135,8 @@ def _trainer(node: Mapping) -> None:
         Trainer(**node, logger=False)
     except (TypeError, ValueError, MisconfigurationException) as err:
         raise lightning_refusal(err) from None
+    finally:
+        rank_zero.setLevel(level)
     # Lightning checks the accumulation factor only when fit starts, with this callback's own check.
     accumulate = node.get("accumulate_grad_batches", 1)
     try:
@@ -142,8 +144,6 @@ def _trainer(node: Mapping) -> None:
     except (TypeError, MisconfigurationException) as err:
         raise ConfigError(f"trainer.accumulate_grad_batches={accumulate}: {str(err).splitlines()[0]} "
                           "e.g. trainer.accumulate_grad_batches=1") from None
-    finally:
-        rank_zero.setLevel(level)
 
 
 def lightning_refusal(err: Exception) -> ConfigError:

@@ -31,7 +31,7 @@ from skipstudy.errors import ConfigError
 from skipstudy.runs import dirs, fast, stopping
 from skipstudy.runs.build import build, build_datamodule, build_network
 from skipstudy.runs.layout import conf_dir
-from skipstudy.runs.loggers import build_loggers, close_loggers, log_hyperparams
+from skipstudy.runs.loggers import build_loggers, close_loggers
 from skipstudy.runs.module import LitClassifier
 from skipstudy.runs.resume import RunState, checkpoint_record, cut_logs
 from skipstudy.runs.stopping import checkpoint_callbacks
@@ -153,7 +153,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
         if ckpt_path is None:  # a resumed run keeps the HParams it wrote when it started
             resolved = {k: v for k, v in info["resolved"].items() if v is not None}
             hparams = {**flat_hparams(OmegaConf.to_container(cfg, resolve=True)), **resolved, "overrides": run_overrides}
-            log_hyperparams(loggers, hparams)  # CSV, MLflow, W&B
+            for other in loggers[1:]:  # CSV, MLflow, W&B; Hydra's own settings are not the run's
+                other.log_hyperparams({k: v for k, v in hparams.items() if not k.startswith("hydra.")})
             # TensorBoard: not Lightning's log_hyperparams(params, metrics), which logs each metric
             # at step 0, an invented point in every curve; the study's keys lead the HParams tab.
             lead = lead_keys(hparams, sweep_keys(run_dir))
