@@ -134,7 +134,7 @@ def _trainer(node: Mapping) -> None:
     try:
         Trainer(**node, logger=False)
     except (TypeError, ValueError, MisconfigurationException) as err:
-        raise lightning_refusal(err) from None
+        raise ConfigError(f"trainer: {str(err).splitlines()[0]} (conf/trainer/default.yaml lists the keys)") from None
     finally:
         rank_zero.setLevel(level)
     # Lightning checks the accumulation factor only when fit starts, with this callback's own check.
@@ -144,11 +144,6 @@ def _trainer(node: Mapping) -> None:
     except (TypeError, MisconfigurationException) as err:
         raise ConfigError(f"trainer.accumulate_grad_batches={accumulate}: {str(err).splitlines()[0]} "
                           "e.g. trainer.accumulate_grad_batches=1") from None
-
-
-def lightning_refusal(err: Exception) -> ConfigError:
-    """Lightning's refusal of a ``trainer.*`` value, in one line."""
-    return ConfigError(f"trainer: {str(err).splitlines()[0]} (conf/trainer/default.yaml lists the keys)")
 
 
 def _loggers(node: Any) -> None:
@@ -197,8 +192,7 @@ def check(cfg: DictConfig | Mapping) -> None:
         raise unknown_key(str(unknown[0]), [*Top.model_fields, *own], "the config")
     top = validate(Top, {k: v for k, v in node.items() if k not in own and (k != "probe" or v is None)}, "",
                    "the config")
-    if node.get("probe") is not None:
-        probe = node["probe"]
+    if (probe := node.get("probe")) is not None:
         check_probe(probe.get("name") if isinstance(probe, Mapping) else probe, probe, "probe")
     for name, options in top.probes.options.items():
         if name not in PROBE_OPTIONS:

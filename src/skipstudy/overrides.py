@@ -132,9 +132,8 @@ def check(args: Sequence[str], config_name: str) -> None:
 
 
 def entry(config_name: str, path_key: str, existing_only: bool = False) -> Callable[[Callable], Callable]:
-    """Decorator for a Hydra entry point: quote the path ``path_key=`` names
-    (:func:`skipstudy.runs.dirs.quote_path`), register what Hydra needs, then check ``sys.argv``
-    (a refusal is one line on stderr and exit status 2)."""
+    """Decorator for a Hydra entry point: quote the path ``path_key=`` names, register what Hydra
+    needs, then check ``sys.argv`` (a refusal is one line on stderr and exit status 2)."""
 
     def decorate(main: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(main)

@@ -21,7 +21,6 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from skipstudy import config, overrides
@@ -130,12 +129,10 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
     run_overrides = dirs.run_name(HydraConfig.get().job.override_dirname) if HydraConfig.initialized() else ""
     loggers = build_loggers(cfg.get("logger"), run_dir, run_overrides or run_dir.name, resumed=resuming)
     logger = loggers[0]  # TensorBoard: what resume, the report and the HParams read
-    try:  # Lightning's refusal of a trainer.* value, in one line
-        trainer = L.Trainer(**{**OmegaConf.to_container(cfg.trainer, resolve=True), "precision": speed.precision,
-                               "benchmark": speed.cudnn_benchmark},
-                            logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir))
-    except (TypeError, ValueError, MisconfigurationException) as err:
-        raise config.lightning_refusal(err) from err
+    # config.check built a Trainer from these trainer.* values already: Lightning's refusal came there, in one line.
+    trainer = L.Trainer(**{**OmegaConf.to_container(cfg.trainer, resolve=True), "precision": speed.precision,
+                           "benchmark": speed.cudnn_benchmark},
+                        logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir))
     if needs_own_process(trainer):
         # DDP would re-execute this multirun's command line (the whole sweep) in ranks > 0;
         # the job runs as a single run in a fresh process instead (skipstudy/launchers/ddp.py).

@@ -52,8 +52,7 @@ def _resumable(resume: Any) -> Path | None:
 def resume_dir(resume: Any, default: str) -> str:
     """``hydra.run.dir``: the run to resume, else the new run's directory (a bad ``resume=`` is
     refused later by :func:`resume_config`: a resolver cannot print a short error)."""
-    path = _resumable(resume)
-    return str(path) if path is not None else default
+    return str(_resumable(resume) or default)
 
 
 def resume_subdir(resume: Any, stamp: str) -> str:
