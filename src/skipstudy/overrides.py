@@ -30,7 +30,7 @@ from skipstudy.runs.dirs import quote_path
 from skipstudy.runs.layout import conf_dir
 
 # Hydra's flags that take a value (the next word is not an override).
-_VALUED_FLAGS = {"--cfg", "-c", "--package", "-p", "--resolve", "--experimental-rerun"}
+_VALUED_FLAGS = {"--cfg", "-c", "--package", "-p", "--experimental-rerun"}
 # With these Hydra prints something and exits, or reads configs from elsewhere: nothing to check.
 _LEAVE_TO_HYDRA = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc",
                    "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--version"}
