@@ -117,6 +117,15 @@ def test_a_misspelt_key_or_option_is_one_line_naming_the_closest(typo, tmp_path)
     assert_refused(proc, tmp_path)
 
 
+def test_a_misspelt_key_after_a_flag_without_a_value_is_refused(tmp_path):
+    """``--resolve`` (beside ``--cfg``) takes no value: the override after it is still checked."""
+    from skipstudy import overrides
+    from skipstudy.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^model\.skp is not a key of model; did you mean model\.skip\?"):
+        overrides.check(["--cfg", "job", "--resolve", "model.skp=false"], "train")
+
+
 def _misspelt(name: str) -> str:
     """A short name with its last letter twice (lr -> lrr), a longer one with its last letter changed."""
     return name + name[-1] if len(name) <= 3 else name[:-1] + ("z" if name[-1] != "z" else "y")

@@ -93,13 +93,6 @@ def check_probe(name: Any, options: Any, key: str = "probe") -> Options:
     return validate(PROBE_OPTIONS[name], {"name": name, **options}, f"{key}.", f"probe {name}")
 
 
-def _probe_options(node: Any) -> None:
-    for name, options in node.items():
-        if name not in PROBE_OPTIONS:
-            raise unknown_key(f"probes.options.{name}", PROBE_OPTIONS, "probes.options")
-        check_probe(name, options or {}, f"probes.options.{name}")
-
-
 @functools.cache
 def signature_model(target: Any, leave_out: tuple[str, ...] = ()) -> type[Options]:
     """A pydantic model of ``target``'s keyword arguments, typed by its own annotations (lax: a
@@ -141,7 +134,9 @@ def _trainer(node: Mapping) -> None:
     try:
         Trainer(**node, logger=False)
     except (TypeError, ValueError, MisconfigurationException) as err:
-        raise lightning_refusal(err) from None
+        raise ConfigError(f"trainer: {str(err).splitlines()[0]} (conf/trainer/default.yaml lists the keys)") from None
+    finally:
+        rank_zero.setLevel(level)
     # Lightning checks the accumulation factor only when fit starts, with this callback's own check.
     accumulate = node.get("accumulate_grad_batches", 1)
     try:
@@ -149,13 +144,6 @@ def _trainer(node: Mapping) -> None:
     except (TypeError, MisconfigurationException) as err:
         raise ConfigError(f"trainer.accumulate_grad_batches={accumulate}: {str(err).splitlines()[0]} "
                           "e.g. trainer.accumulate_grad_batches=1") from None
-    finally:
-        rank_zero.setLevel(level)
-
-
-def lightning_refusal(err: Exception) -> ConfigError:
-    """Lightning's refusal of a ``trainer.*`` value, in one line."""
-    return ConfigError(f"trainer: {str(err).splitlines()[0]} (conf/trainer/default.yaml lists the keys)")
 
 
 def _loggers(node: Any) -> None:
@@ -204,13 +192,13 @@ def check(cfg: DictConfig | Mapping) -> None:
         raise unknown_key(str(unknown[0]), [*Top.model_fields, *own], "the config")
     top = validate(Top, {k: v for k, v in node.items() if k not in own and (k != "probe" or v is None)}, "",
                    "the config")
-    if node.get("probe") is not None:
-        probe = node["probe"]
+    if (probe := node.get("probe")) is not None:
         check_probe(probe.get("name") if isinstance(probe, Mapping) else probe, probe, "probe")
-    _probe_options(top.probes.options)
-    for group, options in GROUPS.items():
-        if group not in node:
-            continue
+    for name, options in top.probes.options.items():
+        if name not in PROBE_OPTIONS:
+            raise unknown_key(f"probes.options.{name}", PROBE_OPTIONS, "probes.options")
+        check_probe(name, options or {}, f"probes.options.{name}")
+    for group in (group for group in GROUPS if group in node):
         group_node = node[group] or {}
         if not isinstance(group_node, Mapping):
             raise ConfigError(f"{group}={group_node!r} must be a group of keys; e.g. {group}=<option> (conf/{group}/)")

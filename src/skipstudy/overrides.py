@@ -27,10 +27,11 @@ from skipstudy.config import GROUPS
 from skipstudy.keys import closest, defaults, unknown_key
 from skipstudy.probes.options import PROBE_OPTIONS
 from skipstudy.errors import ConfigError
+from skipstudy.runs.dirs import quote_path
 from skipstudy.runs.layout import conf_dir
 
 # Hydra's flags that take a value (the next word is not an override).
-_VALUED_FLAGS = {"--cfg", "-c", "--package", "-p", "--resolve", "--experimental-rerun"}
+_VALUED_FLAGS = {"--cfg", "-c", "--package", "-p", "--experimental-rerun"}
 # With these Hydra prints something and exits, or reads configs from elsewhere: nothing to check.
 _LEAVE_TO_HYDRA = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc",
                    "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--version"}
@@ -140,13 +141,14 @@ def check(args: Sequence[str], config_name: str) -> None:
             raise err
 
 
-def entry(config_name: str) -> Callable[[Callable], Callable]:
-    """Decorator for a Hydra entry point: register what Hydra needs, then check ``sys.argv``
-    (a refusal is one line on stderr and exit status 2)."""
+def entry(config_name: str, path_key: str, existing_only: bool = False) -> Callable[[Callable], Callable]:
+    """Decorator for a Hydra entry point: quote the path ``path_key=`` names, register what Hydra
+    needs, then check ``sys.argv`` (a refusal is one line on stderr and exit status 2)."""
 
     def decorate(main: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(main)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
+            sys.argv[1:] = quote_path(sys.argv[1:], path_key, existing_only)
             register()
             try:
                 check(sys.argv[1:], config_name)

@@ -10,14 +10,12 @@ nets at initialisation: ``python -m skipstudy.probe -m probe=shattering model.sk
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
@@ -82,34 +80,24 @@ ACCURACY = {"_se": "± {:.2g}", "_error": "(error {:.2g})", "_residual": "(resid
 
 def summary_lines(result: dict[str, float]) -> list[str]:
     """One line per value of ``result``, its accuracy beside it: ``  top_eig: -18.63 (residual 4.1e-04)``."""
-    def accuracy_key(key: str, suffix: str) -> str:
+    def beside(key: str, suffix: str) -> str:
         base, slash, stage = key.partition("/")
         return f"{base}{suffix}{slash}{stage}"
 
-    beside = {accuracy_key(key, suffix) for key in result for suffix in ACCURACY} & set(result)
-    lines = []
-    for key, value in result.items():
-        if key in beside:
-            continue
-        extra = [form.format(result[accuracy_key(key, suffix)]) for suffix, form in ACCURACY.items()
-                 if accuracy_key(key, suffix) in result]
-        lines.append(" ".join([f"  {key}: {value:.4g}", *extra]))
-    return lines
+    accuracies = {beside(key, suffix) for key in result for suffix in ACCURACY}
+    return [" ".join([f"  {key}: {value:.4g}", *(form.format(result[beside(key, suffix)])
+                                                  for suffix, form in ACCURACY.items() if beside(key, suffix) in result)])
+            for key, value in result.items() if key not in accuracies]
 
 
-@dirs.paths_quoted("ckpt", existing_only=True)
-@overrides.entry("probe")
+@overrides.entry("probe", "ckpt", existing_only=True)
 @hydra.main(config_path=conf_dir(), config_name="probe", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     try:
         result = run_probe(cfg, hc.runtime.output_dir, list(hc.overrides.task))
     except ConfigError as err:
-        if hc.mode == RunMode.MULTIRUN or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"Error: {err}", file=sys.stderr)
-        dirs.remove_if_unused(Path(hc.runtime.output_dir))  # a refused start leaves no directory behind
-        sys.exit(2)
+        dirs.refuse(err)
     return next(iter(result.values()), None)
 
 

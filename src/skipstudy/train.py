@@ -21,7 +21,6 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from skipstudy import config, overrides
@@ -31,7 +30,7 @@ from skipstudy.errors import ConfigError
 from skipstudy.runs import dirs, fast, stopping
 from skipstudy.runs.build import build, build_datamodule, build_network
 from skipstudy.runs.layout import conf_dir
-from skipstudy.runs.loggers import build_loggers, close_loggers, log_hyperparams
+from skipstudy.runs.loggers import build_loggers, close_loggers
 from skipstudy.runs.module import LitClassifier
 from skipstudy.runs.resume import RunState, checkpoint_record, cut_logs
 from skipstudy.runs.stopping import checkpoint_callbacks
@@ -52,14 +51,6 @@ def build_module(cfg: DictConfig, net: torch.nn.Module, num_classes: int, speed:
         scheduler = instantiate(sched_cfg)
     return LitClassifier(net, num_classes, instantiate(cfg.optimizer), scheduler, scheduler_interval=interval,
                          channels_last=speed.channels_last, compile=speed.compile)
-
-
-def make_trainer(trainer_kwargs: dict[str, Any], **own: Any) -> L.Trainer:
-    """``lightning.Trainer(**trainer_kwargs, **own)``, its refusal of a ``trainer.*`` value in one line."""
-    try:
-        return L.Trainer(**trainer_kwargs, **own)
-    except (TypeError, ValueError, MisconfigurationException) as err:
-        raise config.lightning_refusal(err) from err
 
 
 def build_callbacks(cfg: DictConfig, net: torch.nn.Module, run_dir: Path) -> tuple[list[L.Callback], Any]:
@@ -89,19 +80,11 @@ def build_callbacks(cfg: DictConfig, net: torch.nn.Module, run_dir: Path) -> tup
     return [*callbacks, *([report] if report else []), FinalMetrics()], guard
 
 
-def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
-    """The config flattened to TensorBoard-friendly scalars and strings."""
-    out: dict[str, Any] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-        else:
-            out[prefix] = node if isinstance(node, (bool, int, float, str)) else str(node)
-
-    walk("", OmegaConf.to_container(cfg, resolve=True))
-    return out
+def flat_hparams(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A plain config (``OmegaConf.to_container``) flattened to TensorBoard-friendly scalars and strings."""
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in flat_hparams(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node if isinstance(node, (bool, int, float, str)) else str(node)}
 
 
 def _no_tips(record: logging.LogRecord) -> bool:
@@ -142,14 +125,14 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
     net = build_network(cfg, dm)
     callbacks, guard = build_callbacks(cfg, net, run_dir)
     module = build_module(cfg, net, dm.num_classes, speed)
-    initialized = HydraConfig.initialized()
     # The job's overrides: what tells the runs of a sweep apart (HParams column, logger run names).
-    run_overrides = dirs.run_name(HydraConfig.get().job.override_dirname) if initialized else ""
+    run_overrides = dirs.run_name(HydraConfig.get().job.override_dirname) if HydraConfig.initialized() else ""
     loggers = build_loggers(cfg.get("logger"), run_dir, run_overrides or run_dir.name, resumed=resuming)
     logger = loggers[0]  # TensorBoard: what resume, the report and the HParams read
-    trainer_kwargs = {**OmegaConf.to_container(cfg.trainer, resolve=True),
-                      "precision": speed.precision, "benchmark": speed.cudnn_benchmark}
-    trainer = make_trainer(trainer_kwargs, logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir))
+    # config.check built a Trainer from these trainer.* values already: Lightning's refusal came there, in one line.
+    trainer = L.Trainer(**{**OmegaConf.to_container(cfg.trainer, resolve=True), "precision": speed.precision,
+                           "benchmark": speed.cudnn_benchmark},
+                        logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir))
     if needs_own_process(trainer):
         # DDP would re-execute this multirun's command line (the whole sweep) in ranks > 0;
         # the job runs as a single run in a fresh process instead (skipstudy/launchers/ddp.py).
@@ -159,16 +142,16 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
         info = {**dirs.run_info(), "resolved": fast.record(speed, cfg)}  # the values that ran, no auto left
         if not resuming:
             dirs.claim(run_dir)  # a new run never writes into another run's directory
-        elif ckpt_path is None:  # killed before its first checkpoint: logs start over too
-            cut_logs(run_dir, None)
-            info = dirs.with_resumes(run_dir, info, None)
         else:
-            info = dirs.with_resumes(run_dir, info, checkpoint_record(ckpt_path)[0])
+            if ckpt_path is None:  # killed before its first checkpoint: logs start over too
+                cut_logs(run_dir, None)
+            info = dirs.with_resumes(run_dir, info, ckpt_path and checkpoint_record(ckpt_path)[0])
         (run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
         if ckpt_path is None:  # a resumed run keeps the HParams it wrote when it started
-            hparams = {**flat_hparams(cfg), **{k: v for k, v in info["resolved"].items() if v is not None}}
-            hparams["overrides"] = run_overrides
-            log_hyperparams(loggers, hparams)  # CSV, MLflow, W&B
+            resolved = {k: v for k, v in info["resolved"].items() if v is not None}
+            hparams = {**flat_hparams(OmegaConf.to_container(cfg, resolve=True)), **resolved, "overrides": run_overrides}
+            for other in loggers[1:]:  # CSV, MLflow, W&B; Hydra's own settings are not the run's
+                other.log_hyperparams({k: v for k, v in hparams.items() if not k.startswith("hydra.")})
             # TensorBoard: not Lightning's log_hyperparams(params, metrics), which logs each metric
             # at step 0, an invented point in every curve; the study's keys lead the HParams tab.
             lead = lead_keys(hparams, sweep_keys(run_dir))
@@ -193,8 +176,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
     return metrics
 
 
-@dirs.paths_quoted("resume")
-@overrides.entry("train")
+@overrides.entry("train", "resume")
 @hydra.main(config_path=conf_dir(), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
@@ -203,12 +185,7 @@ def main(cfg: DictConfig) -> float | None:
             cfg = dirs.resume_config(cfg, list(hc.overrides.task))
         return train(cfg, hc.runtime.output_dir).get("val/acc")
     except ConfigError as err:
-        # In a sweep the launcher records the failure and goes on; alone, one short line.
-        if hc.mode == RunMode.MULTIRUN or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"Error: {err}", file=sys.stderr)
-        dirs.remove_if_unused(Path(hc.runtime.output_dir), cfg.get("resume"))
-        sys.exit(stopping.EXIT_CONFIG)
+        dirs.refuse(err, cfg.get("resume"))
     except stopping.Diverged as err:
         print(f"Diverged: {err}", file=sys.stderr)
         if hc.mode == RunMode.MULTIRUN:

@@ -146,15 +146,18 @@ class PoolLauncher(Launcher):
                     pool_dir / f"job{idx}.json", label)
 
     def _run(self, job: _Job) -> None:
+        from skipstudy.launchers.jobs import failure_reason
+        from skipstudy.runs.stopping import EXIT_DIVERGED
+
         with self._free_gpus.take() as gpus:
             if self._stopping:
                 job.status, job.reason = "cancelled", "sweep interrupted"
                 return
             job.gpus, job.started = gpus, time.time()
             log.info(f"\t#{job.idx} : {job.label} : started on {'GPU ' + ','.join(gpus) if gpus else 'CPU'}")
-            env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(gpus),  # "": CPU jobs touch no GPU
+            env = {"OMP_NUM_THREADS": str(self._cpu_threads), **os.environ,
+                   "CUDA_VISIBLE_DEVICES": ",".join(gpus),  # "": CPU jobs touch no GPU
                    "PYTHONUNBUFFERED": "1", RETURN_ENV: str(job.return_file)}  # unbuffered: the log is current
-            env.setdefault("OMP_NUM_THREADS", str(self._cpu_threads))
             job.log_file.parent.mkdir(parents=True, exist_ok=True)
             job.return_file.unlink(missing_ok=True)
             with open(job.log_file, "ab") as out:
@@ -165,12 +168,6 @@ class PoolLauncher(Launcher):
                 job.returncode = proc.wait()
                 self._procs.discard(proc)
             job.ended = time.time()
-        self._finish(job)
-
-    def _finish(self, job: _Job) -> None:
-        from skipstudy.launchers.jobs import failure_reason
-        from skipstudy.runs.stopping import EXIT_DIVERGED
-
         seconds = job.ended - job.started
         if job.returncode == 0:
             result = json.loads(job.return_file.read_text()) if job.return_file.is_file() else {}
@@ -178,13 +175,11 @@ class PoolLauncher(Launcher):
             log.info(f"\t#{job.idx} : {job.label} : done in {seconds:.1f} s")
             return
         job.reason = failure_reason(job.log_file.read_text(errors="replace"), job.returncode)
-        if job.returncode == EXIT_DIVERGED:
-            # As under the basic launcher, a diverged run (a deep plain net) counts as done.
-            job.status = "diverged"
-            log.warning(f"\t#{job.idx} : {job.label} : diverged after {seconds:.1f} s: {job.reason}")
-            return
-        job.status = "failed"
-        log.error(f"\t#{job.idx} : {job.label} : FAILED after {seconds:.1f} s: {job.reason}")
+        # As under the basic launcher, a diverged run (a deep plain net) counts as done.
+        job.status = "diverged" if job.returncode == EXIT_DIVERGED else "failed"
+        (log.warning if job.status == "diverged" else log.error)(
+            f"\t#{job.idx} : {job.label} : {job.status.upper() if job.status == 'failed' else job.status} "
+            f"after {seconds:.1f} s: {job.reason}")
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         setup_globals()

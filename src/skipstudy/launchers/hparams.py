@@ -17,32 +17,23 @@ SWEEP_FILE = "multirun.yaml"  # Hydra writes it into the sweep directory before 
 STUDY_PREFIXES = ("model.",)
 
 
-def _sweep_overrides(items: list[str]) -> list[str]:
-    """The keys of the sweep overrides (``model.depth=20,56``, ``seed=range(3)``) among ``items``,
-    as Hydra's own parser reads them."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    try:
-        parsed = OverridesParser.create().parse_overrides(items)
-    except Exception as err:  # noqa: BLE001 - the sweep ran with them; a parse failure here only loses the order
-        log.debug("could not parse the sweep's overrides %s: %s", items, err)
-        return []
-    return [o.key_or_group for o in parsed if o.is_sweep_override()]
-
-
 def sweep_keys(run_dir: str | Path) -> list[str]:
     """The keys the sweep holding ``run_dir`` varies (command line and ``hydra.sweeper.params``),
-    read from the sweep's ``multirun.yaml``; empty for a single run."""
+    read from the sweep's ``multirun.yaml`` with Hydra's own parser; empty for a single run."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     path = Path(run_dir).parent / SWEEP_FILE
-    try:
-        doc = yaml.safe_load(path.read_text()) if path.is_file() else None
-    except (OSError, yaml.YAMLError):
+    if not path.is_file():
         return []
-    hydra = (doc or {}).get("hydra") or {}
-    task = [str(o) for o in ((hydra.get("overrides") or {}).get("task") or [])]
-    params = (hydra.get("sweeper") or {}).get("params") or {}
-    keys = _sweep_overrides(task) + _sweep_overrides([f"{k}={v}" for k, v in params.items()])
-    return list(dict.fromkeys(keys))
+    try:
+        hydra = (yaml.safe_load(path.read_text()) or {}).get("hydra") or {}
+        items = [*map(str, (hydra.get("overrides") or {}).get("task") or []),
+                 *(f"{k}={v}" for k, v in ((hydra.get("sweeper") or {}).get("params") or {}).items())]
+        parsed = OverridesParser.create().parse_overrides(items)
+    except Exception as err:  # noqa: BLE001 - the sweep ran with them; a failure here only loses the order
+        log.debug("could not read the sweep's overrides in %s: %s", path, err)
+        return []
+    return list(dict.fromkeys(o.key_or_group for o in parsed if o.is_sweep_override()))
 
 
 def lead_keys(hparams: dict[str, Any], varied: list[str]) -> list[str]:

@@ -6,7 +6,6 @@ overrides beside it may change how the run is carried out, never what it trains)
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import platform
@@ -53,8 +52,7 @@ def _resumable(resume: Any) -> Path | None:
 def resume_dir(resume: Any, default: str) -> str:
     """``hydra.run.dir``: the run to resume, else the new run's directory (a bad ``resume=`` is
     refused later by :func:`resume_config`: a resolver cannot print a short error)."""
-    path = _resumable(resume)
-    return str(path) if path is not None else default
+    return str(_resumable(resume) or default)
 
 
 def resume_subdir(resume: Any, stamp: str) -> str:
@@ -83,20 +81,6 @@ def quote_path(argv: list[str], key: str, existing_only: bool = False) -> list[s
             arg = f"{name}='" + value.replace("'", "\\'") + "'"
         out.append(arg)
     return out
-
-
-def paths_quoted(key: str, existing_only: bool = False) -> Callable[[Callable], Callable]:
-    """Decorator for a Hydra entry point: :func:`quote_path` on ``sys.argv`` first."""
-
-    def decorate(entry: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(entry)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            sys.argv[1:] = quote_path(sys.argv[1:], key, existing_only)
-            return entry(*args, **kwargs)
-
-        return wrapper
-
-    return decorate
 
 
 def check_run_dir(resume: Any) -> Path:
@@ -187,23 +171,18 @@ def claim(run_dir: Path) -> None:
 
 def run_info() -> dict[str, Any]:
     """What produced a run: git commit, package versions, machine."""
-    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform()}
     try:
-        repo = Path(__file__).resolve().parents[3]
-        info["git_commit"] = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
-                                            text=True, timeout=10).stdout.strip() or None
+        commit = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[3]), "rev-parse", "HEAD"],
+                                capture_output=True, text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
-        info["git_commit"] = None
-    versions = {}
-    for pkg in ("skipstudy", "torch", "torchvision", "lightning", "torchmetrics", "hydra-core", "numpy"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
-    info["packages"] = versions
-    info["cuda"] = torch.version.cuda if torch.cuda.is_available() else None
-    info["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
-    return info
+        commit = None
+    installed = {d.metadata["Name"].lower(): d.version for d in metadata.distributions()}
+    cuda = torch.cuda.is_available()
+    return {"python": platform.python_version(), "platform": platform.platform(), "git_commit": commit,
+            "packages": {pkg: installed.get(pkg) for pkg in
+                         ("skipstudy", "torch", "torchvision", "lightning", "torchmetrics", "hydra-core", "numpy")},
+            "cuda": torch.version.cuda if cuda else None,
+            "device": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu"}
 
 
 def with_resumes(run_dir: Path, info: dict[str, Any], step: int | None) -> dict[str, Any]:
@@ -219,16 +198,23 @@ def with_resumes(run_dir: Path, info: dict[str, Any], step: int | None) -> dict[
     return old
 
 
-def remove_if_unused(run_dir: Path, resume: Any = None) -> None:
-    """After a refused start, remove the run directory Hydra made if it holds only Hydra's own
-    files, so bad input leaves nothing behind; never the run a ``resume=`` points at."""
-    if _resumable(resume) == Path(run_dir).resolve():
-        return
-    if any(not (e.name == ".hydra" or (e.is_file() and e.suffix == ".log")) for e in run_dir.iterdir()):
-        return
-    shutil.rmtree(run_dir, ignore_errors=True)
-    for parent in (run_dir.parent, run_dir.parent.parent):  # <overrides>/ and <name>/ if now empty
-        try:
-            parent.rmdir()
-        except OSError:
-            break
+def refuse(err: ConfigError, resume: Any = None) -> None:
+    """A refused start: in a sweep raised (the launcher records it and goes on); alone one line,
+    exit status 2, and no run directory left behind (never the run ``resume=`` points at)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise err
+    print(f"Error: {err}", file=sys.stderr)
+    run_dir = Path(hc.runtime.output_dir)
+    unused = all(e.name == ".hydra" or (e.is_file() and e.suffix == ".log") for e in run_dir.iterdir())
+    if unused and _resumable(resume) != run_dir.resolve():  # only Hydra's own files
+        shutil.rmtree(run_dir, ignore_errors=True)
+        for parent in (run_dir.parent, run_dir.parent.parent):  # <overrides>/ and <name>/ if now empty
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+    sys.exit(2)

@@ -34,9 +34,7 @@ class FastSettings:
 def resolve(cfg: DictConfig) -> FastSettings:
     trainer, fast = cfg.trainer, cfg.get("fast") or {}
     on_cuda = torch.cuda.is_available() and str(trainer.get("accelerator", "auto")).lower() in ("auto", "gpu", "cuda")
-    precision = trainer.get("precision")
-    if precision is None:
-        precision = "bf16-mixed" if on_cuda and torch.cuda.is_bf16_supported() else "32-true"
+    precision = trainer.get("precision") or ("bf16-mixed" if on_cuda and torch.cuda.is_bf16_supported() else "32-true")
     benchmark = trainer.get("benchmark")
     if benchmark is None:  # its algorithm choice may differ between runs: never when deterministic
         benchmark = on_cuda and not trainer.get("deterministic", False)

@@ -50,14 +50,6 @@ def _placed(name: str, spec: dict[str, Any], run_dir: Path, run_name: str, resum
     return {}
 
 
-def log_hyperparams(loggers: list[Logger], hparams: dict[str, Any]) -> None:
-    """The flattened config to every logger but TensorBoard (which gets its HParams summary with
-    the study's keys first from ``train.py``)."""
-    hparams = {k: v for k, v in hparams.items() if not k.startswith("hydra.")}  # Hydra's own settings: not the run's
-    for logger in loggers[1:]:
-        logger.log_hyperparams(hparams)
-
-
 def close_loggers(loggers: list[Logger]) -> None:
     """End the W&B run of this training: jobs of a sweep that run in one process (Hydra's basic
     launcher) would otherwise all log into the first job's run, which WandbLogger reuses."""

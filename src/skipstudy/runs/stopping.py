@@ -22,7 +22,6 @@ from skipstudy.runs.resume import pending_metrics
 
 log = logging.getLogger(__name__)
 
-EXIT_CONFIG = 2
 EXIT_DIVERGED = 3
 DIVERGED_TAG = "train/diverged"
 
@@ -191,7 +190,12 @@ class DivergenceGuard(Callback):
         if not bool(bad.any()):  # the one host sync of the check
             return
         step = trainer.global_step
-        layer = _first_layer(named, bad)
+        # Where non-finiteness shows first in computation order: a non-finite weight (forward order)
+        # if any, else the non-finite gradient nearest the loss (backward order), named relative to
+        # LitClassifier.net as the gradient monitor names it.
+        index = next((i for i, (_, p) in enumerate(named) if not bool(p.detach().isfinite().all())),
+                     int(bad.nonzero()[-1]))
+        layer = named[index][0].rpartition(".")[0].removeprefix("net.")
         self.nonfinite_steps.append(step)
         message = f"non-finite gradient at step {step}, first layer {layer}"
         if self.on_nonfinite == "warn":
@@ -210,13 +214,3 @@ class DivergenceGuard(Callback):
         for p in pl_module.parameters():  # skip the poisoned update
             p.grad = None
         trainer.should_stop = True
-
-
-def _first_layer(named: list[tuple[str, torch.nn.Parameter]], bad: torch.Tensor) -> str:
-    """Where non-finiteness shows first in computation order: a non-finite weight (forward
-    order) if any, else the non-finite gradient nearest the loss (backward order), as the
-    gradient monitor names it, relative to ``LitClassifier.net``."""
-    with torch.no_grad():
-        weight_bad = ~torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm([p for _, p in named])]))
-    index = int(weight_bad.nonzero()[0]) if bool(weight_bad.any()) else int(bad.nonzero()[-1])
-    return named[index][0].rpartition(".")[0].removeprefix("net.")
