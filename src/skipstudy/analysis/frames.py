@@ -31,8 +31,7 @@ def load_runs(path: str | os.PathLike | list[str | os.PathLike]) -> pd.DataFrame
     keys = list(dict.fromkeys(settings.override_key(o) for run in runs for o in run.overrides))
     frames = []
     for run in runs:
-        given = {settings.override_key(o): o for o in run.overrides}
-        own = {k: settings.setting(run, given.get(k, f"{k}=")) for k in keys}
+        own = {k: settings.setting(run, k) for k in keys}
         for tag, series in run.scalars.items():
             frames.append(pd.DataFrame({
                 "run": run.name, "path": str(run.path), **own,

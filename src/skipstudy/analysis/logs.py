@@ -11,6 +11,7 @@ import math
 import os
 import re
 import warnings
+from logging.handlers import BufferingHandler
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,20 +199,6 @@ def find_run_dirs(path: str | os.PathLike) -> tuple[list[Path], list[Path]]:
     return runs, pending
 
 
-class _DataLoss(logging.Handler):
-    """TensorBoard's loader logs a bad record at debug level and treats it as the end of the
-    file. A cut last record is normal (a run still writing, or killed); a failed CRC check is
-    a damaged file, which the report names."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.errors: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.msg.startswith("Truncated record") and "crc32 check" in str(record.args[-1]):
-            self.errors.append(str(record.args[-1]).rsplit(" ", 3)[-3])  # "header"/"event"
-
-
 def _read_events(run_dir: Path):
     """Scalars, histograms and HParams of each event file in ``run_dir`` (one at a time: tbparse
     on the directory would parse checkpoints too), and the files found damaged."""
@@ -220,9 +207,13 @@ def _read_events(run_dir: Path):
 
     scalars, hists, hparams, damaged = [], [], {}, []
     tb_log = logging.getLogger("tensorboard")
+    level, propagate = tb_log.level, tb_log.propagate
     for path in _event_files(run_dir):
-        handler, level, propagate = _DataLoss(), tb_log.level, tb_log.propagate
-        tb_log.addHandler(handler)
+        # TensorBoard's loader logs a bad record at debug level and treats it as the end of the
+        # file. A cut last record is normal (a run still writing, or killed); a failed CRC check
+        # is a damaged file, which the report names.
+        caught = BufferingHandler(capacity=1 << 30)
+        tb_log.addHandler(caught)
         tb_log.setLevel(logging.DEBUG)
         tb_log.propagate = False
         try:
@@ -235,12 +226,14 @@ def _read_events(run_dir: Path):
             damaged.append(f"{path}: unreadable ({type(err).__name__}: {err})")
             continue
         finally:
-            tb_log.removeHandler(handler)
+            tb_log.removeHandler(caught)
             tb_log.setLevel(level)
             tb_log.propagate = propagate
-        if handler.errors:
+        crc = [str(r.args[-1]).rsplit(" ", 3)[-3] for r in caught.buffer  # "header"/"event"
+               if r.msg.startswith("Truncated record") and "crc32 check" in str(r.args[-1])]
+        if crc:
             n = len(s) + len(h)
-            damaged.append(f"{path}: damaged ({path.stat().st_size} bytes; a record fails its {handler.errors[0]} "
+            damaged.append(f"{path}: damaged ({path.stat().st_size} bytes; a record fails its {crc[0]} "
                            f"CRC check; {f'the {n} values before it are used' if n else 'nothing before it'})")
         if not s.empty:
             # The order a file first wrote its tags in is the monitor's forward layer order.
@@ -248,8 +241,7 @@ def _read_events(run_dir: Path):
             scalars.append(s)
         if not h.empty:
             hists.append(h)
-        if not hp.empty:
-            hparams.update(zip(hp["tag"], hp["value"]))
+        hparams.update(zip(hp["tag"], hp["value"]) if not hp.empty else ())
     scalars, hists = (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame() for frames in (scalars, hists))
     return scalars, hists, hparams, damaged
 

@@ -112,7 +112,7 @@ def table_columns(keys: list[str]) -> tuple[str, ...]:
 def summary_rows(runs: list[Run], keys: list[str] = ()) -> list[dict[str, Any]]:
     """A row per run; ``keys``: override keys to add as columns (:func:`settings.varying_keys`)."""
     return [{
-        **{key: setting(run, next((o for o in run.overrides if override_key(o) == key), f"{key}=")) for key in keys},
+        **{key: setting(run, key) for key in keys},
         "run": run.name, "overrides": " ".join(run.overrides), "skip": run.skip, "depth": run.depth,
         "epochs": run.epochs_done, "steps": run.num_steps,
         # None (blank) when nothing was logged; NaN (shown) when the loss itself is NaN.
