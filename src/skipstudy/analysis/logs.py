@@ -73,8 +73,7 @@ class Run:
 
     @property
     def skip(self) -> bool | None:
-        value = self.option("model.skip")
-        return None if value is None else bool(value)
+        return None if (value := self.option("model.skip")) is None else bool(value)
 
     @property
     def depth(self) -> int | None:
@@ -268,33 +267,29 @@ def load_run(run_dir: str | os.PathLike) -> Run:
     run_dir = Path(run_dir)
     run = Run(path=run_dir, name=run_dir.name)
     scalars, hists, hparams, run.damaged = _read_events(run_dir)
-    config = _read(run_dir / ".hydra" / "config.yaml", yaml.safe_load)
-    if not isinstance(config, dict):  # no .hydra/: the flattened config train.py wrote as HParams
+    run.config = _read(run_dir / ".hydra" / "config.yaml", yaml.safe_load)
+    if not isinstance(run.config, dict):  # no .hydra/: the flattened config train.py wrote as HParams
         nested = OmegaConf.create()
         for key, value in hparams.items():
             OmegaConf.update(nested, str(key), value, force_add=True)
-        config = OmegaConf.to_container(nested)  # unresolved, as .hydra/config.yaml is read
-    run.config = config
+        run.config = OmegaConf.to_container(nested)  # unresolved, as .hydra/config.yaml is read
     overrides = _read(run_dir / ".hydra" / "overrides.yaml", yaml.safe_load)
-    run.overrides = [str(o) for o in overrides] if isinstance(overrides, list) else []
+    run.overrides = list(map(str, overrides)) if isinstance(overrides, list) else []
 
     tag_order: list[str] = []
     if not scalars.empty:
         # A resumed run rewrites the steps after its last checkpoint in a new event file; the
         # later write of a (tag, step) counts.
         scalars = scalars.sort_values(["tag", "step", "wall_time"], kind="stable").drop_duplicates(["tag", "step"], keep="last")
-        for tag, g in scalars.groupby("tag", sort=False):
-            run.scalars[str(tag)] = Series(g["step"].to_numpy(np.int64), g["value"].to_numpy(np.float64))
+        run.scalars = {str(tag): Series(g["step"].to_numpy(np.int64), g["value"].to_numpy(np.float64))
+                       for tag, g in scalars.groupby("tag", sort=False)}
         run.wall_time = float(scalars["wall_time"].max() - scalars["wall_time"].min())
         tag_order = list(scalars.groupby("tag")["order"].min().sort_values(kind="stable").index)
-    if not hists.empty:
-        for tag, g in hists.sort_values(["tag", "step"], kind="stable").groupby("tag", sort=False):
-            # TensorBoard stores right bucket edges; the first bucket starts at `min`.
-            items = [Histogram(int(r.step), np.concatenate(([min(r.min, r.limits[0])], r.limits)).astype(np.float64),
-                               np.asarray(r.counts, dtype=np.float64))
-                     for r in g.itertuples(index=False) if len(r.counts) and np.isfinite(r.min)]
-            if items:
-                run.histograms[str(tag)] = items
+    # TensorBoard stores right bucket edges; the first bucket starts at `min`.
+    for r in hists.sort_values(["tag", "step"], kind="stable").itertuples(index=False) if not hists.empty else ():
+        if len(r.counts) and np.isfinite(r.min):
+            edges = np.concatenate(([min(r.min, r.limits[0])], r.limits)).astype(np.float64)
+            run.histograms.setdefault(str(r.tag), []).append(Histogram(int(r.step), edges, np.asarray(r.counts, float)))
 
     export = read_export(run_dir) or {}
     # Without the export, the names after the first quantity present, in the order first written.
@@ -307,11 +302,9 @@ def load_run(run_dir: str | os.PathLike) -> Run:
         run.epoch_steps, first = np.unique(epoch.steps, return_index=True)
         run.epoch_values = epoch.values[first].astype(np.int64)
 
-    nonfinite = {int(s) for s in export.get("nonfinite_steps") or []}
-    for tag, s in run.scalars.items():
-        if tag.startswith(("grad_norm/", "grad_rms/")):
-            nonfinite.update(s.steps[~np.isfinite(s.values)].tolist())
-    run.nonfinite_steps = sorted(nonfinite)
+    nonfinite = [int(s) for tag, v in run.scalars.items() if tag.startswith(("grad_norm/", "grad_rms/"))
+                 for s in v.steps[~np.isfinite(v.values)]]
+    run.nonfinite_steps = sorted({*nonfinite, *map(int, export.get("nonfinite_steps") or [])})
     run.diverged_at = export.get("diverged_at")
     if run.diverged_at is None and (d := run.scalars.get("train/diverged")) is not None:
         run.diverged_at = {"step": int(d.steps[0]), "layer": None}
