@@ -122,7 +122,8 @@ def build_report(paths: list[str | os.PathLike], out: str | os.PathLike | None =
     # Tables show only the overrides that tell these runs apart, one typed column each.
     report.keys = varying_keys(runs)
     rows = S.summary_rows(runs, report.keys)
-    S.write_csv(rows, report.out / "summary.csv", S.csv_columns(report.keys))
+    # summary.csv: every column, the varying keys' after the full overrides.
+    S.write_csv(rows, report.out / "summary.csv", (*S.COLUMNS[:2], *report.keys, *S.COLUMNS[2:]))
     columns = S.table_columns(report.keys)
     S.write_markdown(columns, S.cells(rows, columns), [f"- `{c}`: {note}" for c, note in S.COLUMN_NOTES.items()],
                      report.out / "summary.md")
@@ -165,10 +166,9 @@ def copy_probe_images(paths: list[str], out: Path) -> list[tuple[str, str]]:
 
 def _number(text: str) -> bool:
     try:
-        float(text)
+        return float(text) is not None
     except ValueError:
         return False
-    return True
 
 
 def _table(header, rows: list[list[str]]) -> str:

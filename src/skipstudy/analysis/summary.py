@@ -60,8 +60,7 @@ def gradient_attenuation(run: Run, quantity: str = "grad_rms/output") -> float:
 
 
 def decay_slope(run: Run) -> float:
-    s = run.series("grad_decay/slope")
-    return math.nan if s is None else _last_epoch_median(run, s.steps, s.values)
+    return math.nan if (s := run.series("grad_decay/slope")) is None else _last_epoch_median(run, s.steps, s.values)
 
 
 def slope_by_setting(runs: list[Run], keys: list[str] | None = None) -> list[dict[str, Any]]:
@@ -95,11 +94,6 @@ def run_status(run: Run) -> str:
     if isinstance(max_epochs, int) and max_epochs > 0 and not bounded_otherwise and run.epochs_done < max_epochs:
         return f"partial ({run.epochs_done}/{max_epochs} epochs)"
     return "ok"
-
-
-def csv_columns(keys: list[str]) -> tuple[str, ...]:
-    """summary.csv: every column, the varying keys' after the full ``overrides``."""
-    return (*COLUMNS[:2], *keys, *COLUMNS[2:])
 
 
 def table_columns(keys: list[str]) -> tuple[str, ...]:
