@@ -92,7 +92,8 @@ def layer_profiles(runs: list[Run], title: str, ylabels: dict[str, str], linear:
     runs = [r for r in runs if any(r.layer_series(q) for q in quantities)]
     if not runs:
         return None
-    epochs = {id(r): sorted(set().union(*(r.epochs_of(q) for q in quantities))) for r in runs}
+    epochs = {id(r): sorted({e for q in quantities for s in r.layer_series(q).values() for e in r.epoch_at(s.steps)})
+              for r in runs}
     ncols = min(3, max(len(e) for e in epochs.values()))
     columns = {1: ["last"], 2: ["first", "last"], 3: ["first", "middle", "last"]}[ncols]
     order = merged_layer_order(r.units(quantities[0]) for r in runs)
@@ -110,11 +111,8 @@ def layer_profiles(runs: list[Run], title: str, ylabels: dict[str, str], linear:
                 picked.add(epoch)
                 if not (profile := run.layer_profile(q, epoch)):
                     continue  # a plain twin has no shortcut part
-                if relative_depth:
-                    own = {name: i for i, name in enumerate(run.units(q))}
-                    x = np.array([own[name] / max(1, len(own) - 1) for name in profile])
-                else:
-                    x = np.array([pos[name] for name in profile])
+                own = run.units(q)
+                x = np.array([own.index(n) / max(1, len(own) - 1) if relative_depth else pos[n] for n in profile])
                 raw = np.array(list(profile.values()), dtype=np.float64)
                 y = np.where(np.isfinite(raw), raw, np.nan) if q in linear else _positive(raw)
                 (line,) = ax.plot(x, y, marker="o", ms=3, lw=1.3, **styles[id(run)])
@@ -122,8 +120,7 @@ def layer_profiles(runs: list[Run], title: str, ylabels: dict[str, str], linear:
                     mark_zeros(ax, x, raw, line.get_color())
                 if not run.diverged:
                     healthy.append(y)
-            drawn = any(np.isfinite(y).any() for y in (line.get_ydata() for line in ax.get_lines()))
-            if not drawn:
+            if not any(np.isfinite(line.get_ydata()).any() for line in ax.get_lines()):
                 no_data(ax, f"no {q} values at this epoch" + (" (plain nets have no shortcut part)"
                                                               if q in ("grad_split/ratio", "grad_split/cos") else ""))
             elif q not in linear:
@@ -164,10 +161,9 @@ def gradient_norm_over_steps(runs: list[Run], quantity: str = "grad_norm/output"
             color = cmap(0.9 * j / max(1, len(series) - 1))
             ax.plot(s.steps, _positive(s.values), lw=0.9, color=color, label=layer)
             mark_zeros(ax, s.steps, s.values, color, label=None)
-            if not run.diverged:
-                healthy.append(_positive(s.values))
         if not run.diverged:
             healthy_axes.append(ax)
+            healthy += [_positive(s.values) for s in series.values()]
         if run.nonfinite_steps:
             ax.axvline(run.nonfinite_steps[0], color="red", lw=1, ls=":")
             ax.annotate("non-finite", (run.nonfinite_steps[0], 1), xycoords=("data", "axes fraction"),

@@ -110,9 +110,6 @@ class Run:
         idx = np.searchsorted(self.epoch_steps, steps, side="right") - 1
         return self.epoch_values[np.clip(idx, 0, None)]
 
-    def epochs_of(self, quantity: str) -> list[int]:
-        return sorted({e for s in self.layer_series(quantity).values() for e in self.epoch_at(s.steps).tolist()})
-
     @property
     def epochs_done(self) -> int:
         return max((len(s.steps) for t in ("train/loss_epoch", "val/loss") if (s := self.scalars.get(t))), default=0)
