@@ -96,7 +96,7 @@ class Run:
         return self.blocks if quantity in declared("blocks") else self.layers
 
     def layer_series(self, quantity: str) -> dict[str, Series]:
-            return {u: s for u in self.units(quantity) if (s := self.scalars.get(f"{quantity}/{u}")) is not None}
+        return {u: s for u in self.units(quantity) if (s := self.scalars.get(f"{quantity}/{u}")) is not None}
 
     @property
     def has_data(self) -> bool:

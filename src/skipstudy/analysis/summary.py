@@ -164,12 +164,10 @@ def probe_rows(paths: list[str | Path]) -> list[dict[str, Any]]:
             except (OSError, ValueError):
                 continue  # a probe still writing
             run = record_path.parents[2]
-            for key, value in record.get("summary", {}).items():
-                if "/" not in key:
-                    rows.append({"run": str(run.relative_to(root)) if run != root else run.name,
-                                 "probe": record_path.parent.name, "step": record.get("step"),
-                                 "skip": record.get("model", {}).get("skip"), "depth": record.get("depth"),
-                                 "key": key, "value": value})
+            rows += [{"run": str(run.relative_to(root)) if run != root else run.name, "probe": record_path.parent.name,
+                      "step": record.get("step"), "skip": record.get("model", {}).get("skip"),
+                      "depth": record.get("depth"), "key": key, "value": value}
+                     for key, value in record.get("summary", {}).items() if "/" not in key]
     return rows
 
 
