@@ -179,8 +179,7 @@ def find_run_dirs(path: str | os.PathLike) -> tuple[list[Path], list[Path]]:
         if root.name.startswith(EVENT_PREFIX):
             return [root.parent], []
         raise ConfigError(f"{root} is a file; pass a run or sweep directory")
-    runs: list[Path] = []
-    pending: list[Path] = []
+    runs, pending = [], []
     for dirpath, dirnames, _ in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "checkpoints")
         if _event_files(Path(dirpath)):

@@ -66,7 +66,7 @@ def decay_slope(run: Run) -> float:
 def slope_by_setting(runs: list[Run], keys: list[str] | None = None) -> list[dict[str, Any]]:
     """``grad_decay_slope`` over the seeds of each setting: mean and 95% Student-t interval. A
     setting is named by its overrides of ``keys`` (default: all of its group)."""
-    from scipy.stats import t as student_t  # here: scipy.stats takes a while to import, and training never needs it
+    from scipy import stats  # here: scipy.stats takes a while to import, and training never needs it
 
     groups: dict[tuple[str, ...], list[float]] = {}
     for run in runs:
@@ -75,10 +75,10 @@ def slope_by_setting(runs: list[Run], keys: list[str] | None = None) -> list[dic
     rows = []
     for group, values in groups.items():
         v = np.asarray(values)
-        half = float(student_t.ppf(0.975, v.size - 1)) * float(v.std(ddof=1)) / math.sqrt(v.size) if v.size > 1 else math.nan
+        low, high = stats.t.interval(0.95, v.size - 1, v.mean(), stats.sem(v)) if v.size > 1 else (math.nan, math.nan)
         shown = [o for o in group if keys is None or override_key(o) in keys]
         rows.append({"setting": ", ".join(shown) or "(all runs)", "seeds": int(v.size), "mean": float(v.mean()),
-                     "ci95_low": float(v.mean()) - half, "ci95_high": float(v.mean()) + half})
+                     "ci95_low": float(low), "ci95_high": float(high)})
     return rows
 
 
