@@ -126,8 +126,6 @@ def fmt(value: Any, column: str) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "nan" if column == "final_train_loss" else ""
-        if math.isinf(value):
-            return str(value)
         return {"final_val_acc": f"{value:.4f}", "wall_time_s": f"{value:.1f}"}.get(column, f"{value:.4g}")
     return str(value)
 
