@@ -5,11 +5,11 @@ skip nets, dashed their plain twins; non-finite values are gaps, not zeros."""
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterable
 
 import matplotlib
 import numpy as np
+import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -228,26 +228,24 @@ def depth_sweep(runs: list[Run]) -> Figure | None:
     if not runs:
         return None
     styles = run_styles(runs)
-    lines: dict[tuple, dict] = {}
+    lines: dict[tuple, list[Run]] = {}
     for run in runs:
-        key = tuple(o for o in run.group if not o.startswith("model.depth=")) + (("skip", run.skip),)
-        line = lines.setdefault(key, {"style": dict(styles[id(run)]), "points": {}, "run": run})
-        line["points"].setdefault(run.depth, []).append((final_train_loss(run), 1.0 - final_val_acc(run)))
+        lines.setdefault(tuple(o for o in run.group if not o.startswith("model.depth=")) + (run.skip,), []).append(run)
     fig = new_figure(10.0, 4.2 + 0.18 * math.ceil(len(lines) / 2))
     axes = fig.subplots(1, 2)
     healthy = []
-    for line in lines.values():
-        depths = sorted(line["points"])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN (diverged) points
-            loss, err = np.array([np.nanmean(line["points"][d], axis=0) for d in depths]).T
-        run = line["run"]
+    for members in lines.values():
+        # The mean over a depth's seeds leaves a diverged seed's NaN out (NaN when all diverged).
+        points = pd.DataFrame({"depth": [r.depth for r in members], "loss": [final_train_loss(r) for r in members],
+                               "err": [1.0 - final_val_acc(r) for r in members]}).groupby("depth").mean()
+        depths, loss = points.index.to_numpy(), _positive(points["loss"])
+        run = members[0]
         group = [o for o in run.group if not o.startswith(("model.depth=", "model.skip="))]
         kind = {True: "skip", False: "plain", None: "?"}[run.skip]
-        line["style"]["label"] = short(kind + (" | " + ", ".join(group) if len(lines) > 2 and group else ""))
-        axes[0].plot(depths, _positive(loss), marker="o", **line["style"])
-        axes[1].plot(depths, 100 * err, marker="o", **line["style"])
-        healthy.append(_positive(loss))
+        style = styles[id(run)] | {"label": short(f"{kind} | {', '.join(group)}" if len(lines) > 2 and group else kind)}
+        axes[0].plot(depths, loss, marker="o", **style)
+        axes[1].plot(depths, 100 * points["err"].to_numpy(), marker="o", **style)
+        healthy.append(loss)
     _fit_y(axes[0], healthy)
     for ax, what in zip(axes, ("train/loss", "val/acc")):
         if not any(np.isfinite(line.get_ydata()).any() for line in ax.get_lines()):
