@@ -205,11 +205,9 @@ def write_index(report: Report, rows, paths: list[str], slopes) -> None:
                      "<p class='small'>grad_decay_slope (see the summary) per setting: mean over its seeds and a 95% "
                      "Student-t interval. Also as <a href='decay_slope.md'>decay_slope.md</a>.</p>")
     for stem, (title, what, missing) in SECTIONS.items():
-        parts.append(f"<h2>{esc(title)}</h2>")
-        if f"{stem}.png" in report.files:
-            parts.append(f"<p class='small'>{esc(what)}</p><img src=\"{esc(stem)}.png\" alt=\"{esc(title)}\">")
-        else:
-            parts.append(f"<p class='small'>Not drawn: {esc(missing)}.</p>")
+        parts += [f"<h2>{esc(title)}</h2>",
+                  f"<p class='small'>{esc(what)}</p><img src=\"{esc(stem)}.png\" alt=\"{esc(title)}\">"
+                  if f"{stem}.png" in report.files else f"<p class='small'>Not drawn: {esc(missing)}.</p>"]
         if stem == "grad_hist_epochs":
             labels = {run.name: esc(run.label) for run in report.runs}
             parts += [f'<figure><img src="{esc(gif)}" alt="histogram animation of {labels[name]}">'

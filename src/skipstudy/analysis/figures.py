@@ -19,6 +19,7 @@ from skipstudy.analysis.logs import Run, final_train_loss, final_val_acc
 from skipstudy.monitor.writers import mark_zeros
 
 SKIP_STYLE = {True: "-", False: "--", None: ":"}
+NO_VAL = " (validation off, or the runs ended before their first validation)"
 # Per-layer (or per-block) figures: stem -> (title, {quantity: y label}, quantities on a linear axis).
 PROFILES = {
     "gradient_flow": ("Gradient flow: gradient w.r.t. each layer's output (median over the epoch's steps)",
@@ -204,9 +205,8 @@ def training_curves(runs: list[Run]) -> Figure | None:
             ax.plot(s.steps, y, lw=1.0, marker="o" if tag.startswith("val/") else None, ms=3, **styles[id(run)])
             if not run.diverged:
                 healthy.append(y)
-        if not any(run.series(tag) is not None for run in runs):
-            why = " (validation off, or the runs ended before their first validation)" if tag.startswith("val/") else ""
-            no_data(ax, f"no {tag} logged{why}")
+        if not ax.get_lines():
+            no_data(ax, f"no {tag} logged" + (NO_VAL if tag.startswith("val/") else ""))
         elif "loss" in tag:
             _fit_y(ax, healthy)
         else:
@@ -249,8 +249,7 @@ def depth_sweep(runs: list[Run]) -> Figure | None:
     _fit_y(axes[0], healthy)
     for ax, what in zip(axes, ("train/loss", "val/acc")):
         if not any(np.isfinite(line.get_ydata()).any() for line in ax.get_lines()):
-            no_data(ax, f"no {what} logged" + (" (validation off, or the runs ended before their first validation)"
-                                              if what == "val/acc" else ""))
+            no_data(ax, f"no {what} logged" + (NO_VAL if what == "val/acc" else ""))
     axes[0].set_ylabel("final train loss")
     axes[1].set_ylabel("final val error (%)")
     for ax in axes:
