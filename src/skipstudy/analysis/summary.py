@@ -171,11 +171,10 @@ def probe_rows(paths: list[str | Path]) -> list[dict[str, Any]]:
 
 def probe_tables(rows: list[dict[str, Any]]) -> dict[str, tuple[list[str], list[list[str]]]]:
     """Per probe: ``(header, cells)``, a line per run and step, a column per headline key."""
-    tables: dict[str, tuple[list[str], dict[tuple, dict[str, Any]]]] = {}
+    tables: dict[str, tuple[dict[str, None], dict[tuple, dict[str, Any]]]] = {}  # keys: in order first seen
     for row in rows:
-        keys, lines = tables.setdefault(row["probe"], ([], {}))
-        if row["key"] not in keys:
-            keys.append(row["key"])
+        keys, lines = tables.setdefault(row["probe"], ({}, {}))
+        keys[row["key"]] = None
         lines.setdefault((row["run"], row["step"], row["skip"], row["depth"]), {})[row["key"]] = row["value"]
     return {probe: (["run", "step", "skip", "depth", *keys],
                     [[*(fmt(v, "") for v in line), *(fmt(values.get(k), k) for k in keys)] for line, values in lines.items()])
