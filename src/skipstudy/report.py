@@ -122,7 +122,8 @@ def build_report(paths: list[str | os.PathLike], out: str | os.PathLike | None =
     # Tables show only the overrides that tell these runs apart, one typed column each.
     report.keys = varying_keys(runs)
     rows = S.summary_rows(runs, report.keys)
-    S.write_csv(rows, report.out / "summary.csv", S.csv_columns(report.keys))
+    # summary.csv: every column, the varying keys' after the full overrides.
+    S.write_csv(rows, report.out / "summary.csv", (*S.COLUMNS[:2], *report.keys, *S.COLUMNS[2:]))
     columns = S.table_columns(report.keys)
     S.write_markdown(columns, S.cells(rows, columns), [f"- `{c}`: {note}" for c, note in S.COLUMN_NOTES.items()],
                      report.out / "summary.md")
@@ -165,10 +166,9 @@ def copy_probe_images(paths: list[str], out: Path) -> list[tuple[str, str]]:
 
 def _number(text: str) -> bool:
     try:
-        float(text)
+        return float(text) is not None
     except ValueError:
         return False
-    return True
 
 
 def _table(header, rows: list[list[str]]) -> str:
@@ -205,11 +205,9 @@ def write_index(report: Report, rows, paths: list[str], slopes) -> None:
                      "<p class='small'>grad_decay_slope (see the summary) per setting: mean over its seeds and a 95% "
                      "Student-t interval. Also as <a href='decay_slope.md'>decay_slope.md</a>.</p>")
     for stem, (title, what, missing) in SECTIONS.items():
-        parts.append(f"<h2>{esc(title)}</h2>")
-        if f"{stem}.png" in report.files:
-            parts.append(f"<p class='small'>{esc(what)}</p><img src=\"{esc(stem)}.png\" alt=\"{esc(title)}\">")
-        else:
-            parts.append(f"<p class='small'>Not drawn: {esc(missing)}.</p>")
+        parts += [f"<h2>{esc(title)}</h2>",
+                  f"<p class='small'>{esc(what)}</p><img src=\"{esc(stem)}.png\" alt=\"{esc(title)}\">"
+                  if f"{stem}.png" in report.files else f"<p class='small'>Not drawn: {esc(missing)}.</p>"]
         if stem == "grad_hist_epochs":
             labels = {run.name: esc(run.label) for run in report.runs}
             parts += [f'<figure><img src="{esc(gif)}" alt="histogram animation of {labels[name]}">'

@@ -5,11 +5,11 @@ skip nets, dashed their plain twins; non-finite values are gaps, not zeros."""
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterable
 
 import matplotlib
 import numpy as np
+import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -19,6 +19,7 @@ from skipstudy.analysis.logs import Run, final_train_loss, final_val_acc
 from skipstudy.monitor.writers import mark_zeros
 
 SKIP_STYLE = {True: "-", False: "--", None: ":"}
+NO_VAL = " (validation off, or the runs ended before their first validation)"
 # Per-layer (or per-block) figures: stem -> (title, {quantity: y label}, quantities on a linear axis).
 PROFILES = {
     "gradient_flow": ("Gradient flow: gradient w.r.t. each layer's output (median over the epoch's steps)",
@@ -92,7 +93,8 @@ def layer_profiles(runs: list[Run], title: str, ylabels: dict[str, str], linear:
     runs = [r for r in runs if any(r.layer_series(q) for q in quantities)]
     if not runs:
         return None
-    epochs = {id(r): sorted(set().union(*(r.epochs_of(q) for q in quantities))) for r in runs}
+    epochs = {id(r): sorted({e for q in quantities for s in r.layer_series(q).values() for e in r.epoch_at(s.steps)})
+              for r in runs}
     ncols = min(3, max(len(e) for e in epochs.values()))
     columns = {1: ["last"], 2: ["first", "last"], 3: ["first", "middle", "last"]}[ncols]
     order = merged_layer_order(r.units(quantities[0]) for r in runs)
@@ -110,11 +112,8 @@ def layer_profiles(runs: list[Run], title: str, ylabels: dict[str, str], linear:
                 picked.add(epoch)
                 if not (profile := run.layer_profile(q, epoch)):
                     continue  # a plain twin has no shortcut part
-                if relative_depth:
-                    own = {name: i for i, name in enumerate(run.units(q))}
-                    x = np.array([own[name] / max(1, len(own) - 1) for name in profile])
-                else:
-                    x = np.array([pos[name] for name in profile])
+                own = run.units(q)
+                x = np.array([own.index(n) / max(1, len(own) - 1) if relative_depth else pos[n] for n in profile])
                 raw = np.array(list(profile.values()), dtype=np.float64)
                 y = np.where(np.isfinite(raw), raw, np.nan) if q in linear else _positive(raw)
                 (line,) = ax.plot(x, y, marker="o", ms=3, lw=1.3, **styles[id(run)])
@@ -122,8 +121,7 @@ def layer_profiles(runs: list[Run], title: str, ylabels: dict[str, str], linear:
                     mark_zeros(ax, x, raw, line.get_color())
                 if not run.diverged:
                     healthy.append(y)
-            drawn = any(np.isfinite(y).any() for y in (line.get_ydata() for line in ax.get_lines()))
-            if not drawn:
+            if not any(np.isfinite(line.get_ydata()).any() for line in ax.get_lines()):
                 no_data(ax, f"no {q} values at this epoch" + (" (plain nets have no shortcut part)"
                                                               if q in ("grad_split/ratio", "grad_split/cos") else ""))
             elif q not in linear:
@@ -164,10 +162,9 @@ def gradient_norm_over_steps(runs: list[Run], quantity: str = "grad_norm/output"
             color = cmap(0.9 * j / max(1, len(series) - 1))
             ax.plot(s.steps, _positive(s.values), lw=0.9, color=color, label=layer)
             mark_zeros(ax, s.steps, s.values, color, label=None)
-            if not run.diverged:
-                healthy.append(_positive(s.values))
         if not run.diverged:
             healthy_axes.append(ax)
+            healthy += [_positive(s.values) for s in series.values()]
         if run.nonfinite_steps:
             ax.axvline(run.nonfinite_steps[0], color="red", lw=1, ls=":")
             ax.annotate("non-finite", (run.nonfinite_steps[0], 1), xycoords=("data", "axes fraction"),
@@ -208,9 +205,8 @@ def training_curves(runs: list[Run]) -> Figure | None:
             ax.plot(s.steps, y, lw=1.0, marker="o" if tag.startswith("val/") else None, ms=3, **styles[id(run)])
             if not run.diverged:
                 healthy.append(y)
-        if not any(run.series(tag) is not None for run in runs):
-            why = " (validation off, or the runs ended before their first validation)" if tag.startswith("val/") else ""
-            no_data(ax, f"no {tag} logged{why}")
+        if not ax.get_lines():
+            no_data(ax, f"no {tag} logged" + (NO_VAL if tag.startswith("val/") else ""))
         elif "loss" in tag:
             _fit_y(ax, healthy)
         else:
@@ -232,31 +228,28 @@ def depth_sweep(runs: list[Run]) -> Figure | None:
     if not runs:
         return None
     styles = run_styles(runs)
-    lines: dict[tuple, dict] = {}
+    lines: dict[tuple, list[Run]] = {}
     for run in runs:
-        key = tuple(o for o in run.group if not o.startswith("model.depth=")) + (("skip", run.skip),)
-        line = lines.setdefault(key, {"style": dict(styles[id(run)]), "points": {}, "run": run})
-        line["points"].setdefault(run.depth, []).append((final_train_loss(run), 1.0 - final_val_acc(run)))
+        lines.setdefault(tuple(o for o in run.group if not o.startswith("model.depth=")) + (run.skip,), []).append(run)
     fig = new_figure(10.0, 4.2 + 0.18 * math.ceil(len(lines) / 2))
     axes = fig.subplots(1, 2)
     healthy = []
-    for line in lines.values():
-        depths = sorted(line["points"])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN (diverged) points
-            loss, err = np.array([np.nanmean(line["points"][d], axis=0) for d in depths]).T
-        run = line["run"]
+    for members in lines.values():
+        # The mean over a depth's seeds leaves a diverged seed's NaN out (NaN when all diverged).
+        points = pd.DataFrame({"depth": [r.depth for r in members], "loss": [final_train_loss(r) for r in members],
+                               "err": [1.0 - final_val_acc(r) for r in members]}).groupby("depth").mean()
+        depths, loss = points.index.to_numpy(), _positive(points["loss"])
+        run = members[0]
         group = [o for o in run.group if not o.startswith(("model.depth=", "model.skip="))]
         kind = {True: "skip", False: "plain", None: "?"}[run.skip]
-        line["style"]["label"] = short(kind + (" | " + ", ".join(group) if len(lines) > 2 and group else ""))
-        axes[0].plot(depths, _positive(loss), marker="o", **line["style"])
-        axes[1].plot(depths, 100 * err, marker="o", **line["style"])
-        healthy.append(_positive(loss))
+        style = styles[id(run)] | {"label": short(f"{kind} | {', '.join(group)}" if len(lines) > 2 and group else kind)}
+        axes[0].plot(depths, loss, marker="o", **style)
+        axes[1].plot(depths, 100 * points["err"].to_numpy(), marker="o", **style)
+        healthy.append(loss)
     _fit_y(axes[0], healthy)
     for ax, what in zip(axes, ("train/loss", "val/acc")):
         if not any(np.isfinite(line.get_ydata()).any() for line in ax.get_lines()):
-            no_data(ax, f"no {what} logged" + (" (validation off, or the runs ended before their first validation)"
-                                              if what == "val/acc" else ""))
+            no_data(ax, f"no {what} logged" + (NO_VAL if what == "val/acc" else ""))
     axes[0].set_ylabel("final train loss")
     axes[1].set_ylabel("final val error (%)")
     for ax in axes:

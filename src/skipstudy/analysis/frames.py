@@ -4,7 +4,6 @@ recorded step). Both read through :mod:`skipstudy.analysis.logs`, as the report 
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -31,8 +30,7 @@ def load_runs(path: str | os.PathLike | list[str | os.PathLike]) -> pd.DataFrame
     keys = list(dict.fromkeys(settings.override_key(o) for run in runs for o in run.overrides))
     frames = []
     for run in runs:
-        given = {settings.override_key(o): o for o in run.overrides}
-        own = {k: settings.setting(run, given.get(k, f"{k}=")) for k in keys}
+        own = {k: settings.setting(run, k) for k in keys}
         for tag, series in run.scalars.items():
             frames.append(pd.DataFrame({
                 "run": run.name, "path": str(run.path), **own,
@@ -53,17 +51,15 @@ def load_grad_stats(run: str | os.PathLike | logs.Run) -> pd.DataFrame:
         run = logs.load_run(run)
     export = logs.read_export(run.path)
     if export is not None:
-        table = pd.DataFrame({"step": export["step"], "epoch": export["epoch"]})
-        series = pd.DataFrame({tag: np.array([math.nan if v is None else v for v in values], dtype=np.float64)
-                               for tag, values in export["series"].items()})
-        return pd.concat([table, series], axis=1)
+        # float64 turns the export's nulls (steps a tag was not recorded at) into NaN.
+        return pd.DataFrame({"step": export["step"], "epoch": export["epoch"],
+                             **{tag: np.array(values, dtype=np.float64) for tag, values in export["series"].items()}})
     csv = Path(run.path) / "grad_stats.csv"
     if csv.is_file():
         return pd.read_csv(csv)
-    monitored = [t for t in run.scalars if logs.is_monitor_tag(t)]
+    monitored = {t: pd.Series(s.values, index=s.steps) for t, s in run.scalars.items() if logs.is_monitor_tag(t)}
     if not monitored:
         return pd.DataFrame(columns=["step", "epoch"])
-    wide = pd.concat({t: pd.Series(run.scalars[t].values, index=run.scalars[t].steps) for t in monitored}, axis=1)
-    wide = wide.sort_index()
+    wide = pd.concat(monitored, axis=1).sort_index()
     wide.insert(0, "epoch", run.epoch_at(wide.index.to_numpy()))
     return wide.rename_axis("step").reset_index()

@@ -15,21 +15,17 @@ from skipstudy.analysis.logs import HIST_QUANTITY, Histogram, Run
 from skipstudy.monitor.writers import figure_rgb
 
 
+def _hists(run: Run, layer: str) -> list[Histogram]:
+    return run.histograms.get(f"{HIST_QUANTITY}/{layer}", [])
+
+
 class HistogramGrid:
     """Shared bins for every run's output-gradient histograms (over log10|g|), so GIF frames
     and panels share one x axis: buckets are re-binned by centre onto a grid as fine as the
     finest bucket seen (the monitor's fixed 0.1-decade bins map one to one)."""
 
     def __init__(self, runs: list[Run]) -> None:
-        self.per_run: dict[int, dict[int, dict[str, list[Histogram]]]] = {}  # id(run) -> {epoch: {layer: [...]}}
-        for run in runs:
-            by_epoch: dict[int, dict[str, list[Histogram]]] = {}
-            for layer in run.layers:
-                for h in run.histograms.get(f"{HIST_QUANTITY}/{layer}", []):
-                    by_epoch.setdefault(int(run.epoch_at([h.step])[0]), {}).setdefault(layer, []).append(h)
-            self.per_run[id(run)] = dict(sorted(by_epoch.items()))
-        hists = [h for by_epoch in self.per_run.values() for layers in by_epoch.values() for hs in layers.values()
-                 for h in hs]
+        hists = [h for run in runs for layer in run.layers for h in _hists(run, layer)]
         if not hists:
             self.edges = np.zeros(0)
             return
@@ -38,19 +34,21 @@ class HistogramGrid:
         lo, hi = min(h.edges[0] for h in hists), max(h.edges[-1] for h in hists)
         self.edges = lo + width * np.arange(max(1, math.ceil((hi - lo) / width - 1e-6)) + 1)
 
-    def epochs(self, run: Run) -> list[int]:
-        return list(self.per_run.get(id(run), {}))
+    @staticmethod
+    def epochs(run: Run) -> list[int]:
+        return sorted({int(e) for layer in run.layers for e in run.epoch_at([h.step for h in _hists(run, layer)])})
 
-    def layers(self, run: Run) -> list[str]:
-        seen = {layer for by_layer in self.per_run.get(id(run), {}).values() for layer in by_layer}
-        return [layer for layer in run.layers if layer in seen]
+    @staticmethod
+    def layers(run: Run) -> list[str]:
+        return [layer for layer in run.layers if _hists(run, layer)]
 
     def fractions(self, run: Run, epoch: int) -> np.ma.MaskedArray:
         """``[layers, bins]``: each layer's fraction of elements per bin (masked where empty)."""
-        by_layer = self.per_run[id(run)].get(epoch, {})
-        out = np.full((len(self.layers(run)), self.edges.size - 1), np.nan)
-        for i, layer in enumerate(self.layers(run)):
-            if hists := by_layer.get(layer):  # a layer's histograms within an epoch are added up
+        layers = self.layers(run)
+        out = np.full((len(layers), self.edges.size - 1), np.nan)
+        for i, layer in enumerate(layers):
+            # A layer's histograms within an epoch are added up.
+            if hists := [h for h in _hists(run, layer) if run.epoch_at([h.step])[0] == epoch]:
                 centres = np.concatenate([0.5 * (h.edges[:-1] + h.edges[1:]) for h in hists])
                 counts, _ = np.histogram(np.clip(centres, self.edges[0], self.edges[-1]), bins=self.edges,
                                          weights=np.concatenate([h.counts for h in hists]))

@@ -11,6 +11,7 @@ import math
 import os
 import re
 import warnings
+from logging.handlers import BufferingHandler
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,8 +73,7 @@ class Run:
 
     @property
     def skip(self) -> bool | None:
-        value = self.option("model.skip")
-        return None if value is None else bool(value)
+        return None if (value := self.option("model.skip")) is None else bool(value)
 
     @property
     def depth(self) -> int | None:
@@ -96,7 +96,7 @@ class Run:
         return self.blocks if quantity in declared("blocks") else self.layers
 
     def layer_series(self, quantity: str) -> dict[str, Series]:
-            return {u: s for u in self.units(quantity) if (s := self.scalars.get(f"{quantity}/{u}")) is not None}
+        return {u: s for u in self.units(quantity) if (s := self.scalars.get(f"{quantity}/{u}")) is not None}
 
     @property
     def has_data(self) -> bool:
@@ -109,9 +109,6 @@ class Run:
             return np.zeros(steps.shape, dtype=np.int64)
         idx = np.searchsorted(self.epoch_steps, steps, side="right") - 1
         return self.epoch_values[np.clip(idx, 0, None)]
-
-    def epochs_of(self, quantity: str) -> list[int]:
-        return sorted({e for s in self.layer_series(quantity).values() for e in self.epoch_at(s.steps).tolist()})
 
     @property
     def epochs_done(self) -> int:
@@ -182,8 +179,7 @@ def find_run_dirs(path: str | os.PathLike) -> tuple[list[Path], list[Path]]:
         if root.name.startswith(EVENT_PREFIX):
             return [root.parent], []
         raise ConfigError(f"{root} is a file; pass a run or sweep directory")
-    runs: list[Path] = []
-    pending: list[Path] = []
+    runs, pending = [], []
     for dirpath, dirnames, _ in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "checkpoints")
         if _event_files(Path(dirpath)):
@@ -198,20 +194,6 @@ def find_run_dirs(path: str | os.PathLike) -> tuple[list[Path], list[Path]]:
     return runs, pending
 
 
-class _DataLoss(logging.Handler):
-    """TensorBoard's loader logs a bad record at debug level and treats it as the end of the
-    file. A cut last record is normal (a run still writing, or killed); a failed CRC check is
-    a damaged file, which the report names."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.errors: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.msg.startswith("Truncated record") and "crc32 check" in str(record.args[-1]):
-            self.errors.append(str(record.args[-1]).rsplit(" ", 3)[-3])  # "header"/"event"
-
-
 def _read_events(run_dir: Path):
     """Scalars, histograms and HParams of each event file in ``run_dir`` (one at a time: tbparse
     on the directory would parse checkpoints too), and the files found damaged."""
@@ -220,9 +202,13 @@ def _read_events(run_dir: Path):
 
     scalars, hists, hparams, damaged = [], [], {}, []
     tb_log = logging.getLogger("tensorboard")
+    level, propagate = tb_log.level, tb_log.propagate
     for path in _event_files(run_dir):
-        handler, level, propagate = _DataLoss(), tb_log.level, tb_log.propagate
-        tb_log.addHandler(handler)
+        # TensorBoard's loader logs a bad record at debug level and treats it as the end of the
+        # file. A cut last record is normal (a run still writing, or killed); a failed CRC check
+        # is a damaged file, which the report names.
+        caught = BufferingHandler(capacity=1 << 30)
+        tb_log.addHandler(caught)
         tb_log.setLevel(logging.DEBUG)
         tb_log.propagate = False
         try:
@@ -235,12 +221,14 @@ def _read_events(run_dir: Path):
             damaged.append(f"{path}: unreadable ({type(err).__name__}: {err})")
             continue
         finally:
-            tb_log.removeHandler(handler)
+            tb_log.removeHandler(caught)
             tb_log.setLevel(level)
             tb_log.propagate = propagate
-        if handler.errors:
+        crc = [str(r.args[-1]).rsplit(" ", 3)[-3] for r in caught.buffer  # "header"/"event"
+               if r.msg.startswith("Truncated record") and "crc32 check" in str(r.args[-1])]
+        if crc:
             n = len(s) + len(h)
-            damaged.append(f"{path}: damaged ({path.stat().st_size} bytes; a record fails its {handler.errors[0]} "
+            damaged.append(f"{path}: damaged ({path.stat().st_size} bytes; a record fails its {crc[0]} "
                            f"CRC check; {f'the {n} values before it are used' if n else 'nothing before it'})")
         if not s.empty:
             # The order a file first wrote its tags in is the monitor's forward layer order.
@@ -248,8 +236,7 @@ def _read_events(run_dir: Path):
             scalars.append(s)
         if not h.empty:
             hists.append(h)
-        if not hp.empty:
-            hparams.update(zip(hp["tag"], hp["value"]))
+        hparams.update(zip(hp["tag"], hp["value"]) if not hp.empty else ())
     scalars, hists = (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame() for frames in (scalars, hists))
     return scalars, hists, hparams, damaged
 
@@ -276,33 +263,29 @@ def load_run(run_dir: str | os.PathLike) -> Run:
     run_dir = Path(run_dir)
     run = Run(path=run_dir, name=run_dir.name)
     scalars, hists, hparams, run.damaged = _read_events(run_dir)
-    config = _read(run_dir / ".hydra" / "config.yaml", yaml.safe_load)
-    if not isinstance(config, dict):  # no .hydra/: the flattened config train.py wrote as HParams
+    run.config = _read(run_dir / ".hydra" / "config.yaml", yaml.safe_load)
+    if not isinstance(run.config, dict):  # no .hydra/: the flattened config train.py wrote as HParams
         nested = OmegaConf.create()
         for key, value in hparams.items():
             OmegaConf.update(nested, str(key), value, force_add=True)
-        config = OmegaConf.to_container(nested)  # unresolved, as .hydra/config.yaml is read
-    run.config = config
+        run.config = OmegaConf.to_container(nested)  # unresolved, as .hydra/config.yaml is read
     overrides = _read(run_dir / ".hydra" / "overrides.yaml", yaml.safe_load)
-    run.overrides = [str(o) for o in overrides] if isinstance(overrides, list) else []
+    run.overrides = list(map(str, overrides)) if isinstance(overrides, list) else []
 
     tag_order: list[str] = []
     if not scalars.empty:
         # A resumed run rewrites the steps after its last checkpoint in a new event file; the
         # later write of a (tag, step) counts.
         scalars = scalars.sort_values(["tag", "step", "wall_time"], kind="stable").drop_duplicates(["tag", "step"], keep="last")
-        for tag, g in scalars.groupby("tag", sort=False):
-            run.scalars[str(tag)] = Series(g["step"].to_numpy(np.int64), g["value"].to_numpy(np.float64))
+        run.scalars = {str(tag): Series(g["step"].to_numpy(np.int64), g["value"].to_numpy(np.float64))
+                       for tag, g in scalars.groupby("tag", sort=False)}
         run.wall_time = float(scalars["wall_time"].max() - scalars["wall_time"].min())
         tag_order = list(scalars.groupby("tag")["order"].min().sort_values(kind="stable").index)
-    if not hists.empty:
-        for tag, g in hists.sort_values(["tag", "step"], kind="stable").groupby("tag", sort=False):
-            # TensorBoard stores right bucket edges; the first bucket starts at `min`.
-            items = [Histogram(int(r.step), np.concatenate(([min(r.min, r.limits[0])], r.limits)).astype(np.float64),
-                               np.asarray(r.counts, dtype=np.float64))
-                     for r in g.itertuples(index=False) if len(r.counts) and np.isfinite(r.min)]
-            if items:
-                run.histograms[str(tag)] = items
+    # TensorBoard stores right bucket edges; the first bucket starts at `min`.
+    for r in hists.sort_values(["tag", "step"], kind="stable").itertuples(index=False) if not hists.empty else ():
+        if len(r.counts) and np.isfinite(r.min):
+            edges = np.concatenate(([min(r.min, r.limits[0])], r.limits)).astype(np.float64)
+            run.histograms.setdefault(str(r.tag), []).append(Histogram(int(r.step), edges, np.asarray(r.counts, float)))
 
     export = read_export(run_dir) or {}
     # Without the export, the names after the first quantity present, in the order first written.
@@ -315,11 +298,9 @@ def load_run(run_dir: str | os.PathLike) -> Run:
         run.epoch_steps, first = np.unique(epoch.steps, return_index=True)
         run.epoch_values = epoch.values[first].astype(np.int64)
 
-    nonfinite = {int(s) for s in export.get("nonfinite_steps") or []}
-    for tag, s in run.scalars.items():
-        if tag.startswith(("grad_norm/", "grad_rms/")):
-            nonfinite.update(s.steps[~np.isfinite(s.values)].tolist())
-    run.nonfinite_steps = sorted(nonfinite)
+    nonfinite = [int(s) for tag, v in run.scalars.items() if tag.startswith(("grad_norm/", "grad_rms/"))
+                 for s in v.steps[~np.isfinite(v.values)]]
+    run.nonfinite_steps = sorted({*nonfinite, *map(int, export.get("nonfinite_steps") or [])})
     run.diverged_at = export.get("diverged_at")
     if run.diverged_at is None and (d := run.scalars.get("train/diverged")) is not None:
         run.diverged_at = {"step": int(d.steps[0]), "layer": None}

@@ -23,13 +23,13 @@ def override_key(override: str) -> str:
     return override.lstrip("+~").split("=", 1)[0]
 
 
-def setting(run: Any, override: str) -> Any:
-    """The run's value of an override's key: from its composed config when the key is a leaf
-    there (so a run that left the key at its default still has it), else the override's text
-    (a group choice such as ``model=cifar_resnet``) as YAML reads it: numbers as numbers."""
-    key, _, text = override.lstrip("+~").partition("=")
+def setting(run: Any, key: str) -> Any:
+    """The run's value of ``key``: from its composed config when the key is a leaf there (so a run
+    that left the key at its default still has it), else the text of its override of ``key`` (a
+    group choice such as ``model=cifar_resnet``) as YAML reads it: numbers as numbers."""
     value = run.option(key)
     if value is None or isinstance(value, (dict, list)):
+        text = next((o.partition("=")[2] for o in run.overrides if override_key(o) == key), "")
         try:
             value = yaml.safe_load(text) if text else None
         except yaml.YAMLError:
@@ -42,8 +42,7 @@ def varying_keys(runs: list, locating: bool = False) -> list[str]:
     keys that only locate a run (paths, name...) left out unless ``locating``, ``seed`` kept."""
     keys = [k for k in dict.fromkeys(override_key(o) for run in runs for o in run.overrides)
             if locating or k == "seed" or not is_locating(k)]
-    given = [{override_key(o): o for o in run.overrides} for run in runs]
-    return [k for k in keys if len({repr(setting(run, g.get(k, f"{k}="))) for run, g in zip(runs, given)}) > 1]
+    return [k for k in keys if len({repr(setting(run, k)) for run in runs}) > 1]
 
 
 def _natural(value: Any) -> tuple:
@@ -55,4 +54,4 @@ def _natural(value: Any) -> tuple:
 
 def natural_order(run: Any) -> tuple:
     """Sort key of a run: its group's overrides with values compared as numbers, then its name."""
-    return (tuple((override_key(o), _natural(setting(run, o))) for o in run.group), run.name)
+    return (tuple((override_key(o), _natural(setting(run, override_key(o)))) for o in run.group), run.name)

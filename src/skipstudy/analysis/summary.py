@@ -60,14 +60,13 @@ def gradient_attenuation(run: Run, quantity: str = "grad_rms/output") -> float:
 
 
 def decay_slope(run: Run) -> float:
-    s = run.series("grad_decay/slope")
-    return math.nan if s is None else _last_epoch_median(run, s.steps, s.values)
+    return math.nan if (s := run.series("grad_decay/slope")) is None else _last_epoch_median(run, s.steps, s.values)
 
 
 def slope_by_setting(runs: list[Run], keys: list[str] | None = None) -> list[dict[str, Any]]:
     """``grad_decay_slope`` over the seeds of each setting: mean and 95% Student-t interval. A
     setting is named by its overrides of ``keys`` (default: all of its group)."""
-    from scipy.stats import t as student_t  # here: scipy.stats takes a while to import, and training never needs it
+    from scipy import stats  # here: scipy.stats takes a while to import, and training never needs it
 
     groups: dict[tuple[str, ...], list[float]] = {}
     for run in runs:
@@ -76,10 +75,10 @@ def slope_by_setting(runs: list[Run], keys: list[str] | None = None) -> list[dic
     rows = []
     for group, values in groups.items():
         v = np.asarray(values)
-        half = float(student_t.ppf(0.975, v.size - 1)) * float(v.std(ddof=1)) / math.sqrt(v.size) if v.size > 1 else math.nan
+        low, high = stats.t.interval(0.95, v.size - 1, v.mean(), stats.sem(v)) if v.size > 1 else (math.nan, math.nan)
         shown = [o for o in group if keys is None or override_key(o) in keys]
         rows.append({"setting": ", ".join(shown) or "(all runs)", "seeds": int(v.size), "mean": float(v.mean()),
-                     "ci95_low": float(v.mean()) - half, "ci95_high": float(v.mean()) + half})
+                     "ci95_low": float(low), "ci95_high": float(high)})
     return rows
 
 
@@ -97,11 +96,6 @@ def run_status(run: Run) -> str:
     return "ok"
 
 
-def csv_columns(keys: list[str]) -> tuple[str, ...]:
-    """summary.csv: every column, the varying keys' after the full ``overrides``."""
-    return (*COLUMNS[:2], *keys, *COLUMNS[2:])
-
-
 def table_columns(keys: list[str]) -> tuple[str, ...]:
     """summary.md and index.html: the keys that vary across the runs (their values typed), the
     numbers, and the run's directory last; ``skip``/``depth`` only when no key says them already."""
@@ -112,7 +106,7 @@ def table_columns(keys: list[str]) -> tuple[str, ...]:
 def summary_rows(runs: list[Run], keys: list[str] = ()) -> list[dict[str, Any]]:
     """A row per run; ``keys``: override keys to add as columns (:func:`settings.varying_keys`)."""
     return [{
-        **{key: setting(run, next((o for o in run.overrides if override_key(o) == key), f"{key}=")) for key in keys},
+        **{key: setting(run, key) for key in keys},
         "run": run.name, "overrides": " ".join(run.overrides), "skip": run.skip, "depth": run.depth,
         "epochs": run.epochs_done, "steps": run.num_steps,
         # None (blank) when nothing was logged; NaN (shown) when the loss itself is NaN.
@@ -132,8 +126,6 @@ def fmt(value: Any, column: str) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "nan" if column == "final_train_loss" else ""
-        if math.isinf(value):
-            return str(value)
         return {"final_val_acc": f"{value:.4f}", "wall_time_s": f"{value:.1f}"}.get(column, f"{value:.4g}")
     return str(value)
 
@@ -170,22 +162,19 @@ def probe_rows(paths: list[str | Path]) -> list[dict[str, Any]]:
             except (OSError, ValueError):
                 continue  # a probe still writing
             run = record_path.parents[2]
-            for key, value in record.get("summary", {}).items():
-                if "/" not in key:
-                    rows.append({"run": str(run.relative_to(root)) if run != root else run.name,
-                                 "probe": record_path.parent.name, "step": record.get("step"),
-                                 "skip": record.get("model", {}).get("skip"), "depth": record.get("depth"),
-                                 "key": key, "value": value})
+            rows += [{"run": str(run.relative_to(root)) if run != root else run.name, "probe": record_path.parent.name,
+                      "step": record.get("step"), "skip": record.get("model", {}).get("skip"),
+                      "depth": record.get("depth"), "key": key, "value": value}
+                     for key, value in record.get("summary", {}).items() if "/" not in key]
     return rows
 
 
 def probe_tables(rows: list[dict[str, Any]]) -> dict[str, tuple[list[str], list[list[str]]]]:
     """Per probe: ``(header, cells)``, a line per run and step, a column per headline key."""
-    tables: dict[str, tuple[list[str], dict[tuple, dict[str, Any]]]] = {}
+    tables: dict[str, tuple[dict[str, None], dict[tuple, dict[str, Any]]]] = {}  # keys: in order first seen
     for row in rows:
-        keys, lines = tables.setdefault(row["probe"], ([], {}))
-        if row["key"] not in keys:
-            keys.append(row["key"])
+        keys, lines = tables.setdefault(row["probe"], ({}, {}))
+        keys[row["key"]] = None
         lines.setdefault((row["run"], row["step"], row["skip"], row["depth"]), {})[row["key"]] = row["value"]
     return {probe: (["run", "step", "skip", "depth", *keys],
                     [[*(fmt(v, "") for v in line), *(fmt(values.get(k), k) for k in keys)] for line, values in lines.items()])
