@@ -45,6 +45,8 @@ def assert_refused(proc: subprocess.CompletedProcess, cwd: Path, *expected: str)
     assert not list(cwd.rglob("events.out.tfevents.*")), sorted(cwd.rglob("*"))
     assert not list(cwd.rglob("*.ckpt"))
     assert not list(cwd.rglob("run_info.json"))
+    logs = cwd / "logs"  # nor an empty folder where the run would have gone
+    assert not [d for d in [logs, *logs.rglob("*")] if d.is_dir() and not any(d.iterdir())], sorted(cwd.rglob("*"))
 
 
 def small_tiny_imagenet(dest: Path) -> Path:

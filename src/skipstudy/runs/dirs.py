@@ -212,7 +212,7 @@ def refuse(err: ConfigError, resume: Any = None) -> None:
     unused = all(e.name == ".hydra" or (e.is_file() and e.suffix == ".log") for e in run_dir.iterdir())
     if unused and _resumable(resume) != run_dir.resolve():  # only Hydra's own files
         shutil.rmtree(run_dir, ignore_errors=True)
-        for parent in (run_dir.parent, run_dir.parent.parent):  # <overrides>/ and <name>/ if now empty
+        for parent in run_dir.parents[:3]:  # <overrides>/, <name>/ and paths.log_dir if now empty
             try:
                 parent.rmdir()
             except OSError:
