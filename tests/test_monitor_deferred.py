@@ -122,6 +122,62 @@ def test_a_late_stop_names_the_step_and_layer_and_applies_no_poisoned_update(tmp
     assert [(e.step, e.value) for e in events(tmp_path).Scalars("train/diverged")] == [(2, 1.0)]
 
 
+@pytest.mark.parametrize("schedule", [None, dict(every_n_steps=5, hist_every_n_epochs=0)], ids=["monitor_off", "sparse"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_divergence_guard_read_late_stops_at_the_step_and_layer_and_applies_no_poisoned_update(
+        tmp_path, late, caplog, fused, schedule):
+    """The steps the monitor does not record (all with monitor=off; 1-4 of every 5th): the guard's
+    flags read a step late, as on a GPU. A fused optimizer skipped step 2's update itself
+    (device-side found_inf) and the stop comes at step 3, naming step 2 and conv2; any other
+    optimizer had the flags read before its update. Either way the weights are those before step 2
+    and train/diverged is written at step 2."""
+    from skipstudy.runs.stopping import DivergenceGuard
+
+    torch.manual_seed(0)
+    poison = PoisonGrad()
+    net = TinyNet(poison=poison)
+    arm = ArmAt(2, lambda net: setattr(poison, "armed", True))
+    monitor = GradientFlowMonitor(**schedule) if schedule is not None else None
+    guard = DivergenceGuard("stop", monitor)
+    lit = (FusedLit if fused else Lit)(net)
+    trainer = L.Trainer(logger=TensorBoardLogger(str(tmp_path), name="", version=""), accelerator="cpu", devices=1,
+                        max_steps=6, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        limit_val_batches=0, log_every_n_steps=1,
+                        callbacks=[late, arm, guard] + ([monitor] if monitor is not None else []))
+    if monitor is not None:
+        monitor.resolve(net)
+    with caplog.at_level(logging.ERROR, logger="skipstudy.runs.stopping"):
+        trainer.fit(lit, DataLoader(make_data(32), batch_size=4))
+    assert bool(trainer.optimizers[0].defaults["fused"]) is fused
+    assert guard.verdict == (2, "conv2") and guard.nonfinite_steps == [2]
+    assert any(r.getMessage().startswith("non-finite gradient at step 2, first layer conv2") for r in caplog.records)
+    assert trainer.global_step == (4 if fused else 3)  # fused: step 3's update dropped as well
+    for before, after in zip(arm.params_before, lit.parameters()):
+        assert torch.equal(before, after)
+    assert not hasattr(trainer.optimizers[0], "found_inf")  # no flag left for a later update
+    assert [(e.step, e.value) for e in events(tmp_path).Scalars("train/diverged")] == [(2, 1.0)]
+
+
+def test_the_divergence_guard_flags_read_late_reach_the_end_of_training(tmp_path, late):
+    """NaN at the last step: its flags, read late, are read when training ends, and the run is
+    marked diverged there (the fused kernel skipped the update)."""
+    from skipstudy.runs.stopping import DivergenceGuard
+
+    torch.manual_seed(0)
+    poison = PoisonGrad()
+    net = TinyNet(poison=poison)
+    arm = ArmAt(3, lambda net: setattr(poison, "armed", True))
+    guard = DivergenceGuard("stop", None)
+    lit = FusedLit(net)
+    trainer = L.Trainer(logger=False, accelerator="cpu", devices=1, max_steps=4, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                        callbacks=[late, arm, guard])
+    trainer.fit(lit, DataLoader(make_data(32), batch_size=4))
+    assert guard.verdict == (3, "conv2") and trainer.global_step == 4
+    for before, after in zip(arm.params_before, lit.parameters()):
+        assert torch.equal(before, after)
+
+
 # ----------------------------------------------------------------------------- LitClassifier's per-step scalars
 
 STEP_TAGS = ("train/loss", "train/acc", "train/lr")

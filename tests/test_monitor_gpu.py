@@ -142,3 +142,29 @@ def test_training_with_the_monitor_at_its_defaults_has_no_sync_in_a_step(tmp_pat
     acc.Reload()
     losses = acc.Scalars("train/loss") if "train/loss" in acc.Tags()["scalars"] else []
     assert [e.step for e in losses] == (list(range(6)) if log_every_n_steps == 1 else [])
+
+
+@pytest.mark.parametrize("schedule", [dict(every_n_steps=5), None], ids=["sparse", "monitor_off"])
+def test_the_divergence_guard_on_unrecorded_steps_adds_no_sync(tmp_path, schedule):
+    """The steps the monitor does not record (1-4 with every_n_steps=5; all with monitor=off) are
+    the divergence guard's: its flags go to the host without blocking and the fused SGD (shipped
+    fused=null) gets a device-side found_inf, so no step syncs. log_every_n_steps=50 keeps
+    Lightning's own per-step logging (monitor=off) out of the six steps."""
+    from skipstudy.runs.stopping import DivergenceGuard
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, 3, 32, 32, generator=g).cuda(), torch.randint(0, 10, (64,), generator=g).cuda())
+    net = models.cifar_resnet(10, depth=20)
+    lit = LitClassifier(net, 10, partial(torch.optim.SGD, lr=0.05, momentum=0.9, fused=None), channels_last=True)
+    monitor = GradientFlowMonitor(hist_every_n_epochs=0, **schedule) if schedule is not None else None
+    guard = DivergenceGuard("stop", monitor)
+    SyncGuard.steps = 0
+    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=6, log_every_n_steps=50,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        limit_val_batches=0, default_root_dir=tmp_path,
+                        callbacks=[SyncGuard(), guard] + ([monitor] if monitor is not None else []))
+    trainer.fit(lit, DataLoader(data, batch_size=8))
+    assert trainer.optimizers[0].defaults["fused"] is True
+    assert SyncGuard.steps == 6 and trainer.global_step == 6
+    assert guard.verdict is None and guard.nonfinite_steps == []

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 
+from skipstudy.monitor.taps import PendingStep, _to_host
 from skipstudy.runs.resume import pending_metrics
 
 log = logging.getLogger(__name__)
@@ -163,9 +164,17 @@ class LastCheckpoint(Checkpoint):
 
 class DivergenceGuard(Callback):
     """``monitor.on_nonfinite`` on the steps the gradient monitor does not record (all with
-    ``monitor=off``): one fused ``torch._foreach_norm`` and one host sync per step, the price of
-    never applying a non-finite update. ``stop`` drops that update, writes ``train/diverged = 1``
-    and ends training; ``warn`` warns once. ``verdict`` is the run's, the monitor's if there is one.
+    ``monitor=off``). ``stop`` drops the non-finite update, writes ``train/diverged = 1`` and ends
+    training; ``warn`` warns once. ``verdict`` is the run's, the monitor's if there is one.
+
+    Each step's flags (which gradients and which weights are not finite: two fused float64
+    ``_foreach_norm``, which neither overflow nor underflow for float32 values) are copied to
+    the host without blocking, as the monitor's values are. On the CPU they are read at once. On
+    a GPU they are read when they have landed, normally at the next step, so the check adds no
+    host-device sync to a step: a fused optimizer (the default on CUDA, ``optimizer.fused=null``)
+    gets them as a device-side ``found_inf`` and skips a non-finite update itself, and the stop
+    then names the step and layer where it started, one step late. Any other optimizer has them
+    read before its update (one wait a step: the price of never applying a non-finite update).
     """
 
     def __init__(self, on_nonfinite: str, monitor: Any) -> None:
@@ -173,29 +182,75 @@ class DivergenceGuard(Callback):
         self.monitor = monitor
         self.diverged_at: tuple[int, str] | None = None
         self.nonfinite_steps: list[int] = []
+        self._pending: list[PendingStep] = []  # steps whose flags are on their way to the host
+        self._guarded = None  # the optimizer given a device-side found_inf this step
 
     @property
     def verdict(self) -> tuple[int, str] | None:
         return self.monitor.diverged_at if self.monitor is not None else self.diverged_at
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self._drain(trainer, pl_module, wait=trainer.world_size > 1)  # earlier steps' flags (every rank alike)
+        if self.verdict is not None and self.on_nonfinite == "stop":
+            return  # stopping: this step's gradients were dropped
         if self.monitor is not None and (self.on_nonfinite != "stop"
                                          or self.monitor.recording_step == trainer.global_step):
-            return  # warn keeps a sparse schedule free of per-step syncs; recorded steps are the monitor's
+            return  # warn keeps a sparse schedule free of per-step checks; recorded steps are the monitor's
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None and scaler.is_enabled():
             return  # fp16: the GradScaler skips overflowing steps itself
         named = [(n, p) for n, p in pl_module.named_parameters() if p.grad is not None]
-        bad = ~torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm([p.grad for _, p in named])]))
-        if not bool(bad.any()):  # the one host sync of the check
+        if not named:
             return
-        step = trainer.global_step
+        with torch.no_grad():
+            grads = torch._foreach_norm([p.grad for _, p in named], 2, dtype=torch.float64)
+            weights = torch._foreach_norm([p for _, p in named], 2, dtype=torch.float64)
+            flags = torch.stack([*grads, *weights]).isfinite().logical_not()
+        names = [n for n, _ in named]
+        host, event = _to_host(flags)
+        pending = PendingStep(trainer.global_step, host, event, lambda h: (names, h))
+        self._pending.append(pending)
+        late = not pending.ready() if trainer.world_size == 1 else event is not None  # the same on every rank
+        if late and self.on_nonfinite == "stop":
+            if getattr(optimizer, "defaults", {}).get("fused"):
+                optimizer.found_inf = flags[: len(named)].any().to(torch.float32)  # the kernel skips the update
+                self._guarded = optimizer
+            else:
+                self._drain(trainer, pl_module, wait=True)  # read before the update: waits for the device
+        self._drain(trainer, pl_module, wait=False)  # on the CPU: now
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self._guarded is not None:
+            del self._guarded.found_inf  # this step's flag must not reach the next update
+            self._guarded = None
+
+    # Where the run's state is taken or ends, every step's flags are read first.
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._drain(trainer, pl_module, wait=True)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self._drain(trainer, pl_module, wait=True)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._drain(trainer, pl_module, wait=True)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._drain(trainer, pl_module, wait=False)
+
+    def _drain(self, trainer, pl_module, wait: bool) -> None:
+        while self._pending and (wait or self._pending[0].ready()):
+            pending = self._pending.pop(0)
+            names, flags = pending.read()
+            if flags.any() and (self.verdict is None or self.on_nonfinite != "stop"):
+                self._nonfinite(trainer, pl_module, pending.step, names, flags)
+
+    def _nonfinite(self, trainer, pl_module, step: int, names: list[str], flags) -> None:
         # Where non-finiteness shows first in computation order: a non-finite weight (forward order)
         # if any, else the non-finite gradient nearest the loss (backward order), named relative to
-        # LitClassifier.net as the gradient monitor names it.
-        index = next((i for i, (_, p) in enumerate(named) if not bool(p.detach().isfinite().all())),
-                     int(bad.nonzero()[-1]))
-        layer = named[index][0].rpartition(".")[0].removeprefix("net.")
+        # LitClassifier.net as the gradient monitor names it. The weights are the step's own.
+        grad_bad, weight_bad = flags[: len(names)], flags[len(names):]
+        index = int(weight_bad.nonzero()[0][0]) if weight_bad.any() else int(grad_bad.nonzero()[0][-1])
+        layer = names[index].rpartition(".")[0].removeprefix("net.")
         self.nonfinite_steps.append(step)
         message = f"non-finite gradient at step {step}, first layer {layer}"
         if self.on_nonfinite == "warn":
@@ -211,6 +266,6 @@ class DivergenceGuard(Callback):
             for logger in trainer.loggers:
                 logger.log_metrics({DIVERGED_TAG: 1.0}, step=step)
                 logger.save()
-        for p in pl_module.parameters():  # skip the poisoned update
+        for p in pl_module.parameters():  # skip the update of the step running now
             p.grad = None
         trainer.should_stop = True
