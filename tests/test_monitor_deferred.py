@@ -178,6 +178,29 @@ def test_the_divergence_guard_flags_read_late_reach_the_end_of_training(tmp_path
         assert torch.equal(before, after)
 
 
+def test_a_checkpoint_reads_the_divergence_guards_flags_first(tmp_path, late):
+    """A checkpoint after step 2 (NaN, fused SGD, flags read late) reads the step's flags before
+    it is written: the stop comes there, and last.ckpt holds the weights before step 2."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from skipstudy.runs.stopping import DivergenceGuard
+
+    torch.manual_seed(0)
+    poison = PoisonGrad()
+    net = TinyNet(poison=poison)
+    arm = ArmAt(2, lambda net: setattr(poison, "armed", True))
+    guard = DivergenceGuard("stop", None)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True, every_n_train_steps=1)
+    trainer = L.Trainer(logger=False, accelerator="cpu", devices=1, max_steps=6, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[late, arm, guard, ckpt])
+    lit = FusedLit(net)
+    trainer.fit(lit, DataLoader(make_data(32), batch_size=4))
+    assert guard.verdict == (2, "conv2") and trainer.global_step == 3
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    for before, (name, _) in zip(arm.params_before, lit.named_parameters()):
+        assert torch.equal(before, last[name]), name
+
+
 # ----------------------------------------------------------------------------- LitClassifier's per-step scalars
 
 STEP_TAGS = ("train/loss", "train/acc", "train/lr")

@@ -228,8 +228,15 @@ class DivergenceGuard(Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._drain(trainer, pl_module, wait=True)
 
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        self._drain(trainer, pl_module, wait=True)
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._trainer = trainer  # state_dict() has no trainer argument
+
+    def state_dict(self) -> dict[str, Any]:
+        # Before any on_save_checkpoint, where RunState takes the event files' sizes: a verdict
+        # read now is in the files the checkpoint points at. Nothing to save (an empty dict).
+        if self._pending:
+            self._drain(self._trainer, self._trainer.lightning_module, wait=True)
+        return {}
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._drain(trainer, pl_module, wait=True)
