@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from skipstudy.monitor import writers
 from skipstudy.monitor.layers import find_blocks, select_layers
 from skipstudy.monitor.options import Monitor
 from skipstudy.monitor.sums import SUM_DTYPE
-from skipstudy.monitor.taps import LayerTaps, PendingStep, _to_host
+from skipstudy.monitor.taps import LayerTaps, PendingStep, UpdateGuard, _to_host
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class GradientFlowMonitor(Callback):
         self._hist_pending = False  # a run resumed mid-epoch starts no epoch
         self._epoch_nonfinite = 0
         self._pending: list = []  # recorded steps whose values are on their way to the host
-        self._guarded = None  # the optimizer given a device-side found_inf this step
+        self._guard = UpdateGuard()  # a non-finite update skipped though read late
 
     def resolve(self, net: nn.Module) -> None:
         """Check ``monitor.layers`` against the network before training (ConfigError naming
@@ -183,20 +184,13 @@ class GradientFlowMonitor(Callback):
         pending = self.taps.pack(list(pl_module.parameters()), scale, reduce)
         pending.step, pending.epoch, pending.fp16 = step, trainer.current_epoch, fp16
         self._pending.append(pending)
-        late = not pending.ready() if trainer.world_size == 1 else pending.event is not None  # the same on every rank
-        if self.on_nonfinite == "stop" and not fp16 and late:
-            if getattr(optimizer, "defaults", {}).get("fused"):
-                # Non-finite gradients: the fused kernel skips this update on the device.
-                optimizer.found_inf = pending.grads_nonfinite()
-                self._guarded = optimizer
-            else:
-                self._drain(trainer, pl_module, wait=True)  # read before the update: waits for the device
+        if self.on_nonfinite == "stop" and not fp16:
+            self._guard.arm(optimizer, pending, trainer.world_size, pending.grads_nonfinite,
+                            partial(self._drain, trainer, pl_module, wait=True))
         self._drain(trainer, pl_module, wait=False)  # on the CPU: now
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if self._guarded is not None:
-            del self._guarded.found_inf  # this step's flag must not reach the next update
-            self._guarded = None
+        self._guard.disarm()
         metrics = getattr(pl_module, "step_metrics", None)
         if not metrics or trainer.global_step == self._open_step:
             return  # a micro-batch that only accumulated: the step's last one is logged, as by self.log

@@ -67,6 +67,33 @@ class PendingStep:
         return self.finish(self.host)
 
 
+class UpdateGuard:
+    """What keeps a non-finite update from being applied when the values that would stop it are
+    read late (on a GPU, a step later): a fused optimizer gets a device-side ``found_inf`` (as
+    the GradScaler gives it) and skips the update itself; any other has them read now, before
+    its update (a wait for the device). Used by the monitor and ``runs.stopping.DivergenceGuard``."""
+
+    def __init__(self) -> None:
+        self.optimizer = None  # the one given a found_inf this step
+
+    def arm(self, optimizer, pending: PendingStep, world_size: int, found_inf: Callable[[], Tensor],
+            read_now: Callable[[], None]) -> None:
+        late = not pending.ready() if world_size == 1 else pending.event is not None  # the same on every rank
+        if not late:
+            return
+        if getattr(optimizer, "defaults", {}).get("fused"):
+            optimizer.found_inf = found_inf()
+            self.optimizer = optimizer
+        else:
+            read_now()
+
+    def disarm(self) -> None:
+        """After the step's update: its flag must not reach the next one."""
+        if self.optimizer is not None:
+            del self.optimizer.found_inf
+            self.optimizer = None
+
+
 def _to_host(t: Tensor) -> tuple[np.ndarray, Any]:
     """The monitor's only device-to-host transfer, once per recorded step, started without
     blocking: on a CUDA device into pinned memory, with an event that marks its end (the array

@@ -12,13 +12,14 @@ import logging
 import signal
 import sys
 import threading
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 
-from skipstudy.monitor.taps import PendingStep, _to_host
+from skipstudy.monitor.taps import PendingStep, UpdateGuard, _to_host
 from skipstudy.runs.resume import pending_metrics
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,7 @@ class DivergenceGuard(Callback):
         self.diverged_at: tuple[int, str] | None = None
         self.nonfinite_steps: list[int] = []
         self._pending: list[PendingStep] = []  # steps whose flags are on their way to the host
-        self._guarded = None  # the optimizer given a device-side found_inf this step
+        self._guard = UpdateGuard()  # a non-finite update skipped though read late
 
     @property
     def verdict(self) -> tuple[int, str] | None:
@@ -210,19 +211,13 @@ class DivergenceGuard(Callback):
         host, event = _to_host(flags)
         pending = PendingStep(trainer.global_step, host, event, lambda h: (names, h))
         self._pending.append(pending)
-        late = not pending.ready() if trainer.world_size == 1 else event is not None  # the same on every rank
-        if late and self.on_nonfinite == "stop":
-            if getattr(optimizer, "defaults", {}).get("fused"):
-                optimizer.found_inf = flags[: len(named)].any().to(torch.float32)  # the kernel skips the update
-                self._guarded = optimizer
-            else:
-                self._drain(trainer, pl_module, wait=True)  # read before the update: waits for the device
+        if self.on_nonfinite == "stop":
+            self._guard.arm(optimizer, pending, trainer.world_size, lambda: flags[: len(named)].any().float(),
+                            partial(self._drain, trainer, pl_module, wait=True))
         self._drain(trainer, pl_module, wait=False)  # on the CPU: now
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if self._guarded is not None:
-            del self._guarded.found_inf  # this step's flag must not reach the next update
-            self._guarded = None
+        self._guard.disarm()
 
     # Where the run's state is taken or ends, every step's flags are read first.
     def on_train_epoch_end(self, trainer, pl_module) -> None:
