@@ -119,6 +119,16 @@ def test_a_misspelt_key_or_option_is_one_line_naming_the_closest(typo, tmp_path)
     assert_refused(proc, tmp_path)
 
 
+def test_a_refused_start_with_its_run_directory_in_the_working_directory_leaves_that_directory(tmp_path):
+    """hydra.run.dir=run in an empty folder: the refused run's directory goes, the folder the user
+    works in (now empty again) stays."""
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = run_subprocess(["hydra.run.dir=run", "optimizer.lr=-1"], work)
+    assert proc.returncode == 2, proc.stderr
+    assert work.is_dir() and not any(work.iterdir())
+
+
 def test_a_misspelt_key_after_a_flag_without_a_value_is_refused(tmp_path):
     """``--resolve`` (beside ``--cfg``) takes no value: the override after it is still checked."""
     from skipstudy import overrides

@@ -97,7 +97,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         result = run_probe(cfg, hc.runtime.output_dir, list(hc.overrides.task))
     except ConfigError as err:
-        dirs.refuse(err)
+        dirs.refuse(err, cfg.paths.log_dir)
     return next(iter(result.values()), None)
 
 

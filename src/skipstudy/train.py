@@ -185,7 +185,7 @@ def main(cfg: DictConfig) -> float | None:
             cfg = dirs.resume_config(cfg, list(hc.overrides.task))
         return train(cfg, hc.runtime.output_dir).get("val/acc")
     except ConfigError as err:
-        dirs.refuse(err, cfg.get("resume"))
+        dirs.refuse(err, cfg.paths.log_dir, cfg.get("resume"))
     except stopping.Diverged as err:
         print(f"Diverged: {err}", file=sys.stderr)
         if hc.mode == RunMode.MULTIRUN:

@@ -198,9 +198,10 @@ def with_resumes(run_dir: Path, info: dict[str, Any], step: int | None) -> dict[
     return old
 
 
-def refuse(err: ConfigError, resume: Any = None) -> None:
+def refuse(err: ConfigError, log_dir: str, resume: Any = None) -> None:
     """A refused start: in a sweep raised (the launcher records it and goes on); alone one line,
-    exit status 2, and no run directory left behind (never the run ``resume=`` points at)."""
+    exit status 2, and no run directory left behind (never the run ``resume=`` points at), nor the
+    folders above it that it alone filled, up to ``paths.log_dir``: never the working directory."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -212,7 +213,10 @@ def refuse(err: ConfigError, resume: Any = None) -> None:
     unused = all(e.name == ".hydra" or (e.is_file() and e.suffix == ".log") for e in run_dir.iterdir())
     if unused and _resumable(resume) != run_dir.resolve():  # only Hydra's own files
         shutil.rmtree(run_dir, ignore_errors=True)
-        for parent in run_dir.parents[:3]:  # <overrides>/, <name>/ and paths.log_dir if now empty
+        top, cwd = Path(log_dir).resolve(), Path.cwd().resolve()
+        for parent in run_dir.resolve().parents:  # <overrides>/, <name>/ and paths.log_dir if now empty
+            if not parent.is_relative_to(top) or cwd.is_relative_to(parent):
+                break
             try:
                 parent.rmdir()
             except OSError:

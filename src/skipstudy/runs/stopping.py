@@ -190,6 +190,9 @@ class DivergenceGuard(Callback):
     def verdict(self) -> tuple[int, str] | None:
         return self.monitor.diverged_at if self.monitor is not None else self.diverged_at
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._trainer = trainer  # state_dict() has no trainer argument
+
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self._drain(trainer, pl_module, wait=trainer.world_size > 1)  # earlier steps' flags (every rank alike)
         if self.verdict is not None and self.on_nonfinite == "stop":
@@ -223,9 +226,6 @@ class DivergenceGuard(Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._drain(trainer, pl_module, wait=True)
 
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        self._trainer = trainer  # state_dict() has no trainer argument
-
     def state_dict(self) -> dict[str, Any]:
         # Before any on_save_checkpoint, where RunState takes the event files' sizes: a verdict
         # read now is in the files the checkpoint points at. Nothing to save (an empty dict).
@@ -243,7 +243,7 @@ class DivergenceGuard(Callback):
         while self._pending and (wait or self._pending[0].ready()):
             pending = self._pending.pop(0)
             names, flags = pending.read()
-            if flags.any() and (self.verdict is None or self.on_nonfinite != "stop"):
+            if flags[: len(names)].any() and (self.verdict is None or self.on_nonfinite != "stop"):
                 self._nonfinite(trainer, pl_module, pending.step, names, flags)
 
     def _nonfinite(self, trainer, pl_module, step: int, names: list[str], flags) -> None:
